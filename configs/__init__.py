@@ -1,0 +1,1 @@
+"""Experiment configs, installed as ``moejax.configs``; each file's ``get_config(arg)`` returns a ConfigDict."""

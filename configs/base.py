@@ -1,0 +1,109 @@
+"""Every moejax field with its default. Paper configs start from ``get_config()`` and change what the paper changes.
+
+Run a config with ``python -m moejax.main --config=configs/<file>.py[:preset] --config.<field>=<value>``.
+"""
+import ml_collections
+
+
+def moe_config() -> ml_collections.ConfigDict:
+    """The ``model.moe`` section: one MoE layer (router, dispatch, experts, balance)."""
+    moe = ml_collections.ConfigDict()
+    # Routed experts per MoE layer (E) and experts activated per token (k).
+    moe.num_experts = 8
+    moe.top_k = 2
+    # Hidden width F of each routed expert's GLU: (act(x @ wi_0) * (x @ wi_1)) @ wo.
+    moe.expert_ffn = 704
+    # Shared experts every token passes through, fused into one GLU of width num_shared * expert_ffn.
+    moe.num_shared = 0
+    # Multiply the shared experts' output by sigmoid(x @ shared_gate) (Qwen2-MoE).
+    moe.shared_gate = False
+    # Expert nonlinearity: 'silu' | 'gelu' | 'relu'.
+    moe.activation = "silu"
+    # 'dropless': every routed slot is computed (sort by expert, grouped matmul).
+    # 'capacity': each expert takes at most C = ceil(capacity_factor * T * k / E) slots; the rest are dropped
+    # (their contribution is 0, the residual passes) and counted.
+    moe.dispatch = "dropless"
+    moe.capacity_factor = 1.25
+    # Capacity factor used when the layer runs with train=False; None means capacity_factor.
+    moe.eval_capacity_factor = None
+    # Which slots an expert keeps when over capacity: 'position' (token order) | 'probs' (highest weight first).
+    moe.drop_policy = "position"
+    # Grouped-matmul backend for dropless dispatch: 'auto' | 'ragged_dot' | 'padded' (groups padded to tiles,
+    # batched matmul; fastest on XLA:CPU). 'auto' picks 'padded' on CPU and 'ragged_dot' elsewhere.
+    moe.gmm_backend = "auto"
+    # Rows per tile for the 'padded' backend; 0 picks about ceil(T * k / E) / 4 rounded up to a multiple of 8.
+    moe.gmm_tile = 0
+    # Load-balance loss: 'switch' (alpha * E * sum_i f_i P_i, f_i over all k assignments normalised by kT),
+    # 'deepseek' (expert-level alpha1 * sum_i f'_i P_i with f'_i = E/(kT) * count_i, plus the device-level loss
+    # with device_balance_coef over device_groups groups of experts) or 'none'. Both equal their coefficient
+    # under perfectly uniform routing.
+    moe.balance_loss = "switch"
+    moe.balance_coef = 0.01
+    moe.device_balance_coef = 0.0
+    moe.device_groups = 1
+    # Tokens over which f and P are computed: 'batch' (all tokens of the call) | 'sequence' (per sequence, then
+    # averaged over the batch; DeepSeek's seq_aux).
+    moe.balance_scope = "batch"
+    # Router z-loss coefficient (ST-MoE): z_loss_coef * mean_t logsumexp(logits_t)^2.
+    moe.z_loss_coef = 0.0
+    # Aux-loss-free balancing: after each train step b += bias_update_rate * sign(mean_load - load).
+    # 0 disables the update (the bias stays 0).
+    moe.bias_update_rate = 0.0
+
+    router = ml_collections.ConfigDict()
+    # Router kind, a key of moejax.routing.ROUTERS.
+    router.kind = "topk"
+    # Affinity score: 'softmax' | 'sigmoid'.
+    router.score = "softmax"
+    # True: score over all E experts, then select (Mixtral, DeepSeek). False: select the top-k logits, then
+    # softmax over the k selected (Megatron's default). Only matters for score='softmax'.
+    router.softmax_before_topk = True
+    # Renormalise the k selected weights to sum to 1 (Mixtral, Qwen3, DeepSeek-V3).
+    router.norm_topk_prob = False
+    # Multiplies the final weights (DeepSeek-V2: 16, V3: 2.5).
+    router.routed_scaling_factor = 1.0
+    # Group-limited selection (DeepSeek-V2/V3): experts split into num_groups groups; only the topk_groups
+    # best groups are eligible. group_score: 'max' (V2) | 'top2_sum' (V3). Scores of the other groups are
+    # replaced by group_mask_fill (0.0 or float('-inf')) before the top-k. num_groups=1 disables it.
+    router.num_groups = 1
+    router.topk_groups = 1
+    router.group_score = "max"
+    router.group_mask_fill = 0.0
+    # Multiplicative router-input noise in training, x * U(1 - jitter, 1 + jitter) (Switch). 0 disables it.
+    router.jitter = 0.0
+    moe.router = router
+    return moe
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    model = ml_collections.ConfigDict()
+    model.vocab_size = 256  # byte-level tokenizer
+    model.d_model = 256
+    model.num_layers = 4
+    model.num_heads = 4
+    # Key/value heads for grouped-query attention; 0 means num_heads (multi-head attention).
+    model.num_kv_heads = 0
+    model.rope_theta = 10000.0
+    model.norm_eps = 1e-6
+    # Hidden width of the dense GLU FFN in layers that are not MoE.
+    model.ffn_dim = 704
+    # Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0;
+    # moe_every = 0 makes every layer dense.
+    model.first_dense_layers = 0
+    model.moe_every = 1
+    model.tie_embeddings = False
+    # Std of the normal initialiser of every weight matrix (DeepSeekMoE: 0.006).
+    model.init_std = 0.02
+    # Compute dtype of activations and matmuls: 'float32' | 'bfloat16'. Parameters stay in param_dtype.
+    model.dtype = "float32"
+    model.param_dtype = "float32"
+    # nn.scan over identical layers (faster compiles for deep models) and rematerialisation per layer.
+    model.scan_layers = False
+    model.remat = False
+    model.moe = moe_config()
+    config.model = model
+    return config

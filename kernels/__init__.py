@@ -1,0 +1,1 @@
+"""Pallas kernels for token dispatch, installed as ``moejax.kernels``."""

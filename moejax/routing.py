@@ -1,0 +1,137 @@
+"""Routers: pure functions from router logits to a Routing (which experts, with what weights).
+
+A router kind is one function registered in ``ROUTERS``; ``route`` looks it up by ``cfg.router.kind``. Every
+router computes in float32 whatever the compute dtype of the model.
+"""
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import struct
+
+from moejax import checks
+
+
+@struct.dataclass
+class Routing:
+    """The routing decision for T tokens over E experts, k slots per token.
+
+    weights: [T, k] float32 combine weights.
+    experts: [T, k] int32 expert ids; the value E marks a null slot that contributes nothing.
+    probs:   [T, E] float32 router scores (softmax or sigmoid) used by the balance losses and metrics.
+    logits:  [T, E] float32 raw router logits (z-loss).
+    """
+
+    weights: jax.Array
+    experts: jax.Array
+    probs: jax.Array
+    logits: jax.Array
+
+
+RouterFn = Callable[..., Routing]
+ROUTERS: dict[str, RouterFn] = {}
+
+
+def register(kind: str) -> Callable[[RouterFn], RouterFn]:
+    """Decorator adding a router function under ``cfg.router.kind == kind``."""
+
+    def add(fn: RouterFn) -> RouterFn:
+        ROUTERS[kind] = fn
+        return fn
+
+    return add
+
+
+def route(
+    logits: jax.Array,
+    cfg: ml_collections.ConfigDict,
+    *,
+    bias: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    train: bool = False,
+) -> Routing:
+    """Routes tokens. logits: [T, E]; cfg: the ``model.moe`` section; bias: [E] selection-only bias."""
+    kind = cfg.router.kind
+    if kind not in ROUTERS:
+        checks.choice("model.moe.router.kind", kind, sorted(ROUTERS))
+    return ROUTERS[kind](logits.astype(jnp.float32), cfg, bias=bias, rng=rng, train=train)
+
+
+def jitter(x: jax.Array, amount: float, rng: jax.Array) -> jax.Array:
+    """Switch's multiplicative input noise: x * U(1 - amount, 1 + amount), elementwise."""
+    noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - amount, 1.0 + amount)
+    return x * noise.astype(x.dtype)
+
+
+def group_limited(scores: jax.Array, num_groups: int, topk_groups: int, group_score: str, fill: float) -> jax.Array:
+    """Keeps only the experts of the ``topk_groups`` best groups; the others' scores become ``fill``.
+
+    scores: [T, E] with E divisible by num_groups; a group's score is its max ('max', DeepSeek-V2) or the sum of
+    its two best scores ('top2_sum', DeepSeek-V3).
+    """
+    num_tokens, num_experts = scores.shape
+    grouped = scores.reshape(num_tokens, num_groups, num_experts // num_groups)
+    if group_score == "max":
+        group_scores = grouped.max(-1)
+    else:
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    _, best_groups = jax.lax.top_k(group_scores, topk_groups)
+    keep = jnp.zeros((num_tokens, num_groups), bool).at[jnp.arange(num_tokens)[:, None], best_groups].set(True)
+    keep = jnp.repeat(keep, num_experts // num_groups, axis=1)
+    return jnp.where(keep, scores, jnp.asarray(fill, scores.dtype))
+
+
+@register("topk")
+def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False) -> Routing:
+    """Token-choice top-k with the knobs released checkpoints need (Mixtral, Qwen, DeepSeek-V2/V3, Megatron).
+
+    Selection uses ``scores + bias`` (group-limited when num_groups > 1); the weights use the scores alone.
+    """
+    del rng, train
+    router = cfg.router
+    if router.score == "softmax":
+        probs = jax.nn.softmax(logits, axis=-1)
+        scores = probs if router.softmax_before_topk else logits
+    else:
+        probs = scores = jax.nn.sigmoid(logits)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    if router.num_groups > 1:
+        choice = group_limited(choice, router.num_groups, router.topk_groups, router.group_score,
+                               router.group_mask_fill)
+    _, experts = jax.lax.top_k(choice, cfg.top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if router.score == "softmax" and not router.softmax_before_topk:
+        weights = jax.nn.softmax(weights, axis=-1)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    weights = weights * router.routed_scaling_factor
+    return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
+
+
+def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
+    """Checks the router fields of a ``model.moe`` section."""
+    router = cfg.router
+    checks.choice(f"{prefix}.router.kind", router.kind, sorted(ROUTERS))
+    checks.choice(f"{prefix}.router.score", router.score, ["softmax", "sigmoid"])
+    checks.choice(f"{prefix}.router.group_score", router.group_score, ["max", "top2_sum"])
+    checks.positive_int(f"{prefix}.router.num_groups", router.num_groups)
+    checks.positive_int(f"{prefix}.router.topk_groups", router.topk_groups)
+    if cfg.num_experts % router.num_groups:
+        checks.fail(f"{prefix}.router.num_groups", router.num_groups,
+                    f"must divide model.moe.num_experts={cfg.num_experts}")
+    if router.topk_groups > router.num_groups:
+        checks.fail(f"{prefix}.router.topk_groups", router.topk_groups,
+                    f"must be <= model.moe.router.num_groups={router.num_groups}")
+    if router.num_groups > 1 and router.topk_groups * (cfg.num_experts // router.num_groups) < cfg.top_k:
+        checks.fail(f"{prefix}.router.topk_groups", router.topk_groups,
+                    f"the kept groups hold fewer than model.moe.top_k={cfg.top_k} experts")
+    if router.group_score == "top2_sum" and router.num_groups > 1 and cfg.num_experts // router.num_groups < 2:
+        checks.fail(f"{prefix}.router.group_score", router.group_score,
+                    "'top2_sum' needs at least 2 experts per group")
+    if not (router.group_mask_fill == 0.0 or router.group_mask_fill == float("-inf")):
+        checks.fail(f"{prefix}.router.group_mask_fill", router.group_mask_fill, "allowed values are 0.0, -inf")
+    checks.number(f"{prefix}.router.routed_scaling_factor", router.routed_scaling_factor, strict=True)
+    checks.number(f"{prefix}.router.jitter", router.jitter)
+    if router.jitter >= 1:
+        checks.fail(f"{prefix}.router.jitter", router.jitter, "must be in [0, 1)")

@@ -1,0 +1,28 @@
+"""moejax: Mixture-of-Experts language models in JAX/Flax, from one CPU to a TPU pod."""
+from setuptools import setup
+
+setup(
+    name="moejax",
+    version="0.1.0",
+    description="Mixture-of-Experts research codebase in JAX/Flax",
+    python_requires=">=3.11",
+    packages=["moejax", "moejax.kernels", "moejax.configs"],
+    package_dir={"moejax": "moejax", "moejax.kernels": "kernels", "moejax.configs": "configs"},
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "numpy",
+        "absl-py",
+        "clu",
+        "grain",
+        "array_record",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        "tf": ["tensorflow", "tensorflow-datasets"],
+        "notebooks": ["matplotlib", "nbclient", "ipykernel"],
+    },
+)
