@@ -28,10 +28,11 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.eval_capacity_factor = None
     # Which slots an expert keeps when over capacity: 'position' (token order) | 'probs' (highest weight first).
     moe.drop_policy = "position"
-    # Grouped-matmul backend for dropless dispatch: 'auto' | 'ragged_dot' | 'padded' (groups padded to tiles,
-    # batched matmul; fastest on XLA:CPU). 'auto' picks 'padded' on CPU and 'ragged_dot' elsewhere.
+    # Grouped-matmul backend: 'auto' | 'ragged_dot' | 'tiled' (each expert's rows padded to whole tiles, a loop
+    # of plain matmuls over the used tiles; fastest on XLA:CPU). 'auto' picks 'tiled' on CPU, else 'ragged_dot'.
     moe.gmm_backend = "auto"
-    # Rows per tile for the 'padded' backend; 0 picks about ceil(T * k / E) / 4 rounded up to a multiple of 8.
+    # Rows per tile for the dropless 'tiled' backend; 0 picks about ceil(T * k / E) / 4 rounded up to a
+    # multiple of 8. Capacity mode uses one tile of C rows per expert.
     moe.gmm_tile = 0
     # Load-balance loss: 'switch' (alpha * E * sum_i f_i P_i, f_i over all k assignments normalised by kT),
     # 'deepseek' (expert-level alpha1 * sum_i f'_i P_i with f'_i = E/(kT) * count_i, plus the device-level loss
@@ -106,4 +107,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.remat = False
     model.moe = moe_config()
     config.model = model
+
+    data = ml_collections.ConfigDict()
+    # Corpus: 'stdlib' (this Python's standard-library sources, built once into a TFDS array_record dataset),
+    # 'tfds:<name>[:<version>][:<train_split>[:<eval_split>]]' (a TFDS text dataset prepared with
+    # --file_format=array_record; eval split defaults to 'validation', else 'test') or 'text:<glob>' (local files).
+    data.name = "stdlib"
+    # Cache of built corpora; '' means $MOEJAX_DATA_DIR, else ~/.cache/moejax.
+    data.dir = ""
+    # Fraction of files in the validation split (by sha256 of the relative path; fixed per file).
+    data.val_fraction = 0.05
+    # Validation batches used by each evaluation (the split's first windows, not shuffled).
+    data.eval_batches = 16
+    # TFDS data_dir for 'tfds:' datasets; '' means TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+    data.tfds_dir = ""
+    # Feature holding the document text in 'tfds:' datasets.
+    data.text_key = "text"
+    config.data = data
+
+    train = ml_collections.ConfigDict()
+    # Global batch (sequences) and tokens per sequence.
+    train.batch_size = 32
+    train.seq_len = 512
+    config.train = train
     return config

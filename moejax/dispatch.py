@@ -28,6 +28,7 @@ class Plan:
     row_slot:          [R] int32 flat slot index t*k + j held by each row; T*k for empty rows.
     expert_rows:       [E] int32 rows owned by each expert, laid out in expert order.
     tile_expert:       [R // tile] int32 expert of each tile of ``tile`` rows (capacity mode: tile i = expert i).
+    used_tiles:        [] int32 tiles holding at least one slot's row come first; the rest are padding.
     tokens_per_expert: [E] int32 slots routed to each expert, before any dropping.
     dropped:           [] int32 slots dropped for lack of capacity.
     tile:              rows per tile (static).
@@ -37,6 +38,7 @@ class Plan:
     row_slot: jax.Array
     expert_rows: jax.Array
     tile_expert: jax.Array
+    used_tiles: jax.Array
     tokens_per_expert: jax.Array
     dropped: jax.Array
     tile: int = struct.field(pytree_node=False)
@@ -92,6 +94,7 @@ def capacity_plan(routing: Routing, num_experts: int, capacity_per_expert: int, 
     return _plan(order, row_sorted, num_rows, routing.experts.shape,
                  expert_rows=jnp.full(num_experts, cap, jnp.int32),
                  tile_expert=jnp.arange(num_experts, dtype=jnp.int32),
+                 used_tiles=jnp.asarray(num_experts, jnp.int32),
                  tokens_per_expert=counts,
                  dropped=(sorted_key < num_experts).sum().astype(jnp.int32) - keep.sum().astype(jnp.int32),
                  tile=cap)
@@ -111,6 +114,7 @@ def dropless_plan(routing: Routing, num_experts: int, tile: int) -> Plan:
     return _plan(order, row_sorted, num_rows, routing.experts.shape,
                  expert_rows=expert_rows.astype(jnp.int32),
                  tile_expert=jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
+                 used_tiles=tiles_per_expert.sum().astype(jnp.int32),
                  tokens_per_expert=counts, dropped=jnp.zeros((), jnp.int32), tile=tile)
 
 

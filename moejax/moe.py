@@ -147,8 +147,7 @@ class MoE(nn.Module):
                                 name="experts")()
         weights = tuple(w.astype(self.dtype) for w in weights)
         rows = dispatch.permute(tokens.astype(self.dtype), plan.slot_row, plan.row_slot)
-        rows = experts.grouped_glu(rows, weights, plan, backend, cfg.activation,
-                                   per_tile_weights=cfg.dispatch == "dropless")
+        rows = experts.grouped_glu(rows, weights, plan, backend, cfg.activation)
         out = dispatch.unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot)
 
         if cfg.num_shared > 0:

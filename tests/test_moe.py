@@ -125,7 +125,7 @@ def test_shared_experts(shared_gate):
     assert ("shared_gate" in params) == shared_gate
 
 
-@pytest.mark.parametrize("backend,tile", [("padded", 1), ("padded", 3), ("padded", 64), ("ragged_dot", 0)])
+@pytest.mark.parametrize("backend,tile", [("tiled", 1), ("tiled", 3), ("tiled", 64), ("ragged_dot", 0)])
 def test_dropless_backends_and_tiles(backend, tile):
     assert_layer_matches_reference(make_cfg("mixtral", gmm_backend=backend, gmm_tile=tile))
 
