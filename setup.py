@@ -19,10 +19,11 @@ setup(
         "clu",
         "grain",
         "array_record",
+        "tensorflow-datasets",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],
-        "tf": ["tensorflow", "tensorflow-datasets"],
+        "tf": ["tensorflow"],
         "notebooks": ["matplotlib", "nbclient", "ipykernel"],
     },
 )

@@ -85,7 +85,7 @@ def _parse_name(name: Any) -> _Source:
         parts = re.split(r":(?![^\[]*\])", name[5:])  # ':' inside a split slice '[..:..]' does not split
         if len(parts) > 1 and re.fullmatch(r"\d+\.\d+\.\d+", parts[1]):
             parts[0:2] = [f"{parts[0]}:{parts[1]}"]
-        if not parts[0] or len(parts) > 3 or not all(parts):
+        if len(parts) > 3 or not all(parts):
             raise bad()
         return _Source("tfds", parts[0], *parts[1:])
     raise bad()
@@ -267,7 +267,7 @@ def _load_stdlib(data_dir: pathlib.Path, val_fraction: float) -> _MemoryCorpus:
     builder = tfds.builder_from_directory(target / _STDLIB_BUILDER / _STDLIB_VERSION)
     read = {}
     for split, source in builder.as_data_source().items():
-        records = [source[i] for i in range(len(source))]
+        records = source.__getitems__(range(len(source)))
         read[split] = [(r["path"].decode(), r["text"]) for r in records]
     corpus = _memory_corpus("stdlib", read["train"] + read["validation"], read["validation"], val_fraction,
                             python=platform.python_version())
@@ -313,7 +313,11 @@ def _load_tfds(source: _Source, tfds_dir: str, text_key: str) -> _TfdsCorpus:
     if eval_split is None:
         raise ValueError(f"{field}: no 'validation' or 'test' split in {list(info.splits)}; name the eval split "
                          f"as tfds:<name>:<train_split>:<eval_split>")
-    train, val = builder.as_data_source(split=[source.train_split, eval_split])
+    try:
+        train, val = builder.as_data_source(split=[source.train_split, eval_split])
+    except Exception as e:  # unknown split names, bad slices
+        raise ValueError(f"{field}: cannot read splits {source.train_split!r} and {eval_split!r}; allowed: "
+                         f"{list(info.splits)} with optional slices like train[:90%] ({e})") from e
     if text_key not in info.features:
         raise ValueError(f"config.data.text_key={text_key!r} is not a feature of {info.full_name}; "
                          f"allowed: {list(info.features)}")
@@ -393,8 +397,8 @@ def _windows(stream: np.ndarray, seq_len: int, rows: int, process_index: int, pr
     """Endless MapDataset of int32 [rows, seq_len + 1] batches of windows stream[i*L : i*L + L + 1]."""
     count = (stream.size - 1) // seq_len
     if count < 1:
-        raise ValueError(f"the {split} split has {stream.size} tokens, fewer than config.train.seq_len + 1 = "
-                         f"{seq_len + 1}")
+        raise ValueError(f"the {split} has {stream.size} tokens, fewer than config.train.seq_len + 1 = "
+                         f"{seq_len + 1}; use a larger corpus or a smaller seq_len")
     ds = grain.MapDataset.range(count)
     if seed is not None:
         ds = ds.shuffle(seed=_grain_seed(seed))
@@ -425,31 +429,35 @@ class _WindowIterator(TrainIterator):
 class _PackedIterator(TrainIterator):
     """Packs streamed documents into one lane per row; lane g reads documents g, g + stride, g + 2 * stride, ...
 
-    The state is each row's [document number k within its lane, offset] of its next window's first token.
+    ``order`` maps a document number to a record of ``source``; a lane reads ``_BLOCK`` documents at a time
+    (one batched array_record read). The state is each row's [document number k within its lane, offset] of
+    its next window's first token.
     """
 
-    def __init__(self, docs: grain.MapDataset, text_key: str, seq_len: int, lanes: Sequence[int], stride: int,
-                 meta: dict):
-        super().__init__(meta)
-        self._docs, self._key, self._seq_len = docs, text_key, seq_len
-        self._lanes, self._stride = list(lanes), stride
-        self._pos = [[0, 0] for _ in self._lanes]
-        self._cache: dict[int, np.ndarray] = {}
+    _BLOCK = 16
 
-    def _doc(self, index: int) -> np.ndarray:
-        doc = self._cache.get(index)
-        if doc is None:
-            if len(self._cache) > 4 * len(self._lanes):
-                self._cache.clear()
-            text = self._docs[index][self._key]
-            text = text.encode() if isinstance(text, str) else bytes(text)
-            doc = self._cache[index] = np.frombuffer(text + bytes([SEPARATOR]), np.uint8)
-        return doc
+    def __init__(self, source: Any, order: grain.MapDataset, text_key: str, seq_len: int, lanes: Sequence[int],
+                 stride: int, meta: dict):
+        super().__init__(meta)
+        self._source, self._key, self._seq_len = source, text_key, seq_len
+        self._blocks = [order[g::stride].batch(self._BLOCK, batch_fn=list) for g in lanes]
+        self._pos = [[0, 0] for _ in lanes]
+        self._cache: list[tuple[int, list[np.ndarray]]] = [(-1, [])] * len(lanes)
+
+    def _doc(self, row: int, k: int) -> np.ndarray:
+        """[len + 1] uint8: document k of the row's lane, then SEPARATOR."""
+        block, i = divmod(k, self._BLOCK)
+        if self._cache[row][0] != block:
+            texts = [r[self._key] for r in self._source.__getitems__(self._blocks[row][block])]
+            texts = [t.encode() if isinstance(t, str) else bytes(t) for t in texts]
+            sep = bytes([SEPARATOR])
+            self._cache[row] = (block, [np.frombuffer(t + sep, np.uint8) for t in texts])
+        return self._cache[row][1][i]
 
     def _window(self, row: int) -> np.ndarray:
         (k, o), need, pieces = self._pos[row], self._seq_len + 1, []
         while True:
-            piece = self._doc(self._lanes[row] + k * self._stride)[o:o + need]
+            piece = self._doc(row, k)[o:o + need]
             pieces.append(piece)
             need, o = need - piece.size, o + piece.size
             if not need:
@@ -459,17 +467,16 @@ class _PackedIterator(TrainIterator):
         return np.concatenate(pieces)
 
     def __next__(self) -> np.ndarray:
-        return np.stack([self._window(r) for r in range(len(self._lanes))]).astype(np.int32)
+        return np.stack([self._window(r) for r in range(len(self._pos))]).astype(np.int32)
 
     def _position(self) -> dict:
         return {"lanes": [list(p) for p in self._pos]}
 
     def _set_position(self, state: dict) -> None:
         lanes = state["lanes"]
-        if len(lanes) != len(self._lanes):
-            raise ValueError(f"data iterator state has {len(lanes)} lanes but this iterator has {len(self._lanes)}")
+        if len(lanes) != len(self._pos):
+            raise ValueError(f"data iterator state has {len(lanes)} lanes but this iterator has {len(self._pos)}")
         self._pos = [[int(k), int(o)] for k, o in lanes]
-        self._cache.clear()
 
 
 def _corpus_id(fingerprint: dict) -> str:
@@ -484,14 +491,15 @@ def _iterator(config, process_index: int, process_count: int, train: bool) -> Tr
             "seq_len": seq_len}
     if isinstance(corpus, _MemoryCorpus):
         stream = corpus.train if train else corpus.val
-        split = "train" if train else "validation"
+        split = f"{'train' if train else 'validation'} split of config.data.name={config.data.name!r}"
         return _WindowIterator(_windows(stream, seq_len, rows, process_index, process_count, seed, split), meta)
-    docs = grain.MapDataset.source(corpus.train if train else corpus.val)
+    source = corpus.train if train else corpus.val
+    order = grain.MapDataset.range(len(source))
     if train:
-        docs = docs.shuffle(seed=_grain_seed(seed))
+        order = order.shuffle(seed=_grain_seed(seed))
     lanes = range(process_index * rows, (process_index + 1) * rows)
     meta.update(process_index=process_index, process_count=process_count)
-    return _PackedIterator(docs.repeat(None), corpus.text_key, seq_len, lanes, rows * process_count, meta)
+    return _PackedIterator(source, order.repeat(None), corpus.text_key, seq_len, lanes, rows * process_count, meta)
 
 
 def train_iterator(config, *, process_index: int = 0, process_count: int = 1) -> TrainIterator:
