@@ -126,8 +126,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = data
 
     train = ml_collections.ConfigDict()
+    train.steps = 1000
     # Global batch (sequences) and tokens per sequence.
     train.batch_size = 32
     train.seq_len = 512
+    # AdamW with global-norm clipping; peak learning rate after linear warm-up, then the schedule:
+    # 'cosine' (down to min_lr_ratio * peak), 'step' (DeepSeekMoE: x step_decay_factor at each fraction of
+    # step_decay_at), or 'constant'.
+    train.learning_rate = 1e-3
+    train.warmup_steps = 100
+    train.schedule = "cosine"
+    train.min_lr_ratio = 0.1
+    train.step_decay_factor = 0.316
+    train.step_decay_at = (0.8, 0.9)
+    train.weight_decay = 0.1
+    train.b1 = 0.9
+    train.b2 = 0.95
+    train.grad_clip = 1.0
+    # Console progress every log_every steps; validation every eval_every steps (0: only at the end).
+    train.log_every = 10
+    train.eval_every = 200
     config.train = train
+
+    checkpoint = ml_collections.ConfigDict()
+    # Save every every_steps steps (0: only at the end and on SIGTERM); keep the newest `keep`.
+    checkpoint.every_steps = 200
+    checkpoint.keep = 3
+    config.checkpoint = checkpoint
+
+    mesh = ml_collections.ConfigDict()
+    # Device mesh axis sizes; -1 fills the remaining devices (at most one axis may be -1).
+    mesh.data = -1
+    mesh.fsdp = 1
+    mesh.expert = 1
+    mesh.tensor = 1
+    config.mesh = mesh
     return config

@@ -1,0 +1,208 @@
+"""Decoder-only Transformer LM: embedding, pre-RMSNorm blocks of rotary causal attention and a GLU FFN that is
+dense or MoE by layer pattern, final norm, LM head.
+
+Parameter tree (``config.model`` = cfg):
+
+    embed/embedding              [V, D]
+    layers_{i}/attn_norm/scale   [D]                 (scan_layers: blocks/..., stacked on a leading axis)
+    layers_{i}/attn/{q,k,v}/kernel  [D, H, Dh] / [D, KV, Dh]; attn/o/kernel [H, Dh, D]
+    layers_{i}/ffn_norm/scale    [D]
+    layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe.py
+    final_norm/scale             [D]
+    lm_head/kernel               [D, V]              (absent with tie_embeddings)
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from moejax import checks, losses, moe
+
+
+def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
+    """Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0."""
+    return cfg.moe_every > 0 and layer >= cfg.first_dense_layers and \
+        (layer - cfg.first_dense_layers) % cfg.moe_every == 0
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks the ``model`` section (and its ``moe`` section when some layer is MoE)."""
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim"):
+        checks.positive_int(f"model.{field}", cfg[field])
+    checks.positive_int("model.num_kv_heads", cfg.num_kv_heads, minimum=0)
+    checks.positive_int("model.first_dense_layers", cfg.first_dense_layers, minimum=0)
+    checks.positive_int("model.moe_every", cfg.moe_every, minimum=0)
+    if cfg.d_model % cfg.num_heads:
+        checks.fail("model.num_heads", cfg.num_heads, f"must divide model.d_model={cfg.d_model}")
+    if cfg.num_kv_heads and cfg.num_heads % cfg.num_kv_heads:
+        checks.fail("model.num_kv_heads", cfg.num_kv_heads, f"must divide model.num_heads={cfg.num_heads}")
+    for field in ("dtype", "param_dtype"):
+        checks.choice(f"model.{field}", cfg[field], ["float32", "bfloat16"])
+    checks.number("model.init_std", cfg.init_std, strict=True)
+    checks.number("model.rope_theta", cfg.rope_theta, strict=True)
+    if cfg.scan_layers and cfg.moe_every > 1 and (cfg.num_layers - cfg.first_dense_layers) % cfg.moe_every:
+        checks.fail("model.scan_layers", cfg.scan_layers,
+                    "scanning needs (num_layers - first_dense_layers) divisible by moe_every")
+    if any(is_moe_layer(cfg, i) for i in range(cfg.num_layers)):
+        moe.validate(cfg.moe)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale).astype(self.dtype)
+
+
+def rotary(x: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (half-split form) of x: [B, S, N, H] at positions 0..S-1."""
+    seq, half = x.shape[1], x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings; grouped-query when num_kv_heads < num_heads."""
+
+    cfg: ml_collections.ConfigDict
+    dtype: Any
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        head_dim = cfg.d_model // cfg.num_heads
+        kv_heads = cfg.num_kv_heads or cfg.num_heads
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                     kernel_init=self.kernel_init)
+        q = nn.DenseGeneral((cfg.num_heads, head_dim), name="q", **dense)(x)
+        k = nn.DenseGeneral((kv_heads, head_dim), name="k", **dense)(x)
+        v = nn.DenseGeneral((kv_heads, head_dim), name="v", **dense)(x)
+        q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dense)(out)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x)); the FFN is the MoE layer when ``use_moe``."""
+
+    cfg: ml_collections.ConfigDict
+    use_moe: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        x = x + Attention(cfg, dtype, init, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x))
+        h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
+        if self.use_moe:
+            h = moe.MoE(cfg.moe, dtype, param_dtype, init, name="ffn")(h, train=train)
+        else:
+            h = moe.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, name="ffn")(h)
+        return x + h
+
+
+class Unit(nn.Module):
+    """The repeating group of ``moe_every`` blocks (one MoE, then dense) that nn.scan stacks."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
+        for j in range(max(self.cfg.moe_every, 1)):
+            x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, name=f"block_{j}")(x, train)
+        return x, None
+
+
+class Transformer(nn.Module):
+    """tokens [B, S] int32 -> logits [B, S, V] float32. ``cfg`` is the ``model`` config section."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                         embedding_init=nn.initializers.normal(cfg.init_std), name="embed")
+        x = embed(tokens)
+        block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+        if cfg.scan_layers:
+            for i in range(cfg.first_dense_layers):
+                x = block(cfg, use_moe=False, name=f"layers_{i}")(x, train)
+            unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
+            units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
+            scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0},
+                              split_rngs={"params": True, "jitter": True}, in_axes=nn.broadcast, length=units)
+            x, _ = scanned(cfg, name="blocks")(x, train)
+        else:
+            for i in range(cfg.num_layers):
+                x = block(cfg, use_moe=is_moe_layer(cfg, i), name=f"layers_{i}")(x, train)
+        x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            return embed.attend(x).astype(jnp.float32)
+        return nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                        kernel_init=nn.initializers.normal(cfg.init_std), name="lm_head")(x).astype(jnp.float32)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats. logits: [B, S, V]; targets: [B, S] int."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
+
+
+def _leaves_named(tree: Any, name: str) -> list[jax.Array]:
+    return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if any(getattr(key, "key", None) == name for key in path)]
+
+
+def aux_loss(moe_aux: Any) -> jax.Array:
+    """Sum over MoE layers of the weighted balance and z losses sown into 'moe_aux'."""
+    terms = _leaves_named(moe_aux, "balance_loss") + _leaves_named(moe_aux, "z_loss")
+    return sum((jnp.sum(t) for t in terms), jnp.zeros((), jnp.float32))
+
+
+def param_counts(params: Any, cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """Total parameters, and those activated per token (routed experts count k/E of their weights)."""
+    total = sum(int(p.size) for p in jax.tree.leaves(params))
+    routed = sum(int(p.size) for path, p in jax.tree_util.tree_leaves_with_path(params)
+                 if any(getattr(key, "key", None) == "experts" for key in path))
+    inactive = routed * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts
+    return {"total": total, "activated": total - inactive}
+
+
+def update_router_biases(moe_state: Any, moe_aux: Any, rate: float) -> Any:
+    """Aux-loss-free balancing after a train step: each MoE layer's router_bias moves by the sign rule.
+
+    moe_state: the 'moe_state' collection; moe_aux: the 'moe_aux' collection sown by the same forward pass.
+    Works per layer and for scanned (stacked [L, E]) layers alike.
+    """
+    loads = iter(jnp.sum(jnp.stack(t), axis=0) for t in _tuples_named(moe_aux, "tokens_per_expert"))
+    return jax.tree.map(lambda bias: losses.update_bias(bias, next(loads), rate), moe_state)
+
+
+def _tuples_named(tree: Any, name: str) -> list[tuple]:
+    """The sown tuples under key ``name``, in the same order as the matching moe_state leaves."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key in sorted(node):
+                if key == name:
+                    found.append(node[key])
+                else:
+                    visit(node[key])
+
+    visit(tree)
+    return found
