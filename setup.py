@@ -20,6 +20,7 @@ setup(
         "grain",
         "array_record",
         "tensorflow-datasets",
+        "tensorboardX",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],
