@@ -118,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fraction of files in the validation split (by sha256 of the relative path; fixed per file).
     data.val_fraction = 0.05
     # Validation batches used by each evaluation (the split's first windows, not shuffled).
-    data.eval_batches = 16
+    data.eval_batches = 8
     # TFDS data_dir for 'tfds:' datasets; '' means TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
     data.tfds_dir = ""
     # Feature holding the document text in 'tfds:' datasets.
@@ -126,15 +126,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = data
 
     train = ml_collections.ConfigDict()
-    train.steps = 1000
+    # The defaults are the CPU budget of the tiny configs (about 10 minutes on 2 cores for deepseekmoe:tiny).
+    train.steps = 150
     # Global batch (sequences) and tokens per sequence.
-    train.batch_size = 32
-    train.seq_len = 512
+    train.batch_size = 16
+    train.seq_len = 256
     # AdamW with global-norm clipping; peak learning rate after linear warm-up, then the schedule:
     # 'cosine' (down to min_lr_ratio * peak), 'step' (DeepSeekMoE: x step_decay_factor at each fraction of
     # step_decay_at), or 'constant'.
-    train.learning_rate = 1e-3
-    train.warmup_steps = 100
+    train.learning_rate = 3e-3
+    train.warmup_steps = 20
     train.schedule = "cosine"
     train.min_lr_ratio = 0.1
     train.step_decay_factor = 0.316
@@ -145,12 +146,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.grad_clip = 1.0
     # Console progress every log_every steps; validation every eval_every steps (0: only at the end).
     train.log_every = 10
-    train.eval_every = 200
+    train.eval_every = 50
     config.train = train
 
     checkpoint = ml_collections.ConfigDict()
     # Save every every_steps steps (0: only at the end and on SIGTERM); keep the newest `keep`.
-    checkpoint.every_steps = 200
+    checkpoint.every_steps = 50
     checkpoint.keep = 3
     config.checkpoint = checkpoint
 

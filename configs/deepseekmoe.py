@@ -1,0 +1,46 @@
+"""DeepSeekMoE (Dai et al., 2024, arXiv 2401.06066): fine-grained experts plus shared-expert isolation.
+
+Presets (``--config=configs/deepseekmoe.py:<preset>``):
+* ``tiny`` (default): the m=4 arm of the paper's Figure 3 / Table 1 at CPU scale (PAPERS.md section 1 tiny
+  shapes): 4 layers, d_model 256, 4 heads, 1 shared + 63 routed experts of width 176 (a quarter of a 704-wide
+  SwiGLU FFN), top-7, byte-level vocabulary, alpha1 = 0.01, no token dropping, softmax gate without
+  renormalisation (the released 16B's norm_topk_prob=false).
+* ``2b``: the paper's validation model (section 4, Table 1 column DeepSeekMoE): 9 layers, d_model 1280, 10 heads,
+  1 shared + 63 routed experts of width 853 (a quarter of the back-computed 3413-wide FFN), top-7, alpha1 0.01,
+  LR 1.08e-3 with 2K warm-up steps and x0.316 at 80% and 90% of 25,000 steps, batch 2048 x 2048, init std 0.006.
+  The paper uses an 8K BPE vocabulary; moejax ships a byte-level tokenizer, so vocab_size stays 256.
+* ``16b``: the released DeepSeekMoE 16B: 28 layers, d_model 2048, 16 heads, 2 shared + 64 routed experts of
+  width 1408, top-6, first layer dense (FFN 10944), alpha1 0.001, LR 4.2e-4, 106,449 steps of 4608 x 4096.
+"""
+import ml_collections
+
+from moejax.configs import base
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    preset = preset or "tiny"
+    config = base.get_config()
+    model, moe, train = config.model, config.model.moe, config.train
+    moe.update(num_shared=1, balance_loss="deepseek", balance_coef=0.01, dispatch="dropless")
+    moe.router.update(score="softmax", softmax_before_topk=True, norm_topk_prob=False)
+    if preset == "tiny":
+        model.update(d_model=256, num_layers=4, num_heads=4, ffn_dim=704)
+        moe.update(num_experts=63, top_k=7, expert_ffn=176)
+    elif preset == "2b":
+        model.update(d_model=1280, num_layers=9, num_heads=10, ffn_dim=3413, init_std=0.006, scan_layers=True,
+                     remat=True, dtype="bfloat16")
+        moe.update(num_experts=63, top_k=7, expert_ffn=853)
+        train.update(steps=25_000, batch_size=2048, seq_len=2048, learning_rate=1.08e-3, warmup_steps=2000,
+                     schedule="step", eval_every=1000)
+        config.checkpoint.every_steps = 1000
+    elif preset == "16b":
+        model.update(d_model=2048, num_layers=28, num_heads=16, ffn_dim=10944, first_dense_layers=1,
+                     init_std=0.006, scan_layers=True, remat=True, dtype="bfloat16")
+        moe.update(num_experts=64, top_k=6, expert_ffn=1408, num_shared=2, balance_coef=0.001)
+        train.update(steps=106_449, batch_size=4608, seq_len=4096, learning_rate=4.2e-4, warmup_steps=2000,
+                     schedule="step", eval_every=1000)
+        config.checkpoint.every_steps = 1000
+    else:
+        raise ValueError(f"config preset {preset!r} of configs/deepseekmoe.py is unknown: allowed presets are "
+                         "'tiny', '2b', '16b'")
+    return config
