@@ -13,7 +13,6 @@ Presets (``--config=configs/deepseekmoe.py:<preset>``):
   width 1408, top-6, first layer dense (FFN 10944), alpha1 0.001, LR 4.2e-4, 106,449 steps of 4608 x 4096.
 """
 import ml_collections
-
 from moejax.configs import base
 
 

@@ -3,7 +3,6 @@ x 176, so its activated parameters equal configs/deepseekmoe.py:tiny's (DeepSeek
 at equal activated rather than equal FLOPs-per-2K-tokens budget). Same training budget as the MoE configs.
 """
 import ml_collections
-
 from moejax.configs import base
 
 

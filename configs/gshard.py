@@ -4,7 +4,6 @@ GShard balance loss alpha = 0.01. Dropless, as DeepSeekMoE trains every arm of i
 set model.moe.dispatch='capacity' (capacity_factor 2.0) for GShard's original capacity-limited dispatch.
 """
 import ml_collections
-
 from moejax.configs import base
 
 

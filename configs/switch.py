@@ -3,7 +3,6 @@ the full 704-wide FFN (DeepSeekMoE Table 1, column Switch), capacity factor 1.25
 dropped tokens pass through the residual, router input jitter 0.01, Switch load-balance loss alpha = 0.01.
 """
 import ml_collections
-
 from moejax.configs import base
 
 

@@ -13,9 +13,9 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from moejax.configs import base
 
 from moejax import moe
-from moejax.configs import base
 
 
 def time_fn(fn, *args, repeats: int) -> float:

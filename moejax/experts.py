@@ -69,7 +69,7 @@ def _tiled_glu_bwd(activation, res, grad_out):
 
     zeros = [jnp.zeros(w.shape, jnp.float32) for w in (wi_0, wi_1, wo)]
     grad_tiles, *grad_w = jax.lax.fori_loop(0, used_tiles, body, (jnp.zeros_like(tiles), *zeros))
-    return (grad_tiles, *(g.astype(w.dtype) for g, w in zip(grad_w, (wi_0, wi_1, wo))), None, None)
+    return (grad_tiles, *(g.astype(w.dtype) for g, w in zip(grad_w, (wi_0, wi_1, wo), strict=True)), None, None)
 
 
 tiled_glu.defvjp(_tiled_glu_fwd, _tiled_glu_bwd)

@@ -344,7 +344,7 @@ def _all_process_states(local: dict) -> list[dict]:
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:blob.size] = blob
     blobs = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(b[:n])) for b, n in zip(blobs, sizes)]
+    return [json.loads(bytes(b[:n])) for b, n in zip(blobs, sizes, strict=True)]
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_state: dict,
@@ -373,7 +373,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any) -> tuple[Tra
             state, meta = restored["state"], restored["meta"]
             if [int(c) for c in jax.device_get(_checksums(state))] != meta["checksums"]:
                 raise ValueError("its arrays do not match the checksums saved with them")
-        except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds; each means unusable)
+        except Exception as e:
             then = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint is left"
             _print(f"WARNING: checkpoint at step {step} in {manager.directory} is corrupt or unreadable "
                    f"({type(e).__name__}: {str(e)[:300]}); {then}")
@@ -468,7 +468,7 @@ class Progress:
     def sync(self) -> None:
         """Waits for the pending steps; raises DivergenceError at the first non-finite loss or grad norm."""
         values = jax.device_get([health for _, health in self.pending])
-        for (step, _), (loss, grad_norm) in zip(self.pending, values):
+        for (step, _), (loss, grad_norm) in zip(self.pending, values, strict=True):
             if not (np.isfinite(loss) and np.isfinite(grad_norm)):
                 self.diverged(f"the loss is {loss} and the gradient norm {grad_norm} at step {step}")
         now = time.perf_counter()

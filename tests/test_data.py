@@ -183,7 +183,7 @@ def test_eval_batches_fixed_and_seed_independent(stdlib_dir, stdlib_ref):
     first = data.eval_batches(make_config(stdlib_dir, seed=0))
     again = data.eval_batches(make_config(stdlib_dir, seed=5))
     assert len(first) == 3
-    for x, y in zip(first, again):
+    for x, y in zip(first, again, strict=True):
         np.testing.assert_array_equal(x, y)
     assert bytes(first[0][0].astype(np.uint8)) == val_stream[:65]  # unshuffled: the split's first window
 
@@ -286,7 +286,7 @@ def test_tfds_streams_packed_shuffled_sharded(toy_tfds, tmp_path):
     first = bytes(evals[0][0].astype(np.uint8)).split(b"\0")[0]  # lanes start on a whole validation document
     assert first.startswith(b"validation doc ") and any(d.startswith(first) for d in docs["validation"])
     for x, y in zip(evals, data.eval_batches(make_config(tmp_path, "tfds:toy_text", batch=4, seq_len=32, seed=3,
-                                                         tfds_dir=str(root)))):
+                                                         tfds_dir=str(root))), strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -2,9 +2,9 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from moejax.configs import base
 
 from moejax import losses, moe, routing
-from moejax.configs import base
 from tests import reference as ref
 
 

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from moejax.configs import base
 
 from moejax import dispatch, moe, routing
-from moejax.configs import base
 from tests import reference as ref
 
 B, S, D, F = 2, 12, 16, 8
@@ -100,7 +100,7 @@ def assert_layer_matches_reference(cfg, seed=0, bias=None):
     np.testing.assert_allclose(y, reference_moe(cfg, params, x, ids, keep), rtol=1e-5, atol=1e-5)
     got = jax.grad(loss_layer, argnums=(0, 1))(params, x)
     want = jax.grad(loss_ref, argnums=(0, 1))(params, x)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(path))
     return ids, keep
 
@@ -240,3 +240,13 @@ def test_parameter_tree_and_state():
                    "shared_gate": {"kernel": (D, 1)}},
         "moe_state": {"router_bias": (8,)},
     }
+
+
+def test_core_imports_only_jax_flax_numpy_ml_collections():
+    import subprocess
+    import sys
+    code = ("import sys; import moejax.moe, moejax.model; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tensorflow_datasets', 'optax', "
+            "'orbax', 'grain', 'clu', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

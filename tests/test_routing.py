@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from moejax.configs import base
 
 from moejax import checks, routing
-from moejax.configs import base
 from tests import reference as ref
 
 E = 16

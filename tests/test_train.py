@@ -130,7 +130,7 @@ def start_and_signal(workdir, data_dir, cache_dir, sig):
 def assert_same_leaves(a, b):
     leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
-    for (path, x), y in zip(leaves_a, leaves_b):
+    for (path, x), y in zip(leaves_a, leaves_b, strict=True):
         assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
 
 
