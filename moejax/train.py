@@ -373,7 +373,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any) -> tuple[Tra
             state, meta = restored["state"], restored["meta"]
             if [int(c) for c in jax.device_get(_checksums(state))] != meta["checksums"]:
                 raise ValueError("its arrays do not match the checksums saved with them")
-        except Exception as e:
+        except Exception as e:  # orbax and tensorstore raise many kinds; each means unusable
             then = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint is left"
             _print(f"WARNING: checkpoint at step {step} in {manager.directory} is corrupt or unreadable "
                    f"({type(e).__name__}: {str(e)[:300]}); {then}")
