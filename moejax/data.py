@@ -68,7 +68,7 @@ class _Source:
     eval_split: str | None = None  # None: 'validation', else 'test'
 
 
-def _parse_name(name: Any) -> _Source:
+def parse_name(name: Any) -> _Source:
     """Parses ``config.data.name``; raises ValueError naming the field, the value and what is allowed."""
     def bad(why: str = "") -> ValueError:
         return ValueError(f"config.data.name={name!r} is not supported{why}; allowed: {NAMES_ALLOWED}")
@@ -334,7 +334,7 @@ def _load_tfds(source: _Source, tfds_dir: str, text_key: str) -> _TfdsCorpus:
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, data_dir: pathlib.Path, val_fraction: float, tfds_dir: str,
                  text_key: str) -> _MemoryCorpus | _TfdsCorpus:
-    source = _parse_name(name)
+    source = parse_name(name)
     if source.kind == "stdlib":
         return _load_stdlib(data_dir, val_fraction)
     if source.kind == "text":
@@ -345,7 +345,7 @@ def _load_cached(name: str, data_dir: pathlib.Path, val_fraction: float, tfds_di
 def _load(config) -> _MemoryCorpus | _TfdsCorpus:
     """The corpus of config.data, built on first use and cached in this process."""
     d = config.data
-    _parse_name(d.name)  # validate before anything touches the disk
+    parse_name(d.name)  # validate before anything touches the disk
     if not 0 < d.val_fraction < 1:
         raise ValueError(f"config.data.val_fraction={d.val_fraction!r} must be in (0, 1)")
     return _load_cached(d.name, _data_dir(config), float(d.val_fraction), d.tfds_dir, d.text_key)

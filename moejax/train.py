@@ -106,7 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     d = config.data
     try:
-        data._parse_name(d.name)  # the data module's own parser of data.name
+        data.parse_name(d.name)
     except ValueError:
         checks.fail("data.name", d.name, f"allowed: {data.NAMES_ALLOWED}")
     if not (isinstance(d.val_fraction, (int, float)) and 0 < d.val_fraction < 1):
