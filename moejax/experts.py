@@ -1,4 +1,4 @@
-"""Expert math: the GLU feed-forward, batched over experts, and grouped-matmul backends.
+"""Expert math: the GLU feed-forward and the grouped-matmul backends that run it per expert.
 
 Backends compute the GLU of every row of the expert buffer with the weights of the expert owning that row:
 * 'tiled': the buffer is cut into tiles of ``plan.tile`` rows, each owned by one expert; a loop over the used

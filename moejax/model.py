@@ -162,14 +162,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
 
 
-def _leaves_named(tree: Any, name: str) -> list[jax.Array]:
-    return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-            if any(getattr(key, "key", None) == name for key in path)]
-
-
 def aux_loss(moe_aux: Any) -> jax.Array:
     """Sum over MoE layers of the weighted balance and z losses sown into 'moe_aux'."""
-    terms = _leaves_named(moe_aux, "balance_loss") + _leaves_named(moe_aux, "z_loss")
+    terms = jax.tree.leaves(_tuples_named(moe_aux, "balance_loss") + _tuples_named(moe_aux, "z_loss"))
     return sum((jnp.sum(t) for t in terms), jnp.zeros((), jnp.float32))
 
 
