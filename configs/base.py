@@ -34,6 +34,12 @@ def moe_config() -> ml_collections.ConfigDict:
     # Rows per tile for the dropless 'tiled' backend; 0 picks about ceil(T * k / E) / 4 rounded up to a
     # multiple of 8. Capacity mode uses one tile of C rows per expert.
     moe.gmm_tile = 0
+    # Expert parallelism over mesh.expert (moejax/parallel.py): 'a2a' (all_to_all of per-device buffers), 'ring'
+    # (all_gather the tokens, psum_scatter the outputs) or 'ragged_a2a' (jax.lax.ragged_all_to_all; TPU/GPU only).
+    moe.ep_mode = "a2a"
+    # a2a buffer rows per destination device: 0 sizes them for the worst case (exact, never drops); f > 0 sizes
+    # them as ceil(f * tokens_per_device * top_k / mesh.expert) and counts the slots that overflow (metrics).
+    moe.ep_buffer_factor = 0.0
     # Load-balance loss: 'switch' (alpha * E * sum_i f_i P_i, f_i over all k assignments normalised by kT),
     # 'deepseek' (expert-level alpha1 * sum_i f'_i P_i with f'_i = E/(kT) * count_i, plus the device-level loss
     # with device_balance_coef over device_groups groups of experts) or 'none'. Both equal their coefficient

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moejax import vma
 from moejax.routing import Routing
 
 
@@ -134,13 +135,13 @@ def permute(x: jax.Array, slot_row: jax.Array, row_slot: jax.Array) -> jax.Array
 
 
 def _permute_fwd(x, slot_row, row_slot):
-    return permute(x, slot_row, row_slot), (slot_row, row_slot)
+    return permute(x, slot_row, row_slot), (slot_row, row_slot, x[:0])  # x[:0]: x's type, no data
 
 
 def _permute_bwd(res, grad_rows):
-    slot_row, row_slot = res
+    slot_row, row_slot, x_type = res
     grad_x = _append_zero_row(grad_rows)[slot_row].sum(1, dtype=jnp.float32).astype(grad_rows.dtype)
-    return grad_x, None, None
+    return vma.sum_to_type(grad_x, x_type), None, None
 
 
 permute.defvjp(_permute_fwd, _permute_bwd)
@@ -167,7 +168,7 @@ def _combine_bwd(res, grad_y):
     row_weight = _append_zero_row(weights.reshape(-1))[row_slot]
     row_grad = _append_zero_row(grad_y)[_row_token(row_slot, num_tokens, top_k)]
     grad_rows = (row_grad.astype(jnp.float32) * row_weight[:, None].astype(jnp.float32)).astype(rows.dtype)
-    return grad_rows, grad_weights, None, None
+    return vma.sum_to_type(grad_rows, rows), vma.sum_to_type(grad_weights, weights), None, None
 
 
 unpermute_combine.defvjp(_combine_fwd, _combine_bwd)

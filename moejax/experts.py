@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax import vma
 from moejax.dispatch import Plan
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -48,7 +49,8 @@ def tiled_glu(tiles: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array,
         e = tile_expert[i]
         return out.at[i].set(glu(tiles[i], wi_0[e], wi_1[e], wo[e], activation))
 
-    return jax.lax.fori_loop(0, used_tiles, body, jnp.zeros_like(tiles))
+    init = vma.varying_like(jnp.zeros_like(tiles), tiles, wi_0, wi_1, wo, tile_expert)
+    return jax.lax.fori_loop(0, used_tiles, body, init)
 
 
 def _tiled_glu_fwd(tiles, wi_0, wi_1, wo, tile_expert, activation, used_tiles):
@@ -59,17 +61,23 @@ def _tiled_glu_fwd(tiles, wi_0, wi_1, wo, tile_expert, activation, used_tiles):
 def _tiled_glu_bwd(activation, res, grad_out):
     tiles, wi_0, wi_1, wo, tile_expert, used_tiles = res
 
-    def body(i, grads):
-        grad_tiles, g_wi_0, g_wi_1, g_wo = grads
+    def tile_grads(i):
         e = tile_expert[i]
         _, vjp = jax.vjp(functools.partial(glu, activation=activation), tiles[i], wi_0[e], wi_1[e], wo[e])
-        d_x, d_wi_0, d_wi_1, d_wo = vjp(grad_out[i])
-        return (grad_tiles.at[i].set(d_x), g_wi_0.at[e].add(d_wi_0.astype(jnp.float32)),
-                g_wi_1.at[e].add(d_wi_1.astype(jnp.float32)), g_wo.at[e].add(d_wo.astype(jnp.float32)))
+        return e, vjp(grad_out[i])
 
-    zeros = [jnp.zeros(w.shape, jnp.float32) for w in (wi_0, wi_1, wo)]
-    grad_tiles, *grad_w = jax.lax.fori_loop(0, used_tiles, body, (jnp.zeros_like(tiles), *zeros))
-    return (grad_tiles, *(g.astype(w.dtype) for g, w in zip(grad_w, (wi_0, wi_1, wo), strict=True)), None, None)
+    def accumulate(i, grads, e, tile, live=True):
+        grad_tiles, *grad_w = grads
+        d_x, *d_w = (jnp.where(live, d, 0) for d in tile)
+        return (grad_tiles.at[i].set(d_x), *(g.at[e].add(d.astype(jnp.float32)) for g, d in zip(grad_w, d_w)))
+
+    # The first tile runs outside the loop so that the carry takes the types (inside shard_map: the varying
+    # axes) that jax.vjp gives the per-tile gradients; it counts only when some tile is used.
+    zeros = (jnp.zeros_like(tiles), *(jnp.zeros(w.shape, jnp.float32) for w in (wi_0, wi_1, wo)))
+    first = accumulate(0, zeros, *tile_grads(0), live=used_tiles > 0)
+    grad_tiles, *grad_w = jax.lax.fori_loop(1, used_tiles, lambda i, g: accumulate(i, g, *tile_grads(i)), first)
+    grad_w = [vma.sum_to_type(g.astype(w.dtype), w) for g, w in zip(grad_w, (wi_0, wi_1, wo), strict=True)]
+    return (vma.sum_to_type(grad_tiles, tiles), *grad_w, None, None)
 
 
 tiled_glu.defvjp(_tiled_glu_fwd, _tiled_glu_bwd)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
 from moejax import checks, losses, moe
 
@@ -98,6 +99,7 @@ class Block(nn.Module):
 
     cfg: ml_collections.ConfigDict
     use_moe: bool
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -107,7 +109,7 @@ class Block(nn.Module):
         x = x + Attention(cfg, dtype, init, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x))
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
         if self.use_moe:
-            h = moe.MoE(cfg.moe, dtype, param_dtype, init, name="ffn")(h, train=train)
+            h = moe.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")(h, train=train)
         else:
             h = moe.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, name="ffn")(h)
         return x + h
@@ -117,18 +119,25 @@ class Unit(nn.Module):
     """The repeating group of ``moe_every`` blocks (one MoE, then dense) that nn.scan stacks."""
 
     cfg: ml_collections.ConfigDict
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, None]:
         for j in range(max(self.cfg.moe_every, 1)):
-            x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, name=f"block_{j}")(x, train)
+            x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, name=f"block_{j}")(
+                x, train)
         return x, None
 
 
 class Transformer(nn.Module):
-    """tokens [B, S] int32 -> logits [B, S, V] float32. ``cfg`` is the ``model`` config section."""
+    """tokens [B, S] int32 -> logits [B, S, V] float32. ``cfg`` is the ``model`` config section.
+
+    With a ``mesh`` of more than one device, the MoE layers run expert-parallel under shard_map
+    (moejax/parallel.py); the inputs must then be split over its token axes (the train step's batch sharding).
+    """
 
     cfg: ml_collections.ConfigDict
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
@@ -140,15 +149,15 @@ class Transformer(nn.Module):
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
         if cfg.scan_layers:
             for i in range(cfg.first_dense_layers):
-                x = block(cfg, use_moe=False, name=f"layers_{i}")(x, train)
+                x = block(cfg, use_moe=False, mesh=self.mesh, name=f"layers_{i}")(x, train)
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
             scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0},
                               split_rngs={"params": True, "jitter": True}, in_axes=nn.broadcast, length=units)
-            x, _ = scanned(cfg, name="blocks")(x, train)
+            x, _ = scanned(cfg, self.mesh, name="blocks")(x, train)
         else:
             for i in range(cfg.num_layers):
-                x = block(cfg, use_moe=is_moe_layer(cfg, i), name=f"layers_{i}")(x, train)
+                x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, name=f"layers_{i}")(x, train)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)

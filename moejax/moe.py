@@ -15,8 +15,9 @@ Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width
       router_bias          [E]                    selection-only bias (aux-loss-free balancing), zeros at init
 
 Aux statistics are sown into the ``'moe_aux'`` collection (one entry per call): ``tokens_per_expert`` [E],
-``drop_fraction``, ``router_entropy``, and the already-weighted losses ``balance_loss`` and ``z_loss`` that the
-train step adds to the task loss.
+``drop_fraction`` (capacity drops plus expert-parallel buffer overflow), ``overflow_fraction``,
+``router_entropy``, and the already-weighted losses ``balance_loss`` and ``z_loss`` that the train step adds to
+the task loss.
 """
 from typing import Any
 
@@ -24,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
-from moejax import checks, dispatch, experts, losses, routing
+from moejax import checks, dispatch, experts, losses, parallel, routing
 
 DISPATCH_MODES = ("dropless", "capacity")
 BALANCE_LOSSES = ("switch", "deepseek", "none")
@@ -117,6 +119,7 @@ class MoE(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    mesh: Mesh | None = None  # more than one device: the routed experts run under shard_map (moejax/parallel.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -133,22 +136,30 @@ class MoE(nn.Module):
         bias = self.variable("moe_state", "router_bias", jnp.zeros, (num_experts,), jnp.float32)
         route = routing.route(logits, cfg, bias=bias.value, train=train)
 
-        num_slots = batch * seq * top_k
-        backend = experts.resolve_backend(cfg.gmm_backend)
-        if cfg.dispatch == "capacity":
-            factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
-            cap = dispatch.capacity(batch * seq, top_k, num_experts, factor)
-            plan = dispatch.capacity_plan(route, num_experts, cap, cfg.drop_policy)
-        else:
-            tile = 1 if backend == "ragged_dot" else cfg.gmm_tile or dispatch.default_tile(num_slots, num_experts)
-            plan = dispatch.dropless_plan(route, num_experts, tile)
-
         weights = ExpertWeights(num_experts, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
                                 name="experts")()
         weights = tuple(w.astype(self.dtype) for w in weights)
-        rows = dispatch.permute(tokens.astype(self.dtype), plan.slot_row, plan.row_slot)
-        rows = experts.grouped_glu(rows, weights, plan, backend, cfg.activation)
-        out = dispatch.unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot)
+        backend = experts.resolve_backend(cfg.gmm_backend)
+        if self.mesh is not None and self.mesh.size > 1:
+            out, dropped, overflow = parallel.moe_ep(tokens, route, weights, cfg, self.mesh, train=train,
+                                                     backend=backend, compute_dtype=self.dtype)
+            chosen = jnp.where(route.experts < num_experts, route.experts, num_experts).reshape(-1)
+            tokens_per_expert = jnp.bincount(chosen, length=num_experts + 1)[:num_experts]
+        else:
+            num_slots = batch * seq * top_k
+            if cfg.dispatch == "capacity":
+                factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None \
+                    else cfg.eval_capacity_factor
+                cap = dispatch.capacity(batch * seq, top_k, num_experts, factor)
+                plan = dispatch.capacity_plan(route, num_experts, cap, cfg.drop_policy)
+            else:
+                tile = 1 if backend == "ragged_dot" else \
+                    cfg.gmm_tile or dispatch.default_tile(num_slots, num_experts)
+                plan = dispatch.dropless_plan(route, num_experts, tile)
+            rows = dispatch.permute(tokens.astype(self.dtype), plan.slot_row, plan.row_slot)
+            rows = experts.grouped_glu(rows, weights, plan, backend, cfg.activation)
+            out = dispatch.unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot)
+            tokens_per_expert, dropped, overflow = plan.tokens_per_expert, plan.dropped, jnp.zeros((), jnp.int32)
 
         if cfg.num_shared > 0:
             shared = GLU(cfg.num_shared * cfg.expert_ffn, cfg.activation, self.dtype, self.param_dtype,
@@ -160,8 +171,9 @@ class MoE(nn.Module):
             out = out + shared
 
         valid_slots = jnp.maximum((route.experts < num_experts).sum(), 1)
-        self.sow("moe_aux", "tokens_per_expert", plan.tokens_per_expert.astype(jnp.float32))
-        self.sow("moe_aux", "drop_fraction", plan.dropped / valid_slots)
+        self.sow("moe_aux", "tokens_per_expert", tokens_per_expert.astype(jnp.float32))
+        self.sow("moe_aux", "drop_fraction", (dropped + overflow) / valid_slots)
+        self.sow("moe_aux", "overflow_fraction", overflow / valid_slots)
         self.sow("moe_aux", "router_entropy", losses.router_entropy(route.probs))
         self.sow("moe_aux", "balance_loss", balance_loss(route, cfg, batch))
         self.sow("moe_aux", "z_loss", cfg.z_loss_coef * losses.z_loss(route.logits))

@@ -52,10 +52,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import checks, data, model
+from moejax import checks, data, model, parallel
+from moejax.parallel import TOKEN_AXES, batch_sharding, make_mesh, mesh_shape, state_shardings
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over these; parameters are replicated for now
+BATCH_AXES = TOKEN_AXES  # the batch is split over these
 SCHEDULES = ("cosine", "step", "constant")
 # Fields that may differ between a workdir's config.json and the config resuming it: how long the run goes, what it
 # logs and saves, and where the corpus is cached (the data-iterator state checks it is the same corpus).
@@ -72,28 +72,6 @@ class DivergenceError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------------------------- config
-
-
-def mesh_shape(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """Axis sizes of config.mesh with the -1 axis filled; raises ConfigError when they do not fit the devices."""
-    device_count = jax.device_count()
-    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
-    for axis, size in sizes.items():
-        if size != -1:
-            checks.positive_int(f"mesh.{axis}", size)
-    fill = [axis for axis, size in sizes.items() if size == -1]
-    if len(fill) > 1:
-        checks.fail(f"mesh.{fill[1]}", -1, f"at most one mesh axis may be -1, and mesh.{fill[0]} already is")
-    fixed = math.prod(size for size in sizes.values() if size != -1)
-    if fill:
-        if device_count % fixed:
-            checks.fail("mesh", sizes, f"the fixed axis sizes (product {fixed}) must divide the "
-                                       f"{device_count} devices so that -1 can fill the rest")
-        sizes[fill[0]] = device_count // fixed
-    elif fixed != device_count:
-        checks.fail("mesh", sizes, f"the product of the axis sizes ({fixed}) must equal the device count "
-                                   f"{device_count} (set one axis to -1 to fill)")
-    return sizes
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -143,6 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         checks.fail("train.batch_size", t.batch_size,
                     f"must be a multiple of the data-parallel device count {data_parallel} "
                     f"(mesh.data * mesh.fsdp * mesh.expert = {' * '.join(str(sizes[a]) for a in BATCH_AXES)})")
+    parallel.validate(config)
     if t.batch_size % jax.process_count():
         checks.fail("train.batch_size", t.batch_size, f"must be a multiple of the process count "
                                                        f"{jax.process_count()}")
@@ -169,25 +148,6 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: pathlib.Pat
             f"workdir {workdir} holds a run with a different config:\n{lines}\n"
             f"To keep that run, use a new --workdir; to start over, delete {workdir}. "
             f"(Only {', '.join(MAY_DIFFER)} may differ when resuming.)")
-
-
-# ----------------------------------------------------------------------------------------------- mesh
-
-
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    sizes = mesh_shape(config)
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-
-
-def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """The sharding of every array of the train state. For now every array is replicated."""
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state)
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Batches [B, S + 1]: rows split over the data-parallel axes."""
-    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -530,6 +490,7 @@ def summary(eval_metrics: dict[str, float], layers: list[str], progress: Progres
         "trained_steps_this_invocation": progress.trained_steps,
         "compile_seconds": compile_seconds,
         "wall_seconds": time.time() - start_time,
+        "mesh": mesh_shape(config),
         "params_total": counts["total"],
         "params_activated": counts["activated"],
         "moe_layers": {layer: {stat: eval_metrics[f"{layer}_{stat}"]
@@ -566,7 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     eval_data = [global_batch(b) for b in data.eval_batches(config, process_index=process_index,
                                                             process_count=process_count)]
 
-    module = model.Transformer(config.model)
+    module = model.Transformer(config.model, mesh=mesh)
     tx = make_optimizer(config.train)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
 

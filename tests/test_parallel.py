@@ -1,0 +1,298 @@
+"""Tests of moejax.parallel: the expert-parallel MoE layer equals the single-device layer on every mesh (output and
+gradients), a2a buffer overflow is counted and matches a numpy reference, parameters get logical axes and
+shardings, and a train step on an expert-parallel mesh gives the single-device loss."""
+import functools
+import json
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from moejax.configs import base, deepseekmoe
+
+from moejax import checks, model, moe, parallel, routing, train
+from tests import helpers_multiprocess, helpers_train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+D, E, F, K = 16, 8, 8, 2
+MESHES = [  # (ep_mode, (data, fsdp, expert, tensor))
+    ("a2a", (4, 1, 2, 1)), ("a2a", (1, 2, 4, 1)), ("a2a", (1, 1, 8, 1)), ("a2a", (1, 1, 4, 2)), ("a2a", (2, 2, 2, 1)),
+    ("ring", (2, 1, 4, 1)), ("ring", (1, 1, 8, 1)), ("ring", (1, 2, 2, 2)),
+]
+
+
+def mesh_of(shape):
+    return jax.make_mesh(shape, parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+
+
+def layer_config(**overrides):
+    cfg = base.moe_config()
+    cfg.update(dict(num_experts=E, top_k=K, expert_ffn=F, dispatch="dropless") | overrides)
+    return cfg
+
+
+def layer_inputs(seed=0, one_expert=False, batch=8, seq=4):
+    x = jax.random.normal(jax.random.key(seed), (batch, seq, D))
+    variables = moe.MoE(layer_config()).init(jax.random.key(seed + 1), x)
+    state = variables["moe_state"]
+    if one_expert:  # a selection bias that sends every token's first slot to expert 3
+        state = {"router_bias": jnp.zeros(E).at[3].set(100.0)}
+    return x, variables["params"], state
+
+
+def loss_and_grads(module, params, state, x, sharding=None):
+    def loss(params, x):
+        y, aux = module.apply({"params": params, "moe_state": state}, x, train=True, mutable=["moe_aux"])
+        return jnp.sum(y * jnp.cos(y)), (y, aux["moe_aux"])
+
+    if sharding is not None:
+        x = jax.device_put(x, sharding)
+    (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return y, grads, aux
+
+
+CASES = [dict(), dict(dispatch="capacity", capacity_factor=1.0),
+         dict(dispatch="capacity", capacity_factor=1.0, drop_policy="probs"),
+         dict(dispatch="capacity", capacity_factor=0.5, eval_capacity_factor=2.0)]
+
+
+@functools.cache
+def single_device(case_index, one_expert):
+    x, params, state = layer_inputs(one_expert=one_expert)
+    return loss_and_grads(moe.MoE(layer_config(**CASES[case_index])), params, state, x)
+
+
+@pytest.mark.parametrize("mode, shape", MESHES, ids=[f"{m}-{'x'.join(map(str, s))}" for m, s in MESHES])
+@pytest.mark.parametrize("one_expert", [False, True], ids=["random", "one_expert"])
+def test_expert_parallel_layer_equals_single_device(mode, shape, one_expert):
+    """Dropless and capacity modes (both drop policies, eval capacity unused in training) on meshes of
+    expert = 2, 4, 8 with data / fsdp / tensor; 'one_expert' sends every token to expert 3 (capacity drops)."""
+    x, params, state = layer_inputs(one_expert=one_expert)
+    mesh = mesh_of(shape)
+    for index, case in enumerate(CASES):
+        y_ref, g_ref, aux_ref = single_device(index, one_expert)
+        cfg = layer_config(**case)
+        cfg.ep_mode = mode
+        y, g, aux = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x,
+                                   NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+        np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5, err_msg=f"{case} output")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{case} grad {jax.tree_util.keystr(path)}")
+        for name in ("tokens_per_expert", "drop_fraction", "balance_loss"):
+            np.testing.assert_allclose(aux[name][0], aux_ref[name][0], atol=1e-6, err_msg=f"{case} {name}")
+        assert float(aux["overflow_fraction"][0]) == 0.0
+        if one_expert and case.get("dispatch") == "capacity":
+            assert float(aux["drop_fraction"][0]) > 0.1  # the crafted routing really overflows capacity
+
+
+def glu_numpy(x, wi_0, wi_1, wo):
+    h = x @ wi_0
+    return (h / (1 + np.exp(-h)) * (x @ wi_1)) @ wo
+
+
+def test_a2a_overflow_is_counted_and_drops_exactly_the_overflowing_slots():
+    """With ep_buffer_factor sizing the a2a blocks below the worst case, a numpy loop over the token shards finds
+    the slots beyond R per (source, destination) block; the layer must add nothing for exactly those."""
+    shape, factor = (1, 1, 4, 1), 0.6
+    x, params, state = layer_inputs(seed=3, one_expert=True)
+    mesh = mesh_of(shape)
+    cfg = layer_config(ep_mode="a2a", ep_buffer_factor=factor)
+    y, _, aux = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+
+    tokens = np.asarray(x).reshape(-1, D)
+    route = routing.route(jnp.asarray(tokens) @ params["router"]["kernel"], cfg, bias=state["router_bias"])
+    ids, weights = np.asarray(route.experts), np.asarray(route.weights)
+    ep, shards = shape[2], math.prod(shape[:3])
+    local, per_device = E // ep, len(tokens) // shards
+    rows = math.ceil(factor * per_device * K / ep)
+    w = {name: np.asarray(params["experts"][name]) for name in ("wi_0", "wi_1", "wo")}
+    expected, overflow = np.zeros_like(tokens), 0
+    for shard in range(shards):
+        used = [0] * ep
+        for t in range(shard * per_device, (shard + 1) * per_device):
+            for j in range(K):
+                e = int(ids[t, j])
+                dest = e // local
+                if used[dest] >= rows:
+                    overflow += 1
+                    continue
+                used[dest] += 1
+                expected[t] += weights[t, j] * glu_numpy(tokens[t], w["wi_0"][e], w["wi_1"][e], w["wo"][e])
+    assert overflow > 0
+    np.testing.assert_allclose(float(aux["overflow_fraction"][0]), overflow / ids.size, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["drop_fraction"][0]), overflow / ids.size, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a2a_rows_and_bytes_accounting():
+    # worst case: a token sends at most min(k, E_local) slots to one device
+    assert parallel.a2a_rows(100, 6, 64, 8, 0.0) == 100 * 6
+    assert parallel.a2a_rows(100, 6, 64, 32, 0.0) == 100 * 2
+    assert parallel.a2a_rows(100, 6, 64, 8, 1.25) == math.ceil(1.25 * 100 * 6 / 8)
+    # 7 of 8 blocks leave the device, twice (dispatch, combine) forward and twice backward, plus int32 ids
+    rows = parallel.a2a_rows(100, 6, 64, 8, 1.0)
+    expected = 2 * (2 * 7 * rows * 32 * 2 + 7 * rows * 4)
+    assert parallel.a2a_bytes_per_step(100, 6, 64, 8, 32, 2, 1.0) == expected
+
+
+@pytest.mark.parametrize("preset_or_scan", ["tiny", "scan"])
+def test_every_parameter_has_logical_axes_and_experts_split_over_expert(preset_or_scan):
+    config = deepseekmoe.get_config("tiny")
+    config.model.update(d_model=32, num_heads=2, ffn_dim=64, num_layers=3, first_dense_layers=1, tie_embeddings=False)
+    config.model.moe.update(num_experts=8, top_k=2, expert_ffn=16, shared_gate=True)
+    if preset_or_scan == "scan":
+        config.model.scan_layers = True
+    config.mesh.update(data=2, fsdp=1, expert=4, tensor=1)
+    module = model.Transformer(config.model)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    axes = parallel.param_logical_axes(params)
+    flat = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_leaves_with_path(
+        axes, is_leaf=lambda x: isinstance(x, tuple))}
+    assert all(len(a) == len(leaf.shape) for a, leaf in zip(flat.values(), jax.tree.leaves(params), strict=True))
+    expert_leaves = [k for k in flat if "'experts'" in k]
+    assert expert_leaves and all("expert" in flat[k] for k in expert_leaves)
+    mesh = parallel.make_mesh(config)
+    shardings = parallel.param_shardings(params, mesh)
+    for (path, sh), leaf in zip(jax.tree_util.tree_leaves_with_path(shardings), jax.tree.leaves(params), strict=True):
+        shard = sh.shard_shape(leaf.shape)
+        if "'experts'" in jax.tree_util.keystr(path):
+            lead = 1 if preset_or_scan == "scan" else 0
+            assert shard[lead] == leaf.shape[lead] // 4
+        elif "router" in jax.tree_util.keystr(path):
+            assert shard == leaf.shape
+
+
+def test_unknown_parameter_names_the_path():
+    with pytest.raises(ValueError, match="mystery/kernel has no logical axis names"):
+        parallel.param_logical_axes({"mystery": {"kernel": jnp.zeros((2, 2))}})
+
+
+def test_logical_rules_use_each_mesh_axis_once():
+    assert parallel.logical_to_spec(("expert", "embed", "mlp")) == P("expert", "fsdp", "tensor")
+    assert parallel.logical_to_spec(("batch", "expert")) == P(("data", "fsdp", "expert"), None)
+
+
+@pytest.mark.parametrize("overrides, field, allowed", [
+    ({"model.moe.ep_mode": "ragged_a2a", "mesh.expert": 2}, "model.moe.ep_mode='ragged_a2a'", "use 'a2a' or 'ring'"),
+    ({"model.moe.ep_mode": "alltoall"}, "model.moe.ep_mode='alltoall'", "a2a"),
+    ({"mesh.expert": 8, "model.moe.num_experts": 12}, "mesh.expert=8", "must divide model.moe.num_experts=12"),
+    ({"mesh.tensor": 8}, "mesh.tensor=8", "must divide model.num_heads=2"),
+])
+def test_bad_parallel_config(overrides, field, allowed):
+    config = helpers_train.get_config()
+    for key, value in overrides.items():
+        *path, name = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        section[name] = value
+    with pytest.raises(checks.ConfigError) as error:
+        train.validate(config)
+    assert field in str(error.value) and allowed in str(error.value)
+
+
+def train_steps(config, mesh, steps=2):
+    """Losses of `steps` train steps of config's model on mesh (None: the single-device layer, no shard_map)."""
+    module = model.Transformer(config.model, mesh=mesh)
+    tx = train.make_optimizer(config.train)
+    key = jax.random.key(0)
+
+    def init():
+        variables = module.init(key, jnp.zeros((1, config.train.seq_len), jnp.int32))
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                opt_state=tx.init(variables["params"]), moe_state=variables["moe_state"])
+
+    abstract = jax.eval_shape(init)
+    layers = [f"layers_{i}" for i in range(config.model.num_layers)]
+    metrics = train.metrics_collection(layers, train=True).empty()
+    kwargs = {}
+    if mesh is not None:
+        shardings, replicated = parallel.state_shardings(abstract, mesh), NamedSharding(mesh, P())
+        kwargs = dict(in_shardings=(shardings, replicated, parallel.batch_sharding(mesh)),
+                      out_shardings=(shardings, replicated, replicated))
+    state = jax.jit(init, out_shardings=kwargs["in_shardings"][0] if kwargs else None)()
+    step = jax.jit(lambda s, m, b: train.train_step(s, m, b, module=module, tx=tx,
+                                                    schedule=train.learning_rate_schedule(config.train),
+                                                    train_key=key, bias_update_rate=1e-3), **kwargs)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        batch = jnp.asarray(rng.integers(1, 256, (config.train.batch_size, config.train.seq_len + 1)), jnp.int32)
+        state, metrics, health = step(state, metrics, batch)
+        losses.append(float(health[0]))
+    return losses
+
+
+@pytest.mark.parametrize("mesh_fields", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)])
+def test_train_steps_on_an_expert_parallel_mesh_give_the_single_device_loss(mesh_fields):
+    config = helpers_train.get_config()
+    config.model.moe.update(dispatch="capacity", capacity_factor=1.0)
+    reference = train_steps(config, None)
+    config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+    config.mesh.update(mesh_fields)
+    config.mesh.data = -1
+    losses = train_steps(config, parallel.make_mesh(config))
+    np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_per_device_state_bytes_fall_with_the_expert_axis():
+    config = helpers_train.get_config()
+    sizes = []
+    for expert in (1, 2, 4, 8):
+        config.mesh.update(data=-1, fsdp=1, expert=expert, tensor=1)
+        mesh = parallel.make_mesh(config)
+        tx = train.make_optimizer(config.train)
+
+        def init(module=model.Transformer(config.model, mesh=mesh), tx=tx):  # noqa: B008
+            params = module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+            return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                    moe_state={})
+
+        abstract = jax.eval_shape(init)
+        state = jax.jit(init, out_shardings=parallel.state_shardings(abstract, mesh))()
+        sizes.append(parallel.bytes_per_device(state))
+        expert_bytes = sum(x.size * x.dtype.itemsize for p, x in jax.tree_util.tree_leaves_with_path(abstract.params)
+                           if "experts" in jax.tree_util.keystr(p))
+    # Adam's mu and nu follow the parameters: 3 copies of the expert weights shrink by the expert axis
+    for expert, size in zip((2, 4, 8), sizes[1:], strict=True):
+        assert sizes[0] - size == pytest.approx(3 * expert_bytes * (1 - 1 / expert), rel=1e-6)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_on_a_mesh_spanning_both(tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed, gloo) train on a data=2 x expert=4 mesh spanning both and
+    end with the loss of the same run in one process with 8 devices."""
+    data_dir = tmp_path / "data"
+    reference = train.train_and_evaluate(helpers_multiprocess.multiprocess_config(helpers_train.get_config(),
+                                                                                   data_dir), tmp_path / "one")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers_multiprocess", str(i), "2", str(port),
+                               str(tmp_path / "two"), str(data_dir)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1} == reference["mesh"]
+    np.testing.assert_allclose(summary["val_loss"], reference["val_loss"], rtol=1e-5)
+    lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ref_lines = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    train_loss = [(m["step"], m["loss"]) for m in lines if m.get("kind") == "train"]
+    ref_loss = [(m["step"], m["loss"]) for m in ref_lines if m.get("kind") == "train"]
+    assert train_loss and len(train_loss) == len(ref_loss)
+    np.testing.assert_allclose(np.array(train_loss), np.array(ref_loss), rtol=1e-5)
