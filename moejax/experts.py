@@ -69,7 +69,8 @@ def _tiled_glu_bwd(activation, res, grad_out):
     def accumulate(i, grads, e, tile, live=True):
         grad_tiles, *grad_w = grads
         d_x, *d_w = (jnp.where(live, d, 0) for d in tile)
-        return (grad_tiles.at[i].set(d_x), *(g.at[e].add(d.astype(jnp.float32)) for g, d in zip(grad_w, d_w)))
+        grad_w = (g.at[e].add(d.astype(jnp.float32)) for g, d in zip(grad_w, d_w, strict=True))
+        return (grad_tiles.at[i].set(d_x), *grad_w)
 
     # The first tile runs outside the loop so that the carry takes the types (inside shard_map: the varying
     # axes) that jax.vjp gives the per-tile gradients; it counts only when some tile is used.

@@ -19,6 +19,10 @@ Expert-parallel MoE (``moe_ep``), ``model.moe.ep_mode``:
   ``psum_scatter`` returns the partial sums. No buffer to size, communication ~ mesh.expert x the tokens.
 * ``'ragged_a2a'``: the a2a layout without padding, through ``jax.lax.ragged_all_to_all`` (TPU/GPU only).
 
+When num_experts is not a multiple of mesh.expert (DeepSeekMoE's 63 routed experts on 4 devices), the layer pads
+the expert weights with zero experts that the router never selects, and ``param_shardings`` leaves the stored
+expert weights unsplit over 'expert' (every dimension a mesh axis does not divide stays unsplit).
+
 Capacity mode keeps exactly the slots the single-device layer keeps: capacity C = ceil(cf * T * k / E) over the
 global batch, and a slot's rank within its expert is global (``'position'``: the per-expert counts of the devices
 before it in batch order are added to its local rank; ``'probs'``: the routing of the whole batch is gathered and
@@ -109,7 +113,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks that the model's dimensions divide the mesh axes they are sharded over, and the ep_mode."""
+    """Checks the ep_mode and ep_buffer_factor, and that mesh.tensor divides the experts' hidden width."""
     sizes = mesh_shape(config)
     m, moe = config.model, config.model.moe
     checks.choice("model.moe.ep_mode", moe.ep_mode, EP_MODES)
@@ -117,16 +121,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         checks.fail("model.moe.ep_mode", moe.ep_mode, "XLA:CPU has no ragged_all_to_all; on CPU use 'a2a' or 'ring' "
                                                       "('ragged_a2a' runs on TPU and GPU)")
     checks.number("model.moe.ep_buffer_factor", moe.ep_buffer_factor)
-    divisible = [("mesh.fsdp", "model.d_model", m.d_model), ("mesh.tensor", "model.num_heads", m.num_heads),
-                 ("mesh.tensor", "model.num_kv_heads", m.num_kv_heads or m.num_heads),
-                 ("mesh.tensor", "model.ffn_dim", m.ffn_dim), ("mesh.tensor", "model.vocab_size", m.vocab_size)]
-    if m.moe_every > 0:
-        divisible += [("mesh.expert", "model.moe.num_experts", moe.num_experts),
-                      ("mesh.tensor", "model.moe.expert_ffn", moe.expert_ffn)]
-    for axis, field, value in divisible:
-        size = sizes[axis.removeprefix("mesh.")]
-        if value % size:
-            checks.fail(axis, size, f"must divide {field}={value}, which is sharded over it")
+    if m.moe_every > 0 and moe.expert_ffn % sizes["tensor"]:
+        checks.fail("mesh.tensor", sizes["tensor"], f"must divide model.moe.expert_ffn={moe.expert_ffn}: the "
+                                                    "expert-parallel layer splits the experts' hidden width over it")
+
+
+def uneven_notes(config: ml_collections.ConfigDict) -> list[str]:
+    """Human-readable notes on dimensions that do not divide the mesh axes they would be sharded over."""
+    sizes, moe = mesh_shape(config), config.model.moe
+    notes = []
+    if config.model.moe_every > 0 and moe.num_experts % sizes["expert"]:
+        padded = -(-moe.num_experts // sizes["expert"]) * sizes["expert"]
+        notes.append(f"model.moe.num_experts={moe.num_experts} is not a multiple of mesh.expert={sizes['expert']}: "
+                     f"the layer pads the experts to {padded} (never routed to) and the stored expert weights stay "
+                     f"unsplit over 'expert'")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------- parameters
@@ -173,10 +182,19 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict | None = None) -> P:
     return P(*spec)
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """spec with the mesh axes of every dimension they do not divide dropped (that dimension stays unsplit)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        fitted.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return P(*fitted)
+
+
 def param_shardings(params: Any, mesh: Mesh) -> Any:
-    """NamedSharding of every parameter from its logical axes and RULES."""
-    return jax.tree.map(lambda axes: NamedSharding(mesh, logical_to_spec(axes)), param_logical_axes(params),
-                        is_leaf=lambda x: isinstance(x, tuple))
+    """NamedSharding of every parameter from its logical axes and RULES (unsplit where a size does not divide)."""
+    return jax.tree.map(lambda axes, leaf: NamedSharding(mesh, fit_spec(logical_to_spec(axes), leaf.shape, mesh)),
+                        param_logical_axes(params), params, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
@@ -267,7 +285,7 @@ def _local_experts(rows: jax.Array, expert_ids: jax.Array, weights: jax.Array, e
 
 def a2a_rows(tokens_local: int, top_k: int, num_experts: int, expert_size: int, buffer_factor: float) -> int:
     """Rows R of each of the mesh.expert blocks of the a2a send buffer (see the module docstring)."""
-    worst = tokens_local * min(top_k, num_experts // expert_size)
+    worst = tokens_local * min(top_k, -(-num_experts // expert_size))
     if buffer_factor > 0:
         return max(1, min(worst, math.ceil(buffer_factor * tokens_local * top_k / expert_size)))
     return worst
@@ -293,7 +311,7 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
     """
     num_experts, top_k = cfg.num_experts, cfg.top_k
     ep = mesh.shape["expert"]
-    num_local = num_experts // ep
+    num_local = -(-num_experts // ep)  # experts padded to a multiple of ep; the padding is never routed to
     shards = math.prod(mesh.shape[a] for a in TOKEN_AXES)
     tokens_local = tokens.shape[0] // shards
     if cfg.dispatch == "capacity":
@@ -358,7 +376,8 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
     wi_spec, wo_spec = P("expert", None, "tensor"), P("expert", "tensor", None)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, wi_spec, wi_spec, wo_spec),
                        out_specs=(token_spec, P(), P()))
-    wi_0, wi_1, wo = expert_weights
+    pad = num_local * ep - num_experts
+    wi_0, wi_1, wo = (jnp.pad(w, ((0, pad), (0, 0), (0, 0))) if pad else w for w in expert_weights)
     return fn(tokens.astype(compute_dtype), route.experts.astype(jnp.int32), route.weights, wi_0, wi_1, wo)
 
 

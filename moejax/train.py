@@ -552,6 +552,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         _print(f"resuming from the checkpoint at step {int(state.step)} in {workdir}")
     start_step = int(state.step)
     counts = model.param_counts(abstract_state.params, config.model)
+    for note in parallel.uneven_notes(config):
+        _print(f"note: {note}")
     _print(f"parameters: {counts['total']:,} total, {counts['activated']:,} activated per token; "
            f"{len(layers)} MoE layers; mesh {dict(mesh.shape)}")
 

@@ -94,6 +94,24 @@ def test_expert_parallel_layer_equals_single_device(mode, shape, one_expert):
             assert float(aux["drop_fraction"][0]) > 0.1  # the crafted routing really overflows capacity
 
 
+@pytest.mark.parametrize("mode", ["a2a", "ring"])
+def test_experts_not_a_multiple_of_the_expert_axis_are_padded(mode):
+    """6 experts on mesh.expert = 4: padded to 8 zero-weight experts that are never routed to; still exact."""
+    cfg = layer_config(num_experts=6)
+    x = jax.random.normal(jax.random.key(5), (8, 4, D))
+    variables = moe.MoE(cfg).init(jax.random.key(6), x)
+    params, state = variables["params"], variables["moe_state"]
+    y_ref, g_ref, _ = loss_and_grads(moe.MoE(cfg), params, state, x)
+    cfg.ep_mode = mode
+    mesh = mesh_of((2, 1, 4, 1))
+    y, g, _ = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    spec = parallel.param_shardings(params, mesh)["experts"]["wi_0"].spec
+    assert spec == P(None, "fsdp", "tensor")  # 6 experts do not split over 4 devices: kept whole
+
+
 def glu_numpy(x, wi_0, wi_1, wo):
     h = x @ wi_0
     return (h / (1 + np.exp(-h)) * (x @ wi_1)) @ wo
@@ -184,8 +202,8 @@ def test_logical_rules_use_each_mesh_axis_once():
 @pytest.mark.parametrize("overrides, field, allowed", [
     ({"model.moe.ep_mode": "ragged_a2a", "mesh.expert": 2}, "model.moe.ep_mode='ragged_a2a'", "use 'a2a' or 'ring'"),
     ({"model.moe.ep_mode": "alltoall"}, "model.moe.ep_mode='alltoall'", "a2a"),
-    ({"mesh.expert": 8, "model.moe.num_experts": 12}, "mesh.expert=8", "must divide model.moe.num_experts=12"),
-    ({"mesh.tensor": 8}, "mesh.tensor=8", "must divide model.num_heads=2"),
+    ({"mesh.tensor": 4, "model.moe.expert_ffn": 30}, "mesh.tensor=4", "must divide model.moe.expert_ffn=30"),
+    ({"model.moe.ep_buffer_factor": -1.0}, "model.moe.ep_buffer_factor=-1.0", "must be a number >= 0"),
 ])
 def test_bad_parallel_config(overrides, field, allowed):
     config = helpers_train.get_config()
@@ -274,16 +292,20 @@ def free_port():
 
 
 def test_two_processes_train_on_a_mesh_spanning_both(tmp_path):
-    """2 processes x 4 CPU devices (jax.distributed, gloo) train on a data=2 x expert=4 mesh spanning both and
-    end with the loss of the same run in one process with 8 devices."""
+    """`python -m moejax.main` as 2 processes x 4 CPU devices (MOEJAX_COORDINATOR, gloo) trains on a data=2 x
+    expert=4 mesh spanning both and ends with the losses of the same run in one process with 8 devices."""
     data_dir = tmp_path / "data"
-    reference = train.train_and_evaluate(helpers_multiprocess.multiprocess_config(helpers_train.get_config(),
-                                                                                   data_dir), tmp_path / "one")
+    config = helpers_multiprocess.get_config()
+    config.data.dir = str(data_dir)
+    reference = train.train_and_evaluate(config, tmp_path / "one")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers_multiprocess", str(i), "2", str(port),
-                               str(tmp_path / "two"), str(data_dir)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", MOEJAX_COORDINATOR=f"localhost:{port}",
+               MOEJAX_NUM_PROCESSES="2", MOEJAX_CPU_COLLECTIVES="gloo",
+               JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision))
+    command = [sys.executable, "-m", "moejax.main", f"--config={REPO / 'tests' / 'helpers_multiprocess.py'}",
+               f"--config.data.dir={data_dir}", f"--workdir={tmp_path / 'two'}"]
+    procs = [subprocess.Popen(command, cwd=REPO, env=dict(env, MOEJAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -296,3 +318,33 @@ def test_two_processes_train_on_a_mesh_spanning_both(tmp_path):
     ref_loss = [(m["step"], m["loss"]) for m in ref_lines if m.get("kind") == "train"]
     assert train_loss and len(train_loss) == len(ref_loss)
     np.testing.assert_allclose(np.array(train_loss), np.array(ref_loss), rtol=1e-5)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name, axis_index_groups=None):
+    """jax.lax.ragged_all_to_all as its docstring defines it, built from all_to_all (XLA:CPU lacks the real one):
+    operand[input_offsets[d]:+send_sizes[d]] lands in device d's output at output_offsets[d]."""
+    del recv_sizes, axis_index_groups
+    ep, rows = input_offsets.shape[0], operand.shape[0]
+    idx = jnp.arange(rows)
+    chunks = jnp.stack([operand[jnp.minimum(input_offsets[d] + idx, rows - 1)] for d in range(ep)])
+    valid = jnp.stack([idx < send_sizes[d] for d in range(ep)])
+    targets = jnp.where(valid, output_offsets[:, None] + idx[None, :], output.shape[0])
+    chunks, targets = (jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True) for a in (chunks, targets))
+    return output.at[targets.reshape(-1)].set(chunks.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+@pytest.mark.parametrize("one_expert", [False, True], ids=["random", "one_expert"])
+def test_ragged_a2a_layout_with_the_documented_collective(monkeypatch, one_expert):
+    """XLA:CPU cannot run ragged_all_to_all, so this checks the 'ragged_a2a' offsets and sizes against an
+    emulation of its documented semantics; the layer must still equal the single-device layer."""
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    x, params, state = layer_inputs(one_expert=one_expert)
+    cfg = layer_config()
+    y_ref, g_ref, _ = loss_and_grads(moe.MoE(cfg), params, state, x)
+    cfg.ep_mode = "ragged_a2a"
+    mesh = mesh_of((2, 1, 4, 1))
+    y, g, _ = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
