@@ -96,6 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.num_kv_heads = 0
     model.rope_theta = 10000.0
     model.norm_eps = 1e-6
+    # RMSNorm on each head's queries and keys before the rotary embedding (Qwen3, OLMoE).
+    model.qk_norm = False
     # Hidden width of the dense GLU FFN in layers that are not MoE.
     model.ffn_dim = 704
     # Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0;

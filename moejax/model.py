@@ -6,6 +6,7 @@ Parameter tree (``config.model`` = cfg):
     embed/embedding              [V, D]
     layers_{i}/attn_norm/scale   [D]                 (scan_layers: blocks/..., stacked on a leading axis)
     layers_{i}/attn/{q,k,v}/kernel  [D, H, Dh] / [D, KV, Dh]; attn/o/kernel [H, Dh, D]
+    layers_{i}/attn/{q,k}_norm/scale [Dh]            (qk_norm)
     layers_{i}/ffn_norm/scale    [D]
     layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe.py
     final_norm/scale             [D]
@@ -89,6 +90,9 @@ class Attention(nn.Module):
         q = nn.DenseGeneral((cfg.num_heads, head_dim), name="q", **dense)(x)
         k = nn.DenseGeneral((kv_heads, head_dim), name="k", **dense)(x)
         v = nn.DenseGeneral((kv_heads, head_dim), name="v", **dense)(x)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
         q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dense)(out)

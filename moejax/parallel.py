@@ -64,7 +64,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("embed", "embedding"): ("vocab", "embed"),
     ("lm_head", "kernel"): ("embed", "vocab"),
-    ("scale",): ("norm",),  # RMSNorm scales
+    ("scale",): ("norm",),  # RMSNorm scales (also the per-head q_norm / k_norm)
     ("q", "kernel"): ("embed", "heads", "head_dim"),
     ("k", "kernel"): ("embed", "kv_heads", "head_dim"),
     ("v", "kernel"): ("embed", "kv_heads", "head_dim"),

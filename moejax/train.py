@@ -190,7 +190,8 @@ class TrainState:
 
 
 def moe_layer_stats(moe_aux: Any, cfg: ml_collections.ConfigDict) -> dict[str, dict[str, jax.Array]]:
-    """Per MoE layer, keyed 'layers_{i}' by depth: max_over_mean_load (max_e load / mean_e load) and drop_fraction.
+    """Per MoE layer, keyed 'layers_{i}' by depth: max_over_mean_load (max_e load / mean_e load), maxvio (the same
+    minus 1, Loss-Free Balancing's MaxVio) and drop_fraction.
 
     moe_aux: the 'moe_aux' collection of one forward pass; cfg: config.model. Scanned layers (stacked [U, ...]
     statistics under 'blocks/block_j') are split into their layers.
@@ -209,7 +210,8 @@ def moe_layer_stats(moe_aux: Any, cfg: ml_collections.ConfigDict) -> dict[str, d
         else:
             layers, ratio, drop = [int(path[0].removeprefix("layers_"))], ratio[None], drop[None]
         for i, layer in enumerate(layers):
-            stats[f"layers_{layer}"] = {"max_over_mean_load": ratio[i], "drop_fraction": drop[i]}
+            stats[f"layers_{layer}"] = {"max_over_mean_load": ratio[i], "maxvio": ratio[i] - 1.0,
+                                        "drop_fraction": drop[i]}
     return dict(sorted(stats.items(), key=lambda item: int(item[0].removeprefix("layers_"))))
 
 
@@ -219,9 +221,10 @@ def _stat_outputs(stats: dict[str, dict[str, jax.Array]]) -> dict[str, jax.Array
 
 def metrics_collection(layers: list[str], train: bool) -> type[clu_metrics.Collection]:
     """clu metrics of the train step (loss, aux_loss, grad_norm, learning_rate) or of evaluation (loss), both
-    with '{layer}_max_over_mean_load' and '{layer}_drop_fraction' per MoE layer, averaged over steps/batches."""
+    with '{layer}_max_over_mean_load', '{layer}_maxvio' and '{layer}_drop_fraction' per MoE layer, averaged over
+    steps/batches."""
     names = ["loss"] + (["aux_loss", "grad_norm"] if train else [])
-    names += [f"{layer}_{stat}" for layer in layers for stat in ("max_over_mean_load", "drop_fraction")]
+    names += [f"{layer}_{stat}" for layer in layers for stat in ("max_over_mean_load", "maxvio", "drop_fraction")]
     fields = {name: clu_metrics.Average.from_output(name) for name in names}
     if train:
         fields["learning_rate"] = clu_metrics.LastValue.from_output("learning_rate")
@@ -494,7 +497,7 @@ def summary(eval_metrics: dict[str, float], layers: list[str], progress: Progres
         "params_total": counts["total"],
         "params_activated": counts["activated"],
         "moe_layers": {layer: {stat: eval_metrics[f"{layer}_{stat}"]
-                               for stat in ("max_over_mean_load", "drop_fraction")} for layer in layers},
+                               for stat in ("max_over_mean_load", "maxvio", "drop_fraction")} for layer in layers},
         "moe_layers_note": "final evaluation; max_over_mean_load = max_e load / mean_e load, averaged over batches",
         "corpus": fingerprint,
     }

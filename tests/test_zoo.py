@@ -1,0 +1,153 @@
+"""The method zoo: each paper config's defining property against an independent reference, and each config trains
+20 steps through ``python -m moejax.main`` on CPU (at a reduced width so the suite stays fast)."""
+import fcntl
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import data, model, routing, train
+from tests import reference
+from tests.test_configs import load
+from tests.test_routing import deepseek_v3, mixtral
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_configs_validate_and_cite_their_paper(name):
+    train.validate(load(name))
+    assert "arXiv" in (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
+
+
+def router_logits(name, seed=0, tokens=64):
+    cfg = load(name).model.moe
+    return cfg, np.random.default_rng(seed).normal(size=(tokens, cfg.num_experts)).astype(np.float32)
+
+
+def test_mixtral_routes_like_the_released_code():
+    cfg, logits = router_logits("mixtral")
+    got = routing.route(jnp.asarray(logits), cfg)
+    for t, row in enumerate(logits):
+        idx, w = mixtral(row)
+        np.testing.assert_array_equal(np.asarray(got.experts[t]), idx)
+        np.testing.assert_allclose(np.asarray(got.weights[t]), w, rtol=1e-5)
+
+
+def test_deepseek_v3_routes_like_the_released_code():
+    cfg, logits = router_logits("deepseek_v3")
+    bias = np.random.default_rng(1).normal(size=cfg.num_experts).astype(np.float32) * 0.1
+    got = routing.route(jnp.asarray(logits), cfg, bias=jnp.asarray(bias))
+    for t, row in enumerate(logits):
+        idx, w = deepseek_v3(row, bias)
+        np.testing.assert_array_equal(np.asarray(got.experts[t]), idx)
+        np.testing.assert_allclose(np.asarray(got.weights[t]), w, rtol=1e-5)
+
+
+def test_qwen3_moe_routes_top8_renormalised_and_norms_queries_and_keys():
+    cfg, logits = router_logits("qwen3_moe")
+    got = routing.route(jnp.asarray(logits), cfg)
+    for t, row in enumerate(logits):
+        probs = reference.softmax(row)
+        idx = reference.top_indices(probs, 8)
+        np.testing.assert_array_equal(np.asarray(got.experts[t]), idx)
+        np.testing.assert_allclose(np.asarray(got.weights[t]), probs[idx] / probs[idx].sum(), rtol=1e-5)
+    m = load("qwen3_moe").model
+    params = jax.eval_shape(lambda: model.Transformer(m).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    head_dim = m.d_model // m.num_heads
+    attn = params["params"]["layers_0"]["attn"]
+    assert attn["q_norm"]["scale"].shape == attn["k_norm"]["scale"].shape == (head_dim,)
+
+
+def test_qk_norm_gives_unit_rms_queries():
+    """With qk_norm the attention's queries and keys have RMS 1 per head (scale 1 at init), whatever the input."""
+    m = load("qwen3_moe").model
+    attn = model.Attention(m, jnp.float32, jax.nn.initializers.normal(1.0))
+    x = jax.random.normal(jax.random.key(0), (2, 8, m.d_model)) * 7.0
+    variables = attn.init(jax.random.key(1), x)
+    _, inter = attn.apply(variables, x, capture_intermediates=True)
+    q = np.asarray(inter["intermediates"]["q_norm"]["__call__"][0])
+    np.testing.assert_allclose(np.sqrt((q ** 2).mean(-1)), 1.0, rtol=1e-4)
+
+
+def moe_forward(name, seed=0):
+    """One train-mode forward pass of config `name`'s first MoE layer: (router logits [T, E], moe_aux)."""
+    cfg = load(name).model.moe
+    from moejax import moe
+
+    x = jax.random.normal(jax.random.key(seed), (2, 16, 32))
+    layer = moe.MoE(cfg)
+    variables = layer.init(jax.random.key(seed + 1), x)
+    _, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"], rngs={"jitter": jax.random.key(2)})
+    kernel = np.asarray(variables["params"]["router"]["kernel"], np.float64)
+    return np.asarray(x, np.float64).reshape(-1, 32) @ kernel, aux["moe_aux"]
+
+
+def test_st_moe_z_loss_is_the_paper_formula():
+    logits, aux = moe_forward("st_moe")
+    lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(float(aux["z_loss"][0]), 1e-3 * np.mean(lse ** 2), rtol=1e-4)
+
+
+def test_loss_free_bias_follows_the_sign_rule_and_adds_no_loss():
+    config = load("loss_free")
+    config.model.update(d_model=32, num_heads=2, ffn_dim=64, num_layers=1)
+    config.model.moe.expert_ffn = 16
+    module = model.Transformer(config.model)
+    tx = train.make_optimizer(config.train)
+    batch = jnp.asarray(np.random.default_rng(0).integers(1, 256, (4, 17)), jnp.int32)
+    variables = module.init(jax.random.key(0), batch[:, :-1])
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                             opt_state=tx.init(variables["params"]), moe_state=variables["moe_state"])
+    _, aux = module.apply(variables, batch[:, :-1], train=True, mutable=["moe_aux"])
+    load_ = np.asarray(aux["moe_aux"]["layers_0"]["ffn"]["tokens_per_expert"][0])
+    assert float(aux["moe_aux"]["layers_0"]["ffn"]["balance_loss"][0]) == 0.0
+    metrics = train.metrics_collection(["layers_0"], train=True).empty()
+    new, metrics, _ = train.train_step(state, metrics, batch, module=module, tx=tx,
+                                       schedule=train.learning_rate_schedule(config.train),
+                                       train_key=jax.random.key(0), bias_update_rate=1e-3)
+    expected = 1e-3 * np.sign(load_.mean() - load_)
+    np.testing.assert_allclose(np.asarray(new.moe_state["layers_0"]["ffn"]["router_bias"]), expected, atol=1e-9)
+    maxvio = float(metrics.compute()["layers_0_maxvio"])
+    np.testing.assert_allclose(maxvio, load_.max() / load_.mean() - 1, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "moejax_zoo"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        config = load("switch")
+        config.data.dir = str(shared / "data")
+        data.corpus_fingerprint(config)  # builds the corpus once
+    return shared / "data"
+
+
+SMALL = ["--config.model.d_model=64", "--config.model.num_heads=4", "--config.model.ffn_dim=64",
+         "--config.model.moe.expert_ffn=32", "--config.train.steps=20", "--config.train.batch_size=8",
+         "--config.train.seq_len=32", "--config.train.eval_every=0", "--config.train.log_every=10",
+         "--config.data.eval_batches=1", "--config.checkpoint.every_steps=0"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_config_trains_20_steps_through_main(name, data_dir, tmp_path):
+    overrides = list(SMALL)
+    if load(name).model.num_kv_heads:
+        overrides.append("--config.model.num_kv_heads=2")
+    command = [sys.executable, "-m", "moejax.main", f"--config={REPO / 'configs' / f'{name}.py'}",
+               f"--config.data.dir={data_dir}", f"--workdir={tmp_path / name}", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    assert summary["steps"] == 20 and np.isfinite(summary["val_loss"]) and summary["val_loss"] < 5.55
+    assert all("maxvio" in layer for layer in summary["moe_layers"].values())
