@@ -53,6 +53,8 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.balance_scope = "batch"
     # Router z-loss coefficient (ST-MoE): z_loss_coef * mean_t logsumexp(logits_t)^2.
     moe.z_loss_coef = 0.0
+    # Router entropy penalty beta * mean_t(-sum_i P_ti log P_ti) ("dynamic loss" of top-p routing).
+    moe.entropy_loss_coef = 0.0
     # Aux-loss-free balancing: after each train step b += bias_update_rate * sign(mean_load - load).
     # 0 disables the update (the bias stays 0).
     moe.bias_update_rate = 0.0
@@ -78,6 +80,8 @@ def moe_config() -> ml_collections.ConfigDict:
     router.group_mask_fill = 0.0
     # Multiplicative router-input noise in training, x * U(1 - jitter, 1 + jitter) (Switch). 0 disables it.
     router.jitter = 0.0
+    # kind='top_p': the cumulative router probability each token's experts must reach (top_k bounds their number).
+    router.top_p = 0.4
     moe.router = router
     return moe
 

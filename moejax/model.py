@@ -176,8 +176,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def aux_loss(moe_aux: Any) -> jax.Array:
-    """Sum over MoE layers of the weighted balance and z losses sown into 'moe_aux'."""
-    terms = jax.tree.leaves(_tuples_named(moe_aux, "balance_loss") + _tuples_named(moe_aux, "z_loss"))
+    """Sum over MoE layers of the weighted balance, z and entropy losses sown into 'moe_aux'."""
+    terms = jax.tree.leaves([_tuples_named(moe_aux, name) for name in ("balance_loss", "z_loss", "entropy_loss")])
     return sum((jnp.sum(t) for t in terms), jnp.zeros((), jnp.float32))
 
 

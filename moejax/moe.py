@@ -16,8 +16,9 @@ Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width
 
 Aux statistics are sown into the ``'moe_aux'`` collection (one entry per call): ``tokens_per_expert`` [E],
 ``drop_fraction`` (capacity drops plus expert-parallel buffer overflow), ``overflow_fraction``,
-``router_entropy``, and the already-weighted losses ``balance_loss`` and ``z_loss`` that the train step adds to
-the task loss.
+``router_entropy``, ``experts_per_token`` (routed experts per token: top_k unless a router leaves slots null),
+and the already-weighted losses ``balance_loss``, ``z_loss`` and ``entropy_loss`` that the train step adds to the
+task loss.
 """
 from typing import Any
 
@@ -51,7 +52,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     checks.positive_int(f"{prefix}.gmm_tile", cfg.gmm_tile, minimum=0)
     checks.choice(f"{prefix}.balance_loss", cfg.balance_loss, BALANCE_LOSSES)
     checks.choice(f"{prefix}.balance_scope", cfg.balance_scope, ["batch", "sequence"])
-    for field in ("balance_coef", "device_balance_coef", "z_loss_coef", "bias_update_rate"):
+    for field in ("balance_coef", "device_balance_coef", "z_loss_coef", "entropy_loss_coef", "bias_update_rate"):
         checks.number(f"{prefix}.{field}", cfg[field])
     checks.positive_int(f"{prefix}.device_groups", cfg.device_groups)
     if cfg.num_experts % cfg.device_groups:
@@ -174,7 +175,10 @@ class MoE(nn.Module):
         self.sow("moe_aux", "tokens_per_expert", tokens_per_expert.astype(jnp.float32))
         self.sow("moe_aux", "drop_fraction", (dropped + overflow) / valid_slots)
         self.sow("moe_aux", "overflow_fraction", overflow / valid_slots)
-        self.sow("moe_aux", "router_entropy", losses.router_entropy(route.probs))
+        entropy = losses.router_entropy(route.probs)
+        self.sow("moe_aux", "router_entropy", entropy)
+        self.sow("moe_aux", "entropy_loss", cfg.entropy_loss_coef * entropy)
+        self.sow("moe_aux", "experts_per_token", valid_slots / (batch * seq))
         self.sow("moe_aux", "balance_loss", balance_loss(route, cfg, batch))
         self.sow("moe_aux", "z_loss", cfg.z_loss_coef * losses.z_loss(route.logits))
         return out.reshape(batch, seq, d_model).astype(self.dtype)

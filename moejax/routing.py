@@ -109,6 +109,26 @@ def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=No
     return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
 
 
+@register("top_p")
+def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False) -> Routing:
+    """Dynamic top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts"): each token takes the fewest
+    highest-probability experts whose cumulative softmax probability reaches ``router.top_p``, the expert that
+    crosses the threshold included (as in the released code), at most ``top_k`` of them (the static slot bound; the
+    remaining slots are null, id E). Weights are the raw probabilities, not renormalised. ``bias`` (selection only)
+    re-orders the candidates without changing their probabilities.
+    """
+    del rng, train
+    probs = jax.nn.softmax(logits, axis=-1)
+    choice = probs if bias is None else probs + bias.astype(jnp.float32)
+    _, experts = jax.lax.top_k(choice, cfg.top_k)
+    weights = jnp.take_along_axis(probs, experts, axis=-1)
+    before = jnp.cumsum(weights, axis=-1) - weights  # probability mass of the better-ranked experts
+    keep = before < cfg.router.top_p
+    num_experts = logits.shape[-1]
+    return Routing(weights=jnp.where(keep, weights, 0.0), experts=jnp.where(keep, experts, num_experts).astype(
+        jnp.int32), probs=probs, logits=logits)
+
+
 def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     """Checks the router fields of a ``model.moe`` section."""
     router = cfg.router
@@ -133,5 +153,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.fail(f"{prefix}.router.group_mask_fill", router.group_mask_fill, "allowed values are 0.0, -inf")
     checks.number(f"{prefix}.router.routed_scaling_factor", router.routed_scaling_factor, strict=True)
     checks.number(f"{prefix}.router.jitter", router.jitter)
+    if not (isinstance(router.top_p, (int, float)) and 0 < router.top_p <= 1):
+        checks.fail(f"{prefix}.router.top_p", router.top_p, "must be a number in (0, 1]")
     if router.jitter >= 1:
         checks.fail(f"{prefix}.router.jitter", router.jitter, "must be in [0, 1)")

@@ -189,9 +189,13 @@ class TrainState:
     moe_state: Any  # the 'moe_state' collection: router_bias [E] per MoE layer (empty for dense models)
 
 
+LAYER_STATS = ("max_over_mean_load", "maxvio", "drop_fraction", "experts_per_token")
+
+
 def moe_layer_stats(moe_aux: Any, cfg: ml_collections.ConfigDict) -> dict[str, dict[str, jax.Array]]:
-    """Per MoE layer, keyed 'layers_{i}' by depth: max_over_mean_load (max_e load / mean_e load), maxvio (the same
-    minus 1, Loss-Free Balancing's MaxVio) and drop_fraction.
+    """Per MoE layer, keyed 'layers_{i}' by depth, the LAYER_STATS: max_over_mean_load (max_e load / mean_e
+    load), maxvio (the same minus 1, Loss-Free Balancing's MaxVio), drop_fraction and experts_per_token (routed
+    experts per token; below top_k for dynamic routers).
 
     moe_aux: the 'moe_aux' collection of one forward pass; cfg: config.model. Scanned layers (stacked [U, ...]
     statistics under 'blocks/block_j') are split into their layers.
@@ -203,15 +207,17 @@ def moe_layer_stats(moe_aux: Any, cfg: ml_collections.ConfigDict) -> dict[str, d
             continue
         load = jnp.sum(jnp.stack(loads), axis=0)  # [E] or [U, E]; summed over calls
         drop = jnp.sum(jnp.stack(flat[path[:-1] + ("drop_fraction",)]), axis=0)
+        per_token = jnp.mean(jnp.stack(flat[path[:-1] + ("experts_per_token",)]), axis=0)
         ratio = jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
         if path[0] == "blocks":
             block = int(path[1].removeprefix("block_"))
             layers = [cfg.first_dense_layers + u * max(cfg.moe_every, 1) + block for u in range(load.shape[0])]
         else:
             layers, ratio, drop = [int(path[0].removeprefix("layers_"))], ratio[None], drop[None]
+            per_token = per_token[None]
         for i, layer in enumerate(layers):
             stats[f"layers_{layer}"] = {"max_over_mean_load": ratio[i], "maxvio": ratio[i] - 1.0,
-                                        "drop_fraction": drop[i]}
+                                        "drop_fraction": drop[i], "experts_per_token": per_token[i]}
     return dict(sorted(stats.items(), key=lambda item: int(item[0].removeprefix("layers_"))))
 
 
@@ -221,10 +227,9 @@ def _stat_outputs(stats: dict[str, dict[str, jax.Array]]) -> dict[str, jax.Array
 
 def metrics_collection(layers: list[str], train: bool) -> type[clu_metrics.Collection]:
     """clu metrics of the train step (loss, aux_loss, grad_norm, learning_rate) or of evaluation (loss), both
-    with '{layer}_max_over_mean_load', '{layer}_maxvio' and '{layer}_drop_fraction' per MoE layer, averaged over
-    steps/batches."""
+    with '{layer}_{stat}' for the LAYER_STATS of every MoE layer, averaged over steps/batches."""
     names = ["loss"] + (["aux_loss", "grad_norm"] if train else [])
-    names += [f"{layer}_{stat}" for layer in layers for stat in ("max_over_mean_load", "maxvio", "drop_fraction")]
+    names += [f"{layer}_{stat}" for layer in layers for stat in LAYER_STATS]
     fields = {name: clu_metrics.Average.from_output(name) for name in names}
     if train:
         fields["learning_rate"] = clu_metrics.LastValue.from_output("learning_rate")
@@ -497,8 +502,9 @@ def summary(eval_metrics: dict[str, float], layers: list[str], progress: Progres
         "params_total": counts["total"],
         "params_activated": counts["activated"],
         "moe_layers": {layer: {stat: eval_metrics[f"{layer}_{stat}"]
-                               for stat in ("max_over_mean_load", "maxvio", "drop_fraction")} for layer in layers},
-        "moe_layers_note": "final evaluation; max_over_mean_load = max_e load / mean_e load, averaged over batches",
+                               for stat in LAYER_STATS} for layer in layers},
+        "moe_layers_note": "final evaluation, averaged over batches; max_over_mean_load = max_e load / mean_e load, "
+                           "maxvio = that - 1, experts_per_token = routed experts per token",
         "corpus": fingerprint,
     }
 
@@ -655,5 +661,5 @@ def _print_summary(result: dict[str, Any]) -> None:
            f"{result['params_total']:,} params ({result['params_activated']:,} activated)")
     for layer, stats in result["moe_layers"].items():
         _print(f"  {layer}: max/mean expert load {stats['max_over_mean_load']:.3f} | "
-               f"dropped {stats['drop_fraction']:.4f}")
+               f"dropped {stats['drop_fraction']:.4f} | experts/token {stats['experts_per_token']:.2f}")
     _print(f"summary: {pathlib.Path(result['workdir']) / 'summary.json'}")

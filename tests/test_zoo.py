@@ -18,7 +18,7 @@ from tests.test_configs import load
 from tests.test_routing import deepseek_v3, mixtral
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe"]
+ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p"]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -75,6 +75,45 @@ def test_qk_norm_gives_unit_rms_queries():
     _, inter = attn.apply(variables, x, capture_intermediates=True)
     q = np.asarray(inter["intermediates"]["q_norm"]["__call__"][0])
     np.testing.assert_allclose(np.sqrt((q ** 2).mean(-1)), 1.0, rtol=1e-4)
+
+
+def test_top_p_takes_the_fewest_experts_reaching_p():
+    """A numpy loop: walk the experts by descending probability, adding them until the mass reaches p."""
+    cfg, logits = router_logits("top_p", tokens=256)
+    logits *= 3.0  # a spread of confident and unsure tokens
+    got = routing.route(jnp.asarray(logits), cfg)
+    counts = []
+    for t, row in enumerate(logits):
+        probs = reference.softmax(row)
+        chosen, mass = [], 0.0
+        for i in reference.top_indices(probs, cfg.num_experts):
+            if mass >= cfg.router.top_p or len(chosen) == cfg.top_k:
+                break
+            chosen.append(i)
+            mass += probs[i]
+        ids = np.asarray(got.experts[t])
+        np.testing.assert_array_equal(ids[:len(chosen)], chosen)
+        assert (ids[len(chosen):] == cfg.num_experts).all()
+        np.testing.assert_allclose(np.asarray(got.weights[t])[:len(chosen)], probs[chosen], rtol=1e-5)
+        counts.append(len(chosen))
+    assert 1 in counts and max(counts) > 1  # really dynamic
+
+
+def test_top_p_layer_reports_experts_per_token_and_the_entropy_loss():
+    logits, aux = moe_forward("top_p")
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    entropy = -(probs * np.log(probs)).sum(-1).mean()
+    np.testing.assert_allclose(float(aux["entropy_loss"][0]), 1e-4 * entropy, rtol=1e-4)
+    cfg = load("top_p").model.moe
+    expected = []
+    for row in probs:
+        order, mass, n = np.argsort(-row, kind="stable"), 0.0, 0
+        while mass < cfg.router.top_p and n < cfg.top_k:
+            mass += row[order[n]]
+            n += 1
+        expected.append(n)
+    np.testing.assert_allclose(float(aux["experts_per_token"][0]), np.mean(expected), rtol=1e-6)
 
 
 def moe_forward(name, seed=0):
