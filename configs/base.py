@@ -15,6 +15,8 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.expert_ffn = 704
     # Shared experts every token passes through, fused into one GLU of width num_shared * expert_ffn.
     moe.num_shared = 0
+    # AdaMoE null experts: m zero-compute experts in the router's top-k pool (needs router.kind='adamoe').
+    moe.num_null_experts = 0
     # Multiply the shared experts' output by sigmoid(x @ shared_gate) (Qwen2-MoE).
     moe.shared_gate = False
     # Expert nonlinearity: 'silu' | 'gelu' | 'relu'.

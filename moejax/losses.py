@@ -40,6 +40,17 @@ def expert_balance_loss(probs: jax.Array, experts: jax.Array) -> jax.Array:
     return (num_experts * (f * mean_probs(probs)).sum(-1)).mean()
 
 
+def null_pooled_balance_loss(probs: jax.Array, experts: jax.Array, num_real: int) -> jax.Array:
+    """AdaMoE's balance loss over E real + m null experts: (E + m) * sum_i f_i P_i averaged over groups, where
+    every null expert's f_i is replaced by the mean f of the null experts (only their total use is balanced).
+    probs: [G, T, E + m]; experts: [G, T, k] with ids in [0, E + m)."""
+    num_all = probs.shape[-1]
+    f = assignment_fraction(experts, num_all)
+    f = jnp.concatenate([f[..., :num_real], jnp.broadcast_to(f[..., num_real:].mean(-1, keepdims=True),
+                                                              f[..., num_real:].shape)], axis=-1)
+    return (num_all * (f * mean_probs(probs)).sum(-1)).mean()
+
+
 def device_balance_loss(probs: jax.Array, experts: jax.Array, num_devices: int) -> jax.Array:
     """DeepSeekMoE's device-level loss sum_d f'_d P'_d over D contiguous groups of experts: 1 when uniform.
 

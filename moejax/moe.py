@@ -3,7 +3,7 @@
 Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width):
 
     params:
-      router/kernel        [D, E]                 float32 always (the router runs in float32)
+      router/kernel        [D, E + m]             float32 always (the router runs in float32); m = num_null_experts
       experts/wi_0         [E, D, F]
       experts/wi_1         [E, D, F]
       experts/wo           [E, F, D]
@@ -38,8 +38,13 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     """Raises ConfigError naming the field, its value and what is allowed."""
     checks.positive_int(f"{prefix}.num_experts", cfg.num_experts)
     checks.positive_int(f"{prefix}.top_k", cfg.top_k)
-    if cfg.top_k > cfg.num_experts:
-        checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be <= model.moe.num_experts={cfg.num_experts}")
+    checks.positive_int(f"{prefix}.num_null_experts", cfg.num_null_experts, minimum=0)
+    if cfg.top_k > cfg.num_experts + cfg.num_null_experts:
+        checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be <= model.moe.num_experts={cfg.num_experts} "
+                                                  f"(+ model.moe.num_null_experts={cfg.num_null_experts})")
+    if cfg.num_null_experts and cfg.router.kind != "adamoe":
+        checks.fail(f"{prefix}.num_null_experts", cfg.num_null_experts,
+                    f"null experts need model.moe.router.kind='adamoe' (got {cfg.router.kind!r}); 0 otherwise")
     checks.positive_int(f"{prefix}.expert_ffn", cfg.expert_ffn)
     checks.positive_int(f"{prefix}.num_shared", cfg.num_shared, minimum=0)
     checks.choice(f"{prefix}.activation", cfg.activation, sorted(experts.ACTIVATIONS))
@@ -67,6 +72,8 @@ def balance_loss(route: routing.Routing, cfg: ml_collections.ConfigDict, batch: 
         return jnp.zeros((), jnp.float32)
     probs = losses.by_scope(route.probs, batch, cfg.balance_scope)
     chosen = losses.by_scope(route.experts, batch, cfg.balance_scope)
+    if cfg.num_null_experts:
+        return cfg.balance_coef * losses.null_pooled_balance_loss(probs, chosen, cfg.num_experts)
     loss = cfg.balance_coef * losses.expert_balance_loss(probs, chosen)
     if cfg.balance_loss == "deepseek" and cfg.device_balance_coef:
         loss += cfg.device_balance_coef * losses.device_balance_loss(probs, chosen, cfg.device_groups)
@@ -132,8 +139,8 @@ class MoE(nn.Module):
         router_in = tokens.astype(jnp.float32)
         if train and cfg.router.jitter > 0:
             router_in = routing.jitter(router_in, cfg.router.jitter, self.make_rng("jitter"))
-        logits = nn.Dense(num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                          kernel_init=self.kernel_init, name="router")(router_in)
+        logits = nn.Dense(num_experts + cfg.num_null_experts, use_bias=False, dtype=jnp.float32,
+                          param_dtype=jnp.float32, kernel_init=self.kernel_init, name="router")(router_in)
         bias = self.variable("moe_state", "router_bias", jnp.zeros, (num_experts,), jnp.float32)
         route = routing.route(logits, cfg, bias=bias.value, train=train)
 

@@ -18,9 +18,10 @@ class Routing:
     """The routing decision for T tokens over E experts, k slots per token.
 
     weights: [T, k] float32 combine weights.
-    experts: [T, k] int32 expert ids; the value E marks a null slot that contributes nothing.
-    probs:   [T, E] float32 router scores (softmax or sigmoid) used by the balance losses and metrics.
-    logits:  [T, E] float32 raw router logits (z-loss).
+    experts: [T, k] int32 expert ids; an id >= E (E itself, or a null expert of AdaMoE) marks a null slot that
+             contributes nothing.
+    probs:   [T, E(+m)] float32 router scores (softmax or sigmoid) used by the balance losses and metrics.
+    logits:  [T, E(+m)] float32 raw router logits (z-loss); m = num_null_experts.
     """
 
     weights: jax.Array
@@ -127,6 +128,23 @@ def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=N
     num_experts = logits.shape[-1]
     return Routing(weights=jnp.where(keep, weights, 0.0), experts=jnp.where(keep, experts, num_experts).astype(
         jnp.int32), probs=probs, logits=logits)
+
+
+@register("adamoe")
+def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False) -> Routing:
+    """AdaMoE (Zeng et al., 2024): top-k over the E real and ``num_null_experts`` null experts (logits [T, E + m]);
+    a null expert costs nothing and adds nothing. Ids >= E are null slots (dispatch skips them); the weights are
+    the softmax probabilities renormalised over the real experts chosen (0 when a token picks only null ones).
+    ``bias`` [E] (selection only) applies to the real experts.
+    """
+    del rng, train
+    num_real = cfg.num_experts
+    probs = jax.nn.softmax(logits, axis=-1)
+    choice = probs if bias is None else probs.at[:, :num_real].add(bias.astype(jnp.float32))
+    _, experts = jax.lax.top_k(choice, cfg.top_k)
+    weights = jnp.where(experts < num_real, jnp.take_along_axis(probs, experts, axis=-1), 0.0)
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
 
 
 def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:

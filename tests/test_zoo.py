@@ -18,7 +18,7 @@ from tests.test_configs import load
 from tests.test_routing import deepseek_v3, mixtral
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p"]
+ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p", "adamoe"]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -114,6 +114,43 @@ def test_top_p_layer_reports_experts_per_token_and_the_entropy_loss():
             n += 1
         expected.append(n)
     np.testing.assert_allclose(float(aux["experts_per_token"][0]), np.mean(expected), rtol=1e-6)
+
+
+def test_adamoe_null_experts_cost_nothing_and_pool_in_the_balance_loss():
+    """A numpy reference of the whole AdaMoE layer: top-k' over real + null experts, weights renormalised over the
+    real ones, null slots add nothing; the balance loss pools the null experts' f."""
+    from moejax import moe
+
+    cfg = load("adamoe").model.moe
+    cfg.expert_ffn = 16
+    n, m, k = cfg.num_experts, cfg.num_null_experts, cfg.top_k
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    layer = moe.MoE(cfg)
+    variables = layer.init(jax.random.key(1), x)
+    y, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"])
+    aux, p = aux["moe_aux"], variables["params"]
+    tokens = np.asarray(x, np.float64).reshape(-1, 32)
+    logits = tokens @ np.asarray(p["router"]["kernel"], np.float64)
+    assert logits.shape[1] == n + m
+    expected, f, real_per_token = np.zeros_like(tokens), np.zeros(n + m), []
+    for t, row in enumerate(logits):
+        probs = reference.softmax(row)
+        chosen = reference.top_indices(probs, k)
+        f[chosen] += 1
+        real = [i for i in chosen if i < n]
+        real_per_token.append(len(real))
+        for i in real:
+            w = {name: np.asarray(p["experts"][name], np.float64)[i] for name in ("wi_0", "wi_1", "wo")}
+            h = tokens[t] @ w["wi_0"]
+            expected[t] += probs[i] / sum(probs[j] for j in real) * ((h / (1 + np.exp(-h)) * (tokens[t] @ w["wi_1"]))
+                                                                     @ w["wo"])
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), expected, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(float(aux["experts_per_token"][0]), np.mean(real_per_token), rtol=1e-6)
+    assert 0 < np.mean(real_per_token) < k  # some slots went to null experts: FLOPs saved
+    f /= k * len(logits)
+    f[n:] = f[n:].mean()
+    probs = np.array([reference.softmax(row) for row in logits])
+    np.testing.assert_allclose(float(aux["balance_loss"][0]), 1e-2 * (n + m) * (f * probs.mean(0)).sum(), rtol=1e-4)
 
 
 def moe_forward(name, seed=0):
