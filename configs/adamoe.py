@@ -1,4 +1,4 @@
-"""AdaMoE (Zeng et al., Findings of EMNLP 2024, arXiv 2406.13233) at DeepSeekMoE-tiny scale (PAPERS.md section 5):
+"""AdaMoE (Zeng et al., Findings of EMNLP 2024, arXiv 2406.13233) at DeepSeekMoE-small scale (PAPERS.md section 5):
 8 real experts of the full 704-wide FFN plus m = 8 null experts that return zero at no cost, top-k' = 3 over all
 16 (up from top-2), weights renormalised over the real experts a token picked, and the Switch-style balance loss
 over the 16 experts with the null experts' loads pooled (only their total use is balanced). Reproduces the tiny

@@ -1,5 +1,5 @@
-"""Dense baseline with the activated FFN width of DeepSeekMoE-tiny: a 1408-wide SwiGLU = (1 shared + 7 routed)
-x 176, so its activated parameters equal configs/deepseekmoe.py:tiny's (DeepSeekMoE Table 1, column Dense,
+"""Dense baseline with the activated FFN width of DeepSeekMoE-small: a 1408-wide SwiGLU = (1 shared + 7 routed)
+x 176, so its activated parameters equal configs/deepseekmoe.py:small's (DeepSeekMoE Table 1, column Dense,
 at equal activated rather than equal FLOPs-per-2K-tokens budget). Same training budget as the MoE configs.
 """
 import ml_collections

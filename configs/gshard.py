@@ -1,4 +1,4 @@
-"""GShard top-2 (Lepikhin et al., 2020, arXiv 2006.16668) at DeepSeekMoE-tiny scale: top-2 of 16 experts of the
+"""GShard top-2 (Lepikhin et al., 2020, arXiv 2006.16668) at DeepSeekMoE-small scale: top-2 of 16 experts of the
 full 704-wide FFN with the two weights renormalised (DeepSeekMoE Table 1 and Figure 3, column GShard), Switch/
 GShard balance loss alpha = 0.01. Dropless, as DeepSeekMoE trains every arm of its comparison without dropping;
 set model.moe.dispatch='capacity' (capacity_factor 2.0) for GShard's original capacity-limited dispatch.

@@ -1,4 +1,4 @@
-"""ST-MoE (Zoph et al., 2022, arXiv 2202.08906), its stability recipe at DeepSeekMoE-tiny scale: top-2 of 16
+"""ST-MoE (Zoph et al., 2022, arXiv 2202.08906), its stability recipe at DeepSeekMoE-small scale: top-2 of 16
 experts of the full 704-wide FFN, capacity factor 1.25 in training and 2.0 in eval, balance loss c_B = 1e-2 and
 the router z-loss c_z = 1e-3 (L_z = mean_t (logsumexp_j z_tj)^2), router in float32. Reproduces the z-loss row of
 ST-MoE's stability table (PAPERS.md section 2): same or better loss than without it, much smaller router logits;

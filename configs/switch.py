@@ -1,4 +1,4 @@
-"""Switch Transformer (Fedus et al., 2021, arXiv 2101.03961) at DeepSeekMoE-tiny scale: top-1 of 16 experts of
+"""Switch Transformer (Fedus et al., 2021, arXiv 2101.03961) at DeepSeekMoE-small scale: top-1 of 16 experts of
 the full 704-wide FFN (DeepSeekMoE Table 1, column Switch), capacity factor 1.25 in training and 2.0 in eval,
 dropped tokens pass through the residual, router input jitter 0.01, Switch load-balance loss alpha = 0.01.
 """

@@ -1,5 +1,5 @@
 """Dynamic top-p routing ("Harder Tasks Need More Experts", Huang et al., ACL 2024, arXiv 2403.07652) at
-DeepSeekMoE-tiny scale (PAPERS.md section 4): 16 experts of the full 704-wide FFN, each token takes the fewest
+DeepSeekMoE-small scale (PAPERS.md section 4): 16 experts of the full 704-wide FFN, each token takes the fewest
 highest-probability experts whose cumulative softmax probability reaches p = 0.4 (the expert crossing the threshold
 included, raw probabilities as weights, no renormalisation), balance loss alpha = 1e-2 and the dynamic (router
 entropy) loss beta = 1e-4. Reproduces the top-p vs top-2 comparison: loss and mean activated experts, logged per

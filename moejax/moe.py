@@ -130,7 +130,8 @@ class MoE(nn.Module):
     mesh: Mesh | None = None  # more than one device: the routed experts run under shard_map (moejax/parallel.py)
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, token_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, S, D] -> [B, S, D]; token_ids [B, S]: the input tokens, for routers that route by token id."""
         cfg = self.cfg
         batch, seq, d_model = x.shape
         num_experts, top_k = cfg.num_experts, cfg.top_k
@@ -142,7 +143,8 @@ class MoE(nn.Module):
         logits = nn.Dense(num_experts + cfg.num_null_experts, use_bias=False, dtype=jnp.float32,
                           param_dtype=jnp.float32, kernel_init=self.kernel_init, name="router")(router_in)
         bias = self.variable("moe_state", "router_bias", jnp.zeros, (num_experts,), jnp.float32)
-        route = routing.route(logits, cfg, bias=bias.value, train=train)
+        route = routing.route(logits, cfg, bias=bias.value, train=train,
+                              token_ids=None if token_ids is None else token_ids.reshape(-1))
 
         weights = ExpertWeights(num_experts, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
                                 name="experts")()

@@ -51,12 +51,14 @@ def route(
     bias: jax.Array | None = None,
     rng: jax.Array | None = None,
     train: bool = False,
+    token_ids: jax.Array | None = None,
 ) -> Routing:
-    """Routes tokens. logits: [T, E]; cfg: the ``model.moe`` section; bias: [E] selection-only bias."""
+    """Routes tokens. logits: [T, E]; cfg: the ``model.moe`` section; bias: [E] selection-only bias; token_ids: [T]
+    the input token of each position (for routers that route by token id)."""
     kind = cfg.router.kind
     if kind not in ROUTERS:
         checks.choice("model.moe.router.kind", kind, sorted(ROUTERS))
-    return ROUTERS[kind](logits.astype(jnp.float32), cfg, bias=bias, rng=rng, train=train)
+    return ROUTERS[kind](logits.astype(jnp.float32), cfg, bias=bias, rng=rng, train=train, token_ids=token_ids)
 
 
 def jitter(x: jax.Array, amount: float, rng: jax.Array) -> jax.Array:
@@ -84,12 +86,13 @@ def group_limited(scores: jax.Array, num_groups: int, topk_groups: int, group_sc
 
 
 @register("topk")
-def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False) -> Routing:
+def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
+         token_ids=None) -> Routing:
     """Token-choice top-k with the knobs released checkpoints need (Mixtral, Qwen, DeepSeek-V2/V3, Megatron).
 
     Selection uses ``scores + bias`` (group-limited when num_groups > 1); the weights use the scores alone.
     """
-    del rng, train
+    del rng, train, token_ids
     router = cfg.router
     if router.score == "softmax":
         probs = jax.nn.softmax(logits, axis=-1)
@@ -111,14 +114,15 @@ def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=No
 
 
 @register("top_p")
-def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False) -> Routing:
+def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
+         token_ids=None) -> Routing:
     """Dynamic top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts"): each token takes the fewest
     highest-probability experts whose cumulative softmax probability reaches ``router.top_p``, the expert that
     crosses the threshold included (as in the released code), at most ``top_k`` of them (the static slot bound; the
     remaining slots are null, id E). Weights are the raw probabilities, not renormalised. ``bias`` (selection only)
     re-orders the candidates without changing their probabilities.
     """
-    del rng, train
+    del rng, train, token_ids
     probs = jax.nn.softmax(logits, axis=-1)
     choice = probs if bias is None else probs + bias.astype(jnp.float32)
     _, experts = jax.lax.top_k(choice, cfg.top_k)
@@ -131,13 +135,14 @@ def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=N
 
 
 @register("adamoe")
-def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False) -> Routing:
+def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
+         token_ids=None) -> Routing:
     """AdaMoE (Zeng et al., 2024): top-k over the E real and ``num_null_experts`` null experts (logits [T, E + m]);
     a null expert costs nothing and adds nothing. Ids >= E are null slots (dispatch skips them); the weights are
     the softmax probabilities renormalised over the real experts chosen (0 when a token picks only null ones).
     ``bias`` [E] (selection only) applies to the real experts.
     """
-    del rng, train
+    del rng, train, token_ids
     num_real = cfg.num_experts
     probs = jax.nn.softmax(logits, axis=-1)
     choice = probs if bias is None else probs.at[:, :num_real].add(bias.astype(jnp.float32))
@@ -145,6 +150,29 @@ def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=
     weights = jnp.where(experts < num_real, jnp.take_along_axis(probs, experts, axis=-1), 0.0)
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
+
+
+HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash (2^32 / golden ratio)
+
+
+def hash_experts(token_ids: jax.Array, num_experts: int, seed: int) -> jax.Array:
+    """The fixed token-id -> expert map of Hash Layers: ((id + seed) * 2654435761 mod 2^32) >> 16, mod E."""
+    mixed = (token_ids.astype(jnp.uint32) + jnp.uint32(seed)) * jnp.uint32(HASH_MULTIPLIER)
+    return ((mixed >> 16) % jnp.uint32(num_experts)).astype(jnp.int32)
+
+
+@register("hash")
+def hash_router(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
+                token_ids=None) -> Routing:
+    """Hash Layers (Roller et al., 2021): each token goes to the one expert its input token id hashes to, with
+    weight 1; the router logits play no part in the choice (probs are still reported for the metrics)."""
+    del bias, rng, train
+    if token_ids is None:
+        raise ValueError("router kind 'hash' routes by token id: call the MoE layer with token_ids (the Transformer "
+                         "passes its input tokens)")
+    experts = hash_experts(token_ids.reshape(-1), cfg.num_experts, cfg.router.hash_seed)[:, None]
+    return Routing(weights=jnp.ones(experts.shape, jnp.float32), experts=experts,
+                   probs=jax.nn.softmax(logits, axis=-1), logits=logits)
 
 
 def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
@@ -171,6 +199,9 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.fail(f"{prefix}.router.group_mask_fill", router.group_mask_fill, "allowed values are 0.0, -inf")
     checks.number(f"{prefix}.router.routed_scaling_factor", router.routed_scaling_factor, strict=True)
     checks.number(f"{prefix}.router.jitter", router.jitter)
+    if router.kind == "hash" and cfg.top_k != 1:
+        checks.fail(f"{prefix}.top_k", cfg.top_k, "must be 1 with router.kind='hash' (one expert per token)")
+    checks.positive_int(f"{prefix}.router.hash_seed", router.hash_seed, minimum=0)
     if not (isinstance(router.top_p, (int, float)) and 0 < router.top_p <= 1):
         checks.fail(f"{prefix}.router.top_p", router.top_p, "must be a number in (0, 1]")
     if router.jitter >= 1:

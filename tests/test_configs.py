@@ -18,14 +18,15 @@ def load(name: str, preset: str | None = None):
     return module.get_config(preset)
 
 
-@pytest.mark.parametrize("name,preset", [("deepseekmoe", None), ("deepseekmoe", "2b"), ("deepseekmoe", "16b"),
-                                         ("dense", None), ("switch", None), ("gshard", None), ("base", None)])
+@pytest.mark.parametrize("name,preset", [
+    ("deepseekmoe", None), ("deepseekmoe", "small"), ("deepseekmoe", "2b"), ("deepseekmoe", "16b"), ("dense", None),
+    ("switch", None), ("gshard", None), ("base", None)])
 def test_configs_validate(name, preset):
     model.validate(load(name, preset).model)
 
 
 def test_unknown_preset_is_named():
-    with pytest.raises(ValueError, match="'huge'.*'tiny', '2b', '16b'"):
+    with pytest.raises(ValueError, match="'huge'.*'tiny', 'small', '2b', '16b'"):
         load("deepseekmoe", "huge")
 
 
@@ -35,8 +36,9 @@ def count(cfg):
 
 
 def test_tiny_sizes_match_the_paper_ratios():
-    """DeepSeekMoE-tiny: < 50M total; activated FFN = 8 x 176 = the dense config's 1408-wide FFN."""
-    cfg = load("deepseekmoe")
+    """DeepSeekMoE-small (PAPERS.md's tiny shapes): < 50M total; activated FFN = 8 x 176 = the dense config's
+    1408-wide FFN. The default tiny preset has the same ratios at half the width."""
+    cfg = load("deepseekmoe", "small")
     tiny, dense = count(cfg), count(load("dense"))
     routers = cfg.model.num_layers * cfg.model.d_model * cfg.model.moe.num_experts
     assert tiny["total"] < 50e6

@@ -18,7 +18,7 @@ from tests.test_configs import load
 from tests.test_routing import deepseek_v3, mixtral
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p", "adamoe"]
+ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p", "adamoe", "hash"]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -151,6 +151,31 @@ def test_adamoe_null_experts_cost_nothing_and_pool_in_the_balance_loss():
     f[n:] = f[n:].mean()
     probs = np.array([reference.softmax(row) for row in logits])
     np.testing.assert_allclose(float(aux["balance_loss"][0]), 1e-2 * (n + m) * (f * probs.mean(0)).sum(), rtol=1e-4)
+
+
+def test_hash_routes_each_token_id_to_one_fixed_expert_whatever_its_context():
+    """Two different contexts holding the same byte ids: every position goes to the expert of its id, which equals
+    the documented hash computed in numpy with Python integers."""
+    config = load("hash")
+    config.model.update(d_model=32, num_heads=2, ffn_dim=64, num_layers=2)
+    config.model.moe.expert_ffn = 16
+    module = model.Transformer(config.model)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 24))
+    b = np.stack([rng.permutation(row) for row in a])  # the same ids in other positions and contexts
+    variables = module.init(jax.random.key(0), jnp.asarray(a))
+    loads = []
+    for tokens in (a, b):
+        _, aux = module.apply(variables, jnp.asarray(tokens), mutable=["moe_aux"])
+        loads.append([np.asarray(aux["moe_aux"][f"layers_{i}"]["ffn"]["tokens_per_expert"][0]) for i in range(2)])
+    expected = np.zeros(16)
+    for token in a.reshape(-1):
+        expected[(((int(token) + 0) * 2654435761) % 2**32 >> 16) % 16] += 1
+    for load_ in loads[0] + loads[1]:
+        np.testing.assert_array_equal(load_, expected)
+    got = routing.route(jnp.zeros((a.size, 16)), config.model.moe, token_ids=jnp.asarray(a.reshape(-1)))
+    np.testing.assert_array_equal(np.asarray(got.weights), 1.0)
+    assert (expected > 0).sum() > 8  # the hash spreads bytes over the experts
 
 
 def moe_forward(name, seed=0):
