@@ -84,6 +84,8 @@ def moe_config() -> ml_collections.ConfigDict:
     router.jitter = 0.0
     # kind='top_p': the cumulative router probability each token's experts must reach (top_k bounds their number).
     router.top_p = 0.4
+    # kind='expert_choice': each expert takes ceil(ec_capacity * T / E) tokens (ec_capacity = mean experts/token).
+    router.ec_capacity = 2.0
     # kind='hash': the seed of the fixed token-id -> expert map.
     router.hash_seed = 0
     moe.router = router

@@ -42,6 +42,9 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     if cfg.top_k > cfg.num_experts + cfg.num_null_experts:
         checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be <= model.moe.num_experts={cfg.num_experts} "
                                                   f"(+ model.moe.num_null_experts={cfg.num_null_experts})")
+    if cfg.router.kind == "expert_choice" and cfg.dispatch != "dropless":
+        checks.fail(f"{prefix}.dispatch", cfg.dispatch, "expert_choice routing is balanced by construction: use "
+                                                        "'dropless'")
     if cfg.num_null_experts and cfg.router.kind != "adamoe":
         checks.fail(f"{prefix}.num_null_experts", cfg.num_null_experts,
                     f"null experts need model.moe.router.kind='adamoe' (got {cfg.router.kind!r}); 0 otherwise")

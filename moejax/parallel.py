@@ -309,7 +309,7 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
     tokens, route.weights and route.experts are split over TOKEN_AXES; expert weights [E, D, F] / [E, F, D] over
     'expert' (and the hidden width over 'tensor'). dropped and overflow are slot counts over the whole batch.
     """
-    num_experts, top_k = cfg.num_experts, cfg.top_k
+    num_experts, top_k = cfg.num_experts, route.experts.shape[-1]  # slots per token (expert choice: E)
     ep = mesh.shape["expert"]
     num_local = -(-num_experts // ep)  # experts padded to a multiple of ep; the padding is never routed to
     shards = math.prod(mesh.shape[a] for a in TOKEN_AXES)

@@ -3,6 +3,7 @@
 A router kind is one function registered in ``ROUTERS``; ``route`` looks it up by ``cfg.router.kind``. Every
 router computes in float32 whatever the compute dtype of the model.
 """
+import math
 from collections.abc import Callable
 
 import jax
@@ -152,6 +153,30 @@ def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=
     return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
 
 
+@register("expert_choice")
+def expert_choice(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
+                  token_ids=None) -> Routing:
+    """Expert Choice (Zhou et al., 2022): in training each expert takes its C = ceil(ec_capacity * T / E) tokens
+    of highest softmax score over the T tokens of the batch, so a token gets 0..E experts (slots [T, E], null
+    where not picked) with its scores as weights. The choice sees every token of the batch, later positions
+    included, so in a causal LM it leaks future information; evaluation (train=False) therefore routes by token
+    choice, top_k of the same scores, which is causal, and the validation loss stays honest.
+    """
+    del rng, token_ids
+    probs = jax.nn.softmax(logits, axis=-1)
+    choice = probs if bias is None else probs + bias.astype(jnp.float32)
+    num_tokens, num_experts = probs.shape
+    if not train:
+        _, experts = jax.lax.top_k(choice, cfg.top_k)
+        return Routing(weights=jnp.take_along_axis(probs, experts, axis=-1), experts=experts.astype(jnp.int32),
+                       probs=probs, logits=logits)
+    per_expert = min(num_tokens, max(1, math.ceil(cfg.router.ec_capacity * num_tokens / num_experts)))
+    _, picked_tokens = jax.lax.top_k(choice.T, per_expert)  # [E, C]
+    picked = jnp.zeros((num_tokens, num_experts), bool).at[picked_tokens, jnp.arange(num_experts)[:, None]].set(True)
+    experts = jnp.where(picked, jnp.arange(num_experts, dtype=jnp.int32)[None, :], num_experts)
+    return Routing(weights=jnp.where(picked, probs, 0.0), experts=experts, probs=probs, logits=logits)
+
+
 HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash (2^32 / golden ratio)
 
 
@@ -202,6 +227,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     if router.kind == "hash" and cfg.top_k != 1:
         checks.fail(f"{prefix}.top_k", cfg.top_k, "must be 1 with router.kind='hash' (one expert per token)")
     checks.positive_int(f"{prefix}.router.hash_seed", router.hash_seed, minimum=0)
+    checks.number(f"{prefix}.router.ec_capacity", router.ec_capacity, strict=True)
     if not (isinstance(router.top_p, (int, float)) and 0 < router.top_p <= 1):
         checks.fail(f"{prefix}.router.top_p", router.top_p, "must be a number in (0, 1]")
     if router.jitter >= 1:

@@ -348,3 +348,22 @@ def test_ragged_a2a_layout_with_the_documented_collective(monkeypatch, one_exper
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router", [dict(kind="expert_choice"), dict(kind="top_p", top_p=0.5),
+                                    dict(kind="adamoe")], ids=["expert_choice", "top_p", "adamoe"])
+def test_routers_with_variable_slots_under_expert_parallelism(router):
+    """Expert choice (E slots per token), top-p and AdaMoE (null slots) keep the single-device result."""
+    extra = dict(num_null_experts=4, top_k=3) if router["kind"] == "adamoe" else {}
+    cfg = layer_config(**extra)
+    cfg.router.update(router)
+    x = jax.random.normal(jax.random.key(7), (8, 4, D))
+    variables = moe.MoE(cfg).init(jax.random.key(8), x)
+    params, state = variables["params"], variables["moe_state"]
+    y_ref, g_ref, _ = loss_and_grads(moe.MoE(cfg), params, state, x)
+    mesh = mesh_of((2, 1, 4, 1))
+    y, g, aux = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert float(aux["overflow_fraction"][0]) == 0.0

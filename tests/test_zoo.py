@@ -18,7 +18,8 @@ from tests.test_configs import load
 from tests.test_routing import deepseek_v3, mixtral
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p", "adamoe", "hash"]
+ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p", "adamoe", "hash",
+       "expert_choice"]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -176,6 +177,27 @@ def test_hash_routes_each_token_id_to_one_fixed_expert_whatever_its_context():
     got = routing.route(jnp.zeros((a.size, 16)), config.model.moe, token_ids=jnp.asarray(a.reshape(-1)))
     np.testing.assert_array_equal(np.asarray(got.weights), 1.0)
     assert (expected > 0).sum() > 8  # the hash spreads bytes over the experts
+
+
+def test_expert_choice_each_expert_takes_its_top_c_tokens_and_eval_is_causal():
+    cfg, logits = router_logits("expert_choice", tokens=64)
+    got = routing.route(jnp.asarray(logits), cfg, train=True)
+    probs = np.array([reference.softmax(row) for row in logits])
+    capacity = int(np.ceil(cfg.router.ec_capacity * 64 / cfg.num_experts))
+    ids, weights = np.asarray(got.experts), np.asarray(got.weights)
+    for e in range(cfg.num_experts):
+        expected = set(reference.top_indices(probs[:, e], capacity))
+        chosen = {t for t in range(64) if ids[t, e] == e}
+        assert chosen == expected
+        np.testing.assert_allclose(weights[sorted(chosen), e], probs[sorted(chosen), e], rtol=1e-5)
+    per_token = (ids < cfg.num_experts).sum(1)
+    assert per_token.mean() == capacity * cfg.num_experts / 64 and per_token.min() != per_token.max()
+    # evaluation: token choice, a token's experts depend on its own scores only (no look-ahead)
+    evaluated = routing.route(jnp.asarray(logits), cfg, train=False)
+    head = routing.route(jnp.asarray(logits[:10]), cfg, train=False)
+    np.testing.assert_array_equal(np.asarray(evaluated.experts)[:10], np.asarray(head.experts))
+    for t in range(64):
+        np.testing.assert_array_equal(np.asarray(evaluated.experts[t]), reference.top_indices(probs[t], cfg.top_k))
 
 
 def moe_forward(name, seed=0):
