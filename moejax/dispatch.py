@@ -59,6 +59,15 @@ def default_tile(num_slots: int, num_experts: int) -> int:
     return max(8, -(-math.ceil(num_slots / num_experts / 4) // 8) * 8)
 
 
+def _ranks_in_order(key: jax.Array, order: jax.Array, num_keys: int):
+    """For slots sorted by key (order), each sorted slot's key, its rank among its key's slots, and the count of
+    each key. key: [N] int in [0, num_keys] (num_keys: none)."""
+    sorted_key = key[order]
+    counts = jnp.bincount(key, length=num_keys + 1)
+    rank = jnp.arange(key.shape[0]) - (jnp.cumsum(counts) - counts)[sorted_key]
+    return sorted_key, rank, counts[:num_keys].astype(jnp.int32)
+
+
 def _sort_slots(routing: Routing, num_experts: int, by_weight: bool):
     """Sorts the T*k slots by expert, then by token order (or by descending weight, ties in token order).
 
@@ -71,18 +80,30 @@ def _sort_slots(routing: Routing, num_experts: int, by_weight: bool):
         order = jnp.lexsort((-routing.weights.reshape(-1), key))
     else:
         order = jnp.argsort(key, stable=True)
-    sorted_key = key[order]
-    counts = jnp.bincount(key, length=num_experts + 1)
-    starts = jnp.cumsum(counts) - counts
-    rank = jnp.arange(key.shape[0]) - starts[sorted_key]
-    return order, sorted_key, rank, counts[:num_experts].astype(jnp.int32)
+    return order, *_ranks_in_order(key, order, num_experts)
+
+
+def slot_ranks(keys: jax.Array, num_keys: int) -> tuple[jax.Array, jax.Array]:
+    """Each slot's rank among the slots with the same key, in slot order, and the count of each key.
+
+    keys: [N] int in [0, num_keys] (num_keys: none). Returns rank [N] int32, counts [num_keys] int32.
+    """
+    order = jnp.argsort(keys, stable=True)
+    _, rank_sorted, counts = _ranks_in_order(keys, order, num_keys)
+    return jnp.zeros(keys.shape, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32)), counts
+
+
+def row_slots(slot_row: jax.Array, num_rows: int) -> jax.Array:
+    """The inverse of slot_row ([T, k] or flat, R marking no row): the flat slot of each of the R rows, T*k for
+    empty rows."""
+    flat = slot_row.reshape(-1)
+    return jnp.full(num_rows + 1, flat.shape[0], jnp.int32).at[flat].set(
+        jnp.arange(flat.shape[0], dtype=jnp.int32))[:num_rows]
 
 
 def _plan(order, row_sorted, num_rows, tokens_shape, **fields) -> Plan:
-    num_slots = order.shape[0]
-    slot_row = jnp.zeros(num_slots, jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
-    row_slot = jnp.full(num_rows + 1, num_slots, jnp.int32).at[row_sorted].set(order.astype(jnp.int32))
-    return Plan(slot_row=slot_row.reshape(tokens_shape), row_slot=row_slot[:num_rows], **fields)
+    slot_row = jnp.zeros(order.shape[0], jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
+    return Plan(slot_row=slot_row.reshape(tokens_shape), row_slot=row_slots(slot_row, num_rows), **fields)
 
 
 def capacity_plan(routing: Routing, num_experts: int, capacity_per_expert: int, drop_policy: str) -> Plan:

@@ -153,21 +153,21 @@ class MoE(nn.Module):
                                 name="experts")()
         weights = tuple(w.astype(self.dtype) for w in weights)
         backend = experts.resolve_backend(cfg.gmm_backend)
+        cap = None
+        if cfg.dispatch == "capacity":
+            factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
+            cap = dispatch.capacity(batch * seq, top_k, num_experts, factor)
         if self.mesh is not None and self.mesh.size > 1:
-            out, dropped, overflow = parallel.moe_ep(tokens, route, weights, cfg, self.mesh, train=train,
+            out, dropped, overflow = parallel.moe_ep(tokens, route, weights, cfg, self.mesh, capacity=cap,
                                                      backend=backend, compute_dtype=self.dtype)
             chosen = jnp.where(route.experts < num_experts, route.experts, num_experts).reshape(-1)
             tokens_per_expert = jnp.bincount(chosen, length=num_experts + 1)[:num_experts]
         else:
-            num_slots = batch * seq * top_k
-            if cfg.dispatch == "capacity":
-                factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None \
-                    else cfg.eval_capacity_factor
-                cap = dispatch.capacity(batch * seq, top_k, num_experts, factor)
+            if cap is not None:
                 plan = dispatch.capacity_plan(route, num_experts, cap, cfg.drop_policy)
             else:
                 tile = 1 if backend == "ragged_dot" else \
-                    cfg.gmm_tile or dispatch.default_tile(num_slots, num_experts)
+                    cfg.gmm_tile or dispatch.default_tile(batch * seq * top_k, num_experts)
                 plan = dispatch.dropless_plan(route, num_experts, tile)
             rows = dispatch.permute(tokens.astype(self.dtype), plan.slot_row, plan.row_slot)
             rows = experts.grouped_glu(rows, weights, plan, backend, cfg.activation)

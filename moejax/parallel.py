@@ -232,35 +232,14 @@ def bytes_per_device(tree: Any) -> int:
 # ----------------------------------------------------------------------------------------------- expert parallelism
 
 
-def _ranks(keys: jax.Array, num_keys: int) -> tuple[jax.Array, jax.Array]:
-    """Rank of each entry among the entries with the same key, in index order; and the count of each key.
-
-    keys: [N] int in [0, num_keys] (num_keys = none). Returns rank [N] int32, counts [num_keys] int32.
-    """
-    order = jnp.argsort(keys, stable=True)
-    sorted_keys = keys[order]
-    counts = jnp.bincount(keys, length=num_keys + 1)
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(keys.shape[0]) - starts[sorted_keys]
-    rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)
-    return rank.astype(jnp.int32), counts[:num_keys].astype(jnp.int32)
-
-
-def _slots_of_rows(slot_row: jax.Array, num_rows: int) -> jax.Array:
-    """Inverse of slot_row [T, k] (R marks no row): row_slot [R], T*k for empty rows."""
-    flat = slot_row.reshape(-1)
-    return jnp.full(num_rows + 1, flat.shape[0], jnp.int32).at[flat].set(
-        jnp.arange(flat.shape[0], dtype=jnp.int32))[:num_rows]
-
-
 def _keep_within_capacity(expert_ids: jax.Array, weights: jax.Array, num_experts: int, cap: int,
-                          drop_policy: str) -> jax.Array:
-    """Which local slots [T_l, k] the single-device capacity layer keeps, ranking over the whole batch."""
-    num_shards = jax.lax.psum(1, TOKEN_AXES)
+                          drop_policy: str, num_shards: int) -> jax.Array:
+    """Which local slots [T_l, k] the single-device capacity layer keeps, ranking over the whole batch of
+    num_shards token shards."""
     shard = jax.lax.axis_index(TOKEN_AXES)
     valid = expert_ids < num_experts
     if drop_policy == "position":
-        rank, counts = _ranks(jnp.where(valid, expert_ids, num_experts).reshape(-1), num_experts)
+        rank, counts = dispatch.slot_ranks(jnp.where(valid, expert_ids, num_experts).reshape(-1), num_experts)
         all_counts = jax.lax.all_gather(counts, TOKEN_AXES)  # [shards, E] in batch order
         before = jnp.sum(jnp.where(jnp.arange(num_shards)[:, None] < shard, all_counts, 0), axis=0)
         ids = jnp.where(valid, expert_ids, 0).reshape(-1)
@@ -303,20 +282,18 @@ def a2a_bytes_per_step(tokens_local: int, top_k: int, num_experts: int, expert_s
 
 
 def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_collections.ConfigDict, mesh: Mesh,
-           *, train: bool, backend: str, compute_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+           *, capacity: int | None, backend: str, compute_dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The routed-expert part of the MoE layer under shard_map: tokens [T, D] -> (out [T, D], dropped, overflow).
 
     tokens, route.weights and route.experts are split over TOKEN_AXES; expert weights [E, D, F] / [E, F, D] over
-    'expert' (and the hidden width over 'tensor'). dropped and overflow are slot counts over the whole batch.
+    'expert' (and the hidden width over 'tensor'). capacity: slots per expert over the whole batch (capacity
+    mode), None for dropless. dropped and overflow are slot counts over the whole batch.
     """
     num_experts, top_k = cfg.num_experts, route.experts.shape[-1]  # slots per token (expert choice: E)
     ep = mesh.shape["expert"]
     num_local = -(-num_experts // ep)  # experts padded to a multiple of ep; the padding is never routed to
     shards = math.prod(mesh.shape[a] for a in TOKEN_AXES)
     tokens_local = tokens.shape[0] // shards
-    if cfg.dispatch == "capacity":
-        factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
-        cap = dispatch.capacity(tokens.shape[0], top_k, num_experts, factor)
     tile = cfg.gmm_tile or dispatch.default_tile(tokens_local * top_k, num_local)
     rows = a2a_rows(tokens_local, top_k, num_experts, ep, cfg.ep_buffer_factor)
     mode = cfg.ep_mode
@@ -324,8 +301,8 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
 
     def body(x, expert_ids, weights, wi_0, wi_1, wo):
         valid = expert_ids < num_experts
-        if cfg.dispatch == "capacity":
-            keep = _keep_within_capacity(expert_ids, weights, num_experts, cap, cfg.drop_policy)
+        if capacity is not None:
+            keep = _keep_within_capacity(expert_ids, weights, num_experts, capacity, cfg.drop_policy, shards)
         else:
             keep = valid
         dropped = jnp.sum(valid & ~keep)
@@ -346,18 +323,19 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
         else:
             kept = expert_ids < num_experts
             dest = jnp.where(kept, expert_ids // num_local, ep)
-            rank, send_counts = _ranks(dest.reshape(-1), ep)
+            rank, send_counts = dispatch.slot_ranks(dest.reshape(-1), ep)
             rank = rank.reshape(dest.shape)
             fits = kept & (rank < rows)
             overflow = jnp.sum(kept & ~fits)
             send_row = jnp.where(fits, dest * rows + rank, ep * rows).astype(jnp.int32)
-            row_slot = _slots_of_rows(send_row, ep * rows)
+            row_slot = dispatch.row_slots(send_row, ep * rows)
             send_x = dispatch.permute(x, send_row, row_slot)  # [ep * R, D]
             local_ids = jnp.where(fits, expert_ids % num_local, num_local).reshape(-1)
             send_ids = jnp.concatenate([local_ids, jnp.array([num_local], jnp.int32)])[row_slot]
             if mode == "ragged_a2a":
-                recv_x, recv_ids = _ragged_exchange(send_x, send_ids, jnp.minimum(send_counts, rows), rows, ep,
-                                                    num_local)
+                send_sizes = jnp.minimum(send_counts, rows)
+                recv_sizes = jax.lax.all_to_all(send_sizes, "expert", 0, 0, tiled=True)
+                recv_x, recv_ids = _ragged_exchange(send_x, send_ids, send_sizes, recv_sizes, rows, ep, num_local)
             else:
                 recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
                 recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=True)
@@ -365,7 +343,7 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
             y = _local_experts(recv_x, recv_ids[:, None], ones, local_weights, **local_fn)
             y = jax.lax.psum(y, "tensor")
             if mode == "ragged_a2a":
-                back = _ragged_return(y, jnp.minimum(send_counts, rows), rows, ep)
+                back = _ragged_return(y, send_sizes, recv_sizes, rows, ep)
             else:
                 back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True)
             out = dispatch.unpermute_combine(back, weights, send_row, row_slot)
@@ -381,12 +359,11 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
     return fn(tokens.astype(compute_dtype), route.experts.astype(jnp.int32), route.weights, wi_0, wi_1, wo)
 
 
-def _ragged_exchange(send_x, send_ids, send_sizes, rows, ep, num_local):
+def _ragged_exchange(send_x, send_ids, send_sizes, recv_sizes, rows, ep, num_local):
     """ragged_all_to_all of the a2a layout: block d's first send_sizes[d] rows go to device d, landing in its
     receive buffer at block (this device) -- the same layout the padded all_to_all produces."""
     me = jax.lax.axis_index("expert")
     starts = jnp.arange(ep, dtype=jnp.int32) * rows
-    recv_sizes = jax.lax.all_to_all(send_sizes, "expert", 0, 0, tiled=True)
     out_offsets = jnp.full((ep,), me * rows, jnp.int32)
     recv_x = jax.lax.ragged_all_to_all(send_x, jnp.zeros_like(send_x), starts, send_sizes, out_offsets,
                                        recv_sizes, axis_name="expert")
@@ -395,10 +372,9 @@ def _ragged_exchange(send_x, send_ids, send_sizes, rows, ep, num_local):
     return recv_x, recv_ids
 
 
-def _ragged_return(y, send_sizes, rows, ep):
+def _ragged_return(y, send_sizes, recv_sizes, rows, ep):
     """The reverse exchange: block s of y (recv_sizes[s] valid rows) goes back into block (this device) of s."""
     me = jax.lax.axis_index("expert")
     starts = jnp.arange(ep, dtype=jnp.int32) * rows
-    recv_sizes = jax.lax.all_to_all(send_sizes, "expert", 0, 0, tiled=True)
     return jax.lax.ragged_all_to_all(y, jnp.zeros_like(y), starts, recv_sizes, jnp.full((ep,), me * rows, jnp.int32),
                                      send_sizes, axis_name="expert")

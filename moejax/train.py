@@ -55,7 +55,6 @@ from jax.sharding import PartitionSpec as P
 from moejax import checks, data, model, parallel
 from moejax.parallel import TOKEN_AXES, batch_sharding, make_mesh, mesh_shape, state_shardings
 
-BATCH_AXES = TOKEN_AXES  # the batch is split over these
 SCHEDULES = ("cosine", "step", "constant")
 # Fields that may differ between a workdir's config.json and the config resuming it: how long the run goes, what it
 # logs and saves, and where the corpus is cached (the data-iterator state checks it is the same corpus).
@@ -116,11 +115,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.positive_int("checkpoint.keep", config.checkpoint.keep)
 
     sizes = mesh_shape(config)
-    data_parallel = math.prod(sizes[axis] for axis in BATCH_AXES)
+    data_parallel = math.prod(sizes[axis] for axis in TOKEN_AXES)
     if t.batch_size % data_parallel:
         checks.fail("train.batch_size", t.batch_size,
                     f"must be a multiple of the data-parallel device count {data_parallel} "
-                    f"(mesh.data * mesh.fsdp * mesh.expert = {' * '.join(str(sizes[a]) for a in BATCH_AXES)})")
+                    f"(mesh.data * mesh.fsdp * mesh.expert = {' * '.join(str(sizes[a]) for a in TOKEN_AXES)})")
     parallel.validate(config)
     if t.batch_size % jax.process_count():
         checks.fail("train.batch_size", t.batch_size, f"must be a multiple of the process count "
