@@ -57,6 +57,14 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.z_loss_coef = 0.0
     # Router entropy penalty beta * mean_t(-sum_i P_ti log P_ti) ("dynamic loss" of top-p routing).
     moe.entropy_loss_coef = 0.0
+    # Chain-of-Experts: C routed passes through the same experts, each with its own router (one shared router
+    # with chain_shared_router), combined by chain_residual: 'outer' (no inner residual; the block adds its input
+    # after the chain: C = 1 is the plain MoE layer), 'inner' (x_c = x_{c-1} + f_c(x_{c-1}); the block's output is
+    # x_C, replacing the residual stream as the released code does) or 'inner_outer' (inner residual, and the
+    # block adds x_C - x_0 to its input). Balance losses apply at every pass.
+    moe.chain_iterations = 1
+    moe.chain_shared_router = False
+    moe.chain_residual = "outer"
     # Aux-loss-free balancing: after each train step b += bias_update_rate * sign(mean_load - load).
     # 0 disables the update (the bias stays 0).
     moe.bias_update_rate = 0.0
@@ -88,6 +96,12 @@ def moe_config() -> ml_collections.ConfigDict:
     router.ec_capacity = 2.0
     # kind='hash': the seed of the fixed token-id -> expert map.
     router.hash_seed = 0
+    # kind='smoe_dropout': k grows linearly from k_start (0: top_k) to top_k over training; evaluation uses
+    # eval_top_k experts (0: top_k).
+    router.k_start = 0
+    router.eval_top_k = 0
+    # Keep the router at its random initialisation: no gradient, no weight decay (SMoE-Dropout).
+    router.frozen = False
     moe.router = router
     return moe
 
@@ -162,6 +176,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.b1 = 0.9
     train.b2 = 0.95
     train.grad_clip = 1.0
+    # THOR's consistency regulariser: > 0 runs each batch twice with independent random routings and adds
+    # consistency_coef * 1/2 [KL(p1||p2) + KL(p2||p1)] to CE_1 + CE_2 (needs a random router, e.g. kind='thor').
+    train.consistency_coef = 0.0
     # Console progress every log_every steps; validation every eval_every steps (0: only at the end).
     train.log_every = 10
     train.eval_every = 50
@@ -172,6 +189,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     checkpoint.every_steps = 50
     checkpoint.keep = 3
     config.checkpoint = checkpoint
+
+    upcycle = ml_collections.ConfigDict()
+    # Sparse upcycling (moejax/upcycle.py): initialise this MoE model from a dense checkpoint of the same model
+    # with dense FFNs of width model.ffn_dim. dense_checkpoint: the workdir of a finished dense run; '' trains one
+    # first in <workdir>/dense for dense_steps steps. granularity m: each expert is one of m slices of the dense FFN
+    # (expert_ffn = ffn_dim / m; 1 = whole copies). router_init: 'normal' (fresh random) | 'zeros'.
+    upcycle.enabled = False
+    upcycle.dense_checkpoint = ""
+    upcycle.dense_steps = 100
+    upcycle.granularity = 1
+    upcycle.router_init = "normal"
+    config.upcycle = upcycle
 
     mesh = ml_collections.ConfigDict()
     # Device mesh axis sizes; -1 fills the remaining devices (at most one axis may be -1).

@@ -106,7 +106,8 @@ class Block(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
+                 progress: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
@@ -114,7 +115,9 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
         if self.use_moe:
             ffn = moe.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")
-            h = ffn(h, train=train, token_ids=token_ids)
+            h = ffn(h, train=train, token_ids=token_ids, progress=progress)
+            if cfg.moe.chain_residual == "inner":  # Chain-of-Experts as released: x_C replaces the stream
+                return h
         else:
             h = moe.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, name="ffn")(h)
         return x + h
@@ -127,10 +130,11 @@ class Unit(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, token_ids: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, train: bool, token_ids: jax.Array,
+                 progress: jax.Array | None) -> tuple[jax.Array, None]:
         for j in range(max(self.cfg.moe_every, 1)):
             x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, name=f"block_{j}")(
-                x, train, token_ids)
+                x, train, token_ids, progress)
         return x, None
 
 
@@ -145,7 +149,8 @@ class Transformer(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, tokens: jax.Array, train: bool = False, progress: jax.Array | None = None) -> jax.Array:
+        """progress: the fraction of training done (a float32 scalar), for routers with a schedule."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
@@ -154,16 +159,17 @@ class Transformer(nn.Module):
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
         if cfg.scan_layers:
             for i in range(cfg.first_dense_layers):
-                x = block(cfg, use_moe=False, mesh=self.mesh, name=f"layers_{i}")(x, train, tokens)
+                x = block(cfg, use_moe=False, mesh=self.mesh, name=f"layers_{i}")(x, train, tokens, progress)
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
             scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0},
-                              split_rngs={"params": True, "jitter": True}, in_axes=(nn.broadcast, nn.broadcast),
-                              length=units)
-            x, _ = scanned(cfg, self.mesh, name="blocks")(x, train, tokens)
+                              split_rngs={"params": True, "jitter": True, "routing": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=units)
+            x, _ = scanned(cfg, self.mesh, name="blocks")(x, train, tokens, progress)
         else:
             for i in range(cfg.num_layers):
-                x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, name=f"layers_{i}")(x, train, tokens)
+                x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, name=f"layers_{i}")(
+                    x, train, tokens, progress)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)

@@ -29,6 +29,7 @@ before it in batch order are added to its local rank; ``'probs'``: the routing o
 ranked). So the layer's output and gradients equal the single-device layer's on any mesh.
 """
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,6 +154,7 @@ def param_logical_axes(params: Any) -> Any:
 
     def names(path, leaf):
         keys = tuple(_key_name(k) for k in path)
+        keys = tuple(re.sub(r"^router_\d+$", "router", k) for k in keys)  # Chain-of-Experts' routers router_{c}
         for suffix in sorted(PARAM_AXES, key=len, reverse=True):
             if keys[-len(suffix):] == suffix:
                 axes = PARAM_AXES[suffix]

@@ -33,6 +33,8 @@ class Routing:
 
 RouterFn = Callable[..., Routing]
 ROUTERS: dict[str, RouterFn] = {}
+# Router kinds that draw experts at random in training: the MoE layer passes them the 'routing' rng.
+NEEDS_RNG = {"thor"}
 
 
 def register(kind: str) -> Callable[[RouterFn], RouterFn]:
@@ -53,13 +55,16 @@ def route(
     rng: jax.Array | None = None,
     train: bool = False,
     token_ids: jax.Array | None = None,
+    progress: jax.Array | None = None,
 ) -> Routing:
     """Routes tokens. logits: [T, E]; cfg: the ``model.moe`` section; bias: [E] selection-only bias; token_ids: [T]
-    the input token of each position (for routers that route by token id)."""
+    the input token of each position (for routers that route by token id); progress: the fraction of training
+    done, a float32 scalar in [0, 1] (for routers with a schedule; None outside training)."""
     kind = cfg.router.kind
     if kind not in ROUTERS:
         checks.choice("model.moe.router.kind", kind, sorted(ROUTERS))
-    return ROUTERS[kind](logits.astype(jnp.float32), cfg, bias=bias, rng=rng, train=train, token_ids=token_ids)
+    return ROUTERS[kind](logits.astype(jnp.float32), cfg, bias=bias, rng=rng, train=train, token_ids=token_ids,
+                         progress=progress)
 
 
 def jitter(x: jax.Array, amount: float, rng: jax.Array) -> jax.Array:
@@ -88,7 +93,7 @@ def group_limited(scores: jax.Array, num_groups: int, topk_groups: int, group_sc
 
 @register("topk")
 def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-         token_ids=None) -> Routing:
+         token_ids=None, progress=None) -> Routing:
     """Token-choice top-k with the knobs released checkpoints need (Mixtral, Qwen, DeepSeek-V2/V3, Megatron).
 
     Selection uses ``scores + bias`` (group-limited when num_groups > 1); the weights use the scores alone.
@@ -116,7 +121,7 @@ def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=No
 
 @register("top_p")
 def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-         token_ids=None) -> Routing:
+         token_ids=None, progress=None) -> Routing:
     """Dynamic top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts"): each token takes the fewest
     highest-probability experts whose cumulative softmax probability reaches ``router.top_p``, the expert that
     crosses the threshold included (as in the released code), at most ``top_k`` of them (the static slot bound; the
@@ -137,7 +142,7 @@ def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=N
 
 @register("adamoe")
 def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-         token_ids=None) -> Routing:
+         token_ids=None, progress=None) -> Routing:
     """AdaMoE (Zeng et al., 2024): top-k over the E real and ``num_null_experts`` null experts (logits [T, E + m]);
     a null expert costs nothing and adds nothing. Ids >= E are null slots (dispatch skips them); the weights are
     the softmax probabilities renormalised over the real experts chosen (0 when a token picks only null ones).
@@ -155,7 +160,7 @@ def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=
 
 @register("expert_choice")
 def expert_choice(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-                  token_ids=None) -> Routing:
+                  token_ids=None, progress=None) -> Routing:
     """Expert Choice (Zhou et al., 2022): in training each expert takes its C = ceil(ec_capacity * T / E) tokens
     of highest softmax score over the T tokens of the batch, so a token gets 0..E experts (slots [T, E], null
     where not picked) with its scores as weights. The choice sees every token of the batch, later positions
@@ -188,7 +193,7 @@ def hash_experts(token_ids: jax.Array, num_experts: int, seed: int) -> jax.Array
 
 @register("hash")
 def hash_router(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-                token_ids=None) -> Routing:
+                token_ids=None, progress=None) -> Routing:
     """Hash Layers (Roller et al., 2021): each token goes to the one expert its input token id hashes to, with
     weight 1; the router logits play no part in the choice (probs are still reported for the metrics)."""
     del bias, rng, train
@@ -198,6 +203,60 @@ def hash_router(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None,
     experts = hash_experts(token_ids.reshape(-1), cfg.num_experts, cfg.router.hash_seed)[:, None]
     return Routing(weights=jnp.ones(experts.shape, jnp.float32), experts=experts,
                    probs=jax.nn.softmax(logits, axis=-1), logits=logits)
+
+
+def smoe_dropout_k(cfg: ml_collections.ConfigDict, progress: jax.Array | None) -> jax.Array:
+    """SMoE-Dropout's linear schedule of active experts: k(t) = k_start + round((top_k - k_start) * t / T), with
+    t / T = progress; top_k when progress is None."""
+    k_max = cfg.top_k
+    if progress is None:
+        return jnp.asarray(k_max, jnp.int32)
+    k_min = cfg.router.k_start or k_max
+    grown = k_min + jnp.round((k_max - k_min) * jnp.clip(progress, 0.0, 1.0))
+    return grown.astype(jnp.int32)
+
+
+@register("smoe_dropout")
+def smoe_dropout(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
+                 token_ids=None, progress=None) -> Routing:
+    """SMoE-Dropout (Chen et al., 2023): the top-k(t) experts of a random router (frozen with router.frozen), with
+    weights softmax over the k(t) selected logits; k(t) grows linearly from router.k_start to top_k over training
+    (``smoe_dropout_k``). Slots past k(t) are null (id E). Evaluation uses router.eval_top_k experts (0: top_k, the
+    whole FFN when top_k = E): the "self-slimmable" model runs at any k."""
+    del rng, token_ids
+    num_experts, k_max = logits.shape[-1], cfg.top_k
+    if train:
+        active = smoe_dropout_k(cfg, progress)
+    else:
+        active = jnp.asarray(cfg.router.eval_top_k or k_max, jnp.int32)
+    choice = logits if bias is None else logits + bias.astype(jnp.float32)
+    _, experts = jax.lax.top_k(choice, k_max)
+    keep = jnp.arange(k_max)[None, :] < active
+    selected = jnp.where(keep, jnp.take_along_axis(logits, experts, axis=-1), -jnp.inf)
+    weights = jnp.where(keep, jax.nn.softmax(selected, axis=-1), 0.0)
+    return Routing(weights=weights, experts=jnp.where(keep, experts, num_experts).astype(jnp.int32),
+                   probs=jax.nn.softmax(logits, axis=-1), logits=logits)
+
+
+@register("thor")
+def thor(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
+         token_ids=None, progress=None) -> Routing:
+    """THOR (Zuo et al., 2022): no learned routing. In training every token of the call goes to one expert drawn
+    uniformly at random (rng; one draw per layer and forward pass), with weight 1; the train step runs each batch
+    twice with independent draws and adds the consistency loss (train.consistency_coef). Evaluation averages the
+    outputs of all E experts (weights 1/E; top_k must be 1). The router logits play no part (probs are reported)."""
+    del bias, token_ids, progress
+    num_tokens, num_experts = logits.shape
+    probs = jax.nn.softmax(logits, axis=-1)
+    if train:
+        if rng is None:
+            raise ValueError("router kind 'thor' draws an expert at random in training: pass the 'routing' rng")
+        expert = jax.random.randint(rng, (), 0, num_experts, jnp.int32)
+        return Routing(weights=jnp.ones((num_tokens, 1), jnp.float32),
+                       experts=jnp.full((num_tokens, 1), expert, jnp.int32), probs=probs, logits=logits)
+    experts = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts))
+    return Routing(weights=jnp.full((num_tokens, num_experts), 1.0 / num_experts, jnp.float32), experts=experts,
+                   probs=probs, logits=logits)
 
 
 def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
@@ -232,3 +291,11 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.fail(f"{prefix}.router.top_p", router.top_p, "must be a number in (0, 1]")
     if router.jitter >= 1:
         checks.fail(f"{prefix}.router.jitter", router.jitter, "must be in [0, 1)")
+    for field in ("k_start", "eval_top_k"):
+        checks.positive_int(f"{prefix}.router.{field}", router[field], minimum=0)
+        if router[field] > cfg.top_k:
+            checks.fail(f"{prefix}.router.{field}", router[field], f"must be <= model.moe.top_k={cfg.top_k}")
+    if not isinstance(router.frozen, bool):
+        checks.fail(f"{prefix}.router.frozen", router.frozen, "must be True or False")
+    if router.kind == "thor" and cfg.top_k != 1:
+        checks.fail(f"{prefix}.top_k", cfg.top_k, "must be 1 with router.kind='thor' (one random expert per pass)")

@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import checks, data, model, parallel
+from moejax import checks, data, model, parallel, routing, upcycle
 from moejax.parallel import TOKEN_AXES, batch_sharding, make_mesh, mesh_shape, state_shardings
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -110,7 +110,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not (isinstance(t[field], (int, float)) and 0 <= t[field] < 1):
             checks.fail(f"train.{field}", t[field], "must be a number in [0, 1)")
     checks.number("train.grad_clip", t.grad_clip)
+    checks.number("train.consistency_coef", t.consistency_coef)
+    if t.consistency_coef and config.model.moe.router.kind not in routing.NEEDS_RNG:
+        checks.fail("train.consistency_coef", t.consistency_coef,
+                    f"the consistency loss compares two random routings: it needs a router kind in "
+                    f"{sorted(routing.NEEDS_RNG)} (got model.moe.router.kind="
+                    f"{config.model.moe.router.kind!r}); 0 otherwise")
 
+    upcycle.validate(config)
     checks.positive_int("checkpoint.every_steps", config.checkpoint.every_steps, minimum=0)
     checks.positive_int("checkpoint.keep", config.checkpoint.keep)
 
@@ -171,9 +178,21 @@ def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [t.warmup_steps])
 
 
-def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+def is_router_param(path: tuple) -> bool:
+    """Whether a parameter path is a router kernel (router, or Chain-of-Experts' router_{c})."""
+    names = [str(getattr(key, "key", key)) for key in path]
+    return any(name == "router" or name.startswith("router_") for name in names)
+
+
+def make_optimizer(t: ml_collections.ConfigDict, frozen_router: bool = False) -> optax.GradientTransformation:
+    """AdamW (weight decay on rank >= 2 parameters) after global-norm clipping. frozen_router: the routers get no
+    gradient (moe.RouterKernel stops it) and no weight decay, so they stay at their initialisation."""
+
+    def decayed(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: p.ndim >= 2 and not (frozen_router and is_router_param(path)), params)
+
+    adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decayed)
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip else adamw
 
 
@@ -194,7 +213,10 @@ LAYER_STATS = ("max_over_mean_load", "maxvio", "drop_fraction", "experts_per_tok
 def moe_layer_stats(moe_aux: Any, cfg: ml_collections.ConfigDict) -> dict[str, dict[str, jax.Array]]:
     """Per MoE layer, keyed 'layers_{i}' by depth, the LAYER_STATS: max_over_mean_load (max_e load / mean_e
     load), maxvio (the same minus 1, Loss-Free Balancing's MaxVio), drop_fraction and experts_per_token (routed
-    experts per token; below top_k for dynamic routers).
+    experts per token; below top_k for dynamic routers). A layer called several times (Chain-of-Experts' passes)
+    sums its loads and experts per token over the calls and averages its drop fraction.
+
+    Each layer's entry also holds "load": its tokens_per_expert [E] (routed slots per expert).
 
     moe_aux: the 'moe_aux' collection of one forward pass; cfg: config.model. Scanned layers (stacked [U, ...]
     statistics under 'blocks/block_j') are split into their layers.
@@ -205,8 +227,8 @@ def moe_layer_stats(moe_aux: Any, cfg: ml_collections.ConfigDict) -> dict[str, d
         if path[-1] != "tokens_per_expert":
             continue
         load = jnp.sum(jnp.stack(loads), axis=0)  # [E] or [U, E]; summed over calls
-        drop = jnp.sum(jnp.stack(flat[path[:-1] + ("drop_fraction",)]), axis=0)
-        per_token = jnp.mean(jnp.stack(flat[path[:-1] + ("experts_per_token",)]), axis=0)
+        drop = jnp.mean(jnp.stack(flat[path[:-1] + ("drop_fraction",)]), axis=0)
+        per_token = jnp.sum(jnp.stack(flat[path[:-1] + ("experts_per_token",)]), axis=0)
         ratio = jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
         if path[0] == "blocks":
             block = int(path[1].removeprefix("block_"))
@@ -214,42 +236,106 @@ def moe_layer_stats(moe_aux: Any, cfg: ml_collections.ConfigDict) -> dict[str, d
         else:
             layers, ratio, drop = [int(path[0].removeprefix("layers_"))], ratio[None], drop[None]
             per_token = per_token[None]
+        load = load.reshape(-1, load.shape[-1])
         for i, layer in enumerate(layers):
             stats[f"layers_{layer}"] = {"max_over_mean_load": ratio[i], "maxvio": ratio[i] - 1.0,
-                                        "drop_fraction": drop[i], "experts_per_token": per_token[i]}
+                                        "drop_fraction": drop[i], "experts_per_token": per_token[i],
+                                        "load": load[i]}
     return dict(sorted(stats.items(), key=lambda item: int(item[0].removeprefix("layers_"))))
 
 
 def _stat_outputs(stats: dict[str, dict[str, jax.Array]]) -> dict[str, jax.Array]:
-    return {f"{layer}_{name}": value for layer, values in stats.items() for name, value in values.items()}
+    """The model outputs the metrics collection reads: '{layer}_{stat}' scalars and expert_load [L, E]."""
+    outputs = {f"{layer}_{name}": values[name] for layer, values in stats.items() for name in LAYER_STATS}
+    if stats:
+        outputs["expert_load"] = jnp.stack([values["load"] for values in stats.values()])
+    return outputs
 
 
-def metrics_collection(layers: list[str], train: bool) -> type[clu_metrics.Collection]:
+def expert_load_metric(num_layers: int, num_experts: int) -> type[clu_metrics.Metric]:
+    """A clu metric summing the routed slots per expert of every MoE layer ([L, E]) over steps; its value is each
+    layer's load as fractions of its slots (rows sum to 1)."""
+
+    @flax.struct.dataclass
+    class ExpertLoad(clu_metrics.Metric):
+        total: jax.Array
+
+        @classmethod
+        def empty(cls) -> ExpertLoad:
+            return cls(total=jnp.zeros((num_layers, num_experts), jnp.float32))
+
+        @classmethod
+        def from_model_output(cls, *, expert_load: jax.Array, **_) -> ExpertLoad:
+            return cls(total=expert_load.astype(jnp.float32))
+
+        def merge(self, other: ExpertLoad) -> ExpertLoad:
+            return type(self)(total=self.total + other.total)
+
+        def compute(self) -> jax.Array:
+            return self.total / jnp.maximum(self.total.sum(-1, keepdims=True), 1e-9)
+
+    return ExpertLoad
+
+
+def metrics_collection(layers: list[str], train: bool, num_experts: int | None = None) -> type[clu_metrics.Collection]:
     """clu metrics of the train step (loss, aux_loss, grad_norm, learning_rate) or of evaluation (loss), both
-    with '{layer}_{stat}' for the LAYER_STATS of every MoE layer, averaged over steps/batches."""
+    with '{layer}_{stat}' for the LAYER_STATS of every MoE layer, averaged over steps/batches; the train step's
+    also hold expert_load (per layer, the fraction of routed slots each of the num_experts experts got)."""
     names = ["loss"] + (["aux_loss", "grad_norm"] if train else [])
     names += [f"{layer}_{stat}" for layer in layers for stat in LAYER_STATS]
     fields = {name: clu_metrics.Average.from_output(name) for name in names}
     if train:
         fields["learning_rate"] = clu_metrics.LastValue.from_output("learning_rate")
+        if layers:
+            if num_experts is None:
+                raise ValueError("metrics_collection(train=True) with MoE layers needs num_experts")
+            fields["expert_load"] = expert_load_metric(len(layers), num_experts)
     return clu_metrics.Collection.create(**fields)
+
+
+def consistency_kl(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
+    """THOR's symmetric consistency loss 1/2 [KL(p_a || p_b) + KL(p_b || p_a)], averaged over positions (as the
+    cross-entropy is). logits: [B, S, V]."""
+    log_a = jax.nn.log_softmax(logits_a.astype(jnp.float32), axis=-1)
+    log_b = jax.nn.log_softmax(logits_b.astype(jnp.float32), axis=-1)
+    sym = jnp.sum((jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b), axis=-1)  # KL(a||b) + KL(b||a)
+    return 0.5 * jnp.mean(sym)
 
 
 def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Array, *, module: model.Transformer,
                tx: optax.GradientTransformation, schedule: optax.Schedule, train_key: jax.Array,
-               bias_update_rate: float) -> tuple[TrainState, clu_metrics.Collection, jax.Array]:
+               bias_update_rate: float, total_steps: int | None = None,
+               consistency_coef: float = 0.0) -> tuple[TrainState, clu_metrics.Collection, jax.Array]:
     """One update on batch [B, S + 1]: the new state, metrics merged with this step's, [loss, grad_norm].
+
+    total_steps: the run's length, giving routers with a schedule their progress (step / total_steps).
+    consistency_coef > 0 (THOR): the batch runs twice with independent 'routing' draws and the objective is
+    CE_1 + CE_2 + consistency_coef * consistency_kl; the reported loss is then (CE_1 + CE_2) / 2.
 
     Metrics accumulate on device, inside the step: no eager op runs between steps (on XLA:CPU with many forced
     host devices, eager ops queued behind a step with collectives can starve it of threads).
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    step_key = jax.random.fold_in(train_key, state.step)
+    progress = None if total_steps is None else state.step.astype(jnp.float32) / total_steps
+
+    def forward(params, key):
+        jitter_key, routing_key = jax.random.split(key)
+        logits, aux = module.apply({"params": params, "moe_state": state.moe_state}, inputs, train=True,
+                                   progress=progress, mutable=["moe_aux"],
+                                   rngs={"jitter": jitter_key, "routing": routing_key})
+        return logits, aux.get("moe_aux", {})
 
     def loss_fn(params):
-        logits, aux = module.apply({"params": params, "moe_state": state.moe_state}, inputs, train=True,
-                                   mutable=["moe_aux"], rngs={"jitter": jax.random.fold_in(train_key, state.step)})
-        task, balance = model.cross_entropy(logits, targets), model.aux_loss(aux.get("moe_aux", {}))
-        return task + balance, (task, balance, aux.get("moe_aux", {}))
+        logits, moe_aux = forward(params, step_key)
+        task, balance = model.cross_entropy(logits, targets), model.aux_loss(moe_aux)
+        if not consistency_coef:
+            return task + balance, (task, balance, moe_aux)
+        logits_2, moe_aux_2 = forward(params, jax.random.fold_in(step_key, 1))
+        task_2 = model.cross_entropy(logits_2, targets)
+        balance = balance + model.aux_loss(moe_aux_2)
+        objective = task + task_2 + consistency_coef * consistency_kl(logits, logits_2) + balance
+        return objective, ((task + task_2) / 2, balance, moe_aux)
 
     grads, (loss, balance, moe_aux) = jax.grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -411,6 +497,8 @@ class MetricWriter:
         with self._jsonl.open("a") as f:
             f.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
         for name, value in scalars.items():
+            if isinstance(value, dict):  # expert_load: one histogram-like scalar set per layer is too many; skip
+                continue
             self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:
@@ -464,9 +552,15 @@ class Progress:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def computed(metrics: clu_metrics.Collection) -> dict[str, float]:
-    """The metrics' values, computed on the host."""
-    return {name: float(value) for name, value in jax.device_get(metrics).compute().items()}
+def computed(metrics: clu_metrics.Collection, layers: list[str]) -> dict[str, Any]:
+    """The metrics' values, computed on the host: floats, and expert_load as {layer: [fraction per expert]}."""
+    values = {}
+    for name, value in jax.device_get(metrics).compute().items():
+        if name == "expert_load":
+            values[name] = {layer: [round(float(v), 6) for v in row] for layer, row in zip(layers, value, strict=True)}
+        else:
+            values[name] = float(value)
+    return values
 
 
 def evaluate(step_fn: Any, state: TrainState, empty: clu_metrics.Collection,
@@ -475,7 +569,7 @@ def evaluate(step_fn: Any, state: TrainState, empty: clu_metrics.Collection,
     metrics = empty
     for batch in batches:
         metrics = step_fn(state, metrics, batch)
-    return computed(metrics)
+    return computed(metrics, [])
 
 
 def summary(eval_metrics: dict[str, float], layers: list[str], progress: Progress, start_time: float,
@@ -504,8 +598,28 @@ def summary(eval_metrics: dict[str, float], layers: list[str], progress: Progres
                                for stat in LAYER_STATS} for layer in layers},
         "moe_layers_note": "final evaluation, averaged over batches; max_over_mean_load = max_e load / mean_e load, "
                            "maxvio = that - 1, experts_per_token = routed experts per token",
+        "maxvio_over_training": maxvio_over_training(workdir, layers),
+        "maxvio_over_training_note": "per layer, the train MaxVio of each log interval (metrics.jsonl): first, "
+                                     "last, mean and max over the run",
         "corpus": fingerprint,
     }
+
+
+def maxvio_over_training(workdir: pathlib.Path, layers: list[str]) -> dict[str, dict[str, float]] | None:
+    """{layer: {first, last, mean, max}} of the train MaxVio logged at every log step in workdir/metrics.jsonl
+    (Loss-Free Balancing's Figure/Table MaxVio, over the whole run); None where this process has no metrics file."""
+    path = workdir / "metrics.jsonl"
+    if not layers or not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("kind") == "train"]
+    result = {}
+    for layer in layers:
+        values = [r[f"{layer}_maxvio"] for r in records if f"{layer}_maxvio" in r]
+        if values:
+            result[layer] = {"first": values[0], "last": values[-1], "mean": float(np.mean(values)),
+                             "max": float(np.max(values))}
+    return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -536,7 +650,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                                             process_count=process_count)]
 
     module = model.Transformer(config.model, mesh=mesh)
-    tx = make_optimizer(config.train)
+    tx = make_optimizer(config.train, frozen_router=config.model.moe.router.frozen)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
     def init(key):
@@ -551,7 +665,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
     manager = _manager(workdir, config.checkpoint.keep)
     restored = restore_checkpoint(manager, target)
-    if restored is None:
+    upcycled_from = None
+    if restored is None and config.upcycle.enabled:
+        upcycled_from = _upcycled_dense(config, workdir, config_name)
+        if "preempted" in upcycled_from:
+            return upcycled_from
+        fresh = jax.device_get(jax.jit(lambda key: init(key)[0])(init_key))
+        params = upcycle.upcycle_params(upcycled_from["params"], fresh.params, config)
+        state = jax.jit(lambda p, ms: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                                 moe_state=ms), out_shardings=shardings)(params, fresh.moe_state)
+        _print(f"initialised a new run in {workdir}, upcycled from the dense checkpoint at step "
+               f"{upcycled_from['step']} in {upcycled_from['workdir']} (granularity {config.upcycle.granularity}, "
+               f"{config.model.moe.num_experts} experts, router {config.upcycle.router_init})")
+    elif restored is None:
         state = jax.jit(lambda key: init(key)[0], out_shardings=shardings)(init_key)
         _print(f"initialised a new run in {workdir}")
     else:
@@ -566,11 +692,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
            f"{len(layers)} MoE layers; mesh {dict(mesh.shape)}")
 
     replicated = NamedSharding(mesh, P())
-    empty_train_metrics = jax.device_put(metrics_collection(layers, train=True).empty(), replicated)
+    num_experts = config.model.moe.num_experts
+    empty_train_metrics = jax.device_put(metrics_collection(layers, True, num_experts).empty(), replicated)
     empty_eval_metrics = jax.device_put(metrics_collection(layers, train=False).empty(), replicated)
     train_fn = jax.jit(
         lambda s, m, b: train_step(s, m, b, module=module, tx=tx, schedule=learning_rate_schedule(config.train),
-                                   train_key=train_key, bias_update_rate=config.model.moe.bias_update_rate),
+                                   train_key=train_key, bias_update_rate=config.model.moe.bias_update_rate,
+                                   total_steps=config.train.steps, consistency_coef=config.train.consistency_coef),
         in_shardings=(shardings, replicated, batch_sh), out_shardings=(shardings, replicated, replicated),
         donate_argnums=0)
     eval_fn = jax.jit(lambda s, m, b: eval_step(s, m, b, module=module),
@@ -583,6 +711,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if handler_installed else None
     total, compile_seconds = config.train.steps, 0.0
     try:
+        if upcycled_from is not None:  # the upcycled model before any MoE step, beside the dense model's last loss
+            scalars = evaluate(eval_fn, state, empty_eval_metrics, eval_data)
+            writer.write("eval", 0, scalars)
+            dense_loss = upcycled_from["val_loss"]
+            _print(f"eval at step 0 (upcycled, before training): loss {scalars['loss']:.4f}; the dense model ended at "
+                   f"{'-' if dense_loss is None else f'{dense_loss:.4f}'}")
+            progress.restart_clock()
         if start_step < total:
             batch = global_batch(next(train_iter))
             _print("compiling train step...")
@@ -603,7 +738,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
             if log_now:
                 progress.sync()
-                scalars = computed(train_metrics)
+                scalars = computed(train_metrics, layers)
                 train_metrics = empty_train_metrics
                 writer.write("train", done, scalars)
                 rate = progress.rate()
@@ -645,6 +780,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             signal.signal(signal.SIGTERM, previous_handler)
 
 
+def _upcycled_dense(config: ml_collections.ConfigDict, workdir: pathlib.Path, config_name: str | None) -> dict:
+    """The dense checkpoint an upcycling run starts from: {'params', 'step', 'workdir', 'val_loss'}, training it
+    first in <workdir>/dense when upcycle.dense_checkpoint is ''; {'preempted': True, ...} when SIGTERM stopped
+    that dense stage."""
+    given = config.upcycle.dense_checkpoint
+    dense_dir = pathlib.Path(given) if given else workdir / "dense"
+    if not given and not (dense_dir / "summary.json").exists():
+        _print(f"upcycling: training the dense model ({config.upcycle.dense_steps} steps) in {dense_dir} first")
+        result = train_and_evaluate(upcycle.dense_config(config), dense_dir,
+                                    config_name=f"{config_name or workdir.name} (dense stage)")
+        if result.get("preempted"):
+            return result
+    state, meta = load_checkpoint(dense_dir)
+    summary_path = dense_dir / "summary.json"
+    val_loss = json.loads(summary_path.read_text())["val_loss"] if summary_path.exists() else None
+    return {"params": state["params"], "step": meta["step"], "workdir": str(dense_dir), "val_loss": val_loss}
+
+
 def _stop_requested(stop: threading.Event, log_now: bool) -> bool:
     """Whether to stop after this step; with several processes they agree at log steps only."""
     if jax.process_count() == 1:
@@ -658,7 +811,11 @@ def _print_summary(result: dict[str, Any]) -> None:
            f" | perplexity {result['val_perplexity']:.3f} | "
            f"{f'{tokens_per_s:,.0f}' if tokens_per_s else '-'} train tokens/s | "
            f"{result['params_total']:,} params ({result['params_activated']:,} activated)")
+    over_training = result.get("maxvio_over_training") or {}
     for layer, stats in result["moe_layers"].items():
+        history = over_training.get(layer)
+        trend = (f" | train MaxVio {history['first']:.3f} -> {history['last']:.3f} (mean {history['mean']:.3f})"
+                 if history else "")
         _print(f"  {layer}: max/mean expert load {stats['max_over_mean_load']:.3f} | "
-               f"dropped {stats['drop_fraction']:.4f} | experts/token {stats['experts_per_token']:.2f}")
+               f"dropped {stats['drop_fraction']:.4f} | experts/token {stats['experts_per_token']:.2f}{trend}")
     _print(f"summary: {pathlib.Path(result['workdir']) / 'summary.json'}")

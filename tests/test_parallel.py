@@ -231,7 +231,7 @@ def train_steps(config, mesh, steps=2):
 
     abstract = jax.eval_shape(init)
     layers = [f"layers_{i}" for i in range(config.model.num_layers)]
-    metrics = train.metrics_collection(layers, train=True).empty()
+    metrics = train.metrics_collection(layers, True, config.model.moe.num_experts).empty()
     kwargs = {}
     if mesh is not None:
         shardings, replicated = parallel.state_shardings(abstract, mesh), NamedSharding(mesh, P())

@@ -204,7 +204,8 @@ def test_moe_layer_stats_are_named_by_depth(scan_layers):
     variables = jax.eval_shape(model.Transformer(config).init, jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
     stats = jax.eval_shape(lambda aux: train.moe_layer_stats(aux, config), variables["moe_aux"])
     assert list(stats) == ["layers_1", "layers_3"]
-    assert all(v.shape == () for layer in stats.values() for v in layer.values())
+    assert all(layer[name].shape == () for layer in stats.values() for name in train.LAYER_STATS)
+    assert all(layer["load"].shape == (config.moe.num_experts,) for layer in stats.values())
 
 
 def test_default_workdir():

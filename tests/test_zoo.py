@@ -19,7 +19,7 @@ from tests.test_routing import deepseek_v3, mixtral
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p", "adamoe", "hash",
-       "expert_choice"]
+       "expert_choice", "smoe_dropout", "thor", "chain_of_experts", "upcycling"]
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -232,7 +232,7 @@ def test_loss_free_bias_follows_the_sign_rule_and_adds_no_loss():
     _, aux = module.apply(variables, batch[:, :-1], train=True, mutable=["moe_aux"])
     load_ = np.asarray(aux["moe_aux"]["layers_0"]["ffn"]["tokens_per_expert"][0])
     assert float(aux["moe_aux"]["layers_0"]["ffn"]["balance_loss"][0]) == 0.0
-    metrics = train.metrics_collection(["layers_0"], train=True).empty()
+    metrics = train.metrics_collection(["layers_0"], True, config.model.moe.num_experts).empty()
     new, metrics, _ = train.train_step(state, metrics, batch, module=module, tx=tx,
                                        schedule=train.learning_rate_schedule(config.train),
                                        train_key=jax.random.key(0), bias_update_rate=1e-3)
@@ -240,6 +240,149 @@ def test_loss_free_bias_follows_the_sign_rule_and_adds_no_loss():
     np.testing.assert_allclose(np.asarray(new.moe_state["layers_0"]["ffn"]["router_bias"]), expected, atol=1e-9)
     maxvio = float(metrics.compute()["layers_0_maxvio"])
     np.testing.assert_allclose(maxvio, load_.max() / load_.mean() - 1, rtol=1e-5)
+    logged = train.computed(metrics, ["layers_0"])["expert_load"]["layers_0"]
+    np.testing.assert_allclose(logged, load_ / load_.sum(), atol=1e-6)
+
+
+def numpy_glu(x, w0, w1, wo):
+    """SiLU GLU of rows x in float64: (silu(x @ w0) * (x @ w1)) @ wo."""
+    h = x @ w0
+    return (h / (1 + np.exp(-h)) * (x @ w1)) @ wo
+
+
+def numpy_expert(p, i, x):
+    return numpy_glu(x, *(np.asarray(p["experts"][name], np.float64)[i] for name in ("wi_0", "wi_1", "wo")))
+
+
+def test_smoe_dropout_k_grows_linearly_with_softmax_over_the_selected():
+    """k(t) = k_start + round((k_max - k_start) t / T); the slots are the top-k(t) logits with softmax weights over
+    them, the rest null; evaluation uses every expert."""
+    cfg, logits = router_logits("smoe_dropout", tokens=32)
+    for progress in (0.0, 0.3, 0.6, 0.97, 1.0):
+        k_now = 8 + int(np.floor(8 * progress + 0.5))
+        got = routing.route(jnp.asarray(logits), cfg, train=True, progress=jnp.float32(progress))
+        for t, row in enumerate(logits):
+            ids = reference.top_indices(row, k_now)
+            experts, weights = np.asarray(got.experts[t]), np.asarray(got.weights[t])
+            np.testing.assert_array_equal(experts[:k_now], ids)
+            np.testing.assert_allclose(weights[:k_now], reference.softmax(row[ids]), rtol=1e-5)
+            assert (experts[k_now:] == cfg.num_experts).all() and (weights[k_now:] == 0).all()
+    evaluated = routing.route(jnp.asarray(logits), cfg, train=False)
+    assert (np.sort(np.asarray(evaluated.experts), axis=1) == np.arange(16)).all()
+
+
+def test_smoe_dropout_router_stays_frozen_while_k_grows_in_the_train_step():
+    config = load("smoe_dropout")
+    config.model.update(d_model=32, num_layers=1, num_heads=2, ffn_dim=64)
+    config.model.moe.expert_ffn = 4
+    config.train.update(steps=4, warmup_steps=1)
+    module = model.Transformer(config.model)
+    batch = jnp.asarray(np.random.default_rng(0).integers(1, 256, (4, 17)), jnp.int32)
+    variables = module.init(jax.random.key(0), batch[:, :-1])
+    moe_state = variables["moe_state"]
+    for frozen in (True, False):
+        tx = train.make_optimizer(config.train, frozen_router=frozen)
+        config.model.moe.router.frozen = frozen
+        module = model.Transformer(config.model)
+        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                 opt_state=tx.init(variables["params"]), moe_state=moe_state)
+        per_token = []
+        for _ in range(3):
+            metrics = train.metrics_collection(["layers_0"], True, 16).empty()
+            state, metrics, _ = train.train_step(state, metrics, batch, module=module, tx=tx,
+                                                 schedule=train.learning_rate_schedule(config.train),
+                                                 train_key=jax.random.key(0), bias_update_rate=0.0, total_steps=4)
+            per_token.append(float(metrics.compute()["layers_0_experts_per_token"]))
+        assert per_token == [8.0, 10.0, 12.0]  # k(t) at steps 0, 1, 2 of 4
+        before = variables["params"]["layers_0"]["ffn"]
+        after = state.params["layers_0"]["ffn"]
+        router_same = np.array_equal(np.asarray(before["router"]["kernel"]), np.asarray(after["router"]["kernel"]))
+        assert router_same == frozen
+        assert not np.array_equal(np.asarray(before["experts"]["wo"]), np.asarray(after["experts"]["wo"]))
+
+
+def test_thor_sends_each_pass_to_one_random_expert_and_evaluates_the_ensemble():
+    from moejax import moe
+
+    cfg = load("thor").model.moe
+    cfg.expert_ffn = 16
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    layer = moe.MoE(cfg)
+    variables = layer.init(jax.random.key(1), x)
+    variables = {"params": variables["params"], "moe_state": variables["moe_state"]}  # no init-time statistics
+    p = variables["params"]
+    tokens = np.asarray(x, np.float64).reshape(-1, 32)
+    draws = []
+    for seed in range(40):
+        y, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"], rngs={"routing": jax.random.key(seed)})
+        load_ = np.asarray(aux["moe_aux"]["tokens_per_expert"][0])
+        assert sorted(load_.tolist()) == [0.0, 32.0]  # the whole batch on one expert
+        expert = int(load_.argmax())
+        draws.append(expert)
+        np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), numpy_expert(p, expert, tokens), atol=1e-5)
+    assert 10 <= sum(draws) <= 30  # both experts drawn, about evenly (Binomial(40, 1/2))
+    y = layer.apply(variables, x)
+    ensemble = (numpy_expert(p, 0, tokens) + numpy_expert(p, 1, tokens)) / 2
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), ensemble, atol=1e-5)
+
+
+def test_thor_consistency_loss_is_the_symmetric_kl():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 3, 7)) * 2, rng.normal(size=(2, 3, 7)) * 2
+    p, q = reference.softmax(a), reference.softmax(b)
+    expected = 0.5 * ((p * np.log(p / q)).sum(-1) + (q * np.log(q / p)).sum(-1)).mean()
+    np.testing.assert_allclose(float(train.consistency_kl(jnp.asarray(a), jnp.asarray(b))), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("residual,shared_router", [("inner", False), ("outer", False), ("inner_outer", False),
+                                                    ("inner", True)])
+def test_chain_of_experts_layer_matches_a_numpy_chain(residual, shared_router):
+    """x_c = [x_{c-1} +] sum_i s_i^c E_i(x_{c-1}) + Shared(x_{c-1}) with router c's softmax top-k, the experts shared
+    across the passes; 'inner_outer' returns x_C - x_0 for the block to add."""
+    from moejax import moe
+
+    cfg = load("chain_of_experts").model.moe
+    cfg.update(num_experts=8, top_k=2, expert_ffn=16, chain_residual=residual, chain_shared_router=shared_router)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+    layer = moe.MoE(cfg)
+    variables = layer.init(jax.random.key(1), x)
+    variables = {"params": variables["params"], "moe_state": variables["moe_state"]}  # no init-time statistics
+    y, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"])
+    p = variables["params"]
+    assert ("router_1" in p) != shared_router
+    kernels = [p["router"]["kernel"], p["router"]["kernel"] if shared_router else p["router_1"]["kernel"]]
+    shared = [np.asarray(p["shared"][name], np.float64) for name in ("wi_0", "wi_1", "wo")]
+    x0 = np.asarray(x, np.float64).reshape(-1, 32)
+    state = x0
+    for kernel in kernels:
+        logits = state @ np.asarray(kernel, np.float64)
+        out = numpy_glu(state, *shared)
+        for t, row in enumerate(logits):
+            ids, w = reference.route_token(row, k=2)
+            out[t] += sum(wi * numpy_expert(p, i, state[t]) for i, wi in zip(ids, w, strict=True))
+        state = out if residual == "outer" else state + out
+    expected = state - x0 if residual == "inner_outer" else state
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), expected, atol=5e-5, rtol=1e-4)
+    assert len(aux["moe_aux"]["balance_loss"]) == 2 and len(aux["moe_aux"]["tokens_per_expert"]) == 2
+
+
+def test_chain_of_experts_inner_residual_replaces_the_residual_stream():
+    """The released code's quirk: with chain_residual='inner' the block's output is the MoE output x_C;
+    'inner_outer' adds x_C - x_0 to the block input instead."""
+    config = load("chain_of_experts").model
+    config.update(d_model=32, num_heads=2)
+    config.moe.update(num_experts=8, top_k=2, expert_ffn=16)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+    block = model.Block(config, use_moe=True)
+    variables = block.init(jax.random.key(1), x)
+    y, inter = block.apply(variables, x, capture_intermediates=True)
+    ffn_out = inter["intermediates"]["ffn"]["__call__"][0]
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ffn_out))
+    config.moe.chain_residual = "inner_outer"
+    y, inter = model.Block(config, use_moe=True).apply(variables, x, capture_intermediates=True)
+    attn_out = x + inter["intermediates"]["attn"]["__call__"][0]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(attn_out + inter["intermediates"]["ffn"]["__call__"][0]),
+                               atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +410,8 @@ def test_zoo_config_trains_20_steps_through_main(name, data_dir, tmp_path):
     overrides = list(SMALL)
     if load(name).model.num_kv_heads:
         overrides.append("--config.model.num_kv_heads=2")
+    if name == "upcycling":  # whole copies of the 64-wide dense FFN, after 6 dense steps
+        overrides += ["--config.model.moe.expert_ffn=64", "--config.upcycle.dense_steps=6"]
     command = [sys.executable, "-m", "moejax.main", f"--config={REPO / 'configs' / f'{name}.py'}",
                f"--config.data.dir={data_dir}", f"--workdir={tmp_path / name}", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -275,3 +420,10 @@ def test_zoo_config_trains_20_steps_through_main(name, data_dir, tmp_path):
     summary = json.loads((tmp_path / name / "summary.json").read_text())
     assert summary["steps"] == 20 and np.isfinite(summary["val_loss"]) and summary["val_loss"] < 5.55
     assert all("maxvio" in layer for layer in summary["moe_layers"].values())
+    if name == "upcycling":  # the dense stage ran first; renormalised top-2 over copies computes the dense function
+        dense = json.loads((tmp_path / name / "dense" / "summary.json").read_text())
+        assert dense["steps"] == 6 and not dense["moe_layers"]
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        step0 = [r for r in records if r["kind"] == "eval" and r["step"] == 0]
+        assert len(step0) == 1
+        np.testing.assert_allclose(step0[0]["loss"], dense["val_loss"], rtol=1e-5)
