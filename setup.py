@@ -21,10 +21,11 @@ setup(
         "array_record",
         "tensorflow-datasets",
         "tensorboardX",
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         "tf": ["tensorflow"],
-        "notebooks": ["matplotlib", "nbclient", "ipykernel"],
+        "notebooks": ["nbclient", "nbformat", "ipykernel"],
     },
 )
