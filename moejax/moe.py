@@ -170,7 +170,7 @@ class MoE(nn.Module):
         tokens = x.reshape(batch * seq, d_model).astype(self.dtype)
         weights = ExpertWeights(cfg.num_experts, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
                                 name="experts")()
-        weights = tuple(w.astype(self.dtype) for w in weights)
+        weights = tuple(jnp.asarray(w, self.dtype) for w in weights)  # numpy params (load_checkpoint) too
         bias = self.variable("moe_state", "router_bias", jnp.zeros, (cfg.num_experts,), jnp.float32)
         shared = shared_gate = None
         if cfg.num_shared > 0:
