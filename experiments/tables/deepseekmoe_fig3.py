@@ -1,0 +1,45 @@
+"""DeepSeekMoE Figure 3 at the tiny width: GShard -> + shared expert -> + fine-grained m=2 -> m=4, at constant total
+expert parameters (16 standard FFNs per MoE layer) and constant activated expert parameters (2 standard FFNs).
+
+Every row is configs/deepseekmoe.py:tiny (4 layers, d_model 128, one standard FFN = a 352-wide SwiGLU; softmax gate
+without renormalisation, DeepSeekMoE expert-level balance loss alpha1 = 0.01, dropless; batch 32 x 128, LR 6e-3)
+with only the expert layout changed, so each step of the figure changes one thing:
+* gshard: 0 shared + 16 x 352, top-2.
+* shared: 1 shared + 15 x 352, top-1.
+* fine_m2: 1 shared + 31 x 176, top-3.
+* fine_m4: 1 shared + 63 x 88, top-7 (= configs/deepseekmoe.py:tiny).
+Choice: the gshard arm keeps DeepSeekMoE's router (no renormalisation of the top-2 weights, DeepSeekMoE's loss), so
+it differs from Table 1's gshard row (configs/gshard.py: renormalised, Switch loss). Renormalising would also break
+the +shared arm: a renormalised top-1 weight is always 1, and its router would get no gradient from the LM loss.
+
+The paper gives Figure 3 as bars normalised to the best arm per benchmark (no absolute Pile loss), so the rows
+carry no paper number; PAPERS.md section 1 reads TriviaQA about 0.61 -> 0.85 -> ... -> 1.0 off the figure.
+
+Budget: 200 steps (819K tokens), one evaluation at the end on 16 validation batches. Measured on the 2-core CPU
+(one 30-step run of fine_m4, the slowest row, with another training job sharing the cores): 1.70 s/step plus 45 s
+per run, so a fine_m4 run takes about 385 s; 12 runs at that speed take 77 minutes, and the rows with fewer, wider
+experts run faster: about an hour with --jobs 1.
+"""
+from experiments.tables import Row
+
+TITLE = "DeepSeekMoE Figure 3 (tiny): GShard -> +shared expert -> +fine-grained m=2 -> m=4"
+PAPER = ("Dai et al., DeepSeekMoE, ACL 2024, arXiv 2401.06066, Figure 3 (ablation of shared-expert isolation and "
+         "fine-grained segmentation, 2B validation models; bars normalised to the best arm, no absolute numbers)")
+EXPECTED = ("Validation loss falls at each step: GShard > +shared > m=2 > m=4. Expect small gaps at this scale "
+            "(an independent 2B/10B-token reproduction found DeepSeekMoE only 0.012 BPB better than GShard).")
+ROWS = [
+    Row("gshard", "configs/deepseekmoe.py:tiny",
+        {"model.moe.num_shared": 0, "model.moe.num_experts": 16, "model.moe.expert_ffn": 352, "model.moe.top_k": 2},
+        note="0 shared + 16 x 352, top-2"),
+    Row("shared", "configs/deepseekmoe.py:tiny",
+        {"model.moe.num_shared": 1, "model.moe.num_experts": 15, "model.moe.expert_ffn": 352, "model.moe.top_k": 1},
+        note="1 shared + 15 x 352, top-1"),
+    Row("fine_m2", "configs/deepseekmoe.py:tiny",
+        {"model.moe.num_shared": 1, "model.moe.num_experts": 31, "model.moe.expert_ffn": 176, "model.moe.top_k": 3},
+        note="1 shared + 31 x 176, top-3"),
+    Row("fine_m4", "configs/deepseekmoe.py:tiny", {}, note="1 shared + 63 x 88, top-7 (the tiny preset)"),
+]
+REFERENCE = "gshard"
+BUDGET = {"train.steps": 200, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 16,
+          "checkpoint.every_steps": 50}
+METRICS = ["val_loss", "train_maxvio", "train_tokens_per_s"]

@@ -1,0 +1,37 @@
+"""Switch Transformer capacity factor at the tiny width: top-1 of 16 experts with capacity factor 1.0, 1.25 and 2.0
+in training, and dropless, recording validation loss and the fraction of routed slots dropped.
+
+Every row is configs/switch.py (Switch loss 0.01, router jitter 0.01, drop by position, dropped tokens pass through
+the residual) at the tiny width: 4 layers, d_model 128, 16 experts of one 352-wide SwiGLU, batch 32 x 128, LR 6e-3,
+30 warm-up steps. The final evaluation runs every capacity row at Switch's eval capacity factor 2.0, as the paper
+evaluates: `drop_fraction` is that evaluation's, `train_drop_fraction` the training one (mean over the run).
+
+Budget: 200 steps (819K tokens), one evaluation at the end on 16 validation batches. Measured on the 2-core CPU: the
+slowest row of the other tables (deepseekmoe m=4) takes 1.70 s/step plus 45 s per run with another job sharing the
+cores; these 16-expert top-1 rows are not slower (capacity mode runs one fixed tile per expert), so 12 runs take at
+most 77 minutes and about an hour with --jobs 1.
+"""
+from experiments.tables import TINY, Row
+
+SWITCH = {**TINY, "model.moe.expert_ffn": 352}
+
+TITLE = "Switch Transformer capacity factor (tiny): CF 1.0 / 1.25 / 2.0 vs dropless, top-1 of 16"
+PAPER = ("Fedus, Zoph, Shazeer, Switch Transformers, JMLR 2022, arXiv 2101.03961, Table 1 (Switch-Base, 128 "
+         "experts, C4; negative log perplexity at 100k steps, higher is better)")
+EXPECTED = ("A larger capacity factor drops fewer tokens and gives a lower loss (paper, neg. log perplexity: "
+            "CF 1.0 -1.561, CF 1.25 -1.553, CF 2.0 -1.554, i.e. CF >= 1.25 roughly ties); dropless should match or "
+            "beat CF 2.0.")
+ROWS = [
+    Row("cf1.0", "configs/switch.py", {**SWITCH, "model.moe.capacity_factor": 1.0},
+        {"neg. log perplexity": -1.561}, "capacity factor 1.0 in training"),
+    Row("cf1.25", "configs/switch.py", {**SWITCH, "model.moe.capacity_factor": 1.25},
+        {"neg. log perplexity": -1.553}, "capacity factor 1.25 in training (Switch's default)"),
+    Row("cf2.0", "configs/switch.py", {**SWITCH, "model.moe.capacity_factor": 2.0},
+        {"neg. log perplexity": -1.554}, "capacity factor 2.0 in training"),
+    Row("dropless", "configs/switch.py", {**SWITCH, "model.moe.dispatch": "dropless"},
+        note="no capacity: every routed slot computed"),
+]
+REFERENCE = "dropless"
+BUDGET = {"train.steps": 200, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 16,
+          "checkpoint.every_steps": 50}
+METRICS = ["val_loss", "train_drop_fraction", "drop_fraction", "train_maxvio", "train_tokens_per_s"]

@@ -1,0 +1,249 @@
+"""Tests of experiments/reproduce.py, experiments/sweep.py (experiments/runner.py) and moejax/analysis.py.
+
+reproduce runs a toy table (two rows of the tiny config of tests/helpers_train.py cut to one MoE layer of 4 experts,
+2 seeds, 4 steps) with real moejax subprocesses; the sweep reuses that table's config so that its points load their
+compiled steps from the persistent compilation cache the subprocesses share. The analysis tests read a synthetic
+metrics.jsonl.
+"""
+import contextlib
+import io
+import json
+import pathlib
+import re
+import time
+
+import numpy as np
+import pytest
+
+from experiments import reproduce, runner, sweep
+from moejax import analysis
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "tests" / "helpers_train.py")
+TOY_TABLE = f'''
+from experiments.tables import Row
+CONFIG = {CONFIG!r}
+TITLE = "toy table"
+PAPER = "no paper"
+EXPECTED = "b below a"
+SMALL = {{"model.num_layers": 1, "model.moe.num_experts": 4}}
+ROWS = [Row("a", CONFIG, {{**SMALL, "model.moe.top_k": 1}}, {{"loss": 1.5}}),
+        Row("b", CONFIG, {{**SMALL, "model.moe.top_k": 2}})]
+REFERENCE = "a"
+BUDGET = {{"train.steps": 4, "train.warmup_steps": 1, "train.log_every": 2, "train.eval_every": 0,
+          "data.eval_batches": 1, "checkpoint.every_steps": 0}}
+METRICS = ["val_loss", "maxvio", "train_maxvio"]
+'''
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory):
+    """Runs on one host device (not the 8 forced ones of conftest.py) sharing one persistent compilation cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XLA_FLAGS", "")
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, subprocess_env):
+    """The toy table run once: (tables dir, workdir, results dir, console output)."""
+    root = tmp_path_factory.mktemp("reproduce")
+    (root / "tables").mkdir()
+    (root / "tables" / "toy.py").write_text(TOY_TABLE)
+    args = ["toy", "--tables-dir", str(root / "tables"), "--seeds", "2", "--jobs", "2", "--workdir",
+            str(root / "runs"), "--results-dir", str(root / "results")]
+    return root, args
+
+
+def run_main(module, args, capsys):
+    code = module.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def toy_run(toy):
+    """The toy table's first run: (root, args, exit status, console output)."""
+    root, args = toy
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = reproduce.main(args)
+    return root, args, code, out.getvalue()
+
+
+def test_reproduce_runs_every_row_and_seed(toy_run):
+    root, _, code, out = toy_run
+    assert code == 0, out
+    for row in ("a", "b"):
+        for seed in (0, 1):
+            run = root / "runs" / row / f"seed{seed}"
+            assert (run / "summary.json").exists(), out
+            assert f"--config.seed={seed}" in (run / "log.txt").read_text()
+    assert "done 4/4" in out and "4 finished, 0 skipped, 0 failed" in out
+
+
+def test_reproduce_results_are_the_seed_statistics(toy_run):
+    root, _, _, _ = toy_run
+    md = (root / "results" / "toy.md").read_text()
+    data = json.loads((root / "results" / "toy.json").read_text())
+    for row in ("a", "b"):
+        summaries = [json.loads((root / "runs" / row / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+        losses = [s["val_loss"] for s in summaries]
+        maxvios = [np.mean([layer["maxvio"] for layer in s["moe_layers"].values()]) for s in summaries]
+        line = next(line for line in md.splitlines() if line.startswith(f"| **{row}**"))
+        cells = re.findall(r"(-?\d+\.\d+) ± (\d+\.\d+)", line)
+        assert [float(m) for m in cells[0]] == pytest.approx([np.mean(losses), np.std(losses, ddof=1)], abs=6e-5)
+        assert [float(m) for m in cells[1]] == pytest.approx([np.mean(maxvios), np.std(maxvios, ddof=1)], abs=6e-5)
+        entry = next(r for r in data["rows"] if r["name"] == row)
+        assert [r["metrics"]["val_loss"] for r in entry["runs"]] == losses
+        assert entry["std"]["val_loss"] == pytest.approx(np.std(losses, ddof=1))
+    a, b = ([json.loads((root / "runs" / r / f"seed{s}" / "summary.json").read_text())["val_loss"] for s in (0, 1)]
+            for r in ("a", "b"))
+    assert data["differences"]["b"]["val_loss"]["values"] == pytest.approx(np.subtract(b, a))
+    assert "| **a** | 2/2 |" in md and "| 1.5 |" in md  # seeds finished, the paper's number
+    for plot in ("toy_loss.png", "toy_maxvio.png", "toy_load_a.png", "toy_load_b.png"):
+        assert (root / "results" / plot).stat().st_size > 1000
+        assert f"]({plot})" in md
+
+
+def test_reproduce_rerun_skips_finished_runs(toy_run, capsys):
+    root, args, _, _ = toy_run
+    mtimes = {p: p.stat().st_mtime for p in (root / "runs").glob("*/seed*/summary.json")}
+    start = time.monotonic()
+    code, out, _ = run_main(reproduce, args, capsys)
+    assert code == 0
+    assert "4 already finished (skipped), 0 to run" in out and "] start " not in out
+    assert time.monotonic() - start < 20
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+
+
+def test_sweep_grid_resumes_and_sorts(toy_run, tmp_path, capsys):
+    workdir = tmp_path / "sweep"
+    args = ["--config", CONFIG, "--grid", "seed=0,1", "--grid", "model.moe.top_k=2", "--set", "model.num_layers=1",
+            "--set", "model.moe.num_experts=4", "--set", "train.steps=4",
+            "--set", "train.warmup_steps=1", "--set", "train.log_every=2", "--set", "train.eval_every=0",
+            "--set", "data.eval_batches=1", "--set", "checkpoint.every_steps=0", "--workdir", str(workdir),
+            "--jobs", "2"]
+    code, out, err = run_main(sweep, args, capsys)
+    assert code == 0, out + err
+    lines = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["point"] for r in lines) == ["seed=0_top_k=2", "seed=1_top_k=2"]
+    for r in lines:
+        assert r["value"] == json.loads((pathlib.Path(r["workdir"]) / "summary.json").read_text())["val_loss"]
+    summary = (workdir / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split(" | ")[1] for row in rows] == [r["point"] for r in sorted(lines, key=lambda r: r["value"])]
+    code, out, _ = run_main(sweep, args, capsys)
+    assert code == 0 and "2 already finished (skipped), 0 to run" in out and "] start " not in out
+    assert len((workdir / "results.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["no_such_table", "--dry-run"], ["'no_such_table'", "allowed tables:", "deepseekmoe_table1"]),
+    (["deepseekmoe_table1", "--rows", "gshard,nope", "--dry-run"], ["'nope'", "dense, hash, switch, gshard"]),
+    (["deepseekmoe_table1", "--budget", "huge", "--dry-run"], ["--budget='huge'", "full, smoke"]),
+])
+def test_reproduce_bad_input(args, words, capsys):
+    code, _, err = run_main(reproduce, args, capsys)
+    assert code == 2
+    for word in words:
+        assert word in err
+
+
+def test_reproduce_table_with_unknown_field(tmp_path, capsys):
+    (tmp_path / "bad.py").write_text(TOY_TABLE.replace("model.moe.top_k", "model.moe.topk"))
+    code, _, err = run_main(reproduce, ["bad", "--tables-dir", str(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and "'model.moe.topk'" in err and "top_k" in err and "row 'a'" in err
+
+
+@pytest.mark.parametrize("grid, words", [
+    ("model.moe.top_k", ["--grid 'model.moe.top_k' is malformed", "<config field>=<value>"]),
+    ("model.moe.top_k=1,,2", ["empty value"]),
+    ("model.moe.top_k=1,two", ["model.moe.top_k='two'", "int"]),
+    ("model.moe.top_kk=1,2", ["'model.moe.top_kk'", "top_k"]),
+    ("train.learning_rate=fast", ["train.learning_rate='fast'", "float"]),
+])
+def test_sweep_bad_grid(grid, words, capsys):
+    code, _, err = run_main(sweep, ["--config", CONFIG, "--grid", grid, "--dry-run"], capsys)
+    assert code == 2
+    for word in words:
+        assert word in err
+
+
+def test_override_types_follow_ml_collections():
+    config = runner.load_config(CONFIG)
+    assert runner.typed_value(config, "train.learning_rate", "1e-3", "t") == 1e-3
+    assert runner.typed_value(config, "train.learning_rate", "3", "t") == 3.0
+    assert runner.typed_value(config, "model.moe.top_k", "4", "t") == 4
+    assert runner.typed_value(config, "model.qk_norm", "true", "t") is True
+    assert runner.typed_value(config, "model.moe.router.kind", "top_p", "t") == "top_p"
+    assert runner.typed_value(config, "model.moe.eval_capacity_factor", "2.0", "t") == 2.0  # default None: literal
+    with pytest.raises(runner.UsageError, match="must be of type int"):
+        runner.typed_value(config, "model.moe.top_k", 2.5, "t")
+    assert runner.format_value(True) == "true" and runner.format_value(6e-3) == "0.006"
+
+
+def synthetic_metrics(workdir, steps=(10, 20, 30), experts=4, layers=2):
+    """A metrics.jsonl like moejax.train's: train records with expert loads and per-layer stats, eval records."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i, step in enumerate(steps):
+        loads = {f"layers_{l}": list(rng.dirichlet(np.ones(experts))) for l in range(layers)}  # noqa: E741
+        record = {"kind": "train", "step": step, "loss": 5.0 - i, "expert_load": loads}
+        for l in range(layers):  # noqa: E741
+            record[f"layers_{l}_maxvio"] = max(loads[f"layers_{l}"]) * experts - 1
+            record[f"layers_{l}_experts_per_token"] = 1.5 + 0.1 * i + l
+        records.append(record)
+    records.append({"kind": "eval", "step": steps[-1], "loss": 4.5})
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')
+    return records
+
+
+def test_load_heatmap_holds_the_loads(tmp_path):
+    records = synthetic_metrics(tmp_path)
+    assert analysis.read_metrics(tmp_path) == records  # the torn last line is skipped
+    fig = analysis.load_heatmap(tmp_path, tmp_path / "load.png")
+    assert (tmp_path / "load.png").exists()
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 2
+    for layer, image in enumerate(images):
+        expected = np.array([r["expert_load"][f"layers_{layer}"] for r in records if r["kind"] == "train"]).T
+        np.testing.assert_array_equal(np.asarray(image.get_array()), expected)
+        left, right, _, _ = image.get_extent()
+        assert left < 10 < 30 < right
+
+
+def test_load_heatmap_without_loads_says_so(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 5.0}) + "\n")
+    with pytest.raises(ValueError, match="no train record with 'expert_load'"):
+        analysis.load_heatmap(tmp_path)
+
+
+def test_layer_curves_hold_the_records(tmp_path):
+    records = [r for r in synthetic_metrics(tmp_path) if r["kind"] == "train"]
+    for function, stat in ((analysis.maxvio_curves, "maxvio"),
+                           (analysis.experts_per_token_curves, "experts_per_token")):
+        lines = function(tmp_path, tmp_path / f"{stat}.png").axes[0].get_lines()
+        assert [line.get_label() for line in lines] == ["layers_0", "layers_1"]
+        for layer, line in enumerate(lines):
+            np.testing.assert_array_equal(line.get_xdata(), [r["step"] for r in records])
+            np.testing.assert_array_equal(line.get_ydata(), [r[f"layers_{layer}_{stat}"] for r in records])
+
+
+def test_loss_curves_mean_and_band_over_seeds(tmp_path):
+    for seed, offset in ((0, 0.0), (1, 1.0)):
+        path = tmp_path / f"seed{seed}"
+        path.mkdir()
+        (path / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "train", "step": s, "loss": 5.0 - s / 10 + offset}) + "\n" for s in (10, 20)))
+    fig = analysis.loss_curves({"row": [tmp_path / "seed0", tmp_path / "seed1"]}, tmp_path / "loss.png")
+    ax = fig.axes[0]
+    (line,) = ax.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), [4.5, 3.5])
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(3.0) and band[:, 1].max() == pytest.approx(5.0)
+    assert (tmp_path / "loss.png").exists()
