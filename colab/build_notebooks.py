@@ -1,0 +1,783 @@
+"""Writes the Colab notebooks of this folder from the cell sources below: ``python colab/build_notebooks.py``.
+
+The notebooks are generated, so that they are reviewed as Python here and stay stripped (no outputs, no execution
+counts): edit a cell in this file, run the script, commit both. ``tests/test_notebooks.py`` executes every notebook
+(``MOEJAX_NOTEBOOK_BUDGET=ci``) and checks that this script reproduces the committed files byte for byte.
+
+``python colab/build_notebooks.py --check`` writes nothing and exits with status 1 when a notebook differs.
+
+Every notebook starts the same way: a cell installing moejax when it is not importable (Colab), a cell detecting
+the platform, and a cell tagged ``parameters`` choosing the budget: ``MOEJAX_NOTEBOOK_BUDGET`` when set (``ci``: a
+few steps of a small model, for the test), else ``cpu`` on a CPU (minutes) or ``full`` on a TPU or GPU.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import textwrap
+
+COLAB_DIR = pathlib.Path(__file__).resolve().parent
+REPO_URL = "https://github.com/moejax/moejax"
+
+
+def markdown(text: str) -> dict:
+    return {"cell_type": "markdown", "metadata": {}, "source": textwrap.dedent(text).strip("\n")}
+
+
+def code(text: str, *, tags: tuple[str, ...] = ()) -> dict:
+    return {"cell_type": "code", "execution_count": None, "metadata": {"tags": list(tags)} if tags else {},
+            "outputs": [], "source": textwrap.dedent(text).strip("\n")}
+
+
+INSTALL = f'''
+# Install moejax from its repository when it is not importable (Colab); a checkout installed with
+# `pip install -e .` (or CI) already has it. The configs come with the package as `moejax.configs`.
+import importlib.util
+import subprocess
+import sys
+
+REPO_URL = "{REPO_URL}"
+if importlib.util.find_spec("moejax") is None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{{REPO_URL}}"], check=True)
+'''
+
+BUDGET_CELL = '''
+import os
+
+# 'ci': a few steps of a small model (tests/test_notebooks.py); 'cpu': minutes on a laptop CPU;
+# 'full': the preset's own budget, for a TPU or GPU runtime.
+BUDGET = os.environ.get("MOEJAX_NOTEBOOK_BUDGET") or ("cpu" if platform == "cpu" else "full")
+'''
+
+PLATFORM = '''
+import jax
+
+platform = jax.default_backend()  # 'tpu', 'gpu' or 'cpu': the only platform-specific part is the budget below
+print(f"platform: {platform}")
+print(jax.devices())
+'''
+
+
+def parameters(extra: str) -> dict:
+    """The cell tagged 'parameters' (papermill's convention; the test injects WORKDIR after it)."""
+    return code(BUDGET_CELL + textwrap.dedent(extra), tags=("parameters",))
+
+
+# ----------------------------------------------------------------------------------------------- quickstart
+
+QUICKSTART = [
+    markdown('''
+        # moejax quickstart: train a small DeepSeekMoE
+
+        Trains `configs/deepseekmoe.py` (the `tiny` preset: 1 shared + 63 routed experts, top-7) on the embedded
+        corpus (the Python standard library's own source files, byte-level; nothing is downloaded), plots its loss
+        and expert load, and shows which experts the trained router sends a piece of text to.
+
+        On Colab pick a TPU or GPU runtime (*Runtime > Change runtime type*) for the preset's full budget; on a CPU
+        runtime the notebook trains a shorter run.
+        '''),
+    code(INSTALL),
+    code(PLATFORM),
+    parameters('''
+        WORKDIR = "runs/colab_quickstart"  # deleted and created fresh below
+        TEXT = "def fibonacci(n):\\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\\n"
+        '''),
+    markdown('''
+        ## The config
+
+        `get_config("tiny")` returns an `ml_collections.ConfigDict`; every field and its default is documented in
+        `configs/base.py`. The budget changes only how long it trains (and, for `ci`, the width).
+        '''),
+    code('''
+        from moejax.configs import deepseekmoe
+
+        config = deepseekmoe.get_config("tiny")
+        if BUDGET == "cpu":  # a quarter of the preset's 400 steps: about 3 minutes on 2 CPU cores
+            config.train.update(steps=100, eval_every=50, log_every=10)
+        elif BUDGET == "ci":
+            config.model.update(d_model=64, num_layers=2, ffn_dim=128)
+            config.model.moe.update(num_experts=16, top_k=4, expert_ffn=32)
+            config.train.update(steps=10, batch_size=8, seq_len=64, warmup_steps=2, log_every=2, eval_every=0)
+            config.data.eval_batches = 1
+        config.checkpoint.every_steps = 0  # one checkpoint, at the end
+        t = config.train
+        m = config.model
+        print(f"budget {BUDGET}: {t.steps} steps of {t.batch_size} x {t.seq_len} bytes; {m.num_layers} layers of "
+              f"width {m.d_model}, {m.moe.num_shared} shared + {m.moe.num_experts} routed experts, top-{m.moe.top_k}")
+        '''),
+    markdown('''
+        ## Train
+
+        `train_and_evaluate` is what `python -m moejax.main` runs: it prints a line every `train.log_every` steps,
+        evaluates, writes `metrics.jsonl`, TensorBoard events, an orbax checkpoint and `summary.json` into the
+        workdir, and returns the summary. Running it again on the same workdir would resume the run; we start
+        fresh.
+        '''),
+    code('''
+        import shutil
+
+        from moejax import train
+
+        shutil.rmtree(WORKDIR, ignore_errors=True)
+        summary = train.train_and_evaluate(config, WORKDIR)
+        '''),
+    markdown('''
+        ## Loss curve
+
+        `metrics.jsonl` holds one JSON object per log step (`"kind": "train"`) and per evaluation (`"eval"`).
+        '''),
+    code('''
+        import json
+        import math
+        import pathlib
+
+        import matplotlib.pyplot as plt
+
+        records = [json.loads(line) for line in (pathlib.Path(WORKDIR) / "metrics.jsonl").read_text().splitlines()]
+        train_records = [r for r in records if r["kind"] == "train"]
+        eval_records = [r for r in records if r["kind"] == "eval"]
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in train_records], [r["loss"] for r in train_records], label="train")
+        ax.plot([r["step"] for r in eval_records], [r["loss"] for r in eval_records], "o", label="validation")
+        ax.axhline(math.log(256), color="gray", linestyle=":", label="uniform over bytes")
+        ax.set(xlabel="step", ylabel="loss (nats per byte)", title="deepseekmoe:tiny")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        plt.show()
+        print(f"validation loss {summary['val_loss']:.3f} nats/byte, {summary['val_bits_per_byte']:.3f} bits/byte")
+        '''),
+    markdown('''
+        ## Expert load per layer
+
+        Each train record's `expert_load` holds, per MoE layer, the fraction of the routed slots every expert got
+        over that log interval (a column sums to 1; perfectly balanced is 1/E everywhere). The DeepSeekMoE balance
+        loss pushes the columns towards uniform.
+        '''),
+    code('''
+        import numpy as np
+
+        layers = list(train_records[-1]["expert_load"])
+        fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.8), squeeze=False)
+        for ax, layer in zip(axes[0], layers, strict=True):
+            loads = np.array([r["expert_load"][layer] for r in train_records]).T  # [experts, log steps]
+            image = ax.imshow(loads, aspect="auto", origin="lower", interpolation="nearest", vmin=0,
+                              extent=(0.5, len(train_records) + 0.5, -0.5, loads.shape[0] - 0.5))
+            ax.set_xticks(range(1, len(train_records) + 1), [r["step"] for r in train_records])
+            ax.xaxis.set_major_locator(plt.MaxNLocator(6, integer=True))
+            ax.set(title=f"{layer} (uniform = {1 / loads.shape[0]:.3f})", xlabel="log step", ylabel="expert")
+            fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        plt.show()
+        for layer, stats in summary["moe_layers"].items():
+            print(f"{layer}: max/mean expert load {stats['max_over_mean_load']:.2f} at the final evaluation")
+        '''),
+    markdown('''
+        ## Which experts does a piece of text go to?
+
+        `load_checkpoint` reads the run's newest checkpoint as numpy arrays (`params`, `moe_state`, ...). We run the
+        model on the bytes of `TEXT` and capture the first MoE layer's router logits with Flax's
+        `capture_intermediates` (the router is the `RouterKernel` module of `moejax/moe.py`), then route them with
+        the same function the layer uses, `moejax.routing.route`, including the layer's selection bias.
+        '''),
+    code('''
+        import jax
+        import jax.numpy as jnp
+        from IPython.display import Markdown, display
+
+        from moejax import model, moe, routing
+
+        state, meta = train.load_checkpoint(WORKDIR)
+        print(f"checkpoint of step {meta['step']}")
+        tokens = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int32)[None]  # [1, S]: the bytes are the tokens
+        # as jax arrays: the numpy arrays of load_checkpoint cannot be indexed by the experts' traced loop
+        variables = jax.tree.map(jnp.asarray, {"params": state["params"], "moe_state": state["moe_state"]})
+
+
+        @jax.jit
+        def forward(variables, tokens):
+            """The sown 'moe_aux' statistics and the router logits ('intermediates') of a forward pass."""
+            _, collections = model.Transformer(config.model).apply(
+                variables, tokens, mutable=["moe_aux", "intermediates"],
+                capture_intermediates=lambda module, method: isinstance(module, moe.RouterKernel))
+            return collections
+
+
+        collections = forward(variables, tokens)
+
+        layer = next(f"layers_{i}" for i in range(config.model.num_layers) if model.is_moe_layer(config.model, i))
+        router_logits = collections["intermediates"][layer]["ffn"]["router"]["__call__"][0]  # [S, E]
+        bias = variables["moe_state"][layer]["ffn"]["router_bias"]
+        route = routing.route(router_logits, config.model.moe, bias=bias)
+        experts, weights = np.asarray(route.experts), np.asarray(route.weights)  # [S, k] each
+
+        # the same forward pass counted the tokens per expert itself: our routing must agree with it
+        sown = collections["moe_aux"][layer]["ffn"]["tokens_per_expert"][0]
+        np.testing.assert_array_equal(np.bincount(experts.ravel(), minlength=config.model.moe.num_experts), sown)
+
+
+        def show(byte: int) -> str:
+            return {ord(" "): "␣", ord("\\n"): "↵", ord("|"): "¦"}.get(byte, chr(byte))
+
+
+        rows = [f"| `{show(b)}` | " + ", ".join(f"{e} ({w:.2f})" for e, w in zip(ids, ws, strict=True)) + " |"
+                for b, ids, ws in zip(tokens[0][:20], experts[:20], weights[:20], strict=True)]
+        display(Markdown(f"**{layer}**: the first 20 bytes of `TEXT` and their experts (combine weight)\\n\\n"
+                         "| byte | experts |\\n|---|---|\\n" + "\\n".join(rows)))
+        '''),
+    code('''
+        probs = np.asarray(route.probs)[:48]  # [tokens, E] router probabilities of the first 48 bytes
+        fig, ax = plt.subplots(figsize=(12, 4.5))
+        image = ax.imshow(probs.T, aspect="auto", origin="lower", interpolation="nearest", cmap="Blues")
+        positions = np.repeat(np.arange(len(probs)), experts.shape[1])
+        ax.scatter(positions, experts[:48].ravel(), s=6, c="tab:red")
+        ax.set_xticks(range(len(probs)), [show(b) for b in tokens[0][:48]])
+        ax.set(xlabel="byte of TEXT", ylabel="expert",
+               title=f"{layer}: router probabilities (blue) and the top-{experts.shape[1]} experts (red dots)")
+        fig.colorbar(image, ax=ax)
+        plt.show()
+        '''),
+]
+
+# ----------------------------------------------------------------------------------------------- new router
+
+NEW_ROUTER = [
+    markdown('''
+        # Try a new router in ten lines
+
+        A router is one function from router logits to a `moejax.routing.Routing` (which experts each token goes
+        to, with what weights). Register it under a name, set `config.model.moe.router.kind` to that name, and
+        train it beside the default top-k router with everything else equal. The contract, from
+        `moejax/routing.py`:
+
+        ```python
+        router(logits [T, E] float32, cfg, *, bias=None, rng=None, train=False, token_ids=None, progress=None)
+            -> Routing(weights [T, k], experts [T, k] int32, probs [T, E], logits [T, E])
+        ```
+
+        `cfg` is the `model.moe` config section, `bias` the selection-only bias of aux-loss-free balancing,
+        `progress` the fraction of training done (a traced scalar; `None` in evaluation). `probs` feed the balance
+        loss and the metrics; an expert id `>= E` marks a slot that computes nothing.
+        '''),
+    code(INSTALL),
+    code(PLATFORM),
+    parameters('''
+        WORKDIR = "runs/colab_new_router"  # one run per router below it; deleted and created fresh
+        '''),
+    markdown('''
+        ## The idea: top-k with an annealed temperature
+
+        Select and weight experts by `softmax(logits / τ)` with τ annealed from `router.temperature` at the start
+        of training to 1 at the end: early on the scores are flatter, so the balance loss sees (and spreads) more of
+        the experts before the router commits. Evaluation uses τ = 1. Registering it is all the plumbing there is;
+        do it before training, since the config is checked against the registry.
+        '''),
+    code('''
+        import jax
+        import jax.numpy as jnp
+
+        from moejax import routing
+
+
+        @routing.register("annealed_topk")
+        def annealed_topk(logits, cfg, *, bias=None, rng=None, train=False, token_ids=None, progress=None):
+            """Top-k of softmax(logits / tau), tau from router.temperature down to 1 over training; renormalised."""
+            start = cfg.router.get("temperature", 2.0)
+            tau = 1.0 if progress is None else start + (1.0 - start) * progress
+            probs = jax.nn.softmax(logits / tau, axis=-1)
+            choice = probs if bias is None else probs + bias
+            _, experts = jax.lax.top_k(choice, cfg.top_k)
+            weights = jnp.take_along_axis(probs, experts, axis=-1)
+            weights = weights / weights.sum(-1, keepdims=True)
+            return routing.Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
+        '''),
+    markdown('''
+        A quick check on random logits before spending compute: shapes, weights summing to 1, and the temperature
+        flattening the scores (higher entropy) at the start of training.
+        '''),
+    code('''
+        from moejax.configs import base
+
+        cfg = base.moe_config()
+        cfg.router.kind = "annealed_topk"
+        cfg.router.temperature = 2.0  # a new field for the new router: ConfigDicts accept it, config.json records it
+        logits = jax.random.normal(jax.random.key(0), (6, cfg.num_experts))
+        for progress in (0.0, 1.0):
+            r = routing.route(logits, cfg, train=True, progress=jnp.float32(progress))
+            entropy = float(-(r.probs * jnp.log(r.probs)).sum(-1).mean())
+            print(f"progress {progress}: experts {r.experts.shape}, weights sum {r.weights.sum(-1)}, "
+                  f"router entropy {entropy:.3f}")
+        assert r.experts.shape == (6, cfg.top_k) and jnp.allclose(r.weights.sum(-1), 1.0)
+        '''),
+    markdown('''
+        ## Train both routers
+
+        The same config and seed for both; only `router.kind` differs.
+        '''),
+    code('''
+        import pathlib
+        import shutil
+
+        from moejax.configs import deepseekmoe
+
+        from moejax import train
+
+
+        def make_config(kind: str):
+            config = deepseekmoe.get_config("tiny")
+            if BUDGET == "cpu":  # about 2 minutes per router on 2 CPU cores
+                config.model.moe.update(num_experts=16, top_k=4, expert_ffn=88)
+                config.train.update(steps=80, batch_size=16, warmup_steps=10, eval_every=40, log_every=5)
+            elif BUDGET == "ci":
+                config.model.update(d_model=64, num_layers=2, ffn_dim=128)
+                config.model.moe.update(num_experts=16, top_k=4, expert_ffn=32)
+                config.train.update(steps=8, batch_size=8, seq_len=64, warmup_steps=2, log_every=2, eval_every=0)
+                config.data.eval_batches = 1
+            config.checkpoint.every_steps = 0
+            config.model.moe.router.kind = kind
+            if kind == "annealed_topk":
+                config.model.moe.router.temperature = 2.0
+            return config
+
+
+        shutil.rmtree(WORKDIR, ignore_errors=True)
+        summaries = {}
+        for kind in ("topk", "annealed_topk"):
+            print(f"--- router {kind}")
+            summaries[kind] = train.train_and_evaluate(make_config(kind), pathlib.Path(WORKDIR) / kind)
+        '''),
+    markdown('''
+        ## Compare loss and balance
+
+        Loss curves from each run's `metrics.jsonl`; balance as the max/mean expert load of each log interval
+        (1 is perfectly balanced), averaged over the MoE layers, and per layer at the final evaluation
+        (`summary.json`).
+        '''),
+    code('''
+        import json
+
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+
+        def records(kind: str) -> list[dict]:
+            lines = (pathlib.Path(WORKDIR) / kind / "metrics.jsonl").read_text().splitlines()
+            return [json.loads(line) for line in lines]
+
+
+        fig, (loss_ax, balance_ax, final_ax) = plt.subplots(1, 3, figsize=(16, 4))
+        for kind, summary in summaries.items():
+            history = records(kind)
+            trained = [r for r in history if r["kind"] == "train"]
+            steps = [r["step"] for r in trained]
+            line, = loss_ax.plot(steps, [r["loss"] for r in trained], label=f"{kind} (train)")
+            evals = [r for r in history if r["kind"] == "eval"]
+            loss_ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o", color=line.get_color(),
+                         label=f"{kind} (validation)")
+            layers = list(summary["moe_layers"])
+            balance = [np.mean([r[f"{layer}_max_over_mean_load"] for layer in layers]) for r in trained]
+            balance_ax.plot(steps, balance, label=kind)
+            offset = 0.2 if kind == "annealed_topk" else -0.2
+            final_ax.bar(np.arange(len(layers)) + offset, [summary["moe_layers"][layer]["max_over_mean_load"]
+                                                           for layer in layers], width=0.4, label=kind)
+        final_ax.set_xticks(range(len(layers)), layers)
+        for ax in (balance_ax, final_ax):
+            ax.axhline(1.0, color="gray", linestyle=":")  # perfectly balanced
+        loss_ax.set(xlabel="step", ylabel="loss (nats per byte)", title="loss")
+        balance_ax.set(xlabel="step", ylabel="max / mean expert load", title="balance in training (layer mean)")
+        final_ax.set(ylabel="max / mean expert load", title="balance at the final evaluation")
+        for ax in (loss_ax, balance_ax, final_ax):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        plt.show()
+        '''),
+    code('''
+        from IPython.display import Markdown, display
+
+        rows = []
+        for kind, summary in summaries.items():
+            loads = [stats["max_over_mean_load"] for stats in summary["moe_layers"].values()]
+            rows.append(f"| `{kind}` | {summary['val_loss']:.4f} | {np.mean(loads):.3f} | {max(loads):.3f} |")
+        display(Markdown("| router | validation loss (nats/byte) | max/mean load, layer mean | worst layer |\\n"
+                         "|---|---|---|---|\\n" + "\\n".join(rows)))
+        '''),
+    markdown('''
+        One seed at a small budget is a smoke test of an idea, not a result: for a claim, add seeds and steps, or
+        put the router in an ablation table (`experiments/reproduce.py`; see `reproduce_ablation.ipynb`).
+        '''),
+]
+
+# ----------------------------------------------------------------------------------------------- expert parallelism
+
+EXPERT_PARALLELISM = [
+    markdown('''
+        # Expert parallelism
+
+        A mesh over all devices with the routed experts sharded over its `expert` axis: each device holds E / n of
+        the experts, and the MoE layer exchanges tokens between devices inside `jax.shard_map`
+        (`moejax/parallel.py`). We check that the expert-parallel layer computes the single-device layer's output
+        and gradients on several meshes and exchange modes, then look at the memory each device needs for
+        parameters and Adam's moments as the expert axis grows.
+
+        On a TPU runtime the mesh uses its 8 TPU cores. On a CPU (or a single GPU or TPU chip) it uses 8 host CPU
+        devices forced by `XLA_FLAGS`, which must be set before jax is imported: the first cell does that.
+        '''),
+    code(textwrap.dedent('''
+        import os
+
+        # 8 host CPU devices; affects only the CPU platform, and only when set before jax is first imported
+        # (restart the runtime if jax was imported already)
+        if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+            os.environ["XLA_FLAGS"] = flags.strip()
+        ''') + INSTALL),
+    code('''
+        import jax
+        import numpy as np
+
+        # exact float32 matmuls, so that the comparison below measures the layer and not TPU's bfloat16 passes
+        jax.config.update("jax_default_matmul_precision", "highest")
+        platform = jax.default_backend()
+        devices = jax.devices()
+        if len(devices) == 1:  # one GPU or one TPU chip: show the layout on the 8 host CPU devices instead
+            devices = jax.devices("cpu")
+            jax.config.update("jax_default_device", devices[0])
+        print(f"platform: {platform}; the meshes below use {len(devices)} {devices[0].platform} devices")
+        print(devices)
+        '''),
+    parameters('''
+        # the MoE layer compared below: x [BATCH, SEQ, D_MODEL], NUM_EXPERTS experts of width EXPERT_FFN, top-TOP_K
+        LAYER = {"ci": dict(BATCH=8, SEQ=4, D_MODEL=16, NUM_EXPERTS=8, EXPERT_FFN=8, TOP_K=2),
+                 "cpu": dict(BATCH=16, SEQ=32, D_MODEL=64, NUM_EXPERTS=16, EXPERT_FFN=32, TOP_K=4),
+                 "full": dict(BATCH=64, SEQ=256, D_MODEL=512, NUM_EXPERTS=64, EXPERT_FFN=256, TOP_K=6)}[BUDGET]
+        '''),
+    markdown('''
+        ## The single-device layer
+
+        `moejax.moe.MoE` with no mesh: route, sort the slots by expert, grouped matmul, combine. Its output and the
+        gradients of a scalar function of it (with respect to the parameters and the input) are the reference.
+        '''),
+    code('''
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+        from moejax.configs import base
+
+        from moejax import moe, parallel
+
+
+        def layer_config(ep_mode: str = "a2a"):
+            cfg = base.moe_config()
+            cfg.update(num_experts=LAYER["NUM_EXPERTS"], top_k=LAYER["TOP_K"], expert_ffn=LAYER["EXPERT_FFN"],
+                       dispatch="dropless", ep_mode=ep_mode)
+            return cfg
+
+
+        x = jax.random.normal(jax.random.key(0), (LAYER["BATCH"], LAYER["SEQ"], LAYER["D_MODEL"]))
+        variables = moe.MoE(layer_config()).init(jax.random.key(1), x)
+        params, moe_state = variables["params"], variables["moe_state"]
+
+
+        def output_and_grads(layer: moe.MoE, params, x):
+            def loss(params, x):
+                y, _ = layer.apply({"params": params, "moe_state": moe_state}, x, train=True, mutable=["moe_aux"])
+                return jnp.sum(y * jnp.cos(y)), y
+
+            (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+            return y, grads
+
+
+        y_ref, grads_ref = output_and_grads(moe.MoE(layer_config()), params, x)
+        print(jax.tree.map(lambda p: p.shape, params))
+        '''),
+    markdown('''
+        ## The same layer on meshes
+
+        Mesh axes are `(data, fsdp, expert, tensor)`. The batch is split over `data x fsdp x expert`; the experts'
+        leading axis over `expert`; their hidden width over `tensor`. `parallel.param_shardings` gives every
+        parameter its sharding from its logical axis names. `ep_mode` picks the token exchange: `a2a`
+        (all-to-all of per-device buffers), `ring` (all-gather the tokens, reduce-scatter the outputs), and on TPU
+        and GPU also `ragged_a2a`.
+        '''),
+    code('''
+        def make_mesh(shape):
+            return jax.make_mesh(shape, parallel.MESH_AXES, devices=devices,
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES))
+
+
+        n = len(devices)
+        shapes = [(n // e, 1, e, 1) for e in sorted({2, n}) if n % e == 0]  # the experts over 2 and over all devices
+        if n % 8 == 0:
+            shapes.append((n // 8, 2, 2, 2))  # fsdp and tensor too
+        modes = ["a2a", "ring"] + (["ragged_a2a"] if devices[0].platform != "cpu" else [])
+
+        def relative_diff(a, b):
+            """max |a - b| / max |b|."""
+            return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+        print("relative difference to the single-device layer, max |a - b| / max |b|")
+        print(f"{'ep_mode':>10} {'mesh (data, fsdp, expert, tensor)':>34} {'output':>9} {'gradients':>10}")
+        worst = 0.0
+        for shape in shapes:
+            mesh = make_mesh(shape)
+            sharded_params = jax.device_put(params, parallel.param_shardings(params, mesh))
+            sharded_x = jax.device_put(x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+            for mode in modes:
+                y, grads = output_and_grads(moe.MoE(layer_config(mode), mesh=mesh), sharded_params, sharded_x)
+                output_diff = relative_diff(y, y_ref)
+                pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True)
+                grad_diff = max(relative_diff(a, b) for a, b in pairs)
+                worst = max(worst, output_diff, grad_diff)
+                print(f"{mode:>10} {str(shape):>34} {output_diff:9.1e} {grad_diff:10.1e}")
+        assert worst < 1e-5, f"the expert-parallel layer differs from the single-device layer by {worst:.1e}"
+        '''),
+    markdown('''
+        Where the expert weights live on the last mesh: every device holds a slice of the experts (and, with
+        `fsdp` and `tensor` > 1, of their model and hidden widths). The router's expert axis is never split: each
+        device routes its own tokens over all experts.
+        '''),
+    code('''
+        wi_0 = sharded_params["experts"]["wi_0"]
+        print(f"experts/wi_0 {wi_0.shape} on mesh {dict(mesh.shape)}: {wi_0.sharding.spec}")
+        for shard in wi_0.addressable_shards:
+            experts = shard.index[0]
+            print(f"  {shard.device}: experts {experts.start}..{experts.stop - 1}, block {shard.data.shape}")
+        print(f"router/kernel {sharded_params['router']['kernel'].shape}: "
+              f"{sharded_params['router']['kernel'].sharding.spec} (its expert axis is never split)")
+        '''),
+    markdown('''
+        ## Memory per device
+
+        Parameters plus Adam's two moments, per device, as the `expert` axis grows (the rest of the devices on
+        `data`, so everything that is not a routed expert stays replicated). `parallel.state_shardings` gives the
+        shardings of a whole train state; the bytes per device follow from the shard shapes, so this works for
+        models far too large to allocate here (nothing below is allocated but the small model). For that one, the
+        arrays are also materialised and measured with `parallel.bytes_per_device`.
+
+        `num_experts` must be a multiple of `mesh.expert` for the experts to split: the `tiny` and `2b` DeepSeekMoE
+        presets have 63 routed experts, so they are shown with 64 here (the layer itself pads 63 to a multiple
+        and stays exact, but the stored weights stay whole on every device).
+        '''),
+    code('''
+        import math
+
+        import matplotlib.pyplot as plt
+        from moejax.configs import deepseekmoe
+
+        from moejax import model, train
+
+
+        def abstract_state(config):
+            module = model.Transformer(config.model)
+            tx = train.make_optimizer(config.train)
+
+            def init(key):
+                variables = module.init(key, jnp.zeros((1, 8), jnp.int32))
+                return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                        opt_state=tx.init(variables["params"]),
+                                        moe_state=variables.get("moe_state", {}))
+
+            return init, jax.eval_shape(init, jax.random.key(0))
+
+
+        def bytes_per_device(state, expert):
+            """(routed-expert bytes, other bytes) of a train state's shards on one device with mesh.expert = expert."""
+            shape = (n // expert, 1, expert, 1)
+            shardings = parallel.state_shardings(state, make_mesh(shape))
+            totals = {True: 0, False: 0}
+            leaves = jax.tree_util.tree_leaves_with_path(state)
+            for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings), strict=True):
+                routed = "'experts'" in jax.tree_util.keystr(path)
+                totals[routed] += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+            return totals[True], totals[False]
+
+
+        small = deepseekmoe.get_config("tiny")
+        small.model.moe.num_experts = 64
+        if BUDGET == "ci":
+            small.model.update(d_model=64, num_layers=2, ffn_dim=128)
+            small.model.moe.update(num_experts=16, expert_ffn=32, top_k=4)
+        models = {f"deepseekmoe:tiny, {small.model.moe.num_experts} experts": small,
+                  "deepseekmoe:16b": deepseekmoe.get_config("16b")}
+        expert_sizes = [e for e in (1, 2, 4, 8) if e <= n and n % e == 0]
+
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4))
+        for ax, (name, config) in zip(axes, models.items(), strict=True):
+            _, state = abstract_state(config)
+            routed, other = map(np.array, zip(*(bytes_per_device(state, e) for e in expert_sizes), strict=True))
+            unit, scale = ("GiB", 2**30) if (routed + other).max() > 2**30 else ("MiB", 2**20)
+            labels = [str(e) for e in expert_sizes]
+            ax.bar(labels, other / scale, label="everything else (replicated)")
+            ax.bar(labels, routed / scale, bottom=other / scale, label="routed experts (split over 'expert')")
+            ax.set(xlabel="mesh.expert", ylabel=f"{unit} per device (params + Adam)", title=name)
+            ax.legend()
+            print(f"{name}: " + ", ".join(f"expert={e}: {(r + o) / scale:.2f} {unit}"
+                                          for e, r, o in zip(expert_sizes, routed, other, strict=True)))
+        fig.tight_layout()
+        plt.show()
+
+        # the small model for real: allocate its state sharded on the largest expert axis and measure one device
+        expert = expert_sizes[-1]
+        init, state = abstract_state(small)
+        mesh = make_mesh((n // expert, 1, expert, 1))
+        real = jax.jit(init, out_shardings=parallel.state_shardings(state, mesh))(jax.random.key(0))
+        measured = parallel.bytes_per_device(real)
+        print(f"measured on {devices[0]} with mesh.expert={expert}: {measured / 2**20:.2f} MiB")
+        assert measured == sum(bytes_per_device(state, expert))
+        '''),
+]
+
+# ----------------------------------------------------------------------------------------------- reproduce ablation
+
+REPRODUCE_ABLATION = [
+    markdown('''
+        # Reproduce an ablation table
+
+        `python -m experiments.reproduce <table>` trains every row of a table in `experiments/tables/` at several
+        seeds (each run is `python -m moejax.main` in its own process, resumable), then writes a markdown table
+        (mean ± std over seeds, the paper's numbers beside them, within-seed differences against a reference row)
+        and plots. This notebook runs one table and renders what it wrote.
+
+        The tables and `experiments/` live in the repository, not in the pip package, so this notebook works in a
+        checkout: on Colab the first cell clones the repository and installs it in editable mode. The runs are
+        subprocesses; the notebook itself never imports jax, so on a TPU or GPU runtime the runs get the
+        accelerator.
+        '''),
+    code(f'''
+        # Work in a checkout of the repository (clone it on Colab) with moejax installed from it.
+        import os
+        import pathlib
+        import subprocess
+        import sys
+
+        REPO_URL = "{REPO_URL}"
+        if not pathlib.Path("experiments/reproduce.py").exists():
+            if not pathlib.Path("moejax").exists():
+                subprocess.run(["git", "clone", "-q", "--depth=1", REPO_URL, "moejax"], check=True)
+            os.chdir("moejax")
+        if subprocess.run([sys.executable, "-c", "import moejax.configs.base"], capture_output=True).returncode:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "."], check=True)
+        print(f"working in {{os.getcwd()}}")
+        '''),
+    code('''
+        # The platform, asked in a subprocess: importing jax here would hold a TPU or GPU that the runs need.
+        probe = [sys.executable, "-c", "import jax; print(jax.default_backend(), jax.device_count())"]
+        platform, device_count = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-2:]
+        print(f"platform: {platform}, {device_count} device(s)")
+        '''),
+    parameters('''
+        TABLE = "top_p_vs_top2"  # a file of experiments/tables/
+        WORKDIR = "runs/colab_reproduce_ablation"  # the runs and the results; deleted and created fresh
+        # ci: SMOKE_BUDGET (4 steps: tests the pipeline, the numbers mean nothing), two runs at a time;
+        # cpu: the table's own budget at one seed (about 15 minutes on 2 cores); full: three seeds
+        TABLE_BUDGET, SEEDS, JOBS = {"ci": ("smoke", 1, 2), "cpu": ("full", 1, 1), "full": ("full", 3, 1)}[BUDGET]
+        '''),
+    markdown('''
+        ## The tables
+
+        A table file defines its rows (a config file with overrides, and the paper's numbers), a shared budget,
+        the metrics and what the paper found; see `experiments/tables/__init__.py`. `--dry-run` prints the runs and
+        their `python -m moejax.main` commands without running anything.
+        '''),
+    code('''
+        tables = sorted(p.stem for p in pathlib.Path("experiments/tables").glob("*.py") if not p.name.startswith("_"))
+        print("tables:", ", ".join(tables))
+        command = [sys.executable, "-m", "experiments.reproduce", TABLE, "--seeds", str(SEEDS), "--budget",
+                   TABLE_BUDGET, "--workdir", WORKDIR, "--results-dir", f"{WORKDIR}/results", "--jobs", str(JOBS)]
+        print(subprocess.run([*command, "--dry-run"], capture_output=True, text=True, check=True).stdout)
+        '''),
+    markdown('''
+        ## Run it
+
+        Progress streams below. Interrupted (or run again without deleting the workdir), the same command skips
+        the finished runs and resumes the others from their checkpoints.
+        '''),
+    code('''
+        import shutil
+
+        shutil.rmtree(WORKDIR, ignore_errors=True)
+        print("$ python -m experiments.reproduce " + " ".join(command[3:]), flush=True)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            for line in process.stdout:
+                print(line, end="", flush=True)
+        if process.returncode:
+            raise RuntimeError(f"experiments.reproduce failed with status {process.returncode}; the runs' logs are "
+                               f"in {WORKDIR}/<row>/seed<k>/log.txt")
+        '''),
+    markdown('''
+        ## The results
+
+        `<table>.md` as written (its plot links are shown as images below), then the plots. `<table>.json` beside
+        it holds every run's values.
+        '''),
+    code('''
+        import re
+
+        from IPython.display import Image, Markdown, display
+
+        results = pathlib.Path(WORKDIR) / "results"
+        page = (results / f"{TABLE}.md").read_text()
+        text, _, plots = page.partition("\\n## Plots")
+        display(Markdown(text))
+        for caption, file in re.findall(r"!\\[(.*?)\\]\\((.*?)\\)", plots):
+            display(Markdown(f"**{caption}**"), Image(filename=str(results / file)))
+        '''),
+    markdown('''
+        The same plots come from `moejax.analysis` for any run directory, e.g.
+        `analysis.load_heatmap("runs/colab_reproduce_ablation/top2/seed0")`, `analysis.maxvio_curves(...)` and
+        `analysis.loss_curves({"top2": [...], "top_p": [...]})`; each returns a matplotlib figure.
+        '''),
+]
+
+NOTEBOOKS: dict[str, list[dict]] = {
+    "quickstart": QUICKSTART,
+    "new_router": NEW_ROUTER,
+    "expert_parallelism": EXPERT_PARALLELISM,
+    "reproduce_ablation": REPRODUCE_ABLATION,
+}
+
+
+def _lines(source: str) -> list[str]:
+    """Jupyter's on-disk form of a cell's source: its lines, each but the last ending in a newline."""
+    return source.splitlines(keepends=True)
+
+
+def render(name: str) -> str:
+    """The .ipynb text of notebook ``name``: nbformat 4.5, outputs stripped, cell ids fixed by position."""
+    cells = []
+    for index, cell in enumerate(NOTEBOOKS[name]):
+        cells.append({**cell, "id": f"{name}-{index:02d}", "source": _lines(cell["source"])})
+    notebook = {
+        "cells": cells,
+        "metadata": {
+            "colab": {"name": f"{name}.ipynb", "provenance": []},
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    return json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for name in NOTEBOOKS:
+        path = COLAB_DIR / f"{name}.ipynb"
+        text = render(name)
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        stale.append(path.name)
+        if not check:
+            path.write_text(text, encoding="utf-8")
+    verb = "differ from the generator" if check else "written"
+    print(f"{', '.join(stale)}: {verb}" if stale else "all notebooks up to date")
+    return 1 if check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
