@@ -398,7 +398,8 @@ def data_dir(tmp_path_factory):
     return shared / "data"
 
 
-SMALL = ["--config.model.d_model=64", "--config.model.num_heads=4", "--config.model.ffn_dim=64",
+SMALL = ["--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.num_heads=4",
+         "--config.model.ffn_dim=64",
          "--config.model.moe.expert_ffn=32", "--config.train.steps=20", "--config.train.warmup_steps=5",
          "--config.train.batch_size=8",
          "--config.train.seq_len=32", "--config.train.eval_every=0", "--config.train.log_every=10",
