@@ -17,7 +17,6 @@ one first in <workdir>/dense for dense_steps steps), dense_steps, granularity, r
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import ml_collections
@@ -61,8 +60,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def dense_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The dense model an upcycling config starts from: the same config with every layer dense (FFN ffn_dim),
     trained for upcycle.dense_steps steps."""
-    dense = copy.deepcopy(config.to_dict())
-    dense = ml_collections.ConfigDict(dense)
+    dense = ml_collections.ConfigDict(config.to_dict())  # to_dict copies: the config itself stays as it is
     dense.model.moe_every = 0
     dense.upcycle.enabled = False
     dense.train.steps = config.upcycle.dense_steps

@@ -7,7 +7,6 @@ and its WORKDIR injected after the cell tagged 'parameters' (papermill's convent
 test's tmp_path. The kernel gets the test environment without the forced host device count of tests/conftest.py:
 a notebook that needs 8 devices (expert_parallelism.ipynb) forces them itself in its first cell, like on Colab.
 """
-import fcntl
 import importlib.util
 import json
 import os
@@ -15,10 +14,7 @@ import pathlib
 
 import nbformat
 import pytest
-from moejax.configs import base
 from nbclient import NotebookClient
-
-from moejax import data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
@@ -31,20 +27,6 @@ def load_builder():
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     return builder
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """The stdlib corpus, built once for all pytest-xdist workers."""
-    root = tmp_path_factory.getbasetemp()
-    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "moejax_notebooks"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        config = base.get_config()
-        config.data.dir = str(shared / "data")
-        data.corpus_fingerprint(config)
-    return shared / "data"
 
 
 def kernel_env(data_dir: pathlib.Path) -> dict[str, str]:

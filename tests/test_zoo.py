@@ -1,6 +1,5 @@
 """The method zoo: each paper config's defining property against an independent reference, and each config trains
 20 steps through ``python -m moejax.main`` on CPU (at a reduced width so the suite stays fast)."""
-import fcntl
 import json
 import os
 import pathlib
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import data, model, routing, train
+from moejax import model, routing, train
 from tests import reference
 from tests.test_configs import load
 from tests.test_routing import deepseek_v3, mixtral
@@ -383,19 +382,6 @@ def test_chain_of_experts_inner_residual_replaces_the_residual_stream():
     attn_out = x + inter["intermediates"]["attn"]["__call__"][0]
     np.testing.assert_allclose(np.asarray(y), np.asarray(attn_out + inter["intermediates"]["ffn"]["__call__"][0]),
                                atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "moejax_zoo"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        config = load("switch")
-        config.data.dir = str(shared / "data")
-        data.corpus_fingerprint(config)  # builds the corpus once
-    return shared / "data"
 
 
 SMALL = ["--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.num_heads=4",
