@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import checks, data, model, parallel, routing, upcycle
+from moejax import analysis, checks, data, model, parallel, routing, upcycle
 from moejax.parallel import TOKEN_AXES, batch_sharding, make_mesh, mesh_shape, state_shardings
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -611,8 +611,7 @@ def maxvio_over_training(workdir: pathlib.Path, layers: list[str]) -> dict[str, 
     path = workdir / "metrics.jsonl"
     if not layers or not path.exists():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("kind") == "train"]
+    records = [r for r in analysis.read_metrics(workdir) if r.get("kind") == "train"]
     result = {}
     for layer in layers:
         values = [r[f"{layer}_maxvio"] for r in records if f"{layer}_maxvio" in r]
