@@ -30,9 +30,14 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.eval_capacity_factor = None
     # Which slots an expert keeps when over capacity: 'position' (token order) | 'probs' (highest weight first).
     moe.drop_policy = "position"
-    # Grouped-matmul backend: 'auto' | 'ragged_dot' | 'tiled' (each expert's rows padded to whole tiles, a loop
-    # of plain matmuls over the used tiles; fastest on XLA:CPU). 'auto' picks 'tiled' on CPU, else 'ragged_dot'.
+    # Grouped-matmul backend: 'tiled' (each expert's rows padded to whole tiles, a loop of plain matmuls over the
+    # used tiles; fastest on XLA:CPU) | 'ragged_dot' (jax.lax.ragged_dot) | 'megablox' (jax's Pallas TPU grouped
+    # matmul; interpreted on CPU) | 'tokamax' (tokamax.ragged_dot, where installed) | 'auto'.
+    # 'auto': 'tiled' on CPU, 'megablox' on TPU, 'tokamax' on GPU if installed, else 'ragged_dot'.
     moe.gmm_backend = "auto"
+    # Token permute / unpermute-combine: 'jnp' (XLA gathers) | 'pallas' (moejax.kernels.dispatch: Triton on GPU,
+    # Mosaic on TPU, interpret mode on CPU, which is for tests only: slow).
+    moe.dispatch_kernel = "jnp"
     # Rows per tile for the dropless 'tiled' backend; 0 picks about ceil(T * k / E) / 4 rounded up to a
     # multiple of 8. Capacity mode uses one tile of C rows per expert.
     moe.gmm_tile = 0

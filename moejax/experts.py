@@ -4,6 +4,15 @@ Backends compute the GLU of every row of the expert buffer with the weights of t
 * 'tiled': the buffer is cut into tiles of ``plan.tile`` rows, each owned by one expert; a loop over the used
   tiles runs plain matmuls with that expert's weights. Fast on XLA:CPU, where ragged_dot is slow.
 * 'ragged_dot': ``jax.lax.ragged_dot`` over the per-expert row counts (TPU/GPU).
+* 'megablox': jax's Pallas TPU grouped matmul (``jax.experimental.pallas.ops.tpu.megablox.gmm``), interpreted on
+  CPU (tests only). K and N are zero-padded to whole tiles and the rows past the groups are masked, so any shape is
+  exact.
+* 'tokamax': ``tokamax.ragged_dot`` where the package is installed (``pip install tokamax``); it picks its own
+  kernel per platform (Triton/Mosaic GPU, Mosaic TPU, XLA elsewhere).
+
+'auto' picks 'tiled' on CPU, 'megablox' on TPU, and on GPU 'tokamax' when it imports, else 'ragged_dot'. A Pallas
+grouped matmul of our own is not shipped: the design admits one only where it measures faster than these, and
+no accelerator has been available to measure it.
 """
 import functools
 from collections.abc import Callable
@@ -19,14 +28,72 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": jax.nn.gelu,
     "relu": jax.nn.relu,
 }
-BACKENDS = ("auto", "tiled", "ragged_dot")
+BACKENDS = ("auto", "tiled", "ragged_dot", "megablox", "tokamax")
+# Backends that take the exact ragged layout (dropless plans with tile 1) rather than whole tiles per expert.
+RAGGED_BACKENDS = ("ragged_dot", "megablox", "tokamax")
+MEGABLOX_TILE = 128
+
+
+def _tokamax():
+    try:
+        import tokamax
+    except ImportError as err:
+        raise ValueError("model.moe.gmm_backend='tokamax' needs the tokamax package (pip install tokamax); "
+                         "allowed without it: 'auto', 'tiled', 'ragged_dot', 'megablox'") from err
+    return tokamax
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' -> 'tiled' on CPU, 'ragged_dot' on accelerators."""
-    if backend == "auto":
-        return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
-    return backend
+    """'auto' -> 'tiled' on CPU, 'megablox' on TPU, 'tokamax' on GPU where installed (else 'ragged_dot')."""
+    if backend != "auto":
+        if backend == "tokamax":
+            _tokamax()
+        return backend
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return "tiled"
+    if platform == "tpu":
+        return "megablox"
+    try:
+        _tokamax()
+    except ValueError:
+        return "ragged_dot"
+    return "tokamax"
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def megablox_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int = MEGABLOX_TILE,
+                 interpret: bool | None = None) -> jax.Array:
+    """lhs [M, K] @ rhs[g] for each group g of consecutive rows -> [M, N]; rows past sum(group_sizes) are 0.
+
+    megablox wants whole (tm, tk, tn) tiles: K and N are zero-padded to multiples of ``tile`` and M to a multiple
+    of the row tile (the padding is sliced off, zeros add nothing). Rows past the groups come back from the kernel
+    unwritten, so they are masked on the way in and out (the mask also drops their garbage gradients).
+    """
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    (m, k), n = lhs.shape, rhs.shape[2]
+    tm = min(tile, _round_up(m, 8))
+    mp, kp, np_ = _round_up(m, tm), _round_up(k, tile), _round_up(n, tile)
+    live = (jnp.arange(mp) < group_sizes.sum())[:, None]
+    x = jnp.where(live, jnp.pad(lhs, ((0, mp - m), (0, kp - k))), 0)
+    w = jnp.pad(rhs, ((0, 0), (0, kp - k), (0, np_ - n)))
+    out = gmm(x, w, group_sizes.astype(jnp.int32), preferred_element_type=lhs.dtype, tiling=(tm, tile, tile),
+              interpret=interpret)
+    return jnp.where(live, out, 0)[:m, :n]
+
+
+def ragged_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, backend: str) -> jax.Array:
+    """The grouped matmul of one backend among RAGGED_BACKENDS: lhs [M, K], rhs [G, K, N] -> [M, N]."""
+    if backend == "megablox":
+        return megablox_gmm(lhs, rhs, group_sizes)
+    if backend == "tokamax":
+        return _tokamax().ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
 def glu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, activation: str) -> jax.Array:
@@ -88,10 +155,10 @@ def grouped_glu(rows: jax.Array, weights: tuple[jax.Array, jax.Array, jax.Array]
                 activation: str) -> jax.Array:
     """GLU of each buffer row with its expert's weights. rows: [R, D]; weights: wi_0, wi_1 [E, D, F], wo [E, F, D]."""
     wi_0, wi_1, wo = weights
-    if backend == "ragged_dot":
+    if backend in RAGGED_BACKENDS:
         act = ACTIVATIONS[activation]
         sizes = plan.expert_rows
-        h = act(jax.lax.ragged_dot(rows, wi_0, sizes)) * jax.lax.ragged_dot(rows, wi_1, sizes)
-        return jax.lax.ragged_dot(h, wo, sizes)
+        h = act(ragged_matmul(rows, wi_0, sizes, backend)) * ragged_matmul(rows, wi_1, sizes, backend)
+        return ragged_matmul(h, wo, sizes, backend)
     tiles = rows.reshape(-1, plan.tile, rows.shape[-1])
     return tiled_glu(tiles, wi_0, wi_1, wo, plan.tile_expert, activation, plan.used_tiles).reshape(rows.shape)

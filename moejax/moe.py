@@ -61,6 +61,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.number(f"{prefix}.eval_capacity_factor", cfg.eval_capacity_factor, strict=True)
     checks.choice(f"{prefix}.drop_policy", cfg.drop_policy, ["position", "probs"])
     checks.choice(f"{prefix}.gmm_backend", cfg.gmm_backend, experts.BACKENDS)
+    checks.choice(f"{prefix}.dispatch_kernel", cfg.dispatch_kernel, dispatch.KERNELS)
     checks.positive_int(f"{prefix}.gmm_tile", cfg.gmm_tile, minimum=0)
     checks.choice(f"{prefix}.balance_loss", cfg.balance_loss, BALANCE_LOSSES)
     checks.choice(f"{prefix}.balance_scope", cfg.balance_scope, ["batch", "sequence"])
@@ -230,12 +231,13 @@ class MoE(nn.Module):
                 plan = dispatch.capacity_plan(route, num_experts, cap, cfg.drop_policy)
             else:
                 slots = route.experts.shape[1]
-                tile = 1 if backend == "ragged_dot" else \
+                tile = 1 if backend in experts.RAGGED_BACKENDS else \
                     cfg.gmm_tile or dispatch.default_tile(num_tokens * slots, num_experts)
                 plan = dispatch.dropless_plan(route, num_experts, tile)
-            rows = dispatch.permute(tokens.astype(self.dtype), plan.slot_row, plan.row_slot)
+            permute, unpermute_combine = dispatch.kernel_ops(cfg.dispatch_kernel)
+            rows = permute(tokens.astype(self.dtype), plan.slot_row, plan.row_slot)
             rows = experts.grouped_glu(rows, weights, plan, backend, cfg.activation)
-            out = dispatch.unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot)
+            out = unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot)
             tokens_per_expert, dropped, overflow = plan.tokens_per_expert, plan.dropped, jnp.zeros((), jnp.int32)
 
         valid_slots = jnp.maximum((route.experts < num_experts).sum(), 1)

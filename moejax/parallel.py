@@ -255,13 +255,14 @@ def _keep_within_capacity(expert_ids: jax.Array, weights: jax.Array, num_experts
 
 
 def _local_experts(rows: jax.Array, expert_ids: jax.Array, weights: jax.Array, expert_weights: tuple,
-                   num_local: int, tile: int, backend: str, activation: str) -> jax.Array:
+                   num_local: int, tile: int, backend: str, activation: str, kernel: str) -> jax.Array:
     """sum_j weights[n, j] * GLU_{expert_ids[n, j]}(rows[n]) over this device's experts (num_local = null)."""
     route = Routing(weights=weights, experts=expert_ids, probs=None, logits=None)
-    plan = dispatch.dropless_plan(route, num_local, 1 if backend == "ragged_dot" else tile)
-    buffer = dispatch.permute(rows, plan.slot_row, plan.row_slot)
+    plan = dispatch.dropless_plan(route, num_local, 1 if backend in experts.RAGGED_BACKENDS else tile)
+    permute, unpermute_combine = dispatch.kernel_ops(kernel)
+    buffer = permute(rows, plan.slot_row, plan.row_slot)
     buffer = experts.grouped_glu(buffer, expert_weights, plan, backend, activation)
-    return dispatch.unpermute_combine(buffer, weights, plan.slot_row, plan.row_slot)
+    return unpermute_combine(buffer, weights, plan.slot_row, plan.row_slot)
 
 
 def a2a_rows(tokens_local: int, top_k: int, num_experts: int, expert_size: int, buffer_factor: float) -> int:
@@ -299,7 +300,8 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
     tile = cfg.gmm_tile or dispatch.default_tile(tokens_local * top_k, num_local)
     rows = a2a_rows(tokens_local, top_k, num_experts, ep, cfg.ep_buffer_factor)
     mode = cfg.ep_mode
-    local_fn = dict(num_local=num_local, tile=tile, backend=backend, activation=cfg.activation)
+    local_fn = dict(num_local=num_local, tile=tile, backend=backend, activation=cfg.activation,
+                    kernel=cfg.dispatch_kernel)
 
     def body(x, expert_ids, weights, wi_0, wi_1, wo):
         valid = expert_ids < num_experts
@@ -354,8 +356,11 @@ def moe_ep(tokens: jax.Array, route: Routing, expert_weights: tuple, cfg: ml_col
 
     token_spec = P(TOKEN_AXES, None)
     wi_spec, wo_spec = P("expert", None, "tensor"), P("expert", "tensor", None)
+    # Interpreted Pallas kernels (CPU) evaluate their bodies op by op, which shard_map's varying-axes check rejects
+    # (a block varies, a kernel constant does not); compiled kernels are opaque to it. So the check is off there.
+    check_vma = not (cfg.dispatch_kernel == "pallas" and jax.default_backend() == "cpu")
     fn = jax.shard_map(body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, wi_spec, wi_spec, wo_spec),
-                       out_specs=(token_spec, P(), P()))
+                       out_specs=(token_spec, P(), P()), check_vma=check_vma)
     pad = num_local * ep - num_experts
     wi_0, wi_1, wo = (jnp.pad(w, ((0, pad), (0, 0), (0, 0))) if pad else w for w in expert_weights)
     return fn(tokens.astype(compute_dtype), route.experts.astype(jnp.int32), route.weights, wi_0, wi_1, wo)

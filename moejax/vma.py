@@ -24,3 +24,14 @@ def sum_to_type(grad: jax.Array, primal: jax.Array) -> jax.Array:
     using one (invariant) value on every device of those axes."""
     axes = varying_axes(grad) - varying_axes(primal)
     return jax.lax.psum(grad, tuple(sorted(axes))) if axes else grad
+
+
+def unify(*xs: jax.Array) -> list[jax.Array]:
+    """Every x marked as varying over the union of their axes (the inputs of one kernel call)."""
+    return [varying_like(x, *xs) for x in xs]
+
+
+def out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """The out_shape of a pallas_call whose inputs have ``like``'s type: inside shard_map it must say which
+    manual axes the output varies over."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=getattr(jax.typeof(like), "manual_axis_type", None))

@@ -1,0 +1,273 @@
+"""Pallas dispatch kernels (interpret mode on CPU) and the grouped-matmul backends against numpy loops.
+
+Both kernel lowerings run here: 'blocked' (the Triton one) and 'tpu' (scalar-prefetched index_maps, the Mosaic
+one), each interpreted. Shapes are uneven on purpose: M, T and D are not multiples of the blocks, some experts
+get no token, and index N (one past the source) stands for "no row".
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from moejax.kernels import dispatch as kd
+
+from moejax import dispatch, experts, moe, parallel
+from moejax.routing import Routing
+from tests import test_moe, test_parallel
+
+IMPLS = ["blocked", "tpu"]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def opts(impl):
+    return kd.KernelOptions(impl=impl, block_rows=8, block_cols=16, interpret=True)
+
+
+# Jitted: an interpreted kernel run eagerly dispatches every grid step's ops one by one (10x slower).
+gather_rows = jax.jit(kd.gather_rows, static_argnums=3)
+gather_combine = jax.jit(kd.gather_combine, static_argnums=3)
+gather_dot = jax.jit(kd.gather_dot, static_argnums=3)
+permute = jax.jit(kd.permute, static_argnums=3)
+unpermute_combine = jax.jit(kd.unpermute_combine, static_argnums=4)
+
+
+def tol(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+
+
+def f32(x):
+    return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def np_gather_rows(src, idx, scale):
+    out = np.zeros((len(idx), src.shape[1]), np.float32)
+    for m, i in enumerate(idx):
+        if i < len(src):
+            out[m] = src[i] * scale[m]
+    return out
+
+
+def np_gather_combine(src, idx, w):
+    out = np.zeros((idx.shape[0], src.shape[1]), np.float32)
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            if idx[t, j] < len(src):
+                out[t] += w[t, j] * src[idx[t, j]]
+    return out
+
+
+def np_gather_dot(src, idx, g):
+    out = np.zeros(idx.shape, np.float32)
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            if idx[t, j] < len(src):
+                out[t, j] = src[idx[t, j]] @ g[t]
+    return out
+
+
+def random_inputs(dtype, n=37, d=48, t=21, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    src = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    idx = rng.integers(0, n + 1, size=(t, k)).astype(np.int32)  # n = no row
+    idx[0, :] = n  # a token with no rows at all
+    w = jnp.asarray(rng.normal(size=(t, k)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(t, d)), dtype)
+    return src, jnp.asarray(idx), w, g
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_gather_kernels_match_numpy_loops(impl, dtype):
+    src, idx, w, g = random_inputs(dtype)
+    s, i, wn, gn = f32(src), np.asarray(idx), np.asarray(w), f32(g)
+    flat = i.reshape(-1)
+    got = gather_rows(src, idx.reshape(-1), w.reshape(-1), opts(impl))
+    assert got.dtype == dtype and got.shape == (flat.size, src.shape[1])
+    np.testing.assert_allclose(f32(got), np_gather_rows(s, flat, wn.reshape(-1)), **tol(dtype))
+    np.testing.assert_allclose(f32(gather_rows(src, idx.reshape(-1), None, opts(impl))),
+                               np_gather_rows(s, flat, np.ones(flat.size)), **tol(dtype))
+    got = gather_combine(src, idx, w, opts(impl))
+    assert got.dtype == dtype
+    np.testing.assert_allclose(f32(got), np_gather_combine(s, i, wn), **tol(dtype))
+    assert not np.asarray(got[0]).any()  # the token without rows
+    got = gather_dot(src, idx, g, opts(impl))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np_gather_dot(s, i, gn), rtol=1e-4, atol=1e-3)
+
+
+def uneven_plan(num_tokens=19, top_k=3, num_experts=6, tile=4, capacity=None, seed=1):
+    """Routing with expert 2 empty and skewed loads; a dropless plan padded to tiles, or a capacity plan."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice([0, 0, 0, 1, 3, 4, 5], size=top_k, replace=False) for _ in range(num_tokens)])
+    weights = rng.random((num_tokens, top_k)).astype(np.float32)
+    route = Routing(weights=jnp.asarray(weights), experts=jnp.asarray(ids, jnp.int32), probs=None, logits=None)
+    if capacity is None:
+        plan = dispatch.dropless_plan(route, num_experts, tile)
+    else:
+        plan = dispatch.capacity_plan(route, num_experts, capacity, "position")
+    return route, plan
+
+
+def np_permute(x, slot_row, num_rows):
+    rows = np.zeros((num_rows, x.shape[1]), np.float32)
+    for t in range(slot_row.shape[0]):
+        for j in range(slot_row.shape[1]):
+            if slot_row[t, j] < num_rows:
+                rows[slot_row[t, j]] = x[t]
+    return rows
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype, capacity", [(jnp.float32, None), (jnp.bfloat16, 4)],
+                         ids=["f32-dropless", "bf16-capacity"])
+def test_permute_and_combine_forward_and_vjp(impl, dtype, capacity):
+    route, plan = uneven_plan(capacity=capacity)
+    slot_row, row_slot = plan.slot_row, plan.row_slot
+    sr, num_rows = np.asarray(slot_row), plan.num_rows
+    if capacity is None:
+        assert int(plan.expert_rows[2]) == 0 and (np.asarray(plan.tokens_per_expert) % plan.tile).any()
+    else:
+        assert int(plan.dropped) > 0
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(sr.shape[0], 40)), dtype)
+    w = route.weights
+    o = opts(impl)
+
+    rows = permute(x, slot_row, row_slot, o)
+    want_rows = np_permute(f32(x), sr, num_rows)
+    assert rows.dtype == dtype
+    np.testing.assert_allclose(f32(rows), want_rows, **tol(dtype))
+    y = unpermute_combine(rows, w, slot_row, row_slot, o)
+    np.testing.assert_allclose(f32(y), np_gather_combine(want_rows, sr, np.asarray(w)), **tol(dtype))
+
+    # VJPs against numpy: permute^T sums a token's rows; combine^T scales rows by their weight and dots them.
+    g_rows = jnp.asarray(rng.normal(size=rows.shape), dtype)
+    (gx,) = jax.vjp(lambda x: permute(x, slot_row, row_slot, o), x)[1](g_rows)
+    np.testing.assert_allclose(f32(gx), np_gather_combine(f32(g_rows), sr, np.ones(sr.shape)), **tol(dtype))
+    g_y = jnp.asarray(rng.normal(size=y.shape), dtype)
+    g_r, g_w = jax.vjp(lambda r, w: unpermute_combine(r, w, slot_row, row_slot, o), rows, w)[1](g_y)
+    want_gr = np.zeros(rows.shape, np.float32)
+    for t in range(sr.shape[0]):
+        for j in range(sr.shape[1]):
+            if sr[t, j] < num_rows:
+                want_gr[sr[t, j]] = np.asarray(w)[t, j] * f32(g_y)[t]
+    np.testing.assert_allclose(f32(g_r), want_gr, **tol(dtype))
+    np.testing.assert_allclose(np.asarray(g_w), np_gather_dot(f32(rows), sr, f32(g_y)), rtol=2e-2 if dtype ==
+                               jnp.bfloat16 else 1e-4, atol=5e-2 if dtype == jnp.bfloat16 else 1e-4)
+    # and the same as the jnp ops the layer uses by default
+    ref_y, ref_vjp = jax.vjp(lambda x, w: dispatch.unpermute_combine(dispatch.permute(x, slot_row, row_slot), w,
+                                                                     slot_row, row_slot), x, w)
+    got_y, got_vjp = jax.vjp(lambda x, w: unpermute_combine(permute(x, slot_row, row_slot, o), w, slot_row,
+                                                               row_slot, o), x, w)
+    np.testing.assert_allclose(f32(got_y), f32(ref_y), **tol(dtype))
+    for a, b in zip(got_vjp(g_y), ref_vjp(g_y), strict=True):
+        np.testing.assert_allclose(f32(a), f32(b), **tol(dtype))
+
+
+def np_grouped(lhs, rhs, sizes):
+    out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float32)
+    start = 0
+    for g, size in enumerate(sizes):
+        out[start:start + size] = lhs[start:start + size] @ rhs[g]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_megablox_gmm_uneven_groups_and_unaligned_k_n(dtype):
+    """Group sizes 0 / not tile multiples, rows past the groups, K = 40 and N = 24 with 16-wide tiles."""
+    rng = np.random.default_rng(0)
+    sizes = jnp.asarray([10, 0, 30, 3, 0], jnp.int32)  # 43 of 50 rows
+    lhs = jnp.asarray(rng.normal(size=(50, 40)), dtype)
+    rhs = jnp.asarray(rng.normal(size=(5, 40, 24)) / 6, dtype)
+    gmm = jax.jit(functools.partial(experts.megablox_gmm, tile=16, interpret=True))
+    out = gmm(lhs, rhs, sizes)
+    assert out.shape == (50, 24) and out.dtype == dtype
+    want = np_grouped(f32(lhs), f32(rhs), np.asarray(sizes))
+    np.testing.assert_allclose(f32(out), want, **tol(dtype))
+    # gradients: d lhs = g @ rhs_g^T per group, d rhs_g = lhs_g^T @ g; rows past the groups get 0, not garbage
+    g = jnp.asarray(rng.normal(size=(50, 24)), dtype)
+    d_lhs, d_rhs = jax.vjp(gmm, lhs, rhs, sizes)[1](g)[:2]
+    gn, ln, rn = f32(g), f32(lhs), f32(rhs)
+    want_dl, want_dr = np.zeros(ln.shape, np.float32), np.zeros(rn.shape, np.float32)
+    start = 0
+    for e, size in enumerate(np.asarray(sizes)):
+        want_dl[start:start + size] = gn[start:start + size] @ rn[e].T
+        want_dr[e] = ln[start:start + size].T @ gn[start:start + size]
+        start += size
+    np.testing.assert_allclose(f32(d_lhs), want_dl, rtol=tol(dtype)["rtol"], atol=5 * tol(dtype)["atol"])
+    np.testing.assert_allclose(f32(d_rhs), want_dr, rtol=tol(dtype)["rtol"], atol=10 * tol(dtype)["atol"])
+
+
+def test_tokamax_backend_matches_numpy_or_names_the_missing_package():
+    rng = np.random.default_rng(0)
+    sizes = jnp.asarray([7, 0, 9], jnp.int32)
+    lhs = jnp.asarray(rng.normal(size=(20, 12)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(3, 12, 8)), jnp.float32)
+    try:
+        import tokamax  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"model\.moe\.gmm_backend='tokamax'.*pip install tokamax"):
+            experts.resolve_backend("tokamax")
+        return
+    out = experts.ragged_matmul(lhs, rhs, sizes, "tokamax")
+    np.testing.assert_allclose(np.asarray(out)[:16], np_grouped(np.asarray(lhs), np.asarray(rhs), [7, 0, 9])[:16],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_on_cpu_is_the_tiled_loop():
+    assert jax.default_backend() == "cpu" and experts.resolve_backend("auto") == "tiled"
+
+
+@pytest.mark.parametrize("fields", [dict(dispatch_kernel="pallas"),
+                                    dict(dispatch_kernel="pallas", dispatch="capacity", capacity_factor=1.0),
+                                    dict(gmm_backend="megablox"),
+                                    dict(dispatch_kernel="pallas", gmm_backend="megablox", num_shared=1)],
+                         ids=["pallas-dropless", "pallas-capacity", "megablox-dropless",
+                              "pallas+megablox-shared"])
+def test_moe_layer_with_kernels_matches_the_dense_reference(fields):
+    """The whole layer, forward and every gradient, against tests/test_moe.py's every-expert-on-every-token
+    reference, and against the default 'jnp' + 'tiled' layer on the same parameters."""
+    cfg = test_moe.make_cfg("mixtral", **fields)
+    default = test_moe.make_cfg("mixtral", **{k: v for k, v in fields.items()
+                                              if k not in ("dispatch_kernel", "gmm_backend")})
+    layer, x, params, state = test_moe.init(cfg)
+    logits = np.asarray(x.reshape(-1, test_moe.D) @ params["router"]["kernel"])
+    ids, keep = test_moe.decisions(cfg, logits, None)
+    if cfg.dispatch == "capacity":
+        assert not keep.all()
+    cotangent = jax.random.normal(jax.random.key(99), x.shape)
+
+    def loss(module):
+        return jax.jit(jax.value_and_grad(
+            lambda p, x: jnp.sum(module.apply({"params": p, "moe_state": state}, x) * cotangent), argnums=(0, 1)))
+
+    reference = jax.value_and_grad(
+        lambda p, x: jnp.sum(test_moe.reference_moe(cfg, p, x, ids, keep) * cotangent), argnums=(0, 1))
+    got = loss(layer)(params, x)
+    for want in (reference(params, x), loss(moe.MoE(default, dtype=jnp.float32))(params, x)):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(want[1]), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(path))
+
+
+def test_bad_dispatch_kernel_names_the_field():
+    with pytest.raises(ValueError, match=r"model\.moe\.dispatch_kernel.*'triton'.*jnp.*pallas"):
+        test_moe.make_cfg("mixtral", dispatch_kernel="triton")
+
+
+def test_pallas_dispatch_under_expert_parallelism():
+    """The kernels inside shard_map (data 2 x expert 4, 'a2a': permute to the send buffer and to the local
+    experts' rows, combine back twice): output and gradients equal the single-device layer."""
+    x, params, state = test_parallel.layer_inputs()
+    y_ref, g_ref, _ = test_parallel.loss_and_grads(moe.MoE(test_parallel.layer_config()), params, state, x)
+    mesh = test_parallel.mesh_of((2, 1, 4, 1))
+    cfg = test_parallel.layer_config(dispatch_kernel="pallas", ep_mode="a2a")
+    y, g, _ = test_parallel.loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x,
+                                           NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
