@@ -15,10 +15,11 @@ the +shared arm: a renormalised top-1 weight is always 1, and its router would g
 The paper gives Figure 3 as bars normalised to the best arm per benchmark (no absolute Pile loss), so the rows
 carry no paper number; PAPERS.md section 1 reads TriviaQA about 0.61 -> 0.85 -> ... -> 1.0 off the figure.
 
-Budget: 200 steps (819K tokens), one evaluation at the end on 16 validation batches. Measured on the 2-core CPU
-(one 30-step run of fine_m4, the slowest row, with another training job sharing the cores): 1.70 s/step plus 45 s
-per run, so a fine_m4 run takes about 385 s; 12 runs at that speed take 77 minutes, and the rows with fewer, wider
-experts run faster: about an hour with --jobs 1.
+Budget: 150 steps (614K tokens), one evaluation at the end on 16 validation batches: Table 1's budget, so the
+fine_m4 row is the same command as Table 1's deepseekmoe row (same config, overrides and seeds) and
+experiments/results/deepseekmoe_fig3.md reuses those three runs instead of repeating them. Measured on the 2-core
+CPU: a fine_m4 run takes about 5-6 minutes with other work on the machine, the other rows 3-4 minutes; about 40
+minutes for the 9 new runs with --jobs 1.
 """
 from experiments.tables import Row
 
@@ -40,6 +41,6 @@ ROWS = [
     Row("fine_m4", "configs/deepseekmoe.py:tiny", {}, note="1 shared + 63 x 88, top-7 (the tiny preset)"),
 ]
 REFERENCE = "gshard"
-BUDGET = {"train.steps": 200, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 16,
+BUDGET = {"train.steps": 150, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 16,
           "checkpoint.every_steps": 50}
 METRICS = ["val_loss", "train_maxvio", "train_tokens_per_s"]
