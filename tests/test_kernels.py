@@ -212,6 +212,8 @@ def test_tokamax_backend_matches_numpy_or_names_the_missing_package():
     except ImportError:
         with pytest.raises(ValueError, match=r"model\.moe\.gmm_backend='tokamax'.*pip install tokamax"):
             experts.resolve_backend("tokamax")
+        with pytest.raises(ValueError, match=r"config field model\.moe\.gmm_backend='tokamax'.*pip install tokamax"):
+            test_moe.make_cfg("mixtral", gmm_backend="tokamax")
         return
     out = experts.ragged_matmul(lhs, rhs, sizes, "tokamax")
     np.testing.assert_allclose(np.asarray(out)[:16], np_grouped(np.asarray(lhs), np.asarray(rhs), [7, 0, 9])[:16],
@@ -254,9 +256,14 @@ def test_moe_layer_with_kernels_matches_the_dense_reference(fields):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(path))
 
 
-def test_bad_dispatch_kernel_names_the_field():
+def test_bad_dispatch_kernel_or_backend_names_the_field(monkeypatch):
     with pytest.raises(ValueError, match=r"model\.moe\.dispatch_kernel.*'triton'.*jnp.*pallas"):
         test_moe.make_cfg("mixtral", dispatch_kernel="triton")
+    with pytest.raises(ValueError, match=r"model\.moe\.gmm_backend.*'pallas'.*tiled.*megablox.*tokamax"):
+        test_moe.make_cfg("mixtral", gmm_backend="pallas")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match=r"model\.moe\.gmm_backend='megablox'.*TPU.*on GPU use"):
+        test_moe.make_cfg("mixtral", gmm_backend="megablox")
 
 
 def test_pallas_dispatch_under_expert_parallelism():
