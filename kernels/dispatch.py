@@ -352,3 +352,19 @@ def _combine_bwd(opts, res, grad_y):
 
 
 unpermute_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+def permute_tokens(x: jax.Array, expert_ids: jax.Array, num_experts: int, tile: int = 1,
+                   opts: KernelOptions = DEFAULT):
+    """x [T, D] and its routed experts [T, k] -> (rows [R, D] in expert order, group_sizes [E], group_offsets [E],
+    plan). Expert e's rows are rows[group_offsets[e] : group_offsets[e] + group_sizes[e]], its group padded with
+    zero rows up to a multiple of ``tile`` (1: no padding, the layout of ragged_dot and megablox); ids >= E are
+    not routed. ``unpermute_combine(out_rows, weights, plan.slot_row, plan.row_slot, opts)`` takes them back."""
+    from moejax import dispatch as plans
+    from moejax.routing import Routing
+
+    route = Routing(weights=jnp.ones(expert_ids.shape, jnp.float32), experts=expert_ids.astype(jnp.int32),
+                    probs=None, logits=None)
+    plan = plans.dropless_plan(route, num_experts, tile)
+    sizes = plan.expert_rows
+    return permute(x, plan.slot_row, plan.row_slot, opts), sizes, jnp.cumsum(sizes) - sizes, plan

@@ -167,6 +167,25 @@ def test_permute_and_combine_forward_and_vjp(impl, dtype, capacity):
         np.testing.assert_allclose(f32(a), f32(b), **tol(dtype))
 
 
+@pytest.mark.parametrize("tile", [1, 4])
+def test_permute_tokens_groups_rows_by_expert(tile):
+    """Group sizes, offsets and the rows of each group against a numpy sort: expert 2 is empty, every group is
+    padded with zero rows to a multiple of the tile."""
+    rng = np.random.default_rng(5)
+    ids = np.stack([rng.choice([0, 1, 1, 3, 4], size=2, replace=False) for _ in range(13)]).astype(np.int32)
+    x = jnp.asarray(rng.normal(size=(13, 24)), jnp.float32)
+    rows, sizes, offsets, _ = kd.permute_tokens(x, jnp.asarray(ids), 5, tile, opts("blocked"))
+    counts = np.bincount(ids.reshape(-1), minlength=5)
+    want_sizes = -(-counts // tile) * tile
+    np.testing.assert_array_equal(sizes, want_sizes)
+    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(want_sizes)[:-1]]))
+    for e in range(5):
+        tokens = [t for t in range(13) for j in range(2) if ids[t, j] == e]  # token order within a group
+        group = np.asarray(rows)[offsets[e]:offsets[e] + sizes[e]]
+        np.testing.assert_allclose(group[:len(tokens)], np.asarray(x)[tokens])
+        assert not group[len(tokens):].any()
+
+
 def np_grouped(lhs, rhs, sizes):
     out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float32)
     start = 0
