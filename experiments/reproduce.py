@@ -16,7 +16,9 @@ table's whole pipeline in a few minutes; its runs go to ``runs/<table>_smoke`` a
 Outputs, in --results-dir (default experiments/results for the full budget):
 
     <table>.md              per row: mean +- std over the seeds (ddof=1) of each metric of METRICS, the paper's
-                            numbers, parameters; within-seed differences against the table's REFERENCE row; budget
+                            numbers, parameters; the observed order of the rows (by mean and per seed); the
+                            text of <table>.findings.md if present (hand-written analysis that reruns keep);
+                            within-seed differences against the table's REFERENCE row; budget
     <table>.json            every run's metrics, the per-row means and stds, the differences
     <table>_loss.png        train and eval loss of every row (mean over seeds, min-max band)
     <table>_maxvio.png      train MaxVio of the MoE rows, mean over layers (tables with MoE rows)
@@ -210,9 +212,22 @@ def write_plots(table_name: str, rows: list[Row], runs: dict[str, list[runner.Ru
     return plots
 
 
+def observed_order(results: dict[str, Any], metric: str) -> tuple[str, list[str]]:
+    """The rows ordered by mean ``metric`` (lowest first) as 'a < b < c', and per seed the same order."""
+    means = [(r["mean"][metric], r["name"]) for r in results["rows"] if r["mean"].get(metric) is not None]
+    by_mean = " < ".join(name for _, name in sorted(means))
+    seeds = max((len(r["runs"]) for r in results["rows"]), default=0)
+    per_seed = []
+    for seed in range(seeds):
+        values = [(r["runs"][seed]["metrics"].get(metric), r["name"]) for r in results["rows"] if seed < len(r["runs"])]
+        per_seed.append(" < ".join(name for value, name in sorted(v for v in values if v[0] is not None)))
+    return by_mean, per_seed
+
+
 def markdown(table: ModuleType, table_name: str, rows: list[Row], results: dict[str, Any], budget: str,
-             seeds: int, plots: list[tuple[str, str]], command: str) -> str:
-    """The results page: header, main table, within-seed differences, rows, plots, budget."""
+             seeds: int, plots: list[tuple[str, str]], command: str, findings: str | None = None) -> str:
+    """The results page: header, main table, observed order, findings (hand-written, kept across reruns in
+    <table>.findings.md), within-seed differences, rows, plots, budget."""
     metrics = list(table.METRICS)
     paper_labels = list(dict.fromkeys(label for row in rows for label in row.paper))
     any_run = next((e for r in results["rows"] for e in r["runs"]), None)
@@ -233,6 +248,12 @@ def markdown(table: ModuleType, table_name: str, rows: list[Row], results: dict[
                  *(f"{row.paper[label]:g}" if label in row.paper else "–" for label in paper_labels)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Metrics: " + "; ".join(f"`{m}` = {runner.METRICS[m]}" for m in metrics) + "."]
+    by_mean, per_seed = observed_order(results, metrics[0])
+    if by_mean:
+        lines += ["", f"**Observed order by mean `{metrics[0]}`** (lowest first): {by_mean}. Per seed: "
+                  + "; ".join(f"seed {i}: {order}" for i, order in enumerate(per_seed)) + "."]
+    if findings:
+        lines += ["", "## Findings", "", findings.strip()]
     if results["differences"]:
         ref = results["reference"]
         lines += ["", f"## Within-seed differences vs `{ref}`", "",
@@ -318,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(args.table, rows, runs, results, results_dir)
     command = "python -m experiments.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    findings_path = results_dir / f"{args.table}.findings.md"
+    findings = findings_path.read_text() if findings_path.exists() else None
     (results_dir / f"{args.table}.md").write_text(
-        markdown(table, args.table, rows, results, args.budget, args.seeds, plots, command))
+        markdown(table, args.table, rows, results, args.budget, args.seeds, plots, command, findings))
     payload = {"table": args.table, "title": table.TITLE, "paper": table.PAPER, "expected": table.EXPECTED,
                "budget": args.budget, "budget_overrides": table.BUDGET if args.budget == "full" else SMOKE_BUDGET,
                "seeds": args.seeds, "metrics": list(table.METRICS), "workdir": str(workdir), **results}

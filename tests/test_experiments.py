@@ -104,6 +104,9 @@ def test_reproduce_results_are_the_seed_statistics(toy_run):
             for r in ("a", "b"))
     assert data["differences"]["b"]["val_loss"]["values"] == pytest.approx(np.subtract(b, a))
     assert "| **a** | 2/2 |" in md and "| 1.5 |" in md  # seeds finished, the paper's number
+    order = " < ".join(sorted(("a", "b"), key=lambda r: np.mean(a if r == "a" else b)))
+    seed0 = " < ".join(sorted(("a", "b"), key=lambda r: (a if r == "a" else b)[0]))
+    assert f"(lowest first): {order}. Per seed: seed 0: {seed0}; seed 1: " in md
     for plot in ("toy_loss.png", "toy_maxvio.png", "toy_load_a.png", "toy_load_b.png"):
         assert (root / "results" / plot).stat().st_size > 1000
         assert f"]({plot})" in md
@@ -112,12 +115,14 @@ def test_reproduce_results_are_the_seed_statistics(toy_run):
 def test_reproduce_rerun_skips_finished_runs(toy_run, capsys):
     root, args, _, _ = toy_run
     mtimes = {p: p.stat().st_mtime for p in (root / "runs").glob("*/seed*/summary.json")}
+    (root / "results" / "toy.findings.md").write_text("Row b is the toy's finding.\n")
     start = time.monotonic()
     code, out, _ = run_main(reproduce, args, capsys)
     assert code == 0
     assert "4 already finished (skipped), 0 to run" in out and "] start " not in out
     assert time.monotonic() - start < 20
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    assert "## Findings\n\nRow b is the toy's finding." in (root / "results" / "toy.md").read_text()
 
 
 def test_sweep_grid_resumes_and_sorts(toy_run, tmp_path, capsys):
