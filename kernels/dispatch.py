@@ -20,7 +20,13 @@ Two lowerings:
   source row, so the gather is the pipeline's own DMA (the source is viewed as [N, 1, D] so that every block's
   last two dims equal the array's).
 ``impl='auto'`` picks 'tpu' on TPU and 'blocked' elsewhere; ``interpret=None`` interprets on CPU only. On this
-project's CPU-only machines both lowerings run in interpret mode in the tests; neither has run on hardware yet.
+project's CPU-only machines both lowerings run in interpret mode in the tests, and tests/test_kernels.py lowers
+them for GPU (to Triton) and TPU (to Mosaic) through jax.export; neither has run on hardware yet.
+
+Triton constraints the blocked kernels respect: every array is a power of two (k slots are padded to the next
+power of two with no-row slots), columns of the index and weight blocks are read from the refs rather than sliced
+out of loaded values, and the compiler params select Triton (the default GPU lowering, Mosaic GPU, would stage the
+whole source in shared memory).
 """
 import functools
 from dataclasses import dataclass
@@ -100,6 +106,14 @@ def gather_dot_reference(src, idx, g):
 # 'blocked' kernels (Triton on GPU, interpret on CPU).
 
 
+def _triton_params():
+    """Selects the Triton lowering on GPU (the default GPU lowering, Mosaic GPU, would stage the whole source in
+    shared memory); ignored by interpret mode."""
+    from jax.experimental.pallas import triton as plt
+
+    return plt.CompilerParams(num_warps=4, num_stages=1)
+
+
 def _load_rows(src_ref, idx, col):
     """The rows src[idx] (zeros where idx >= N) of column block ``col`` as float32."""
     valid = idx < src_ref.shape[0]
@@ -128,24 +142,33 @@ def _blocked_gather_rows(src, idx, scale, opts, interpret):
                   pl.BlockSpec()],
         out_specs=pl.BlockSpec((bm, bd), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
     )(idx_p, scale_p, src)
     return out[:m]
+
+
+def _pad_slots(idx, weights, num, padded_t):
+    """idx [T, k] and weights padded to [padded_t, kp] with kp the next power of two (Triton wants power-of-two
+    arrays): the padding slots point at no row and weigh 0."""
+    t, k = idx.shape
+    kp = 1 << max(0, (k - 1).bit_length())
+    idx_p = jnp.pad(idx.astype(jnp.int32), ((0, padded_t - t), (0, kp - k)), constant_values=num)
+    w_p = None if weights is None else jnp.pad(weights.astype(jnp.float32), ((0, padded_t - t), (0, kp - k)))
+    return idx_p, w_p, kp
 
 
 def _blocked_gather_combine(src, idx, weights, opts, interpret):
     (num, dim), (t, k) = src.shape, idx.shape
     bm, bd = opts.block_rows, _block_cols(dim, opts.block_cols)
     padded = -(-t // bm) * bm
-    idx_p = _pad_to(idx.astype(jnp.int32), padded, num)
-    w = jnp.ones((t, k), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    w_p = _pad_to(w, padded, 0.0)
+    w = jnp.ones((t, k), jnp.float32) if weights is None else weights
+    idx_p, w_p, kp = _pad_slots(idx, w, num, padded)
 
     def kernel(idx_ref, w_ref, src_ref, out_ref):
         col = pl.ds(pl.program_id(1) * bd, bd)
-        idx_b, w_b = idx_ref[...], w_ref[...]
         acc = jnp.zeros((bm, bd), jnp.float32)
-        for j in range(k):  # k is small and static: unrolled
-            acc += _load_rows(src_ref, idx_b[:, j], col) * w_b[:, j][:, None]
+        for j in range(k):  # k is small and static: unrolled; columns are read from the refs (no value slicing)
+            acc += _load_rows(src_ref, idx_ref[:, j], col) * w_ref[:, j][:, None]
         out_ref[...] = acc.astype(out_ref.dtype)
 
     idx_p, w_p, src = vma.unify(idx_p, w_p, src)
@@ -153,10 +176,11 @@ def _blocked_gather_combine(src, idx, weights, opts, interpret):
         kernel,
         out_shape=vma.out_struct((padded, dim), src.dtype, src),
         grid=(padded // bm, dim // bd),
-        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+        in_specs=[pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
                   pl.BlockSpec()],
         out_specs=pl.BlockSpec((bm, bd), lambda i, j: (i, j)),
         interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
     )(idx_p, w_p, src)
     return out[:t]
 
@@ -165,32 +189,34 @@ def _blocked_gather_dot(src, idx, g, opts, interpret):
     (num, dim), (t, k) = src.shape, idx.shape
     bm, bd = opts.block_rows, _block_cols(dim, opts.block_cols)
     padded = -(-t // bm) * bm
-    idx_p = _pad_to(idx.astype(jnp.int32), padded, num)
+    idx_p, _, kp = _pad_slots(idx, None, num, padded)
     g_p = _pad_to(g, padded, 0)
 
     def kernel(idx_ref, g_ref, src_ref, out_ref):
-        idx_b = idx_ref[...]
+        for j in range(kp):
+            if j >= k:  # padding slots: no row
+                out_ref[:, j] = jnp.zeros((bm,), jnp.float32)
+                continue
+            idx_j = idx_ref[:, j]
 
-        def body(c, acc):
-            col = pl.ds(pl.multiple_of(c * bd, bd), bd)
-            g_b = g_ref[:, col].astype(jnp.float32)
-            return tuple(a + jnp.sum(_load_rows(src_ref, idx_b[:, j], col) * g_b, axis=1)
-                         for j, a in enumerate(acc))
+            def body(c, acc, idx_j=idx_j):
+                col = pl.ds(pl.multiple_of(c * bd, bd), bd)
+                return acc + jnp.sum(_load_rows(src_ref, idx_j, col) * g_ref[:, col].astype(jnp.float32), axis=1)
 
-        acc = jax.lax.fori_loop(0, dim // bd, body, tuple(jnp.zeros((bm,), jnp.float32) for _ in range(k)))
-        out_ref[...] = jnp.stack(acc, axis=1)
+            out_ref[:, j] = jax.lax.fori_loop(0, dim // bd, body, jnp.zeros((bm,), jnp.float32))
 
     idx_p, g_p, src = vma.unify(idx_p, g_p, src)
     out = pl.pallas_call(
         kernel,
-        out_shape=vma.out_struct((padded, k), jnp.float32, src),
+        out_shape=vma.out_struct((padded, kp), jnp.float32, src),
         grid=(padded // bm,),
-        in_specs=[pl.BlockSpec((bm, k), lambda i: (i, 0)), pl.BlockSpec((bm, dim), lambda i: (i, 0)),
+        in_specs=[pl.BlockSpec((bm, kp), lambda i: (i, 0)), pl.BlockSpec((bm, dim), lambda i: (i, 0)),
                   pl.BlockSpec()],
-        out_specs=pl.BlockSpec((bm, k), lambda i: (i, 0)),
+        out_specs=pl.BlockSpec((bm, kp), lambda i: (i, 0)),
         interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
     )(idx_p, g_p, src)
-    return out[:t]
+    return out[:t, :k]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -297,3 +297,32 @@ def test_pallas_dispatch_under_expert_parallelism():
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("platform, impl", [("cuda", "blocked"), ("tpu", "tpu")])
+def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform, impl):
+    """No accelerator here, but jax.export lowers for one: permute -> unpermute-combine forward and backward at
+    the DeepSeek-V2-Lite width (D = 2048, k = 6: not a power of two, which Triton needs and the kernel pads) must
+    lower to Triton (GPU) or Mosaic (TPU) custom calls. (The default GPU lowering, Mosaic GPU, would stage the
+    whole source in shared memory and fail here.)"""
+    t, d, k, e = 64, 2048, 6, 8
+    o = kd.KernelOptions(impl=impl, interpret=False)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, e, size=(t, k)), jnp.int32)
+    plan = dispatch.dropless_plan(Routing(weights=jnp.ones((t, k)), experts=ids, probs=None, logits=None), e, 8)
+
+    def loss(x, w):
+        rows = kd.permute(x, plan.slot_row, plan.row_slot, o)
+        return jnp.sum(kd.unpermute_combine(rows * 2, w, plan.slot_row, plan.row_slot, o).astype(jnp.float32))
+
+    target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+    try:
+        exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=[platform],
+                                     disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(
+            jax.ShapeDtypeStruct((t, d), jnp.bfloat16), jax.ShapeDtypeStruct((t, k), jnp.float32))
+    except RuntimeError as err:  # jax >= 0.12 asks for a GPU's compute capability to lower Triton
+        if "No supported GPU devices found" not in str(err):
+            raise
+        pytest.skip(f"this jax ({jax.__version__}) lowers Triton only with a GPU present")
+    text = exported.mlir_module()
+    # forward: gather_rows + gather_combine; backward: gather_rows (scaled), gather_dot, gather_combine
+    assert text.count(f"@{target}" if platform == "cuda" else target) >= 4, text[:2000]
