@@ -326,3 +326,24 @@ def test_kernels_lower_for_gpu_triton_and_tpu_mosaic(platform, impl):
     text = exported.mlir_module()
     # forward: gather_rows + gather_combine; backward: gather_rows (scaled), gather_dot, gather_combine
     assert text.count(f"@{target}" if platform == "cuda" else target) >= 4, text[:2000]
+
+
+def test_megablox_glu_lowers_for_tpu(monkeypatch):
+    """The megablox backend's GLU forward+backward, with F = 1400 (not a multiple of the 128 tile), lowers to
+    Mosaic TPU custom calls through jax.export (default_backend reads 'tpu' so that nothing is interpreted)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    t, d, f, e = 256, 2048, 1400, 8
+    sizes = jnp.full((e,), t // e, jnp.int32)
+    plan = dispatch.Plan(slot_row=jnp.zeros((t, 1), jnp.int32), row_slot=jnp.zeros((t,), jnp.int32),
+                         expert_rows=sizes, tile_expert=jnp.zeros((t,), jnp.int32), used_tiles=jnp.asarray(t),
+                         tokens_per_expert=sizes, dropped=jnp.zeros((), jnp.int32), tile=1)
+
+    def loss(rows, w0, w1, wo):
+        return jnp.sum(experts.grouped_glu(rows, (w0, w1, wo), plan, "megablox", "silu").astype(jnp.float32))
+
+    shapes = [(t, d), (e, d, f), (e, d, f), (e, f, d)]
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["tpu"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("tpu_custom_call")])(
+        *(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes))
+    text = exported.mlir_module()
+    assert text.count("tpu_custom_call") >= 3 and "tgmm" in text  # gmm forward, gmm + tgmm (weights) backward
