@@ -17,6 +17,7 @@ import pytest
 
 from experiments import reproduce, runner, sweep
 from moejax import analysis
+from tests import helpers_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "tests" / "helpers_train.py")
@@ -40,7 +41,7 @@ METRICS = ["val_loss", "maxvio", "train_maxvio"]
 def subprocess_env(tmp_path_factory):
     """Runs on one host device (not the 8 forced ones of conftest.py) sharing one persistent compilation cache."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XLA_FLAGS", "")
+        mp.setenv("XLA_FLAGS", helpers_env.xla_flags())
         mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
         mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -64,6 +65,11 @@ def run_main(module, args, capsys):
     return code, captured.out, captured.err
 
 
+# The tests of the toy table's run go to one pytest-xdist worker (pytest.ini: --dist loadgroup): the module fixture
+# runs the table once per worker that needs it.
+toy_table = pytest.mark.xdist_group("toy_table")
+
+
 @pytest.fixture(scope="module")
 def toy_run(toy):
     """The toy table's first run: (root, args, exit status, console output)."""
@@ -74,6 +80,7 @@ def toy_run(toy):
     return root, args, code, out.getvalue()
 
 
+@toy_table
 def test_reproduce_runs_every_row_and_seed(toy_run):
     root, _, code, out = toy_run
     assert code == 0, out
@@ -85,6 +92,7 @@ def test_reproduce_runs_every_row_and_seed(toy_run):
     assert "done 4/4" in out and "4 finished, 0 skipped, 0 failed" in out
 
 
+@toy_table
 def test_reproduce_results_are_the_seed_statistics(toy_run):
     root, _, _, _ = toy_run
     md = (root / "results" / "toy.md").read_text()
@@ -112,6 +120,7 @@ def test_reproduce_results_are_the_seed_statistics(toy_run):
         assert f"]({plot})" in md
 
 
+@toy_table
 def test_reproduce_rerun_skips_finished_runs(toy_run, capsys):
     root, args, _, _ = toy_run
     mtimes = {p: p.stat().st_mtime for p in (root / "runs").glob("*/seed*/summary.json")}
@@ -125,6 +134,7 @@ def test_reproduce_rerun_skips_finished_runs(toy_run, capsys):
     assert "## Findings\n\nRow b is the toy's finding." in (root / "results" / "toy.md").read_text()
 
 
+@toy_table
 def test_sweep_grid_resumes_and_sorts(toy_run, tmp_path, capsys):
     workdir = tmp_path / "sweep"
     args = ["--config", CONFIG, "--grid", "seed=0,1", "--grid", "model.moe.top_k=2", "--set", "model.num_layers=1",

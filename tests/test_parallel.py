@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.configs import base, deepseekmoe
 
 from moejax import checks, model, moe, parallel, routing, train
-from tests import helpers_multiprocess, helpers_train
+from tests import helpers_env, helpers_multiprocess, helpers_train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,12 @@ def single_device(case_index, one_expert):
     return loss_and_grads(moe.MoE(layer_config(**CASES[case_index])), params, state, x)
 
 
+# The meshes of one routing share one pytest-xdist worker (pytest.ini: --dist loadgroup), so that each single-device
+# reference (functools.cache, per process) is compiled once in the session rather than on each worker.
 @pytest.mark.parametrize("mode, shape", MESHES, ids=[f"{m}-{'x'.join(map(str, s))}" for m, s in MESHES])
-@pytest.mark.parametrize("one_expert", [False, True], ids=["random", "one_expert"])
+@pytest.mark.parametrize("one_expert", [pytest.param(False, marks=pytest.mark.xdist_group("meshes_random")),
+                                        pytest.param(True, marks=pytest.mark.xdist_group("meshes_one_expert"))],
+                         ids=["random", "one_expert"])
 def test_expert_parallel_layer_equals_single_device(mode, shape, one_expert):
     """Dropless and capacity modes (both drop policies, eval capacity unused in training) on meshes of
     expert = 2, 4, 8 with data / fsdp / tensor; 'one_expert' sends every token to expert 3 (capacity drops)."""
@@ -250,11 +254,23 @@ def train_steps(config, mesh, steps=2):
     return losses
 
 
-@pytest.mark.parametrize("mesh_fields", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)])
-def test_train_steps_on_an_expert_parallel_mesh_give_the_single_device_loss(mesh_fields):
+def capacity_config():
     config = helpers_train.get_config()
     config.model.moe.update(dispatch="capacity", capacity_factor=1.0)
-    reference = train_steps(config, None)
+    return config
+
+
+@functools.cache
+def single_device_losses():
+    """The reference of both meshes below, computed once per process (the two tests share an xdist group)."""
+    return train_steps(capacity_config(), None)
+
+
+@pytest.mark.xdist_group("train_steps_on_a_mesh")
+@pytest.mark.parametrize("mesh_fields", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)])
+def test_train_steps_on_an_expert_parallel_mesh_give_the_single_device_loss(mesh_fields):
+    reference = single_device_losses()
+    config = capacity_config()
     config.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
     config.mesh.update(mesh_fields)
     config.mesh.data = -1
@@ -299,7 +315,7 @@ def test_two_processes_train_on_a_mesh_spanning_both(tmp_path):
     config.data.dir = str(data_dir)
     reference = train.train_and_evaluate(config, tmp_path / "one")
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", MOEJAX_COORDINATOR=f"localhost:{port}",
+    env = dict(os.environ, XLA_FLAGS=helpers_env.xla_flags(4), MOEJAX_COORDINATOR=f"localhost:{port}",
                MOEJAX_NUM_PROCESSES="2", MOEJAX_CPU_COLLECTIVES="gloo",
                JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision))
     command = [sys.executable, "-m", "moejax.main", f"--config={REPO / 'tests' / 'helpers_multiprocess.py'}",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moejax import model, routing, train
-from tests import reference
+from tests import helpers_env, reference
 from tests.test_configs import load
 from tests.test_routing import deepseek_v3, mixtral
 
@@ -232,9 +232,10 @@ def test_loss_free_bias_follows_the_sign_rule_and_adds_no_loss():
     load_ = np.asarray(aux["moe_aux"]["layers_0"]["ffn"]["tokens_per_expert"][0])
     assert float(aux["moe_aux"]["layers_0"]["ffn"]["balance_loss"][0]) == 0.0
     metrics = train.metrics_collection(["layers_0"], True, config.model.moe.num_experts).empty()
-    new, metrics, _ = train.train_step(state, metrics, batch, module=module, tx=tx,
-                                       schedule=train.learning_rate_schedule(config.train),
-                                       train_key=jax.random.key(0), bias_update_rate=1e-3)
+    step = jax.jit(lambda s, m, b: train.train_step(s, m, b, module=module, tx=tx,  # jitted as in train.py
+                                                    schedule=train.learning_rate_schedule(config.train),
+                                                    train_key=jax.random.key(0), bias_update_rate=1e-3))
+    new, metrics, _ = step(state, metrics, batch)
     expected = 1e-3 * np.sign(load_.mean() - load_)
     np.testing.assert_allclose(np.asarray(new.moe_state["layers_0"]["ffn"]["router_bias"]), expected, atol=1e-9)
     maxvio = float(metrics.compute()["layers_0_maxvio"])
@@ -311,9 +312,10 @@ def test_thor_sends_each_pass_to_one_random_expert_and_evaluates_the_ensemble():
     variables = {"params": variables["params"], "moe_state": variables["moe_state"]}  # no init-time statistics
     p = variables["params"]
     tokens = np.asarray(x, np.float64).reshape(-1, 32)
+    apply = jax.jit(lambda v, x, key: layer.apply(v, x, train=True, mutable=["moe_aux"], rngs={"routing": key}))
     draws = []
     for seed in range(40):
-        y, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"], rngs={"routing": jax.random.key(seed)})
+        y, aux = apply(variables, x, jax.random.key(seed))
         load_ = np.asarray(aux["moe_aux"]["tokens_per_expert"][0])
         assert sorted(load_.tolist()) == [0.0, 32.0]  # the whole batch on one expert
         expert = int(load_.argmax())
@@ -401,7 +403,7 @@ def test_zoo_config_trains_20_steps_through_main(name, data_dir, tmp_path):
         overrides += ["--config.model.moe.expert_ffn=64", "--config.upcycle.dense_steps=6"]
     command = [sys.executable, "-m", "moejax.main", f"--config={REPO / 'configs' / f'{name}.py'}",
                f"--config.data.dir={data_dir}", f"--workdir={tmp_path / name}", *overrides]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=helpers_env.xla_flags())  # one device
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / name / "summary.json").read_text())
