@@ -132,20 +132,16 @@ def main() -> None:
             setattr(args, name, value)
     if args.dtype not in ("float32", "bfloat16"):
         parser.error(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
-    backends = ["tiled", "megablox"] + (["ragged_dot"] if not on_cpu else [])
-    try:
-        experts.resolve_backend("tokamax")
-        backends.append("tokamax")
-    except ValueError:
-        pass
+    tokamax = ["tokamax"] if experts.tokamax_installed() else []
+    backends = ["tiled", "megablox"] + (["ragged_dot"] if not on_cpu else []) + tokamax
     if args.modes is None:
-        modes = ["dropless:tiled", "dropless:tiled:64", "dropless:tiled:512", "capacity:1.0", "capacity:1.25",
-                 "pallas:tiled"]
-        if not on_cpu:
-            modes = ["dropless:ragged_dot", "dropless:megablox", "pallas:ragged_dot", "capacity:1.25"]
-            modes += [f"dropless:{b}" for b in backends if b == "tokamax"]
-            if jax.default_backend() != "tpu":
-                modes.remove("dropless:megablox")
+        if on_cpu:
+            modes = ["dropless:tiled", "dropless:tiled:64", "dropless:tiled:512", "capacity:1.0", "capacity:1.25",
+                     "pallas:tiled"]
+        else:
+            megablox = ["megablox"] if jax.default_backend() == "tpu" else []
+            modes = [f"dropless:{b}" for b in ["ragged_dot", *megablox, *tokamax]] + ["pallas:ragged_dot",
+                                                                                       "capacity:1.25"]
         args.modes = ",".join(modes)
     sections = args.sections.split(",")
     dtype = jnp.dtype(args.dtype)

@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from moejax import dispatch as plans
 from moejax import vma
+from moejax.routing import Routing
 
 IMPLS = ("auto", "blocked", "tpu")
 
@@ -80,25 +82,21 @@ def _pad_to(x: jax.Array, size: int, value) -> jax.Array:
 # References (the spec): plain jnp.
 
 
-def _with_zero_row(src: jax.Array) -> jax.Array:
-    return jnp.concatenate([src, jnp.zeros((1, *src.shape[1:]), src.dtype)])
-
-
 def gather_rows_reference(src, idx, scale=None):
-    rows = _with_zero_row(src)[jnp.minimum(idx, src.shape[0])]
+    rows = plans.append_zero_row(src)[jnp.minimum(idx, src.shape[0])]
     if scale is not None:
         rows = (rows.astype(jnp.float32) * scale[:, None].astype(jnp.float32)).astype(src.dtype)
     return rows
 
 
 def gather_combine_reference(src, idx, weights=None):
-    picked = _with_zero_row(src)[jnp.minimum(idx, src.shape[0])].astype(jnp.float32)
+    picked = plans.append_zero_row(src)[jnp.minimum(idx, src.shape[0])].astype(jnp.float32)
     w = jnp.ones(idx.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     return jnp.einsum("tkd,tk->td", picked, w).astype(src.dtype)
 
 
 def gather_dot_reference(src, idx, g):
-    picked = _with_zero_row(src)[jnp.minimum(idx, src.shape[0])].astype(jnp.float32)
+    picked = plans.append_zero_row(src)[jnp.minimum(idx, src.shape[0])].astype(jnp.float32)
     return jnp.einsum("tkd,td->tk", picked, g.astype(jnp.float32))
 
 
@@ -328,11 +326,6 @@ def gather_dot(src, idx, g, opts: KernelOptions = DEFAULT):
     return fn(src, idx, g, opts, interpret)
 
 
-def row_tokens(row_slot: jax.Array, num_tokens: int, top_k: int) -> jax.Array:
-    """The token of each buffer row (num_tokens for an empty row) from the flat slot t*k + j it holds."""
-    return jnp.where(row_slot < num_tokens * top_k, row_slot // top_k, num_tokens)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def permute(x: jax.Array, slot_row: jax.Array, row_slot: jax.Array, opts: KernelOptions = DEFAULT) -> jax.Array:
     """Rows of the expert buffer: rows[r] = x[token of row r], 0 for empty rows. x [T, D] -> [R, D].
@@ -342,7 +335,7 @@ def permute(x: jax.Array, slot_row: jax.Array, row_slot: jax.Array, opts: Kernel
     group sizes and their exclusive cumsum the offsets.
     """
     num_tokens, top_k = slot_row.shape
-    return gather_rows(x, row_tokens(row_slot, num_tokens, top_k), None, opts)
+    return gather_rows(x, plans.row_tokens(row_slot, num_tokens, top_k), None, opts)
 
 
 def _permute_fwd(x, slot_row, row_slot, opts):
@@ -371,8 +364,9 @@ def _combine_fwd(rows, weights, slot_row, row_slot, opts):
 def _combine_bwd(opts, res, grad_y):
     rows, weights, slot_row, row_slot = res
     num_tokens, top_k = slot_row.shape
-    row_weight = _with_zero_row(weights.reshape(-1))[row_slot]
-    grad_rows = gather_rows(grad_y, row_tokens(row_slot, num_tokens, top_k), row_weight, opts).astype(rows.dtype)
+    row_weight = plans.append_zero_row(weights.reshape(-1))[row_slot]
+    row_token = plans.row_tokens(row_slot, num_tokens, top_k)
+    grad_rows = gather_rows(grad_y, row_token, row_weight, opts).astype(rows.dtype)
     grad_weights = gather_dot(rows, slot_row, grad_y, opts).astype(weights.dtype)
     return vma.sum_to_type(grad_rows, rows), vma.sum_to_type(grad_weights, weights), None, None
 
@@ -386,9 +380,6 @@ def permute_tokens(x: jax.Array, expert_ids: jax.Array, num_experts: int, tile: 
     plan). Expert e's rows are rows[group_offsets[e] : group_offsets[e] + group_sizes[e]], its group padded with
     zero rows up to a multiple of ``tile`` (1: no padding, the layout of ragged_dot and megablox); ids >= E are
     not routed. ``unpermute_combine(out_rows, weights, plan.slot_row, plan.row_slot, opts)`` takes them back."""
-    from moejax import dispatch as plans
-    from moejax.routing import Routing
-
     route = Routing(weights=jnp.ones(expert_ids.shape, jnp.float32), experts=expert_ids.astype(jnp.int32),
                     probs=None, logits=None)
     plan = plans.dropless_plan(route, num_experts, tile)

@@ -140,11 +140,13 @@ def dropless_plan(routing: Routing, num_experts: int, tile: int) -> Plan:
                  tokens_per_expert=counts, dropped=jnp.zeros((), jnp.int32), tile=tile)
 
 
-def _append_zero_row(x: jax.Array) -> jax.Array:
+def append_zero_row(x: jax.Array) -> jax.Array:
+    """x with a zero row appended: index len(x) then gathers 0 (dropped slots, empty rows)."""
     return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
 
 
-def _row_token(row_slot: jax.Array, num_tokens: int, top_k: int) -> jax.Array:
+def row_tokens(row_slot: jax.Array, num_tokens: int, top_k: int) -> jax.Array:
+    """The token of each buffer row (num_tokens for an empty row) from the flat slot t*k + j it holds."""
     return jnp.where(row_slot < num_tokens * top_k, row_slot // top_k, num_tokens)
 
 
@@ -152,7 +154,7 @@ def _row_token(row_slot: jax.Array, num_tokens: int, top_k: int) -> jax.Array:
 def permute(x: jax.Array, slot_row: jax.Array, row_slot: jax.Array) -> jax.Array:
     """Rows of the expert buffer: x [T, D] -> [R, D]; empty rows are 0."""
     num_tokens, top_k = slot_row.shape
-    return _append_zero_row(x)[_row_token(row_slot, num_tokens, top_k)]
+    return append_zero_row(x)[row_tokens(row_slot, num_tokens, top_k)]
 
 
 def _permute_fwd(x, slot_row, row_slot):
@@ -161,7 +163,7 @@ def _permute_fwd(x, slot_row, row_slot):
 
 def _permute_bwd(res, grad_rows):
     slot_row, row_slot, x_type = res
-    grad_x = _append_zero_row(grad_rows)[slot_row].sum(1, dtype=jnp.float32).astype(grad_rows.dtype)
+    grad_x = append_zero_row(grad_rows)[slot_row].sum(1, dtype=jnp.float32).astype(grad_rows.dtype)
     return vma.sum_to_type(grad_x, x_type), None, None
 
 
@@ -171,7 +173,7 @@ permute.defvjp(_permute_fwd, _permute_bwd)
 @jax.custom_vjp
 def unpermute_combine(rows: jax.Array, weights: jax.Array, slot_row: jax.Array, row_slot: jax.Array) -> jax.Array:
     """y_t = sum_j weights[t, j] * rows[slot_row[t, j]]: rows [R, D], weights [T, k] -> [T, D] (float32 sum)."""
-    picked = _append_zero_row(rows)[slot_row]
+    picked = append_zero_row(rows)[slot_row]
     return jnp.einsum("tkd,tk->td", picked, weights.astype(rows.dtype),
                       preferred_element_type=jnp.float32).astype(rows.dtype)
 
@@ -183,11 +185,11 @@ def _combine_fwd(rows, weights, slot_row, row_slot):
 def _combine_bwd(res, grad_y):
     rows, weights, slot_row, row_slot = res
     num_tokens, top_k = slot_row.shape
-    picked = _append_zero_row(rows)[slot_row]
+    picked = append_zero_row(rows)[slot_row]
     grad_weights = jnp.einsum("tkd,td->tk", picked, grad_y.astype(rows.dtype),
                               preferred_element_type=jnp.float32).astype(weights.dtype)
-    row_weight = _append_zero_row(weights.reshape(-1))[row_slot]
-    row_grad = _append_zero_row(grad_y)[_row_token(row_slot, num_tokens, top_k)]
+    row_weight = append_zero_row(weights.reshape(-1))[row_slot]
+    row_grad = append_zero_row(grad_y)[row_tokens(row_slot, num_tokens, top_k)]
     grad_rows = (row_grad.astype(jnp.float32) * row_weight[:, None].astype(jnp.float32)).astype(rows.dtype)
     return vma.sum_to_type(grad_rows, rows), vma.sum_to_type(grad_weights, weights), None, None
 

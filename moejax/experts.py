@@ -15,6 +15,7 @@ grouped matmul of our own is not shipped: the design admits one only where it me
 no accelerator has been available to measure it.
 """
 import functools
+import importlib.util
 from collections.abc import Callable
 
 import jax
@@ -34,31 +35,34 @@ RAGGED_BACKENDS = ("ragged_dot", "megablox", "tokamax")
 MEGABLOX_TILE = 128
 
 
+TOKAMAX_MISSING = ("needs the tokamax package (pip install tokamax); allowed without it: 'auto', 'tiled', "
+                   "'ragged_dot', 'megablox'")
+
+
+def tokamax_installed() -> bool:
+    return importlib.util.find_spec("tokamax") is not None
+
+
 def _tokamax():
-    try:
-        import tokamax
-    except ImportError as err:
-        raise ValueError("model.moe.gmm_backend='tokamax' needs the tokamax package (pip install tokamax); "
-                         "allowed without it: 'auto', 'tiled', 'ragged_dot', 'megablox'") from err
+    if not tokamax_installed():
+        raise ValueError(f"model.moe.gmm_backend='tokamax' {TOKAMAX_MISSING}")
+    import tokamax
+
     return tokamax
 
 
 def resolve_backend(backend: str) -> str:
     """'auto' -> 'tiled' on CPU, 'megablox' on TPU, 'tokamax' on GPU where installed (else 'ragged_dot')."""
+    if backend == "tokamax":
+        _tokamax()
     if backend != "auto":
-        if backend == "tokamax":
-            _tokamax()
         return backend
     platform = jax.default_backend()
     if platform == "cpu":
         return "tiled"
     if platform == "tpu":
         return "megablox"
-    try:
-        _tokamax()
-    except ValueError:
-        return "ragged_dot"
-    return "tokamax"
+    return "tokamax" if tokamax_installed() else "ragged_dot"
 
 
 def _round_up(n: int, m: int) -> int:

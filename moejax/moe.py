@@ -65,11 +65,8 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     if cfg.gmm_backend == "megablox" and jax.default_backend() == "gpu":
         checks.fail(f"{prefix}.gmm_backend", cfg.gmm_backend, "megablox is a TPU (Mosaic) kernel; on GPU use 'auto', "
                                                               "'ragged_dot' or 'tokamax'")
-    if cfg.gmm_backend == "tokamax":
-        try:
-            experts.resolve_backend("tokamax")
-        except ValueError as err:
-            checks.fail(f"{prefix}.gmm_backend", cfg.gmm_backend, str(err).split("needs ", 1)[-1])
+    if cfg.gmm_backend == "tokamax" and not experts.tokamax_installed():
+        checks.fail(f"{prefix}.gmm_backend", cfg.gmm_backend, experts.TOKAMAX_MISSING)
     checks.positive_int(f"{prefix}.gmm_tile", cfg.gmm_tile, minimum=0)
     checks.choice(f"{prefix}.balance_loss", cfg.balance_loss, BALANCE_LOSSES)
     checks.choice(f"{prefix}.balance_scope", cfg.balance_scope, ["batch", "sequence"])

@@ -16,6 +16,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests import helpers_env
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
@@ -31,9 +33,9 @@ def load_builder():
 
 def kernel_env(data_dir: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ, MOEJAX_NOTEBOOK_BUDGET="ci", MOEJAX_DATA_DIR=str(data_dir))
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = helpers_env.xla_flags()  # one device
     if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
+        env["XLA_FLAGS"] = flags
     else:
         env.pop("XLA_FLAGS", None)
     return env
