@@ -2,7 +2,34 @@
 
 Run a config with ``python -m moejax.main --config=configs/<file>.py[:preset] --config.<field>=<value>``.
 """
+import pathlib
+from collections.abc import Sequence
+
 import ml_collections
+
+PRESETS: tuple[str, ...] = ()
+
+
+def preset(config_file: str, arg: str | None, allowed: Sequence[str], default: str | None = None) -> str | None:
+    """The preset a config file's ``get_config(arg)`` builds: ``arg``, or ``default`` when arg is None or ''.
+
+    config_file: the config's path (``__file__`` or ``'configs/<name>.py'``; messages name it
+    ``configs/<name>.py``). allowed: the file's presets (its ``PRESETS``); empty for a config without presets,
+    which then refuses any non-empty ``arg``. Raises ValueError naming the file, the preset and the allowed ones.
+    """
+    name = f"configs/{pathlib.Path(config_file).name}"
+    allowed = tuple(allowed)
+    if default is not None and default not in allowed:
+        raise ValueError(f"{name}: default preset {default!r} is not one of its presets {allowed}")
+    if arg is None or arg == "":
+        return default
+    if not allowed:
+        raise ValueError(f"{name} takes no preset (got {arg!r}); run it as {name}")
+    if arg not in allowed:
+        listed = ", ".join(repr(p) for p in allowed)
+        raise ValueError(f"config preset {arg!r} of {name} is unknown: allowed presets are {listed}"
+                         + (f" (default {default!r})" if default is not None else ""))
+    return arg
 
 
 def moe_config() -> ml_collections.ConfigDict:
@@ -112,7 +139,7 @@ def moe_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    preset(__file__, arg, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
 

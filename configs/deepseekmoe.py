@@ -6,8 +6,8 @@ Presets (``--config=configs/deepseekmoe.py:<preset>``):
   88 (a quarter of a 352-wide SwiGLU FFN), top-7, byte-level vocabulary, alpha1 = 0.01, no token dropping,
   softmax gate without renormalisation (the released 16B's norm_topk_prob=false); 400 steps of 32 x 128 tokens
   (1.6M tokens), LR 6e-3 with 30 warm-up steps and cosine decay.
-* ``small``: the same arm at PAPERS.md section 1's suggested tiny shapes, which dense.py, switch.py, gshard.py and
-  the other paper configs share (matched total and activated parameters, DeepSeekMoE Table 1 / Figure 3):
+* ``small``: the same arm at the small shapes (docs/methods.md#tiny-and-small-shapes), which dense.py, switch.py,
+  gshard.py and the other paper configs share (matched total and activated parameters, DeepSeekMoE Table 1 / Figure 3):
   d_model 256, 1 shared + 63 routed experts of width 176 (a quarter of a 704-wide FFN), 150 steps of 16 x 256.
 * ``2b``: the paper's validation model (section 4, Table 1 column DeepSeekMoE): 9 layers, d_model 1280, 10 heads,
   1 shared + 63 routed experts of width 853 (a quarter of the back-computed 3413-wide FFN), top-7, alpha1 0.01,
@@ -19,9 +19,11 @@ Presets (``--config=configs/deepseekmoe.py:<preset>``):
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ("tiny", "small", "2b", "16b")
 
-def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    preset = preset or "tiny"
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = base.preset(__file__, arg, PRESETS, default="tiny")
     config = base.get_config()
     model, moe, train = config.model, config.model.moe, config.train
     moe.update(num_shared=1, balance_loss="deepseek", balance_coef=0.01, dispatch="dropless")
@@ -41,14 +43,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         train.update(steps=25_000, batch_size=2048, seq_len=2048, learning_rate=1.08e-3, warmup_steps=2000,
                      schedule="step", eval_every=1000)
         config.checkpoint.every_steps = 1000
-    elif preset == "16b":
+    else:  # "16b"
         model.update(d_model=2048, num_layers=28, num_heads=16, ffn_dim=10944, first_dense_layers=1,
                      init_std=0.006, scan_layers=True, remat=True, dtype="bfloat16")
         moe.update(num_experts=64, top_k=6, expert_ffn=1408, num_shared=2, balance_coef=0.001)
         train.update(steps=106_449, batch_size=4608, seq_len=4096, learning_rate=4.2e-4, warmup_steps=2000,
                      schedule="step", eval_every=1000)
         config.checkpoint.every_steps = 1000
-    else:
-        raise ValueError(f"config preset {preset!r} of configs/deepseekmoe.py is unknown: allowed presets are "
-                         "'tiny', 'small', '2b', '16b'")
     return config

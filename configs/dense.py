@@ -5,9 +5,11 @@ at equal activated rather than equal FLOPs-per-2K-tokens budget). Same training 
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ()  # this config takes no preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    base.preset(__file__, arg, PRESETS)
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=4, ffn_dim=1408, moe_every=0)
     return config

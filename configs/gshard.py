@@ -6,9 +6,11 @@ set model.moe.dispatch='capacity' (capacity_factor 2.0) for GShard's original ca
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ()  # this config takes no preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    base.preset(__file__, arg, PRESETS)
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=4, ffn_dim=704)
     config.model.moe.update(num_experts=16, top_k=2, expert_ffn=704, capacity_factor=2.0, balance_loss="switch",

@@ -6,9 +6,11 @@ HF's router_aux_loss_coef 0.001 (Mixtral-8x7B: d_model 4096, 32 layers, 32/8 hea
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ()  # this config takes no preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    base.preset(__file__, arg, PRESETS)
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, ffn_dim=896, rope_theta=1e6,
                         tie_embeddings=False)

@@ -6,9 +6,11 @@ balance loss 0.001 (Qwen3-30B-A3B: d_model 2048, 48 layers, 32/4 heads of 128, e
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ()  # this config takes no preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    base.preset(__file__, arg, PRESETS)
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, ffn_dim=768, rope_theta=1e6,
                         qk_norm=True)

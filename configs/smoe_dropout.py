@@ -1,5 +1,5 @@
 """SMoE-Dropout ("Sparse MoE as the New Dropout", Chen et al., ICLR 2023, arXiv 2303.01610) at DeepSeekMoE-small
-width (PAPERS.md section 8a): each 704-wide FFN is split into 16 expert slices of 44, routed by a randomly
+width (docs/methods.md#smoe-dropout): each 704-wide FFN is split into 16 expert slices of 44, routed by a randomly
 initialised, frozen linear router (no gradient, no weight decay) to the top-k(t) slices with weights softmax over
 the selected logits; k grows linearly from 8 to 16 over training, k(t) = 8 + round(8 t / T), so that training ends
 on the full dense FFN. No balance loss. Reproduces Table 1's comparison against a directly trained dense model of
@@ -15,9 +15,11 @@ layer, as in the paper's 4-layer enwik8 model.
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ()  # this config takes no preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    base.preset(__file__, arg, PRESETS)
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=4, ffn_dim=704)
     config.model.moe.update(num_experts=16, top_k=16, expert_ffn=44, dispatch="dropless", balance_loss="none",

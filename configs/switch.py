@@ -5,9 +5,11 @@ dropped tokens pass through the residual, router input jitter 0.01, Switch load-
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ()  # this config takes no preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    base.preset(__file__, arg, PRESETS)
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=4, ffn_dim=704)
     config.model.moe.update(num_experts=16, top_k=1, expert_ffn=704, dispatch="capacity", capacity_factor=1.25,

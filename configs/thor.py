@@ -1,5 +1,5 @@
 """THOR, Transformer with stochastic experts ("Taming Sparsely Activated Transformer with Stochastic Experts",
-Zuo et al., ICLR 2022, arXiv 2110.04260) at DeepSeekMoE-small width (PAPERS.md section 8b): MoE in every other
+Zuo et al., ICLR 2022, arXiv 2110.04260) at DeepSeekMoE-small width (docs/methods.md#thor): MoE in every other
 layer with 2 experts of the full 704-wide FFN and no router; in training each MoE layer sends the whole batch to one
 expert drawn uniformly at random, every batch runs twice with independent draws, and the loss is
 CE_1 + CE_2 + alpha * 1/2 [KL(p_1 || p_2) + KL(p_2 || p_1)] with alpha = 5.0 (IWSLT14 De-En). Reproduces the
@@ -14,9 +14,11 @@ averaged over positions (the paper sums both over tokens, which has the same rat
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ()  # this config takes no preset
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    base.preset(__file__, arg, PRESETS)
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=4, ffn_dim=704, moe_every=2)
     config.model.moe.update(num_experts=2, top_k=1, expert_ffn=704, dispatch="dropless", balance_loss="none",

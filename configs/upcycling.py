@@ -1,16 +1,17 @@
 """Sparse upcycling (Komatsuzaki et al., ICLR 2023, arXiv 2212.05055) at DeepSeekMoE-small width, with the
-fine-grained splitting of Innovator (2025, PAPERS.md section 9i) as preset ``fine``. Runs on its own: with no
-dense checkpoint given (upcycle.dense_checkpoint='') it first trains the dense model (4 layers, d_model 256, SwiGLU
-FFN 704) for upcycle.dense_steps = 100 steps in <workdir>/dense, then builds the MoE from it and trains that for
-train.steps. The log and metrics.jsonl hold an evaluation at step 0, before any MoE step, beside the dense model's
-final loss. Reproduces the comparison upcycled MoE vs dense continued training at equal extra steps
-(configs/dense.py --config.model.ffn_dim=704 from the same checkpoint) and vs an MoE trained from scratch.
+fine-grained splitting of Innovator (Liao et al., 2025, arXiv 2507.18671) as preset ``fine``
+(docs/methods.md#sparse-upcycling). Runs on its own: with no dense checkpoint given (upcycle.dense_checkpoint='') it
+first trains the dense model (4 layers, d_model 256, SwiGLU FFN 704) for upcycle.dense_steps = 100 steps in
+<workdir>/dense, then builds the MoE from it and trains that for train.steps. The log and metrics.jsonl hold an
+evaluation at step 0, before any MoE step, beside the dense model's final loss. Reproduces the comparison upcycled
+MoE vs dense continued training at equal extra steps (configs/dense.py --config.model.ffn_dim=704 from the same
+checkpoint) and vs an MoE trained from scratch.
 
 Presets:
-* default: every FFN becomes 8 copies of itself, top-2 with the two weights renormalised, router at random, Switch
-  balance loss 0.01, no token dropping. Renormalised weights over identical experts reproduce the dense FFN, so the
-  step-0 loss equals the dense model's (the paper uses raw softmax weights and expert capacity; here the function
-  is preserved exactly, and only training makes the copies diverge).
+* ``coarse`` (default): every FFN becomes 8 copies of itself, top-2 with the two weights renormalised, router at
+  random, Switch balance loss 0.01, no token dropping. Renormalised weights over identical experts reproduce the
+  dense FFN, so the step-0 loss equals the dense model's (the paper uses raw softmax weights and expert capacity;
+  here the function is preserved exactly, and only training makes the copies diverge).
 * ``fine``: Innovator's recipe without its domain stages: the FFN cut into m = 4 slices of 176, 8 copies of each
   (32 routed experts), top-4, and a shared expert that takes the whole dense FFN (num_shared 4 x 176 = 704).
 
@@ -19,9 +20,11 @@ Point upcycle.dense_checkpoint at the workdir of any finished dense run of the s
 import ml_collections
 from moejax.configs import base
 
+PRESETS: tuple[str, ...] = ("coarse", "fine")
 
-def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-    preset = preset or "coarse"
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = base.preset(__file__, arg, PRESETS, default="coarse")
     config = base.get_config()
     config.model.update(d_model=256, num_layers=4, num_heads=4, ffn_dim=704)
     config.upcycle.update(enabled=True, dense_checkpoint="", dense_steps=100, router_init="normal")
@@ -31,11 +34,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         config.upcycle.granularity = 1
         moe.update(num_experts=8, top_k=2, expert_ffn=704)
         moe.router.update(score="softmax", norm_topk_prob=True)
-    elif preset == "fine":
+    else:  # "fine"
         config.upcycle.granularity = 4
         moe.update(num_experts=32, top_k=4, expert_ffn=176, num_shared=4)
         moe.router.update(score="softmax", norm_topk_prob=False)
-    else:
-        raise ValueError(f"config preset {preset!r} of configs/upcycling.py is unknown: allowed presets are "
-                         "'coarse', 'fine'")
     return config

@@ -11,11 +11,18 @@ from moejax import checks, model
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 
 
-def load(name: str, preset: str | None = None):
+def module_of(name: str):
     spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return module
+
+
+def load(name: str, preset: str | None = None):
+    return module_of(name).get_config(preset)
+
+
+CONFIG_NAMES = sorted(path.stem for path in CONFIGS.glob("*.py") if path.name != "__init__.py")
 
 
 @pytest.mark.parametrize("name,preset", [
@@ -30,14 +37,52 @@ def test_unknown_preset_is_named():
         load("deepseekmoe", "huge")
 
 
+def test_every_config_file_is_listed():
+    assert len(CONFIG_NAMES) == 18 and {"base", "deepseekmoe", "upcycling", "gshard"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_presets_validate(name):
+    """get_config refuses an unknown preset, naming the file, the preset and the allowed ones (or that it takes
+    none); every name in PRESETS builds, and so does the default (None or '')."""
+    module = module_of(name)
+    presets = module.PRESETS
+    assert isinstance(presets, tuple) and all(isinstance(p, str) and p for p in presets)
+    with pytest.raises(ValueError) as refused:
+        module.get_config("nope")
+    message = str(refused.value)
+    assert f"configs/{name}.py" in message and "'nope'" in message
+    if presets:
+        assert "allowed presets are " + ", ".join(repr(p) for p in presets) in message
+    else:
+        assert f"configs/{name}.py takes no preset" in message
+    default = module.get_config(None)
+    assert default.to_json(sort_keys=True) == module.get_config("").to_json(sort_keys=True)
+    built = {p: module.get_config(p).to_json(sort_keys=True) for p in presets}
+    if presets:
+        assert default.to_json(sort_keys=True) in built.values()  # the default is one of the presets
+        assert len(set(built.values())) == len(presets)  # and no two presets are the same config
+
+
+@pytest.mark.filterwarnings("ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
+def test_presets_through_config_flags():
+    """moejax.main's --config flag passes the text after ':' to get_config; a preset-less config refuses one."""
+    from ml_collections.config_flags import config_flags
+
+    parser = config_flags.ConfigFileFlagParser("config")
+    assert parser.parse(str(CONFIGS / "upcycling.py") + ":fine").model.moe.num_experts == 32
+    with pytest.raises(ValueError, match=r"configs/gshard\.py takes no preset \(got 'tiny'\)"):
+        parser.parse(str(CONFIGS / "gshard.py") + ":tiny")
+
+
 def count(cfg):
     shapes = jax.eval_shape(lambda: model.Transformer(cfg.model).init(jax.random.key(0), jnp.zeros((1, 8), int)))
     return model.param_counts(shapes["params"], cfg.model)
 
 
 def test_tiny_sizes_match_the_paper_ratios():
-    """DeepSeekMoE-small (PAPERS.md's tiny shapes): < 50M total; activated FFN = 8 x 176 = the dense config's
-    1408-wide FFN. The default tiny preset has the same ratios at half the width."""
+    """DeepSeekMoE-small (docs/methods.md#tiny-and-small-shapes): < 50M total; activated FFN = 8 x 176 = the dense
+    config's 1408-wide FFN. The default tiny preset has the same ratios at half the width."""
     cfg = load("deepseekmoe", "small")
     tiny, dense = count(cfg), count(load("dense"))
     routers = cfg.model.num_layers * cfg.model.d_model * cfg.model.moe.num_experts

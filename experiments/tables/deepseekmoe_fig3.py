@@ -13,7 +13,8 @@ it differs from Table 1's gshard row (configs/gshard.py: renormalised, Switch lo
 the +shared arm: a renormalised top-1 weight is always 1, and its router would get no gradient from the LM loss.
 
 The paper gives Figure 3 as bars normalised to the best arm per benchmark (no absolute Pile loss), so the rows
-carry no paper number; PAPERS.md section 1 reads TriviaQA about 0.61 -> 0.85 -> ... -> 1.0 off the figure.
+carry no paper number. Read off Figure 3 of arXiv 2401.06066, TriviaQA goes from about 0.61 for GShard to 0.85
+with the shared expert and 1.0 at m=4 (see docs/methods.md#deepseekmoe).
 
 Budget: 150 steps (614K tokens), one evaluation at the end on 16 validation batches: Table 1's budget, so the
 fine_m4 row is the same command as Table 1's deepseekmoe row (same config, overrides and seeds) and
