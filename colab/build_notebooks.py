@@ -117,10 +117,10 @@ QUICKSTART = [
     code('''
         import shutil
 
-        from moejax import train
+        from moejax.training import loop
 
         shutil.rmtree(WORKDIR, ignore_errors=True)
-        summary = train.train_and_evaluate(config, WORKDIR)
+        summary = loop.train_and_evaluate(config, WORKDIR)
         '''),
     markdown('''
         ## Loss curve
@@ -178,17 +178,20 @@ QUICKSTART = [
 
         `load_checkpoint` reads the run's newest checkpoint as numpy arrays (`params`, `moe_state`, ...). We run the
         model on the bytes of `TEXT` and capture the first MoE layer's router logits with Flax's
-        `capture_intermediates` (the router is the `RouterKernel` module of `moejax/moe.py`), then route them with
-        the same function the layer uses, `moejax.routing.route`, including the layer's selection bias.
+        `capture_intermediates` (the router is the `RouterKernel` module of `moejax/moe/layer.py`), then route them
+        with the same function the layer uses, `moejax.moe.routers.route`, including the layer's selection bias.
         '''),
     code('''
         import jax
         import jax.numpy as jnp
         from IPython.display import Markdown, display
 
-        from moejax import model, moe, routing
+        from moejax import model
+        from moejax.moe import layer as moe_layer
+        from moejax.moe import routers, stats
+        from moejax.training import checkpoint
 
-        state, meta = train.load_checkpoint(WORKDIR)
+        state, meta = checkpoint.load_checkpoint(WORKDIR)
         print(f"checkpoint of step {meta['step']}")
         tokens = np.frombuffer(TEXT.encode(), np.uint8).astype(np.int32)[None]  # [1, S]: the bytes are the tokens
         # as jax arrays: the numpy arrays of load_checkpoint cannot be indexed by the experts' traced loop
@@ -200,20 +203,20 @@ QUICKSTART = [
             """The sown 'moe_aux' statistics and the router logits ('intermediates') of a forward pass."""
             _, collections = model.Transformer(config.model).apply(
                 variables, tokens, mutable=["moe_aux", "intermediates"],
-                capture_intermediates=lambda module, method: isinstance(module, moe.RouterKernel))
+                capture_intermediates=lambda module, method: isinstance(module, moe_layer.RouterKernel))
             return collections
 
 
         collections = forward(variables, tokens)
 
-        layer = next(f"layers_{i}" for i in range(config.model.num_layers) if model.is_moe_layer(config.model, i))
+        layer = f"layers_{model.moe_layers(config.model)[0]}"
         router_logits = collections["intermediates"][layer]["ffn"]["router"]["__call__"][0]  # [S, E]
         bias = variables["moe_state"][layer]["ffn"]["router_bias"]
-        route = routing.route(router_logits, config.model.moe, bias=bias)
+        route = routers.route(router_logits, config.model.moe, bias=bias)
         experts, weights = np.asarray(route.experts), np.asarray(route.weights)  # [S, k] each
 
         # the same forward pass counted the tokens per expert itself: our routing must agree with it
-        sown = collections["moe_aux"][layer]["ffn"]["tokens_per_expert"][0]
+        sown = stats.collect(collections["moe_aux"])[(layer, "ffn")].tokens_per_expert
         np.testing.assert_array_equal(np.bincount(experts.ravel(), minlength=config.model.moe.num_experts), sown)
 
 
@@ -246,19 +249,21 @@ NEW_ROUTER = [
     markdown('''
         # Try a new router in ten lines
 
-        A router is one function from router logits to a `moejax.routing.Routing` (which experts each token goes
-        to, with what weights). Register it under a name, set `config.model.moe.router.kind` to that name, and
-        train it beside the default top-k router with everything else equal. The contract, from
-        `moejax/routing.py`:
+        A router is one function from router logits to a `moejax.moe.routers.Routing` (which experts each token
+        goes to, with what weights). Register it under a name with what it needs from the layer, set
+        `config.model.moe.router.kind` to that name, and train it beside the default top-k router with everything
+        else equal. The contract, from `moejax/moe/routers.py`:
 
         ```python
-        router(logits [T, E] float32, cfg, *, bias=None, rng=None, train=False, token_ids=None, progress=None)
+        @routers.register(kind, needs_rng=False, needs_token_ids=False, needs_progress=False, validate=None)
+        router(logits [T, E] float32, cfg, ctx: RouterContext)
             -> Routing(weights [T, k], experts [T, k] int32, probs [T, E], logits [T, E])
         ```
 
-        `cfg` is the `model.moe` config section, `bias` the selection-only bias of aux-loss-free balancing,
-        `progress` the fraction of training done (a traced scalar; `None` in evaluation). `probs` feed the balance
-        loss and the metrics; an expert id `>= E` marks a slot that computes nothing.
+        `cfg` is the `model.moe` config section; `ctx.bias` the selection-only bias of aux-loss-free balancing,
+        `ctx.progress` the fraction of training done (a traced scalar, given to routers registered with
+        `needs_progress=True`; `None` in evaluation). `probs` feed the balance loss and the metrics; an expert id
+        `>= E` marks a slot that computes nothing.
         '''),
     code(INSTALL),
     code(PLATFORM),
@@ -277,20 +282,20 @@ NEW_ROUTER = [
         import jax
         import jax.numpy as jnp
 
-        from moejax import routing
+        from moejax.moe import routers
 
 
-        @routing.register("annealed_topk")
-        def annealed_topk(logits, cfg, *, bias=None, rng=None, train=False, token_ids=None, progress=None):
+        @routers.register("annealed_topk", needs_progress=True)
+        def annealed_topk(logits, cfg, ctx):
             """Top-k of softmax(logits / tau), tau from router.temperature down to 1 over training; renormalised."""
             start = cfg.router.get("temperature", 2.0)
-            tau = 1.0 if progress is None else start + (1.0 - start) * progress
+            tau = 1.0 if ctx.progress is None else start + (1.0 - start) * ctx.progress
             probs = jax.nn.softmax(logits / tau, axis=-1)
-            choice = probs if bias is None else probs + bias
+            choice = routers.with_bias(probs, ctx.bias)
             _, experts = jax.lax.top_k(choice, cfg.top_k)
             weights = jnp.take_along_axis(probs, experts, axis=-1)
             weights = weights / weights.sum(-1, keepdims=True)
-            return routing.Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
+            return routers.Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
         '''),
     markdown('''
         A quick check on random logits before spending compute: shapes, weights summing to 1, and the temperature
@@ -304,7 +309,7 @@ NEW_ROUTER = [
         cfg.router.temperature = 2.0  # a new field for the new router: ConfigDicts accept it, config.json records it
         logits = jax.random.normal(jax.random.key(0), (6, cfg.num_experts))
         for progress in (0.0, 1.0):
-            r = routing.route(logits, cfg, train=True, progress=jnp.float32(progress))
+            r = routers.route(logits, cfg, train=True, progress=jnp.float32(progress))
             entropy = float(-(r.probs * jnp.log(r.probs)).sum(-1).mean())
             print(f"progress {progress}: experts {r.experts.shape}, weights sum {r.weights.sum(-1)}, "
                   f"router entropy {entropy:.3f}")
@@ -321,7 +326,7 @@ NEW_ROUTER = [
 
         from moejax.configs import deepseekmoe
 
-        from moejax import train
+        from moejax.training import loop
 
 
         def make_config(kind: str):
@@ -345,7 +350,7 @@ NEW_ROUTER = [
         summaries = {}
         for kind in ("topk", "annealed_topk"):
             print(f"--- router {kind}")
-            summaries[kind] = train.train_and_evaluate(make_config(kind), pathlib.Path(WORKDIR) / kind)
+            summaries[kind] = loop.train_and_evaluate(make_config(kind), pathlib.Path(WORKDIR) / kind)
         '''),
     markdown('''
         ## Compare loss and balance
@@ -456,8 +461,8 @@ EXPERT_PARALLELISM = [
     markdown('''
         ## The single-device layer
 
-        `moejax.moe.MoE` with no mesh: route, sort the slots by expert, grouped matmul, combine. Its output and the
-        gradients of a scalar function of it (with respect to the parameters and the input) are the reference.
+        `moejax.moe.layer.MoE` with no mesh: route, sort the slots by expert, grouped matmul, combine. Its output and
+        the gradients of a scalar function of it (with respect to the parameters and the input) are the reference.
         '''),
     code('''
         import jax.numpy as jnp
@@ -465,7 +470,8 @@ EXPERT_PARALLELISM = [
         from jax.sharding import PartitionSpec as P
         from moejax.configs import base
 
-        from moejax import moe, parallel
+        from moejax import parallel
+        from moejax.moe import layer as moe
 
 
         def layer_config(ep_mode: str = "a2a"):
@@ -567,16 +573,17 @@ EXPERT_PARALLELISM = [
         import matplotlib.pyplot as plt
         from moejax.configs import deepseekmoe
 
-        from moejax import model, train
+        from moejax import model
+        from moejax.training import optim, step
 
 
         def abstract_state(config):
             module = model.Transformer(config.model)
-            tx = train.make_optimizer(config.train)
+            tx = optim.make_optimizer(config)
 
             def init(key):
                 variables = module.init(key, jnp.zeros((1, 8), jnp.int32))
-                return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                return step.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                                         opt_state=tx.init(variables["params"]),
                                         moe_state=variables.get("moe_state", {}))
 

@@ -48,6 +48,8 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.shared_gate = False
     # Expert nonlinearity: 'silu' | 'gelu' | 'relu'.
     moe.activation = "silu"
+    # Routed expert kind (moejax/moe/experts.py EXPERT_KINDS): 'glu' = (act(x @ wi_0) * (x @ wi_1)) @ wo.
+    moe.expert_kind = "glu"
     # 'dropless': every routed slot is computed (sort by expert, grouped matmul).
     # 'capacity': each expert takes at most C = ceil(capacity_factor * T * k / E) slots; the rest are dropped
     # (their contribution is 0, the residual passes) and counted.
@@ -102,7 +104,7 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.bias_update_rate = 0.0
 
     router = ml_collections.ConfigDict()
-    # Router kind, a key of moejax.routing.ROUTERS.
+    # Router kind, a key of moejax.moe.routers.ROUTERS.
     router.kind = "topk"
     # Affinity score: 'softmax' | 'sigmoid'.
     router.score = "softmax"

@@ -4,7 +4,8 @@
    DeepSeekMoE-tiny shapes with 64 routed experts (so that every expert axis size divides them).
 2. MoE layer forward+backward time per ep_mode at mesh.expert = 4 and 8, against the same layer without a mesh.
 3. The all_to_all bytes one device sends per MoE layer and step by moejax's own accounting
-   (moejax.parallel.a2a_bytes_per_step) for a DeepSeek-V2-Lite layer (D=2048, 64 experts, top-6) on 64 devices.
+   (moejax.moe.expert_parallel.a2a_bytes_per_step) for a DeepSeek-V2-Lite layer (D=2048, 64 experts, top-6) on
+   64 devices.
 
 On CPU it forces 8 host devices (set XLA_FLAGS yourself to change that):
 
@@ -24,7 +25,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from moejax.configs import deepseekmoe  # noqa: E402
 
 from experiments.bench_moe_layer import time_fn  # noqa: E402
-from moejax import model, moe, parallel, train  # noqa: E402
+from moejax import model, parallel  # noqa: E402
+from moejax.moe import expert_parallel  # noqa: E402
+from moejax.moe import layer as moe_layer  # noqa: E402
+from moejax.training import optim, step  # noqa: E402
 
 
 def state_bytes(expert: int) -> dict:
@@ -33,11 +37,11 @@ def state_bytes(expert: int) -> dict:
     config.mesh.update(data=-1, fsdp=1, expert=expert, tensor=1)
     mesh = parallel.make_mesh(config)
     module = model.Transformer(config.model, mesh=mesh)
-    tx = train.make_optimizer(config.train)
+    tx = optim.make_optimizer(config)
 
     def init():
         params = module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        return step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 moe_state={})
 
     abstract = jax.eval_shape(init)
@@ -58,7 +62,7 @@ def layer_time(mode: str | None, expert: int, tokens: int, repeats: int) -> dict
         mesh = jax.make_mesh((8 // expert, 1, expert, 1), parallel.MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * 4)
         x = jax.device_put(x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
-    layer = moe.MoE(cfg, mesh=mesh)
+    layer = moe_layer.MoE(cfg, mesh=mesh)
     variables = jax.jit(layer.init)(jax.random.key(1), x)
 
     def loss(params, x):
@@ -88,8 +92,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     for tokens_local in (4096, 8192):
         for factor in (0.0, 1.25):
-            sent = parallel.a2a_bytes_per_step(tokens_local, top_k=6, num_experts=64, expert_size=64, d_model=2048,
-                                               dtype_bytes=2, buffer_factor=factor)
+            sent = expert_parallel.a2a_bytes_per_step(tokens_local, top_k=6, num_experts=64, expert_size=64,
+                                                      d_model=2048, dtype_bytes=2, buffer_factor=factor)
             print(json.dumps({"figure": "a2a_bytes_per_layer_step", "layer": "DeepSeek-V2-Lite (D=2048, E=64, k=6)",
                               "devices": 64, "expert_axis": 64, "tokens_per_device": tokens_local, "dtype": "bf16",
                               "ep_buffer_factor": factor, "bytes_sent_per_device": sent,

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from moejax.configs import base
 
-from moejax import dispatch, experts, moe
-from moejax.routing import Routing
+from moejax.moe import dispatch, experts
+from moejax.moe import layer as moe
+from moejax.moe.routers import Routing
 
 SHAPES = {
     "tiny": dict(tokens=8192, d_model=256, num_experts=63, expert_ffn=176, top_k=7, num_shared=1, dtype="float32"),
@@ -101,7 +102,7 @@ def bench_gmm(args, dtype, tokens: int, backend: str) -> dict:
     keys = jax.random.split(jax.random.key(1), 3)
     weights = tuple(jax.random.normal(key, shape, dtype) * 0.02
                     for key, shape in zip(keys, [(e, d, f), (e, d, f), (e, f, d)], strict=True))
-    step = jax.jit(lambda rows, w: experts.grouped_glu(rows, w, plan, backend, "silu"))
+    step = jax.jit(lambda rows, w: experts.grouped_apply(experts.GLUExperts("silu"), rows, w, plan, backend))
     seconds = time_fn(step, rows, weights, repeats=args.repeats)
     dense_rows = jax.random.normal(jax.random.key(2), (tokens * k, d), dtype)
     dense_w = tuple(w[0] for w in weights)

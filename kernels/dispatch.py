@@ -9,9 +9,9 @@ zero row (dropped slots, padding rows):
 * ``gather_dot(src [N, D], idx [T, k], g [T, D])``      out[t, j] = <src[idx[t, j]], g[t]>     (float32)
 
 permute is gather_rows forward and gather_combine (w = 1) backward; unpermute_combine is gather_combine forward,
-gather_rows (scaled by each row's routing weight) and gather_dot backward. Each kernel has a plain-jnp reference
-(``*_reference``) beside it, and ``moejax.dispatch.permute`` / ``unpermute_combine`` are the jnp versions of the
-two ops that the MoE layer uses with ``model.moe.dispatch_kernel='jnp'``.
+gather_rows (scaled by each row's routing weight) and gather_dot backward. ``moejax.moe.dispatch.permute`` /
+``unpermute_combine`` are the jnp versions of the two ops that the MoE layer uses with
+``model.moe.dispatch_kernel='jnp'``; the tests compare both with numpy loops.
 
 Two lowerings:
 * 'blocked' (GPU Triton, and ``interpret=True`` on CPU): a program per block of ``block_rows`` output rows and
@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax import dispatch as plans
 from moejax import vma
-from moejax.routing import Routing
+from moejax.moe import dispatch as plans
+from moejax.moe.routers import Routing
 
 IMPLS = ("auto", "blocked", "tpu")
 
@@ -76,28 +76,6 @@ def _pad_to(x: jax.Array, size: int, value) -> jax.Array:
     if pad == 0:
         return x
     return jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), value, x.dtype)])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# References (the spec): plain jnp.
-
-
-def gather_rows_reference(src, idx, scale=None):
-    rows = plans.append_zero_row(src)[jnp.minimum(idx, src.shape[0])]
-    if scale is not None:
-        rows = (rows.astype(jnp.float32) * scale[:, None].astype(jnp.float32)).astype(src.dtype)
-    return rows
-
-
-def gather_combine_reference(src, idx, weights=None):
-    picked = plans.append_zero_row(src)[jnp.minimum(idx, src.shape[0])].astype(jnp.float32)
-    w = jnp.ones(idx.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
-    return jnp.einsum("tkd,tk->td", picked, w).astype(src.dtype)
-
-
-def gather_dot_reference(src, idx, g):
-    picked = plans.append_zero_row(src)[jnp.minimum(idx, src.shape[0])].astype(jnp.float32)
-    return jnp.einsum("tkd,td->tk", picked, g.astype(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,7 +308,7 @@ def gather_dot(src, idx, g, opts: KernelOptions = DEFAULT):
 def permute(x: jax.Array, slot_row: jax.Array, row_slot: jax.Array, opts: KernelOptions = DEFAULT) -> jax.Array:
     """Rows of the expert buffer: rows[r] = x[token of row r], 0 for empty rows. x [T, D] -> [R, D].
 
-    slot_row [T, k] (R: no row) and row_slot [R] (T*k: empty) come from ``moejax.dispatch.*_plan``, which sorts
+    slot_row [T, k] (R: no row) and row_slot [R] (T*k: empty) come from ``moejax.moe.dispatch.*_plan``, which sorts
     the slots by expert and pads each expert's group to a multiple of its tile; ``plan.expert_rows`` holds the
     group sizes and their exclusive cumsum the offsets.
     """

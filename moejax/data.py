@@ -12,7 +12,8 @@
   ``tfds:lm1b``, ``tfds:c4/en:3.1.0:train:validation``, ``tfds:lm1b:train[:90%]:train[90%:]``. The eval split
   defaults to ``validation``, else ``test``. Documents are ``record[config.data.text_key]``. Nothing is downloaded.
 - ``'text:<glob>'``: local files (``**`` allowed), split by file like the stdlib; when that leaves a split
-  empty (few files) the last ``val_fraction`` of the concatenated bytes is the validation split instead.
+  empty (few files) the last ``val_fraction`` of the concatenated bytes is the validation split instead. Files that
+  are not valid UTF-8 (binary files the glob caught) are skipped with a warning naming them.
 
 Tokens are bytes (``VOCAB_SIZE = 256``); each document is followed by ``SEPARATOR`` (0, absent from the stdlib's
 source files). A batch is ``int32 [config.train.batch_size // process_count, config.train.seq_len + 1]``;
@@ -55,6 +56,7 @@ NAMES_ALLOWED = "'stdlib', 'tfds:<name>[:<version>][:<train_split>[:<eval_split>
 _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 _STDLIB_BUILDER = "moejax_stdlib"
 _STDLIB_VERSION = "1.0.0"  # bump when the corpus recipe changes
+_SKIPPED_SHOWN = 5  # 'text:' files that are not UTF-8 named one per warning line; the rest are counted
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -285,13 +287,33 @@ def _glob_root(pattern: str) -> pathlib.Path:
 
 
 def _load_text(name: str, val_fraction: float) -> _MemoryCorpus:
+    """The files of a 'text:<glob>' name; files that are not valid UTF-8 are skipped with a warning naming them."""
     pattern = os.path.expanduser(name[len("text:"):])
+    if os.path.isdir(pattern):
+        raise ValueError(f"config.data.name={name!r} names a directory, not files; give a glob of its files, e.g. "
+                         f"'text:{os.path.join(pattern, '**', '*.txt')}' (** matches any depth)")
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not paths:
         raise ValueError(f"config.data.name={name!r} matches no files; allowed: {NAMES_ALLOWED} "
                          f"with a glob that matches files")
     root = _glob_root(pattern)
-    docs = [(pathlib.Path(p).relative_to(root).as_posix(), pathlib.Path(p).read_bytes()) for p in paths]
+    docs, skipped = [], []
+    for p in paths:
+        text = pathlib.Path(p).read_bytes()
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skipped.append(f"{p} (byte {text[e.start]:#04x} at offset {e.start})")
+            continue
+        docs.append((pathlib.Path(p).relative_to(root).as_posix(), text))
+    for line in skipped[:_SKIPPED_SHOWN]:
+        print(f"warning: skipped {line}: not valid UTF-8 text", flush=True)
+    if len(skipped) > _SKIPPED_SHOWN:
+        print(f"warning: skipped {len(skipped) - _SKIPPED_SHOWN} more files of config.data.name={name!r} that are "
+              f"not valid UTF-8 text", flush=True)
+    if not docs:
+        raise ValueError(f"config.data.name={name!r}: none of the {len(paths)} files it matches is valid UTF-8 "
+                         f"text; give a glob of text files")
     return _memory_corpus(name, docs, None, val_fraction)
 
 

@@ -8,7 +8,7 @@ Parameter tree (``config.model`` = cfg):
     layers_{i}/attn/{q,k,v}/kernel  [D, H, Dh] / [D, KV, Dh]; attn/o/kernel [H, Dh, D]
     layers_{i}/attn/{q,k}_norm/scale [Dh]            (qk_norm)
     layers_{i}/ffn_norm/scale    [D]
-    layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe.py
+    layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe/layer.py
     final_norm/scale             [D]
     lm_head/kernel               [D, V]              (absent with tie_embeddings)
 """
@@ -20,13 +20,19 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from moejax import checks, losses, moe
+from moejax import checks, moe
+from moejax.moe import layer as moe_layer
 
 
 def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
     """Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0."""
     return cfg.moe_every > 0 and layer >= cfg.first_dense_layers and \
         (layer - cfg.first_dense_layers) % cfg.moe_every == 0
+
+
+def moe_layers(cfg: ml_collections.ConfigDict) -> list[int]:
+    """The indices of the MoE layers."""
+    return [i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -47,8 +53,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.scan_layers and cfg.moe_every > 1 and (cfg.num_layers - cfg.first_dense_layers) % cfg.moe_every:
         checks.fail("model.scan_layers", cfg.scan_layers,
                     "scanning needs (num_layers - first_dense_layers) divisible by moe_every")
-    if any(is_moe_layer(cfg, i) for i in range(cfg.num_layers)):
-        moe.validate(cfg.moe)
+    if moe_layers(cfg):
+        moe_layer.validate(cfg.moe)
 
 
 class RMSNorm(nn.Module):
@@ -107,35 +113,39 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
-                 progress: jax.Array | None = None) -> jax.Array:
+                 progress: jax.Array | None = None, layer: int | jax.Array = 0) -> jax.Array:
+        """layer: this block's index in the model (an int32 scalar under nn.scan), for the MoE statistics."""
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
         x = x + Attention(cfg, dtype, init, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x))
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
         if self.use_moe:
-            ffn = moe.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")
-            h = ffn(h, train=train, token_ids=token_ids, progress=progress)
+            ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")
+            h = ffn(h, train=train, token_ids=token_ids, progress=progress, layer=layer)
             if cfg.moe.chain_residual == "inner":  # Chain-of-Experts as released: x_C replaces the stream
                 return h
         else:
-            h = moe.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, name="ffn")(h)
+            h = moe_layer.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, name="ffn")(h)
         return x + h
 
 
 class Unit(nn.Module):
-    """The repeating group of ``moe_every`` blocks (one MoE, then dense) that nn.scan stacks."""
+    """The repeating group of ``moe_every`` blocks (one MoE, then dense) that nn.scan stacks. The carry holds the
+    activations and the index of the unit's first layer."""
 
     cfg: ml_collections.ConfigDict
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, token_ids: jax.Array,
-                 progress: jax.Array | None) -> tuple[jax.Array, None]:
-        for j in range(max(self.cfg.moe_every, 1)):
+    def __call__(self, carry: tuple[jax.Array, jax.Array], train: bool, token_ids: jax.Array,
+                 progress: jax.Array | None) -> tuple[tuple[jax.Array, jax.Array], None]:
+        x, first_layer = carry
+        width = max(self.cfg.moe_every, 1)
+        for j in range(width):
             x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, name=f"block_{j}")(
-                x, train, token_ids, progress)
-        return x, None
+                x, train, token_ids, progress, first_layer + j)
+        return (x, first_layer + width), None
 
 
 class Transformer(nn.Module):
@@ -159,17 +169,18 @@ class Transformer(nn.Module):
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
         if cfg.scan_layers:
             for i in range(cfg.first_dense_layers):
-                x = block(cfg, use_moe=False, mesh=self.mesh, name=f"layers_{i}")(x, train, tokens, progress)
+                x = block(cfg, use_moe=False, mesh=self.mesh, name=f"layers_{i}")(x, train, tokens, progress, i)
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
             scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0},
                               split_rngs={"params": True, "jitter": True, "routing": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=units)
-            x, _ = scanned(cfg, self.mesh, name="blocks")(x, train, tokens, progress)
+            first = jnp.asarray(cfg.first_dense_layers, jnp.int32)
+            (x, _), _ = scanned(cfg, self.mesh, name="blocks")((x, first), train, tokens, progress)
         else:
             for i in range(cfg.num_layers):
                 x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, name=f"layers_{i}")(
-                    x, train, tokens, progress)
+                    x, train, tokens, progress, i)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)
@@ -177,48 +188,10 @@ class Transformer(nn.Module):
                         kernel_init=nn.initializers.normal(cfg.init_std), name="lm_head")(x).astype(jnp.float32)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats. logits: [B, S, V]; targets: [B, S] int."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
-
-
-def aux_loss(moe_aux: Any) -> jax.Array:
-    """Sum over MoE layers of the weighted balance, z and entropy losses sown into 'moe_aux'."""
-    terms = jax.tree.leaves([_tuples_named(moe_aux, name) for name in ("balance_loss", "z_loss", "entropy_loss")])
-    return sum((jnp.sum(t) for t in terms), jnp.zeros((), jnp.float32))
-
-
 def param_counts(params: Any, cfg: ml_collections.ConfigDict) -> dict[str, int]:
     """Total parameters, and those activated per token (routed experts count k/E of their weights)."""
     total = sum(int(p.size) for p in jax.tree.leaves(params))
     routed = sum(int(p.size) for path, p in jax.tree_util.tree_leaves_with_path(params)
-                 if any(getattr(key, "key", None) == "experts" for key in path))
+                 if any(getattr(key, "key", None) == moe.EXPERTS for key in path))
     inactive = routed * (cfg.moe.num_experts - cfg.moe.top_k) // cfg.moe.num_experts
     return {"total": total, "activated": total - inactive}
-
-
-def update_router_biases(moe_state: Any, moe_aux: Any, rate: float) -> Any:
-    """Aux-loss-free balancing after a train step: each MoE layer's router_bias moves by the sign rule.
-
-    moe_state: the 'moe_state' collection; moe_aux: the 'moe_aux' collection sown by the same forward pass.
-    Works per layer and for scanned (stacked [L, E]) layers alike.
-    """
-    loads = iter(jnp.sum(jnp.stack(t), axis=0) for t in _tuples_named(moe_aux, "tokens_per_expert"))
-    return jax.tree.map(lambda bias: losses.update_bias(bias, next(loads), rate), moe_state)
-
-
-def _tuples_named(tree: Any, name: str) -> list[tuple]:
-    """The sown tuples under key ``name``, in the same order as the matching moe_state leaves."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, dict):
-            for key in sorted(node):
-                if key == name:
-                    found.append(node[key])
-                else:
-                    visit(node[key])
-
-    visit(tree)
-    return found

@@ -1,7 +1,7 @@
 """Sparse upcycling: an MoE model initialised from a trained dense checkpoint of the same architecture.
 
 Sparse upcycling (Komatsuzaki et al., 2022, arXiv 2212.05055) starts every expert of an MoE layer as a copy of the
-dense FFN it replaces and the router at random. Fine-grained upcycling (Innovator, PAPERS.md section 9i) first cuts
+dense FFN it replaces and the router at random. Fine-grained upcycling (Innovator; docs/methods.md) first cuts
 the dense FFN along its hidden units into ``granularity`` m slices of width F/m; expert e is slice e mod m of copy
 e // m. A GLU is a sum over its hidden units, so the m slices of one copy with weight 1 each add up to the dense
 FFN exactly. A shared expert, when the MoE config has one, takes the whole dense FFN (Innovator's shared expert is
@@ -17,13 +17,14 @@ one first in <workdir>/dense for dense_steps steps), dense_steps, granularity, r
 """
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from moejax import checks, model
+from moejax import checks, model, moe
 
 ROUTER_INITS = ("normal", "zeros")
 
@@ -68,6 +69,13 @@ def dense_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return dense
 
 
+def dense_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """The workdir of the dense run an upcycling run starts from: upcycle.dense_checkpoint, or <workdir>/dense
+    (the dense stage that ``moejax.training.loop.run`` trains first)."""
+    given = config.upcycle.dense_checkpoint
+    return pathlib.Path(given) if given else pathlib.Path(workdir) / "dense"
+
+
 def expert_slices(weight: np.ndarray, name: str, num_experts: int, granularity: int) -> np.ndarray:
     """The routed experts' stacked weight [E, ...] from one dense GLU weight: wi_0 / wi_1 [D, F] -> [E, D, F/m],
     wo [F, D] -> [E, F/m, D]; expert e gets hidden slice e mod m."""
@@ -83,20 +91,20 @@ def upcycle_params(dense_params: Any, moe_params: Any, config: ml_collections.Co
     (gives the tree, the dtypes and the routers' random initialisation). Raises ValueError on a parameter with no
     dense counterpart.
     """
-    up, moe = config.upcycle, config.model.moe
+    up, moe_cfg = config.upcycle, config.model.moe
     dense = {path: np.asarray(v) for path, v in traverse_util.flatten_dict(dense_params).items()}
     result = {}
     for path, fresh in traverse_util.flatten_dict(moe_params).items():
         fresh = np.asarray(fresh)
         if path in dense and dense[path].shape == fresh.shape:
             value = dense[path]
-        elif len(path) == 4 and path[1] == "ffn" and path[2] == "experts":
-            value = expert_slices(dense[path[:2] + (path[3],)], path[3], moe.num_experts, up.granularity)
-        elif len(path) == 4 and path[1] == "ffn" and path[2] == "shared":
+        elif len(path) == 4 and path[1] == "ffn" and path[2] == moe.EXPERTS:
+            value = expert_slices(dense[path[:2] + (path[3],)], path[3], moe_cfg.num_experts, up.granularity)
+        elif len(path) == 4 and path[1] == "ffn" and path[2] == moe.SHARED:
             value = dense[path[:2] + (path[3],)]
-        elif len(path) >= 2 and (path[-2] == "router" or path[-2].startswith("router_")):
+        elif len(path) >= 2 and moe.is_router(path[-2]):
             value = np.zeros_like(fresh) if up.router_init == "zeros" else fresh
-        elif len(path) >= 2 and path[-2] == "shared_gate":
+        elif len(path) >= 2 and path[-2] == moe.SHARED_GATE:
             value = fresh
         else:
             raise ValueError(f"parameter {'/'.join(path)} {fresh.shape} of the MoE model has no counterpart in the "

@@ -2,6 +2,7 @@
 the slowest test modules are collected first so that pytest-xdist does not end on a long test."""
 import fcntl
 import os
+import pathlib
 
 # The suite's programs are tiny and compile-bound: LLVM optimisation level 0 cuts their compile time by a quarter to a
 # half. XLA's HLO passes (fusion, SPMD partitioning) are unchanged; results may differ from the default level in the
@@ -21,8 +22,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Test modules by their cost on 2 CPU cores, the slowest first: pytest-xdist hands out tests in collection order, so
 # the long ones start early and the suite ends on cheap tests instead of one worker finishing a long test alone.
 # Modules not listed go between the two groups. Each module's tests stay together and in order (module fixtures).
-SLOW_FIRST = ["test_parallel", "test_notebooks", "test_zoo", "test_train", "test_kernels", "test_experiments",
-              "test_moe"]
+SLOW_FIRST = ["test_parallel", "test_cli", "test_notebooks", "test_zoo", "test_train", "test_kernels",
+              "test_experiments", "test_moe"]
 CHEAP_LAST = ["test_upcycle", "test_data", "test_routing", "test_losses", "test_configs"]
 
 
@@ -36,6 +37,9 @@ def module_rank(item) -> int:
 
 
 def pytest_collection_modifyitems(items):
+    missing = [name for name in SLOW_FIRST + CHEAP_LAST if not (pathlib.Path(__file__).parent / f"{name}.py").exists()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py orders test modules that do not exist: {missing}")
     items.sort(key=module_rank)  # stable: the order within a module is kept
 
 

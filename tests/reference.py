@@ -1,4 +1,8 @@
-"""Independent references: naive per-token numpy loops written from the papers' and released models' formulas."""
+"""Independent references: naive per-token numpy loops written from the papers' and released models' formulas.
+
+The one home of the suite's numpy references: routing (per token, released models' routers, capacity), the balance
+terms, the experts and the whole MoE layer given its routing, and the dispatch gathers and grouped matmuls.
+"""
 import math
 
 import numpy as np
@@ -74,3 +78,169 @@ def balance_terms(experts, probs, num_experts):
     for t in range(num_tokens):
         p += np.asarray(probs[t], np.float64) / np.sum(probs[t]) / num_tokens
     return f, p
+
+
+def route_tokens(logits, cfg, bias=None):
+    """``route_token`` for every row of logits [T, E] with the router knobs of a ``model.moe`` config section.
+    Returns (expert ids [T, k] int, weights [T, k] float64)."""
+    r = cfg.router
+    routed = [route_token(row, k=cfg.top_k, score=r.score, softmax_before_topk=r.softmax_before_topk,
+                          norm_topk_prob=r.norm_topk_prob, scaling=r.routed_scaling_factor, num_groups=r.num_groups,
+                          topk_groups=r.topk_groups, group_score=r.group_score, fill=r.group_mask_fill, bias=bias)
+              for row in np.asarray(logits, np.float64)]
+    return np.array([ids for ids, _ in routed]), np.array([w for _, w in routed])
+
+
+def kept_slots(cfg, ids, weights, train=False):
+    """keep [T, k]: the slots a ``model.moe`` config's dispatch computes (all of them when dropless; capacity mode:
+    capacity_factor in training, eval_capacity_factor otherwise when set)."""
+    if cfg.dispatch != "capacity":
+        return np.ones(np.shape(ids), bool)
+    factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
+    cap = capacity(len(ids), cfg.top_k, cfg.num_experts, factor)
+    return np.array(capacity_keep(ids, weights, cfg.num_experts, cap, cfg.drop_policy))
+
+
+# ------------------------------------------------------------------ released models' routing, per token
+# Re-typed from their reference code (HF transformers modeling files).
+
+def mixtral(logits, k=2):
+    p = softmax(logits)
+    idx = np.argsort(-p, kind="stable")[:k]
+    return idx, p[idx] / p[idx].sum()
+
+
+def deepseek_v2(logits, k=6, n_group=8, topk_group=3, scaling=16.0):
+    scores = softmax(logits)
+    group_scores = scores.reshape(n_group, -1).max(-1)
+    group_idx = np.argsort(-group_scores, kind="stable")[:topk_group]
+    mask = np.zeros(n_group, bool)
+    mask[group_idx] = True
+    tmp = np.where(np.repeat(mask, len(scores) // n_group), scores, 0.0)
+    idx = np.argsort(-tmp, kind="stable")[:k]
+    return idx, scores[idx] * scaling
+
+
+def deepseek_v3(logits, bias, k=8, n_group=8, topk_group=4, scaling=2.5):
+    scores = sigmoid(logits)
+    for_choice = scores + bias
+    group_scores = np.sort(for_choice.reshape(n_group, -1), axis=-1)[:, -2:].sum(-1)
+    group_idx = np.argsort(-group_scores, kind="stable")[:topk_group]
+    mask = np.zeros(n_group, bool)
+    mask[group_idx] = True
+    tmp = np.where(np.repeat(mask, len(scores) // n_group), for_choice, 0.0)
+    idx = np.argsort(-tmp, kind="stable")[:k]
+    w = scores[idx]
+    return idx, w / (w.sum() + 1e-20) * scaling
+
+
+# ------------------------------------------------------------------ experts and the MoE layer
+
+
+def activation(h, name="silu"):
+    """silu h * sigmoid(h); relu max(h, 0); gelu in its tanh form (jax.nn.gelu's default)."""
+    if name == "silu":
+        return h * sigmoid(h)
+    if name == "relu":
+        return np.maximum(h, 0.0)
+    return 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+
+
+def glu(x, wi_0, wi_1, wo, act="silu"):
+    """The GLU (act(x @ wi_0) * (x @ wi_1)) @ wo in float64. x: [..., D]; wi_*: [D, F]; wo: [F, D]."""
+    x, wi_0, wi_1, wo = (np.asarray(a, np.float64) for a in (x, wi_0, wi_1, wo))
+    return (activation(x @ wi_0, act) * (x @ wi_1)) @ wo
+
+
+def expert(params, e, x):
+    """Routed expert e of an MoE layer's parameters ({'experts': {'wi_0', 'wi_1', 'wo'} [E, ...]}) on x."""
+    return glu(x, *(np.asarray(params["experts"][name])[e] for name in ("wi_0", "wi_1", "wo")))
+
+
+def moe_layer(tokens, params, ids, weights, keep=None):
+    """The MoE layer on tokens [T, D] given its routing: y_t = sum_j keep_tj * w_tj * expert_{e_tj}(x_t) over the
+    slots of real experts (ids >= E are null), plus the shared GLU (times sigmoid(x @ shared_gate) when there is
+    one). Naive loops in float64."""
+    tokens = np.asarray(tokens, np.float64)
+    num_experts = np.shape(params["experts"]["wi_0"])[0]
+    out = np.zeros(tokens.shape)
+    for t in range(len(tokens)):
+        for j in range(np.shape(ids)[1]):
+            e = int(ids[t][j])
+            if e < num_experts and (keep is None or keep[t][j]):
+                out[t] += float(weights[t][j]) * expert(params, e, tokens[t])
+    if "shared" in params:
+        shared = glu(tokens, *(params["shared"][name] for name in ("wi_0", "wi_1", "wo")))
+        if "shared_gate" in params:
+            shared = shared * sigmoid(tokens @ np.asarray(params["shared_gate"]["kernel"], np.float64))
+        out += shared
+    return out
+
+
+def top_p_experts(probs, p, k):
+    """Dynamic top-p: walking the experts by descending probability, the fewest whose mass reaches p (the one
+    crossing it included), at most k."""
+    chosen, mass = [], 0.0
+    for i in top_indices(probs, len(probs)):
+        if mass >= p or len(chosen) == k:
+            break
+        chosen.append(i)
+        mass += probs[i]
+    return chosen
+
+
+def hash_expert(token_id, num_experts, seed=0):
+    """Hash Layers' documented map with Python integers: ((id + seed) * 2654435761 mod 2^32) >> 16, mod E."""
+    return (((int(token_id) + seed) * 2654435761) % 2**32 >> 16) % num_experts
+
+
+# ------------------------------------------------------------------ token dispatch and grouped matmuls
+# Index N (the number of source rows) stands for "no row".
+
+def gather_rows(src, idx, scale):
+    """out[m] = scale[m] * src[idx[m]], 0 for idx[m] = N."""
+    out = np.zeros((len(idx), src.shape[1]), np.float32)
+    for m, i in enumerate(idx):
+        if i < len(src):
+            out[m] = src[i] * scale[m]
+    return out
+
+
+def gather_combine(src, idx, w):
+    """out[t] = sum_j w[t, j] * src[idx[t, j]] over the slots with a row."""
+    out = np.zeros((idx.shape[0], src.shape[1]), np.float32)
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            if idx[t, j] < len(src):
+                out[t] += w[t, j] * src[idx[t, j]]
+    return out
+
+
+def gather_dot(src, idx, g):
+    """out[t, j] = src[idx[t, j]] . g[t], 0 for slots without a row."""
+    out = np.zeros(idx.shape, np.float32)
+    for t in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            if idx[t, j] < len(src):
+                out[t, j] = src[idx[t, j]] @ g[t]
+    return out
+
+
+def permute(x, slot_row, num_rows):
+    """The expert buffer [num_rows, D]: row slot_row[t, j] holds x[t]; rows no slot maps to are 0."""
+    rows = np.zeros((num_rows, x.shape[1]), np.float32)
+    for t in range(slot_row.shape[0]):
+        for j in range(slot_row.shape[1]):
+            if slot_row[t, j] < num_rows:
+                rows[slot_row[t, j]] = x[t]
+    return rows
+
+
+def grouped_matmul(lhs, rhs, sizes):
+    """lhs [M, K] @ rhs[g] for each group g of sizes[g] consecutive rows; rows past the groups are 0."""
+    out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float32)
+    start = 0
+    for g, size in enumerate(sizes):
+        out[start:start + size] = lhs[start:start + size] @ rhs[g]
+        start += size
+    return out

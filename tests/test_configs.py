@@ -1,28 +1,10 @@
 """Every config file loads, validates, and has the shapes its docstring promises."""
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 from moejax import checks, model
-
-CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
-
-
-def module_of(name: str):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load(name: str, preset: str | None = None):
-    return module_of(name).get_config(preset)
-
-
-CONFIG_NAMES = sorted(path.stem for path in CONFIGS.glob("*.py") if path.name != "__init__.py")
+from tests.helpers_configs import CONFIG_NAMES, CONFIGS, load, module_of
 
 
 @pytest.mark.parametrize("name,preset", [

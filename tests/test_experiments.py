@@ -202,7 +202,8 @@ def test_override_types_follow_ml_collections():
 
 
 def synthetic_metrics(workdir, steps=(10, 20, 30), experts=4, layers=2):
-    """A metrics.jsonl like moejax.train's: train records with expert loads and per-layer stats, eval records."""
+    """A metrics.jsonl like the training loop's: train records with expert loads and per-layer stats, eval
+    records."""
     rng = np.random.default_rng(0)
     records = []
     for i, step in enumerate(steps):

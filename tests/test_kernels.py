@@ -10,13 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from moejax.kernels import dispatch as kd
 
-from moejax import dispatch, experts, moe, parallel
-from moejax.routing import Routing
-from tests import test_moe, test_parallel
+from moejax.moe import dispatch, experts, layer
+from moejax.moe.routers import Routing
+from tests import helpers_configs, helpers_moe, reference
 
 IMPLS = ["blocked", "tpu"]
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -42,32 +40,6 @@ def f32(x):
     return np.asarray(jnp.asarray(x, jnp.float32))
 
 
-def np_gather_rows(src, idx, scale):
-    out = np.zeros((len(idx), src.shape[1]), np.float32)
-    for m, i in enumerate(idx):
-        if i < len(src):
-            out[m] = src[i] * scale[m]
-    return out
-
-
-def np_gather_combine(src, idx, w):
-    out = np.zeros((idx.shape[0], src.shape[1]), np.float32)
-    for t in range(idx.shape[0]):
-        for j in range(idx.shape[1]):
-            if idx[t, j] < len(src):
-                out[t] += w[t, j] * src[idx[t, j]]
-    return out
-
-
-def np_gather_dot(src, idx, g):
-    out = np.zeros(idx.shape, np.float32)
-    for t in range(idx.shape[0]):
-        for j in range(idx.shape[1]):
-            if idx[t, j] < len(src):
-                out[t, j] = src[idx[t, j]] @ g[t]
-    return out
-
-
 def random_inputs(dtype, n=37, d=48, t=21, k=3, seed=0):
     rng = np.random.default_rng(seed)
     src = jnp.asarray(rng.normal(size=(n, d)), dtype)
@@ -86,16 +58,16 @@ def test_gather_kernels_match_numpy_loops(impl, dtype):
     flat = i.reshape(-1)
     got = gather_rows(src, idx.reshape(-1), w.reshape(-1), opts(impl))
     assert got.dtype == dtype and got.shape == (flat.size, src.shape[1])
-    np.testing.assert_allclose(f32(got), np_gather_rows(s, flat, wn.reshape(-1)), **tol(dtype))
+    np.testing.assert_allclose(f32(got), reference.gather_rows(s, flat, wn.reshape(-1)), **tol(dtype))
     np.testing.assert_allclose(f32(gather_rows(src, idx.reshape(-1), None, opts(impl))),
-                               np_gather_rows(s, flat, np.ones(flat.size)), **tol(dtype))
+                               reference.gather_rows(s, flat, np.ones(flat.size)), **tol(dtype))
     got = gather_combine(src, idx, w, opts(impl))
     assert got.dtype == dtype
-    np.testing.assert_allclose(f32(got), np_gather_combine(s, i, wn), **tol(dtype))
+    np.testing.assert_allclose(f32(got), reference.gather_combine(s, i, wn), **tol(dtype))
     assert not np.asarray(got[0]).any()  # the token without rows
     got = gather_dot(src, idx, g, opts(impl))
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), np_gather_dot(s, i, gn), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(got), reference.gather_dot(s, i, gn), rtol=1e-4, atol=1e-3)
 
 
 def uneven_plan(num_tokens=19, top_k=3, num_experts=6, tile=4, capacity=None, seed=1):
@@ -109,15 +81,6 @@ def uneven_plan(num_tokens=19, top_k=3, num_experts=6, tile=4, capacity=None, se
     else:
         plan = dispatch.capacity_plan(route, num_experts, capacity, "position")
     return route, plan
-
-
-def np_permute(x, slot_row, num_rows):
-    rows = np.zeros((num_rows, x.shape[1]), np.float32)
-    for t in range(slot_row.shape[0]):
-        for j in range(slot_row.shape[1]):
-            if slot_row[t, j] < num_rows:
-                rows[slot_row[t, j]] = x[t]
-    return rows
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -137,16 +100,16 @@ def test_permute_and_combine_forward_and_vjp(impl, dtype, capacity):
     o = opts(impl)
 
     rows = permute(x, slot_row, row_slot, o)
-    want_rows = np_permute(f32(x), sr, num_rows)
+    want_rows = reference.permute(f32(x), sr, num_rows)
     assert rows.dtype == dtype
     np.testing.assert_allclose(f32(rows), want_rows, **tol(dtype))
     y = unpermute_combine(rows, w, slot_row, row_slot, o)
-    np.testing.assert_allclose(f32(y), np_gather_combine(want_rows, sr, np.asarray(w)), **tol(dtype))
+    np.testing.assert_allclose(f32(y), reference.gather_combine(want_rows, sr, np.asarray(w)), **tol(dtype))
 
     # VJPs against numpy: permute^T sums a token's rows; combine^T scales rows by their weight and dots them.
     g_rows = jnp.asarray(rng.normal(size=rows.shape), dtype)
     (gx,) = jax.vjp(lambda x: permute(x, slot_row, row_slot, o), x)[1](g_rows)
-    np.testing.assert_allclose(f32(gx), np_gather_combine(f32(g_rows), sr, np.ones(sr.shape)), **tol(dtype))
+    np.testing.assert_allclose(f32(gx), reference.gather_combine(f32(g_rows), sr, np.ones(sr.shape)), **tol(dtype))
     g_y = jnp.asarray(rng.normal(size=y.shape), dtype)
     g_r, g_w = jax.vjp(lambda r, w: unpermute_combine(r, w, slot_row, row_slot, o), rows, w)[1](g_y)
     want_gr = np.zeros(rows.shape, np.float32)
@@ -155,7 +118,7 @@ def test_permute_and_combine_forward_and_vjp(impl, dtype, capacity):
             if sr[t, j] < num_rows:
                 want_gr[sr[t, j]] = np.asarray(w)[t, j] * f32(g_y)[t]
     np.testing.assert_allclose(f32(g_r), want_gr, **tol(dtype))
-    np.testing.assert_allclose(np.asarray(g_w), np_gather_dot(f32(rows), sr, f32(g_y)), rtol=2e-2 if dtype ==
+    np.testing.assert_allclose(np.asarray(g_w), reference.gather_dot(f32(rows), sr, f32(g_y)), rtol=2e-2 if dtype ==
                                jnp.bfloat16 else 1e-4, atol=5e-2 if dtype == jnp.bfloat16 else 1e-4)
     # and the same as the jnp ops the layer uses by default
     ref_y, ref_vjp = jax.vjp(lambda x, w: dispatch.unpermute_combine(dispatch.permute(x, slot_row, row_slot), w,
@@ -186,15 +149,6 @@ def test_permute_tokens_groups_rows_by_expert(tile):
         assert not group[len(tokens):].any()
 
 
-def np_grouped(lhs, rhs, sizes):
-    out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float32)
-    start = 0
-    for g, size in enumerate(sizes):
-        out[start:start + size] = lhs[start:start + size] @ rhs[g]
-        start += size
-    return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 def test_megablox_gmm_uneven_groups_and_unaligned_k_n(dtype):
     """Group sizes 0 / not tile multiples, rows past the groups, K = 40 and N = 24 with 16-wide tiles."""
@@ -205,7 +159,7 @@ def test_megablox_gmm_uneven_groups_and_unaligned_k_n(dtype):
     gmm = jax.jit(functools.partial(experts.megablox_gmm, tile=16, interpret=True))
     out = gmm(lhs, rhs, sizes)
     assert out.shape == (50, 24) and out.dtype == dtype
-    want = np_grouped(f32(lhs), f32(rhs), np.asarray(sizes))
+    want = reference.grouped_matmul(f32(lhs), f32(rhs), np.asarray(sizes))
     np.testing.assert_allclose(f32(out), want, **tol(dtype))
     # gradients: d lhs = g @ rhs_g^T per group, d rhs_g = lhs_g^T @ g; rows past the groups get 0, not garbage
     g = jnp.asarray(rng.normal(size=(50, 24)), dtype)
@@ -232,11 +186,11 @@ def test_tokamax_backend_matches_numpy_or_names_the_missing_package():
         with pytest.raises(ValueError, match=r"model\.moe\.gmm_backend='tokamax'.*pip install tokamax"):
             experts.resolve_backend("tokamax")
         with pytest.raises(ValueError, match=r"config field model\.moe\.gmm_backend='tokamax'.*pip install tokamax"):
-            test_moe.make_cfg("mixtral", gmm_backend="tokamax")
+            helpers_configs.moe("mixtral", gmm_backend="tokamax")
         return
     out = experts.ragged_matmul(lhs, rhs, sizes, "tokamax")
-    np.testing.assert_allclose(np.asarray(out)[:16], np_grouped(np.asarray(lhs), np.asarray(rhs), [7, 0, 9])[:16],
-                               rtol=1e-5, atol=1e-5)
+    want = reference.grouped_matmul(np.asarray(lhs), np.asarray(rhs), [7, 0, 9])
+    np.testing.assert_allclose(np.asarray(out)[:16], want[:16], rtol=1e-5, atol=1e-5)
 
 
 def test_auto_backend_on_cpu_is_the_tiled_loop():
@@ -250,14 +204,14 @@ def test_auto_backend_on_cpu_is_the_tiled_loop():
                          ids=["pallas-dropless", "pallas-capacity", "megablox-dropless",
                               "pallas+megablox-shared"])
 def test_moe_layer_with_kernels_matches_the_dense_reference(fields):
-    """The whole layer, forward and every gradient, against tests/test_moe.py's every-expert-on-every-token
-    reference, and against the default 'jnp' + 'tiled' layer on the same parameters."""
-    cfg = test_moe.make_cfg("mixtral", **fields)
-    default = test_moe.make_cfg("mixtral", **{k: v for k, v in fields.items()
-                                              if k not in ("dispatch_kernel", "gmm_backend")})
-    layer, x, params, state = test_moe.init(cfg)
-    logits = np.asarray(x.reshape(-1, test_moe.D) @ params["router"]["kernel"])
-    ids, keep = test_moe.decisions(cfg, logits, None)
+    """The whole layer, forward against the naive loop reference.moe_layer, forward and every gradient against the
+    dense every-expert-on-every-token reference (tests/helpers_moe.py) and against the default 'jnp' + 'tiled'
+    layer on the same parameters."""
+    cfg = helpers_configs.moe("mixtral", **fields)
+    default = helpers_configs.moe("mixtral", **{k: v for k, v in fields.items()
+                                                if k not in ("dispatch_kernel", "gmm_backend")})
+    module, x, params, state = helpers_moe.init(cfg)
+    tokens, ids, weights, keep = helpers_moe.decisions(cfg, params, x)
     if cfg.dispatch == "capacity":
         assert not keep.all()
     cotangent = jax.random.normal(jax.random.key(99), x.shape)
@@ -266,37 +220,37 @@ def test_moe_layer_with_kernels_matches_the_dense_reference(fields):
         return jax.jit(jax.value_and_grad(
             lambda p, x: jnp.sum(module.apply({"params": p, "moe_state": state}, x) * cotangent), argnums=(0, 1)))
 
-    reference = jax.value_and_grad(
-        lambda p, x: jnp.sum(test_moe.reference_moe(cfg, p, x, ids, keep) * cotangent), argnums=(0, 1))
-    got = loss(layer)(params, x)
-    for want in (reference(params, x), loss(moe.MoE(default, dtype=jnp.float32))(params, x)):
+    y = jax.jit(lambda p, x: module.apply({"params": p, "moe_state": state}, x))(params, x)
+    np.testing.assert_allclose(np.asarray(y).reshape(tokens.shape), reference.moe_layer(tokens, params, ids, weights,
+                                                                                         keep), rtol=1e-5, atol=1e-5)
+    dense = jax.value_and_grad(
+        lambda p, x: jnp.sum(helpers_moe.dense_moe(cfg, p, x, ids, keep) * cotangent), argnums=(0, 1))
+    got = loss(module)(params, x)
+    for want in (dense(params, x), loss(layer.MoE(default, dtype=jnp.float32))(params, x)):
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(want[1]), strict=True):
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(path))
+        helpers_moe.assert_trees_close(got[1], want[1], relative_atol=True)
 
 
 def test_bad_dispatch_kernel_or_backend_names_the_field(monkeypatch):
     with pytest.raises(ValueError, match=r"model\.moe\.dispatch_kernel.*'triton'.*jnp.*pallas"):
-        test_moe.make_cfg("mixtral", dispatch_kernel="triton")
+        helpers_configs.moe("mixtral", dispatch_kernel="triton")
     with pytest.raises(ValueError, match=r"model\.moe\.gmm_backend.*'pallas'.*tiled.*megablox.*tokamax"):
-        test_moe.make_cfg("mixtral", gmm_backend="pallas")
+        helpers_configs.moe("mixtral", gmm_backend="pallas")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(ValueError, match=r"model\.moe\.gmm_backend='megablox'.*TPU.*on GPU use"):
-        test_moe.make_cfg("mixtral", gmm_backend="megablox")
+        helpers_configs.moe("mixtral", gmm_backend="megablox")
 
 
 def test_pallas_dispatch_under_expert_parallelism():
     """The kernels inside shard_map (data 2 x expert 4, 'a2a': permute to the send buffer and to the local
     experts' rows, combine back twice): output and gradients equal the single-device layer."""
-    x, params, state = test_parallel.layer_inputs()
-    y_ref, g_ref, _ = test_parallel.loss_and_grads(moe.MoE(test_parallel.layer_config()), params, state, x)
-    mesh = test_parallel.mesh_of((2, 1, 4, 1))
-    cfg = test_parallel.layer_config(dispatch_kernel="pallas", ep_mode="a2a")
-    y, g, _ = test_parallel.loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x,
-                                           NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+    single, x, params, state = helpers_moe.init(helpers_configs.moe(), shape=(8, 4, helpers_moe.D), std=0.02)
+    y_ref, g_ref, _ = helpers_moe.loss_and_grads(single, params, state, x)
+    mesh = helpers_moe.mesh_of((2, 1, 4, 1))
+    cfg = helpers_configs.moe(dispatch_kernel="pallas", ep_mode="a2a")
+    y, g, _ = helpers_moe.loss_and_grads(layer.MoE(cfg, mesh=mesh), params, state, x, helpers_moe.token_sharding(mesh))
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    helpers_moe.assert_trees_close(g, g_ref)
 
 
 @pytest.mark.parametrize("platform, impl", [("cuda", "blocked"), ("tpu", "tpu")])
@@ -339,7 +293,8 @@ def test_megablox_glu_lowers_for_tpu(monkeypatch):
                          tokens_per_expert=sizes, dropped=jnp.zeros((), jnp.int32), tile=1)
 
     def loss(rows, w0, w1, wo):
-        return jnp.sum(experts.grouped_glu(rows, (w0, w1, wo), plan, "megablox", "silu").astype(jnp.float32))
+        return jnp.sum(experts.grouped_apply(experts.GLUExperts("silu"), rows, (w0, w1, wo), plan, "megablox")
+                       .astype(jnp.float32))
 
     shapes = [(t, d), (e, d, f), (e, d, f), (e, f, d)]
     exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["tpu"],

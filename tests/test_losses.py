@@ -1,10 +1,12 @@
-"""Balance losses, z-loss and the bias update against the papers' formulas, computed by naive loops."""
+"""Balance losses, z-loss and the bias update against the papers' formulas, computed by naive loops; the
+objective's weighting of the unweighted losses the layers record."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moejax.configs import base
 
-from moejax import losses, moe, routing
+from moejax.moe import losses, routers, stats
+from moejax.training import objectives
+from tests import helpers_configs
 from tests import reference as ref
 
 
@@ -14,21 +16,27 @@ def uniform_routing(batch, seq, num_experts, k):
     experts = np.stack([(tokens * k + j) % num_experts for j in range(k)], axis=1)
     logits = np.zeros((batch * seq, num_experts), np.float32)
     probs = np.full((batch * seq, num_experts), 1.0 / num_experts, np.float32)
-    return routing.Routing(weights=jnp.ones(experts.shape) / k, experts=jnp.asarray(experts, jnp.int32),
+    return routers.Routing(weights=jnp.ones(experts.shape) / k, experts=jnp.asarray(experts, jnp.int32),
                            probs=jnp.asarray(probs), logits=jnp.asarray(logits))
 
 
 @pytest.mark.parametrize("kind,scope", [("switch", "batch"), ("switch", "sequence"),
                                         ("deepseek", "batch"), ("deepseek", "sequence")])
 @pytest.mark.parametrize("num_experts,k", [(8, 1), (8, 2), (64, 6)])
-def test_balance_loss_equals_coefficient_when_uniform(kind, scope, num_experts, k):
-    cfg = base.get_config().model.moe
-    cfg.update(num_experts=num_experts, top_k=k, balance_loss=kind, balance_scope=scope, balance_coef=0.013)
+def test_balance_losses_are_one_when_uniform(kind, scope, num_experts, k):
+    """Unweighted: both levels are 1 under uniform routing; the device level only for 'deepseek' with a device
+    coefficient (0 otherwise)."""
+    cfg = helpers_configs.moe(num_experts=num_experts, top_k=k, balance_loss=kind, balance_scope=scope,
+                              balance_coef=0.013)
     route = uniform_routing(4, 64, num_experts, k)
-    assert float(moe.balance_loss(route, cfg, batch=4)) == pytest.approx(0.013, rel=1e-6)
-    cfg.update(balance_coef=0.0, device_balance_coef=0.05, device_groups=4)
-    expected = 0.05 if kind == "deepseek" else 0.0
-    assert float(moe.balance_loss(route, cfg, batch=4)) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    expert_level, device_level = losses.balance_losses(route, cfg, batch=4)
+    assert float(expert_level) == pytest.approx(1.0, rel=1e-6) and float(device_level) == 0.0
+    cfg.update(device_balance_coef=0.05, device_groups=4)
+    expert_level, device_level = losses.balance_losses(route, cfg, batch=4)
+    assert float(expert_level) == pytest.approx(1.0, rel=1e-6)
+    assert float(device_level) == pytest.approx(1.0 if kind == "deepseek" else 0.0, rel=1e-6, abs=1e-12)
+    cfg.balance_loss = "none"
+    assert [float(v) for v in losses.balance_losses(route, cfg, batch=4)] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
@@ -38,7 +46,7 @@ def test_balance_losses_match_naive_formulas(scope):
     logits = rng.normal(size=(batch * seq, num_experts)).astype(np.float32)
     probs = ref.sigmoid(logits)  # unnormalised scores: P_i uses s / sum(s) (DeepSeek-V3's convention)
     experts = np.stack([rng.choice(num_experts, k, replace=False) for _ in range(batch * seq)])
-    route = routing.Routing(weights=jnp.ones(experts.shape), experts=jnp.asarray(experts, jnp.int32),
+    route = routers.Routing(weights=jnp.ones(experts.shape), experts=jnp.asarray(experts, jnp.int32),
                             probs=jnp.asarray(probs, jnp.float32), logits=jnp.asarray(logits))
     groups = [range(batch * seq)] if scope == "batch" else [range(b * seq, (b + 1) * seq) for b in range(batch)]
     switch, expert_level, device_level = [], [], []
@@ -50,13 +58,13 @@ def test_balance_losses_match_naive_formulas(scope):
         size = num_experts // devices
         device_level.append(sum(np.mean(f_prime[d * size:(d + 1) * size]) * np.sum(p[d * size:(d + 1) * size])
                                 for d in range(devices)))
-    cfg = base.get_config().model.moe
-    cfg.update(num_experts=num_experts, top_k=k, balance_scope=scope, balance_coef=0.1)
-    cfg.balance_loss = "switch"
-    assert float(moe.balance_loss(route, cfg, batch)) == pytest.approx(0.1 * np.mean(switch), rel=1e-5)
+    cfg = helpers_configs.moe(num_experts=num_experts, top_k=k, balance_scope=scope, balance_loss="switch")
+    got = losses.balance_losses(route, cfg, batch)
+    assert float(got[0]) == pytest.approx(np.mean(switch), rel=1e-5) and float(got[1]) == 0.0
     cfg.update(balance_loss="deepseek", device_balance_coef=0.3, device_groups=devices)
-    expected = 0.1 * np.mean(expert_level) + 0.3 * np.mean(device_level)
-    assert float(moe.balance_loss(route, cfg, batch)) == pytest.approx(expected, rel=1e-5)
+    got = losses.balance_losses(route, cfg, batch)
+    assert float(got[0]) == pytest.approx(np.mean(expert_level), rel=1e-5)
+    assert float(got[1]) == pytest.approx(np.mean(device_level), rel=1e-5)
 
 
 def test_collapsed_routing_is_penalised():
@@ -89,3 +97,37 @@ def test_bias_update_rule():
     got = losses.update_bias(jnp.asarray(bias), jnp.asarray(load), 1e-3)
     expected = [bias[i] + 1e-3 * np.sign(load.mean() - load[i]) for i in range(5)]
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+
+
+def test_bias_update_of_stacked_layers_balances_each_layer_by_its_own_load():
+    load = np.array([[10, 2, 6, 6, 1], [3, 3, 3, 3, 3], [0, 0, 0, 0, 15]], np.float32)
+    bias = np.random.default_rng(3).normal(size=load.shape).astype(np.float32)
+    got = np.asarray(losses.update_bias(jnp.asarray(bias), jnp.asarray(load), 0.01))
+    for layer in range(3):
+        mean = sum(load[layer]) / 5
+        for i in range(5):
+            assert got[layer, i] == pytest.approx(bias[layer, i] + 0.01 * np.sign(mean - load[layer, i]), abs=1e-7)
+
+
+def record(layer, balance, device, z, entropy, passes=1):
+    """A RoutedStats record of one MoE layer with these unweighted losses (the loads play no part here)."""
+    f32 = jnp.float32
+    one = stats.RoutedStats(layer=jnp.int32(layer), tokens_per_expert=jnp.ones(4), dropped=f32(0), overflow=f32(0),
+                            routed_slots=f32(8), num_tokens=f32(4), router_entropy=f32(entropy),
+                            balance_loss=f32(balance), device_balance_loss=f32(device), z_loss=f32(z))
+    return (one,) * passes
+
+
+@pytest.mark.parametrize("kind", ["switch", "deepseek", "none"])
+def test_router_losses_weight_the_recorded_losses(kind):
+    """objective = sum over layers and passes of balance_coef * balance (+ device_balance_coef * device for
+    'deepseek'; nothing for 'none') + z_loss_coef * z + entropy_loss_coef * entropy."""
+    cfg = helpers_configs.moe(balance_loss=kind, balance_coef=0.1, device_balance_coef=0.3, device_groups=2,
+                              z_loss_coef=1e-3, entropy_loss_coef=0.5)
+    moe_aux = {"layers_0": {"ffn": {stats.STATS: record(0, 1.5, 2.0, 7.0, 1.25)}},
+               "layers_2": {"ffn": {stats.STATS: record(2, 1.1, 1.2, 3.0, 0.75, passes=2)}}}
+    balance = {"switch": 0.1 * (1.5 + 2 * 1.1), "deepseek": 0.1 * (1.5 + 2 * 1.1) + 0.3 * (2.0 + 2 * 1.2),
+               "none": 0.0}[kind]
+    expected = balance + 1e-3 * (7.0 + 2 * 3.0) + 0.5 * (1.25 + 2 * 0.75)
+    assert float(objectives.router_losses(moe_aux, cfg)) == pytest.approx(expected, rel=1e-6)
+    assert float(objectives.router_losses({}, cfg)) == 0.0

@@ -1,114 +1,41 @@
-"""The MoE layer against a naive dense reference: every expert on every token, combined by numpy-made decisions."""
-import flax.linen as nn
+"""The MoE layer against independent references: its forward pass against the naive per-token loop
+``reference.moe_layer`` (routing decided in numpy), its gradients against the dense every-expert-on-every-token
+formulation (tests/helpers_moe.py), its statistics against numpy counts and formulas; the expert kinds and
+dispatch plans."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moejax.configs import base
 
-from moejax import dispatch, moe, routing
+from moejax import checks, model
+from moejax.moe import dispatch, experts, layer, routers, stats
+from tests import helpers_configs, helpers_moe
 from tests import reference as ref
+from tests.helpers_moe import B, D, S
 
-B, S, D, F = 2, 12, 16, 8
-
-ROUTERS = {
-    "mixtral": dict(score="softmax", norm_topk_prob=True),
-    "deepseek_v2": dict(score="softmax", num_groups=4, topk_groups=2, group_score="max", routed_scaling_factor=16.0),
-    "deepseek_v3": dict(score="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum", norm_topk_prob=True,
-                        routed_scaling_factor=2.5),
-    "megatron": dict(score="softmax", softmax_before_topk=False),
-    "switch": dict(score="softmax"),
-}
-
-
-def make_cfg(router="mixtral", **fields):
-    cfg = base.get_config().model.moe
-    cfg.update(num_experts=8, top_k=2, expert_ffn=F)
-    cfg.router.update(ROUTERS[router])
-    cfg.update(fields)
-    moe.validate(cfg)
-    return cfg
-
-
-def init(cfg, seed=0, bias=None, dtype=jnp.float32):
-    layer = moe.MoE(cfg, dtype=dtype, kernel_init=nn.initializers.normal(0.4))
-    x = jax.random.normal(jax.random.key(seed), (B, S, D))
-    variables = layer.init(jax.random.key(seed + 1), x)
-    state = {"router_bias": jnp.zeros(cfg.num_experts) if bias is None else jnp.asarray(bias, jnp.float32)}
-    return layer, x, variables["params"], state
-
-
-def decisions(cfg, logits, bias, train=False):
-    """Numpy routing decisions (ids, keep mask) from the knob definitions in tests/reference.py."""
-    r = cfg.router
-    ids = np.array([ref.route_token(row, k=cfg.top_k, score=r.score, softmax_before_topk=r.softmax_before_topk,
-                                    num_groups=r.num_groups, topk_groups=r.topk_groups, group_score=r.group_score,
-                                    fill=r.group_mask_fill, bias=bias)[0] for row in logits])
-    keep = np.ones(ids.shape, bool)
-    if cfg.dispatch == "capacity":
-        factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
-        weights = [ref.route_token(row, k=cfg.top_k, score=r.score, softmax_before_topk=r.softmax_before_topk,
-                                   norm_topk_prob=r.norm_topk_prob, scaling=r.routed_scaling_factor,
-                                   num_groups=r.num_groups, topk_groups=r.topk_groups, group_score=r.group_score,
-                                   fill=r.group_mask_fill, bias=bias)[1] for row in logits]
-        cap = ref.capacity(len(ids), cfg.top_k, cfg.num_experts, factor)
-        keep = np.array(ref.capacity_keep(ids, weights, cfg.num_experts, cap, cfg.drop_policy))
-    return ids, keep
-
-
-def reference_moe(cfg, params, x, ids, keep):
-    """y_t = sum over kept slots of w_tj * GLU_{e_tj}(x_t) (+ gated shared GLU); weights differentiable in jnp."""
-    r = cfg.router
-    tokens = x.reshape(-1, D)
-    logits = tokens @ params["router"]["kernel"]
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    if r.score == "sigmoid":
-        w = jax.nn.sigmoid(logits)[rows, ids]
-    elif r.softmax_before_topk:
-        w = jax.nn.softmax(logits)[rows, ids]
-    else:
-        w = jax.nn.softmax(logits[rows, ids])
-    if r.norm_topk_prob:
-        w = w / w.sum(-1, keepdims=True)
-    w = w * r.routed_scaling_factor * keep
-    combine = jnp.zeros((tokens.shape[0], cfg.num_experts)).at[rows, ids].add(w)
-    p = params["experts"]
-    h = jax.nn.silu(jnp.einsum("td,edf->etf", tokens, p["wi_0"])) * jnp.einsum("td,edf->etf", tokens, p["wi_1"])
-    y = jnp.einsum("etf,efd,te->td", h, p["wo"], combine)
-    if cfg.num_shared:
-        s = params["shared"]
-        shared = (jax.nn.silu(tokens @ s["wi_0"]) * (tokens @ s["wi_1"])) @ s["wo"]
-        if cfg.shared_gate:
-            shared = shared * jax.nn.sigmoid(tokens @ params["shared_gate"]["kernel"])
-        y = y + shared
-    return y.reshape(x.shape)
+F = 8  # helpers_configs.moe's expert width
 
 
 def assert_layer_matches_reference(cfg, seed=0, bias=None):
-    layer, x, params, state = init(cfg, seed, bias)
-    logits = np.asarray(x.reshape(-1, D) @ params["router"]["kernel"])
-    ids, keep = decisions(cfg, logits, None if bias is None else np.asarray(bias))
+    """Forward against reference.moe_layer, every gradient (params and input) against helpers_moe.dense_moe."""
+    module, x, params, state = helpers_moe.init(cfg, seed, bias)
+    tokens, ids, weights, keep = helpers_moe.decisions(cfg, params, x, bias)
+    y = module.apply({"params": params, "moe_state": state}, x)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), ref.moe_layer(tokens, params, ids, weights, keep),
+                               rtol=1e-5, atol=1e-5)
     cotangent = jax.random.normal(jax.random.key(99), x.shape)
-
-    def loss_layer(params, x):
-        return jnp.sum(layer.apply({"params": params, "moe_state": state}, x) * cotangent)
-
-    def loss_ref(params, x):
-        return jnp.sum(reference_moe(cfg, params, x, ids, keep) * cotangent)
-
-    y = layer.apply({"params": params, "moe_state": state}, x)
-    np.testing.assert_allclose(y, reference_moe(cfg, params, x, ids, keep), rtol=1e-5, atol=1e-5)
-    got = jax.grad(loss_layer, argnums=(0, 1))(params, x)
-    want = jax.grad(loss_ref, argnums=(0, 1))(params, x)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(path))
+    got = jax.grad(lambda p, x: jnp.sum(module.apply({"params": p, "moe_state": state}, x) * cotangent),
+                   argnums=(0, 1))(params, x)
+    want = jax.grad(lambda p, x: jnp.sum(helpers_moe.dense_moe(cfg, p, x, ids, keep) * cotangent),
+                    argnums=(0, 1))(params, x)
+    helpers_moe.assert_trees_close(got, want, relative_atol=True)
     return ids, keep
 
 
-@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("router", sorted(helpers_configs.ROUTERS))
 @pytest.mark.parametrize("mode", ["dropless", "capacity"])
 def test_forward_and_gradients_match_reference(router, mode):
-    cfg = make_cfg(router, dispatch=mode, capacity_factor=1.0)
+    cfg = helpers_configs.moe(router, dispatch=mode, capacity_factor=1.0)
     bias = np.random.default_rng(3).normal(size=8) * 0.1 if router == "deepseek_v3" else None
     _, keep = assert_layer_matches_reference(cfg, bias=bias)
     if mode == "capacity":
@@ -118,33 +45,49 @@ def test_forward_and_gradients_match_reference(router, mode):
 @pytest.mark.parametrize("shared_gate", [False, True])
 def test_shared_experts(shared_gate):
     """DeepSeekMoE (fused shared experts) and Qwen2-MoE (shared expert behind a sigmoid gate)."""
-    cfg = make_cfg("deepseek_v2", num_shared=2, shared_gate=shared_gate)
+    cfg = helpers_configs.moe("deepseek_v2", num_shared=2, shared_gate=shared_gate)
     assert_layer_matches_reference(cfg)
-    _, _, params, _ = init(cfg)
+    _, _, params, _ = helpers_moe.init(cfg)
     assert params["shared"]["wi_0"].shape == (D, 2 * F) and params["shared"]["wo"].shape == (2 * F, D)
     assert ("shared_gate" in params) == shared_gate
 
 
 @pytest.mark.parametrize("backend,tile", [("tiled", 1), ("tiled", 3), ("tiled", 64), ("ragged_dot", 0)])
 def test_dropless_backends_and_tiles(backend, tile):
-    assert_layer_matches_reference(make_cfg("mixtral", gmm_backend=backend, gmm_tile=tile))
+    assert_layer_matches_reference(helpers_configs.moe("mixtral", gmm_backend=backend, gmm_tile=tile))
+
+
+def test_applies_without_a_moe_state_collection():
+    """{'params': p} alone routes with a zero router bias; init still creates the bias in 'moe_state'."""
+    cfg = helpers_configs.moe("mixtral")
+    module, x, params, state = helpers_moe.init(cfg)
+    y = module.apply({"params": params}, x)
+    tokens, ids, weights, _ = helpers_moe.decisions(cfg, params, x)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), ref.moe_layer(tokens, params, ids, weights),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y, module.apply({"params": params, "moe_state": state}, x))
+    _, aux = module.apply({"params": params}, x, train=True, mutable=["moe_aux"])
+    assert helpers_moe.lone_stats(aux["moe_aux"]).tokens_per_expert.shape == (8,)
+    assert jax.tree.map(jnp.shape, module.init(jax.random.key(0), x)["moe_state"]) == {"router_bias": (8,)}
 
 
 @pytest.mark.parametrize("policy", ["position", "probs"])
 def test_capacity_policies_drop_as_specified(policy):
-    cfg = make_cfg("switch", dispatch="capacity", capacity_factor=0.5, drop_policy=policy, top_k=1,
-                   num_experts=4)
+    cfg = helpers_configs.moe("switch", dispatch="capacity", capacity_factor=0.5, drop_policy=policy, top_k=1,
+                              num_experts=4)
     _, keep = assert_layer_matches_reference(cfg, seed=5)
-    layer, x, params, state = init(cfg, 5)
-    _, aux = layer.apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
-    assert float(aux["moe_aux"]["drop_fraction"][0]) == pytest.approx(1 - keep.mean())
+    module, x, params, state = helpers_moe.init(cfg, 5)
+    _, aux = module.apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
+    record = helpers_moe.lone_stats(aux["moe_aux"])
+    assert float(record.drop_fraction) == pytest.approx(1 - keep.mean())
+    assert float(record.dropped) == (~keep).sum() and float(record.overflow) == 0.0
 
 
 def test_capacity_crafted_drops():
     """C = ceil(1.0 * 6 * 1 / 2) = 3; expert 0 gets tokens 0,1,3,5 and must drop one of them."""
-    experts = jnp.array([[0], [0], [1], [0], [1], [0]], jnp.int32)
+    experts_ = jnp.array([[0], [0], [1], [0], [1], [0]], jnp.int32)
     weights = jnp.array([[0.9], [0.5], [0.6], [0.7], [0.8], [0.95]])
-    route = routing.Routing(weights=weights, experts=experts, probs=jnp.zeros((6, 2)), logits=jnp.zeros((6, 2)))
+    route = routers.Routing(weights=weights, experts=experts_, probs=jnp.zeros((6, 2)), logits=jnp.zeros((6, 2)))
     cap = dispatch.capacity(6, 1, 2, 1.0)
     assert cap == 3
     for policy, dropped_token in [("position", 5), ("probs", 1)]:
@@ -155,83 +98,119 @@ def test_capacity_crafted_drops():
 
 
 def test_dropless_equals_capacity_when_capacity_covers_worst_case():
-    cfg = make_cfg("mixtral")
-    layer, x, params, state = init(cfg)
-    dropless = layer.apply({"params": params, "moe_state": state}, x)
+    cfg = helpers_configs.moe("mixtral")
+    module, x, params, state = helpers_moe.init(cfg)
+    dropless = module.apply({"params": params, "moe_state": state}, x)
     cfg.update(dispatch="capacity", capacity_factor=cfg.num_experts / cfg.top_k)  # C = T: nothing can drop
-    capped, aux = moe.MoE(cfg).apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
+    capped, aux = layer.MoE(cfg).apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
     np.testing.assert_allclose(capped, dropless, rtol=1e-6, atol=1e-6)
-    assert float(aux["moe_aux"]["drop_fraction"][0]) == 0.0
+    assert float(helpers_moe.lone_stats(aux["moe_aux"]).drop_fraction) == 0.0
 
 
 @pytest.mark.parametrize("mode", ["dropless", "capacity"])
 def test_all_tokens_to_one_expert(mode):
-    bias = np.zeros(8)
-    bias[3] = 100.0  # selection-only: every token picks expert 3 first, weights unchanged
-    cfg = make_cfg("mixtral", dispatch=mode)
+    bias = helpers_moe.one_expert_bias(8)  # selection-only: every token picks expert 3 first, weights unchanged
+    cfg = helpers_configs.moe("mixtral", dispatch=mode)
     ids, keep = assert_layer_matches_reference(cfg, bias=bias)
     assert (ids[:, 0] == 3).all()
-    layer, x, params, state = init(cfg, bias=bias)
-    _, aux = layer.apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
-    counts = np.asarray(aux["moe_aux"]["tokens_per_expert"][0])
-    np.testing.assert_array_equal(counts, np.bincount(ids.reshape(-1), minlength=8))
+    module, x, params, state = helpers_moe.init(cfg, bias=bias)
+    _, aux = module.apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
+    record = helpers_moe.lone_stats(aux["moe_aux"])
+    np.testing.assert_array_equal(record.tokens_per_expert, np.bincount(ids.reshape(-1), minlength=8))
     tokens, cap = B * S, ref.capacity(B * S, 2, 8, cfg.capacity_factor)
     expected_drop = (tokens - cap) / (2 * tokens) if mode == "capacity" else 0.0
-    assert float(aux["moe_aux"]["drop_fraction"][0]) == pytest.approx(expected_drop)
+    assert float(record.drop_fraction) == pytest.approx(expected_drop)
+    assert float(record.maxvio) == pytest.approx(tokens / (2 * tokens / 8) - 1)
+
+
+@pytest.mark.parametrize("router,fields", [("mixtral", dict(dispatch="capacity", capacity_factor=0.75)),
+                                           ("deepseek_v3", dict(balance_loss="deepseek", device_balance_coef=0.1,
+                                                                device_groups=4, balance_scope="sequence"))])
+def test_stats_record_matches_numpy(router, fields):
+    """The one record a routed pass sows: its layer index, the loads, drops, slots and tokens counted in numpy,
+    and the unweighted router entropy, balance and z losses by their formulas."""
+    cfg = helpers_configs.moe(router, **fields)
+    module, x, params, state = helpers_moe.init(cfg, seed=4)
+    _, aux = module.apply({"params": params, "moe_state": state}, x, train=True, layer=5, mutable=["moe_aux"])
+    assert list(aux["moe_aux"]) == [stats.STATS] and len(aux["moe_aux"][stats.STATS]) == 1
+    record = helpers_moe.lone_stats(aux["moe_aux"])
+    tokens, ids, _, keep = helpers_moe.decisions(cfg, params, x, train=True)
+    logits = tokens @ np.asarray(params["router"]["kernel"], np.float64)
+    probs = ref.sigmoid(logits) if cfg.router.score == "sigmoid" else ref.softmax(logits)
+    assert int(record.layer) == 5
+    np.testing.assert_array_equal(record.tokens_per_expert, np.bincount(ids.reshape(-1), minlength=8))
+    assert float(record.dropped) == (~keep).sum() and float(record.routed_slots) == ids.size
+    assert float(record.num_tokens) == B * S and float(record.experts_per_token) == 2.0
+    normalised = probs / probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(float(record.router_entropy), np.mean(-(normalised * np.log(normalised)).sum(-1)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(record.z_loss), np.mean(np.log(np.exp(logits).sum(-1)) ** 2), rtol=1e-5)
+    groups = [range(B * S)] if cfg.balance_scope == "batch" else [range(b * S, (b + 1) * S) for b in range(B)]
+    expert_level, device_level = [], []
+    for g in groups:
+        f, p = ref.balance_terms([ids[t] for t in g], [probs[t] for t in g], 8)
+        expert_level.append(8 * (f * p).sum())
+        device_level.append(sum(np.mean(8 * f[d * 2:(d + 1) * 2]) * np.sum(p[d * 2:(d + 1) * 2]) for d in range(4)))
+    np.testing.assert_allclose(float(record.balance_loss), np.mean(expert_level), rtol=1e-5)
+    expected_device = np.mean(device_level) if cfg.balance_loss == "deepseek" else 0.0
+    np.testing.assert_allclose(float(record.device_balance_loss), expected_device, rtol=1e-5)
 
 
 def test_null_slots_contribute_nothing():
     """Expert id E marks a null slot: no row, no output, no gradient."""
     x = jax.random.normal(jax.random.key(0), (4, 3))
-    experts = jnp.array([[0, 2], [2, 1], [1, 2], [0, 0]], jnp.int32)  # E = 2 is the null id
+    experts_ = jnp.array([[0, 2], [2, 1], [1, 2], [0, 0]], jnp.int32)  # E = 2 is the null id
     weights = jnp.array([[1.0, 5.0], [5.0, 2.0], [3.0, 5.0], [0.5, 0.25]])
-    route = routing.Routing(weights=weights, experts=experts, probs=jnp.zeros((4, 2)), logits=jnp.zeros((4, 2)))
+    route = routers.Routing(weights=weights, experts=experts_, probs=jnp.zeros((4, 2)), logits=jnp.zeros((4, 2)))
     plan = dispatch.dropless_plan(route, 2, tile=2)
     y = dispatch.unpermute_combine(dispatch.permute(x, plan.slot_row, plan.row_slot) * 2.0, weights,
                                    plan.slot_row, plan.row_slot)
     expected = np.stack([1.0 * 2 * x[0], 2.0 * 2 * x[1], 3.0 * 2 * x[2], 0.75 * 2 * x[3]])
     np.testing.assert_allclose(y, expected, rtol=1e-6)
     assert np.asarray(plan.tokens_per_expert).tolist() == [3, 2]
+    assert np.asarray(dispatch.slots_per_expert(experts_, 2)).tolist() == [3, 2]
 
 
 def test_jitter_only_in_training():
-    cfg = make_cfg("mixtral", dispatch="capacity")
+    cfg = helpers_configs.moe("mixtral", dispatch="capacity")
     cfg.router.jitter = 0.5
-    layer, x, params, state = init(cfg)
+    module, x, params, state = helpers_moe.init(cfg)
     variables = {"params": params, "moe_state": state}
-    eval_out = layer.apply(variables, x)
-    assert np.array_equal(eval_out, layer.apply(variables, x))
-    train_out = layer.apply(variables, x, train=True, rngs={"jitter": jax.random.key(1)})
+    eval_out = module.apply(variables, x)  # no noise, no rng needed: the numpy reference's routing
+    tokens, ids, weights, keep = helpers_moe.decisions(cfg, params, x)
+    np.testing.assert_allclose(np.asarray(eval_out).reshape(-1, D), ref.moe_layer(tokens, params, ids, weights, keep),
+                               rtol=1e-5, atol=1e-5)
+    train_out = module.apply(variables, x, train=True, rngs={"jitter": jax.random.key(1)})
     assert not np.allclose(train_out, eval_out)
 
 
 def test_eval_capacity_factor():
-    cfg = make_cfg("mixtral", dispatch="capacity", capacity_factor=0.5, eval_capacity_factor=4.0)
-    layer, x, params, state = init(cfg)
-    _, aux = layer.apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
-    assert float(aux["moe_aux"]["drop_fraction"][0]) == 0.0
-    _, aux = layer.apply({"params": params, "moe_state": state}, x, train=True, mutable=["moe_aux"])
-    assert float(aux["moe_aux"]["drop_fraction"][0]) > 0.0
+    cfg = helpers_configs.moe("mixtral", dispatch="capacity", capacity_factor=0.5, eval_capacity_factor=4.0)
+    module, x, params, state = helpers_moe.init(cfg)
+    _, aux = module.apply({"params": params, "moe_state": state}, x, mutable=["moe_aux"])
+    assert float(helpers_moe.lone_stats(aux["moe_aux"]).drop_fraction) == 0.0
+    _, aux = module.apply({"params": params, "moe_state": state}, x, train=True, mutable=["moe_aux"])
+    assert float(helpers_moe.lone_stats(aux["moe_aux"]).drop_fraction) > 0.0
 
 
 @pytest.mark.parametrize("mode", ["dropless", "capacity"])
 def test_bfloat16_close_to_float32(mode):
-    cfg = make_cfg("deepseek_v2", dispatch=mode, num_shared=1)
-    _, x, params, state = init(cfg)
-    full = moe.MoE(cfg).apply({"params": params, "moe_state": state}, x)
-    half = moe.MoE(cfg, dtype=jnp.bfloat16).apply({"params": params, "moe_state": state}, x)
+    cfg = helpers_configs.moe("deepseek_v2", dispatch=mode, num_shared=1)
+    _, x, params, state = helpers_moe.init(cfg)
+    full = layer.MoE(cfg).apply({"params": params, "moe_state": state}, x)
+    half = layer.MoE(cfg, dtype=jnp.bfloat16).apply({"params": params, "moe_state": state}, x)
     assert half.dtype == jnp.bfloat16
     err = float(jnp.linalg.norm(half.astype(jnp.float32) - full) / jnp.linalg.norm(full))
     assert err < 2e-2
-    grads = jax.grad(lambda p: moe.MoE(cfg, dtype=jnp.bfloat16).apply(
+    grads = jax.grad(lambda p: layer.MoE(cfg, dtype=jnp.bfloat16).apply(
         {"params": p, "moe_state": state}, x).astype(jnp.float32).sum())(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert grads["router"]["kernel"].dtype == jnp.float32
 
 
 def test_parameter_tree_and_state():
-    cfg = make_cfg("mixtral", num_shared=1, shared_gate=True)
-    variables = moe.MoE(cfg).init(jax.random.key(0), jnp.zeros((B, S, D)))
+    cfg = helpers_configs.moe("mixtral", num_shared=1, shared_gate=True)
+    variables = layer.MoE(cfg).init(jax.random.key(0), jnp.zeros((B, S, D)))
     shapes = jax.tree.map(jnp.shape, {k: variables[k] for k in ("params", "moe_state")})
     assert shapes == {
         "params": {"router": {"kernel": (D, 8)},
@@ -242,10 +221,67 @@ def test_parameter_tree_and_state():
     }
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_glu_experts_one_by_one_and_grouped(activation):
+    """GLUExperts: its parameter shapes and axes, apply_one (one expert) and grouped_apply over expert-sorted rows
+    on the tiled and ragged_dot backends, against the numpy GLU of each row's expert."""
+    kind = experts.from_config(helpers_configs.moe(activation=activation))
+    assert kind == experts.GLUExperts(activation) and experts.EXPERT_KINDS["glu"] is experts.GLUExperts
+    shapes = kind.param_shapes(3, 6, 5)
+    assert shapes == {"wi_0": (3, 6, 5), "wi_1": (3, 6, 5), "wo": (3, 5, 6)}
+    assert set(kind.param_axes) == set(kind.param_names) == set(shapes)
+    assert all(len(kind.param_axes[n]) == len(shapes[n]) and kind.param_axes[n][0] == "expert" for n in shapes)
+    rng = np.random.default_rng(0)
+    weights = tuple(jnp.asarray(rng.normal(size=shapes[n]), jnp.float32) for n in kind.param_names)
+    x = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32)
+    np.testing.assert_allclose(kind.apply_one(x, *(w[1] for w in weights)),
+                               ref.glu(x, *(w[1] for w in weights), act=activation), rtol=1e-5, atol=1e-5)
+    owner = np.array([0, 0, 2, 2, 2, 1, 1])  # rows sorted by expert
+    route = routers.Routing(weights=jnp.ones((7, 1)), experts=jnp.asarray(owner[:, None], jnp.int32), probs=None,
+                            logits=None)
+    want = np.stack([ref.glu(x[r], *(w[owner[r]] for w in weights), act=activation) for r in range(7)])
+    for backend, tile in (("tiled", 2), ("ragged_dot", 1)):
+        plan = dispatch.dropless_plan(route, 3, tile)
+        rows = dispatch.permute(x, plan.slot_row, plan.row_slot)
+        out = experts.grouped_apply(kind, rows, weights, plan, backend)
+        got = dispatch.unpermute_combine(out, route.weights, plan.slot_row, plan.row_slot)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=backend)
+
+
+def test_unknown_expert_kind_is_named():
+    cfg = helpers_configs.moe()
+    cfg.expert_kind = "mlp"
+    with pytest.raises(checks.ConfigError, match=r"model\.moe\.expert_kind='mlp'.*'glu'"):
+        layer.validate(cfg)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_stats_by_layer_in_layer_order(scan_layers):
+    """A Transformer with dense layers between MoE layers: collect finds one record per MoE module (by its path,
+    stacked when scanned) and by_layer orders them by the layer index each one stores."""
+    config = helpers_configs.tiny().model
+    config.num_layers, config.first_dense_layers, config.moe_every, config.scan_layers = 5, 1, 2, scan_layers
+    assert model.moe_layers(config) == [1, 3]
+    module = model.Transformer(config)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    params = jax.jit(module.init)(jax.random.key(0), tokens)["params"]
+    _, aux = jax.jit(lambda p: module.apply({"params": p}, tokens, mutable=["moe_aux"]))(params)
+    collected = stats.collect(aux["moe_aux"])
+    if scan_layers:
+        assert list(collected) == [("blocks", "block_0", "ffn")]
+    else:
+        assert list(collected) == [("layers_1", "ffn"), ("layers_3", "ffn")]
+    per_layer = stats.by_layer(collected)
+    assert per_layer.layer.tolist() == [1, 3] and per_layer.tokens_per_expert.shape == (2, 8)
+    np.testing.assert_array_equal(per_layer.tokens_per_expert.sum(-1), [2 * 8 * 2] * 2)
+    assert all(getattr(per_layer, name).shape == (2,) for name in stats.LAYER_STATS)
+    assert stats.by_layer({}) is None
+
+
 def test_core_imports_only_jax_flax_numpy_ml_collections():
     import subprocess
     import sys
-    code = ("import sys; import moejax.moe, moejax.model; "
+    code = ("import sys; import moejax.moe.layer, moejax.model; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tensorflow_datasets', 'optax', "
             "'orbax', 'grain', 'clu', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

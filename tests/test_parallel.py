@@ -1,6 +1,7 @@
-"""Tests of moejax.parallel: the expert-parallel MoE layer equals the single-device layer on every mesh (output and
-gradients), a2a buffer overflow is counted and matches a numpy reference, parameters get logical axes and
-shardings, and a train step on an expert-parallel mesh gives the single-device loss."""
+"""Tests of moejax.parallel and moejax.moe.expert_parallel: the expert-parallel MoE layer equals the single-device
+layer on every mesh (output, gradients and statistics), a2a buffer overflow is counted and matches a numpy
+reference, parameters get logical axes and shardings, and a train step on an expert-parallel mesh gives the
+single-device loss."""
 import functools
 import json
 import math
@@ -16,48 +17,40 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from moejax.configs import base, deepseekmoe
 
-from moejax import checks, model, moe, parallel, routing, train
-from tests import helpers_env, helpers_multiprocess, helpers_train
+from moejax import checks, model, parallel
+from moejax.moe import expert_parallel, layer
+from moejax.training import config as config_lib
+from moejax.training import loop
+from tests import helpers_configs, helpers_env, helpers_moe, helpers_multiprocess, helpers_steps, reference
+from tests.helpers_moe import D, loss_and_grads, mesh_of, token_sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-D, E, F, K = 16, 8, 8, 2
+E, K = 8, 2  # helpers_configs.moe's experts and top-k
 MESHES = [  # (ep_mode, (data, fsdp, expert, tensor))
     ("a2a", (4, 1, 2, 1)), ("a2a", (1, 2, 4, 1)), ("a2a", (1, 1, 8, 1)), ("a2a", (1, 1, 4, 2)), ("a2a", (2, 2, 2, 1)),
     ("ring", (2, 1, 4, 1)), ("ring", (1, 1, 8, 1)), ("ring", (1, 2, 2, 2)),
 ]
 
 
-def mesh_of(shape):
-    return jax.make_mesh(shape, parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+def layer_inputs(seed=0, one_expert=False, cfg=None):
+    """(x [8, 4, D], params, moe_state) of MoE(cfg) (default helpers_configs.moe()) at its default init; with
+    one_expert, a selection bias that sends every token's first slot to expert 3."""
+    cfg = helpers_configs.moe() if cfg is None else cfg
+    bias = helpers_moe.one_expert_bias(cfg.num_experts) if one_expert else None
+    _, x, params, state = helpers_moe.init(cfg, seed, bias, shape=(8, 4, D), std=0.02)
+    return x, params, state
 
 
-def layer_config(**overrides):
-    cfg = base.moe_config()
-    cfg.update(dict(num_experts=E, top_k=K, expert_ffn=F, dispatch="dropless") | overrides)
-    return cfg
-
-
-def layer_inputs(seed=0, one_expert=False, batch=8, seq=4):
-    x = jax.random.normal(jax.random.key(seed), (batch, seq, D))
-    variables = moe.MoE(layer_config()).init(jax.random.key(seed + 1), x)
-    state = variables["moe_state"]
-    if one_expert:  # a selection bias that sends every token's first slot to expert 3
-        state = {"router_bias": jnp.zeros(E).at[3].set(100.0)}
-    return x, variables["params"], state
-
-
-def loss_and_grads(module, params, state, x, sharding=None):
-    def loss(params, x):
-        y, aux = module.apply({"params": params, "moe_state": state}, x, train=True, mutable=["moe_aux"])
-        return jnp.sum(y * jnp.cos(y)), (y, aux["moe_aux"])
-
-    if sharding is not None:
-        x = jax.device_put(x, sharding)
-    (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
-    return y, grads, aux
+def assert_same_layer(got, want, what=""):
+    """(y, grads, moe_aux) of two layers: output, every gradient and the statistics equal."""
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5, err_msg=f"{what} output")
+    helpers_moe.assert_trees_close(got[1], want[1], what=f"{what} grad")
+    a, b = helpers_moe.lone_stats(got[2]), helpers_moe.lone_stats(want[2])
+    for name in ("tokens_per_expert", "dropped", "routed_slots", "balance_loss", "z_loss", "router_entropy"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-6, err_msg=f"{what} {name}")
+    assert float(a.overflow) == 0.0
 
 
 CASES = [dict(), dict(dispatch="capacity", capacity_factor=1.0),
@@ -68,7 +61,7 @@ CASES = [dict(), dict(dispatch="capacity", capacity_factor=1.0),
 @functools.cache
 def single_device(case_index, one_expert):
     x, params, state = layer_inputs(one_expert=one_expert)
-    return loss_and_grads(moe.MoE(layer_config(**CASES[case_index])), params, state, x)
+    return loss_and_grads(layer.MoE(helpers_configs.moe(**CASES[case_index])), params, state, x)
 
 
 # The meshes of one routing share one pytest-xdist worker (pytest.ini: --dist loadgroup), so that each single-device
@@ -83,42 +76,24 @@ def test_expert_parallel_layer_equals_single_device(mode, shape, one_expert):
     x, params, state = layer_inputs(one_expert=one_expert)
     mesh = mesh_of(shape)
     for index, case in enumerate(CASES):
-        y_ref, g_ref, aux_ref = single_device(index, one_expert)
-        cfg = layer_config(**case)
-        cfg.ep_mode = mode
-        y, g, aux = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x,
-                                   NamedSharding(mesh, P(parallel.TOKEN_AXES)))
-        np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5, err_msg=f"{case} output")
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref), strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{case} grad {jax.tree_util.keystr(path)}")
-        for name in ("tokens_per_expert", "drop_fraction", "balance_loss"):
-            np.testing.assert_allclose(aux[name][0], aux_ref[name][0], atol=1e-6, err_msg=f"{case} {name}")
-        assert float(aux["overflow_fraction"][0]) == 0.0
-        if one_expert and case.get("dispatch") == "capacity":
-            assert float(aux["drop_fraction"][0]) > 0.1  # the crafted routing really overflows capacity
+        cfg = helpers_configs.moe(**case, ep_mode=mode)
+        got = loss_and_grads(layer.MoE(cfg, mesh=mesh), params, state, x, token_sharding(mesh))
+        assert_same_layer(got, single_device(index, one_expert), what=str(case))
+        if one_expert and case.get("dispatch") == "capacity":  # the crafted routing really overflows capacity
+            assert float(helpers_moe.lone_stats(got[2]).drop_fraction) > 0.1
 
 
 @pytest.mark.parametrize("mode", ["a2a", "ring"])
 def test_experts_not_a_multiple_of_the_expert_axis_are_padded(mode):
     """6 experts on mesh.expert = 4: padded to 8 zero-weight experts that are never routed to; still exact."""
-    cfg = layer_config(num_experts=6)
-    x = jax.random.normal(jax.random.key(5), (8, 4, D))
-    variables = moe.MoE(cfg).init(jax.random.key(6), x)
-    params, state = variables["params"], variables["moe_state"]
-    y_ref, g_ref, _ = loss_and_grads(moe.MoE(cfg), params, state, x)
+    cfg = helpers_configs.moe(num_experts=6)
+    x, params, state = layer_inputs(seed=5, cfg=cfg)
+    want = loss_and_grads(layer.MoE(cfg), params, state, x)
     cfg.ep_mode = mode
     mesh = mesh_of((2, 1, 4, 1))
-    y, g, _ = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
-    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_layer(loss_and_grads(layer.MoE(cfg, mesh=mesh), params, state, x, token_sharding(mesh)), want)
     spec = parallel.param_shardings(params, mesh)["experts"]["wi_0"].spec
     assert spec == P(None, "fsdp", "tensor")  # 6 experts do not split over 4 devices: kept whole
-
-
-def glu_numpy(x, wi_0, wi_1, wo):
-    h = x @ wi_0
-    return (h / (1 + np.exp(-h)) * (x @ wi_1)) @ wo
 
 
 def test_a2a_overflow_is_counted_and_drops_exactly_the_overflowing_slots():
@@ -127,48 +102,58 @@ def test_a2a_overflow_is_counted_and_drops_exactly_the_overflowing_slots():
     shape, factor = (1, 1, 4, 1), 0.6
     x, params, state = layer_inputs(seed=3, one_expert=True)
     mesh = mesh_of(shape)
-    cfg = layer_config(ep_mode="a2a", ep_buffer_factor=factor)
-    y, _, aux = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
+    cfg = helpers_configs.moe(ep_mode="a2a", ep_buffer_factor=factor)
+    y, _, aux = loss_and_grads(layer.MoE(cfg, mesh=mesh), params, state, x, token_sharding(mesh))
 
-    tokens = np.asarray(x).reshape(-1, D)
-    route = routing.route(jnp.asarray(tokens) @ params["router"]["kernel"], cfg, bias=state["router_bias"])
-    ids, weights = np.asarray(route.experts), np.asarray(route.weights)
+    tokens, ids, weights, _ = helpers_moe.decisions(cfg, params, x, state["router_bias"], train=True)
     ep, shards = shape[2], math.prod(shape[:3])
     local, per_device = E // ep, len(tokens) // shards
     rows = math.ceil(factor * per_device * K / ep)
-    w = {name: np.asarray(params["experts"][name]) for name in ("wi_0", "wi_1", "wo")}
-    expected, overflow = np.zeros_like(tokens), 0
+    fits = np.zeros(ids.shape, bool)
     for shard in range(shards):
         used = [0] * ep
         for t in range(shard * per_device, (shard + 1) * per_device):
             for j in range(K):
-                e = int(ids[t, j])
-                dest = e // local
-                if used[dest] >= rows:
-                    overflow += 1
-                    continue
-                used[dest] += 1
-                expected[t] += weights[t, j] * glu_numpy(tokens[t], w["wi_0"][e], w["wi_1"][e], w["wo"][e])
+                dest = int(ids[t, j]) // local
+                fits[t, j] = used[dest] < rows
+                used[dest] += int(fits[t, j])
+    overflow = int((~fits).sum())
     assert overflow > 0
-    np.testing.assert_allclose(float(aux["overflow_fraction"][0]), overflow / ids.size, rtol=1e-6)
-    np.testing.assert_allclose(float(aux["drop_fraction"][0]), overflow / ids.size, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), expected, atol=1e-5, rtol=1e-5)
+    record = helpers_moe.lone_stats(aux)
+    assert float(record.overflow) == overflow and float(record.dropped) == 0.0
+    np.testing.assert_allclose(float(record.overflow_fraction), overflow / ids.size, rtol=1e-6)
+    np.testing.assert_allclose(float(record.drop_fraction), overflow / ids.size, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), reference.moe_layer(tokens, params, ids, weights, fits),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_a2a_rows_and_bytes_accounting():
     # worst case: a token sends at most min(k, E_local) slots to one device
-    assert parallel.a2a_rows(100, 6, 64, 8, 0.0) == 100 * 6
-    assert parallel.a2a_rows(100, 6, 64, 32, 0.0) == 100 * 2
-    assert parallel.a2a_rows(100, 6, 64, 8, 1.25) == math.ceil(1.25 * 100 * 6 / 8)
-    # 7 of 8 blocks leave the device, twice (dispatch, combine) forward and twice backward, plus int32 ids
-    rows = parallel.a2a_rows(100, 6, 64, 8, 1.0)
+    assert expert_parallel.a2a_rows(100, 6, 64, 8, 0.0) == 100 * 6
+    assert expert_parallel.a2a_rows(100, 6, 64, 32, 0.0) == 100 * 2
+    assert expert_parallel.a2a_rows(100, 6, 64, 8, 1.25) == math.ceil(1.25 * 100 * 6 / 8)
+    # buffer factor 1: R = ceil(100 * 6 / 8) = 75 rows per block; 7 of 8 blocks leave the device, twice (dispatch,
+    # combine) forward and twice backward, plus int32 ids with the dispatch
+    rows = 75
     expected = 2 * (2 * 7 * rows * 32 * 2 + 7 * rows * 4)
-    assert parallel.a2a_bytes_per_step(100, 6, 64, 8, 32, 2, 1.0) == expected
+    assert expert_parallel.a2a_bytes_per_step(100, 6, 64, 8, 32, 2, 1.0) == expected
+    assert expert_parallel.a2a_bytes_per_step(100, 6, 64, 8, 32, 2, 1.0, train=False) == expected // 2
+
+
+def test_placement_notes():
+    config = helpers_configs.tiny(overrides={"mesh.data": 2, "mesh.expert": 4})
+    (note,) = expert_parallel.placement_notes(config)
+    assert "8 routed experts over mesh.expert=4, 2 per device (a2a)" in note
+    config.model.moe.num_experts = 6
+    (note,) = expert_parallel.placement_notes(config)
+    assert "num_experts=6 is not a multiple of mesh.expert=4" in note and "pads the experts to 8" in note
+    config.mesh.update(data=-1, expert=1)
+    assert expert_parallel.placement_notes(config) == []
 
 
 @pytest.mark.parametrize("preset_or_scan", ["tiny", "scan"])
 def test_every_parameter_has_logical_axes_and_experts_split_over_expert(preset_or_scan):
-    config = deepseekmoe.get_config("tiny")
+    config = helpers_configs.load("deepseekmoe", "tiny")
     config.model.update(d_model=32, num_heads=2, ffn_dim=64, num_layers=3, first_dense_layers=1, tie_embeddings=False)
     config.model.moe.update(num_experts=8, top_k=2, expert_ffn=16, shared_gate=True)
     if preset_or_scan == "scan":
@@ -210,41 +195,28 @@ def test_logical_rules_use_each_mesh_axis_once():
     ({"model.moe.ep_buffer_factor": -1.0}, "model.moe.ep_buffer_factor=-1.0", "must be a number >= 0"),
 ])
 def test_bad_parallel_config(overrides, field, allowed):
-    config = helpers_train.get_config()
-    for key, value in overrides.items():
-        *path, name = key.split(".")
-        section = config
-        for part in path:
-            section = section[part]
-        section[name] = value
+    config = helpers_configs.tiny(overrides=overrides)
     with pytest.raises(checks.ConfigError) as error:
-        train.validate(config)
+        config_lib.validate(config)
     assert field in str(error.value) and allowed in str(error.value)
 
 
 def train_steps(config, mesh, steps=2):
     """Losses of `steps` train steps of config's model on mesh (None: the single-device layer, no shard_map)."""
     module = model.Transformer(config.model, mesh=mesh)
-    tx = train.make_optimizer(config.train)
-    key = jax.random.key(0)
 
     def init():
-        variables = module.init(key, jnp.zeros((1, config.train.seq_len), jnp.int32))
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                opt_state=tx.init(variables["params"]), moe_state=variables["moe_state"])
+        return helpers_steps.initial_state(config, module, seq_len=config.train.seq_len)
 
     abstract = jax.eval_shape(init)
-    layers = [f"layers_{i}" for i in range(config.model.num_layers)]
-    metrics = train.metrics_collection(layers, True, config.model.moe.num_experts).empty()
+    metrics = helpers_steps.empty_metrics(config)
     kwargs = {}
     if mesh is not None:
         shardings, replicated = parallel.state_shardings(abstract, mesh), NamedSharding(mesh, P())
         kwargs = dict(in_shardings=(shardings, replicated, parallel.batch_sharding(mesh)),
                       out_shardings=(shardings, replicated, replicated))
     state = jax.jit(init, out_shardings=kwargs["in_shardings"][0] if kwargs else None)()
-    step = jax.jit(lambda s, m, b: train.train_step(s, m, b, module=module, tx=tx,
-                                                    schedule=train.learning_rate_schedule(config.train),
-                                                    train_key=key, bias_update_rate=1e-3), **kwargs)
+    step = jax.jit(helpers_steps.train_step(config, module), **kwargs)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
@@ -255,9 +227,7 @@ def train_steps(config, mesh, steps=2):
 
 
 def capacity_config():
-    config = helpers_train.get_config()
-    config.model.moe.update(dispatch="capacity", capacity_factor=1.0)
-    return config
+    return helpers_configs.tiny(overrides={"model.moe.dispatch": "capacity", "model.moe.capacity_factor": 1.0})
 
 
 @functools.cache
@@ -279,17 +249,14 @@ def test_train_steps_on_an_expert_parallel_mesh_give_the_single_device_loss(mesh
 
 
 def test_per_device_state_bytes_fall_with_the_expert_axis():
-    config = helpers_train.get_config()
+    config = helpers_configs.tiny()
     sizes = []
     for expert in (1, 2, 4, 8):
         config.mesh.update(data=-1, fsdp=1, expert=expert, tensor=1)
         mesh = parallel.make_mesh(config)
-        tx = train.make_optimizer(config.train)
 
-        def init(module=model.Transformer(config.model, mesh=mesh), tx=tx):  # noqa: B008
-            params = module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-            return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                    moe_state={})
+        def init(module=model.Transformer(config.model, mesh=mesh)):  # noqa: B008
+            return helpers_steps.initial_state(config, module).replace(moe_state={})
 
         abstract = jax.eval_shape(init)
         state = jax.jit(init, out_shardings=parallel.state_shardings(abstract, mesh))()
@@ -313,7 +280,7 @@ def test_two_processes_train_on_a_mesh_spanning_both(tmp_path):
     data_dir = tmp_path / "data"
     config = helpers_multiprocess.get_config()
     config.data.dir = str(data_dir)
-    reference = train.train_and_evaluate(config, tmp_path / "one")
+    reference = loop.train_and_evaluate(config, tmp_path / "one")
     port = free_port()
     env = dict(os.environ, XLA_FLAGS=helpers_env.xla_flags(4), MOEJAX_COORDINATOR=f"localhost:{port}",
                MOEJAX_NUM_PROCESSES="2", MOEJAX_CPU_COLLECTIVES="gloo",
@@ -356,14 +323,11 @@ def test_ragged_a2a_layout_with_the_documented_collective(monkeypatch, one_exper
     emulation of its documented semantics; the layer must still equal the single-device layer."""
     monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
     x, params, state = layer_inputs(one_expert=one_expert)
-    cfg = layer_config()
-    y_ref, g_ref, _ = loss_and_grads(moe.MoE(cfg), params, state, x)
+    cfg = helpers_configs.moe()
+    want = loss_and_grads(layer.MoE(cfg), params, state, x)
     cfg.ep_mode = "ragged_a2a"
     mesh = mesh_of((2, 1, 4, 1))
-    y, g, _ = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
-    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_layer(loss_and_grads(layer.MoE(cfg, mesh=mesh), params, state, x, token_sharding(mesh)), want)
 
 
 @pytest.mark.parametrize("router", [dict(kind="expert_choice"), dict(kind="top_p", top_p=0.5),
@@ -371,15 +335,8 @@ def test_ragged_a2a_layout_with_the_documented_collective(monkeypatch, one_exper
 def test_routers_with_variable_slots_under_expert_parallelism(router):
     """Expert choice (E slots per token), top-p and AdaMoE (null slots) keep the single-device result."""
     extra = dict(num_null_experts=4, top_k=3) if router["kind"] == "adamoe" else {}
-    cfg = layer_config(**extra)
-    cfg.router.update(router)
-    x = jax.random.normal(jax.random.key(7), (8, 4, D))
-    variables = moe.MoE(cfg).init(jax.random.key(8), x)
-    params, state = variables["params"], variables["moe_state"]
-    y_ref, g_ref, _ = loss_and_grads(moe.MoE(cfg), params, state, x)
+    cfg = helpers_configs.moe(router, **extra)
+    x, params, state = layer_inputs(seed=7, cfg=cfg)
+    want = loss_and_grads(layer.MoE(cfg), params, state, x)
     mesh = mesh_of((2, 1, 4, 1))
-    y, g, aux = loss_and_grads(moe.MoE(cfg, mesh=mesh), params, state, x, NamedSharding(mesh, P(parallel.TOKEN_AXES)))
-    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    assert float(aux["overflow_fraction"][0]) == 0.0
+    assert_same_layer(loss_and_grads(layer.MoE(cfg, mesh=mesh), params, state, x, token_sharding(mesh)), want)

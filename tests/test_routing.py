@@ -5,32 +5,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moejax.configs import base
 
-from moejax import checks, routing
+from moejax import checks
+from moejax.moe import layer, routers
+from tests import helpers_configs
 from tests import reference as ref
 
 E = 16
 
 
-def moe_cfg(**router):
-    cfg = base.get_config().model.moe
-    cfg.num_experts = E
-    cfg.top_k = router.pop("top_k", 4)
-    cfg.router.update(router)
-    return cfg
+def moe_cfg(top_k=4, **router):
+    """16 experts, top-4 unless told, with these router fields."""
+    return helpers_configs.moe(router, num_experts=E, top_k=top_k)
 
 
 def check_against_reference(cfg, logits, bias=None):
-    got = routing.route(jnp.asarray(logits), cfg, bias=None if bias is None else jnp.asarray(bias))
-    r = cfg.router
-    for t in range(logits.shape[0]):
-        ids, weights = ref.route_token(
-            logits[t], k=cfg.top_k, score=r.score, softmax_before_topk=r.softmax_before_topk,
-            norm_topk_prob=r.norm_topk_prob, scaling=r.routed_scaling_factor, num_groups=r.num_groups,
-            topk_groups=r.topk_groups, group_score=r.group_score, fill=r.group_mask_fill, bias=bias)
-        np.testing.assert_array_equal(np.asarray(got.experts[t]), ids)
-        np.testing.assert_allclose(np.asarray(got.weights[t]), weights, rtol=1e-5, atol=1e-7)
+    got = routers.route(jnp.asarray(logits), cfg, bias=None if bias is None else jnp.asarray(bias))
+    ids, weights = ref.route_tokens(logits, cfg, bias)
+    np.testing.assert_array_equal(np.asarray(got.experts), ids)
+    np.testing.assert_allclose(np.asarray(got.weights), weights, rtol=1e-5, atol=1e-7)
     return got
 
 
@@ -70,63 +63,27 @@ def test_bias_selects_but_never_weighs():
     np.testing.assert_allclose(chosen, ref.sigmoid(logits[:, 5]), rtol=1e-6)
 
 
-# Released models' routing, re-typed from their reference code (HF transformers modeling files), per token.
-
-def mixtral(logits, k=2):
-    p = ref.softmax(logits)
-    idx = np.argsort(-p, kind="stable")[:k]
-    return idx, p[idx] / p[idx].sum()
-
-
-def deepseek_v2(logits, k=6, n_group=8, topk_group=3, scaling=16.0):
-    scores = ref.softmax(logits)
-    group_scores = scores.reshape(n_group, -1).max(-1)
-    group_idx = np.argsort(-group_scores, kind="stable")[:topk_group]
-    mask = np.zeros(n_group, bool)
-    mask[group_idx] = True
-    tmp = np.where(np.repeat(mask, len(scores) // n_group), scores, 0.0)
-    idx = np.argsort(-tmp, kind="stable")[:k]
-    return idx, scores[idx] * scaling
-
-
-def deepseek_v3(logits, bias, k=8, n_group=8, topk_group=4, scaling=2.5):
-    scores = ref.sigmoid(logits)
-    for_choice = scores + bias
-    group_scores = np.sort(for_choice.reshape(n_group, -1), axis=-1)[:, -2:].sum(-1)
-    group_idx = np.argsort(-group_scores, kind="stable")[:topk_group]
-    mask = np.zeros(n_group, bool)
-    mask[group_idx] = True
-    tmp = np.where(np.repeat(mask, len(scores) // n_group), for_choice, 0.0)
-    idx = np.argsort(-tmp, kind="stable")[:k]
-    w = scores[idx]
-    return idx, w / (w.sum() + 1e-20) * scaling
-
-
 @pytest.mark.parametrize("model", ["mixtral", "deepseek_v2", "deepseek_v3"])
 def test_released_model_semantics(model):
     rng = np.random.default_rng(4)
     num_experts = 64
     logits = rng.normal(size=(48, num_experts)).astype(np.float32)
     bias = None
-    cfg = base.get_config().model.moe
-    cfg.num_experts = num_experts
     if model == "mixtral":
-        cfg.top_k = 2
-        cfg.router.update(score="softmax", norm_topk_prob=True)
-        expected = [mixtral(row) for row in logits]
+        cfg = helpers_configs.moe(dict(score="softmax", norm_topk_prob=True), num_experts=num_experts, top_k=2)
+        expected = [ref.mixtral(row) for row in logits]
     elif model == "deepseek_v2":
-        cfg.top_k = 6
-        cfg.router.update(score="softmax", num_groups=8, topk_groups=3, group_score="max", group_mask_fill=0.0,
-                          routed_scaling_factor=16.0)
-        expected = [deepseek_v2(row) for row in logits]
+        cfg = helpers_configs.moe(dict(score="softmax", num_groups=8, topk_groups=3, group_score="max",
+                                       group_mask_fill=0.0, routed_scaling_factor=16.0), num_experts=num_experts,
+                                  top_k=6)
+        expected = [ref.deepseek_v2(row) for row in logits]
     else:
-        cfg.top_k = 8
         bias = (rng.normal(size=num_experts) * 0.1).astype(np.float32)
-        cfg.router.update(score="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum",
-                          group_mask_fill=0.0, norm_topk_prob=True, routed_scaling_factor=2.5)
-        expected = [deepseek_v3(row, bias) for row in logits]
-    routing.validate(cfg)
-    got = routing.route(jnp.asarray(logits), cfg, bias=None if bias is None else jnp.asarray(bias))
+        cfg = helpers_configs.moe(dict(score="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum",
+                                       group_mask_fill=0.0, norm_topk_prob=True, routed_scaling_factor=2.5),
+                                  num_experts=num_experts, top_k=8)
+        expected = [ref.deepseek_v3(row, bias) for row in logits]
+    got = routers.route(jnp.asarray(logits), cfg, bias=None if bias is None else jnp.asarray(bias))
     for t, (idx, w) in enumerate(expected):
         np.testing.assert_array_equal(np.asarray(got.experts[t]), idx)
         np.testing.assert_allclose(np.asarray(got.weights[t]), w, rtol=1e-5)
@@ -134,13 +91,13 @@ def test_released_model_semantics(model):
 
 def test_router_runs_in_float32():
     logits = jnp.asarray(np.random.default_rng(5).normal(size=(8, E)), jnp.bfloat16)
-    got = routing.route(logits, moe_cfg())
+    got = routers.route(logits, moe_cfg())
     assert got.weights.dtype == got.probs.dtype == got.logits.dtype == jnp.float32
 
 
 def test_jitter_is_multiplicative_and_bounded():
     x = jnp.ones((64, 32))
-    noisy = routing.jitter(x, 0.1, jax.random.key(0))
+    noisy = routers.jitter(x, 0.1, jax.random.key(0))
     ratio = np.asarray(noisy / x)
     assert ratio.min() >= 0.9 and ratio.max() <= 1.1 and ratio.std() > 0.03
 
@@ -154,11 +111,74 @@ def test_jitter_is_multiplicative_and_bounded():
     (dict(group_score="mean"), "model.moe.router.group_score"),
 ])
 def test_impossible_settings_are_named(change, field):
-    from moejax import moe
     cfg = moe_cfg()
     for key, value in change.items():
         (cfg if key == "top_k" else cfg.router)[key] = value
     value = change[field.rsplit(".", 1)[1]]
     with pytest.raises(checks.ConfigError) as err:
-        moe.validate(cfg)
+        layer.validate(cfg)
     assert field in str(err.value) and repr(value) in str(err.value)
+
+
+def test_registry_says_what_each_router_needs():
+    assert {"topk", "top_p", "adamoe", "expert_choice", "hash", "smoe_dropout", "thor"} <= set(routers.ROUTERS)
+    needs = {kind: (s.needs_rng, s.needs_token_ids, s.needs_progress) for kind, s in routers.ROUTERS.items()}
+    assert needs["thor"] == (True, False, False)
+    assert needs["hash"] == (False, True, False)
+    assert needs["smoe_dropout"] == (False, False, True)
+    assert needs["topk"] == needs["top_p"] == needs["adamoe"] == needs["expert_choice"] == (False, False, False)
+    assert routers.spec("topk") is routers.ROUTERS["topk"]
+    with pytest.raises(checks.ConfigError, match=r"model\.moe\.router\.kind='nope'.*'adamoe'.*'topk'"):
+        routers.spec("nope")
+
+
+@pytest.mark.parametrize("change,field,why", [
+    (dict(kind="hash", top_k=2), "model.moe.top_k", "one expert per token"),
+    (dict(kind="thor", top_k=2), "model.moe.top_k", "one random expert per pass"),
+    (dict(kind="expert_choice", dispatch="capacity"), "model.moe.dispatch", "use 'dropless'"),
+])
+def test_routers_check_their_own_fields(change, field, why):
+    cfg = moe_cfg()
+    cfg.router.kind = change["kind"]
+    cfg.update({key: value for key, value in change.items() if key != "kind"})
+    with pytest.raises(checks.ConfigError, match=why) as err:
+        layer.validate(cfg)
+    assert field in str(err.value)
+
+
+def test_a_registered_router_runs_in_the_layer_with_the_context_it_asks_for(monkeypatch):
+    """A new router is one function under @register: the layer finds it by kind, gives it what its spec asks for
+    (here the token ids and the training progress, not an rng) and calls its config check."""
+    monkeypatch.setattr(routers, "ROUTERS", dict(routers.ROUTERS))
+    seen = {}
+
+    def check(cfg, prefix):
+        if cfg.top_k != 1:
+            checks.fail(f"{prefix}.top_k", cfg.top_k, "the test router takes 1")
+
+    @routers.register("by_parity", needs_token_ids=True, needs_progress=True, validate=check)
+    def by_parity(logits, cfg, ctx):
+        """Even token ids to expert 0, odd ones to expert 1, weight 1 - progress (1 without progress)."""
+        seen.update(rng=ctx.rng, train=ctx.train, progress=ctx.progress)
+        experts = (ctx.token_ids % 2).astype(jnp.int32)[:, None]
+        done = 0.0 if ctx.progress is None else ctx.progress
+        weights = jnp.broadcast_to(1.0 - done, experts.shape).astype(jnp.float32)
+        return routers.Routing(weights=weights, experts=experts, probs=jax.nn.softmax(logits), logits=logits)
+
+    assert routers.spec("by_parity").needs_token_ids and not routers.spec("by_parity").needs_rng
+    cfg = moe_cfg(top_k=2)
+    cfg.router.kind = "by_parity"
+    with pytest.raises(checks.ConfigError, match="the test router takes 1"):
+        layer.validate(cfg)
+    cfg.top_k = 1
+    layer.validate(cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    token_ids = jnp.arange(6).reshape(2, 3)
+    module = layer.MoE(cfg)
+    params = module.init(jax.random.key(1), x, token_ids=token_ids)["params"]
+    y = module.apply({"params": params}, x, train=True, token_ids=token_ids, progress=jnp.float32(0.25))
+    assert seen["rng"] is None and seen["train"] is True and float(seen["progress"]) == 0.25
+    tokens = np.asarray(x, np.float64).reshape(-1, 8)
+    ids = (np.arange(6) % 2)[:, None]
+    expected = ref.moe_layer(tokens, params, ids, np.full((6, 1), 0.75))
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 8), expected, rtol=1e-5, atol=1e-6)

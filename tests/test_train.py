@@ -1,11 +1,13 @@
-"""Tests of moejax.train and moejax.main: a real run and its outputs, config validation, the workdir check,
-divergence, kill -9 then resume, a corrupt checkpoint, SIGTERM and the aux-loss-free bias update.
+"""Tests of moejax.training and moejax.main: a real run and its outputs, config validation, the workdir check,
+divergence, kill -9 then resume, a corrupt checkpoint, SIGTERM, the aux-loss-free bias update, the optimizer
+(schedules, frozen routers) and the metrics.
 
 Every run trains the tiny config of tests/helpers_train.py; a persistent compilation cache shared with the
 subprocesses lets each run after the first load the compiled steps instead of compiling them again.
 """
 import contextlib
 import fcntl
+import functools
 import io
 import json
 import math
@@ -21,12 +23,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from tensorboardX.proto import event_pb2
 
-from moejax import checks, main, model, train
-from tests import helpers_train
+from moejax import checks, main
+from moejax.moe import stats
+from moejax.training import checkpoint, loop, metrics, optim
+from moejax.training import config as config_lib
+from tests import helpers_configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
@@ -63,28 +69,11 @@ def cache_dir(shared):
     compilation_cache.reset_cache()
 
 
-@pytest.fixture(scope="module")
-def data_dir(shared):
-    return shared / "data"
-
-
-def tiny_config(data_dir, **overrides):
-    config = helpers_train.get_config()
-    config.data.dir = str(data_dir)
-    for field, value in overrides.items():
-        *path, name = field.split(".")
-        section = config
-        for part in path:
-            section = section[part]
-        section[name] = value
-    return config
-
-
 def run(config, workdir):
-    """train_and_evaluate with its console output: (result, stdout)."""
+    """loop.run (what moejax.main calls) with its console output: (result, stdout)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = train.train_and_evaluate(config, workdir)
+        result = loop.run(config, workdir)
     return result, out.getvalue()
 
 
@@ -94,7 +83,7 @@ def trained(shared, cache_dir, data_dir):
     workdir, stdout = shared / "trained", shared / "trained.stdout"
     with locked(shared / "trained.lock"):
         if not stdout.exists():
-            _, out = run(tiny_config(data_dir), workdir)
+            _, out = run(helpers_configs.tiny(data_dir), workdir)
             stdout.write_text(out)
     return workdir, json.loads((workdir / "summary.json").read_text()), stdout.read_text()
 
@@ -151,7 +140,7 @@ def read_scalars(path):
 
 def test_run_writes_checkpoints_logs_and_summary(trained):
     workdir, summary, out = trained
-    config = helpers_train.get_config()
+    config = helpers_configs.tiny()
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [32, 36, 40]
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 32
 
@@ -162,9 +151,12 @@ def test_run_writes_checkpoints_logs_and_summary(trained):
     assert summary["train_tokens_per_s"] > 0 and summary["compile_seconds"] > 0
     assert summary["params_total"] > summary["params_activated"] > 0
     assert set(summary["moe_layers"]) == {"layers_0", "layers_1"}
-    for stats in summary["moe_layers"].values():
-        assert 1 <= stats["max_over_mean_load"] <= config.model.moe.num_experts / config.model.moe.top_k
-        assert stats["drop_fraction"] == 0  # dropless
+    for layer in summary["moe_layers"].values():
+        assert set(layer) == set(stats.LAYER_STATS)
+        assert 1 <= layer["max_over_mean_load"] <= config.model.moe.num_experts / config.model.moe.top_k
+        assert layer["maxvio"] == pytest.approx(layer["max_over_mean_load"] - 1)
+        assert layer["drop_fraction"] == 0 and layer["overflow_fraction"] == 0  # dropless, one device
+        assert layer["experts_per_token"] == 2 and layer["balance_loss"] > 0 and layer["z_loss"] > 0
     assert summary["corpus"]["name"] == "stdlib" and len(summary["corpus"]["sha256"]) == 64
 
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -174,6 +166,11 @@ def test_run_writes_checkpoints_logs_and_summary(trained):
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 1.0
     for name in ("aux_loss", "grad_norm", "learning_rate", "layers_1_drop_fraction", "layers_1_max_over_mean_load"):
         assert np.isfinite(train_records[-1][name])
+    schedule = optim.learning_rate_schedule(config.train)  # the rate of each interval's last update
+    assert [r["learning_rate"] for r in train_records] == pytest.approx([float(schedule(r["step"] - 1))
+                                                                         for r in train_records])
+    assert sorted(train_records[-1]["expert_load"]) == ["layers_0", "layers_1"]
+    assert sum(train_records[-1]["expert_load"]["layers_0"]) == pytest.approx(1.0, abs=1e-5)
 
     (events,) = workdir.glob("events.out.tfevents.*")
     scalars = read_scalars(events)
@@ -189,23 +186,48 @@ def test_run_writes_checkpoints_logs_and_summary(trained):
 
 def test_bias_update_moves_router_bias(trained):
     workdir, _, _ = trained
-    state, _ = train.load_checkpoint(workdir)
-    rate = helpers_train.get_config().model.moe.bias_update_rate
+    state, _ = checkpoint.load_checkpoint(workdir)
+    rate = helpers_configs.tiny().model.moe.bias_update_rate
     for layer in ("layers_0", "layers_1"):
         bias = state["moe_state"][layer]["ffn"]["router_bias"]
         assert bias.shape == (8,) and np.any(bias != 0)
         assert np.all(np.abs(bias) <= 40 * rate + 1e-6)  # at most one step of `rate` per update
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_moe_layer_stats_are_named_by_depth(scan_layers):
-    config = helpers_train.get_config().model
-    config.num_layers, config.first_dense_layers, config.moe_every, config.scan_layers = 5, 1, 2, scan_layers
-    variables = jax.eval_shape(model.Transformer(config).init, jax.random.key(0), jnp.zeros((2, 8), jnp.int32))
-    stats = jax.eval_shape(lambda aux: train.moe_layer_stats(aux, config), variables["moe_aux"])
-    assert list(stats) == ["layers_1", "layers_3"]
-    assert all(layer[name].shape == () for layer in stats.values() for name in train.LAYER_STATS)
-    assert all(layer["load"].shape == (config.moe.num_experts,) for layer in stats.values())
+def routed_stats(layers, loads, dropped):
+    """A RoutedStats stacked [L] with these layer indices, loads [L, E] and dropped slots [L] (4 tokens, top-2)."""
+    loads = jnp.asarray(loads, jnp.float32)
+    zeros = jnp.zeros(len(layers), jnp.float32)
+    return stats.RoutedStats(layer=jnp.asarray(layers, jnp.int32), tokens_per_expert=loads,
+                             dropped=jnp.asarray(dropped, jnp.float32), overflow=zeros,
+                             routed_slots=loads.sum(-1), num_tokens=zeros + 4, router_entropy=zeros + 0.5,
+                             balance_loss=zeros + 1.0, device_balance_loss=zeros, z_loss=zeros + 2.0)
+
+
+def test_metrics_average_each_moe_layer_under_its_own_index():
+    """The train metrics name each MoE layer by the index its records store (layers_1, layers_3 here: a dense layer
+    first), average LAYER_STATS over steps and sum the loads into each layer's share per expert."""
+    collection = metrics.metrics_collection(True, num_layers=2, num_experts=4)
+    first = collection.single_from_model_output(
+        loss=jnp.float32(3.0), aux_loss=jnp.float32(0.1), grad_norm=jnp.float32(1.0),
+        layer_stats=routed_stats([1, 3], [[4, 2, 1, 1], [2, 2, 2, 2]], [0, 2]))
+    second = collection.single_from_model_output(
+        loss=jnp.float32(1.0), aux_loss=jnp.float32(0.3), grad_norm=jnp.float32(3.0),
+        layer_stats=routed_stats([1, 3], [[2, 2, 2, 2], [8, 0, 0, 0]], [0, 0]))
+    values = metrics.computed(collection.empty().merge(first).merge(second))
+    assert values["loss"] == pytest.approx(2.0) and values["aux_loss"] == pytest.approx(0.2)
+    assert values["grad_norm"] == pytest.approx(2.0)
+    assert metrics.layer_names(values) == ["layers_1", "layers_3"]
+    assert values["layers_1_max_over_mean_load"] == pytest.approx((4 / 2 + 2 / 2) / 2)
+    assert values["layers_3_maxvio"] == pytest.approx((0 + 3) / 2)
+    assert values["layers_3_drop_fraction"] == pytest.approx((2 / 8 + 0) / 2)
+    assert values["layers_1_experts_per_token"] == pytest.approx(2.0)
+    assert values["layers_3_z_loss"] == pytest.approx(2.0)
+    assert values["expert_load"] == {"layers_1": pytest.approx([6 / 16, 4 / 16, 3 / 16, 3 / 16]),
+                                     "layers_3": pytest.approx([10 / 16, 2 / 16, 2 / 16, 2 / 16])}
+    assert "expert_load" not in metrics.computed(collection.empty().merge(first), with_load=False)
+    evaluation = metrics.metrics_collection(False).single_from_model_output(loss=jnp.float32(2.5))
+    assert metrics.computed(evaluation) == {"loss": 2.5}
 
 
 def test_default_workdir():
@@ -214,15 +236,47 @@ def test_default_workdir():
 
 
 def test_learning_rate_schedules():
-    t = helpers_train.get_config().train
+    t = helpers_configs.tiny().train
     t.steps, t.warmup_steps, t.learning_rate = 100, 10, 1.0
     t.schedule, t.step_decay_at, t.step_decay_factor = "step", (0.8, 0.9), 0.5
-    lr = train.learning_rate_schedule(t)
+    lr = optim.learning_rate_schedule(t)
     assert [float(lr(s)) for s in (0, 5, 10, 79, 80, 89, 90, 99)] == pytest.approx(
         [0, 0.5, 1, 1, 0.5, 0.5, 0.25, 0.25])
     t.schedule, t.min_lr_ratio = "cosine", 0.1
-    lr = train.learning_rate_schedule(t)
+    lr = optim.learning_rate_schedule(t)
     assert [float(lr(s)) for s in (10, 55, 100)] == pytest.approx([1, 0.55, 0.1])
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_routers_are_an_optimizer_partition(frozen):
+    """With model.moe.router.frozen (SMoE-Dropout) every router kernel (Chain-of-Experts' router_{c} too) keeps its
+    value through an update, weight decay included, while every other parameter moves; unfrozen, they all move."""
+    config = helpers_configs.tiny(overrides={"train.weight_decay": 0.1, "train.warmup_steps": 0,
+                                             "model.moe.router.frozen": frozen})
+    rng = np.random.default_rng(0)
+    shapes = {"embed": {"embedding": (16, 4)},
+              "layers_0": {"ffn_norm": {"scale": (4,)},
+                           "ffn": {"router": {"kernel": (4, 8)}, "router_1": {"kernel": (4, 8)},
+                                   "experts": {"wi_0": (8, 4, 2), "wi_1": (8, 4, 2), "wo": (8, 2, 4)}}}}
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    labels = optim.frozen_labels(params)
+    assert labels["layers_0"]["ffn"]["router"]["kernel"] == labels["layers_0"]["ffn"]["router_1"]["kernel"] == "frozen"
+    assert {labels["embed"]["embedding"], labels["layers_0"]["ffn"]["experts"]["wo"]} == {"trained"}
+    tx = optim.make_optimizer(config)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for path, old in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        new_leaf = functools.reduce(lambda node, key: node[key.key], path, new)
+        unchanged = np.array_equal(np.asarray(new_leaf), np.asarray(old))
+        assert unchanged == (frozen and "router" in name), name
+    # no gradient at all: only weight decay moves a matrix, and a frozen router not even that way
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    kernel = params["layers_0"]["ffn"]["router"]["kernel"]
+    moved = optax.apply_updates(params, updates)["layers_0"]["ffn"]["router"]["kernel"]
+    assert np.array_equal(np.asarray(moved), np.asarray(kernel)) == frozen
 
 
 # ------------------------------------------------------------------ bad input
@@ -245,6 +299,8 @@ BAD_CONFIGS = [
     ({"checkpoint.keep": 0}, "checkpoint.keep=0", ">= 1"),
     ({"model.vocab_size": 128}, "model.vocab_size=128", ">= 256"),
     ({"model.moe.top_k": 9}, "model.moe.top_k=9", "<= model.moe.num_experts=8"),
+    ({"model.moe.expert_kind": "mlp"}, "model.moe.expert_kind='mlp'", "'glu'"),
+    ({"train.consistency_coef": 1.0}, "train.consistency_coef=1.0", "['thor']"),
 ]
 
 
@@ -253,7 +309,7 @@ BAD_CONFIGS = [
 def test_bad_config_fails_before_anything_is_written(overrides, field_and_value, allowed, data_dir, tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(checks.ConfigError) as error:
-        train.train_and_evaluate(tiny_config(data_dir, **overrides), workdir)
+        loop.train_and_evaluate(helpers_configs.tiny(data_dir, overrides), workdir)
     assert field_and_value in str(error.value) and allowed in str(error.value)
     assert not workdir.exists()
 
@@ -262,8 +318,8 @@ def test_workdir_with_a_different_config_is_refused(trained, data_dir, tmp_path)
     workdir = tmp_path / "run"
     workdir.mkdir()
     shutil.copy(trained[0] / "config.json", workdir / "config.json")
-    with pytest.raises(train.WorkdirError) as error:
-        train.train_and_evaluate(tiny_config(data_dir, **{"train.learning_rate": 1e-2, "model.moe.top_k": 1}),
+    with pytest.raises(checkpoint.WorkdirError) as error:
+        loop.train_and_evaluate(helpers_configs.tiny(data_dir, {"train.learning_rate": 1e-2, "model.moe.top_k": 1}),
                                  workdir)
     message = str(error.value)
     assert "train.learning_rate: 0.003 in the workdir, 0.01 now" in message
@@ -275,11 +331,11 @@ def test_workdir_with_a_different_config_is_refused(trained, data_dir, tmp_path)
 def test_workdir_fields_that_may_differ(trained, data_dir, tmp_path):
     changed = {"train.steps": 80, "train.log_every": 1, "train.eval_every": 0, "checkpoint.every_steps": 0,
                "checkpoint.keep": 7, "data.dir": str(tmp_path)}
-    train.check_workdir_config(tiny_config(data_dir, **changed), trained[0])  # no error
+    config_lib.check_workdir_config(helpers_configs.tiny(data_dir, changed), trained[0])  # no error
 
     workdir = tmp_path / "run"  # end to end: the finished run is re-evaluated with other logging settings
     shutil.copytree(trained[0], workdir)
-    result, out = run(tiny_config(data_dir, **{"train.log_every": 8, "checkpoint.keep": 5}), workdir)
+    result, out = run(helpers_configs.tiny(data_dir, {"train.log_every": 8, "checkpoint.keep": 5}), workdir)
     assert "resuming from the checkpoint at step 40" in out
     assert result["val_loss"] == trained[1]["val_loss"] and result["trained_steps_this_invocation"] == 0
 
@@ -288,20 +344,20 @@ def test_workdir_fields_that_may_differ(trained, data_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, data_dir, tmp_path, monkeypatch):
-    schedule = train.learning_rate_schedule
+    schedule = optim.learning_rate_schedule
 
     def exploding(t):  # the update of step 6 (count 5) uses an infinite learning rate
         return lambda count: jnp.where(count < 5, schedule(t)(count), jnp.inf)
 
-    monkeypatch.setattr(train, "learning_rate_schedule", exploding)
+    monkeypatch.setattr(optim, "learning_rate_schedule", exploding)
     workdir = tmp_path / "run"
-    with pytest.raises(train.DivergenceError) as error:
-        run(tiny_config(data_dir), workdir)
+    with pytest.raises(metrics.DivergenceError) as error:
+        run(helpers_configs.tiny(data_dir), workdir)
     message = str(error.value)
     assert "at step 7" in message and "the last good checkpoint (step 4) stays the newest" in message
     assert "train.learning_rate" in message and "model.moe.z_loss_coef" in message and "train.grad_clip" in message
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["4"]
-    state, meta = train.load_checkpoint(workdir)
+    state, meta = checkpoint.load_checkpoint(workdir)
     assert meta["step"] == 4 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
     assert not (workdir / "summary.json").exists()
 
@@ -317,7 +373,7 @@ def test_kill9_then_rerun_is_bit_identical(trained, cache_dir, data_dir, tmp_pat
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     resumed = int(rerun.stdout.split("resuming from the checkpoint at step ")[1].split()[0])
     assert 0 < resumed < 40
-    assert_same_leaves(train.load_checkpoint(trained[0])[0], train.load_checkpoint(workdir)[0])
+    assert_same_leaves(checkpoint.load_checkpoint(trained[0])[0], checkpoint.load_checkpoint(workdir)[0])
     assert json.loads((workdir / "summary.json").read_text())["val_loss"] == trained[1]["val_loss"]
 
 
@@ -339,11 +395,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(damage, trained, d
     shutil.copytree(trained[0], workdir)
     damage(workdir / "checkpoints" / "40")
 
-    result, out = run(tiny_config(data_dir), workdir)
+    result, out = run(helpers_configs.tiny(data_dir), workdir)
     assert "WARNING: checkpoint at step 40" in out and "falling back to step 36" in out
     assert "resuming from the checkpoint at step 36" in out
     assert result["trained_steps_this_invocation"] == 4
-    assert_same_leaves(train.load_checkpoint(trained[0])[0], train.load_checkpoint(workdir)[0])
+    assert_same_leaves(checkpoint.load_checkpoint(trained[0])[0], checkpoint.load_checkpoint(workdir)[0])
 
 
 def test_sigterm_saves_and_exits_cleanly(cache_dir, data_dir, tmp_path):
@@ -353,5 +409,5 @@ def test_sigterm_saves_and_exits_cleanly(cache_dir, data_dir, tmp_path):
     step = int(out.split("SIGTERM received: saved a checkpoint at step ")[1].split()[0])
     assert 0 < step < 40
     assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()) == step
-    assert train.load_checkpoint(workdir)[1]["data"][0]["step"] == step
+    assert checkpoint.load_checkpoint(workdir)[1]["data"][0]["step"] == step
     assert not (workdir / "summary.json").exists()

@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import checks, model, train, upcycle
-from tests import helpers_train
+from moejax import checks, model, upcycle
+from moejax.training import config as config_lib
+from moejax.training.objectives import cross_entropy
+from tests import helpers_configs
 
 
 def configs(granularity=1, num_experts=4, top_k=2, num_shared=0, router_init="normal"):
     """(dense config, MoE config) of a small model whose dense FFN is 64 wide."""
-    config = helpers_train.get_config()
-    config.model.update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64, moe_every=1)
+    config = helpers_configs.small_model(helpers_configs.tiny(), num_layers=2, moe_every=1)
     config.model.moe.update(num_experts=num_experts, top_k=top_k, expert_ffn=64 // granularity,
                             num_shared=num_shared, dispatch="dropless", balance_loss="none")
     config.upcycle.update(enabled=True, granularity=granularity, router_init=router_init, dense_steps=5)
@@ -27,8 +28,8 @@ def losses(dense_config, config, seed=0):
     moe_module = model.Transformer(config.model)
     fresh = moe_module.init(jax.random.key(seed + 1), batch[:, :-1])
     params = jax.tree.map(jnp.asarray, upcycle.upcycle_params(dense_params, fresh["params"], config))
-    dense_loss = model.cross_entropy(dense_module.apply({"params": dense_params}, batch[:, :-1]), batch[:, 1:])
-    moe_loss = model.cross_entropy(
+    dense_loss = cross_entropy(dense_module.apply({"params": dense_params}, batch[:, :-1]), batch[:, 1:])
+    moe_loss = cross_entropy(
         moe_module.apply({"params": params, "moe_state": fresh["moe_state"]}, batch[:, :-1]), batch[:, 1:])
     return float(dense_loss), float(moe_loss), dense_params, params
 
@@ -36,7 +37,7 @@ def losses(dense_config, config, seed=0):
 def test_copies_with_renormalised_top2_give_the_dense_loss():
     dense_config, config = configs()
     config.model.moe.router.norm_topk_prob = True
-    train.validate(config)
+    config_lib.validate(config)
     dense_loss, moe_loss, _, _ = losses(dense_config, config)
     np.testing.assert_allclose(moe_loss, dense_loss, rtol=1e-6)
 
@@ -83,4 +84,18 @@ def test_bad_upcycling_configs_name_the_field(field, value, message):
         node = node[part]
     node[name] = value
     with pytest.raises(checks.ConfigError, match=message):
-        train.validate(config)
+        config_lib.validate(config)
+
+
+def test_dense_stage_config_and_workdir(tmp_path):
+    """The dense run an upcycling run starts from: every layer dense, upcycle.dense_steps steps (warm-up capped),
+    in <workdir>/dense unless upcycle.dense_checkpoint names one; the MoE config itself is left as it was."""
+    _, config = configs(granularity=2, num_experts=4)
+    config.train.warmup_steps = 10
+    dense = upcycle.dense_config(config)
+    assert dense.model.moe_every == 0 and not dense.upcycle.enabled
+    assert dense.train.steps == 5 and dense.train.warmup_steps == 5
+    assert config.model.moe_every == 1 and config.upcycle.enabled and config.train.steps == 40
+    assert upcycle.dense_workdir(config, tmp_path) == tmp_path / "dense"
+    config.upcycle.dense_checkpoint = str(tmp_path / "elsewhere")
+    assert upcycle.dense_workdir(config, tmp_path) == tmp_path / "elsewhere"

@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import model, routing, train
-from tests import helpers_env, reference
-from tests.test_configs import load
-from tests.test_routing import deepseek_v3, mixtral
+from moejax import model
+from moejax.moe import layer, routers, stats
+from moejax.training import config as config_lib
+from moejax.training import metrics as metrics_lib
+from moejax.training import objectives
+from tests import helpers_env, helpers_moe, helpers_steps, reference
+from tests.helpers_configs import load, small_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "top_p", "adamoe", "hash",
@@ -23,7 +26,7 @@ ZOO = ["switch", "st_moe", "loss_free", "deepseek_v3", "mixtral", "qwen3_moe", "
 
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_configs_validate_and_cite_their_paper(name):
-    train.validate(load(name))
+    config_lib.validate(load(name))
     assert "arXiv" in (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
 
 
@@ -34,9 +37,9 @@ def router_logits(name, seed=0, tokens=64):
 
 def test_mixtral_routes_like_the_released_code():
     cfg, logits = router_logits("mixtral")
-    got = routing.route(jnp.asarray(logits), cfg)
+    got = routers.route(jnp.asarray(logits), cfg)
     for t, row in enumerate(logits):
-        idx, w = mixtral(row)
+        idx, w = reference.mixtral(row)
         np.testing.assert_array_equal(np.asarray(got.experts[t]), idx)
         np.testing.assert_allclose(np.asarray(got.weights[t]), w, rtol=1e-5)
 
@@ -44,16 +47,16 @@ def test_mixtral_routes_like_the_released_code():
 def test_deepseek_v3_routes_like_the_released_code():
     cfg, logits = router_logits("deepseek_v3")
     bias = np.random.default_rng(1).normal(size=cfg.num_experts).astype(np.float32) * 0.1
-    got = routing.route(jnp.asarray(logits), cfg, bias=jnp.asarray(bias))
+    got = routers.route(jnp.asarray(logits), cfg, bias=jnp.asarray(bias))
     for t, row in enumerate(logits):
-        idx, w = deepseek_v3(row, bias)
+        idx, w = reference.deepseek_v3(row, bias)
         np.testing.assert_array_equal(np.asarray(got.experts[t]), idx)
         np.testing.assert_allclose(np.asarray(got.weights[t]), w, rtol=1e-5)
 
 
 def test_qwen3_moe_routes_top8_renormalised_and_norms_queries_and_keys():
     cfg, logits = router_logits("qwen3_moe")
-    got = routing.route(jnp.asarray(logits), cfg)
+    got = routers.route(jnp.asarray(logits), cfg)
     for t, row in enumerate(logits):
         probs = reference.softmax(row)
         idx = reference.top_indices(probs, 8)
@@ -81,16 +84,11 @@ def test_top_p_takes_the_fewest_experts_reaching_p():
     """A numpy loop: walk the experts by descending probability, adding them until the mass reaches p."""
     cfg, logits = router_logits("top_p", tokens=256)
     logits *= 3.0  # a spread of confident and unsure tokens
-    got = routing.route(jnp.asarray(logits), cfg)
+    got = routers.route(jnp.asarray(logits), cfg)
     counts = []
     for t, row in enumerate(logits):
         probs = reference.softmax(row)
-        chosen, mass = [], 0.0
-        for i in reference.top_indices(probs, cfg.num_experts):
-            if mass >= cfg.router.top_p or len(chosen) == cfg.top_k:
-                break
-            chosen.append(i)
-            mass += probs[i]
+        chosen = reference.top_p_experts(probs, cfg.router.top_p, cfg.top_k)
         ids = np.asarray(got.experts[t])
         np.testing.assert_array_equal(ids[:len(chosen)], chosen)
         assert (ids[len(chosen):] == cfg.num_experts).all()
@@ -99,88 +97,81 @@ def test_top_p_takes_the_fewest_experts_reaching_p():
     assert 1 in counts and max(counts) > 1  # really dynamic
 
 
+def weighted_term(moe_aux, cfg, coef):
+    """What the objective's router losses gain from the coefficient field ``coef`` of cfg (as set)."""
+    without = cfg.copy_and_resolve_references()
+    without[coef] = 0.0
+    return float(objectives.router_losses(moe_aux, cfg)) - float(objectives.router_losses(moe_aux, without))
+
+
 def test_top_p_layer_reports_experts_per_token_and_the_entropy_loss():
-    logits, aux = moe_forward("top_p")
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    cfg, logits, moe_aux = moe_forward("top_p")
+    probs = np.array([reference.softmax(row) for row in logits])
     entropy = -(probs * np.log(probs)).sum(-1).mean()
-    np.testing.assert_allclose(float(aux["entropy_loss"][0]), 1e-4 * entropy, rtol=1e-4)
-    cfg = load("top_p").model.moe
-    expected = []
-    for row in probs:
-        order, mass, n = np.argsort(-row, kind="stable"), 0.0, 0
-        while mass < cfg.router.top_p and n < cfg.top_k:
-            mass += row[order[n]]
-            n += 1
-        expected.append(n)
-    np.testing.assert_allclose(float(aux["experts_per_token"][0]), np.mean(expected), rtol=1e-6)
+    record = helpers_moe.lone_stats(moe_aux)
+    np.testing.assert_allclose(float(record.router_entropy), entropy, rtol=1e-4)
+    np.testing.assert_allclose(weighted_term(moe_aux, cfg, "entropy_loss_coef"), 1e-4 * entropy, rtol=1e-3)
+    expected = [len(reference.top_p_experts(row, cfg.router.top_p, cfg.top_k)) for row in probs]
+    np.testing.assert_allclose(float(record.experts_per_token), np.mean(expected), rtol=1e-6)
 
 
 def test_adamoe_null_experts_cost_nothing_and_pool_in_the_balance_loss():
     """A numpy reference of the whole AdaMoE layer: top-k' over real + null experts, weights renormalised over the
     real ones, null slots add nothing; the balance loss pools the null experts' f."""
-    from moejax import moe
-
     cfg = load("adamoe").model.moe
     cfg.expert_ffn = 16
     n, m, k = cfg.num_experts, cfg.num_null_experts, cfg.top_k
     x = jax.random.normal(jax.random.key(0), (2, 16, 32))
-    layer = moe.MoE(cfg)
-    variables = layer.init(jax.random.key(1), x)
-    y, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"])
-    aux, p = aux["moe_aux"], variables["params"]
+    module = layer.MoE(cfg)
+    p = module.init(jax.random.key(1), x)["params"]
+    y, aux = module.apply({"params": p}, x, train=True, mutable=["moe_aux"])
     tokens = np.asarray(x, np.float64).reshape(-1, 32)
     logits = tokens @ np.asarray(p["router"]["kernel"], np.float64)
     assert logits.shape[1] == n + m
-    expected, f, real_per_token = np.zeros_like(tokens), np.zeros(n + m), []
-    for t, row in enumerate(logits):
-        probs = reference.softmax(row)
-        chosen = reference.top_indices(probs, k)
-        f[chosen] += 1
-        real = [i for i in chosen if i < n]
-        real_per_token.append(len(real))
-        for i in real:
-            w = {name: np.asarray(p["experts"][name], np.float64)[i] for name in ("wi_0", "wi_1", "wo")}
-            h = tokens[t] @ w["wi_0"]
-            expected[t] += probs[i] / sum(probs[j] for j in real) * ((h / (1 + np.exp(-h)) * (tokens[t] @ w["wi_1"]))
-                                                                     @ w["wo"])
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), expected, atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(float(aux["experts_per_token"][0]), np.mean(real_per_token), rtol=1e-6)
-    assert 0 < np.mean(real_per_token) < k  # some slots went to null experts: FLOPs saved
-    f /= k * len(logits)
-    f[n:] = f[n:].mean()
     probs = np.array([reference.softmax(row) for row in logits])
-    np.testing.assert_allclose(float(aux["balance_loss"][0]), 1e-2 * (n + m) * (f * probs.mean(0)).sum(), rtol=1e-4)
+    ids = np.array([reference.top_indices(row, k) for row in probs])  # ids >= n: null experts
+    weights = np.array([[row[i] / sum(row[j] for j in chosen if j < n) if i < n else 0.0 for i in chosen]
+                        for row, chosen in zip(probs, ids, strict=True)])
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), reference.moe_layer(tokens, p, ids, weights),
+                               atol=2e-5, rtol=1e-4)
+    real_per_token = (ids < n).sum(1)
+    record = helpers_moe.lone_stats(aux["moe_aux"])
+    np.testing.assert_allclose(float(record.experts_per_token), np.mean(real_per_token), rtol=1e-6)
+    assert 0 < np.mean(real_per_token) < k  # some slots went to null experts: FLOPs saved
+    f = np.bincount(ids.reshape(-1), minlength=n + m) / (k * len(logits))
+    f[n:] = f[n:].mean()
+    balance = (n + m) * (f * probs.mean(0)).sum()
+    np.testing.assert_allclose(float(record.balance_loss), balance, rtol=1e-4)
+    np.testing.assert_allclose(weighted_term(aux["moe_aux"], cfg, "balance_coef"), 1e-2 * balance, rtol=1e-4)
 
 
 def test_hash_routes_each_token_id_to_one_fixed_expert_whatever_its_context():
     """Two different contexts holding the same byte ids: every position goes to the expert of its id, which equals
     the documented hash computed in numpy with Python integers."""
-    config = load("hash")
-    config.model.update(d_model=32, num_heads=2, ffn_dim=64, num_layers=2)
+    config = small_model(load("hash"), num_layers=2)
     config.model.moe.expert_ffn = 16
     module = model.Transformer(config.model)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (2, 24))
     b = np.stack([rng.permutation(row) for row in a])  # the same ids in other positions and contexts
-    variables = module.init(jax.random.key(0), jnp.asarray(a))
+    params = module.init(jax.random.key(0), jnp.asarray(a))["params"]  # without init's own statistics
     loads = []
     for tokens in (a, b):
-        _, aux = module.apply(variables, jnp.asarray(tokens), mutable=["moe_aux"])
-        loads.append([np.asarray(aux["moe_aux"][f"layers_{i}"]["ffn"]["tokens_per_expert"][0]) for i in range(2)])
+        _, aux = module.apply({"params": params}, jnp.asarray(tokens), mutable=["moe_aux"])
+        loads.append(np.asarray(stats.by_layer(stats.collect(aux["moe_aux"])).tokens_per_expert))
     expected = np.zeros(16)
     for token in a.reshape(-1):
-        expected[(((int(token) + 0) * 2654435761) % 2**32 >> 16) % 16] += 1
-    for load_ in loads[0] + loads[1]:
+        expected[reference.hash_expert(token, 16, config.model.moe.router.hash_seed)] += 1
+    for load_ in [*loads[0], *loads[1]]:
         np.testing.assert_array_equal(load_, expected)
-    got = routing.route(jnp.zeros((a.size, 16)), config.model.moe, token_ids=jnp.asarray(a.reshape(-1)))
+    got = routers.route(jnp.zeros((a.size, 16)), config.model.moe, token_ids=jnp.asarray(a.reshape(-1)))
     np.testing.assert_array_equal(np.asarray(got.weights), 1.0)
     assert (expected > 0).sum() > 8  # the hash spreads bytes over the experts
 
 
 def test_expert_choice_each_expert_takes_its_top_c_tokens_and_eval_is_causal():
     cfg, logits = router_logits("expert_choice", tokens=64)
-    got = routing.route(jnp.asarray(logits), cfg, train=True)
+    got = routers.route(jnp.asarray(logits), cfg, train=True)
     probs = np.array([reference.softmax(row) for row in logits])
     capacity = int(np.ceil(cfg.router.ec_capacity * 64 / cfg.num_experts))
     ids, weights = np.asarray(got.experts), np.asarray(got.weights)
@@ -192,66 +183,51 @@ def test_expert_choice_each_expert_takes_its_top_c_tokens_and_eval_is_causal():
     per_token = (ids < cfg.num_experts).sum(1)
     assert per_token.mean() == capacity * cfg.num_experts / 64 and per_token.min() != per_token.max()
     # evaluation: token choice, a token's experts depend on its own scores only (no look-ahead)
-    evaluated = routing.route(jnp.asarray(logits), cfg, train=False)
-    head = routing.route(jnp.asarray(logits[:10]), cfg, train=False)
+    evaluated = routers.route(jnp.asarray(logits), cfg, train=False)
+    head = routers.route(jnp.asarray(logits[:10]), cfg, train=False)
     np.testing.assert_array_equal(np.asarray(evaluated.experts)[:10], np.asarray(head.experts))
     for t in range(64):
         np.testing.assert_array_equal(np.asarray(evaluated.experts[t]), reference.top_indices(probs[t], cfg.top_k))
 
 
 def moe_forward(name, seed=0):
-    """One train-mode forward pass of config `name`'s first MoE layer: (router logits [T, E], moe_aux)."""
+    """One train-mode forward pass of config `name`'s MoE layer: (its model.moe section, router logits [T, E],
+    moe_aux)."""
     cfg = load(name).model.moe
-    from moejax import moe
-
     x = jax.random.normal(jax.random.key(seed), (2, 16, 32))
-    layer = moe.MoE(cfg)
-    variables = layer.init(jax.random.key(seed + 1), x)
-    _, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"], rngs={"jitter": jax.random.key(2)})
-    kernel = np.asarray(variables["params"]["router"]["kernel"], np.float64)
-    return np.asarray(x, np.float64).reshape(-1, 32) @ kernel, aux["moe_aux"]
+    module = layer.MoE(cfg)
+    params = module.init(jax.random.key(seed + 1), x)["params"]
+    _, aux = module.apply({"params": params}, x, train=True, mutable=["moe_aux"], rngs={"jitter": jax.random.key(2)})
+    kernel = np.asarray(params["router"]["kernel"], np.float64)
+    return cfg, np.asarray(x, np.float64).reshape(-1, 32) @ kernel, aux["moe_aux"]
 
 
 def test_st_moe_z_loss_is_the_paper_formula():
-    logits, aux = moe_forward("st_moe")
-    lse = np.log(np.exp(logits).sum(-1))
-    np.testing.assert_allclose(float(aux["z_loss"][0]), 1e-3 * np.mean(lse ** 2), rtol=1e-4)
+    cfg, logits, moe_aux = moe_forward("st_moe")
+    z = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+    np.testing.assert_allclose(float(helpers_moe.lone_stats(moe_aux).z_loss), z, rtol=1e-4)
+    np.testing.assert_allclose(weighted_term(moe_aux, cfg, "z_loss_coef"), 1e-3 * z, rtol=1e-3)
 
 
 def test_loss_free_bias_follows_the_sign_rule_and_adds_no_loss():
-    config = load("loss_free")
-    config.model.update(d_model=32, num_heads=2, ffn_dim=64, num_layers=1)
+    config = small_model(load("loss_free"), num_layers=1)
     config.model.moe.expert_ffn = 16
     module = model.Transformer(config.model)
-    tx = train.make_optimizer(config.train)
     batch = jnp.asarray(np.random.default_rng(0).integers(1, 256, (4, 17)), jnp.int32)
-    variables = module.init(jax.random.key(0), batch[:, :-1])
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                             opt_state=tx.init(variables["params"]), moe_state=variables["moe_state"])
-    _, aux = module.apply(variables, batch[:, :-1], train=True, mutable=["moe_aux"])
-    load_ = np.asarray(aux["moe_aux"]["layers_0"]["ffn"]["tokens_per_expert"][0])
-    assert float(aux["moe_aux"]["layers_0"]["ffn"]["balance_loss"][0]) == 0.0
-    metrics = train.metrics_collection(["layers_0"], True, config.model.moe.num_experts).empty()
-    step = jax.jit(lambda s, m, b: train.train_step(s, m, b, module=module, tx=tx,  # jitted as in train.py
-                                                    schedule=train.learning_rate_schedule(config.train),
-                                                    train_key=jax.random.key(0), bias_update_rate=1e-3))
-    new, metrics, _ = step(state, metrics, batch)
+    state = helpers_steps.initial_state(config, module, seq_len=16)
+    _, aux = module.apply({"params": state.params, "moe_state": state.moe_state}, batch[:, :-1], train=True,
+                          mutable=["moe_aux"])
+    record = helpers_moe.lone_stats(aux["moe_aux"]["layers_0"]["ffn"])
+    load_ = np.asarray(record.tokens_per_expert)
+    assert float(record.balance_loss) == 0.0 and float(objectives.router_losses(aux["moe_aux"], config.model.moe)) == 0
+    step = jax.jit(helpers_steps.train_step(config, module))  # jitted as in the loop
+    new, metrics, _ = step(state, helpers_steps.empty_metrics(config), batch)
     expected = 1e-3 * np.sign(load_.mean() - load_)
     np.testing.assert_allclose(np.asarray(new.moe_state["layers_0"]["ffn"]["router_bias"]), expected, atol=1e-9)
-    maxvio = float(metrics.compute()["layers_0_maxvio"])
-    np.testing.assert_allclose(maxvio, load_.max() / load_.mean() - 1, rtol=1e-5)
-    logged = train.computed(metrics, ["layers_0"])["expert_load"]["layers_0"]
-    np.testing.assert_allclose(logged, load_ / load_.sum(), atol=1e-6)
-
-
-def numpy_glu(x, w0, w1, wo):
-    """SiLU GLU of rows x in float64: (silu(x @ w0) * (x @ w1)) @ wo."""
-    h = x @ w0
-    return (h / (1 + np.exp(-h)) * (x @ w1)) @ wo
-
-
-def numpy_expert(p, i, x):
-    return numpy_glu(x, *(np.asarray(p["experts"][name], np.float64)[i] for name in ("wi_0", "wi_1", "wo")))
+    logged = metrics_lib.computed(metrics)
+    np.testing.assert_allclose(logged["layers_0_maxvio"], load_.max() / load_.mean() - 1, rtol=1e-5)
+    np.testing.assert_allclose(logged["expert_load"]["layers_0"], load_ / load_.sum(), atol=1e-6)
+    assert logged["aux_loss"] == 0.0
 
 
 def test_smoe_dropout_k_grows_linearly_with_softmax_over_the_selected():
@@ -260,41 +236,35 @@ def test_smoe_dropout_k_grows_linearly_with_softmax_over_the_selected():
     cfg, logits = router_logits("smoe_dropout", tokens=32)
     for progress in (0.0, 0.3, 0.6, 0.97, 1.0):
         k_now = 8 + int(np.floor(8 * progress + 0.5))
-        got = routing.route(jnp.asarray(logits), cfg, train=True, progress=jnp.float32(progress))
+        got = routers.route(jnp.asarray(logits), cfg, train=True, progress=jnp.float32(progress))
         for t, row in enumerate(logits):
             ids = reference.top_indices(row, k_now)
             experts, weights = np.asarray(got.experts[t]), np.asarray(got.weights[t])
             np.testing.assert_array_equal(experts[:k_now], ids)
             np.testing.assert_allclose(weights[:k_now], reference.softmax(row[ids]), rtol=1e-5)
             assert (experts[k_now:] == cfg.num_experts).all() and (weights[k_now:] == 0).all()
-    evaluated = routing.route(jnp.asarray(logits), cfg, train=False)
+    evaluated = routers.route(jnp.asarray(logits), cfg, train=False)
     assert (np.sort(np.asarray(evaluated.experts), axis=1) == np.arange(16)).all()
 
 
 def test_smoe_dropout_router_stays_frozen_while_k_grows_in_the_train_step():
-    config = load("smoe_dropout")
-    config.model.update(d_model=32, num_layers=1, num_heads=2, ffn_dim=64)
+    """The router is frozen by the optimizer (no update, and no weight decay although the config decays every
+    matrix); with router.frozen=False the same steps move it."""
+    config = small_model(load("smoe_dropout"), num_layers=1)
     config.model.moe.expert_ffn = 4
-    config.train.update(steps=4, warmup_steps=1)
+    config.train.update(steps=4, warmup_steps=1, weight_decay=0.1)
     module = model.Transformer(config.model)
     batch = jnp.asarray(np.random.default_rng(0).integers(1, 256, (4, 17)), jnp.int32)
-    variables = module.init(jax.random.key(0), batch[:, :-1])
-    moe_state = variables["moe_state"]
     for frozen in (True, False):
-        tx = train.make_optimizer(config.train, frozen_router=frozen)
         config.model.moe.router.frozen = frozen
-        module = model.Transformer(config.model)
-        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                 opt_state=tx.init(variables["params"]), moe_state=moe_state)
+        state = helpers_steps.initial_state(config, module, seq_len=16)
+        before = state.params["layers_0"]["ffn"]
+        step = jax.jit(helpers_steps.train_step(config, module))
         per_token = []
         for _ in range(3):
-            metrics = train.metrics_collection(["layers_0"], True, 16).empty()
-            state, metrics, _ = train.train_step(state, metrics, batch, module=module, tx=tx,
-                                                 schedule=train.learning_rate_schedule(config.train),
-                                                 train_key=jax.random.key(0), bias_update_rate=0.0, total_steps=4)
-            per_token.append(float(metrics.compute()["layers_0_experts_per_token"]))
+            state, metrics, _ = step(state, helpers_steps.empty_metrics(config), batch)
+            per_token.append(metrics_lib.computed(metrics)["layers_0_experts_per_token"])
         assert per_token == [8.0, 10.0, 12.0]  # k(t) at steps 0, 1, 2 of 4
-        before = variables["params"]["layers_0"]["ffn"]
         after = state.params["layers_0"]["ffn"]
         router_same = np.array_equal(np.asarray(before["router"]["kernel"]), np.asarray(after["router"]["kernel"]))
         assert router_same == frozen
@@ -302,28 +272,26 @@ def test_smoe_dropout_router_stays_frozen_while_k_grows_in_the_train_step():
 
 
 def test_thor_sends_each_pass_to_one_random_expert_and_evaluates_the_ensemble():
-    from moejax import moe
-
     cfg = load("thor").model.moe
     cfg.expert_ffn = 16
     x = jax.random.normal(jax.random.key(0), (2, 16, 32))
-    layer = moe.MoE(cfg)
-    variables = layer.init(jax.random.key(1), x)
+    module = layer.MoE(cfg)
+    variables = module.init(jax.random.key(1), x)
     variables = {"params": variables["params"], "moe_state": variables["moe_state"]}  # no init-time statistics
     p = variables["params"]
     tokens = np.asarray(x, np.float64).reshape(-1, 32)
-    apply = jax.jit(lambda v, x, key: layer.apply(v, x, train=True, mutable=["moe_aux"], rngs={"routing": key}))
+    apply = jax.jit(lambda v, x, key: module.apply(v, x, train=True, mutable=["moe_aux"], rngs={"routing": key}))
     draws = []
     for seed in range(40):
         y, aux = apply(variables, x, jax.random.key(seed))
-        load_ = np.asarray(aux["moe_aux"]["tokens_per_expert"][0])
+        load_ = np.asarray(helpers_moe.lone_stats(aux["moe_aux"]).tokens_per_expert)
         assert sorted(load_.tolist()) == [0.0, 32.0]  # the whole batch on one expert
         expert = int(load_.argmax())
         draws.append(expert)
-        np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), numpy_expert(p, expert, tokens), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), reference.expert(p, expert, tokens), atol=1e-5)
     assert 10 <= sum(draws) <= 30  # both experts drawn, about evenly (Binomial(40, 1/2))
-    y = layer.apply(variables, x)
-    ensemble = (numpy_expert(p, 0, tokens) + numpy_expert(p, 1, tokens)) / 2
+    y = module.apply(variables, x)
+    ensemble = (reference.expert(p, 0, tokens) + reference.expert(p, 1, tokens)) / 2
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), ensemble, atol=1e-5)
 
 
@@ -332,7 +300,7 @@ def test_thor_consistency_loss_is_the_symmetric_kl():
     a, b = rng.normal(size=(2, 3, 7)) * 2, rng.normal(size=(2, 3, 7)) * 2
     p, q = reference.softmax(a), reference.softmax(b)
     expected = 0.5 * ((p * np.log(p / q)).sum(-1) + (q * np.log(q / p)).sum(-1)).mean()
-    np.testing.assert_allclose(float(train.consistency_kl(jnp.asarray(a), jnp.asarray(b))), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(objectives.consistency_kl(jnp.asarray(a), jnp.asarray(b))), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("residual,shared_router", [("inner", False), ("outer", False), ("inner_outer", False),
@@ -340,38 +308,36 @@ def test_thor_consistency_loss_is_the_symmetric_kl():
 def test_chain_of_experts_layer_matches_a_numpy_chain(residual, shared_router):
     """x_c = [x_{c-1} +] sum_i s_i^c E_i(x_{c-1}) + Shared(x_{c-1}) with router c's softmax top-k, the experts shared
     across the passes; 'inner_outer' returns x_C - x_0 for the block to add."""
-    from moejax import moe
-
     cfg = load("chain_of_experts").model.moe
     cfg.update(num_experts=8, top_k=2, expert_ffn=16, chain_residual=residual, chain_shared_router=shared_router)
     x = jax.random.normal(jax.random.key(0), (2, 8, 32))
-    layer = moe.MoE(cfg)
-    variables = layer.init(jax.random.key(1), x)
-    variables = {"params": variables["params"], "moe_state": variables["moe_state"]}  # no init-time statistics
-    y, aux = layer.apply(variables, x, train=True, mutable=["moe_aux"])
-    p = variables["params"]
+    module = layer.MoE(cfg)
+    p = module.init(jax.random.key(1), x)["params"]
+    y, aux = module.apply({"params": p}, x, train=True, mutable=["moe_aux"])
     assert ("router_1" in p) != shared_router
     kernels = [p["router"]["kernel"], p["router"]["kernel"] if shared_router else p["router_1"]["kernel"]]
-    shared = [np.asarray(p["shared"][name], np.float64) for name in ("wi_0", "wi_1", "wo")]
     x0 = np.asarray(x, np.float64).reshape(-1, 32)
-    state = x0
-    for kernel in kernels:
-        logits = state @ np.asarray(kernel, np.float64)
-        out = numpy_glu(state, *shared)
-        for t, row in enumerate(logits):
-            ids, w = reference.route_token(row, k=2)
-            out[t] += sum(wi * numpy_expert(p, i, state[t]) for i, wi in zip(ids, w, strict=True))
+    state, loads = x0, []
+    for kernel in kernels:  # each pass: router c's softmax top-2 over the same experts, plus the shared GLU
+        ids, weights = reference.route_tokens(state @ np.asarray(kernel, np.float64), cfg)
+        loads.append(np.bincount(ids.reshape(-1), minlength=8))
+        out = reference.moe_layer(state, p, ids, weights)
         state = out if residual == "outer" else state + out
     expected = state - x0 if residual == "inner_outer" else state
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), expected, atol=5e-5, rtol=1e-4)
-    assert len(aux["moe_aux"]["balance_loss"]) == 2 and len(aux["moe_aux"]["tokens_per_expert"]) == 2
+    passes = aux["moe_aux"][stats.STATS]
+    assert len(passes) == 2 and [int(r.layer) for r in passes] == [0, 0]
+    for record, load_ in zip(passes, loads, strict=True):
+        np.testing.assert_array_equal(record.tokens_per_expert, load_)
+    combined = helpers_moe.lone_stats(aux["moe_aux"])  # the passes summed (each adds its losses to the objective)
+    np.testing.assert_array_equal(combined.tokens_per_expert, loads[0] + loads[1])
+    assert float(combined.num_tokens) == 16
 
 
 def test_chain_of_experts_inner_residual_replaces_the_residual_stream():
     """The released code's quirk: with chain_residual='inner' the block's output is the MoE output x_C;
     'inner_outer' adds x_C - x_0 to the block input instead."""
-    config = load("chain_of_experts").model
-    config.update(d_model=32, num_heads=2)
+    config = small_model(load("chain_of_experts")).model
     config.moe.update(num_experts=8, top_k=2, expert_ffn=16)
     x = jax.random.normal(jax.random.key(0), (2, 8, 32))
     block = model.Block(config, use_moe=True)

@@ -1,11 +1,17 @@
 """Router losses and the aux-loss-free bias update; pure functions of routing statistics.
 
+The losses here are unweighted: the training objective applies their coefficients (``model.moe.balance_coef``,
+``device_balance_coef``, ``z_loss_coef``, ``entropy_loss_coef``; see moejax/training/objectives.py).
+
 Scope: every balance loss takes ``probs [G, T, E]`` and ``experts [G, T, k]`` where G groups of T tokens are
 balanced separately and the losses averaged over G: G = batch size for ``balance_scope='sequence'``, G = 1 for
 ``'batch'`` (see ``by_scope``).
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from moejax.moe.routers import Routing
 
 
 def by_scope(x: jax.Array, batch: int, scope: str) -> jax.Array:
@@ -76,6 +82,25 @@ def router_entropy(probs: jax.Array) -> jax.Array:
 
 
 def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> jax.Array:
-    """Aux-loss-free balancing (Wang et al. 2024): b_i += rate * sign(mean_load - load_i). Shapes [E]."""
+    """Aux-loss-free balancing (Wang et al. 2024): b_i += rate * sign(mean_load - load_i). Shapes [E]
+    (or [L, E]: L stacked layers, each balanced over its own experts)."""
     load = tokens_per_expert.astype(jnp.float32)
-    return bias + rate * jnp.sign(load.mean() - load)
+    return bias + rate * jnp.sign(load.mean(-1, keepdims=True) - load)
+
+
+def balance_losses(route: Routing, cfg: ml_collections.ConfigDict, batch: int) -> tuple[jax.Array, jax.Array]:
+    """The unweighted (expert-level, device-level) balance losses of ``cfg.balance_loss`` over
+    ``cfg.balance_scope``; route over B*S tokens, cfg the ``model.moe`` section. Expert level: ``expert_balance_loss``
+    (AdaMoE's ``null_pooled_balance_loss`` with null experts); device level: ``device_balance_loss`` for 'deepseek'
+    with a device coefficient. A loss the config does not use is 0."""
+    zero = jnp.zeros((), jnp.float32)
+    if cfg.balance_loss == "none":
+        return zero, zero
+    probs = by_scope(route.probs, batch, cfg.balance_scope)
+    chosen = by_scope(route.experts, batch, cfg.balance_scope)
+    if cfg.num_null_experts:
+        return null_pooled_balance_loss(probs, chosen, cfg.num_experts), zero
+    device = zero
+    if cfg.balance_loss == "deepseek" and cfg.device_balance_coef:
+        device = device_balance_loss(probs, chosen, cfg.device_groups)
+    return expert_balance_loss(probs, chosen), device

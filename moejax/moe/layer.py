@@ -1,25 +1,25 @@
-"""The MoE feed-forward layer: router + dispatch + routed experts + shared experts.
+"""The MoE feed-forward layer (a thin Flax shell): router kernel -> router (routers.py) -> dispatch, routed experts
+and combine (pipeline.py, or expert_parallel.py on a mesh) + shared experts; sows one ``stats.RoutedStats`` per
+routed pass.
 
-Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width):
+Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width; names in moejax/moe/__init__.py):
 
     params:
       router/kernel        [D, E + m]             float32 always (the router runs in float32); m = num_null_experts
       router_{c}/kernel    [D, E + m]             Chain-of-Experts: the router of iteration c = 1..C-1
-      experts/wi_0         [E, D, F]
-      experts/wi_1         [E, D, F]
-      experts/wo           [E, F, D]
+      experts/<name>       the expert kind's stacked parameters (model.moe.expert_kind; moejax/moe/experts.py):
+                           'glu': wi_0, wi_1 [E, D, F], wo [E, F, D]
       shared/wi_0          [D, num_shared * F]    when num_shared > 0 (all shared experts fused in one GLU)
       shared/wi_1          [D, num_shared * F]
       shared/wo            [num_shared * F, D]
       shared_gate/kernel   [D, 1]                 when shared_gate (Qwen2-MoE's sigmoid gate on the shared MLP)
     moe_state:
-      router_bias          [E]                    selection-only bias (aux-loss-free balancing), zeros at init
+      router_bias          [E]                    selection-only bias (aux-loss-free balancing), zeros at init;
+                                                  applying without a 'moe_state' collection uses zeros
 
-Aux statistics are sown into the ``'moe_aux'`` collection (one entry per routed pass: C with Chain-of-Experts):
-``tokens_per_expert`` [E], ``drop_fraction`` (capacity drops plus expert-parallel buffer overflow),
-``overflow_fraction``, ``router_entropy``, ``experts_per_token`` (routed experts per token: top_k unless a router
-leaves slots null), and the already-weighted losses ``balance_loss``, ``z_loss`` and ``entropy_loss`` that the
-train step adds to the task loss.
+Statistics: each routed pass sows one ``RoutedStats`` record (moejax/moe/stats.py) under ``'moe_aux'/.../stats``
+(C records with Chain-of-Experts): its layer index, tokens per expert, drops, overflow, router entropy, experts per
+token and the unweighted balance and z losses. ``stats.collect`` reads them; the objective weights the losses.
 """
 from typing import Any
 
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from moejax import checks, dispatch, experts, losses, parallel, routing
+from moejax import checks, moe
+from moejax.moe import dispatch, expert_parallel, experts, losses, pipeline, routers, stats
 
 DISPATCH_MODES = ("dropless", "capacity")
 BALANCE_LOSSES = ("switch", "deepseek", "none")
@@ -44,9 +45,6 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     if cfg.top_k > cfg.num_experts + cfg.num_null_experts:
         checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be <= model.moe.num_experts={cfg.num_experts} "
                                                   f"(+ model.moe.num_null_experts={cfg.num_null_experts})")
-    if cfg.router.kind == "expert_choice" and cfg.dispatch != "dropless":
-        checks.fail(f"{prefix}.dispatch", cfg.dispatch, "expert_choice routing is balanced by construction: use "
-                                                        "'dropless'")
     checks.positive_int(f"{prefix}.chain_iterations", cfg.chain_iterations)
     checks.choice(f"{prefix}.chain_residual", cfg.chain_residual, CHAIN_RESIDUALS)
     if cfg.num_null_experts and cfg.router.kind != "adamoe":
@@ -55,6 +53,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     checks.positive_int(f"{prefix}.expert_ffn", cfg.expert_ffn)
     checks.positive_int(f"{prefix}.num_shared", cfg.num_shared, minimum=0)
     checks.choice(f"{prefix}.activation", cfg.activation, sorted(experts.ACTIVATIONS))
+    checks.choice(f"{prefix}.expert_kind", cfg.expert_kind, sorted(experts.EXPERT_KINDS))
     checks.choice(f"{prefix}.dispatch", cfg.dispatch, DISPATCH_MODES)
     checks.number(f"{prefix}.capacity_factor", cfg.capacity_factor, strict=True)
     if cfg.eval_capacity_factor is not None:
@@ -76,21 +75,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     if cfg.num_experts % cfg.device_groups:
         checks.fail(f"{prefix}.device_groups", cfg.device_groups,
                     f"must divide model.moe.num_experts={cfg.num_experts}")
-    routing.validate(cfg, prefix)
-
-
-def balance_loss(route: routing.Routing, cfg: ml_collections.ConfigDict, batch: int) -> jax.Array:
-    """The weighted balance loss of ``cfg.balance_loss`` over ``cfg.balance_scope``; route over B*S tokens."""
-    if cfg.balance_loss == "none":
-        return jnp.zeros((), jnp.float32)
-    probs = losses.by_scope(route.probs, batch, cfg.balance_scope)
-    chosen = losses.by_scope(route.experts, batch, cfg.balance_scope)
-    if cfg.num_null_experts:
-        return cfg.balance_coef * losses.null_pooled_balance_loss(probs, chosen, cfg.num_experts)
-    loss = cfg.balance_coef * losses.expert_balance_loss(probs, chosen)
-    if cfg.balance_loss == "deepseek" and cfg.device_balance_coef:
-        loss += cfg.device_balance_coef * losses.device_balance_loss(probs, chosen, cfg.device_groups)
-    return loss
+    routers.validate(cfg, prefix)
 
 
 class GLU(nn.Module):
@@ -113,8 +98,9 @@ class GLU(nn.Module):
 
 
 class ExpertWeights(nn.Module):
-    """The stacked routed-expert weights wi_0, wi_1 [E, D, F] and wo [E, F, D]."""
+    """The routed experts' stacked parameters of an expert kind, in its ``param_names`` order."""
 
+    expert: experts.GLUExperts
     num_experts: int
     d_model: int
     hidden: int
@@ -122,26 +108,22 @@ class ExpertWeights(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
 
     @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        e, d, f = self.num_experts, self.d_model, self.hidden
-        return (self.param("wi_0", self.kernel_init, (e, d, f), self.param_dtype),
-                self.param("wi_1", self.kernel_init, (e, d, f), self.param_dtype),
-                self.param("wo", self.kernel_init, (e, f, d), self.param_dtype))
+    def __call__(self) -> experts.Weights:
+        shapes = self.expert.param_shapes(self.num_experts, self.d_model, self.hidden)
+        return tuple(self.param(name, self.kernel_init, shapes[name], self.param_dtype)
+                     for name in self.expert.param_names)
 
 
 class RouterKernel(nn.Module):
-    """The router's linear map x [T, D] -> logits [T, n] in float32; ``frozen`` stops its gradient (SMoE-Dropout's
-    random fixed router; the optimizer also leaves it out of weight decay)."""
+    """The router's linear map x [T, D] -> logits [T, n] in float32. (A frozen router, SMoE-Dropout's, is an
+    optimizer partition: moejax/training/optim.py.)"""
 
     features: int
-    frozen: bool = False
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        if self.frozen:
-            kernel = jax.lax.stop_gradient(kernel)
         return jnp.dot(x.astype(jnp.float32), kernel)
 
 
@@ -151,7 +133,8 @@ class MoE(nn.Module):
     With train=True the router applies jitter (needs the 'jitter' rng when router.jitter > 0), routers that draw
     experts at random use the 'routing' rng, and capacity mode uses capacity_factor; with train=False it uses
     eval_capacity_factor when set. ``progress`` (the fraction of training done, a scalar) feeds routers with a
-    schedule (SMoE-Dropout's growing k).
+    schedule (SMoE-Dropout's growing k). ``layer`` (an int, or an int32 scalar under nn.scan) is the model layer
+    index stored in the statistics.
 
     Chain-of-Experts (``chain_iterations`` C > 1): the tokens pass C times through the same routed and shared
     experts, each iteration with its own router (``router``, ``router_1``, ...; one shared ``router`` with
@@ -165,36 +148,40 @@ class MoE(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
-    mesh: Mesh | None = None  # more than one device: the routed experts run under shard_map (moejax/parallel.py)
+    mesh: Mesh | None = None  # more than one device: the routed experts run under shard_map (expert_parallel.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, token_ids: jax.Array | None = None,
-                 progress: jax.Array | None = None) -> jax.Array:
+                 progress: jax.Array | None = None, layer: int | jax.Array = 0) -> jax.Array:
         """x [B, S, D] -> [B, S, D]; token_ids [B, S]: the input tokens, for routers that route by token id."""
         cfg = self.cfg
         batch, seq, d_model = x.shape
         tokens = x.reshape(batch * seq, d_model).astype(self.dtype)
-        weights = ExpertWeights(cfg.num_experts, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
-                                name="experts")()
+        expert = experts.from_config(cfg)
+        weights = ExpertWeights(expert, cfg.num_experts, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
+                                name=moe.EXPERTS)()
         weights = tuple(jnp.asarray(w, self.dtype) for w in weights)  # numpy params (load_checkpoint) too
-        bias = self.variable("moe_state", "router_bias", jnp.zeros, (cfg.num_experts,), jnp.float32)
+        if self.is_mutable_collection("moe_state") or self.has_variable("moe_state", moe.ROUTER_BIAS):
+            bias = self.variable("moe_state", moe.ROUTER_BIAS, jnp.zeros, (cfg.num_experts,), jnp.float32).value
+        else:
+            bias = jnp.zeros((cfg.num_experts,), jnp.float32)
         shared = shared_gate = None
         if cfg.num_shared > 0:
             shared = GLU(cfg.num_shared * cfg.expert_ffn, cfg.activation, self.dtype, self.param_dtype,
-                         self.kernel_init, name="shared")
+                         self.kernel_init, name=moe.SHARED)
             if cfg.shared_gate:
                 shared_gate = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
-                                       kernel_init=self.kernel_init, name="shared_gate")
+                                       kernel_init=self.kernel_init, name=moe.SHARED_GATE)
         width = cfg.num_experts + cfg.num_null_experts
-        routers = [RouterKernel(width, cfg.router.frozen, self.kernel_init, name="router")]
+        kernels = [RouterKernel(width, self.kernel_init, name=moe.ROUTER)]
         for c in range(1, cfg.chain_iterations):
-            routers.append(routers[0] if cfg.chain_shared_router else
-                           RouterKernel(width, cfg.router.frozen, self.kernel_init, name=f"router_{c}"))
+            kernels.append(kernels[0] if cfg.chain_shared_router else
+                           RouterKernel(width, self.kernel_init, name=f"{moe.ROUTER}_{c}"))
         ids = None if token_ids is None else token_ids.reshape(-1)
 
         state, update = tokens, jnp.zeros_like(tokens)
-        for router in routers:
-            out = self._routed(state, router, weights, bias.value, batch, train=train, token_ids=ids,
+        for kernel in kernels:
+            out = self._routed(state, kernel, expert, weights, bias, batch, layer, train=train, token_ids=ids,
                                progress=progress)
             if shared is not None:
                 extra = shared(state)
@@ -209,50 +196,45 @@ class MoE(nn.Module):
         result = update if cfg.chain_residual == "inner_outer" else state
         return result.reshape(batch, seq, d_model).astype(self.dtype)
 
-    def _routed(self, tokens: jax.Array, router: RouterKernel, weights: tuple[jax.Array, ...], bias: jax.Array,
-                batch: int, *, train: bool, token_ids: jax.Array | None, progress: jax.Array | None) -> jax.Array:
-        """One pass of tokens [T, D] through router and routed experts; sows this call's statistics and losses."""
+    def _routed(self, tokens: jax.Array, kernel: RouterKernel, expert: experts.GLUExperts,
+                weights: experts.Weights, bias: jax.Array, batch: int, layer: int | jax.Array, *, train: bool,
+                token_ids: jax.Array | None, progress: jax.Array | None) -> jax.Array:
+        """One pass of tokens [T, D] through router and routed experts; sows this pass's statistics."""
         cfg = self.cfg
-        num_experts, top_k = cfg.num_experts, cfg.top_k
+        num_experts = cfg.num_experts
         num_tokens = tokens.shape[0]
+        spec = routers.spec(cfg.router.kind)
         router_in = tokens.astype(jnp.float32)
         if train and cfg.router.jitter > 0:
-            router_in = routing.jitter(router_in, cfg.router.jitter, self.make_rng("jitter"))
-        rng = self.make_rng("routing") if train and cfg.router.kind in routing.NEEDS_RNG else None
-        route = routing.route(router(router_in), cfg, bias=bias, rng=rng, train=train, token_ids=token_ids,
-                              progress=progress)
+            router_in = routers.jitter(router_in, cfg.router.jitter, self.make_rng("jitter"))
+        ctx = routers.RouterContext(
+            bias=bias, train=train,
+            rng=self.make_rng("routing") if train and spec.needs_rng else None,
+            token_ids=token_ids if spec.needs_token_ids else None,
+            progress=progress if spec.needs_progress else None)
+        route = spec.fn(kernel(router_in), cfg, ctx)
         backend = experts.resolve_backend(cfg.gmm_backend)
         cap = None
         if cfg.dispatch == "capacity":
             factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
-            cap = dispatch.capacity(num_tokens, top_k, num_experts, factor)
+            cap = dispatch.capacity(num_tokens, cfg.top_k, num_experts, factor)
         if self.mesh is not None and self.mesh.size > 1:
-            out, dropped, overflow = parallel.moe_ep(tokens, route, weights, cfg, self.mesh, capacity=cap,
-                                                     backend=backend, compute_dtype=self.dtype)
-            chosen = jnp.where(route.experts < num_experts, route.experts, num_experts).reshape(-1)
-            tokens_per_expert = jnp.bincount(chosen, length=num_experts + 1)[:num_experts]
+            out, dropped, overflow = expert_parallel.moe_ep(tokens, route, expert, weights, cfg, self.mesh,
+                                                            capacity=cap, backend=backend, compute_dtype=self.dtype)
         else:
-            if cap is not None:
-                plan = dispatch.capacity_plan(route, num_experts, cap, cfg.drop_policy)
-            else:
-                slots = route.experts.shape[1]
-                tile = 1 if backend in experts.RAGGED_BACKENDS else \
-                    cfg.gmm_tile or dispatch.default_tile(num_tokens * slots, num_experts)
-                plan = dispatch.dropless_plan(route, num_experts, tile)
-            permute, unpermute_combine = dispatch.kernel_ops(cfg.dispatch_kernel)
-            rows = permute(tokens.astype(self.dtype), plan.slot_row, plan.row_slot)
-            rows = experts.grouped_glu(rows, weights, plan, backend, cfg.activation)
-            out = unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot)
-            tokens_per_expert, dropped, overflow = plan.tokens_per_expert, plan.dropped, jnp.zeros((), jnp.int32)
-
-        valid_slots = jnp.maximum((route.experts < num_experts).sum(), 1)
-        self.sow("moe_aux", "tokens_per_expert", tokens_per_expert.astype(jnp.float32))
-        self.sow("moe_aux", "drop_fraction", (dropped + overflow) / valid_slots)
-        self.sow("moe_aux", "overflow_fraction", overflow / valid_slots)
-        entropy = losses.router_entropy(route.probs)
-        self.sow("moe_aux", "router_entropy", entropy)
-        self.sow("moe_aux", "entropy_loss", cfg.entropy_loss_coef * entropy)
-        self.sow("moe_aux", "experts_per_token", valid_slots / num_tokens)
-        self.sow("moe_aux", "balance_loss", balance_loss(route, cfg, batch))
-        self.sow("moe_aux", "z_loss", cfg.z_loss_coef * losses.z_loss(route.logits))
+            tile = pipeline.tile_for(backend, cfg.gmm_tile, num_tokens * route.experts.shape[1], num_experts)
+            out, dropped = pipeline.routed_experts(tokens.astype(self.dtype), route, expert, weights,
+                                                   num_experts=num_experts, backend=backend,
+                                                   kernel=cfg.dispatch_kernel, tile=tile, capacity=cap,
+                                                   drop_policy=cfg.drop_policy)
+            overflow = jnp.zeros((), jnp.int32)
+        valid = route.experts < num_experts
+        balance, device_balance = losses.balance_losses(route, cfg, batch)
+        self.sow("moe_aux", stats.STATS, stats.RoutedStats(
+            layer=jnp.asarray(layer, jnp.int32),
+            tokens_per_expert=dispatch.slots_per_expert(route.experts, num_experts).astype(jnp.float32),
+            dropped=dropped.astype(jnp.float32), overflow=overflow.astype(jnp.float32),
+            routed_slots=valid.sum().astype(jnp.float32), num_tokens=jnp.asarray(num_tokens, jnp.float32),
+            router_entropy=losses.router_entropy(route.probs), balance_loss=balance,
+            device_balance_loss=device_balance, z_loss=losses.z_loss(route.logits)))
         return out

@@ -1,4 +1,9 @@
-"""Expert math: the GLU feed-forward and the grouped-matmul backends that run it per expert.
+"""Routed experts: the expert interface, the GLU experts, and the grouped-matmul backends that run them.
+
+An expert kind (``Experts``) declares its parameters (stacked on a leading expert axis, with logical axis names
+for sharding), how one expert maps its rows (``apply_one``: the dense reference), and how a grouped matmul runs
+all experts on expert-sorted rows (``apply_ragged``). ``grouped_apply`` runs either on any backend. ``GLUExperts``
+is the first kind; ``EXPERT_KINDS`` maps ``model.moe.expert_kind`` to a constructor.
 
 Backends compute the GLU of every row of the expert buffer with the weights of the expert owning that row:
 * 'tiled': the buffer is cut into tiles of ``plan.tile`` rows, each owned by one expert; a loop over the used
@@ -14,15 +19,17 @@ Backends compute the GLU of every row of the expert buffer with the weights of t
 grouped matmul of our own is not shipped: the design admits one only where it measures faster than these, and
 no accelerator has been available to measure it.
 """
+import dataclasses
 import functools
 import importlib.util
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from moejax import vma
-from moejax.dispatch import Plan
+from moejax.moe.dispatch import Plan
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -106,35 +113,81 @@ def glu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, activatio
     return (act(x @ wi_0) * (x @ wi_1)) @ wo
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def tiled_glu(tiles: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, tile_expert: jax.Array,
-              activation: str, used_tiles: jax.Array) -> jax.Array:
-    """GLU of each tile with its expert's weights, looping over the ``used_tiles`` first tiles only.
+Weights = tuple[jax.Array, ...]  # an expert kind's parameters in ``param_names`` order, each [E, ...]
+GroupedMatmul = Callable[[jax.Array, jax.Array], jax.Array]  # lhs [M, K], rhs [E, K, N] -> [M, N] by row groups
 
-    tiles: [G, m, D]; wi_*: [E, D, F]; wo: [E, F, D]; tile_expert: [G] int32 -> [G, m, D], unused tiles 0.
-    A loop of plain matmuls reads each expert's weights in place (no [G, D, F] gather) and skips the padding
-    tiles that the static worst-case layout reserves.
+
+@dataclasses.dataclass(frozen=True)
+class GLUExperts:
+    """E GLU experts: expert e maps x [m, D] to (act(x @ wi_0[e]) * (x @ wi_1[e])) @ wo[e].
+
+    Parameters: wi_0, wi_1 [E, D, F], wo [E, F, D]. Frozen and hashable: a static argument of custom VJPs.
+    """
+
+    activation: str = "silu"
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> "GLUExperts":
+        return cls(cfg.activation)
+
+    param_names = ("wi_0", "wi_1", "wo")
+    param_axes = {"wi_0": ("expert", "embed", "mlp"), "wi_1": ("expert", "embed", "mlp"),
+                  "wo": ("expert", "mlp", "embed")}
+
+    def param_shapes(self, num_experts: int, d_model: int, hidden: int) -> dict[str, tuple[int, ...]]:
+        return {"wi_0": (num_experts, d_model, hidden), "wi_1": (num_experts, d_model, hidden),
+                "wo": (num_experts, hidden, d_model)}
+
+    def apply_one(self, x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:
+        """One expert's weights (no expert axis) on x [m, D] -> [m, D]: the dense reference."""
+        return glu(x, wi_0, wi_1, wo, self.activation)
+
+    def apply_ragged(self, rows: jax.Array, weights: Weights, matmul: GroupedMatmul) -> jax.Array:
+        """Every expert on its consecutive group of rows [R, D] through a grouped matmul."""
+        wi_0, wi_1, wo = weights
+        act = ACTIVATIONS[self.activation]
+        return matmul(act(matmul(rows, wi_0)) * matmul(rows, wi_1), wo)
+
+
+# model.moe.expert_kind -> class. A new kind: a frozen dataclass with from_config, param_names, param_axes,
+# param_shapes, apply_one and apply_ragged, and one line here.
+EXPERT_KINDS: dict[str, type[GLUExperts]] = {"glu": GLUExperts}
+
+
+def from_config(cfg: ml_collections.ConfigDict) -> GLUExperts:
+    """The expert kind of a ``model.moe`` section."""
+    return EXPERT_KINDS[cfg.expert_kind].from_config(cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def tiled_apply(expert: GLUExperts, tiles: jax.Array, weights: Weights, tile_expert: jax.Array,
+                used_tiles: jax.Array) -> jax.Array:
+    """Each tile through its expert, looping over the ``used_tiles`` first tiles only.
+
+    tiles: [G, m, D]; weights: the expert kind's [E, ...] parameters; tile_expert: [G] int32 -> [G, m, D], unused
+    tiles 0. A loop of plain matmuls reads each expert's weights in place (no [G, D, F] gather) and skips the
+    padding tiles that the static worst-case layout reserves.
     """
 
     def body(i, out):
         e = tile_expert[i]
-        return out.at[i].set(glu(tiles[i], wi_0[e], wi_1[e], wo[e], activation))
+        return out.at[i].set(expert.apply_one(tiles[i], *(w[e] for w in weights)))
 
-    init = vma.varying_like(jnp.zeros_like(tiles), tiles, wi_0, wi_1, wo, tile_expert)
+    init = vma.varying_like(jnp.zeros_like(tiles), tiles, *weights, tile_expert)
     return jax.lax.fori_loop(0, used_tiles, body, init)
 
 
-def _tiled_glu_fwd(tiles, wi_0, wi_1, wo, tile_expert, activation, used_tiles):
-    out = tiled_glu(tiles, wi_0, wi_1, wo, tile_expert, activation, used_tiles)
-    return out, (tiles, wi_0, wi_1, wo, tile_expert, used_tiles)
+def _tiled_apply_fwd(expert, tiles, weights, tile_expert, used_tiles):
+    out = tiled_apply(expert, tiles, weights, tile_expert, used_tiles)
+    return out, (tiles, weights, tile_expert, used_tiles)
 
 
-def _tiled_glu_bwd(activation, res, grad_out):
-    tiles, wi_0, wi_1, wo, tile_expert, used_tiles = res
+def _tiled_apply_bwd(expert, res, grad_out):
+    tiles, weights, tile_expert, used_tiles = res
 
     def tile_grads(i):
         e = tile_expert[i]
-        _, vjp = jax.vjp(functools.partial(glu, activation=activation), tiles[i], wi_0[e], wi_1[e], wo[e])
+        _, vjp = jax.vjp(expert.apply_one, tiles[i], *(w[e] for w in weights))
         return e, vjp(grad_out[i])
 
     def accumulate(i, grads, e, tile, live=True):
@@ -145,24 +198,19 @@ def _tiled_glu_bwd(activation, res, grad_out):
 
     # The first tile runs outside the loop so that the carry takes the types (inside shard_map: the varying
     # axes) that jax.vjp gives the per-tile gradients; it counts only when some tile is used.
-    zeros = (jnp.zeros_like(tiles), *(jnp.zeros(w.shape, jnp.float32) for w in (wi_0, wi_1, wo)))
+    zeros = (jnp.zeros_like(tiles), *(jnp.zeros(w.shape, jnp.float32) for w in weights))
     first = accumulate(0, zeros, *tile_grads(0), live=used_tiles > 0)
     grad_tiles, *grad_w = jax.lax.fori_loop(1, used_tiles, lambda i, g: accumulate(i, g, *tile_grads(i)), first)
-    grad_w = [vma.sum_to_type(g.astype(w.dtype), w) for g, w in zip(grad_w, (wi_0, wi_1, wo), strict=True)]
-    return (vma.sum_to_type(grad_tiles, tiles), *grad_w, None, None)
+    grad_w = tuple(vma.sum_to_type(g.astype(w.dtype), w) for g, w in zip(grad_w, weights, strict=True))
+    return vma.sum_to_type(grad_tiles, tiles), grad_w, None, None
 
 
-tiled_glu.defvjp(_tiled_glu_fwd, _tiled_glu_bwd)
+tiled_apply.defvjp(_tiled_apply_fwd, _tiled_apply_bwd)
 
 
-def grouped_glu(rows: jax.Array, weights: tuple[jax.Array, jax.Array, jax.Array], plan: Plan, backend: str,
-                activation: str) -> jax.Array:
-    """GLU of each buffer row with its expert's weights. rows: [R, D]; weights: wi_0, wi_1 [E, D, F], wo [E, F, D]."""
-    wi_0, wi_1, wo = weights
+def grouped_apply(expert: GLUExperts, rows: jax.Array, weights: Weights, plan: Plan, backend: str) -> jax.Array:
+    """Each buffer row [R, D] through the expert owning it (by ``plan``) on one backend."""
     if backend in RAGGED_BACKENDS:
-        act = ACTIVATIONS[activation]
-        sizes = plan.expert_rows
-        h = act(ragged_matmul(rows, wi_0, sizes, backend)) * ragged_matmul(rows, wi_1, sizes, backend)
-        return ragged_matmul(h, wo, sizes, backend)
+        return expert.apply_ragged(rows, weights, lambda lhs, rhs: ragged_matmul(lhs, rhs, plan.expert_rows, backend))
     tiles = rows.reshape(-1, plan.tile, rows.shape[-1])
-    return tiled_glu(tiles, wi_0, wi_1, wo, plan.tile_expert, activation, plan.used_tiles).reshape(rows.shape)
+    return tiled_apply(expert, tiles, weights, plan.tile_expert, plan.used_tiles).reshape(rows.shape)

@@ -1,8 +1,12 @@
 """Routers: pure functions from router logits to a Routing (which experts, with what weights).
 
-A router kind is one function registered in ``ROUTERS``; ``route`` looks it up by ``cfg.router.kind``. Every
-router computes in float32 whatever the compute dtype of the model.
+A router kind is one function ``fn(logits [T, E], cfg, ctx) -> Routing`` registered in ``ROUTERS`` with a
+``RouterSpec`` that says what the router needs from the layer (an rng, the input token ids, training progress)
+and checks its own config fields. ``route`` looks the spec up by ``cfg.router.kind``. Every router computes in
+float32 whatever the compute dtype of the model. Adding a router: one function under ``@register(kind, ...)``
+and a config that sets ``model.moe.router.kind``.
 """
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -31,20 +35,59 @@ class Routing:
     logits: jax.Array
 
 
-RouterFn = Callable[..., Routing]
-ROUTERS: dict[str, RouterFn] = {}
-# Router kinds that draw experts at random in training: the MoE layer passes them the 'routing' rng.
-NEEDS_RNG = {"thor"}
+@dataclasses.dataclass(frozen=True)
+class RouterContext:
+    """What a router may use besides its logits.
+
+    bias:      [E] float32 selection-only bias (aux-loss-free balancing), or None.
+    rng:       a key for routers that draw at random in training (``RouterSpec.needs_rng``), else None.
+    train:     whether the layer runs in training.
+    token_ids: [T] int32 input token of each position (``RouterSpec.needs_token_ids``), else None.
+    progress:  [] float32 fraction of training done (``RouterSpec.needs_progress``); None outside training.
+    """
+
+    bias: jax.Array | None = None
+    rng: jax.Array | None = None
+    train: bool = False
+    token_ids: jax.Array | None = None
+    progress: jax.Array | None = None
 
 
-def register(kind: str) -> Callable[[RouterFn], RouterFn]:
+RouterFn = Callable[[jax.Array, ml_collections.ConfigDict, RouterContext], Routing]
+Validator = Callable[[ml_collections.ConfigDict, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+    """A registered router: its function, what the layer must give it, and its own config checks
+    (``validate(cfg, prefix)`` with cfg the ``model.moe`` section, raising ConfigError)."""
+
+    fn: RouterFn
+    needs_rng: bool = False
+    needs_token_ids: bool = False
+    needs_progress: bool = False
+    validate: Validator | None = None
+
+
+ROUTERS: dict[str, RouterSpec] = {}
+
+
+def register(kind: str, *, needs_rng: bool = False, needs_token_ids: bool = False, needs_progress: bool = False,
+             validate: Validator | None = None) -> Callable[[RouterFn], RouterFn]:
     """Decorator adding a router function under ``cfg.router.kind == kind``."""
 
     def add(fn: RouterFn) -> RouterFn:
-        ROUTERS[kind] = fn
+        ROUTERS[kind] = RouterSpec(fn, needs_rng, needs_token_ids, needs_progress, validate)
         return fn
 
     return add
+
+
+def spec(kind: str) -> RouterSpec:
+    """The registered spec of ``kind``; ConfigError listing the kinds when there is none."""
+    if kind not in ROUTERS:
+        checks.choice("model.moe.router.kind", kind, sorted(ROUTERS))
+    return ROUTERS[kind]
 
 
 def route(
@@ -57,20 +100,29 @@ def route(
     token_ids: jax.Array | None = None,
     progress: jax.Array | None = None,
 ) -> Routing:
-    """Routes tokens. logits: [T, E]; cfg: the ``model.moe`` section; bias: [E] selection-only bias; token_ids: [T]
-    the input token of each position (for routers that route by token id); progress: the fraction of training
-    done, a float32 scalar in [0, 1] (for routers with a schedule; None outside training)."""
-    kind = cfg.router.kind
-    if kind not in ROUTERS:
-        checks.choice("model.moe.router.kind", kind, sorted(ROUTERS))
-    return ROUTERS[kind](logits.astype(jnp.float32), cfg, bias=bias, rng=rng, train=train, token_ids=token_ids,
-                         progress=progress)
+    """Routes tokens. logits: [T, E]; cfg: the ``model.moe`` section; the keywords are ``RouterContext``'s fields
+    (bias [E], token_ids [T], progress a float32 scalar in [0, 1] or None outside training)."""
+    ctx = RouterContext(bias=bias, rng=rng, train=train, token_ids=token_ids, progress=progress)
+    return spec(cfg.router.kind).fn(logits.astype(jnp.float32), cfg, ctx)
 
 
 def jitter(x: jax.Array, amount: float, rng: jax.Array) -> jax.Array:
     """Switch's multiplicative input noise: x * U(1 - amount, 1 + amount), elementwise."""
     noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - amount, 1.0 + amount)
     return x * noise.astype(x.dtype)
+
+
+def with_bias(scores: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """The selection scores: scores [T, E] plus the selection-only bias [E] when there is one."""
+    return scores if bias is None else scores + bias.astype(jnp.float32)
+
+
+def _one_expert(kind: str, why: str) -> Validator:
+    def check(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+        if cfg.top_k != 1:
+            checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be 1 with router.kind={kind!r} ({why})")
+
+    return check
 
 
 def group_limited(scores: jax.Array, num_groups: int, topk_groups: int, group_score: str, fill: float) -> jax.Array:
@@ -92,20 +144,18 @@ def group_limited(scores: jax.Array, num_groups: int, topk_groups: int, group_sc
 
 
 @register("topk")
-def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-         token_ids=None, progress=None) -> Routing:
+def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Token-choice top-k with the knobs released checkpoints need (Mixtral, Qwen, DeepSeek-V2/V3, Megatron).
 
     Selection uses ``scores + bias`` (group-limited when num_groups > 1); the weights use the scores alone.
     """
-    del rng, train, token_ids
     router = cfg.router
     if router.score == "softmax":
         probs = jax.nn.softmax(logits, axis=-1)
         scores = probs if router.softmax_before_topk else logits
     else:
         probs = scores = jax.nn.sigmoid(logits)
-    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    choice = with_bias(scores, ctx.bias)
     if router.num_groups > 1:
         choice = group_limited(choice, router.num_groups, router.topk_groups, router.group_score,
                                router.group_mask_fill)
@@ -120,18 +170,15 @@ def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=No
 
 
 @register("top_p")
-def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-         token_ids=None, progress=None) -> Routing:
+def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Dynamic top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts"): each token takes the fewest
     highest-probability experts whose cumulative softmax probability reaches ``router.top_p``, the expert that
     crosses the threshold included (as in the released code), at most ``top_k`` of them (the static slot bound; the
     remaining slots are null, id E). Weights are the raw probabilities, not renormalised. ``bias`` (selection only)
     re-orders the candidates without changing their probabilities.
     """
-    del rng, train, token_ids
     probs = jax.nn.softmax(logits, axis=-1)
-    choice = probs if bias is None else probs + bias.astype(jnp.float32)
-    _, experts = jax.lax.top_k(choice, cfg.top_k)
+    _, experts = jax.lax.top_k(with_bias(probs, ctx.bias), cfg.top_k)
     weights = jnp.take_along_axis(probs, experts, axis=-1)
     before = jnp.cumsum(weights, axis=-1) - weights  # probability mass of the better-ranked experts
     keep = before < cfg.router.top_p
@@ -141,37 +188,39 @@ def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=N
 
 
 @register("adamoe")
-def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-         token_ids=None, progress=None) -> Routing:
+def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """AdaMoE (Zeng et al., 2024): top-k over the E real and ``num_null_experts`` null experts (logits [T, E + m]);
     a null expert costs nothing and adds nothing. Ids >= E are null slots (dispatch skips them); the weights are
     the softmax probabilities renormalised over the real experts chosen (0 when a token picks only null ones).
     ``bias`` [E] (selection only) applies to the real experts.
     """
-    del rng, train, token_ids
     num_real = cfg.num_experts
     probs = jax.nn.softmax(logits, axis=-1)
-    choice = probs if bias is None else probs.at[:, :num_real].add(bias.astype(jnp.float32))
+    choice = probs if ctx.bias is None else probs.at[:, :num_real].add(ctx.bias.astype(jnp.float32))
     _, experts = jax.lax.top_k(choice, cfg.top_k)
     weights = jnp.where(experts < num_real, jnp.take_along_axis(probs, experts, axis=-1), 0.0)
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
 
 
-@register("expert_choice")
-def expert_choice(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-                  token_ids=None, progress=None) -> Routing:
+def _dropless(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+    if cfg.dispatch != "dropless":
+        checks.fail(f"{prefix}.dispatch", cfg.dispatch, "expert_choice routing is balanced by construction: use "
+                                                        "'dropless'")
+
+
+@register("expert_choice", validate=_dropless)
+def expert_choice(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Expert Choice (Zhou et al., 2022): in training each expert takes its C = ceil(ec_capacity * T / E) tokens
     of highest softmax score over the T tokens of the batch, so a token gets 0..E experts (slots [T, E], null
     where not picked) with its scores as weights. The choice sees every token of the batch, later positions
     included, so in a causal LM it leaks future information; evaluation (train=False) therefore routes by token
     choice, top_k of the same scores, which is causal, and the validation loss stays honest.
     """
-    del rng, token_ids
     probs = jax.nn.softmax(logits, axis=-1)
-    choice = probs if bias is None else probs + bias.astype(jnp.float32)
+    choice = with_bias(probs, ctx.bias)
     num_tokens, num_experts = probs.shape
-    if not train:
+    if not ctx.train:
         _, experts = jax.lax.top_k(choice, cfg.top_k)
         return Routing(weights=jnp.take_along_axis(probs, experts, axis=-1), experts=experts.astype(jnp.int32),
                        probs=probs, logits=logits)
@@ -191,16 +240,14 @@ def hash_experts(token_ids: jax.Array, num_experts: int, seed: int) -> jax.Array
     return ((mixed >> 16) % jnp.uint32(num_experts)).astype(jnp.int32)
 
 
-@register("hash")
-def hash_router(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-                token_ids=None, progress=None) -> Routing:
+@register("hash", needs_token_ids=True, validate=_one_expert("hash", "one expert per token"))
+def hash_router(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Hash Layers (Roller et al., 2021): each token goes to the one expert its input token id hashes to, with
     weight 1; the router logits play no part in the choice (probs are still reported for the metrics)."""
-    del bias, rng, train
-    if token_ids is None:
+    if ctx.token_ids is None:
         raise ValueError("router kind 'hash' routes by token id: call the MoE layer with token_ids (the Transformer "
                          "passes its input tokens)")
-    experts = hash_experts(token_ids.reshape(-1), cfg.num_experts, cfg.router.hash_seed)[:, None]
+    experts = hash_experts(ctx.token_ids.reshape(-1), cfg.num_experts, cfg.router.hash_seed)[:, None]
     return Routing(weights=jnp.ones(experts.shape, jnp.float32), experts=experts,
                    probs=jax.nn.softmax(logits, axis=-1), logits=logits)
 
@@ -216,21 +263,18 @@ def smoe_dropout_k(cfg: ml_collections.ConfigDict, progress: jax.Array | None) -
     return grown.astype(jnp.int32)
 
 
-@register("smoe_dropout")
-def smoe_dropout(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-                 token_ids=None, progress=None) -> Routing:
+@register("smoe_dropout", needs_progress=True)
+def smoe_dropout(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """SMoE-Dropout (Chen et al., 2023): the top-k(t) experts of a random router (frozen with router.frozen), with
     weights softmax over the k(t) selected logits; k(t) grows linearly from router.k_start to top_k over training
     (``smoe_dropout_k``). Slots past k(t) are null (id E). Evaluation uses router.eval_top_k experts (0: top_k, the
     whole FFN when top_k = E): the "self-slimmable" model runs at any k."""
-    del rng, token_ids
     num_experts, k_max = logits.shape[-1], cfg.top_k
-    if train:
-        active = smoe_dropout_k(cfg, progress)
+    if ctx.train:
+        active = smoe_dropout_k(cfg, ctx.progress)
     else:
         active = jnp.asarray(cfg.router.eval_top_k or k_max, jnp.int32)
-    choice = logits if bias is None else logits + bias.astype(jnp.float32)
-    _, experts = jax.lax.top_k(choice, k_max)
+    _, experts = jax.lax.top_k(with_bias(logits, ctx.bias), k_max)
     keep = jnp.arange(k_max)[None, :] < active
     selected = jnp.where(keep, jnp.take_along_axis(logits, experts, axis=-1), -jnp.inf)
     weights = jnp.where(keep, jax.nn.softmax(selected, axis=-1), 0.0)
@@ -238,20 +282,18 @@ def smoe_dropout(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None
                    probs=jax.nn.softmax(logits, axis=-1), logits=logits)
 
 
-@register("thor")
-def thor(logits: jax.Array, cfg: ml_collections.ConfigDict, *, bias=None, rng=None, train=False,
-         token_ids=None, progress=None) -> Routing:
+@register("thor", needs_rng=True, validate=_one_expert("thor", "one random expert per pass"))
+def thor(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """THOR (Zuo et al., 2022): no learned routing. In training every token of the call goes to one expert drawn
     uniformly at random (rng; one draw per layer and forward pass), with weight 1; the train step runs each batch
     twice with independent draws and adds the consistency loss (train.consistency_coef). Evaluation averages the
     outputs of all E experts (weights 1/E; top_k must be 1). The router logits play no part (probs are reported)."""
-    del bias, token_ids, progress
     num_tokens, num_experts = logits.shape
     probs = jax.nn.softmax(logits, axis=-1)
-    if train:
-        if rng is None:
+    if ctx.train:
+        if ctx.rng is None:
             raise ValueError("router kind 'thor' draws an expert at random in training: pass the 'routing' rng")
-        expert = jax.random.randint(rng, (), 0, num_experts, jnp.int32)
+        expert = jax.random.randint(ctx.rng, (), 0, num_experts, jnp.int32)
         return Routing(weights=jnp.ones((num_tokens, 1), jnp.float32),
                        experts=jnp.full((num_tokens, 1), expert, jnp.int32), probs=probs, logits=logits)
     experts = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts))
@@ -283,8 +325,6 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.fail(f"{prefix}.router.group_mask_fill", router.group_mask_fill, "allowed values are 0.0, -inf")
     checks.number(f"{prefix}.router.routed_scaling_factor", router.routed_scaling_factor, strict=True)
     checks.number(f"{prefix}.router.jitter", router.jitter)
-    if router.kind == "hash" and cfg.top_k != 1:
-        checks.fail(f"{prefix}.top_k", cfg.top_k, "must be 1 with router.kind='hash' (one expert per token)")
     checks.positive_int(f"{prefix}.router.hash_seed", router.hash_seed, minimum=0)
     checks.number(f"{prefix}.router.ec_capacity", router.ec_capacity, strict=True)
     if not (isinstance(router.top_p, (int, float)) and 0 < router.top_p <= 1):
@@ -297,5 +337,6 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
             checks.fail(f"{prefix}.router.{field}", router[field], f"must be <= model.moe.top_k={cfg.top_k}")
     if not isinstance(router.frozen, bool):
         checks.fail(f"{prefix}.router.frozen", router.frozen, "must be True or False")
-    if router.kind == "thor" and cfg.top_k != 1:
-        checks.fail(f"{prefix}.top_k", cfg.top_k, "must be 1 with router.kind='thor' (one random expert per pass)")
+    kind_checks = ROUTERS[router.kind].validate
+    if kind_checks is not None:
+        kind_checks(cfg, prefix)

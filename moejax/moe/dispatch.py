@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moejax import vma
-from moejax.routing import Routing
+from moejax.moe.routers import Routing
 
 
 @struct.dataclass
@@ -52,6 +52,12 @@ class Plan:
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """C = ceil(capacity_factor * T * k / E) slots per expert."""
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def slots_per_expert(expert_ids: jax.Array, num_experts: int) -> jax.Array:
+    """[E] int32: the routing slots given to each expert (ids >= E are null slots and not counted)."""
+    ids = jnp.where(expert_ids < num_experts, expert_ids, num_experts).reshape(-1)
+    return jnp.bincount(ids, length=num_experts + 1)[:num_experts].astype(jnp.int32)
 
 
 def default_tile(num_slots: int, num_experts: int) -> int:

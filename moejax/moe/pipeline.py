@@ -1,0 +1,33 @@
+"""Dispatch -> compute -> combine: the routed experts on one device's tokens, shared by the single-device MoE layer
+and by each device of the expert-parallel layer (moejax/moe/expert_parallel.py)."""
+import jax
+
+from moejax.moe import dispatch, experts
+from moejax.moe.routers import Routing
+
+
+def tile_for(backend: str, gmm_tile: int, num_slots: int, num_experts: int) -> int:
+    """Rows per tile of a dropless plan: 1 (the exact ragged layout) for the ragged backends; else ``gmm_tile`` or
+    ``dispatch.default_tile``."""
+    if backend in experts.RAGGED_BACKENDS:
+        return 1
+    return gmm_tile or dispatch.default_tile(num_slots, num_experts)
+
+
+def routed_experts(tokens: jax.Array, route: Routing, expert: experts.GLUExperts, weights: experts.Weights, *,
+                   num_experts: int, backend: str, kernel: str, tile: int, capacity: int | None = None,
+                   drop_policy: str = "position") -> tuple[jax.Array, jax.Array]:
+    """y_t = sum_j route.weights[t, j] * expert_{route.experts[t, j]}(tokens[t]) -> (y [T, D], dropped []).
+
+    Slots with an id >= num_experts are null. capacity: slots each expert keeps (``drop_policy`` decides which),
+    None for dropless; dropped counts the slots over capacity. tile: rows per tile of a dropless plan
+    (``tile_for``). backend: a resolved gmm backend; kernel: ``model.moe.dispatch_kernel``.
+    """
+    if capacity is not None:
+        plan = dispatch.capacity_plan(route, num_experts, capacity, drop_policy)
+    else:
+        plan = dispatch.dropless_plan(route, num_experts, tile)
+    permute, unpermute_combine = dispatch.kernel_ops(kernel)
+    rows = permute(tokens, plan.slot_row, plan.row_slot)
+    rows = experts.grouped_apply(expert, rows, weights, plan, backend)
+    return unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot), plan.dropped

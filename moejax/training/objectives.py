@@ -1,0 +1,131 @@
+"""Training objectives: what the train step differentiates. An objective runs the model's forward pass (once or more)
+and returns the value to minimise with a ``Report`` (the task loss to log, the weighted router losses, and the
+'moe_aux' collection whose statistics feed the metrics and the post-update hooks).
+
+* ``cross_entropy_loss``: next-token cross-entropy + the router losses.
+* ``consistency_loss`` (THOR, arXiv 2110.04260): the batch runs twice with independent routing draws;
+  CE_1 + CE_2 + coef * symmetric KL(p_1, p_2) + both passes' router losses; the reported loss is (CE_1 + CE_2) / 2.
+
+Adding an objective: a function ``loss(forward, targets, key) -> (value, Report)`` and a line in ``from_config``.
+The router losses' coefficients (``model.moe.balance_coef``, ``device_balance_coef``, ``z_loss_coef``,
+``entropy_loss_coef``) are applied here, to the unweighted losses the MoE layers record (moejax/moe/stats.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import struct
+
+from moejax import checks, model
+from moejax.moe import routers, stats
+
+Forward = Callable[[jax.Array], tuple[jax.Array, dict]]  # key -> (logits [B, S, V], 'moe_aux' collection)
+
+
+@struct.dataclass
+class Report:
+    loss: jax.Array  # [] the task loss to log
+    aux_loss: jax.Array  # [] the weighted router losses
+    moe_aux: Any  # the 'moe_aux' collection of the (first) forward pass
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats. logits: [B, S, V]; targets: [B, S] int."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1))
+
+
+def router_losses(moe_aux: dict, moe_cfg: ml_collections.ConfigDict) -> jax.Array:
+    """Sum over MoE layers of balance_coef * balance (+ device_balance_coef * device balance for 'deepseek'),
+    then of z_loss_coef * z-loss, then of entropy_loss_coef * router entropy."""
+    records = jax.tree.leaves(list(stats.collect(moe_aux).values()),
+                              is_leaf=lambda x: isinstance(x, stats.RoutedStats))
+    device = moe_cfg.balance_loss == "deepseek" and moe_cfg.device_balance_coef
+    balance_coef = moe_cfg.balance_coef if moe_cfg.balance_loss != "none" else 0.0
+
+    def balance(r):
+        weighted = balance_coef * r.balance_loss
+        return weighted + moe_cfg.device_balance_coef * r.device_balance_loss if device else weighted
+
+    terms = ([balance(r) for r in records] + [moe_cfg.z_loss_coef * r.z_loss for r in records]
+             + [moe_cfg.entropy_loss_coef * r.router_entropy for r in records])
+    return sum((jnp.sum(t) for t in terms), jnp.zeros((), jnp.float32))
+
+
+def consistency_kl(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
+    """THOR's symmetric consistency loss 1/2 [KL(p_a || p_b) + KL(p_b || p_a)], averaged over positions (as the
+    cross-entropy is). logits: [B, S, V]."""
+    log_a = jax.nn.log_softmax(logits_a.astype(jnp.float32), axis=-1)
+    log_b = jax.nn.log_softmax(logits_b.astype(jnp.float32), axis=-1)
+    sym = jnp.sum((jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b), axis=-1)  # KL(a||b) + KL(b||a)
+    return 0.5 * jnp.mean(sym)
+
+
+def cross_entropy_loss(forward: Forward, targets: jax.Array, key: jax.Array, *,
+                       moe_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Report]:
+    logits, moe_aux = forward(key)
+    task, aux = cross_entropy(logits, targets), router_losses(moe_aux, moe_cfg)
+    return task + aux, Report(task, aux, moe_aux)
+
+
+def consistency_loss(forward: Forward, targets: jax.Array, key: jax.Array, *, moe_cfg: ml_collections.ConfigDict,
+                     coef: float) -> tuple[jax.Array, Report]:
+    logits, moe_aux = forward(key)
+    logits_2, moe_aux_2 = forward(jax.random.fold_in(key, 1))
+    task, task_2 = cross_entropy(logits, targets), cross_entropy(logits_2, targets)
+    aux = router_losses(moe_aux, moe_cfg) + router_losses(moe_aux_2, moe_cfg)
+    value = task + task_2 + coef * consistency_kl(logits, logits_2) + aux
+    return value, Report((task + task_2) / 2, aux, moe_aux)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    t = config.train
+    checks.number("train.consistency_coef", t.consistency_coef)
+    kind = config.model.moe.router.kind
+    if t.consistency_coef and not routers.spec(kind).needs_rng:
+        random_kinds = sorted(k for k, s in routers.ROUTERS.items() if s.needs_rng)
+        checks.fail("train.consistency_coef", t.consistency_coef,
+                    f"the consistency loss compares two random routings: it needs a router kind in {random_kinds} "
+                    f"(got model.moe.router.kind={kind!r}); 0 otherwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The train step's objective: ``objective(params, moe_state, batch, step) -> (value, Report)``.
+
+    batch: [B, S + 1] tokens. The step's rng is ``fold_in(train_key, step)`` (split into the 'jitter' and 'routing'
+    streams); routers with a schedule get progress = step / total_steps.
+    """
+
+    module: model.Transformer
+    train_key: jax.Array
+    total_steps: int
+    loss: Callable[[Forward, jax.Array, jax.Array], tuple[jax.Array, Report]]
+
+    def __call__(self, params: Any, moe_state: Any, batch: jax.Array, step: jax.Array) -> tuple[jax.Array, Report]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        progress = step.astype(jnp.float32) / self.total_steps
+
+        def forward(key: jax.Array) -> tuple[jax.Array, dict]:
+            jitter_key, routing_key = jax.random.split(key)
+            logits, aux = self.module.apply({"params": params, "moe_state": moe_state}, inputs, train=True,
+                                            progress=progress, mutable=["moe_aux"],
+                                            rngs={"jitter": jitter_key, "routing": routing_key})
+            return logits, aux.get("moe_aux", {})
+
+        return self.loss(forward, targets, jax.random.fold_in(self.train_key, step))
+
+
+def from_config(config: ml_collections.ConfigDict, module: model.Transformer, train_key: jax.Array) -> Objective:
+    moe_cfg = config.model.moe
+    if config.train.consistency_coef:
+        loss = functools.partial(consistency_loss, moe_cfg=moe_cfg, coef=config.train.consistency_coef)
+    else:
+        loss = functools.partial(cross_entropy_loss, moe_cfg=moe_cfg)
+    return Objective(module, train_key, config.train.steps, loss)

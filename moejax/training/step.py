@@ -1,0 +1,59 @@
+"""The jitted steps: ``train_step`` (objective, gradient, optimizer update, post-update hooks, metrics) and
+``eval_step``. Metrics accumulate on device, inside the step: no eager op runs between steps (on XLA:CPU with many
+forced host devices, eager ops queued behind a step with collectives can starve it of threads)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics as clu_metrics
+
+from moejax import model
+from moejax.moe import stats
+from moejax.training import hooks as hooks_lib
+from moejax.training import objectives
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: updates applied so far
+    params: Any
+    opt_state: optax.OptState
+    moe_state: Any  # the 'moe_state' collection: router_bias [E] per MoE layer (empty for dense models)
+
+
+def layer_outputs(moe_aux: Any) -> dict[str, Any]:
+    """The model outputs the metrics collections read from a forward pass's 'moe_aux': ``layer_stats`` (a
+    RoutedStats stacked [L] in layer order), absent for a dense model."""
+    per_layer = stats.by_layer(stats.collect(moe_aux))
+    return {} if per_layer is None else {"layer_stats": per_layer}
+
+
+def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Array, *,
+               objective: objectives.Objective, tx: optax.GradientTransformation,
+               hooks: Sequence[hooks_lib.Hook] = ()) -> tuple[TrainState, clu_metrics.Collection, jax.Array]:
+    """One update on batch [B, S + 1]: the new state, metrics merged with this step's, [loss, grad_norm]."""
+    grads, report = jax.grad(lambda p: objective(p, state.moe_state, batch, state.step), has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    collected = stats.collect(report.moe_aux)
+    for hook in hooks:
+        new_state = hook(new_state, collected)
+    step_metrics = type(metrics).single_from_model_output(loss=report.loss, aux_loss=report.aux_loss,
+                                                          grad_norm=grad_norm, **layer_outputs(report.moe_aux))
+    return new_state, metrics.merge(step_metrics), jnp.stack([report.loss, grad_norm])
+
+
+def eval_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Array, *,
+              module: model.Transformer) -> clu_metrics.Collection:
+    """metrics merged with those of batch [B, S + 1], the MoE layers in eval mode (train=False)."""
+    logits, aux = module.apply({"params": state.params, "moe_state": state.moe_state}, batch[:, :-1], train=False,
+                               mutable=["moe_aux"])
+    return metrics.merge(type(metrics).single_from_model_output(
+        loss=objectives.cross_entropy(logits, batch[:, 1:]), **layer_outputs(aux.get("moe_aux", {}))))
