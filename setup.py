@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Mixture-of-Experts research codebase in JAX/Flax",
     python_requires=">=3.11",
-    packages=["moejax", "moejax.moe", "moejax.training", "moejax.kernels", "moejax.configs"],
+    packages=["moejax", "moejax.data", "moejax.moe", "moejax.training", "moejax.kernels", "moejax.configs"],
     package_dir={"moejax": "moejax", "moejax.kernels": "kernels", "moejax.configs": "configs"},
     install_requires=[
         "jax>=0.7",

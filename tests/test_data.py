@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from moejax import data
+from moejax.data import corpora
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,7 @@ def text_corpus(tmp_path):
 
 def test_stdlib_excludes_test_folders_and_splits_by_file(stdlib_dir, stdlib_ref):
     files, _ = stdlib_ref
-    corpus = data._load(make_config(stdlib_dir))
+    corpus = corpora._load(make_config(stdlib_dir))
     train, val = set(corpus.train_paths), set(corpus.val_paths)
     assert train | val == set(files)
     assert not train & val
@@ -121,7 +122,7 @@ def test_fingerprint_stable_across_builds(stdlib_dir, stdlib_ref, tmp_path, caps
 def test_losing_a_build_race_keeps_the_winner(stdlib_dir):
     target = next(stdlib_dir.glob("stdlib-*"))
     before = sorted(p.relative_to(target) for p in target.rglob("*"))
-    data._build_stdlib(target, [(f"m{i}.py", b"x = 1\n") for i in range(20)], 0.5)
+    corpora._build_stdlib(target, [(f"m{i}.py", b"x = 1\n") for i in range(20)], 0.5)
     assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
     assert [p.name for p in stdlib_dir.iterdir()] == [target.name]  # no temp dir left behind
 

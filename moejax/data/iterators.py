@@ -1,0 +1,173 @@
+"""Batch iterators over a corpus: windows of in-memory token streams, packed lanes over streamed TFDS documents,
+with checkpointable state (see moejax/data/__init__.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from moejax.data.corpora import SEPARATOR, _check_config, _grain_seed, _load, _MemoryCorpus
+
+
+class TrainIterator:
+    """Endless iterator of int32 batches [batch_size // process_count, seq_len + 1] with checkpointable state.
+
+    ``get_state()`` is a JSON-serialisable dict; after ``set_state(state)`` the following batches are
+    bit-identical to those the original iterator produced after the same point.
+    """
+
+    def __init__(self, meta: dict):
+        self._meta = meta  # what the state is only valid for: corpus, seed, shapes
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _position(self) -> dict:
+        raise NotImplementedError
+
+    def _set_position(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def get_state(self) -> dict:
+        return {**self._meta, **self._position()}
+
+    def set_state(self, state: dict) -> None:
+        for key, value in self._meta.items():
+            if state.get(key) != value:
+                raise ValueError(f"data iterator state has {key}={state.get(key)!r} but this iterator has "
+                                 f"{key}={value!r}; it was saved for a different corpus or config")
+        self._set_position(state)
+
+
+def _windows(stream: np.ndarray, seq_len: int, rows: int, process_index: int, process_count: int,
+             seed: int | None, split: str) -> grain.MapDataset:
+    """Endless MapDataset of int32 [rows, seq_len + 1] batches of windows stream[i*L : i*L + L + 1]."""
+    count = (stream.size - 1) // seq_len
+    if count < 1:
+        raise ValueError(f"the {split} has {stream.size} tokens, fewer than config.train.seq_len + 1 = "
+                         f"{seq_len + 1}; use a larger corpus or a smaller seq_len")
+    ds = grain.MapDataset.range(count)
+    if seed is not None:
+        ds = ds.shuffle(seed=_grain_seed(seed))
+    ds = ds.repeat(None)[process_index::process_count].batch(rows, drop_remainder=True)
+    offsets = np.arange(seq_len + 1)
+    return ds.map(lambda ids: stream[ids[:, None] * seq_len + offsets].astype(np.int32))
+
+
+class _WindowIterator(TrainIterator):
+    """Batch ``step`` of a shuffled window MapDataset; the state is the step (the same in every process)."""
+
+    def __init__(self, batches: grain.MapDataset, meta: dict):
+        super().__init__(meta)
+        self._batches, self._step = batches, 0
+
+    def __next__(self) -> np.ndarray:
+        batch = self._batches[self._step]
+        self._step += 1
+        return batch
+
+    def _position(self) -> dict:
+        return {"step": self._step}
+
+    def _set_position(self, state: dict) -> None:
+        self._step = int(state["step"])
+
+
+class _PackedIterator(TrainIterator):
+    """Packs streamed documents into one lane per row; lane g reads documents g, g + stride, g + 2 * stride, ...
+
+    ``order`` maps a document number to a record of ``source``; a lane reads ``_BLOCK`` documents at a time
+    (one batched array_record read). The state is each row's [document number k within its lane, offset] of
+    its next window's first token.
+    """
+
+    _BLOCK = 16
+
+    def __init__(self, source: Any, order: grain.MapDataset, text_key: str, seq_len: int, lanes: Sequence[int],
+                 stride: int, meta: dict):
+        super().__init__(meta)
+        self._source, self._key, self._seq_len = source, text_key, seq_len
+        self._blocks = [order[g::stride].batch(self._BLOCK, batch_fn=list) for g in lanes]
+        self._pos = [[0, 0] for _ in lanes]
+        self._cache: list[tuple[int, list[np.ndarray]]] = [(-1, [])] * len(lanes)
+
+    def _doc(self, row: int, k: int) -> np.ndarray:
+        """[len + 1] uint8: document k of the row's lane, then SEPARATOR."""
+        block, i = divmod(k, self._BLOCK)
+        if self._cache[row][0] != block:
+            texts = [r[self._key] for r in self._source.__getitems__(self._blocks[row][block])]
+            texts = [t.encode() if isinstance(t, str) else bytes(t) for t in texts]
+            sep = bytes([SEPARATOR])
+            self._cache[row] = (block, [np.frombuffer(t + sep, np.uint8) for t in texts])
+        return self._cache[row][1][i]
+
+    def _window(self, row: int) -> np.ndarray:
+        (k, o), need, pieces = self._pos[row], self._seq_len + 1, []
+        while True:
+            piece = self._doc(row, k)[o:o + need]
+            pieces.append(piece)
+            need, o = need - piece.size, o + piece.size
+            if not need:
+                break
+            k, o = k + 1, 0
+        self._pos[row] = [k, o - 1]  # the next window starts on this window's last token
+        return np.concatenate(pieces)
+
+    def __next__(self) -> np.ndarray:
+        return np.stack([self._window(r) for r in range(len(self._pos))]).astype(np.int32)
+
+    def _position(self) -> dict:
+        return {"lanes": [list(p) for p in self._pos]}
+
+    def _set_position(self, state: dict) -> None:
+        lanes = state["lanes"]
+        if len(lanes) != len(self._pos):
+            raise ValueError(f"data iterator state has {len(lanes)} lanes but this iterator has {len(self._pos)}")
+        self._pos = [[int(k), int(o)] for k, o in lanes]
+
+
+def _corpus_id(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _iterator(config, process_index: int, process_count: int, train: bool) -> TrainIterator:
+    rows, seq_len = _check_config(config, process_index, process_count)
+    corpus = _load(config)
+    seed = int(config.seed) if train else None
+    meta = {"corpus": _corpus_id(corpus.fingerprint), "seed": seed, "batch_size": config.train.batch_size,
+            "seq_len": seq_len}
+    if isinstance(corpus, _MemoryCorpus):
+        stream = corpus.train if train else corpus.val
+        split = f"{'train' if train else 'validation'} split of config.data.name={config.data.name!r}"
+        return _WindowIterator(_windows(stream, seq_len, rows, process_index, process_count, seed, split), meta)
+    source = corpus.train if train else corpus.val
+    order = grain.MapDataset.range(len(source))
+    if train:
+        order = order.shuffle(seed=_grain_seed(seed))
+    lanes = range(process_index * rows, (process_index + 1) * rows)
+    meta.update(process_index=process_index, process_count=process_count)
+    return _PackedIterator(source, order.repeat(None), corpus.text_key, seq_len, lanes, rows * process_count, meta)
+
+
+def train_iterator(config, *, process_index: int = 0, process_count: int = 1) -> TrainIterator:
+    """Endless training batches, int32 [config.train.batch_size // process_count, config.train.seq_len + 1].
+
+    Epochs repeat, each shuffled differently by ``config.seed``; processes see disjoint data.
+    """
+    return _iterator(config, process_index, process_count, train=True)
+
+
+def eval_batches(config, *, process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+    """The first ``config.data.eval_batches`` validation batches, int32 [batch // process_count, seq_len + 1].
+
+    Deterministic and independent of ``config.seed``; a validation split smaller than that repeats.
+    """
+    it = _iterator(config, process_index, process_count, train=False)
+    return [next(it) for _ in range(config.data.eval_batches)]
