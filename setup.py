@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="Mixture-of-Experts research codebase in JAX/Flax",
     python_requires=">=3.11",
-    packages=["moejax", "moejax.data", "moejax.moe", "moejax.training", "moejax.kernels", "moejax.configs"],
+    packages=["moejax", "moejax.data", "moejax.hf", "moejax.moe", "moejax.posthoc", "moejax.training", "moejax.kernels",
+              "moejax.configs"],
     package_dir={"moejax": "moejax", "moejax.kernels": "kernels", "moejax.configs": "configs"},
     install_requires=[
         "jax>=0.7",
@@ -22,10 +23,13 @@ setup(
         "tensorflow-datasets",
         "tensorboardX",
         "matplotlib",
+        "safetensors",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         "tf": ["tensorflow"],
         "notebooks": ["nbclient", "nbformat", "ipykernel"],
+        # tests/golden/make_hf_goldens.py and the live transformers checks of tests/test_hf.py
+        "hf": ["torch", "transformers", "tokenizers"],
     },
 )

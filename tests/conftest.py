@@ -24,7 +24,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Modules not listed go between the two groups. Each module's tests stay together and in order (module fixtures).
 SLOW_FIRST = ["test_parallel", "test_cli", "test_notebooks", "test_zoo", "test_train", "test_kernels",
               "test_experiments", "test_moe"]
-CHEAP_LAST = ["test_upcycle", "test_data", "test_routing", "test_losses", "test_configs"]
+CHEAP_LAST = ["test_posthoc_analysis", "test_upcycle", "test_data", "test_routing", "test_losses", "test_configs"]
 
 
 def module_rank(item) -> int:

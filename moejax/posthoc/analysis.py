@@ -1,0 +1,567 @@
+"""Analyses of a routing trace (``moejax.posthoc.trace.Trace``): expert load, router entropy, co-activation,
+inter-layer affinity, local routing consistency and token/expert specialisation.
+
+Every analysis takes a Trace and returns numpy arrays indexed by the trace's layer *position* ``l`` (the model's layer
+index is ``trace.layers[l]``). Null slots (expert ids outside ``[0, E)``; the routers' null id is ``>= E``) are left out
+everywhere: "routed slots" are the slots with a real expert. The traces may be memory-mapped: each analysis reads one
+layer at a time in blocks of tokens, so memory stays bounded by a block, not the corpus. The ``plot_*`` functions
+return a ``matplotlib.figure.Figure`` built without pyplot (a notebook shows it inline; no GUI backend needed) and,
+given ``path``, also save it as a PNG.
+
+    from moejax.posthoc import analysis, read_trace
+    trace = read_trace("traces/run1")
+    analysis.summary(trace)                   # headline numbers, JSON-serialisable
+    analysis.plot_local_consistency(trace, path="lrc.png")
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moejax.posthoc.trace import Trace
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_BLOCK_ELEMENTS = 1 << 22  # [tokens, E] entries processed at once
+DEFAULT_LENGTHS = (1, 2, 4, 8, 16, 32, 64)
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+def _block_tokens(trace: Trace) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(trace.num_experts, trace.top_k))
+
+
+def _blocks(trace: Trace) -> Iterator[tuple[int, int]]:
+    """[start, end) token ranges of at most _block_tokens(trace) tokens covering the trace."""
+    size = _block_tokens(trace)
+    for start in range(0, trace.num_tokens, size):
+        yield start, min(start + size, trace.num_tokens)
+
+
+def _valid(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    return (experts >= 0) & (experts < num_experts)
+
+
+def _pair_counts(first: np.ndarray, second: np.ndarray, num_experts: int) -> np.ndarray:
+    """[E, E] int64: n[i, j] = the number of (slot a of first, slot b of second) pairs of the same token with
+    first[n, a] = i and second[n, b] = j, both real; first [n, k], second [n, k'] (a bincount over the k x k' slot
+    combinations: exact, O(n k k'), no matmul)."""
+    first, second = np.asarray(first), np.asarray(second)
+    counts = np.zeros(num_experts * num_experts, np.int64)
+    for a in range(first.shape[1]):
+        for b in range(second.shape[1]):
+            i, j = first[:, a], second[:, b]
+            both = _valid(i, num_experts) & _valid(j, num_experts)
+            counts += np.bincount(i[both].astype(np.int64) * num_experts + j[both], minlength=counts.size)
+    return counts.reshape(num_experts, num_experts)
+
+
+def _distinct(experts: np.ndarray) -> np.ndarray:
+    """experts [n, k] with every repeat of an id within a row replaced by -1 (a null slot): each token's set."""
+    experts = np.sort(np.asarray(experts), axis=1)
+    repeat = np.zeros(experts.shape, bool)
+    repeat[:, 1:] = experts[:, 1:] == experts[:, :-1]
+    experts[repeat] = -1
+    return experts
+
+
+def _normalise_rows(counts: np.ndarray) -> np.ndarray:
+    """counts [..., E] -> rows divided by their sums; rows summing to 0 stay 0."""
+    total = counts.sum(-1, keepdims=True)
+    return np.divide(counts, total, out=np.zeros(counts.shape, np.float64), where=total > 0)
+
+
+def _ints(values: Sequence[int], name: str, minimum: int = 1) -> list[int]:
+    """The values as a non-empty list of Python ints >= minimum; ValueError naming ``name`` otherwise."""
+    values = [int(v) for v in np.atleast_1d(values)]
+    if not values or min(values) < minimum:
+        raise ValueError(f"{name} must be integers >= {minimum}, got {values}")
+    return values
+
+
+def _layer(trace: Trace, layer: int) -> int:
+    if not -trace.num_layers <= layer < trace.num_layers:
+        raise IndexError(f"layer position {layer} is outside the trace's {trace.num_layers} MoE layers (model "
+                         f"layers {trace.layers.tolist()}; analyses index layers by position)")
+    return layer % trace.num_layers
+
+
+# ---------------------------------------------------------------------------------------------- load and entropy
+
+def expert_counts(trace: Trace) -> np.ndarray:
+    """[L, E] int64: the routed slots each expert received at each layer."""
+    counts = np.zeros((trace.num_layers, trace.num_experts), np.int64)
+    for layer in range(trace.num_layers):
+        for start, end in _blocks(trace):
+            experts = np.asarray(trace.experts[layer, start:end])
+            counts[layer] += np.bincount(experts[_valid(experts, trace.num_experts)], minlength=trace.num_experts)
+    return counts
+
+
+def expert_frequency(trace: Trace) -> np.ndarray:
+    """[L, E] float64: f[l, e] = (routed slots of expert e at layer l) / (routed slots at layer l); a row sums to 1
+    (0 for a layer without routed slots); a balanced layer is 1/E everywhere."""
+    return _normalise_rows(expert_counts(trace))
+
+
+def gate_mass(trace: Trace) -> np.ndarray:
+    """[L, E] float64: w[l, e] = (sum of the gate weights of expert e's routed slots at layer l) / (sum of the gate
+    weights of all routed slots at layer l); a row sums to 1 (0 when the layer's routed weight is 0)."""
+    mass = np.zeros((trace.num_layers, trace.num_experts), np.float64)
+    for layer in range(trace.num_layers):
+        for start, end in _blocks(trace):
+            experts = np.asarray(trace.experts[layer, start:end])
+            valid = _valid(experts, trace.num_experts)
+            weights = np.asarray(trace.weights[layer, start:end], np.float64)[valid]
+            mass[layer] += np.bincount(experts[valid], weights=weights, minlength=trace.num_experts)
+    return _normalise_rows(mass)
+
+
+def load_imbalance(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """(max_over_mean [L], cv [L]) of each layer's expert load c[l, e] (routed slots per expert):
+    max_over_mean = max_e c / mean_e c (1 when balanced, E when one expert takes everything; MaxVio + 1) and the
+    coefficient of variation cv = std_e c / mean_e c (population std; 0 balanced, sqrt(E - 1) for one expert).
+    NaN for a layer without routed slots."""
+    counts = expert_counts(trace).astype(np.float64)
+    mean = counts.mean(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(mean > 0, counts.max(-1) / mean, np.nan),
+                np.where(mean > 0, counts.std(-1) / mean, np.nan))
+
+
+def router_entropy(trace: Trace) -> np.ndarray:
+    """[L] float64: mean over tokens of the entropy (nats) of the normalised router scores,
+    H[l] = mean_n -sum_e p[n, e] log p[n, e] with p[n, e] = s[l, n, e] / sum_e' s[l, n, e'] (0 log 0 = 0), as
+    ``moejax.moe.losses.router_entropy``; between 0 (one expert) and log E (uniform). Tokens whose scores sum to 0
+    are left out (NaN for a layer with no other). Needs the scores; raises ValueError without them or when a score is
+    negative (logits rather than probabilities)."""
+    if trace.scores is None:
+        raise ValueError("router_entropy needs the router scores: this trace was recorded without them "
+                         "(with_scores=False)")
+    entropy = np.zeros(trace.num_layers)
+    for layer in range(trace.num_layers):
+        total, tokens = 0.0, 0
+        for start, end in _blocks(trace):
+            scores = np.asarray(trace.scores[layer, start:end], np.float64)
+            if (scores < 0).any():
+                raise ValueError(f"layer position {layer} has negative router scores: router_entropy needs "
+                                 "non-negative scores (probabilities), not logits")
+            p = _normalise_rows(scores)
+            logs = np.log(p, out=np.zeros_like(p), where=p > 0)
+            keep = scores.sum(-1) > 0
+            total += float(-(p * logs).sum(-1)[keep].sum())
+            tokens += int(keep.sum())
+        entropy[layer] = total / tokens if tokens else np.nan
+    return entropy
+
+
+# ------------------------------------------------------------------------------------- co-activation and affinity
+
+def coactivation(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """(joint [L, E, E], conditional [L, E, E]) float64. With S_n the set of real experts of token n at layer l:
+    joint[l, i, j] = |{n : i in S_n and j in S_n}| / N (the fraction of all N tokens routed to both i and j) and
+    conditional[l, i, j] = P(j | i) = |{n : i, j in S_n}| / |{n : i in S_n}| (0 when no token is routed to i).
+    Both are 0 on the diagonal (i = j) and joint is symmetric."""
+    num_experts = trace.num_experts
+    both = np.zeros((trace.num_layers, num_experts, num_experts), np.int64)
+    for layer in range(trace.num_layers):
+        for start, end in _blocks(trace):
+            chosen = _distinct(trace.experts[layer, start:end])
+            both[layer] += _pair_counts(chosen, chosen, num_experts)
+    both = both.astype(np.float64)
+    routed = np.diagonal(both, axis1=1, axis2=2).copy()  # [L, E]: tokens routed to each expert
+    off = ~np.eye(num_experts, dtype=bool)
+    joint = both * off / max(trace.num_tokens, 1)
+    conditional = np.divide(both * off, routed[:, :, None], out=np.zeros_like(both), where=routed[:, :, None] > 0)
+    return joint, conditional
+
+
+def inter_layer_counts(trace: Trace) -> np.ndarray:
+    """[L - 1, E, E] int64: n[l, i, j] = the number of (slot at layer l with expert i, slot at layer l + 1 with
+    expert j) pairs over all tokens, i.e. sum_n c_l[n, i] c_{l+1}[n, j] with c the slot counts of token n (with top-k
+    routing each token contributes its k x k combinations)."""
+    num_experts = trace.num_experts
+    counts = np.zeros((max(trace.num_layers - 1, 0), num_experts, num_experts), np.int64)
+    for layer in range(trace.num_layers - 1):
+        for start, end in _blocks(trace):
+            counts[layer] += _pair_counts(trace.experts[layer, start:end], trace.experts[layer + 1, start:end],
+                                          num_experts)
+    return counts
+
+
+def inter_layer_affinity(trace: Trace) -> np.ndarray:
+    """[L - 1, E, E] float64, ExFlow's inter-layer expert affinity (arXiv 2401.08383):
+    A[l, i, j] = P(expert j at layer position l + 1 | expert i at layer position l) = n[l, i, j] / sum_j' n[l, i, j']
+    with n = ``inter_layer_counts`` (every selected (i, j) combination of the same token counts once). Rows sum to 1,
+    or are all 0 for an expert never selected at layer l. Consecutive positions of the trace, i.e. consecutive MoE
+    layers (dense layers between them are skipped)."""
+    return _normalise_rows(inter_layer_counts(trace))
+
+
+# -------------------------------------------------------------------------------------- local routing consistency
+
+def _windows(trace: Trace, length: int, stride: int) -> np.ndarray:
+    """[W] int64: the start positions of the windows of ``length`` consecutive tokens inside each document, at
+    ``stride`` from the document's start; a window that would cross the document's end is dropped."""
+    docs = trace.documents
+    per_doc = np.maximum((docs[:, 1] - docs[:, 0] - length) // stride + 1, 0)
+    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    return np.repeat(docs[:, 0], per_doc) + stride * (np.arange(per_doc.sum()) - first)
+
+
+def _window_counts(trace: Trace, layer: int, starts: np.ndarray, length: int) -> Iterator[np.ndarray]:
+    """Blocks of [w, E] int64: the routed slots of each expert inside each window [s, s + length) at one layer, the
+    windows of ``starts`` (sorted) in order. Disjoint windows count their tokens' slots directly; overlapping ones
+    difference prefix sums over the block's tokens."""
+    span, num_experts = _block_tokens(trace), trace.num_experts
+    disjoint = bool(np.all(np.diff(starts) >= length))
+    i = 0
+    while i < len(starts):
+        first = int(starts[i])
+        j = int(np.searchsorted(starts, first + span, side="left"))
+        local = starts[i:j] - first
+        experts = np.asarray(trace.experts[layer, first:int(starts[j - 1]) + length])
+        if disjoint:
+            inside = experts[(local[:, None] + np.arange(length)).ravel()]  # [w * length, k]
+            valid = _valid(inside, num_experts)
+            window = np.broadcast_to(np.repeat(np.arange(j - i), length)[:, None], inside.shape)
+            keys = window[valid].astype(np.int64) * num_experts + inside[valid]
+            yield np.bincount(keys, minlength=(j - i) * num_experts).reshape(j - i, num_experts)
+        else:  # prefix sums along the tokens, laid out [E, tokens] so that the sums run over contiguous memory
+            rows = experts.shape[0]
+            valid = _valid(experts, num_experts)
+            token = np.broadcast_to(np.arange(rows)[:, None], experts.shape)
+            keys = experts[valid].astype(np.int64) * (rows + 1) + token[valid] + 1
+            prefix = np.bincount(keys, minlength=num_experts * (rows + 1)).reshape(num_experts, rows + 1)
+            np.cumsum(prefix, axis=1, out=prefix)
+            yield (prefix[:, local + length] - prefix[:, local]).T
+        i = j
+
+
+def segment_cache_best_hit_rate(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS,
+                                cache_sizes: Sequence[int] | None = None) -> np.ndarray:
+    """[L, len(lengths), len(cache_sizes)] float64: the segment cache best hit rate SCH(m, c).
+
+    Each document is cut into segments of m consecutive tokens from its start (the last incomplete segment of a
+    document is dropped; segments never cross a document boundary). For a segment s and layer l let
+    c_s[e] = the routed slots of expert e in s (sum over its m tokens) and R_s = sum_e c_s[e]. A cache holding c
+    experts for the whole segment, chosen optimally in hindsight (the c most frequent experts of the segment), hits
+    H_s(c) = sum of the c largest c_s[e] slots; then
+        SCH_l(m, c) = mean over segments s with R_s > 0 of H_s(c) / R_s
+    (NaN when no segment has a routed slot, e.g. m longer than every document). SCH(m, c) = 1 for c >= E, and for
+    m = 1 whenever c >= the experts of one token. ``cache_sizes`` default: (k, 2k) with k = trace.top_k.
+
+    This is the per-segment (hindsight-optimal, static within a segment) form of arXiv 2505.16056's SCH; the
+    authors' code (github.com/ljcleo/moe-lrc, 41_sch_calc.py) simulates instead a cache updated at every token whose
+    priority is each expert's count over the next m tokens (a look-ahead window), which gives different numbers."""
+    lengths = _ints(lengths, "segment lengths")
+    sizes = _ints((trace.top_k, 2 * trace.top_k) if cache_sizes is None else cache_sizes, "cache sizes", 0)
+    columns = np.clip(np.asarray(sizes), 0, trace.num_experts)
+    out = np.full((trace.num_layers, len(lengths), len(sizes)), np.nan)
+    for mi, length in enumerate(lengths):
+        starts = _windows(trace, length, length)
+        for layer in range(trace.num_layers):
+            total, segments = np.zeros(len(sizes)), 0
+            for counts in _window_counts(trace, layer, starts, length):
+                slots = counts.sum(-1)
+                counts = counts[slots > 0]
+                cumulative = np.zeros((counts.shape[0], trace.num_experts + 1))
+                cumulative[:, 1:] = np.cumsum(-np.sort(-counts, axis=-1), axis=-1)  # hits of the c largest, c = 0..E
+                total += (cumulative[:, columns] / slots[slots > 0, None]).sum(0)
+                segments += counts.shape[0]
+            if segments:
+                out[layer, mi] = total / segments
+    return out
+
+
+def segment_routing_best_performance(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS) -> np.ndarray:
+    """[L, len(lengths)] float64: the segment routing best performance SRP(m) as coverage.
+
+    Segments as in ``segment_cache_best_hit_rate`` (m consecutive tokens from each document's start, never crossing a
+    document boundary, the incomplete last one dropped). A segment is given one fixed set of k experts
+    (k = trace.top_k), the best in hindsight: its k most frequent experts. SRP_l(m) = mean over segments s with
+    R_s > 0 of (routed slots of s whose expert is in that set) / R_s, i.e. SRP(m) = SCH(m, c=k). SRP(1) = 1 (one
+    token's experts are one set of at most k).
+
+    arXiv 2505.16056 scores a segment routing by F1 against the token routing instead (the authors' 30_srp_calc.py /
+    31_srp_refine.py): see ``segment_routing_f1``."""
+    return segment_cache_best_hit_rate(trace, lengths, [trace.top_k])[..., 0]
+
+
+def segment_routing_f1(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS, stride: int = 1) -> np.ndarray:
+    """[L, len(lengths)] float64: SRP(m) as arXiv 2505.16056's code computes it (github.com/ljcleo/moe-lrc,
+    30_srp_calc.py and 31_srp_refine.py): the best F1 of a threshold segment routing against the token routing.
+
+    Windows w of m consecutive tokens start every ``stride`` tokens from each document's start (stride 1: all
+    overlapping windows, as the authors; never crossing a document boundary). With c_w[e] = the routed slots of
+    expert e in window w, a segment routing with threshold t activates S_w(t) = {e : c_w[e] >= t} for each of the m
+    tokens of w. Summed over all windows of the layer:
+        matches M(t) = sum_w sum_{e in S_w(t)} c_w[e],   predictions P(t) = sum_w m |S_w(t)|,
+        activations A = sum_w sum_e c_w[e],             F1(t) = 2 M(t) / (P(t) + A),
+    and SRP_l(m) = max over t = 1 .. max c_w[e] of F1(t) (one threshold per layer and m). SRP(1) = 1 when no token
+    holds one expert in two slots. NaN when no window has a routed slot. (The authors also pool layers and add
+    bootstrap intervals; here each layer is reported.)"""
+    lengths = _ints(lengths, "segment lengths")
+    stride = _ints([stride], "stride")[0]
+    out = np.full((trace.num_layers, len(lengths)), np.nan)
+    for mi, length in enumerate(lengths):
+        starts = _windows(trace, length, stride)
+        for layer in range(trace.num_layers):
+            histogram = np.zeros(1, np.int64)  # histogram[c]: (window, expert) pairs with c_w[e] = c
+            for counts in _window_counts(trace, layer, starts, length):
+                block = np.bincount(counts.ravel())
+                size = max(len(histogram), len(block))
+                histogram = np.pad(histogram, (0, size - len(histogram))) + np.pad(block, (0, size - len(block)))
+            values = np.arange(len(histogram))
+            activations = float((values * histogram).sum())
+            if activations == 0:
+                continue
+            matches = np.cumsum((values * histogram)[::-1])[::-1][1:].astype(np.float64)  # t = 1 .. max
+            predictions = length * np.cumsum(histogram[::-1])[::-1][1:].astype(np.float64)
+            out[layer, mi] = float(np.max(2 * matches / (predictions + activations)))
+    return out
+
+
+# ------------------------------------------------------------------------------------- token/expert specialisation
+
+def _npmi(joint: np.ndarray, expert: np.ndarray, token: np.ndarray, slots: int) -> np.ndarray:
+    """npmi from counts: joint c(e, t), expert c(e), token c(t) (broadcastable) and the routed slots S."""
+    joint = np.asarray(joint, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(joint * slots / (np.asarray(expert, np.float64) * np.asarray(token, np.float64)))
+        value = pmi / np.log(slots / joint)
+    return np.where(joint <= 0, -1.0, np.where(joint >= slots, 1.0, value))
+
+
+def npmi(trace: Trace, layer: int, token_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """[E, T] float64: normalised pointwise mutual information between expert e at layer position ``layer`` and token
+    id t (RICE, arXiv 2505.14681).
+
+    The events are the routed slots of the layer: slot (n, j) with a real expert e = experts[l, n, j] and the token
+    t = token_ids[n]. With S = the number of routed slots, c(e, t) = the routed slots with expert e at a position
+    holding t, c(e) = sum_t c(e, t) and c(t) = sum_e c(e, t) (the routed slots at positions holding t):
+        p(e, t) = c(e, t) / S,  p(e) = c(e) / S,  p(t) = c(t) / S,
+        npmi(e, t) = log(p(e, t) / (p(e) p(t))) / -log p(e, t),
+    in [-1, 1]; npmi = -1 when c(e, t) = 0 (also for a token id absent from the trace) and 1 when c(e, t) = S.
+    Columns: the ids of ``token_ids`` in their order (marker tokens), or every id 0 .. max(trace.token_ids) when
+    None (dense [E, V]: give the ids of interest for a large vocabulary)."""
+    layer = _layer(trace, layer)
+    num_experts = trace.num_experts
+    columns = (np.arange(int(np.max(trace.token_ids, initial=-1)) + 1) if token_ids is None
+               else np.asarray(token_ids, np.int64).reshape(-1))
+    wanted = np.unique(columns)
+    joint = np.zeros((num_experts, len(wanted)), np.int64)
+    expert = np.zeros(num_experts, np.int64)
+    for start, end in _blocks(trace):
+        experts = np.asarray(trace.experts[layer, start:end])
+        valid = _valid(experts, num_experts)
+        expert += np.bincount(experts[valid], minlength=num_experts)
+        ids = np.asarray(trace.token_ids[start:end], np.int64)
+        where = np.minimum(np.searchsorted(wanted, ids), max(len(wanted) - 1, 0))
+        hit = (wanted[where] == ids) if len(wanted) else np.zeros(len(ids), bool)
+        keep = valid & hit[:, None]
+        keys = experts[keep].astype(np.int64) * len(wanted) + np.broadcast_to(where[:, None], experts.shape)[keep]
+        joint += np.bincount(keys, minlength=joint.size).reshape(joint.shape)
+    slots = int(expert.sum())
+    values = _npmi(joint, expert[:, None], joint.sum(0, keepdims=True), slots)
+    return values[:, np.searchsorted(wanted, columns)]
+
+
+def top_experts_for_token(trace: Trace, token_id: int, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(experts [L, n] int64, npmi [L, n] float64): at each layer position, the n experts with the highest npmi with
+    ``token_id`` (see ``npmi``), highest first (ties: the lower expert id first); n is capped at E. RICE's "cognitive
+    experts" are these for a reasoning marker token. Raises ValueError for a token id absent from the trace."""
+    if not np.any(np.asarray(trace.token_ids) == token_id):
+        raise ValueError(f"token id {token_id} does not occur in the trace: its npmi is -1 with every expert")
+    n = min(int(n), trace.num_experts)
+    experts = np.zeros((trace.num_layers, n), np.int64)
+    values = np.zeros((trace.num_layers, n))
+    for layer in range(trace.num_layers):
+        column = npmi(trace, layer, [token_id])[:, 0]
+        order = np.argsort(-column, kind="stable")[:n]
+        experts[layer], values[layer] = order, column[order]
+    return experts, values
+
+
+def top_tokens_per_expert(trace: Trace, layer: int, n: int = 10, min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(token_ids [E, n] int64, npmi [E, n] float64): for each expert at layer position ``layer``, the n token ids of
+    highest npmi with it (see ``npmi``), highest first (ties: the lower token id first), among the token ids occurring
+    at least ``min_count`` times in the trace (a rare token's npmi is noisy: raise min_count). Only tokens routed to
+    the expert at least once are listed; a row with fewer is padded with id -1 and npmi -1. Counts only the (expert,
+    token) pairs that occur (memory O(N k), not O(E V))."""
+    layer = _layer(trace, layer)
+    num_experts, n = trace.num_experts, int(n)
+    ids, inverse, occurrences = np.unique(np.asarray(trace.token_ids), return_inverse=True, return_counts=True)
+    experts = np.asarray(trace.experts[layer])
+    valid = _valid(experts, num_experts)
+    keys = experts[valid].astype(np.int64) * len(ids) + np.broadcast_to(inverse.reshape(-1, 1), experts.shape)[valid]
+    pairs, joint = np.unique(keys, return_counts=True)
+    pair_expert, pair_token = pairs // max(len(ids), 1), pairs % max(len(ids), 1)
+    expert = np.bincount(pair_expert, weights=joint, minlength=num_experts)
+    token = np.bincount(pair_token, weights=joint, minlength=len(ids))
+    values = _npmi(joint, expert[pair_expert], token[pair_token], int(joint.sum()))
+    eligible = occurrences[pair_token] >= min_count
+    pair_expert, pair_token, values = pair_expert[eligible], pair_token[eligible], values[eligible]
+    order = np.lexsort((ids[pair_token], -values, pair_expert))
+    pair_expert, pair_token, values = pair_expert[order], pair_token[order], values[order]
+    rank = np.arange(len(order)) - np.searchsorted(pair_expert, pair_expert, side="left")
+    top = rank < n
+    out_ids = np.full((num_experts, n), -1, np.int64)
+    out_values = np.full((num_experts, n), -1.0)
+    out_ids[pair_expert[top], rank[top]] = ids[pair_token[top]]
+    out_values[pair_expert[top], rank[top]] = values[top]
+    return out_ids, out_values
+
+
+# ------------------------------------------------------------------------------------------------------- summary
+
+def _json(values: Any) -> Any:
+    """Arrays and numpy scalars as (nested lists of) Python numbers, NaN as None (strict JSON)."""
+    if isinstance(values, dict):
+        return {key: _json(value) for key, value in values.items()}
+    if isinstance(values, np.ndarray | np.generic):
+        return _json(values.tolist())
+    if isinstance(values, list | tuple):
+        return [_json(v) for v in values]
+    if isinstance(values, float) and not math.isfinite(values):
+        return None
+    return values
+
+
+def _nanmean(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """np.nanmean without its all-NaN warning (all NaN -> NaN)."""
+    counts = (~np.isnan(values)).sum(axis)
+    sums = np.nansum(values, axis)
+    return np.divide(sums, counts, out=np.full(np.shape(sums), np.nan), where=counts > 0)
+
+
+def summary(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS,
+            cache_sizes: Sequence[int] | None = None) -> dict[str, Any]:
+    """The headline numbers of a trace, JSON-serialisable (``json.dumps(..., allow_nan=False)``; NaN is None).
+
+    Lists ``[L]`` follow the layer positions; ``*_mean`` average over the layers. Keys: num_tokens, num_documents,
+    layers, num_experts, top_k, with_scores; experts_per_token [L] (routed slots per token); null_slot_fraction [L];
+    max_expert_fraction [L] (the largest entry of ``expert_frequency``); max_over_mean_load, load_cv [L]
+    (``load_imbalance``); router_entropy [L] (nats, None without scores) and router_entropy_max (log E);
+    affinity_top1 [L - 1] (mean over the experts selected at layer l of max_j A[l, i, j]: how predictable the next
+    layer's expert is; ``inter_layer_affinity``); segment_lengths, cache_sizes; srp [L][M] and srp_mean [M]
+    (``segment_routing_best_performance``); srp_f1, srp_f1_mean (``segment_routing_f1``); sch [L][M][C] and sch_mean
+    [M][C] (``segment_cache_best_hit_rate``). The time grows as L * N * E per segment length (srp_f1 over every
+    overlapping window dominates): pass fewer ``lengths`` for a large corpus."""
+    lengths = _ints(lengths, "segment lengths")
+    sizes = [trace.top_k, 2 * trace.top_k] if cache_sizes is None else _ints(cache_sizes, "cache sizes", 0)
+    counts = expert_counts(trace)
+    slots = counts.sum(-1)
+    max_over_mean, cv = load_imbalance(trace)
+    affinity = inter_layer_affinity(trace)
+    selected = inter_layer_counts(trace).sum(-1) > 0
+    top1 = np.array([affinity[layer].max(-1)[selected[layer]].mean() if selected[layer].any() else np.nan
+                     for layer in range(len(affinity))])
+    sch = segment_cache_best_hit_rate(trace, lengths, sizes)
+    srp = segment_routing_best_performance(trace, lengths)
+    srp_f1 = segment_routing_f1(trace, lengths)
+    tokens = max(trace.num_tokens, 1)
+    return _json({
+        "num_tokens": trace.num_tokens, "num_documents": len(trace.doc_starts), "layers": trace.layers.tolist(),
+        "num_experts": trace.num_experts, "top_k": trace.top_k, "with_scores": trace.scores is not None,
+        "experts_per_token": slots / tokens, "null_slot_fraction": 1 - slots / (tokens * trace.top_k),
+        "max_expert_fraction": expert_frequency(trace).max(-1), "max_over_mean_load": max_over_mean, "load_cv": cv,
+        "router_entropy": None if trace.scores is None else router_entropy(trace),
+        "router_entropy_max": math.log(trace.num_experts), "affinity_top1": top1,
+        "segment_lengths": lengths, "cache_sizes": sizes,
+        "srp": srp, "srp_mean": _nanmean(srp), "srp_f1": srp_f1, "srp_f1_mean": _nanmean(srp_f1),
+        "sch": sch, "sch_mean": _nanmean(sch),
+    })
+
+
+# --------------------------------------------------------------------------------------------------------- plots
+
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    if path is not None:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def plot_frequency(trace: Trace, path: str | os.PathLike | None = None) -> Figure:
+    """Heatmap of ``expert_frequency`` [L, E]: MoE layers (y, labelled with the model's layer index) x experts (x),
+    colour = the fraction of the layer's routed slots (a balanced layer is 1/E everywhere)."""
+    from matplotlib.figure import Figure
+
+    frequency = expert_frequency(trace)
+    fig = Figure(figsize=(min(3 + 0.25 * trace.num_experts, 16), 1.5 + 0.35 * trace.num_layers), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(frequency, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", vmin=0.0)
+    fig.colorbar(image, ax=ax, label="fraction of routed slots")
+    ax.set_yticks(range(trace.num_layers), [str(layer) for layer in trace.layers])
+    ax.set(xlabel="expert", ylabel="layer",
+           title=f"expert frequency ({trace.num_tokens} tokens, uniform = {1 / trace.num_experts:.3g})")
+    return _finish(fig, path)
+
+
+def plot_affinity(trace: Trace, pairs: Sequence[int] | None = None, path: str | os.PathLike | None = None,
+                  max_panels: int = 4) -> Figure:
+    """Heatmaps of ``inter_layer_affinity``, one panel per consecutive pair of MoE layers (l, l + 1): expert at layer
+    l (y) x expert at layer l + 1 (x), colour = P(j | i). ``pairs``: the positions l to show (default: at most
+    ``max_panels`` spread evenly over the depth). Raises ValueError for a trace of one MoE layer."""
+    from matplotlib.figure import Figure
+
+    if trace.num_layers < 2:
+        raise ValueError("inter-layer affinity needs at least two MoE layers; the trace has one")
+    affinity = inter_layer_affinity(trace)
+    if pairs is None:
+        pairs = np.unique(np.round(np.linspace(0, len(affinity) - 1, min(max_panels, len(affinity))))).astype(int)
+    pairs = [int(p) for p in pairs][:max_panels]
+    fig = Figure(figsize=(4.2 * len(pairs), 3.6), layout="constrained")
+    vmax = max(float(affinity[pairs].max()), 1e-12)
+    for i, pair in enumerate(pairs):
+        ax = fig.add_subplot(1, len(pairs), i + 1)
+        image = ax.imshow(affinity[pair], origin="lower", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax)
+        ax.set(title=f"layer {trace.layers[pair]} -> {trace.layers[pair + 1]}",
+               xlabel=f"expert at layer {trace.layers[pair + 1]}", ylabel=f"expert at layer {trace.layers[pair]}")
+    fig.colorbar(image, ax=fig.axes, label="P(next-layer expert | expert)")
+    fig.suptitle(f"inter-layer expert affinity (uniform = {1 / trace.num_experts:.3g})")
+    return _finish(fig, path)
+
+
+def plot_local_consistency(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS,
+                           cache_sizes: Sequence[int] | None = None,
+                           path: str | os.PathLike | None = None) -> Figure:
+    """Local routing consistency against the segment length m (log2 axis), averaged over the MoE layers with a
+    min-max band over the layers. Left: SRP as coverage (``segment_routing_best_performance``, solid) and as F1
+    (``segment_routing_f1``, dashed). Right: SCH (``segment_cache_best_hit_rate``), one line per cache size
+    (default k and 2k)."""
+    from matplotlib.figure import Figure
+
+    lengths = _ints(lengths, "segment lengths")
+    sizes = [trace.top_k, 2 * trace.top_k] if cache_sizes is None else _ints(cache_sizes, "cache sizes", 0)
+    curves = {"SRP (coverage)": (segment_routing_best_performance(trace, lengths), "-"),
+              "SRP (F1)": (segment_routing_f1(trace, lengths), "--")}
+    sch = segment_cache_best_hit_rate(trace, lengths, sizes)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for ax, lines in ((left, [(label, values, style) for label, (values, style) in curves.items()]),
+                      (right, [(f"cache of {c} experts", sch[..., i], "-") for i, c in enumerate(sizes)])):
+        for i, (label, values, style) in enumerate(lines):
+            ax.plot(lengths, _nanmean(values), style, color=f"C{i % 10}", marker="o", label=label)
+            if trace.num_layers > 1:
+                with warnings.catch_warnings():  # a length longer than every document is NaN at every layer
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    low, high = np.nanmin(values, 0), np.nanmax(values, 0)
+                ax.fill_between(lengths, low, high, color=f"C{i % 10}", alpha=0.15, linewidth=0)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="segment length m (tokens)", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    left.set(ylabel="segment routing best performance", title=f"SRP (k = {trace.top_k})")
+    right.set(ylabel="segment cache best hit rate", title=f"SCH ({trace.num_experts} experts)")
+    fig.suptitle(f"local routing consistency: mean over {trace.num_layers} MoE layers, band = min-max over layers")
+    return _finish(fig, path)
