@@ -16,8 +16,9 @@ table's rows share (the paper configs other than deepseekmoe.py default to the `
 import dataclasses
 from typing import Any
 
-# The width of configs/deepseekmoe.py:tiny: one "standard FFN" is a 352-wide SwiGLU.
-TINY_MODEL = {"model.d_model": 128, "model.num_layers": 4, "model.num_heads": 4, "model.ffn_dim": 352}
+# The width of configs/deepseekmoe.py:tiny: one "standard FFN" is a 352-wide SwiGLU; queries and keys RMS-normed.
+TINY_MODEL = {"model.d_model": 128, "model.num_layers": 4, "model.num_heads": 4, "model.ffn_dim": 352,
+              "model.qk_norm": True}
 # The optimiser, batch and sequence of configs/deepseekmoe.py:tiny (cosine schedule and AdamW as in configs/base.py).
 TINY_TRAIN = {"train.batch_size": 32, "train.seq_len": 128, "train.learning_rate": 6e-3, "train.warmup_steps": 30}
 TINY = {**TINY_MODEL, **TINY_TRAIN}
