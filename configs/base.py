@@ -50,6 +50,13 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.activation = "silu"
     # Routed expert kind (moejax/moe/experts.py EXPERT_KINDS): 'glu' = (act(x @ wi_0) * (x @ wi_1)) @ wo.
     moe.expert_kind = "glu"
+    # expert_kind='gpt_oss' (GPT-OSS): biased SwiGLU with clamping, out = (clip(up, -limit, limit) + 1) *
+    # g * sigmoid(alpha * g), g = min(gate, limit); experts carry biases on both projections.
+    moe.swiglu_limit = 7.0
+    moe.swiglu_alpha = 1.702
+    # Width of the fused shared-expert GLU; 0 means num_shared * expert_ffn (Qwen2-MoE sets it on its own).
+    # A width > 0 needs num_shared > 0.
+    moe.shared_ffn = 0
     # 'dropless': every routed slot is computed (sort by expert, grouped matmul).
     # 'capacity': each expert takes at most C = ceil(capacity_factor * T * k / E) slots; the rest are dropped
     # (their contribution is 0, the residual passes) and counted.
@@ -136,6 +143,8 @@ def moe_config() -> ml_collections.ConfigDict:
     router.eval_top_k = 0
     # Keep the router at its random initialisation: no gradient, no weight decay (SMoE-Dropout).
     router.frozen = False
+    # A learned bias in the router's linear map, logits = x @ W + b (GPT-OSS): router/bias [E] float32, zeros at init.
+    router.bias = False
     moe.router = router
     return moe
 
@@ -156,6 +165,58 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.norm_eps = 1e-6
     # RMSNorm on each head's queries and keys before the rotary embedding (Qwen3, OLMoE).
     model.qk_norm = False
+    # Where qk_norm normalises: 'head' (each head's Dh features: Qwen3) | 'proj' (the whole q and k projections
+    # before the split into heads: OLMoE).
+    model.qk_norm_scope = "head"
+    # Width of each attention head (even, for the rotary pairs); 0 means d_model // num_heads.
+    model.head_dim = 0
+    # Biases on the q/k/v projections (Qwen2-MoE, GPT-OSS) and on the output projection (GPT-OSS).
+    model.qkv_bias = False
+    model.o_bias = False
+    # Clamp q, k and v to [-clip_qkv, clip_qkv] after their projections (OLMoE option); 0 disables it.
+    model.clip_qkv = 0.0
+    # 'gqa' (grouped-query / multi-head attention) | 'mla' (DeepSeek's Multi-head Latent Attention, model.mla).
+    model.attention = "gqa"
+    # Learned per-head attention sink logits that join each softmax's denominator (GPT-OSS).
+    model.attention_sinks = False
+    # Per-layer attention kind ('full' | 'sliding'), one entry per layer; () means every layer 'full'.
+    # 'sliding' layers attend to the last sliding_window positions only, the query's own included: key j is seen
+    # from query i when 0 <= i - j < sliding_window (GPT-OSS alternates them). With scan_layers, the scanned layers
+    # (from first_dense_layers on) must share one kind.
+    model.layer_types = ()
+    model.sliding_window = 0
+    # Layers forced dense even where the MoE pattern would make them MoE (Qwen2-MoE's mlp_only_layers); distinct
+    # indices in [0, num_layers). Must be empty with scan_layers.
+    model.dense_layers = ()
+    # Rotary layout: False rotates the two halves of the rotary dims (HF's rotate_half); True rotates interleaved
+    # pairs (x0, x1), (x2, x3), ... (DeepSeek-V3's rope_interleave).
+    model.rope_interleave = False
+    rope_scaling = ml_collections.ConfigDict()
+    # 'none' | 'yarn' (YaRN frequency interpolation with attention scaling: DeepSeek-V3, GPT-OSS). With 'yarn':
+    # factor >= 1, beta_fast and beta_slow > 0, mscale and mscale_all_dim >= 0.
+    rope_scaling.kind = "none"
+    rope_scaling.factor = 1.0
+    rope_scaling.original_max_position_embeddings = 4096
+    rope_scaling.beta_fast = 32.0
+    rope_scaling.beta_slow = 1.0
+    # YaRN's mscale and mscale_all_dim: cos and sin get mscale(factor, mscale) / mscale(factor, mscale_all_dim) when
+    # both are non-zero, else mscale(factor) (0 stands for a field absent from a transformers config).
+    # model.attention='mla' (DeepSeek) also multiplies the softmax scale by mscale(factor, mscale_all_dim)^2.
+    rope_scaling.mscale = 1.0
+    rope_scaling.mscale_all_dim = 0.0
+    # Round the correction range to whole dimensions (HF's 'truncate', default True; GPT-OSS: False).
+    rope_scaling.truncate = True
+    model.rope_scaling = rope_scaling
+    mla = ml_collections.ConfigDict()
+    # Multi-head Latent Attention (DeepSeek-V2/V3): q through an optional low-rank q_lora_rank (0: a full
+    # projection), keys and values from a kv_lora_rank latent plus one shared rope key of qk_rope_head_dim (even).
+    # With 'mla', qkv_bias, qk_norm, clip_qkv and head_dim stay off and num_kv_heads is 0 or num_heads.
+    mla.q_lora_rank = 0
+    mla.kv_lora_rank = 512
+    mla.qk_nope_head_dim = 128
+    mla.qk_rope_head_dim = 64
+    mla.v_head_dim = 128
+    model.mla = mla
     # Hidden width of the dense GLU FFN in layers that are not MoE.
     model.ffn_dim = 704
     # Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0;

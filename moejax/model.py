@@ -1,12 +1,13 @@
-"""Decoder-only Transformer LM: embedding, pre-RMSNorm blocks of rotary causal attention and a GLU FFN that is
-dense or MoE by layer pattern, final norm, LM head.
+"""Decoder-only Transformer LM: embedding, pre-RMSNorm blocks of rotary causal attention (moejax/attention.py) and a
+GLU FFN that is dense or MoE by layer pattern, final norm, LM head.
 
 Parameter tree (``config.model`` = cfg):
 
     embed/embedding              [V, D]
     layers_{i}/attn_norm/scale   [D]                 (scan_layers: blocks/..., stacked on a leading axis)
-    layers_{i}/attn/{q,k,v}/kernel  [D, H, Dh] / [D, KV, Dh]; attn/o/kernel [H, Dh, D]
-    layers_{i}/attn/{q,k}_norm/scale [Dh]            (qk_norm)
+    layers_{i}/attn/...          cfg.attention 'gqa': {q,k,v}/kernel [D, H, Dh] / [D, KV, Dh], o/kernel [H, Dh, D],
+                                 optional biases, q_norm / k_norm, sinks; 'mla': the latent projections (the
+                                 trees are listed in moejax/attention.py)
     layers_{i}/ffn_norm/scale    [D]
     layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe/layer.py
     final_norm/scale             [D]
@@ -20,14 +21,26 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from moejax import checks, moe
+from moejax import attention, checks, moe
+from moejax.attention import Attention, RMSNorm, rotary  # noqa: F401  (model.Attention, model.RMSNorm, ...)
 from moejax.moe import layer as moe_layer
 
 
 def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
-    """Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0."""
+    """Layer i is MoE when i >= first_dense_layers, (i - first_dense_layers) % moe_every == 0 and i is not one of
+    dense_layers."""
     return cfg.moe_every > 0 and layer >= cfg.first_dense_layers and \
-        (layer - cfg.first_dense_layers) % cfg.moe_every == 0
+        (layer - cfg.first_dense_layers) % cfg.moe_every == 0 and layer not in cfg.dense_layers
+
+
+def layer_type(cfg: ml_collections.ConfigDict, layer: int) -> str:
+    """Layer i's attention kind: cfg.layer_types[i], or 'full' when layer_types is empty."""
+    return cfg.layer_types[layer] if cfg.layer_types else "full"
+
+
+def attention_window(cfg: ml_collections.ConfigDict, layer: int) -> int:
+    """The sliding window of layer i's attention (0: full causal attention)."""
+    return cfg.sliding_window if layer_type(cfg, layer) == "sliding" else 0
 
 
 def moe_layers(cfg: ml_collections.ConfigDict) -> list[int]:
@@ -42,66 +55,45 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     checks.positive_int("model.num_kv_heads", cfg.num_kv_heads, minimum=0)
     checks.positive_int("model.first_dense_layers", cfg.first_dense_layers, minimum=0)
     checks.positive_int("model.moe_every", cfg.moe_every, minimum=0)
-    if cfg.d_model % cfg.num_heads:
-        checks.fail("model.num_heads", cfg.num_heads, f"must divide model.d_model={cfg.d_model}")
     if cfg.num_kv_heads and cfg.num_heads % cfg.num_kv_heads:
         checks.fail("model.num_kv_heads", cfg.num_kv_heads, f"must divide model.num_heads={cfg.num_heads}")
     for field in ("dtype", "param_dtype"):
         checks.choice(f"model.{field}", cfg[field], ["float32", "bfloat16"])
     checks.number("model.init_std", cfg.init_std, strict=True)
     checks.number("model.rope_theta", cfg.rope_theta, strict=True)
+    attention.validate(cfg)
+    _validate_layer_lists(cfg)
     if cfg.scan_layers and cfg.moe_every > 1 and (cfg.num_layers - cfg.first_dense_layers) % cfg.moe_every:
         checks.fail("model.scan_layers", cfg.scan_layers,
                     "scanning needs (num_layers - first_dense_layers) divisible by moe_every")
+    if cfg.scan_layers and len(cfg.dense_layers):
+        checks.fail("model.dense_layers", tuple(cfg.dense_layers), "must be empty with model.scan_layers=True "
+                    "(scanned layers repeat one pattern); set scan_layers=False")
+    if cfg.scan_layers and len(set(layer_type(cfg, i) for i in range(cfg.first_dense_layers, cfg.num_layers))) > 1:
+        checks.fail("model.layer_types", tuple(cfg.layer_types), "scanned layers (those from first_dense_layers on) "
+                    "must share one attention kind with model.scan_layers=True; set scan_layers=False")
     if moe_layers(cfg):
         moe_layer.validate(cfg.moe)
 
 
-class RMSNorm(nn.Module):
-    eps: float = 1e-6
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale).astype(self.dtype)
-
-
-def rotary(x: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (half-split form) of x: [B, S, N, H] at positions 0..S-1."""
-    seq, half = x.shape[1], x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-class Attention(nn.Module):
-    """Causal self-attention with rotary embeddings; grouped-query when num_kv_heads < num_heads."""
-
-    cfg: ml_collections.ConfigDict
-    dtype: Any
-    kernel_init: nn.initializers.Initializer
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        head_dim = cfg.d_model // cfg.num_heads
-        kv_heads = cfg.num_kv_heads or cfg.num_heads
-        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                     kernel_init=self.kernel_init)
-        q = nn.DenseGeneral((cfg.num_heads, head_dim), name="q", **dense)(x)
-        k = nn.DenseGeneral((kv_heads, head_dim), name="k", **dense)(x)
-        v = nn.DenseGeneral((kv_heads, head_dim), name="v", **dense)(x)
-        if cfg.qk_norm:
-            q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
-        q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dense)(out)
+def _validate_layer_lists(cfg: ml_collections.ConfigDict) -> None:
+    """layer_types (one 'full' | 'sliding' per layer, or empty), sliding_window and dense_layers."""
+    if not isinstance(cfg.layer_types, (tuple, list)) or (cfg.layer_types and len(cfg.layer_types) != cfg.num_layers):
+        checks.fail("model.layer_types", cfg.layer_types, f"must be empty or a sequence of model.num_layers="
+                    f"{cfg.num_layers} entries, each one of {attention.LAYER_TYPES}")
+    for i, kind in enumerate(cfg.layer_types):
+        checks.choice(f"model.layer_types[{i}]", kind, attention.LAYER_TYPES)
+    checks.positive_int("model.sliding_window", cfg.sliding_window, minimum=0)
+    if "sliding" in cfg.layer_types and cfg.sliding_window < 1:
+        checks.fail("model.sliding_window", cfg.sliding_window, "must be an integer >= 1 when some "
+                                                                "model.layer_types entry is 'sliding'")
+    dense = cfg.dense_layers
+    if not isinstance(dense, (tuple, list)) or any(isinstance(i, bool) or not isinstance(i, int) or
+                                                    not 0 <= i < cfg.num_layers for i in dense):
+        checks.fail("model.dense_layers", dense, f"must be a sequence of layer indices in [0, model.num_layers="
+                                                 f"{cfg.num_layers})")
+    if len(set(dense)) != len(dense):
+        checks.fail("model.dense_layers", dense, "must not repeat a layer index")
 
 
 class Block(nn.Module):
@@ -110,6 +102,7 @@ class Block(nn.Module):
     cfg: ml_collections.ConfigDict
     use_moe: bool
     mesh: Mesh | None = None
+    window: int = 0  # > 0: a sliding-window attention layer (model.attention_window)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
@@ -118,7 +111,8 @@ class Block(nn.Module):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
-        x = x + Attention(cfg, dtype, init, name="attn")(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x))
+        attn = attention.make(cfg, dtype, init, self.window, name="attn")
+        x = x + attn(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x))
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
         if self.use_moe:
             ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")
@@ -136,6 +130,7 @@ class Unit(nn.Module):
 
     cfg: ml_collections.ConfigDict
     mesh: Mesh | None = None
+    window: int = 0  # every scanned layer has one attention kind (validate)
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], train: bool, token_ids: jax.Array,
@@ -143,7 +138,8 @@ class Unit(nn.Module):
         x, first_layer = carry
         width = max(self.cfg.moe_every, 1)
         for j in range(width):
-            x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, name=f"block_{j}")(
+            x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, window=self.window,
+                      name=f"block_{j}")(
                 x, train, token_ids, progress, first_layer + j)
         return (x, first_layer + width), None
 
@@ -169,18 +165,20 @@ class Transformer(nn.Module):
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
         if cfg.scan_layers:
             for i in range(cfg.first_dense_layers):
-                x = block(cfg, use_moe=False, mesh=self.mesh, name=f"layers_{i}")(x, train, tokens, progress, i)
+                x = block(cfg, use_moe=False, mesh=self.mesh, window=attention_window(cfg, i), name=f"layers_{i}")(
+                    x, train, tokens, progress, i)
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
             scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0},
                               split_rngs={"params": True, "jitter": True, "routing": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=units)
             first = jnp.asarray(cfg.first_dense_layers, jnp.int32)
-            (x, _), _ = scanned(cfg, self.mesh, name="blocks")((x, first), train, tokens, progress)
+            window = attention_window(cfg, cfg.first_dense_layers) if units else 0
+            (x, _), _ = scanned(cfg, self.mesh, window, name="blocks")((x, first), train, tokens, progress)
         else:
             for i in range(cfg.num_layers):
-                x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, name=f"layers_{i}")(
-                    x, train, tokens, progress, i)
+                x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
+                          name=f"layers_{i}")(x, train, tokens, progress, i)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)

@@ -36,6 +36,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "norm": None,
     "router": None,  # router logits' expert axis: every device routes its own tokens over all experts
+    "latent": None,  # the low-rank widths of latent attention (mla.q_lora_rank, kv_lora_rank + qk_rope_head_dim)
     "layers": None,  # the stacked axis of scanned layers
 }
 
@@ -48,11 +49,21 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("k", "kernel"): ("embed", "kv_heads", "head_dim"),
     ("v", "kernel"): ("embed", "kv_heads", "head_dim"),
     ("o", "kernel"): ("heads", "head_dim", "embed"),
+    ("q", "bias"): ("heads", "head_dim"),  # qkv_bias / o_bias
+    ("k", "bias"): ("kv_heads", "head_dim"),
+    ("v", "bias"): ("kv_heads", "head_dim"),
+    ("o", "bias"): ("embed",),
+    ("sinks",): ("heads",),  # attention sinks
+    ("q_a", "kernel"): ("embed", "latent"),  # latent attention (model.attention='mla')
+    ("q_b", "kernel"): ("latent", "heads", "head_dim"),
+    ("kv_a", "kernel"): ("embed", "latent"),
+    ("kv_b", "kernel"): ("latent", "heads", "head_dim"),
     # the routed experts' parameters ('experts/<name>') come from their kind's param_axes (moejax/moe/experts.py)
     ("wi_0",): ("embed", "mlp"),  # dense GLU and fused shared experts
     ("wi_1",): ("embed", "mlp"),
     ("wo",): ("mlp", "embed"),
     (moe.ROUTER, "kernel"): ("embed", "router"),  # also Chain-of-Experts' router_{c}
+    (moe.ROUTER, "bias"): ("router",),  # router.bias
     (moe.SHARED_GATE, "kernel"): ("embed", None),
     (moe.ROUTER_BIAS,): ("router",),
     **{(moe.EXPERTS, name): axes

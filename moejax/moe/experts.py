@@ -2,8 +2,9 @@
 
 An expert kind (``Experts``) declares its parameters (stacked on a leading expert axis, with logical axis names
 for sharding), how one expert maps its rows (``apply_one``: the dense reference), and how a grouped matmul runs
-all experts on expert-sorted rows (``apply_ragged``). ``grouped_apply`` runs either on any backend. ``GLUExperts``
-is the first kind; ``EXPERT_KINDS`` maps ``model.moe.expert_kind`` to a constructor.
+all experts on expert-sorted rows (``apply_ragged``). ``grouped_apply`` runs either on any backend. The kinds are
+``GLUExperts`` ('glu') and ``GPTOSSExperts`` ('gpt_oss', biased and clamped SwiGLU); ``EXPERT_KINDS`` maps
+``model.moe.expert_kind`` to a class.
 
 Backends compute the GLU of every row of the expert buffer with the weights of the expert owning that row:
 * 'tiled': the buffer is cut into tiles of ``plan.tile`` rows, each owned by one expert; a loop over the used
@@ -122,9 +123,14 @@ class GLUExperts:
     """E GLU experts: expert e maps x [m, D] to (act(x @ wi_0[e]) * (x @ wi_1[e])) @ wo[e].
 
     Parameters: wi_0, wi_1 [E, D, F], wo [E, F, D]. Frozen and hashable: a static argument of custom VJPs.
+    ``zero_init``: the parameters initialised to zeros (biases; the others take the layer's kernel initialiser).
+    ``after_contraction``: the parameters added after the contraction over the hidden width F (an output bias),
+    which a layer that splits F over devices and sums the partial outputs must count once.
     """
 
     activation: str = "silu"
+    zero_init = ()
+    after_contraction = ()
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "GLUExperts":
@@ -149,18 +155,69 @@ class GLUExperts:
         return matmul(act(matmul(rows, wi_0)) * matmul(rows, wi_1), wo)
 
 
+@dataclasses.dataclass(frozen=True)
+class GPTOSSExperts:
+    """E GPT-OSS experts: expert e maps x [m, D] to (clip(u, -limit, limit) + 1) * g * sigmoid(alpha * g) @ wo[e]
+    + bo[e], with g = min(x @ wi_0[e] + bi_0[e], limit) (the gate) and u = x @ wi_1[e] + bi_1[e] (the up
+    projection).
+
+    Parameters: wi_0, wi_1 [E, D, F], wo [E, F, D], bi_0, bi_1 [E, F], bo [E, D] (biases zero at init).
+    """
+
+    limit: float = 7.0
+    alpha: float = 1.702
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> "GPTOSSExperts":
+        return cls(float(cfg.swiglu_limit), float(cfg.swiglu_alpha))
+
+    param_names = ("wi_0", "wi_1", "wo", "bi_0", "bi_1", "bo")
+    param_axes = {"wi_0": ("expert", "embed", "mlp"), "wi_1": ("expert", "embed", "mlp"),
+                  "wo": ("expert", "mlp", "embed"), "bi_0": ("expert", "mlp"), "bi_1": ("expert", "mlp"),
+                  "bo": ("expert", "embed")}
+    zero_init = ("bi_0", "bi_1", "bo")
+    after_contraction = ("bo",)
+
+    def param_shapes(self, num_experts: int, d_model: int, hidden: int) -> dict[str, tuple[int, ...]]:
+        return {"wi_0": (num_experts, d_model, hidden), "wi_1": (num_experts, d_model, hidden),
+                "wo": (num_experts, hidden, d_model), "bi_0": (num_experts, hidden), "bi_1": (num_experts, hidden),
+                "bo": (num_experts, d_model)}
+
+    def gate(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        """The clamped gated unit of the pre-activations gate, up [..., F] -> [..., F]."""
+        gate = jnp.minimum(gate, self.limit)
+        up = jnp.clip(up, -self.limit, self.limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
+
+    def apply_one(self, x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, bi_0: jax.Array,
+                  bi_1: jax.Array, bo: jax.Array) -> jax.Array:
+        """One expert's weights (no expert axis) on x [m, D] -> [m, D]: the dense reference."""
+        return self.gate(x @ wi_0 + bi_0, x @ wi_1 + bi_1) @ wo + bo
+
+    def apply_ragged(self, rows: jax.Array, weights: Weights, matmul: GroupedMatmul) -> jax.Array:
+        """Every expert on its consecutive group of rows [R, D] through a grouped matmul; each row's biases come
+        from the same grouped matmul of a column of ones with the biases as [E, 1, N] matrices."""
+        wi_0, wi_1, wo, bi_0, bi_1, bo = weights
+        ones = jnp.ones((rows.shape[0], 1), rows.dtype)
+        hidden = self.gate(matmul(rows, wi_0) + matmul(ones, bi_0[:, None, :]),
+                           matmul(rows, wi_1) + matmul(ones, bi_1[:, None, :]))
+        return matmul(hidden, wo) + matmul(ones, bo[:, None, :])
+
+
+Experts = GLUExperts | GPTOSSExperts
+
 # model.moe.expert_kind -> class. A new kind: a frozen dataclass with from_config, param_names, param_axes,
-# param_shapes, apply_one and apply_ragged, and one line here.
-EXPERT_KINDS: dict[str, type[GLUExperts]] = {"glu": GLUExperts}
+# param_shapes, zero_init, after_contraction, apply_one and apply_ragged, and one line here.
+EXPERT_KINDS: dict[str, type[Experts]] = {"glu": GLUExperts, "gpt_oss": GPTOSSExperts}
 
 
-def from_config(cfg: ml_collections.ConfigDict) -> GLUExperts:
+def from_config(cfg: ml_collections.ConfigDict) -> Experts:
     """The expert kind of a ``model.moe`` section."""
     return EXPERT_KINDS[cfg.expert_kind].from_config(cfg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def tiled_apply(expert: GLUExperts, tiles: jax.Array, weights: Weights, tile_expert: jax.Array,
+def tiled_apply(expert: Experts, tiles: jax.Array, weights: Weights, tile_expert: jax.Array,
                 used_tiles: jax.Array) -> jax.Array:
     """Each tile through its expert, looping over the ``used_tiles`` first tiles only.
 
@@ -208,7 +265,7 @@ def _tiled_apply_bwd(expert, res, grad_out):
 tiled_apply.defvjp(_tiled_apply_fwd, _tiled_apply_bwd)
 
 
-def grouped_apply(expert: GLUExperts, rows: jax.Array, weights: Weights, plan: Plan, backend: str) -> jax.Array:
+def grouped_apply(expert: Experts, rows: jax.Array, weights: Weights, plan: Plan, backend: str) -> jax.Array:
     """Each buffer row [R, D] through the expert owning it (by ``plan``) on one backend."""
     if backend in RAGGED_BACKENDS:
         return expert.apply_ragged(rows, weights, lambda lhs, rhs: ragged_matmul(lhs, rhs, plan.expert_rows, backend))

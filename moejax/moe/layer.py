@@ -6,12 +6,14 @@ Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width
 
     params:
       router/kernel        [D, E + m]             float32 always (the router runs in float32); m = num_null_experts
+      router/bias          [E + m]                float32, when router.bias (GPT-OSS: logits = x @ W + b)
       router_{c}/kernel    [D, E + m]             Chain-of-Experts: the router of iteration c = 1..C-1
       experts/<name>       the expert kind's stacked parameters (model.moe.expert_kind; moejax/moe/experts.py):
                            'glu': wi_0, wi_1 [E, D, F], wo [E, F, D]
-      shared/wi_0          [D, num_shared * F]    when num_shared > 0 (all shared experts fused in one GLU)
-      shared/wi_1          [D, num_shared * F]
-      shared/wo            [num_shared * F, D]
+                           'gpt_oss': wi_0, wi_1 [E, D, F], wo [E, F, D], bi_0, bi_1 [E, F], bo [E, D]
+      shared/wi_0          [D, Fs]                when num_shared > 0 (all shared experts fused in one GLU);
+      shared/wi_1          [D, Fs]                Fs = shared_ffn, or num_shared * F when shared_ffn is 0
+      shared/wo            [Fs, D]
       shared_gate/kernel   [D, 1]                 when shared_gate (Qwen2-MoE's sigmoid gate on the shared MLP)
     moe_state:
       router_bias          [E]                    selection-only bias (aux-loss-free balancing), zeros at init;
@@ -52,8 +54,14 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
                     f"null experts need model.moe.router.kind='adamoe' (got {cfg.router.kind!r}); 0 otherwise")
     checks.positive_int(f"{prefix}.expert_ffn", cfg.expert_ffn)
     checks.positive_int(f"{prefix}.num_shared", cfg.num_shared, minimum=0)
+    checks.positive_int(f"{prefix}.shared_ffn", cfg.shared_ffn, minimum=0)
+    if cfg.shared_ffn and not cfg.num_shared:
+        checks.fail(f"{prefix}.shared_ffn", cfg.shared_ffn, f"sets the shared experts' width: needs "
+                                                            f"{prefix}.num_shared > 0 (or shared_ffn 0)")
     checks.choice(f"{prefix}.activation", cfg.activation, sorted(experts.ACTIVATIONS))
     checks.choice(f"{prefix}.expert_kind", cfg.expert_kind, sorted(experts.EXPERT_KINDS))
+    for field in ("swiglu_limit", "swiglu_alpha"):
+        checks.number(f"{prefix}.{field}", cfg[field], strict=True)
     checks.choice(f"{prefix}.dispatch", cfg.dispatch, DISPATCH_MODES)
     checks.number(f"{prefix}.capacity_factor", cfg.capacity_factor, strict=True)
     if cfg.eval_capacity_factor is not None:
@@ -98,9 +106,10 @@ class GLU(nn.Module):
 
 
 class ExpertWeights(nn.Module):
-    """The routed experts' stacked parameters of an expert kind, in its ``param_names`` order."""
+    """The routed experts' stacked parameters of an expert kind, in its ``param_names`` order (its ``zero_init``
+    parameters zeros, the others from kernel_init)."""
 
-    expert: experts.GLUExperts
+    expert: experts.Experts
     num_experts: int
     d_model: int
     hidden: int
@@ -110,21 +119,25 @@ class ExpertWeights(nn.Module):
     @nn.compact
     def __call__(self) -> experts.Weights:
         shapes = self.expert.param_shapes(self.num_experts, self.d_model, self.hidden)
-        return tuple(self.param(name, self.kernel_init, shapes[name], self.param_dtype)
-                     for name in self.expert.param_names)
+        return tuple(self.param(name, nn.initializers.zeros if name in self.expert.zero_init else self.kernel_init,
+                                shapes[name], self.param_dtype) for name in self.expert.param_names)
 
 
 class RouterKernel(nn.Module):
-    """The router's linear map x [T, D] -> logits [T, n] in float32. (A frozen router, SMoE-Dropout's, is an
-    optimizer partition: moejax/training/optim.py.)"""
+    """The router's linear map x [T, D] -> logits [T, n] in float32, plus a learned bias [n] with ``use_bias``.
+    (A frozen router, SMoE-Dropout's, is an optimizer partition: moejax/training/optim.py.)"""
 
     features: int
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        return jnp.dot(x.astype(jnp.float32), kernel)
+        logits = jnp.dot(x.astype(jnp.float32), kernel)
+        if self.use_bias:
+            logits = logits + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return logits
 
 
 class MoE(nn.Module):
@@ -167,16 +180,16 @@ class MoE(nn.Module):
             bias = jnp.zeros((cfg.num_experts,), jnp.float32)
         shared = shared_gate = None
         if cfg.num_shared > 0:
-            shared = GLU(cfg.num_shared * cfg.expert_ffn, cfg.activation, self.dtype, self.param_dtype,
-                         self.kernel_init, name=moe.SHARED)
+            shared = GLU(cfg.shared_ffn or cfg.num_shared * cfg.expert_ffn, cfg.activation, self.dtype,
+                         self.param_dtype, self.kernel_init, name=moe.SHARED)
             if cfg.shared_gate:
                 shared_gate = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
                                        kernel_init=self.kernel_init, name=moe.SHARED_GATE)
         width = cfg.num_experts + cfg.num_null_experts
-        kernels = [RouterKernel(width, self.kernel_init, name=moe.ROUTER)]
+        kernels = [RouterKernel(width, self.kernel_init, cfg.router.bias, name=moe.ROUTER)]
         for c in range(1, cfg.chain_iterations):
             kernels.append(kernels[0] if cfg.chain_shared_router else
-                           RouterKernel(width, self.kernel_init, name=f"{moe.ROUTER}_{c}"))
+                           RouterKernel(width, self.kernel_init, cfg.router.bias, name=f"{moe.ROUTER}_{c}"))
         ids = None if token_ids is None else token_ids.reshape(-1)
 
         state, update = tokens, jnp.zeros_like(tokens)
@@ -196,7 +209,7 @@ class MoE(nn.Module):
         result = update if cfg.chain_residual == "inner_outer" else state
         return result.reshape(batch, seq, d_model).astype(self.dtype)
 
-    def _routed(self, tokens: jax.Array, kernel: RouterKernel, expert: experts.GLUExperts,
+    def _routed(self, tokens: jax.Array, kernel: RouterKernel, expert: experts.Experts,
                 weights: experts.Weights, bias: jax.Array, batch: int, layer: int | jax.Array, *, train: bool,
                 token_ids: jax.Array | None, progress: jax.Array | None) -> jax.Array:
         """One pass of tokens [T, D] through router and routed experts; sows this pass's statistics."""
@@ -219,6 +232,10 @@ class MoE(nn.Module):
             factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
             cap = dispatch.capacity(num_tokens, cfg.top_k, num_experts, factor)
         if self.mesh is not None and self.mesh.size > 1:
+            tensor = self.mesh.shape.get("tensor", 1)
+            if tensor > 1 and expert.after_contraction:  # the layer sums the tensor shards' partial outputs
+                weights = tuple(w / tensor if name in expert.after_contraction else w
+                                for name, w in zip(expert.param_names, weights, strict=True))
             out, dropped, overflow = expert_parallel.moe_ep(tokens, route, expert, weights, cfg, self.mesh,
                                                             capacity=cap, backend=backend, compute_dtype=self.dtype)
         else:

@@ -335,8 +335,9 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.positive_int(f"{prefix}.router.{field}", router[field], minimum=0)
         if router[field] > cfg.top_k:
             checks.fail(f"{prefix}.router.{field}", router[field], f"must be <= model.moe.top_k={cfg.top_k}")
-    if not isinstance(router.frozen, bool):
-        checks.fail(f"{prefix}.router.frozen", router.frozen, "must be True or False")
+    for field in ("frozen", "bias"):
+        if not isinstance(router[field], bool):
+            checks.fail(f"{prefix}.router.{field}", router[field], "must be True or False")
     kind_checks = ROUTERS[router.kind].validate
     if kind_checks is not None:
         kind_checks(cfg, prefix)

@@ -1,0 +1,351 @@
+"""Attention variants and rotary embeddings of the decoder (``config.model`` = cfg): grouped-query attention
+(``Attention``, cfg.attention='gqa') and DeepSeek's Multi-head Latent Attention (``MLAttention``, 'mla'), the causal
+attention core they share (sliding window, attention sinks), RMSNorm, and the rotary embedding with its YaRN
+frequency interpolation.
+
+Parameter trees (under ``layers_{i}/attn``; Dh = cfg.head_dim or d_model // num_heads, KV = num_kv_heads or H):
+
+    'gqa':  q/kernel [D, H, Dh], k/kernel [D, KV, Dh], v/kernel [D, KV, Dh], o/kernel [H, Dh, D]
+            {q,k,v}/bias [H, Dh] / [KV, Dh]     (qkv_bias)      o/bias [D]  (o_bias)
+            q_norm/scale [Dh], k_norm/scale [Dh]                (qk_norm, qk_norm_scope='head')
+            q_norm/scale [H * Dh], k_norm/scale [KV * Dh]       (qk_norm, qk_norm_scope='proj')
+            sinks [H] float32                                   (attention_sinks)
+    'mla':  q/kernel [D, H, Dn + Dr]                            (mla.q_lora_rank = 0)
+            q_a/kernel [D, rq], q_a_norm/scale [rq], q_b/kernel [rq, H, Dn + Dr]   (q_lora_rank = rq > 0)
+            kv_a/kernel [D, rkv + Dr], kv_a_norm/scale [rkv], kv_b/kernel [rkv, H, Dn + Dv], o/kernel [H, Dv, D]
+            o/bias [D] (o_bias), sinks [H] (attention_sinks)
+            with Dn, Dr, Dv, rq, rkv = mla.qk_nope_head_dim, qk_rope_head_dim, v_head_dim, q_lora_rank, kv_lora_rank
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moejax import checks
+
+ATTENTION_KINDS = ("gqa", "mla")
+LAYER_TYPES = ("full", "sliding")
+QK_NORM_SCOPES = ("head", "proj")
+ROPE_SCALINGS = ("none", "yarn")
+MLA_NORM_EPS = 1e-6  # the latent RMSNorms' epsilon (the released DeepSeek-V2/V3 code fixes it, whatever rms_norm_eps)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks the attention fields of the ``model`` section (errors name the field, its value and what is allowed)."""
+    for field in ("qkv_bias", "o_bias", "qk_norm", "attention_sinks", "rope_interleave"):
+        if not isinstance(cfg[field], bool):
+            checks.fail(f"model.{field}", cfg[field], "must be True or False")
+    checks.choice("model.attention", cfg.attention, ATTENTION_KINDS)
+    checks.choice("model.qk_norm_scope", cfg.qk_norm_scope, QK_NORM_SCOPES)
+    checks.positive_int("model.head_dim", cfg.head_dim, minimum=0)
+    checks.number("model.clip_qkv", cfg.clip_qkv)
+    _validate_rope_scaling(cfg.rope_scaling)
+    if cfg.attention == "mla":
+        _validate_mla(cfg)
+        return
+    if not cfg.head_dim and cfg.d_model % cfg.num_heads:
+        checks.fail("model.num_heads", cfg.num_heads, f"must divide model.d_model={cfg.d_model} (or set "
+                                                      "model.head_dim)")
+    if head_dim(cfg) % 2:
+        checks.fail("model.head_dim", cfg.head_dim, f"the head width {head_dim(cfg)} must be even for the rotary "
+                                                    "embedding")
+
+
+def _validate_rope_scaling(rs: ml_collections.ConfigDict) -> None:
+    checks.choice("model.rope_scaling.kind", rs.kind, ROPE_SCALINGS)
+    if rs.kind != "yarn":
+        return
+    checks.number("model.rope_scaling.factor", rs.factor, minimum=1.0)
+    checks.positive_int("model.rope_scaling.original_max_position_embeddings", rs.original_max_position_embeddings)
+    for field in ("beta_fast", "beta_slow"):
+        checks.number(f"model.rope_scaling.{field}", rs[field], strict=True)
+    for field in ("mscale", "mscale_all_dim"):
+        checks.number(f"model.rope_scaling.{field}", rs[field])
+    if not isinstance(rs.truncate, bool):
+        checks.fail("model.rope_scaling.truncate", rs.truncate, "must be True or False")
+
+
+def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
+    mla = cfg.mla
+    checks.positive_int("model.mla.q_lora_rank", mla.q_lora_rank, minimum=0)
+    for field in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+        checks.positive_int(f"model.mla.{field}", mla[field])
+    checks.positive_int("model.mla.qk_rope_head_dim", mla.qk_rope_head_dim, minimum=2)
+    if mla.qk_rope_head_dim % 2:
+        checks.fail("model.mla.qk_rope_head_dim", mla.qk_rope_head_dim, "must be even (rotary pairs)")
+    why = "not an option with model.attention='mla' (DeepSeek's latent attention)"
+    for field, off in (("qkv_bias", False), ("qk_norm", False), ("clip_qkv", 0.0), ("head_dim", 0)):
+        if cfg[field] != off:
+            checks.fail(f"model.{field}", cfg[field], f"{why}: must be {off!r}")
+    if cfg.num_kv_heads not in (0, cfg.num_heads):
+        checks.fail("model.num_kv_heads", cfg.num_kv_heads, f"{why}: every head has its own keys and values, so "
+                    f"it must be 0 or model.num_heads={cfg.num_heads}")
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- rotary
+
+
+def default_inv_freq(theta: float, dim: int) -> jax.Array:
+    """The rotary frequencies theta^(-2i/dim), i < dim/2: [dim // 2] float32."""
+    half = dim // 2
+    return theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_parameters(dim: int, theta: float, rs: ml_collections.ConfigDict) -> tuple[np.ndarray, float]:
+    """YaRN (Peng et al., 2023) for ``dim`` rotary dims: (inv_freq [dim // 2] float32, attention factor).
+
+    The frequencies interpolate between the original ones (extrapolation, fast dimensions) and the ones divided by
+    rs.factor (interpolation, slow dimensions) along a linear ramp over the correction range of dimensions that
+    turn between beta_fast and beta_slow times within original_max_position_embeddings (rounded outwards to whole
+    dimensions with rs.truncate). The attention factor multiplies cos and sin: mscale(factor, rs.mscale) /
+    mscale(factor, rs.mscale_all_dim) when both are non-zero, else mscale(factor). rs: ``model.rope_scaling``.
+    """
+    factor, base = rs.factor, theta
+    if rs.mscale and rs.mscale_all_dim:
+        attention_factor = yarn_get_mscale(factor, rs.mscale) / yarn_get_mscale(factor, rs.mscale_all_dim)
+    else:
+        attention_factor = yarn_get_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_parameters(cfg: ml_collections.ConfigDict, dim: int) -> tuple[jax.Array | np.ndarray, float]:
+    """(inv_freq [dim // 2], attention factor) of ``model.rope_scaling`` for ``dim`` rotary dims."""
+    if cfg.rope_scaling.kind == "yarn":
+        return yarn_parameters(dim, cfg.rope_theta, cfg.rope_scaling)
+    return default_inv_freq(cfg.rope_theta, dim), 1.0
+
+
+def apply_rope(x: jax.Array, inv_freq: jax.Array | np.ndarray, attention_factor: float = 1.0,
+               interleave: bool = False, positions: jax.Array | None = None) -> jax.Array:
+    """Rotary embedding of x [B, S, N, R] (R = 2 * len(inv_freq)) at ``positions`` [S] (default 0..S-1).
+
+    Half layout (interleave False): dims (i, i + R/2) form the pairs rotated by inv_freq[i]. Interleaved layout:
+    dims (2i, 2i + 1) form them; the output is then in the half layout (the pairs' first members, then their
+    second members), as in the released DeepSeek-V3 code: queries and keys get the same permutation, which leaves
+    their dot products unchanged. cos and sin are multiplied by attention_factor (YaRN).
+    """
+    seq, half = x.shape[1], x.shape[-1] // 2
+    pos = jnp.arange(seq, dtype=jnp.float32) if positions is None else positions.astype(jnp.float32)
+    angles = pos[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    if attention_factor != 1.0:
+        sin, cos = sin * attention_factor, cos * attention_factor
+    if interleave:
+        x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
+    else:
+        x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rotary(x: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (half-split form) of x: [B, S, N, H] at positions 0..S-1."""
+    return apply_rope(x, default_inv_freq(theta, x.shape[-1]))
+
+
+def rope(cfg: ml_collections.ConfigDict, x: jax.Array) -> jax.Array:
+    """x [B, S, N, R] rotated as the config says (layout ``rope_interleave``, scaling ``rope_scaling``)."""
+    if cfg.rope_scaling.kind == "none" and not cfg.rope_interleave:
+        return rotary(x, cfg.rope_theta)
+    inv_freq, factor = rope_parameters(cfg, x.shape[-1])
+    return apply_rope(x, inv_freq, factor, interleave=cfg.rope_interleave)
+
+
+# ----------------------------------------------------------------------------------------------- core
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None, window: int = 0,
+           sinks: jax.Array | None = None) -> jax.Array:
+    """Causal attention: q [B, T, N, Dk], k [B, T, K, Dk], v [B, T, K, Dv] -> [B, T, N, Dv]; head n reads key/value
+    head n // (N / K).
+
+    scale: the logits' multiplier (None: Dk^-0.5). window > 0: a query at position i sees the keys at j with
+    i - j < window (sliding-window layers). sinks [N]: one learned logit per head that joins the softmax's
+    denominator (its column is dropped after the softmax; GPT-OSS).
+    """
+    if sinks is None and q.shape[-1] == v.shape[-1]:
+        local = (window - 1, 0) if window else None
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local)
+    batch, seq, heads, dk = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    scale = dk ** -0.5 if scale is None else scale
+    qg = q.reshape(batch, seq, kv_heads, groups, dk)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    i, j = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
+    visible = j <= i
+    if window:
+        visible = visible & (i - j < window)
+    logits = jnp.where(visible, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1), (*logits.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(batch, seq, heads, v.shape[-1])
+
+
+def _sinks(module: nn.Module, cfg: ml_collections.ConfigDict) -> jax.Array | None:
+    if not cfg.attention_sinks:
+        return None
+    return module.param("sinks", nn.initializers.zeros, (cfg.num_heads,), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------- GQA
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+    """Dh of grouped-query attention: cfg.head_dim, or d_model // num_heads when it is 0."""
+    return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings; grouped-query when num_kv_heads < num_heads. Optional: biases
+    on the q/k/v and output projections, RMSNorm of queries and keys per head or over the whole projection,
+    clamping of q/k/v, attention sinks, a sliding window (``window``)."""
+
+    cfg: ml_collections.ConfigDict
+    dtype: Any
+    kernel_init: nn.initializers.Initializer
+    window: int = 0  # > 0: a sliding-window layer
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, S, D] -> [B, S, D]."""
+        cfg = self.cfg
+        dh = head_dim(cfg)
+        kv_heads = cfg.num_kv_heads or cfg.num_heads
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                     kernel_init=self.kernel_init)
+        qkv = dict(dense, use_bias=cfg.qkv_bias)
+        q = nn.DenseGeneral((cfg.num_heads, dh), name="q", **qkv)(x)
+        k = nn.DenseGeneral((kv_heads, dh), name="k", **qkv)(x)
+        v = nn.DenseGeneral((kv_heads, dh), name="v", **qkv)(x)
+        if cfg.qk_norm and cfg.qk_norm_scope == "proj":  # OLMoE: over the whole projection, then split into heads
+            q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+        if cfg.clip_qkv > 0:
+            q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        if cfg.qk_norm and cfg.qk_norm_scope == "head":
+            q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
+        q, k = rope(cfg, q), rope(cfg, k)
+        out = attend(q, k, v, window=self.window, sinks=_sinks(self, cfg))
+        return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dict(dense, use_bias=cfg.o_bias))(out)
+
+
+# ----------------------------------------------------------------------------------------------- MLA
+
+
+def mla_softmax_scale(cfg: ml_collections.ConfigDict) -> float:
+    """(Dn + Dr)^-0.5, times mscale(factor, mscale_all_dim)^2 with YaRN and mscale_all_dim > 0 (DeepSeek)."""
+    scale = (cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim) ** -0.5
+    rs = cfg.rope_scaling
+    if rs.kind == "yarn" and rs.mscale_all_dim:
+        scale = scale * yarn_get_mscale(rs.factor, rs.mscale_all_dim) ** 2
+    return scale
+
+
+class MLAttention(nn.Module):
+    """DeepSeek's Multi-head Latent Attention (causal). Queries come through an optional low-rank bottleneck; keys
+    and values are expanded from a normalised latent c_kv [B, S, rkv] and share one rotary key k_rot [B, S, Dr]
+    across heads. ``latent`` gives (c_kv, k_rot), what a KV cache would hold; ``expand`` maps them to per-head keys
+    and values; ``queries`` gives the per-head queries. The rotary embedding acts on the last Dr dims of each query
+    and on k_rot only."""
+
+    cfg: ml_collections.ConfigDict
+    dtype: Any
+    kernel_init: nn.initializers.Initializer
+    window: int = 0  # > 0: a sliding-window layer
+
+    def setup(self) -> None:
+        cfg, mla = self.cfg, self.cfg.mla
+        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                     kernel_init=self.kernel_init)
+        qk = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        if mla.q_lora_rank:
+            self.q_a = nn.DenseGeneral(mla.q_lora_rank, **dense)
+            self.q_a_norm = RMSNorm(MLA_NORM_EPS, self.dtype)
+            self.q_b = nn.DenseGeneral((cfg.num_heads, qk), **dense)
+        else:
+            self.q = nn.DenseGeneral((cfg.num_heads, qk), **dense)
+        self.kv_a = nn.DenseGeneral(mla.kv_lora_rank + mla.qk_rope_head_dim, **dense)
+        self.kv_a_norm = RMSNorm(MLA_NORM_EPS, self.dtype)
+        self.kv_b = nn.DenseGeneral((cfg.num_heads, mla.qk_nope_head_dim + mla.v_head_dim), **dense)
+        self.o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), **dict(dense, use_bias=cfg.o_bias))
+        if cfg.attention_sinks:
+            self.sinks = self.param("sinks", nn.initializers.zeros, (cfg.num_heads,), jnp.float32)
+
+    def queries(self, x: jax.Array) -> jax.Array:
+        """x [B, S, D] -> q [B, S, H, Dn + Dr], the last Dr dims rotated."""
+        mla = self.cfg.mla
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if mla.q_lora_rank else self.q(x)
+        q_nope, q_rot = q[..., :mla.qk_nope_head_dim], q[..., mla.qk_nope_head_dim:]
+        return jnp.concatenate([q_nope, rope(self.cfg, q_rot)], axis=-1)
+
+    def latent(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, S, D] -> (c_kv [B, S, rkv] normalised, k_rot [B, S, Dr] rotated)."""
+        mla = self.cfg.mla
+        compressed = self.kv_a(x)
+        c_kv, k_rot = compressed[..., :mla.kv_lora_rank], compressed[..., mla.kv_lora_rank:]
+        return self.kv_a_norm(c_kv), rope(self.cfg, k_rot[:, :, None, :])[:, :, 0, :]
+
+    def expand(self, c_kv: jax.Array, k_rot: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(c_kv [B, S, rkv], k_rot [B, S, Dr]) -> (k [B, S, H, Dn + Dr], v [B, S, H, Dv])."""
+        mla = self.cfg.mla
+        kv = self.kv_b(c_kv)
+        k_nope, v = kv[..., :mla.qk_nope_head_dim], kv[..., mla.qk_nope_head_dim:]
+        k_rot = jnp.broadcast_to(k_rot[:, :, None, :], (*k_nope.shape[:-1], k_rot.shape[-1])).astype(k_nope.dtype)
+        return jnp.concatenate([k_nope, k_rot], axis=-1), v
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, S, D] -> [B, S, D]."""
+        q = self.queries(x)
+        k, v = self.expand(*self.latent(x))
+        sinks = self.sinks if self.cfg.attention_sinks else None
+        return self.o(attend(q, k, v, scale=mla_softmax_scale(self.cfg), window=self.window, sinks=sinks))
+
+
+def make(cfg: ml_collections.ConfigDict, dtype: Any, kernel_init: nn.initializers.Initializer, window: int = 0,
+         name: str = "attn") -> nn.Module:
+    """The attention module of ``cfg.attention``."""
+    cls = MLAttention if cfg.attention == "mla" else Attention
+    return cls(cfg, dtype, kernel_init, window, name=name)
