@@ -5,6 +5,10 @@ config.json lacks take their ``configs/base.py`` defaults. ``variables`` is ``{'
 newest checkpoint (or of ``step``) as jax arrays on the default device, for
 ``model.Transformer(config.model).apply(variables, tokens)``. Loading prints and logs nothing.
 
+A transformers checkpoint directory (config.json with a ``model_type`` and safetensors weights, no moejax
+checkpoints) is opened through ``moejax.hf.load`` instead: its config and variables in the same form (``step``
+must then be None; see moejax/hf/__init__.py for the families it reads).
+
 ``moejax.load`` is this module's ``load``; the module itself is callable the same way, so ``moejax.load(path)``
 works also after ``import moejax.load`` made the package attribute this module.
 """
@@ -27,8 +31,17 @@ from moejax.training.checkpoint import WorkdirError
 
 def load(path: str | pathlib.Path, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """(config, variables) of the moejax workdir at path: its config and the checkpoint of ``step`` (default: the
-    newest). Raises WorkdirError when path has no config.json or no such checkpoint."""
+    newest), or of the transformers checkpoint directory at path (moejax.hf.load). Raises WorkdirError when path
+    has no config.json or no such checkpoint."""
     workdir = pathlib.Path(path)
+    if not checkpoint.checkpoint_steps(workdir):
+        from moejax import hf
+
+        if hf.is_hf_dir(workdir):
+            if step is not None:
+                raise WorkdirError(f"{workdir} is a transformers checkpoint directory, which has no steps: call "
+                                   f"moejax.load({str(workdir)!r}) without step")
+            return hf.load(workdir)
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise WorkdirError(f"{workdir} is not a moejax workdir: it has no config.json (python -m moejax.main writes "

@@ -1,0 +1,167 @@
+"""One table of tensor-name / layout rules per released family (torchtitan's state-dict-adapter style, not a
+script per model).
+
+A table maps a moejax parameter path (inside ``layers_{i}`` for layer parameters) to a ``Rule``: the checkpoint's
+tensor name (``{i}`` the layer, ``{j}`` the expert of a per-expert tensor) and the layout change, one of
+
+* ``copy``      the same array (norm scales, embeddings, full-width biases, attention sinks, selection biases)
+* ``reshape``   a flat [H * Dh] bias <-> [H, Dh]
+* ``linear``    an ``nn.Linear`` weight [out, in] <-> a kernel [in, ...out] (transpose, then split the out axis)
+* ``linear2``   the same for kernels with two input axes (the attention output [H, Dh, D])
+* ``even``/``odd``  the gate / up halves of GPT-OSS's interleaved packed ``gate_up_proj`` [E, D, 2F] (and bias)
+* ``zeros``     no checkpoint tensor: the MoE layer's selection bias of a family without one (must stay 0 to save)
+
+Per-expert tensors (``experts.{j}.w1.weight``) are stacked into the [E, ...] parameter as they are read; GPT-OSS
+stores its experts stacked already. A rule applies only where the model config has the parameter (q/bias only
+with qkv_bias, the dense GLU only in dense layers, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # checkpoint name; {i} = layer, {j} = expert (per-expert tensors)
+    kind: str = "copy"  # copy | reshape | linear | linear2 | even | odd | zeros
+
+    @property
+    def per_expert(self) -> bool:
+        return "{j}" in self.hf
+
+
+KINDS = ("copy", "reshape", "linear", "linear2", "even", "odd", "zeros")
+
+
+def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The checkpoint tensor's shape for a moejax array of ``shape`` (one expert's for per-expert rules)."""
+    if kind in ("copy", "zeros"):
+        return tuple(shape)
+    if kind == "reshape":
+        return (math.prod(shape),)
+    if kind in ("linear", "linear2"):
+        n_in = 1 if kind == "linear" else 2
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    if kind in ("even", "odd"):
+        return (*shape[:-1], 2 * shape[-1])
+    raise ValueError(f"unknown rule kind {kind!r}")
+
+
+def to_moejax(kind: str, array: Any, shape: tuple[int, ...]) -> Any:
+    """A checkpoint array (numpy) in the layout of a moejax array of ``shape``."""
+    if kind == "copy":
+        return array
+    if kind == "reshape":
+        return array.reshape(shape)
+    if kind in ("linear", "linear2"):
+        return array.T.reshape(shape)
+    if kind == "even":
+        return array[..., 0::2]
+    if kind == "odd":
+        return array[..., 1::2]
+    raise ValueError(f"rule kind {kind!r} has no checkpoint tensor")
+
+
+def to_hf(kind: str, arrays: list[Any]) -> Any:
+    """The checkpoint array of the moejax arrays of one tensor (two for the even/odd halves, in that order)."""
+    if kind in ("even", "odd"):
+        even, odd = arrays
+        packed = np.empty((*even.shape[:-1], 2 * even.shape[-1]), even.dtype)
+        packed[..., 0::2], packed[..., 1::2] = even, odd
+        return packed
+    (array,) = arrays
+    if kind == "copy":
+        return array
+    if kind == "reshape":
+        return array.reshape(-1)
+    if kind in ("linear", "linear2"):
+        n_in = 1 if kind == "linear" else 2
+        return array.reshape(math.prod(array.shape[:n_in]), -1).T
+    raise ValueError(f"rule kind {kind!r} has no checkpoint tensor")
+
+
+TOP_RULES = {
+    "embed/embedding": Rule("model.embed_tokens.weight"),
+    "final_norm/scale": Rule("model.norm.weight"),
+    "lm_head/kernel": Rule("lm_head.weight", "linear"),
+}
+NORM_RULES = {
+    "attn_norm/scale": Rule("model.layers.{i}.input_layernorm.weight"),
+    "ffn_norm/scale": Rule("model.layers.{i}.post_attention_layernorm.weight"),
+}
+_ATTN = "model.layers.{i}.self_attn."
+GQA_RULES = {
+    **{f"attn/{p}/kernel": Rule(f"{_ATTN}{p}_proj.weight", "linear") for p in "qkv"},
+    **{f"attn/{p}/bias": Rule(f"{_ATTN}{p}_proj.bias", "reshape") for p in "qkv"},
+    "attn/o/kernel": Rule(f"{_ATTN}o_proj.weight", "linear2"),
+    "attn/o/bias": Rule(f"{_ATTN}o_proj.bias"),
+    "attn/q_norm/scale": Rule(f"{_ATTN}q_norm.weight"),
+    "attn/k_norm/scale": Rule(f"{_ATTN}k_norm.weight"),
+    "attn/sinks": Rule(f"{_ATTN}sinks"),
+}
+MLA_RULES = {
+    "attn/q/kernel": Rule(f"{_ATTN}q_proj.weight", "linear"),
+    "attn/q_a/kernel": Rule(f"{_ATTN}q_a_proj.weight", "linear"),
+    "attn/q_a_norm/scale": Rule(f"{_ATTN}q_a_layernorm.weight"),
+    "attn/q_b/kernel": Rule(f"{_ATTN}q_b_proj.weight", "linear"),
+    "attn/kv_a/kernel": Rule(f"{_ATTN}kv_a_proj_with_mqa.weight", "linear"),
+    "attn/kv_a_norm/scale": Rule(f"{_ATTN}kv_a_layernorm.weight"),
+    "attn/kv_b/kernel": Rule(f"{_ATTN}kv_b_proj.weight", "linear"),
+    "attn/o/kernel": Rule(f"{_ATTN}o_proj.weight", "linear2"),
+}
+
+
+def glu_rules(moejax_prefix: str, hf_prefix: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+              ) -> dict[str, Rule]:
+    """wi_0 / wi_1 / wo of a GLU <- the gate / up / down Linear weights under hf_prefix."""
+    return {f"{moejax_prefix}/{p}": Rule(f"{hf_prefix}.{n}.weight", "linear")
+            for p, n in zip(("wi_0", "wi_1", "wo"), names, strict=True)}
+
+
+def moe_rules(mlp: str, experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> dict[str, Rule]:
+    """Router and per-expert GLU experts under ``model.layers.{i}.<mlp>``; the selection bias stays 0."""
+    base_name = f"model.layers.{{i}}.{mlp}"
+    return {"ffn/router/kernel": Rule(f"{base_name}.gate.weight", "linear"),
+            **glu_rules("ffn/experts", f"{base_name}.experts.{{j}}", experts),
+            "ffn/router_bias": Rule("", "zeros")}
+
+
+DENSE_RULES = glu_rules("ffn", "model.layers.{i}.mlp")
+
+
+def tables(model_type: str) -> tuple[dict[str, Rule], dict[str, Rule]]:
+    """(top-level rules, per-layer rules) of a family."""
+    layer = {**NORM_RULES}
+    if model_type == "mixtral":
+        layer.update({**GQA_RULES, **moe_rules("block_sparse_moe", ("w1", "w3", "w2"))})
+    elif model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        layer.update({**GQA_RULES, **DENSE_RULES, **moe_rules("mlp")})
+        layer.update(glu_rules("ffn/shared", "model.layers.{i}.mlp.shared_expert"))
+        layer["ffn/shared_gate/kernel"] = Rule("model.layers.{i}.mlp.shared_expert_gate.weight", "linear")
+    elif model_type in ("deepseek_v2", "deepseek_v3"):
+        layer.update({**MLA_RULES, **DENSE_RULES, **moe_rules("mlp")})
+        layer.update(glu_rules("ffn/shared", "model.layers.{i}.mlp.shared_experts"))
+        if model_type == "deepseek_v3":
+            layer["ffn/router_bias"] = Rule("model.layers.{i}.mlp.gate.e_score_correction_bias")
+    elif model_type == "gpt_oss":
+        experts = "model.layers.{i}.mlp.experts."
+        layer.update({**GQA_RULES,
+            "ffn/router/kernel": Rule("model.layers.{i}.mlp.router.weight", "linear"),
+            "ffn/router/bias": Rule("model.layers.{i}.mlp.router.bias"),
+            "ffn/experts/wi_0": Rule(experts + "gate_up_proj", "even"),
+            "ffn/experts/wi_1": Rule(experts + "gate_up_proj", "odd"),
+            "ffn/experts/bi_0": Rule(experts + "gate_up_proj_bias", "even"),
+            "ffn/experts/bi_1": Rule(experts + "gate_up_proj_bias", "odd"),
+            "ffn/experts/wo": Rule(experts + "down_proj"),
+            "ffn/experts/bo": Rule(experts + "down_proj_bias"),
+            "ffn/router_bias": Rule("", "zeros")})
+    else:
+        raise KeyError(model_type)
+    return dict(TOP_RULES), layer
