@@ -11,3 +11,16 @@ from moejax.posthoc import analysis
 from moejax.posthoc.trace import Trace, TraceWriter, read_trace, write_trace
 
 __all__ = ["Trace", "TraceWriter", "analysis", "read_trace", "write_trace"]
+
+# Expert pruning and merging, pure functions on (config, variables) (moejax/posthoc/prune.py, merge.py). They need jax
+# and the model, so they load on first use: importing moejax.posthoc for traces and analyses stays numpy only.
+_LAZY = ("merge", "prune")
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
