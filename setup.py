@@ -24,6 +24,8 @@ setup(
         "tensorboardX",
         "matplotlib",
         "safetensors",
+        "scipy",
+        "ml_dtypes",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
