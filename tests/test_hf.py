@@ -20,7 +20,7 @@ import pytest
 
 import moejax
 from moejax import hf, model, parallel
-from moejax.hf import features, io, quant
+from moejax.hf import io, quant
 from moejax.training.checkpoint import WorkdirError
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
@@ -46,14 +46,6 @@ def fixture(case: str) -> pathlib.Path:
     if not (directory / "golden.npz").is_file():
         pytest.skip(f"no fixture for {case}: run python tests/golden/make_hf_goldens.py {case}")
     return directory
-
-
-def skip_missing_features(directory) -> None:
-    """Skips (naming them) when the moejax model lacks a feature the case's family needs."""
-    config = hf.read_config(directory)
-    gaps = features.missing(config.model)
-    if gaps:
-        pytest.skip("moejax model lacks " + "; ".join(f"{name} ({why})" for name, why in gaps.items()))
 
 
 def logits_of(config, variables, tokens, mesh=None) -> np.ndarray:
@@ -103,7 +95,6 @@ def copy_fixture(case: str, tmp_path) -> pathlib.Path:
 @pytest.mark.parametrize("case", CASES)
 def test_golden_logits_and_greedy(case):
     directory = fixture(case)
-    skip_missing_features(directory)
     golden = np.load(directory / "golden.npz")
     config, variables = hf.load(directory)
     logits = logits_of(config, variables, golden["tokens"])
@@ -117,7 +108,6 @@ def test_golden_logits_and_greedy(case):
 @pytest.mark.parametrize("case", CASES)
 def test_export_then_import_is_identical(case, tmp_path):
     directory = fixture(case)
-    skip_missing_features(directory)
     config, variables = hf.load(directory)
     out = hf.save(config, variables, tmp_path / "out")
     saved = json.loads((out / "config.json").read_text())
@@ -175,7 +165,6 @@ def test_bfloat16_load_and_save(tmp_path):
 @pytest.mark.parametrize("case", ["deepseek_v3_a", "gpt_oss_b"])
 def test_sharded_load_matches_unsharded(case, monkeypatch):
     directory = fixture(case)
-    skip_missing_features(directory)
     golden = np.load(directory / "golden.npz")
     tokens = np.tile(golden["tokens"], (4, 1))  # the batch splits over data x expert = 8
     config, variables = hf.load(directory)
@@ -314,7 +303,6 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
                                 {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                  "weight_block_size": list(block)})
     assert io.Checkpoint(qdir).dtype("model.layers.1.mlp.experts.3.down_proj.weight") == ml_dtypes.float8_e4m3fn
-    skip_missing_features(qdir)
     _, quantized = hf.load(qdir)
     _, reference = hf.load(fdir)
     a, b = flat(quantized), flat(reference)
@@ -332,7 +320,6 @@ def test_mxfp4_checkpoint_loads_dequantised(tmp_path):
                                                                                       "model.layers.*.mlp.router",
                                                                                       "model.embed_tokens", "lm_head"]})
     assert "model.layers.0.mlp.experts.down_proj_blocks" in io.Checkpoint(qdir)
-    skip_missing_features(qdir)
     _, quantized = hf.load(qdir)
     _, reference = hf.load(fdir)
     a, b = flat(quantized), flat(reference)
@@ -463,28 +450,9 @@ def test_fp8_weight_without_scale_is_named(tmp_path):
 
 def test_mtp_layers_are_skipped_with_a_note(capsys):
     directory = fixture("deepseek_v3_a")
-    skip_missing_features(directory)
     hf.load(directory)
     assert "skipped checkpoint layers [3] past num_hidden_layers=3 (deepseek_v3 multi-token-prediction" \
         in capsys.readouterr().err
-
-
-def test_missing_feature_is_named(monkeypatch):
-    monkeypatch.setattr(features, "probe", lambda name, attention="gqa": "the model ignores it" if
-                        name == "model.attention_sinks" else None)
-    with pytest.raises(NotImplementedError, match=r"gpt_oss checkpoint .* needs model features moejax does not "
-                                                  r"implement yet: model\.attention_sinks: the model ignores it"):
-        hf.load(fixture("gpt_oss_a"))
-
-
-def test_feature_probe_spots_an_ignored_field(monkeypatch):
-    monkeypatch.setitem(features.FEATURES, "model.unread_field",
-                        (lambda m: True, features._set(), features._set(unread_field=1)))
-    features.probe.cache_clear()
-    assert features.probe("model.unread_field") == "the model ignores it (same parameters and computation " \
-                                                   "without it)"
-    assert features.probe("model.qkv_bias") is None  # implemented: a different trace
-    features.probe.cache_clear()
 
 
 def test_save_refuses_what_the_family_cannot_express(tmp_path):
@@ -532,7 +500,6 @@ def test_live_transformers_round_trip(case, tmp_path):
     hf_model = goldens.build(case)
     directory = tmp_path / "hf"
     hf_model.save_pretrained(directory)
-    skip_missing_features(directory)
     tokens = goldens.tokens_of(hf_model.config.vocab_size)
     expected = goldens.reference(hf_model, tokens)
     config, variables = hf.load(directory)

@@ -7,8 +7,7 @@
 Families (``SUPPORTED``): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 (its multi-token-prediction
 layers are skipped with a note), gpt_oss. The config mapping is in families.py, one table of tensor names and
 layouts per family in tables.py, the safetensors reader and writer in io.py, FP8 (DeepSeek-V3) and MXFP4 (GPT-OSS)
-dequantisation in quant.py, and the check that the moejax model implements every feature a family needs in
-features.py.
+dequantisation in quant.py.
 
 Loading streams: each parameter is read from the memory-mapped files when it is placed, straight into its sharding
 on the mesh (``mesh=``, else the mesh set with ``jax.set_mesh``, else the default device), with the routed experts
@@ -25,14 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from moejax.hf import families, features, io, quant, tables
+from moejax.hf import families, io, quant, tables
 from moejax.hf.families import SUPPORTED, HFConfigError, config_from_hf, config_to_hf
-from moejax.hf.features import MissingFeatureError
 from moejax.hf.io import CheckpointError
 from moejax.hf.tables import Rule
 
-__all__ = ["load", "save", "is_hf_dir", "read_config", "SUPPORTED", "HFConfigError", "CheckpointError",
-           "MissingFeatureError"]
+__all__ = ["load", "save", "is_hf_dir", "read_config", "SUPPORTED", "HFConfigError", "CheckpointError"]
 
 MAX_SHARD_BYTES = 5 * 2**30
 QUANT_METHODS = ("fp8", "mxfp4")  # quantization_config.quant_method values dequantised on load
@@ -52,7 +49,7 @@ def is_hf_dir(path: str | pathlib.Path) -> bool:
 
 def read_config(path: str | pathlib.Path, dtype: str | None = None):
     """The moejax config (configs/base.py defaults, ``model`` from config.json) of a transformers directory or
-    config dict, without reading weights or checking the model's features."""
+    config dict, without reading weights."""
     raw = path if isinstance(path, dict) else _read_json(pathlib.Path(path) / "config.json")
     config, _ = config_from_hf(raw)
     if dtype is not None:
@@ -330,8 +327,8 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
     (default: the checkpoint's dtype; float16 checkpoints load as float32). mesh: place every parameter with its
     sharding on this mesh (default: the mesh set with jax.set_mesh, else the default device).
 
-    Raises HFConfigError for a config field moejax cannot represent, MissingFeatureError (a NotImplementedError)
-    for a model feature the moejax model lacks, CheckpointError naming missing, mis-shaped or unused tensors.
+    Raises HFConfigError for a config field moejax cannot represent, CheckpointError naming missing, mis-shaped or
+    unused tensors.
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -342,7 +339,6 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
     raw = _read_json(directory / "config.json")
     config = read_config(raw, dtype)
     model_type = raw["model_type"]
-    features.require(config.model, f"the {model_type} checkpoint in {directory}")
     try:
         model.validate(config.model)
     except checks.ConfigError as e:

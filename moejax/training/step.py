@@ -26,10 +26,10 @@ class TrainState:
     moe_state: Any  # the 'moe_state' collection: router_bias [E] per MoE layer (empty for dense models)
 
 
-def layer_outputs(moe_aux: Any) -> dict[str, Any]:
-    """The model outputs the metrics collections read from a forward pass's 'moe_aux': ``layer_stats`` (a
+def layer_outputs(collected: dict[stats.ModulePath, stats.RoutedStats]) -> dict[str, Any]:
+    """The model outputs the metrics collections read from a forward pass's ``stats.collect``: ``layer_stats`` (a
     RoutedStats stacked [L] in layer order), absent for a dense model."""
-    per_layer = stats.by_layer(stats.collect(moe_aux))
+    per_layer = stats.by_layer(collected)
     return {} if per_layer is None else {"layer_stats": per_layer}
 
 
@@ -46,7 +46,7 @@ def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Ar
     for hook in hooks:
         new_state = hook(new_state, collected)
     step_metrics = type(metrics).single_from_model_output(loss=report.loss, aux_loss=report.aux_loss,
-                                                          grad_norm=grad_norm, **layer_outputs(report.moe_aux))
+                                                          grad_norm=grad_norm, **layer_outputs(collected))
     return new_state, metrics.merge(step_metrics), jnp.stack([report.loss, grad_norm])
 
 
@@ -56,4 +56,4 @@ def eval_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Arr
     logits, aux = module.apply({"params": state.params, "moe_state": state.moe_state}, batch[:, :-1], train=False,
                                mutable=["moe_aux"])
     return metrics.merge(type(metrics).single_from_model_output(
-        loss=objectives.cross_entropy(logits, batch[:, 1:]), **layer_outputs(aux.get("moe_aux", {}))))
+        loss=objectives.cross_entropy(logits, batch[:, 1:]), **layer_outputs(stats.collect(aux.get("moe_aux", {})))))
