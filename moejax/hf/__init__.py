@@ -366,6 +366,9 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
         source = sources.pop(keys)
         source.expect(list(shardings[keys].addressable_devices_indices_map(source.shape).values()))
         placed[keys] = jax.make_array_from_callback(source.shape, shardings[keys], source.read)
+        # the copies to the devices run asynchronously, each holding its host array: wait for them, so that the
+        # host holds one parameter's arrays at a time instead of those of every parameter still in flight
+        placed[keys].block_until_ready()
         source.done()
     variables = _unflatten(placed)
     variables.setdefault("moe_state", {})

@@ -4,8 +4,11 @@
 released MoE checkpoints are BF16 (DeepSeek-V3: FP8). So the reader parses the safetensors header itself (8 bytes
 of header length, a JSON header, then the raw little-endian data) and views each tensor of a memory-mapped file as a
 numpy array of the matching ``ml_dtypes`` type: nothing is read until a tensor (or a slice of its first axis) is
-used. The writer streams: it writes the header from the shapes, then each tensor as it is produced, so saving holds
-one tensor group in host memory at a time.
+used. Each tensor gets a memory map of its own byte range, unmapped when the last view of it is dropped: the pages
+read through a map count in the process's RSS for as long as the map lives, so one map of the whole file would keep
+every tensor read so far resident (a whole extra copy of the checkpoint by the end of a load). The writer streams:
+it writes the header from the shapes, then each tensor as it is produced, so saving holds one tensor group in host
+memory at a time.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """One .safetensors file: its header, and each tensor as a read-only view of a memory map."""
+    """One .safetensors file: its header, and each tensor as a read-only memory map of its bytes."""
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
@@ -52,7 +55,6 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.header: dict[str, dict[str, Any]] = header
         self.data_start = 8 + length
-        self._map: np.memmap | None = None
         for name, info in header.items():
             if info.get("dtype") not in DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name} has dtype {info.get('dtype')!r}, which moejax "
@@ -72,12 +74,17 @@ class SafetensorsFile:
         return DTYPES[self.header[name]["dtype"]]
 
     def array(self, name: str) -> np.ndarray:
-        """The tensor as a read-only view of the memory-mapped file (read from disk only where used)."""
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        """The tensor as a read-only memory map of its own bytes (read from disk only where used; unmapped, its
+        pages leaving this process's RSS, when the last view of it goes)."""
         begin, end = self.header[name]["data_offsets"]
-        raw = self._map[self.data_start + begin:self.data_start + end]
-        return raw.view(self.dtype(name)).reshape(self.shape(name))
+        shape, dtype = self.shape(name), self.dtype(name)
+        if end == begin:  # mmap cannot map 0 bytes
+            return np.empty(shape, dtype)
+        try:
+            return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=shape)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: cannot map tensor {name} (bytes {self.data_start + begin} to "
+                                  f"{self.data_start + end} of the file): {e}") from e
 
 
 class Checkpoint:
