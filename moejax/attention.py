@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import checks
+from moejax import checks, kv_cache
 
 ATTENTION_KINDS = ("gqa", "mla")
 LAYER_TYPES = ("full", "sliding")
@@ -155,7 +155,7 @@ def rope_parameters(cfg: ml_collections.ConfigDict, dim: int) -> tuple[jax.Array
 
 def apply_rope(x: jax.Array, inv_freq: jax.Array | np.ndarray, attention_factor: float = 1.0,
                interleave: bool = False, positions: jax.Array | None = None) -> jax.Array:
-    """Rotary embedding of x [B, S, N, R] (R = 2 * len(inv_freq)) at ``positions`` [S] (default 0..S-1).
+    """Rotary embedding of x [B, S, N, R] (R = 2 * len(inv_freq)) at ``positions`` [S] or [B, S] (default 0..S-1).
 
     Half layout (interleave False): dims (i, i + R/2) form the pairs rotated by inv_freq[i]. Interleaved layout:
     dims (2i, 2i + 1) form them; the output is then in the half layout (the pairs' first members, then their
@@ -164,8 +164,8 @@ def apply_rope(x: jax.Array, inv_freq: jax.Array | np.ndarray, attention_factor:
     """
     seq, half = x.shape[1], x.shape[-1] // 2
     pos = jnp.arange(seq, dtype=jnp.float32) if positions is None else positions.astype(jnp.float32)
-    angles = pos[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    angles = jnp.atleast_2d(pos)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [1 or B, S, R/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     if attention_factor != 1.0:
         sin, cos = sin * attention_factor, cos * attention_factor
     if interleave:
@@ -180,12 +180,13 @@ def rotary(x: jax.Array, theta: float) -> jax.Array:
     return apply_rope(x, default_inv_freq(theta, x.shape[-1]))
 
 
-def rope(cfg: ml_collections.ConfigDict, x: jax.Array) -> jax.Array:
-    """x [B, S, N, R] rotated as the config says (layout ``rope_interleave``, scaling ``rope_scaling``)."""
-    if cfg.rope_scaling.kind == "none" and not cfg.rope_interleave:
+def rope(cfg: ml_collections.ConfigDict, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """x [B, S, N, R] rotated as the config says (layout ``rope_interleave``, scaling ``rope_scaling``), at
+    ``positions`` [B, S] (default 0..S-1)."""
+    if cfg.rope_scaling.kind == "none" and not cfg.rope_interleave and positions is None:
         return rotary(x, cfg.rope_theta)
     inv_freq, factor = rope_parameters(cfg, x.shape[-1])
-    return apply_rope(x, inv_freq, factor, interleave=cfg.rope_interleave)
+    return apply_rope(x, inv_freq, factor, interleave=cfg.rope_interleave, positions=positions)
 
 
 # ----------------------------------------------------------------------------------------------- core
@@ -248,8 +249,9 @@ class Attention(nn.Module):
     window: int = 0  # > 0: a sliding-window layer
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, S, D] -> [B, S, D]."""
+    def __call__(self, x: jax.Array, cache: kv_cache.Cache | None = None) -> jax.Array:
+        """x [B, S, D] -> [B, S, D]; with ``cache``, the tokens are written into the layer's KV cache and attend
+        over it (moejax/kv_cache.py)."""
         cfg = self.cfg
         dh = head_dim(cfg)
         kv_heads = cfg.num_kv_heads or cfg.num_heads
@@ -267,8 +269,14 @@ class Attention(nn.Module):
         if cfg.qk_norm and cfg.qk_norm_scope == "head":
             q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
-        q, k = rope(cfg, q), rope(cfg, k)
-        out = attend(q, k, v, window=self.window, sinks=_sinks(self, cfg))
+        positions = None if cache is None else cache.positions(x.shape[1])
+        q, k = rope(cfg, q, positions), rope(cfg, k, positions)
+        if cache is None:
+            out = attend(q, k, v, window=self.window, sinks=_sinks(self, cfg))
+        else:
+            k, v = (kv_cache.Slots(name="cached_key")(k, cache),
+                    kv_cache.Slots(name="cached_value")(v, cache))
+            out = kv_cache.attend(q, k, v, cache.visible(x.shape[1], self.window), sinks=_sinks(self, cfg))
         return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dict(dense, use_bias=cfg.o_bias))(out)
 
 
@@ -311,22 +319,24 @@ class MLAttention(nn.Module):
         self.kv_a_norm = RMSNorm(MLA_NORM_EPS, self.dtype)
         self.kv_b = nn.DenseGeneral((cfg.num_heads, mla.qk_nope_head_dim + mla.v_head_dim), **dense)
         self.o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), **dict(dense, use_bias=cfg.o_bias))
+        self.cached_c_kv, self.cached_k_rot = kv_cache.Slots(), kv_cache.Slots()  # decoding only
         if cfg.attention_sinks:
             self.sinks = self.param("sinks", nn.initializers.zeros, (cfg.num_heads,), jnp.float32)
 
-    def queries(self, x: jax.Array) -> jax.Array:
-        """x [B, S, D] -> q [B, S, H, Dn + Dr], the last Dr dims rotated."""
+    def queries(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """x [B, S, D] -> q [B, S, H, Dn + Dr], the last Dr dims rotated (at ``positions`` [B, S], default
+        0..S-1)."""
         mla = self.cfg.mla
         q = self.q_b(self.q_a_norm(self.q_a(x))) if mla.q_lora_rank else self.q(x)
         q_nope, q_rot = q[..., :mla.qk_nope_head_dim], q[..., mla.qk_nope_head_dim:]
-        return jnp.concatenate([q_nope, rope(self.cfg, q_rot)], axis=-1)
+        return jnp.concatenate([q_nope, rope(self.cfg, q_rot, positions)], axis=-1)
 
-    def latent(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def latent(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """x [B, S, D] -> (c_kv [B, S, rkv] normalised, k_rot [B, S, Dr] rotated)."""
         mla = self.cfg.mla
         compressed = self.kv_a(x)
         c_kv, k_rot = compressed[..., :mla.kv_lora_rank], compressed[..., mla.kv_lora_rank:]
-        return self.kv_a_norm(c_kv), rope(self.cfg, k_rot[:, :, None, :])[:, :, 0, :]
+        return self.kv_a_norm(c_kv), rope(self.cfg, k_rot[:, :, None, :], positions)[:, :, 0, :]
 
     def expand(self, c_kv: jax.Array, k_rot: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(c_kv [B, S, rkv], k_rot [B, S, Dr]) -> (k [B, S, H, Dn + Dr], v [B, S, H, Dv])."""
@@ -336,12 +346,25 @@ class MLAttention(nn.Module):
         k_rot = jnp.broadcast_to(k_rot[:, :, None, :], (*k_nope.shape[:-1], k_rot.shape[-1])).astype(k_nope.dtype)
         return jnp.concatenate([k_nope, k_rot], axis=-1), v
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, S, D] -> [B, S, D]."""
-        q = self.queries(x)
-        k, v = self.expand(*self.latent(x))
+    def __call__(self, x: jax.Array, cache: kv_cache.Cache | None = None) -> jax.Array:
+        """x [B, S, D] -> [B, S, D]; with ``cache``, the latent (c_kv, k_rot) is written into the layer's cache and
+        the queries attend over it in latent space (kv_cache.attend_latent)."""
         sinks = self.sinks if self.cfg.attention_sinks else None
-        return self.o(attend(q, k, v, scale=mla_softmax_scale(self.cfg), window=self.window, sinks=sinks))
+        scale = mla_softmax_scale(self.cfg)
+        if cache is None:
+            q = self.queries(x)
+            k, v = self.expand(*self.latent(x))
+            return self.o(attend(q, k, v, scale=scale, window=self.window, sinks=sinks))
+        positions = cache.positions(x.shape[1])
+        c_kv, k_rot = self.latent(x, positions)
+        c_kv, k_rot = self.cached_c_kv(c_kv, cache), self.cached_k_rot(k_rot, cache)
+        if self.is_initializing():  # kv_b's kernel exists once kv_b has run
+            self.expand(c_kv, k_rot)
+        kv_b = jnp.asarray(self.variables["params"]["kv_b"]["kernel"], self.dtype)
+        out = kv_cache.attend_latent(self.queries(x, positions), c_kv, k_rot, kv_b,
+                                     cache.visible(x.shape[1], self.window), nope_dim=self.cfg.mla.qk_nope_head_dim,
+                                     scale=scale, sinks=sinks)
+        return self.o(out)
 
 
 def make(cfg: ml_collections.ConfigDict, dtype: Any, kernel_init: nn.initializers.Initializer, window: int = 0,

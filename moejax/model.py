@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from moejax import attention, checks, moe
+from moejax import attention, checks, kv_cache, moe
 from moejax.attention import Attention, RMSNorm, rotary  # noqa: F401  (model.Attention, model.RMSNorm, ...)
 from moejax.moe import layer as moe_layer
 
@@ -106,13 +106,15 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
-                 progress: jax.Array | None = None, layer: int | jax.Array = 0) -> jax.Array:
-        """layer: this block's index in the model (an int32 scalar under nn.scan), for the MoE statistics."""
+                 progress: jax.Array | None = None, layer: int | jax.Array = 0,
+                 cache: kv_cache.Cache | None = None) -> jax.Array:
+        """layer: this block's index in the model (an int32 scalar under nn.scan), for the MoE statistics. cache:
+        decoding with a KV cache (moejax/kv_cache.py)."""
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
         attn = attention.make(cfg, dtype, init, self.window, name="attn")
-        x = x + attn(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x))
+        x = x + attn(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x), cache)
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
         if self.use_moe:
             ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")
@@ -134,13 +136,14 @@ class Unit(nn.Module):
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], train: bool, token_ids: jax.Array,
-                 progress: jax.Array | None) -> tuple[tuple[jax.Array, jax.Array], None]:
+                 progress: jax.Array | None, cache: kv_cache.Cache | None = None
+                 ) -> tuple[tuple[jax.Array, jax.Array], None]:
         x, first_layer = carry
         width = max(self.cfg.moe_every, 1)
         for j in range(width):
             x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, window=self.window,
                       name=f"block_{j}")(
-                x, train, token_ids, progress, first_layer + j)
+                x, train, token_ids, progress, first_layer + j, cache)
         return (x, first_layer + width), None
 
 
@@ -155,8 +158,10 @@ class Transformer(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, train: bool = False, progress: jax.Array | None = None) -> jax.Array:
-        """progress: the fraction of training done (a float32 scalar), for routers with a schedule."""
+    def __call__(self, tokens: jax.Array, train: bool = False, progress: jax.Array | None = None,
+                 cache: kv_cache.Cache | None = None) -> jax.Array:
+        """progress: the fraction of training done (a float32 scalar), for routers with a schedule. cache: decode
+        with a KV cache (apply with mutable=['cache']; moejax/kv_cache.py, moejax/generate.py)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
@@ -166,19 +171,19 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             for i in range(cfg.first_dense_layers):
                 x = block(cfg, use_moe=False, mesh=self.mesh, window=attention_window(cfg, i), name=f"layers_{i}")(
-                    x, train, tokens, progress, i)
+                    x, train, tokens, progress, i, cache)
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
-            scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0},
+            scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0, kv_cache.COLLECTION: 0},
                               split_rngs={"params": True, "jitter": True, "routing": True},
-                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=units)
+                              in_axes=(nn.broadcast,) * 4, length=units)
             first = jnp.asarray(cfg.first_dense_layers, jnp.int32)
             window = attention_window(cfg, cfg.first_dense_layers) if units else 0
-            (x, _), _ = scanned(cfg, self.mesh, window, name="blocks")((x, first), train, tokens, progress)
+            (x, _), _ = scanned(cfg, self.mesh, window, name="blocks")((x, first), train, tokens, progress, cache)
         else:
             for i in range(cfg.num_layers):
                 x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
-                          name=f"layers_{i}")(x, train, tokens, progress, i)
+                          name=f"layers_{i}")(x, train, tokens, progress, i, cache)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)

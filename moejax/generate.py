@@ -1,0 +1,289 @@
+"""Autoregressive generation with a KV cache, for any model ``moejax.load`` opens (own runs and transformers
+checkpoints alike):
+
+    config, variables = moejax.load(path)
+    tokens = moejax.generate.generate(config, variables, prompts, max_new_tokens=64)
+
+One prefill pass writes the prompts into a preallocated cache of ``P + max_new_tokens`` slots per layer
+(moejax/kv_cache.py: grouped-query keys and values, MLA's compressed latent, sliding windows with sinks), then a
+jitted ``lax.while_loop`` decodes one token per step for the whole batch; nothing runs in Python per token. The
+MoE layers decode dropless whatever the training dispatch (a capacity would drop decode tokens) and route as in
+evaluation (``train=False``: expert-choice routers route by token choice, which is causal). Rows stop at
+``eos_id``; the loop ends when every row has.
+
+Sampling: greedy when ``temperature == 0`` (ties go to the lowest id, as ``argmax``); otherwise the logits are
+divided by the temperature, cut to the ``top_k`` largest (0: no cut), then to the nucleus ``top_p`` of the
+distribution that remains (the smallest set of most likely tokens whose probability reaches top_p: a token is
+kept when the mass of the tokens ranked before it is below top_p; tokens tied with the last kept one are kept
+too), the order of transformers' sampling warpers, and drawn with ``rng``.
+
+CLI (streams the text as it decodes, then prints the speed):
+
+    python -m moejax.generate --checkpoint=<workdir | transformers dir> --prompt='def fibonacci(n):' \\
+        --max_new_tokens=200 [--temperature=0.8 --top_p=0.95 --top_k=0 --seed=0]
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import io_callback
+from jax.sharding import Mesh
+
+from moejax import checks, kv_cache, model
+
+
+def decode_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``model`` section of config (a full config or its model section) as decoding runs it: dropless MoE
+    dispatch, no rematerialisation."""
+    cfg = ml_collections.ConfigDict((config.model if "model" in config else config).to_dict())
+    cfg.remat = False
+    cfg.moe.dispatch = "dropless"
+    return cfg
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """logits [..., V] with the tokens outside the top_k largest (top_k > 0) and outside the nucleus top_p (< 1) set
+    to -inf (see the module docstring for the exact rule)."""
+    neg = jnp.asarray(-jnp.inf, logits.dtype)
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        ranked = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1: the first token has nothing before it
+        threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return logits
+
+
+def sample(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32: argmax when temperature is 0, else a draw from the filtered
+    distribution softmax(filter_logits(logits / temperature))."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, vocab: int) -> None:
+    checks.positive_int("max_new_tokens", max_new_tokens)
+    checks.number("temperature", temperature)
+    checks.positive_int("top_k", top_k, minimum=0)
+    if top_k > vocab:
+        checks.fail("top_k", top_k, f"must be <= the vocabulary size {vocab} (0: no top-k cut)")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        checks.fail("top_p", top_p, "must be a number in (0, 1] (1: no nucleus cut)")
+
+
+def _right_align(prompts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rows prompts[b, :lengths[b]] moved to the right end (zeros before them)."""
+    width = prompts.shape[1]
+    cols = np.arange(width)[None, :]
+    source = np.clip(cols - (width - lengths)[:, None], 0, width - 1)
+    return np.where(cols >= (width - lengths)[:, None], np.take_along_axis(prompts, source, axis=1), 0)
+
+
+def _prompt_lengths(prompts: np.ndarray, prompt_lengths: Any) -> np.ndarray:
+    if prompt_lengths is None:
+        return np.full((prompts.shape[0],), prompts.shape[1], np.int64)
+    lengths = np.asarray(prompt_lengths)
+    if lengths.shape != (prompts.shape[0],) or not np.issubdtype(lengths.dtype, np.integer) or \
+            lengths.min() < 1 or lengths.max() > prompts.shape[1]:
+        checks.fail("prompt_lengths", prompt_lengths, f"must be {prompts.shape[0]} integers (one per prompt row) in "
+                                                      f"[1, {prompts.shape[1]}] (the prompts' width)")
+    return lengths.astype(np.int64)
+
+
+def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], prompts: Any, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
+             eos_id: int | None = None, prompt_lengths: Any = None, mesh: Mesh | None = None,
+             stream: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """prompts [B, P] int -> tokens [B, P + max_new_tokens] int32.
+
+    Without ``prompt_lengths`` every row is a full prompt of P tokens: the output row is the prompt, then the new
+    tokens. Ragged batches pass ``prompt_lengths`` [B]: row b's prompt is prompts[b, :len_b] (what follows in the
+    row is ignored) and the output row is that prompt, its max_new_tokens new tokens, then padding. Inside, the
+    rows are right-aligned and the padding before them is masked, so each row gets exactly what it gets alone.
+    A row that emits ``eos_id`` continues with eos_id; padding is eos_id, or 0 without one. ``rng`` (a jax key)
+    is needed when temperature > 0. ``mesh``: decode with the MoE layers expert-parallel on this mesh (the batch
+    is padded to a multiple of its token shards). ``stream`` is called on the host with each step's new tokens
+    [B'] (B' >= B rows: padding rows last) as they are decoded, in order.
+    """
+    cfg = decode_config(config)
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer) or prompts.shape[1] < 1:
+        checks.fail("prompts", f"array of shape {prompts.shape} and dtype {prompts.dtype}",
+                    "must be a [batch, prompt_length] integer array with prompt_length >= 1")
+    if prompts.min() < 0 or prompts.max() >= cfg.vocab_size:
+        checks.fail("prompts", f"ids in [{prompts.min()}, {prompts.max()}]",
+                    f"must be token ids in [0, model.vocab_size={cfg.vocab_size})")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+    if temperature > 0 and rng is None:
+        checks.fail("rng", None, "sampling (temperature > 0) needs a jax.random key")
+    lengths = _prompt_lengths(prompts, prompt_lengths)
+    batch, width = prompts.shape
+    aligned = _right_align(prompts, lengths)
+    rows = batch
+    if mesh is not None:  # the MoE layers split the tokens over the mesh's token axes
+        from moejax.parallel import TOKEN_AXES
+        shards = int(np.prod([mesh.shape[a] for a in TOKEN_AXES if a in mesh.shape]))
+        rows = -(-batch // shards) * shards
+        aligned = np.concatenate([aligned, np.repeat(aligned[:1], rows - batch, axis=0)])
+        lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - batch)])
+    run = _compiled(cfg, mesh, rows, width, max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id,
+                    stream)
+    out = np.asarray(run({k: v for k, v in variables.items() if k != kv_cache.COLLECTION},
+                         jnp.asarray(aligned, jnp.int32), jnp.asarray(width - lengths, jnp.int32),
+                         jax.random.key(0) if rng is None else rng))[:batch]
+    if prompt_lengths is None:
+        return out
+    pad = 0 if eos_id is None else eos_id
+    shift = (width - lengths[:batch])[:, None]
+    cols = np.arange(out.shape[1])[None, :]
+    moved = np.take_along_axis(out, np.minimum(cols + shift, out.shape[1] - 1), axis=1)
+    return np.where(cols + shift < out.shape[1], moved, pad).astype(np.int32)
+
+
+_RUNNERS: dict[tuple, Any] = {}  # the compiled loops, by config, mesh, shapes and sampling setting
+_MAX_RUNNERS = 16
+
+
+def _compiled(cfg: ml_collections.ConfigDict, mesh: Mesh | None, rows: int, width: int, new: int,
+              temperature: float, top_k: int, top_p: float, eos_id: int | None, stream: Callable | None):
+    """The jitted prefill + decode loop for one config, shape and sampling setting (reused across calls)."""
+    key = (cfg.to_json(), mesh, rows, width, new, temperature, top_k, top_p, eos_id, stream)
+    if key not in _RUNNERS:
+        if len(_RUNNERS) >= _MAX_RUNNERS:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
+        _RUNNERS[key] = _build(cfg, mesh, rows, width, new, temperature, top_k, top_p, eos_id, stream)
+    return _RUNNERS[key]
+
+
+def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, rows: int, width: int, new: int, temperature: float,
+           top_k: int, top_p: float, eos_id: int | None, stream: Callable | None):
+    module = model.Transformer(cfg, mesh)
+
+    def emit(tokens: jax.Array) -> None:
+        if stream is not None:
+            io_callback(lambda t: stream(np.asarray(t)), None, tokens, ordered=True)
+    length = width + new
+    eos = -1 if eos_id is None else eos_id  # -1: no token ever equals it
+
+    def run(variables, prompts, start, rng):
+        def forward(cache_vars, tokens, index):
+            cache = kv_cache.Cache(length, jnp.asarray(index, jnp.int32), start)
+            logits, mutated = module.apply({**variables, **cache_vars}, tokens, cache=cache,
+                                           mutable=[kv_cache.COLLECTION])
+            return logits[:, -1], mutated
+
+        logits, cache_vars = forward({}, prompts, 0)
+        rng, key = jax.random.split(rng)
+        first = sample(logits, key, temperature, top_k, top_p)
+        emit(first)
+        buf = jnp.zeros((rows, length), jnp.int32).at[:, :width].set(prompts).at[:, width].set(first)
+
+        def cond(state):
+            done_steps, _, _, finished, _ = state
+            return (done_steps < new) & ~jnp.all(finished)
+
+        def body(state):
+            done_steps, buf, cache_vars, finished, rng = state
+            pos = width + done_steps - 1
+            last = jax.lax.dynamic_slice_in_dim(buf, pos, 1, axis=1)
+            logits, cache_vars = forward(cache_vars, last, pos)
+            rng, key = jax.random.split(rng)
+            token = jnp.where(finished, eos, sample(logits, key, temperature, top_k, top_p))
+            emit(token)
+            buf = jax.lax.dynamic_update_slice_in_dim(buf, token[:, None], pos + 1, axis=1)
+            return done_steps + 1, buf, cache_vars, finished | (token == eos), rng
+
+        state = (jnp.int32(1), buf, cache_vars, first == eos, rng)
+        done_steps, buf, _, _, _ = jax.lax.while_loop(cond, body, state)
+        unused = jnp.arange(length)[None, :] >= width + done_steps  # every row stopped early
+        return jnp.where(unused, max(eos, 0), buf)
+
+    return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _parse(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m moejax.generate", description="Generate text from a moejax "
+                                     "workdir or a transformers checkpoint directory, streaming it as it decodes.")
+    parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
+    parser.add_argument("--step", type=int, default=None, help="a workdir's checkpoint step (default: the newest)")
+    parser.add_argument("--prompt", default="", help="the text to continue")
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+class _Printer:
+    """Prints the text of the tokens decoded so far as it grows (holding back an incomplete UTF-8 character)."""
+
+    def __init__(self, tokenizer: Any, out: Any) -> None:
+        self.tokenizer, self.out, self.ids, self.shown, self.stopped = tokenizer, out, [], "", False
+        self.first_at: float | None = None
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        import time
+
+        self.first_at = self.first_at or time.perf_counter()
+        token = int(tokens[0])
+        if self.stopped or token == self.tokenizer.eos_id:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def main(argv: list[str] | None = None) -> np.ndarray:
+    import sys
+    import time
+
+    import moejax.load
+    from moejax.data import tokenizers
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    config, variables = moejax.load(args.checkpoint, step=args.step)
+    tokenizer = tokenizers.for_checkpoint(args.checkpoint, config)
+    ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
+    loaded = time.perf_counter()
+    printer = _Printer(tokenizer, sys.stdout)
+    sys.stdout.write(args.prompt)
+    tokens = generate(config, variables, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      rng=jax.random.key(args.seed), eos_id=tokenizer.eos_id, stream=printer)
+    done = time.perf_counter()
+    new = len(printer.ids) + printer.stopped
+    decode_s = done - (printer.first_at or done)
+    print(f"\n\n[{new} new tokens; loading {loaded - started:.1f} s, prefill and compile "
+          f"{(printer.first_at or done) - loaded:.1f} s, decoding {decode_s:.2f} s = "
+          f"{(new - 1) / max(decode_s, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return tokens
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (checks.ConfigError, ValueError, OSError) as e:
+        raise SystemExit(f"moejax.generate: {e}") from None

@@ -1,0 +1,122 @@
+"""The key/value cache of autoregressive decoding (moejax/generate.py), as the attention modules use it.
+
+A ``Cache`` record travels with the forward pass (``Transformer(...)(tokens, cache=Cache(...))``, applied with
+``mutable=['cache']``). Every attention layer keeps its own arrays in the ``'cache'`` variable collection, of
+``cache.length`` slots per row, created as zeros on the first (prefill) call (``Slots``, under
+``layers_{i}/attn/<name>/slots``):
+
+    'gqa':  cached_key [B, L, KV, Dh], cached_value [B, L, KV, Dh]   keys after their norm and rotary embedding
+    'mla':  cached_c_kv [B, L, rkv], cached_k_rot [B, L, Dr]     MLA's compressed latent and its one shared rotary key: the
+                                                   cache holds rkv + Dr values per token and layer, not the
+                                                   2 * H * Dh of the expanded keys and values
+
+A call writes its S tokens into slots ``index .. index + S - 1`` and attends over the whole cache. Rows may be
+left-padded (ragged prompts): row b's real tokens start at slot ``start[b]``; slots before it are never read, and
+a token in slot s sits at position ``s - start[b]`` for the rotary embedding. A query in slot i reads the key in
+slot j iff ``start[b] <= j <= i`` and, in a sliding-window layer, ``i - j < window``; attention sinks join the
+softmax's denominator as in the full forward. Sliding-window layers keep all L slots (no ring buffer): simple, and
+exact; the memory a ring buffer would save is left for later.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+COLLECTION = "cache"
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """Where this call's tokens go in the per-layer caches (see the module docstring).
+
+    length: the slots per row (static: prompt length + new tokens). index: int32 scalar, the slot of the call's
+    first token. start: int32 [B], each row's first real slot (0 without left padding)."""
+
+    length: int
+    index: jax.Array
+    start: jax.Array
+
+    def positions(self, seq: int) -> jax.Array:
+        """The rotary positions [B, S] of the call's S tokens."""
+        return self.index + jnp.arange(seq, dtype=jnp.int32)[None, :] - self.start[:, None]
+
+    def visible(self, seq: int, window: int = 0) -> jax.Array:
+        """[B, S, L] bool: query t of the call (slot index + t) may read cache slot j."""
+        slot = self.index + jnp.arange(seq, dtype=jnp.int32)[:, None]
+        j = jnp.arange(self.length, dtype=jnp.int32)[None, :]
+        ok = (j <= slot)[None] & (j[None] >= self.start[:, None, None])
+        if window:
+            ok = ok & ((slot - j) < window)[None]
+        return ok
+
+
+class Slots(nn.Module):
+    """One cache array of a layer, [B, L, ...] in the 'cache' collection under ``<name>/slots``: a call writes its
+    tokens new [B, S, ...] at cache.index and returns the whole array. (A module of its own so that attention
+    modules written with ``setup`` can own cache arrays whose shape is known only at the first call.)"""
+
+    @nn.compact
+    def __call__(self, new: jax.Array, cache: Cache) -> jax.Array:
+        var = self.variable(COLLECTION, "slots", jnp.zeros, (new.shape[0], cache.length, *new.shape[2:]), new.dtype)
+        start = (0, cache.index) + (0,) * (new.ndim - 2)
+        var.value = jax.lax.dynamic_update_slice(var.value, new.astype(var.value.dtype), start)
+        return var.value
+
+
+def softmax(logits: jax.Array, visible: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """logits [B, K, G, S, L] float32 (head k * G + g), visible [B, S, L], sinks [K * G] or None -> probabilities."""
+    logits = jnp.where(visible[:, None, None], logits, _MASKED)
+    if sinks is None:
+        return jax.nn.softmax(logits, axis=-1)
+    batch, kv_heads, groups = logits.shape[:3]
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1), (*logits.shape[:-1], 1))
+    return jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *, scale: float | None = None,
+           sinks: jax.Array | None = None) -> jax.Array:
+    """q [B, S, N, Dk] against the cache k [B, L, K, Dk], v [B, L, K, Dv] -> [B, S, N, Dv]; head n reads key/value
+    head n // (N / K)."""
+    batch, seq, heads, dk = q.shape
+    kv_heads = k.shape[2]
+    scale = dk ** -0.5 if scale is None else scale
+    qg = q.reshape(batch, seq, kv_heads, heads // kv_heads, dk)
+    logits = jnp.einsum("bskgd,blkd->bkgsl", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    probs = softmax(logits, visible, sinks)
+    out = jnp.einsum("bkgsl,blkd->bskgd", probs.astype(v.dtype), v)
+    return out.reshape(batch, seq, heads, v.shape[-1])
+
+
+def attend_latent(q: jax.Array, c_kv: jax.Array, k_rot: jax.Array, kv_b: jax.Array, visible: jax.Array, *,
+                  nope_dim: int, scale: float, sinks: jax.Array | None = None) -> jax.Array:
+    """MLA over its compressed cache, with the key and value up-projections absorbed into the query and the output
+    (DeepSeek-V2, arXiv 2405.04434, section 2.1.3): q [B, S, H, Dn + Dr], c_kv [B, L, rkv], k_rot [B, L, Dr],
+    kv_b [rkv, H, Dn + Dv] -> [B, S, H, Dv]. The per-head keys and values are never built: q_nope @ W_uk^T reads
+    c_kv directly, and the probabilities' mix of c_kv goes through W_uv."""
+    w_uk, w_uv = kv_b[..., :nope_dim], kv_b[..., nope_dim:]
+    q_nope, q_rot = q[..., :nope_dim], q[..., nope_dim:]
+    q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk, preferred_element_type=jnp.float32)
+    logits = (jnp.einsum("bshr,blr->bhsl", q_latent, c_kv.astype(jnp.float32)) +
+              jnp.einsum("bshd,bld->bhsl", q_rot, k_rot, preferred_element_type=jnp.float32)) * jnp.float32(scale)
+    probs = softmax(logits[:, :, None], visible, sinks)[:, :, 0]
+    mixed = jnp.einsum("bhsl,blr->bshr", probs, c_kv.astype(jnp.float32))
+    return jnp.einsum("bshr,rhv->bshv", mixed, w_uv.astype(jnp.float32)).astype(q.dtype)
+
+
+def bytes_per_token(cache_tree) -> int:
+    """Cache bytes per token slot, summed over the layers: the cache tree's bytes / (rows x slots)."""
+    leaves = jax.tree.leaves(cache_tree)
+    rows, slots = _rows_slots(cache_tree)
+    return sum(int(x.size) * x.dtype.itemsize for x in leaves) // (rows * slots)
+
+
+def _rows_slots(cache_tree) -> tuple[int, int]:
+    """(B, L) of a cache tree: a layer's arrays are [B, L, ...], stacked ones (scanned layers) [n, B, L, ...]."""
+    flat = jax.tree_util.tree_leaves_with_path(cache_tree)
+    path, leaf = flat[0]
+    scanned = any(getattr(key, "key", None) == "blocks" for key in path)
+    return (leaf.shape[1], leaf.shape[2]) if scanned else (leaf.shape[0], leaf.shape[1])

@@ -1,0 +1,239 @@
+"""moejax.generate against independent references: cached decoding gives the full forward's logits at every
+position (every attention variant, every router kind that decodes); greedy continuations equal transformers'
+``generate`` tokens of the committed golden fixtures; the samplers' distributions equal a numpy reference (exact
+support, chi-square); ragged prompts give each row what it gets alone; a mesh with expert=4 gives the
+single-device tokens; bad arguments are named."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from moejax import generate, hf, kv_cache, model, parallel
+from moejax.checks import ConfigError
+from moejax.configs import base
+from tests import test_hf
+from tests.helpers_configs import load, small_model
+
+
+def tiny(**fields):
+    cfg = base.get_config().model
+    cfg.update(vocab_size=61, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_dim=48,
+               first_dense_layers=1)
+    cfg.moe.update(num_experts=4, top_k=2, expert_ffn=16, dispatch="dropless")
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    model.validate(cfg)
+    return cfg
+
+
+def init(cfg, seed=0):
+    return model.Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+
+
+def cached_logits(cfg, variables, tokens, prefill):
+    """Prefill tokens[:, :prefill], then feed the rest one token at a time; the logits of every position."""
+    module = model.Transformer(generate.decode_config(cfg))
+    batch, seq = tokens.shape
+    start = jnp.zeros((batch,), jnp.int32)
+    outs, cache_vars = [], {}
+    for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, seq)]:
+        cache = kv_cache.Cache(seq, jnp.int32(lo), start)
+        logits, cache_vars = module.apply({**variables, **cache_vars}, tokens[:, lo:hi], cache=cache,
+                                          mutable=["cache"])
+        outs.append(logits)
+    return np.asarray(jnp.concatenate(outs, axis=1)), cache_vars
+
+
+ATTENTION_VARIANTS = {
+    "gqa": {},
+    "qk_norm_head": dict(qk_norm=True),
+    "qk_norm_proj_bias": dict(qk_norm=True, qk_norm_scope="proj", qkv_bias=True, o_bias=True),
+    "yarn_interleaved": dict(rope_interleave=True, rope_scaling=dict(kind="yarn", factor=4.0,
+                                                                     original_max_position_embeddings=8)),
+    "sliding_sinks": dict(attention_sinks=True, layer_types=("sliding", "full", "sliding"), sliding_window=3),
+    "mla": dict(attention="mla", num_kv_heads=0, mla=dict(q_lora_rank=0, kv_lora_rank=12, qk_nope_head_dim=8,
+                                                          qk_rope_head_dim=4, v_head_dim=6)),
+    "mla_qlora_yarn": dict(attention="mla", num_kv_heads=0, mla=dict(q_lora_rank=10, kv_lora_rank=12,
+                                                                     qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                                     v_head_dim=6),
+                           rope_scaling=dict(kind="yarn", factor=4.0, original_max_position_embeddings=8,
+                                             mscale=1.0, mscale_all_dim=1.0)),
+    "scanned": dict(scan_layers=True),
+}
+
+
+def full_logits(cfg, variables, tokens):
+    return np.asarray(model.Transformer(generate.decode_config(cfg)).apply(variables, tokens))
+
+
+@pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
+def test_cached_decoding_equals_the_full_forward(variant):
+    cfg = tiny(**ATTENTION_VARIANTS[variant])
+    variables = init(cfg)
+    if cfg.attention_sinks:  # zeros at init: give the sinks values that matter
+        variables = jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 2.0 if "sinks" in jax.tree_util.keystr(path) else x, variables)
+    tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, cfg.vocab_size)
+    got, _ = cached_logits(cfg, variables, tokens, prefill=5)
+    np.testing.assert_allclose(got, full_logits(cfg, variables, tokens), atol=1e-5, rtol=0)
+
+
+def test_mla_cache_holds_the_latent_only():
+    cfg = tiny(**ATTENTION_VARIANTS["mla"])
+    _, cache_vars = cached_logits(cfg, init(cfg), jnp.zeros((2, 6), jnp.int32), prefill=6)
+    mla = cfg.mla
+    assert kv_cache.bytes_per_token(cache_vars["cache"]) == cfg.num_layers * (mla.kv_lora_rank +
+                                                                              mla.qk_rope_head_dim) * 4
+    gqa = tiny()
+    _, cache_vars = cached_logits(gqa, init(gqa), jnp.zeros((2, 6), jnp.int32), prefill=6)
+    assert kv_cache.bytes_per_token(cache_vars["cache"]) == gqa.num_layers * 2 * gqa.num_kv_heads * 8 * 4
+
+
+# every router kind (the zoo config that uses it), at test width
+ROUTER_CONFIGS = ["switch", "top_p", "adamoe", "hash", "expert_choice", "smoe_dropout", "thor", "chain_of_experts",
+                  "deepseek_v3", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("name", ROUTER_CONFIGS)
+def test_cached_decoding_equals_the_full_forward_for_every_router(name):
+    config = small_model(load(name), num_layers=2, vocab_size=61)
+    cfg = config.model
+    variables = init(cfg, seed=2)
+    tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+    got, _ = cached_logits(cfg, variables, tokens, prefill=4)
+    np.testing.assert_allclose(got, full_logits(cfg, variables, tokens), atol=1e-5, rtol=0)
+
+
+def naive_greedy(cfg, variables, prompt, steps):
+    """Greedy decoding by recomputing the full forward pass for every new token."""
+    ids = np.asarray(prompt)
+    for _ in range(steps):
+        nxt = np.argmax(full_logits(cfg, variables, jnp.asarray(ids))[:, -1], axis=-1)
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+    return ids
+
+
+def test_greedy_equals_recomputing_the_forward():
+    cfg = tiny(moe=dict(dispatch="capacity", capacity_factor=0.5))  # capacity would drop: decoding is dropless
+    variables = init(cfg)
+    prompts = np.asarray(jax.random.randint(jax.random.key(4), (3, 5), 0, cfg.vocab_size))
+    np.testing.assert_array_equal(generate.generate(cfg, variables, prompts, max_new_tokens=7),
+                                  naive_greedy(cfg, variables, prompts, 7))
+
+
+@pytest.mark.parametrize("case", test_hf.CASES)
+def test_greedy_matches_transformers_generate(case):
+    golden = np.load(test_hf.fixture(case) / "golden.npz")
+    config, variables = hf.load(test_hf.fixture(case))
+    tokens = generate.generate(config, variables, golden["prompt"], max_new_tokens=golden["greedy"].shape[1])
+    np.testing.assert_array_equal(tokens[:, golden["prompt"].shape[1]:], golden["greedy"])
+
+
+def test_ragged_prompts_give_each_row_what_it_gets_alone():
+    cfg = tiny(**ATTENTION_VARIANTS["sliding_sinks"])
+    variables = init(cfg)
+    prompts = np.asarray(jax.random.randint(jax.random.key(5), (3, 6), 1, cfg.vocab_size))
+    lengths = np.array([6, 2, 4])
+    got = generate.generate(cfg, variables, prompts, max_new_tokens=5, prompt_lengths=lengths)
+    for row, n in enumerate(lengths):
+        alone = generate.generate(cfg, variables, prompts[row:row + 1, :n], max_new_tokens=5)[0]
+        np.testing.assert_array_equal(got[row, :n + 5], alone)
+        assert (got[row, n + 5:] == 0).all()
+
+
+def test_rows_stop_at_eos():
+    cfg = tiny()
+    variables = init(cfg)
+    prompts = np.asarray(jax.random.randint(jax.random.key(6), (4, 3), 0, cfg.vocab_size))
+    free = naive_greedy(cfg, variables, prompts, 6)
+    eos = int(free[0, 4])  # row 0 emits it as its second new token
+    got = generate.generate(cfg, variables, prompts, max_new_tokens=6, eos_id=eos)
+    for row in range(4):
+        new = free[row, 3:]
+        stop = int(np.argmax(new == eos)) if (new == eos).any() else len(new)
+        np.testing.assert_array_equal(got[row, :3 + stop + 1][:len(free[row])], free[row, :3 + stop + 1])
+        assert (got[row, 3 + stop:] == eos).all() or stop == len(new)
+
+
+def reference_distribution(logits, temperature, top_k, top_p):
+    """numpy: softmax(logits / T) restricted to the top_k largest, then to the nucleus of what remains (transformers'
+    warper order), renormalised."""
+    z = logits.astype(np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[-top_k]
+    order = np.argsort(-z, kind="stable")
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p = p / p.sum()
+    if top_p < 1:
+        mass, nucleus = 0.0, np.zeros_like(keep)
+        for i in order:
+            if mass >= top_p:
+                break
+            nucleus[i] = True
+            mass += p[i]
+        keep &= nucleus
+    q = np.where(keep, np.exp(z - z.max()), 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.6)])
+def test_sampler_matches_a_numpy_reference(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).normal(size=(12,)).astype(np.float32) * 1.5
+    expected = reference_distribution(logits, temperature, top_k, top_p)
+    draws = 40_000
+    keys = jax.random.split(jax.random.key(7), draws)
+    tokens = jax.jit(jax.vmap(lambda k: generate.sample(jnp.asarray(logits)[None], k, temperature, top_k,
+                                                        top_p)[0]))(keys)
+    counts = np.bincount(np.asarray(tokens), minlength=len(logits))
+    assert set(np.flatnonzero(counts)) == set(np.flatnonzero(expected > 0))  # exactly the reference's support
+    support = expected > 0
+    chi2 = scipy_stats.chisquare(counts[support], expected[support] * draws)
+    assert chi2.pvalue > 1e-3, (counts, expected * draws)
+
+
+def test_sampling_is_reproducible_and_differs_by_key():
+    cfg = tiny()
+    variables = init(cfg)
+    prompts = np.zeros((2, 3), np.int32)
+    draw = lambda seed: generate.generate(cfg, variables, prompts, max_new_tokens=12, temperature=1.0,
+                                          rng=jax.random.key(seed))
+    np.testing.assert_array_equal(draw(0), draw(0))
+    assert (draw(0) != draw(1)).any()
+
+
+def test_expert_parallel_mesh_gives_the_single_device_tokens():
+    config = base.get_config()
+    config.model = tiny(moe=dict(num_experts=8))
+    config.mesh.update(data=2, expert=4)
+    mesh = parallel.make_mesh(config)
+    variables = init(config.model)
+    prompts = np.asarray(jax.random.randint(jax.random.key(8), (3, 4), 0, config.model.vocab_size))
+    one = generate.generate(config, variables, prompts, max_new_tokens=6)
+    np.testing.assert_array_equal(generate.generate(config, variables, prompts, max_new_tokens=6, mesh=mesh), one)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=3, top_p=0.0), "top_p"),
+    (dict(max_new_tokens=3, top_k=1000), "top_k"),
+    (dict(max_new_tokens=3, temperature=1.0), "rng"),
+    (dict(max_new_tokens=3, prompt_lengths=[9, 1]), "prompt_lengths"),
+])
+def test_bad_arguments_are_named(kwargs, field):
+    cfg = tiny()
+    with pytest.raises(ConfigError, match=field):
+        generate.generate(cfg, init(cfg), np.zeros((2, 3), np.int32), **kwargs)
+
+
+def test_stream_sees_every_new_token_in_order():
+    cfg = tiny()
+    variables = init(cfg)
+    prompts = np.asarray(jax.random.randint(jax.random.key(9), (2, 3), 0, cfg.vocab_size))
+    seen = []
+    tokens = generate.generate(cfg, variables, prompts, max_new_tokens=5, stream=lambda t: seen.append(t.copy()))
+    np.testing.assert_array_equal(np.stack(seen, axis=1), tokens[:, 3:])
