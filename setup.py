@@ -26,12 +26,13 @@ setup(
         "safetensors",
         "scipy",
         "ml_dtypes",
+        "tokenizers",  # data.tokenizer 'hf:' and 'bpe:' (moejax/data/tokenizers.py); needs no torch
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         "tf": ["tensorflow"],
         "notebooks": ["nbclient", "nbformat", "ipykernel"],
         # tests/golden/make_hf_goldens.py and the live transformers checks of tests/test_hf.py
-        "hf": ["torch", "transformers", "tokenizers"],
+        "hf": ["torch", "transformers"],
     },
 )

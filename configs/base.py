@@ -153,9 +153,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset(__file__, arg, PRESETS)
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # Where a new run's weights come from (a workdir's newest checkpoint always wins: resume): '' = the model's own
+    # initialisation; 'hf:<dir>' = a transformers checkpoint directory (moejax.hf: config.json + *.safetensors).
+    # With 'hf:<dir>' the run's model section is the checkpoint's (moejax.hf.read_config), except the fields of
+    # moejax.training.initialise.RUN_FIELDS (dtypes, remat, dispatch, kernels, router-loss coefficients), which keep
+    # this config's values; data.tokenizer left at 'bytes' becomes 'hf:<dir>'. See configs/finetune.py.
+    config.init_from = ""
 
     model = ml_collections.ConfigDict()
-    model.vocab_size = 256  # byte-level tokenizer
+    # Embedding rows; at least the tokenizer's vocabulary (data.tokenizer): 256 for bytes.
+    model.vocab_size = 256
     model.d_model = 256
     model.num_layers = 4
     model.num_heads = 4
@@ -250,6 +257,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.tfds_dir = ""
     # Feature holding the document text in 'tfds:' datasets.
     data.text_key = "text"
+    # Tokens (moejax/data/tokenizers.py): 'bytes' (token = byte, vocab 256, documents separated by 0) |
+    # 'hf:<dir or path of tokenizer.json>' (a released model's tokenizer; documents separated by its eos token, from
+    # the directory's tokenizer_config.json, generation_config.json or config.json) | 'bpe:<vocab_size>' (a
+    # byte-level BPE trained once on the corpus's training split and cached in data.dir; '<|endoftext|>' separates
+    # documents). model.vocab_size must be at least the tokenizer's vocabulary.
+    data.tokenizer = "bytes"
     config.data = data
 
     train = ml_collections.ConfigDict()

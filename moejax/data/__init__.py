@@ -1,4 +1,4 @@
-"""Input pipelines: the embedded stdlib corpus, prepared TFDS datasets and local text files, byte-level tokens.
+"""Input pipelines: the embedded stdlib corpus, prepared TFDS datasets and local text files, and their tokens.
 
 ``config.data.name`` picks the corpus:
 
@@ -15,19 +15,34 @@
   empty (few files) the last ``val_fraction`` of the concatenated bytes is the validation split instead. Files that
   are not valid UTF-8 (binary files the glob caught) are skipped with a warning naming them.
 
-Tokens are bytes (``VOCAB_SIZE = 256``); each document is followed by ``SEPARATOR`` (0, absent from the stdlib's
-source files). A batch is ``int32 [config.train.batch_size // process_count, config.train.seq_len + 1]``;
-inputs are ``[:, :-1]`` and targets ``[:, 1:]``.
+``config.data.tokenizer`` picks the tokens (moejax/data/tokenizers.py; every corpus works with each):
 
-In-memory corpora (stdlib, text) are one token stream per split, cut into windows ``stream[i*L : i*L + L + 1]``
-(``L = seq_len``). Training shuffles the window order with grain (a new order each epoch, derived from
-``config.seed``); process ``p`` of ``P`` takes global positions ``p, p + P, ...``, so the ``P`` processes'
-batch ``i`` together hold exactly the single-process global batch ``i``. The iterator state is the step.
-TFDS datasets are streamed: documents are shuffled by grain and packed into ``batch // P`` independent lanes
-per process (row ``r`` continues lane ``r``'s stream); the state is each lane's (document, offset).
+- ``'bytes'`` (default): token = byte (``VOCAB_SIZE = 256``); each document is followed by ``SEPARATOR`` (0, absent
+  from the stdlib's source files).
+- ``'hf:<dir or tokenizer.json>'``: a released model's own tokenizer; each document is followed by its eos token
+  (``eos_token_id`` / ``eos_token`` of the directory's tokenizer_config.json, generation_config.json or config.json).
+- ``'bpe:<vocab_size>'``: a byte-level BPE trained once on the corpus's training split (a few seconds for the
+  stdlib), cached in the data dir as ``bpe<vocab_size>-<corpus id>.json``; its ``<|endoftext|>`` ends each document.
+
+``config.model.vocab_size`` must be at least the tokenizer's vocabulary (checked when a run's config is validated).
+Documents are decoded as UTF-8 (errors='replace') for the text tokenizers and encoded without special tokens. The
+tokenizer's fingerprint (its file's sha256, vocabulary size, eos id) joins ``corpus_fingerprint`` (and so the run
+summary and the data-iterator state); byte-level corpora keep the fingerprint they always had. A batch is
+``int32 [config.train.batch_size // process_count, config.train.seq_len + 1]``; inputs are ``[:, :-1]`` and
+targets ``[:, 1:]``.
+
+In-memory corpora (stdlib, text) are one token stream per split (uint8 bytes; uint16 or int32 ids of the other
+tokenizers, encoded once and cached in the data dir as ``tokens-<corpus id>-<tokenizer id>.npz``), cut into windows
+``stream[i*L : i*L + L + 1]`` (``L = seq_len``). Training shuffles the window order with grain (a new order each
+epoch, derived from ``config.seed``); process ``p`` of ``P`` takes global positions ``p, p + P, ...``, so the ``P``
+processes' batch ``i`` together hold exactly the single-process global batch ``i``. The iterator state is the step.
+TFDS datasets are streamed: documents are shuffled by grain, encoded per document and packed into ``batch // P``
+independent lanes per process (row ``r`` continues lane ``r``'s stream); the state is each lane's (document, offset
+in tokens).
 """
+from moejax.data import tokenizers
 from moejax.data.corpora import NAMES_ALLOWED, SEPARATOR, VOCAB_SIZE, corpus_fingerprint, parse_name
 from moejax.data.iterators import TrainIterator, eval_batches, train_iterator
 
 __all__ = ["NAMES_ALLOWED", "SEPARATOR", "VOCAB_SIZE", "TrainIterator", "corpus_fingerprint", "eval_batches",
-           "parse_name", "train_iterator"]
+           "parse_name", "tokenizers", "train_iterator"]

@@ -1,5 +1,5 @@
 """Corpora: the embedded stdlib corpus (built once into TFDS array_record), prepared TFDS datasets and local
-text files (see moejax/data/__init__.py)."""
+text files, and the token streams of the in-memory ones under config.data.tokenizer (see moejax/data/__init__.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,13 +17,15 @@ import shutil
 import sysconfig
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from moejax.data import tokenizers
+
 VOCAB_SIZE = 256  # byte-level: token = byte value
-SEPARATOR = 0  # token appended to every document
+SEPARATOR = 0  # token appended to every document (byte-level; other tokenizers append their eos_id)
 
 NAMES_ALLOWED = "'stdlib', 'tfds:<name>[:<version>][:<train_split>[:<eval_split>]]' or 'text:<glob>'"
 _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -95,11 +97,14 @@ def _grain_seed(seed: int) -> int:
 # ----------------------------------------------------------------------------------------------- corpora
 
 
+Piece = tuple[bytes, bool]  # (UTF-8 text, followed by the separator): a document, or its part at a byte split
+
+
 @dataclasses.dataclass(frozen=True)
 class _MemoryCorpus:
-    fingerprint: dict
-    train: np.ndarray  # [n_train] uint8 token stream
-    val: np.ndarray  # [n_val] uint8
+    fingerprint: dict  # of the text; corpus_fingerprint adds the tokenizer's
+    train: tuple[Piece, ...]
+    val: tuple[Piece, ...]
     train_paths: tuple[str, ...]
     val_paths: tuple[str, ...]
 
@@ -118,10 +123,28 @@ def _is_val(relpath: str, val_fraction: float) -> bool:
     return score < val_fraction
 
 
-def _stream(docs: Sequence[bytes]) -> np.ndarray:
-    """[sum(len(d) + 1)] uint8: the documents, each followed by SEPARATOR."""
-    sep = bytes([SEPARATOR])
-    return np.frombuffer(b"".join(d + sep for d in docs), np.uint8)
+def _split_bytes(docs: Sequence[bytes], val_fraction: float) -> tuple[list[Piece], list[Piece]]:
+    """The documents (each followed by the separator) cut where the last val_fraction of their bytes starts; the
+    document the cut falls in is split in two pieces."""
+    whole = sum(len(d) + 1 for d in docs)
+    cut = whole - max(1, round(whole * val_fraction))
+    train, val, pos = [], [], 0
+    for d in docs:
+        end = pos + len(d) + 1
+        if end <= cut:
+            train.append((d, True))
+        elif pos >= cut:
+            val.append((d, True))
+        else:  # pos < cut < end: cut - pos in [1, len(d)]
+            train.append((d[:cut - pos], False))
+            val.append((d[cut - pos:], True))
+        pos = end
+    return train, val
+
+
+def _size(pieces: Sequence[Piece]) -> int:
+    """Bytes of the byte-level stream of pieces (separators included)."""
+    return sum(len(t) + ends for t, ends in pieces)
 
 
 def _content_hash(docs: Sequence[tuple[str, bytes]]) -> str:
@@ -140,16 +163,16 @@ def _memory_corpus(name: str, docs: Sequence[tuple[str, bytes]], val: Sequence[t
     val_docs = [d for d in docs if d[0] in val_paths]
     split = "file"
     if train_docs and val_docs:
-        train, valid = _stream([t for _, t in train_docs]), _stream([t for _, t in val_docs])
+        train, valid = [(t, True) for _, t in train_docs], [(t, True) for _, t in val_docs]
     else:  # too few files to split by file: the last val_fraction of the bytes is validation
-        split, whole = "bytes", _stream([t for _, t in docs])
-        cut = len(whole) - max(1, round(len(whole) * val_fraction))
-        train, valid = whole[:cut], whole[cut:]
+        split = "bytes"
+        train, valid = _split_bytes([t for _, t in docs], val_fraction)
     fingerprint = {"name": name, **extra, "files": len(docs), "sha256": _content_hash(docs),
                    "val_fraction": val_fraction, "split": split,
                    "train_files": len(train_docs), "val_files": len(val_docs),
-                   "train_bytes": int(train.size), "val_bytes": int(valid.size)}
-    return _MemoryCorpus(fingerprint, train, valid, tuple(r for r, _ in train_docs), tuple(r for r, _ in val_docs))
+                   "train_bytes": _size(train), "val_bytes": _size(valid)}
+    return _MemoryCorpus(fingerprint, tuple(train), tuple(valid), tuple(r for r, _ in train_docs),
+                         tuple(r for r, _ in val_docs))
 
 
 def _stdlib_files() -> list[tuple[str, pathlib.Path]]:
@@ -346,6 +369,66 @@ def _load(config) -> _MemoryCorpus | _TfdsCorpus:
     return _load_cached(d.name, _data_dir(config), float(d.val_fraction), d.tfds_dir, d.text_key)
 
 
+def fingerprint_id(fingerprint: dict) -> str:
+    """A short hash of a fingerprint: names what is cached for a corpus, and what iterator states are valid for."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_texts(corpus: _MemoryCorpus | _TfdsCorpus) -> tuple[int, Iterator[str]]:
+    """(count, the texts) of the corpus's training split, as a tokenizer trains on them."""
+    if isinstance(corpus, _MemoryCorpus):
+        return len(corpus.train), (t.decode(errors="replace") for t, _ in corpus.train)
+    source, key, block = corpus.train, corpus.text_key, 1024
+
+    def texts() -> Iterator[str]:
+        for start in range(0, len(source), block):
+            for record in source.__getitems__(range(start, min(start + block, len(source)))):
+                text = record[key]
+                yield text if isinstance(text, str) else bytes(text).decode(errors="replace")
+
+    return len(source), texts()
+
+
+def token_streams(config) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) token streams of an in-memory corpus under config.data.tokenizer: each split's documents, each
+    followed by the eos id. Byte-level streams are the bytes (uint8); the others are encoded once, cached in the data
+    dir as tokens-<corpus id>-<tokenizer file sha256[:16]>-eos<id>.npz (uint16 or int32) and in this process."""
+    corpus, tokenizer = _load(config), tokenizers.for_config(config)
+    if tokenizer.fingerprint is None:
+        return tokenizer.stream(corpus.train), tokenizer.stream(corpus.val)
+    sha, eos = tokenizer.fingerprint["sha256"][:16], tokenizer.eos_id
+    path = _data_dir(config) / f"tokens-{fingerprint_id(corpus.fingerprint)}-{sha}-eos{eos}.npz"
+    if not path.is_file():
+        _encode(corpus, tokenizer, path)
+    return _read_streams(path)
+
+
+def _encode(corpus: _MemoryCorpus, tokenizer: tokenizers.Tokenizer, path: pathlib.Path) -> None:
+    start = time.time()
+    streams = {"train": tokenizer.stream(corpus.train), "val": tokenizer.stream(corpus.val)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **streams)
+    tokenizers.write_atomic(path, buffer.getvalue())
+    print(f"encoded {corpus.fingerprint['name']} with data.tokenizer={tokenizer.spec!r}: {streams['train'].size:,} "
+          f"+ {streams['val'].size:,} tokens in {time.time() - start:.1f}s -> {path}", flush=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_streams(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as saved:
+        return saved["train"], saved["val"]
+
+
 def corpus_fingerprint(config) -> dict:
-    """JSON-serialisable identity of the corpus: name, python version (stdlib), file count, sha256, split sizes."""
-    return dict(_load(config).fingerprint)
+    """JSON-serialisable identity of the corpus: name, python version (stdlib), file count, sha256, split sizes; with
+    a tokenizer other than bytes also its fingerprint (spec, sha256 of its file, vocab size, eos id) and, for
+    in-memory corpora, the tokens per split."""
+    corpus, tokenizer = _load(config), tokenizers.for_config(config)
+    fingerprint = dict(corpus.fingerprint)
+    if tokenizer.fingerprint is None:
+        return fingerprint
+    fingerprint["tokenizer"] = dict(tokenizer.fingerprint)
+    if isinstance(corpus, _MemoryCorpus):
+        train, val = token_streams(config)
+        fingerprint.update(train_tokens=int(train.size), val_tokens=int(val.size))
+    return fingerprint

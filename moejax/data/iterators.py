@@ -2,15 +2,22 @@
 with checkpointable state (see moejax/data/__init__.py)."""
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from moejax.data.corpora import SEPARATOR, _check_config, _grain_seed, _load, _MemoryCorpus
+from moejax.data import tokenizers
+from moejax.data.corpora import (
+    _check_config,
+    _grain_seed,
+    _load,
+    _MemoryCorpus,
+    corpus_fingerprint,
+    fingerprint_id,
+    token_streams,
+)
 
 
 class TrainIterator:
@@ -84,28 +91,27 @@ class _PackedIterator(TrainIterator):
     """Packs streamed documents into one lane per row; lane g reads documents g, g + stride, g + 2 * stride, ...
 
     ``order`` maps a document number to a record of ``source``; a lane reads ``_BLOCK`` documents at a time
-    (one batched array_record read). The state is each row's [document number k within its lane, offset] of
-    its next window's first token.
+    (one batched array_record read, encoded by ``tokenizer``). The state is each row's [document number k within its
+    lane, offset in tokens] of its next window's first token.
     """
 
     _BLOCK = 16
 
-    def __init__(self, source: Any, order: grain.MapDataset, text_key: str, seq_len: int, lanes: Sequence[int],
-                 stride: int, meta: dict):
+    def __init__(self, source: Any, order: grain.MapDataset, text_key: str, tokenizer: tokenizers.Tokenizer,
+                 seq_len: int, lanes: Sequence[int], stride: int, meta: dict):
         super().__init__(meta)
-        self._source, self._key, self._seq_len = source, text_key, seq_len
+        self._source, self._key, self._tokenizer, self._seq_len = source, text_key, tokenizer, seq_len
         self._blocks = [order[g::stride].batch(self._BLOCK, batch_fn=list) for g in lanes]
         self._pos = [[0, 0] for _ in lanes]
         self._cache: list[tuple[int, list[np.ndarray]]] = [(-1, [])] * len(lanes)
 
     def _doc(self, row: int, k: int) -> np.ndarray:
-        """[len + 1] uint8: document k of the row's lane, then SEPARATOR."""
+        """[len + 1]: the tokens of document k of the row's lane, then the eos id."""
         block, i = divmod(k, self._BLOCK)
         if self._cache[row][0] != block:
             texts = [r[self._key] for r in self._source.__getitems__(self._blocks[row][block])]
             texts = [t.encode() if isinstance(t, str) else bytes(t) for t in texts]
-            sep = bytes([SEPARATOR])
-            self._cache[row] = (block, [np.frombuffer(t + sep, np.uint8) for t in texts])
+            self._cache[row] = (block, self._tokenizer.documents(texts))
         return self._cache[row][1][i]
 
     def _window(self, row: int) -> np.ndarray:
@@ -133,18 +139,14 @@ class _PackedIterator(TrainIterator):
         self._pos = [[int(k), int(o)] for k, o in lanes]
 
 
-def _corpus_id(fingerprint: dict) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _iterator(config, process_index: int, process_count: int, train: bool) -> TrainIterator:
     rows, seq_len = _check_config(config, process_index, process_count)
     corpus = _load(config)
     seed = int(config.seed) if train else None
-    meta = {"corpus": _corpus_id(corpus.fingerprint), "seed": seed, "batch_size": config.train.batch_size,
+    meta = {"corpus": fingerprint_id(corpus_fingerprint(config)), "seed": seed, "batch_size": config.train.batch_size,
             "seq_len": seq_len}
     if isinstance(corpus, _MemoryCorpus):
-        stream = corpus.train if train else corpus.val
+        stream = token_streams(config)[0 if train else 1]
         split = f"{'train' if train else 'validation'} split of config.data.name={config.data.name!r}"
         return _WindowIterator(_windows(stream, seq_len, rows, process_index, process_count, seed, split), meta)
     source = corpus.train if train else corpus.val
@@ -153,7 +155,8 @@ def _iterator(config, process_index: int, process_count: int, train: bool) -> Tr
         order = order.shuffle(seed=_grain_seed(seed))
     lanes = range(process_index * rows, (process_index + 1) * rows)
     meta.update(process_index=process_index, process_count=process_count)
-    return _PackedIterator(source, order.repeat(None), corpus.text_key, seq_len, lanes, rows * process_count, meta)
+    return _PackedIterator(source, order.repeat(None), corpus.text_key, tokenizers.for_config(config), seq_len, lanes,
+                           rows * process_count, meta)
 
 
 def train_iterator(config, *, process_index: int = 0, process_count: int = 1) -> TrainIterator:

@@ -321,7 +321,9 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
     """(config, variables) of the transformers checkpoint directory at path: config.json and model.safetensors (or
     shards with model.safetensors.index.json).
 
-    config: configs/base.get_config() with ``model`` from config.json (data / train defaults). variables:
+    config: configs/base.get_config() with ``model`` from config.json (data / train defaults; ``data.tokenizer`` is
+    ``'hf:<path>'`` when the directory has a tokenizer.json, so data pipelines and moejax.evaluate encode text with
+    the model's own tokenizer). variables:
     {'params', 'moe_state'} for ``moejax.model.Transformer(config.model).apply(variables, tokens)`` (with
     ``Transformer(config.model, mesh)`` on a mesh). dtype: 'float32' | 'bfloat16' for parameters and compute
     (default: the checkpoint's dtype; float16 checkpoints load as float32). mesh: place every parameter with its
@@ -372,6 +374,8 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
         source.done()
     variables = _unflatten(placed)
     variables.setdefault("moe_state", {})
+    if (directory / "tokenizer.json").is_file():
+        config.data.tokenizer = f"hf:{directory}"
     return config, variables
 
 

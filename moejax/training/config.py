@@ -19,7 +19,7 @@ from moejax import checks, data, model, upcycle
 from moejax.configs import base
 from moejax.moe import expert_parallel
 from moejax.parallel import TOKEN_AXES, mesh_shape
-from moejax.training import objectives, optim
+from moejax.training import initialise, objectives, optim
 from moejax.training.checkpoint import WorkdirError
 
 # Fields that may differ between a workdir's config.json and the config resuming it: how long the run goes, what it
@@ -31,16 +31,15 @@ MAY_DIFFER = ("train.steps", "train.log_every", "train.eval_every", "checkpoint.
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the whole config; raises ConfigError naming the field, value and what is allowed."""
     checks.positive_int("seed", config.seed, minimum=0)
+    initialise.hf_dir(config)
     model.validate(config.model)
-    if config.model.vocab_size < data.VOCAB_SIZE:
-        checks.fail("model.vocab_size", config.model.vocab_size,
-                    f"must be >= {data.VOCAB_SIZE}: the tokens are bytes 0..{data.VOCAB_SIZE - 1}")
 
     d = config.data
     try:
         data.parse_name(d.name)
     except ValueError:
         checks.fail("data.name", d.name, f"allowed: {data.NAMES_ALLOWED}")
+    _check_vocab(config)
     if not (isinstance(d.val_fraction, (int, float)) and 0 < d.val_fraction < 1):
         checks.fail("data.val_fraction", d.val_fraction, "must be a number in (0, 1)")
     checks.positive_int("data.eval_batches", d.eval_batches)
@@ -65,6 +64,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.batch_size % jax.process_count():
         checks.fail("train.batch_size", t.batch_size, f"must be a multiple of the process count "
                                                        f"{jax.process_count()}")
+
+
+def _check_vocab(config: ml_collections.ConfigDict) -> None:
+    """model.vocab_size against data.tokenizer's vocabulary (larger is fine: released models pad their embeddings)."""
+    spec = config.data.tokenizer
+    try:
+        size = data.tokenizers.vocab_size_of(spec)
+    except ValueError as e:  # the message names data.tokenizer, its value and what is allowed
+        raise checks.ConfigError(str(e)) from e
+    if config.model.vocab_size < size:
+        checks.fail("model.vocab_size", config.model.vocab_size,
+                    f"must be >= {size}, the vocabulary size of data.tokenizer={spec!r} (larger is allowed: "
+                    f"released models pad their embeddings)")
 
 
 def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:

@@ -3,12 +3,17 @@ without one starts from the source its config names (``INIT_SOURCES``):
 
 * ``fresh``: the model's own initialisation;
 * ``upcycle`` (``upcycle.enabled``): the MoE model built from a trained dense checkpoint (moejax/upcycle.py). Its
-  dense stage is a run of its own, trained before this one by ``moejax.training.loop.run``.
+  dense stage is a run of its own, trained before this one by ``moejax.training.loop.run``;
+* ``hf`` (``init_from='hf:<dir>'``): the weights of a transformers checkpoint (moejax.hf.load), placed with the
+  run's shardings. ``resolve(config)`` first makes the run's config that checkpoint's model: ``config.model`` from
+  its config.json except ``RUN_FIELDS`` (how the model is computed and trained, kept from the run's config), and
+  ``data.tokenizer`` 'bytes' (the default) becomes 'hf:<dir>', the checkpoint's own tokenizer.
 
 A source is ``fn(ctx: InitContext) -> Start``; adding one is a function and a line in ``source_name``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax import upcycle
+from moejax import checks, hf, upcycle
 from moejax.training import checkpoint
 from moejax.training.checkpoint import WorkdirError
 from moejax.training.step import TrainState
@@ -31,6 +36,7 @@ class InitContext:
     workdir: pathlib.Path
     fresh: Callable[[], TrainState]  # a new initialisation, placed with the state's shardings
     place: Callable[[Any, Any], TrainState]  # (params, moe_state) -> a new state with them, placed
+    mesh: Any = None  # the run's mesh (imported weights are read straight into their shardings on it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +71,77 @@ def upcycled(ctx: InitContext) -> Start:
                  evaluate_first=True)
 
 
-INIT_SOURCES: dict[str, Callable[[InitContext], Start]] = {"fresh": fresh, "upcycle": upcycled}
+def from_hf(ctx: InitContext) -> Start:
+    directory = hf_dir(ctx.config)
+    _, variables = hf.load(directory, mesh=ctx.mesh, dtype=ctx.config.model.param_dtype)
+    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    return Start(ctx.place(variables["params"], variables["moe_state"]),
+                 f"initialised a new run in {ctx.workdir} from the {model_type} checkpoint in {directory} "
+                 f"(data.tokenizer={ctx.config.data.tokenizer!r})", evaluate_first=True)
+
+
+INIT_SOURCES: dict[str, Callable[[InitContext], Start]] = {"fresh": fresh, "upcycle": upcycled, "hf": from_hf}
 
 
 def source_name(config: ml_collections.ConfigDict) -> str:
-    return "upcycle" if config.upcycle.enabled else "fresh"
+    return "hf" if config.init_from else "upcycle" if config.upcycle.enabled else "fresh"
+
+
+# ----------------------------------------------------------------------------------------------- init_from
+
+INIT_FROM_ALLOWED = ("'' (the model's own initialisation) or 'hf:<dir>', a transformers checkpoint directory "
+                     "(config.json with a model_type, and *.safetensors)")
+# model fields that keep the run config's values under init_from: how the model is computed and trained, not the
+# function its weights compute (the checkpoint's config.json sets everything else).
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "moe.dispatch", "moe.capacity_factor", "moe.eval_capacity_factor",
+              "moe.drop_policy", "moe.gmm_backend", "moe.dispatch_kernel", "moe.gmm_tile", "moe.ep_mode",
+              "moe.ep_buffer_factor", "moe.balance_loss", "moe.balance_coef", "moe.device_balance_coef",
+              "moe.device_groups", "moe.balance_scope", "moe.z_loss_coef", "moe.entropy_loss_coef",
+              "moe.bias_update_rate", "moe.router.jitter", "moe.router.frozen")
+
+
+def hf_dir(config: ml_collections.ConfigDict) -> pathlib.Path | None:
+    """The checkpoint directory of init_from='hf:<dir>', None for ''; ConfigError naming the field, the value and
+    what is allowed."""
+    value = config.init_from
+    if value == "":
+        return None
+    if not (isinstance(value, str) and value.startswith("hf:") and value[3:]):
+        checks.fail("init_from", value, f"allowed: {INIT_FROM_ALLOWED}")
+    directory = pathlib.Path(value[3:]).expanduser()
+    if not hf.is_hf_dir(directory):
+        checks.fail("init_from", value, f"{directory} is not a transformers checkpoint directory; allowed: "
+                                        f"{INIT_FROM_ALLOWED}")
+    if config.upcycle.enabled:
+        checks.fail("init_from", value, "cannot be combined with upcycle.enabled=True (both name the first weights)")
+    return directory
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config a run trains: config itself without init_from; with init_from='hf:<dir>', a copy whose model is
+    the checkpoint's (RUN_FIELDS kept from config) and whose data.tokenizer 'bytes' became 'hf:<dir>'."""
+    directory = hf_dir(config)
+    if directory is None:
+        return config
+    try:
+        released = hf.read_config(directory).model
+    except (hf.HFConfigError, hf.CheckpointError) as e:
+        checks.fail("init_from", config.init_from, f"its config.json does not convert to a moejax model: {e}")
+    for field in RUN_FIELDS:
+        *parents, name = field.split(".")
+        source, target = config.model, released
+        for part in parents:
+            source, target = source[part], target[part]
+        target[name] = source[name]
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        resolved.model = released
+        if resolved.data.tokenizer == "bytes":
+            if not (directory / "tokenizer.json").is_file():
+                checks.fail("init_from", config.init_from, f"{directory} has no tokenizer.json; set data.tokenizer "
+                                                           f"to the model's tokenizer ('hf:<dir or tokenizer.json>')")
+            resolved.data.tokenizer = f"hf:{config.init_from[3:]}"
+    return resolved
 
 
 def initial_state(ctx: InitContext, manager: Any, target: Any) -> Start:

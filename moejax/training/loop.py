@@ -8,6 +8,8 @@ compile the train step, run it with periodic logging, evaluation and checkpoints
 Workdir contents:
 
     config.json              the config of the run (written before training starts)
+    tokenizer.json           with data.tokenizer other than bytes: the tokenizer, and tokenizer_config.json its eos
+                             (moejax.data.tokenizers.for_workdir reads them)
     checkpoints/<step>/      orbax checkpoints (moejax/training/checkpoint.py)
     events.out.tfevents.*    TensorBoard scalars (tensorboardX; no TensorFlow): train/*, eval/*
     metrics.jsonl            one JSON object per log step ({"kind": "train", ...}) and evaluation ("eval")
@@ -77,6 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, confi
     {'preempted': True, 'step': s, 'signal': name} when a signal stopped a stage. A finished run is evaluated
     again (``report_finished`` is what leaves it untouched). resume_command: the command line that resumes the
     run, named when a signal stops it."""
+    config = initialise.resolve(config)
     validate(config)
     workdir = pathlib.Path(workdir)
     dense_dir = upcycle.dense_workdir(config, workdir)
@@ -94,6 +97,7 @@ def report_finished(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     """When workdir holds a finished run of config (``finished_summary``), prints that and its summary and returns
     the summary, reading files only; None otherwise. Raises like ``run`` for an invalid config or a workdir of
     another config."""
+    config = initialise.resolve(config)
     validate(config)
     workdir = pathlib.Path(workdir)
     check_workdir_config(config, workdir)
@@ -144,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     saving step s). resume_command: the command line that resumes the run, named when a signal stops it.
     """
     start_time = time.time()
+    config = initialise.resolve(config)
     validate(config)
     workdir = pathlib.Path(workdir)
     check_workdir_path(workdir)
@@ -316,6 +321,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> N
         try:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
+            data.tokenizers.for_config(config).save(workdir)
         except OSError as e:
             raise WorkdirPathError(f"cannot write to --workdir {workdir}: {e}") from e
 
@@ -333,7 +339,7 @@ def _first_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, modul
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
     ctx = initialise.InitContext(
         config, workdir, fresh=lambda: jax.jit(init, out_shardings=shardings)(init_key),
-        place=jax.jit(lambda p, ms: initialise.new_state(p, ms, tx), out_shardings=shardings))
+        place=jax.jit(lambda p, ms: initialise.new_state(p, ms, tx), out_shardings=shardings), mesh=mesh)
     return initialise.initial_state(ctx, manager, target), abstract_state, shardings
 
 

@@ -1,0 +1,175 @@
+"""Fine-tuning from a released checkpoint: ``python -m moejax.main --config=configs/finetune.py
+--config.init_from=hf:<dir>`` on a tiny random Mixtral-layout checkpoint written by ``moejax.hf.save`` (no torch)
+with its own tokenizer.json.
+
+Covered: the run takes the checkpoint's model (except initialise.RUN_FIELDS) and tokenizer; its step-0 evaluation
+equals the cross-entropy of the checkpoint's weights computed here with numpy; a second invocation resumes; the
+result exported with ``moejax.hf.save`` loads back with ``moejax.hf.load`` to identical arrays; a bad init_from is
+refused by name before anything is written.
+"""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from moejax.configs import base
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import moejax
+from moejax import checks, data, hf, model
+from moejax.data import tokenizers
+from moejax.training import initialise, loop
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = ["--config.train.warmup_steps=1", "--config.train.batch_size=4", "--config.train.seq_len=32",
+         "--config.data.eval_batches=2", "--config.train.log_every=1", "--config.checkpoint.every_steps=2"]
+
+
+def flat(variables) -> dict:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(checkpoint dir, corpus dir): a 1-layer Mixtral-layout model (4 experts, top-2, GQA, vocab 320 > the
+    tokenizer's 300) saved by moejax.hf.save, with a byte-level BPE tokenizer whose eos '</s>' is id 1; 12 stdlib
+    sources as the fine-tuning corpus."""
+    root = tmp_path_factory.mktemp("finetune")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted((stdlib / "json").glob("*.py"))[:4] + sorted((stdlib / "email").glob("*.py"))[:8]:
+        shutil.copy(path, corpus / f"{path.parent.name}_{path.name}")
+    config = base.get_config()
+    config.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=320)
+    config.model.moe.update(num_experts=4, top_k=2, expert_ffn=16)
+    config.model.moe.router.softmax_before_topk = False
+    rng = np.random.default_rng(1)  # random weights of the model's shapes (an eager init is slower on 2 cores)
+    params = jax.tree.map(lambda leaf: rng.normal(0, 0.3, leaf.shape).astype(np.float32),
+                          hf.abstract_variables(config.model)["params"])
+    directory = hf.save(config, {"params": params}, root / "release")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([p.read_text() for p in sorted(corpus.iterdir())], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return directory, corpus
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One host device and a compilation cache shared by the two invocations."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+    return dict(os.environ, XLA_FLAGS=" ".join(xla_flags), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def finetune(release, workdir, env, steps):
+    directory, corpus = release
+    args = [sys.executable, "-m", "moejax.main", "--config=configs/finetune.py", f"--config.init_from=hf:{directory}",
+            f"--config.data.name=text:{corpus}/*.py", f"--config.data.dir={corpus.parent / 'cache'}",
+            f"--config.train.steps={steps}", *STEPS, f"--workdir={workdir}"]
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def cross_entropy(logits, targets) -> float:
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1).mean())
+
+
+def test_finetune_starts_from_the_release_resumes_and_exports(release, env, tmp_path):
+    directory, _ = release
+    workdir = tmp_path / "run"
+    out = finetune(release, workdir, env, steps=2)
+    assert f"from the mixtral checkpoint in {directory}" in out
+
+    config, _ = moejax.load(workdir)
+    assert config.data.tokenizer == f"hf:{directory}"
+    released, run_model = hf.read_config(directory).model.to_dict(), config.model.to_dict()
+    assert run_model["moe"].pop("balance_coef") == 1e-3 and released["moe"].pop("balance_coef") == 0.01  # RUN_FIELDS
+    assert run_model == released
+    assert (workdir / "tokenizer.json").read_bytes() == (directory / "tokenizer.json").read_bytes()
+    assert tokenizers.for_workdir(workdir).eos_id == 1
+
+    # step 0: the released weights (their loss on the run's own eval batches, computed here)
+    _, variables = hf.load(directory)
+    apply = jax.jit(model.Transformer(config.model).apply)
+    losses = [cross_entropy(apply(variables, jnp.asarray(b[:, :-1])), b[:, 1:]) for b in data.eval_batches(config)]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    (first,) = [r for r in records if r["kind"] == "eval" and r["step"] == 0]
+    assert abs(first["loss"] - float(np.mean(losses))) < 1e-5
+    assert json.loads((workdir / "summary.json").read_text())["corpus"]["tokenizer"]["vocab_size"] == 300
+
+    assert "resuming from the checkpoint at step 2" in finetune(release, workdir, env, steps=4)
+    config, variables = moejax.load(workdir)
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 4
+    exported = hf.save(config, variables, tmp_path / "export")
+    tokenizers.for_workdir(workdir).save(exported)
+    reloaded, trained = flat(hf.load(exported)[1]), flat(variables)
+    assert reloaded.keys() == trained.keys()
+    for key, array in trained.items():
+        np.testing.assert_array_equal(reloaded[key], array, err_msg=key)
+    assert any(not np.array_equal(trained[k], v) for k, v in flat(hf.load(directory)[1]).items())  # it trained
+    assert tokenizers.from_spec(f"hf:{exported}").encode("def f(): pass") == \
+        tokenizers.from_spec(f"hf:{directory}").encode("def f(): pass")
+
+
+def test_resolve_takes_the_release_model_and_tokenizer(release):
+    directory, _ = release
+    config = base.get_config()
+    config.init_from = f"hf:{directory}"
+    config.model.moe.dispatch, config.model.remat = "capacity", True  # RUN_FIELDS: kept
+    config.model.num_layers = 9  # the checkpoint's wins
+    resolved = initialise.resolve(config)
+    assert resolved.model.num_layers == 1 and resolved.model.vocab_size == 320
+    assert resolved.model.moe.dispatch == "capacity" and resolved.model.remat
+    assert resolved.data.tokenizer == f"hf:{directory}" and config.data.tokenizer == "bytes"  # a copy
+    assert initialise.resolve(resolved).to_json() == resolved.to_json()
+    config.data.tokenizer = "bpe:400"  # set by the user: kept
+    assert initialise.resolve(config).data.tokenizer == "bpe:400"
+    assert initialise.source_name(resolved) == "hf"
+
+
+@pytest.mark.parametrize("value,why", [
+    ("{dir}", r"allowed: '' \(the model's own initialisation\) or 'hf:<dir>'"),
+    ("hf:{dir}/missing", r"is not a transformers checkpoint directory; allowed: ''"),
+    ("hf:<dir>", r"<dir> is not a transformers checkpoint directory"),  # configs/finetune.py's placeholder
+    ("hf:{dir}|upcycle", r"cannot be combined with upcycle.enabled=True"),
+])
+def test_bad_init_from_is_refused_before_anything_is_written(release, tmp_path, value, why):
+    directory, _ = release
+    value, _, upcycle = value.format(dir=directory).partition("|")
+    config = base.get_config()
+    config.init_from, config.upcycle.enabled = value, bool(upcycle)
+    with pytest.raises(checks.ConfigError, match=rf"config field init_from={value!r} is invalid: .*{why}"):
+        loop.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_release_without_a_tokenizer_needs_data_tokenizer(release, tmp_path):
+    directory, _ = release
+    bare = tmp_path / "bare"
+    shutil.copytree(directory, bare)
+    (bare / "tokenizer.json").unlink()
+    config = base.get_config()
+    config.init_from = f"hf:{bare}"
+    with pytest.raises(checks.ConfigError, match=r"init_from=.*has no tokenizer.json; set data.tokenizer"):
+        initialise.resolve(config)
+    config.data.tokenizer = f"hf:{directory}"
+    assert initialise.resolve(config).data.tokenizer == f"hf:{directory}"
