@@ -19,9 +19,8 @@ exact; the memory a ring buffer would save is left for later.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -29,16 +28,16 @@ COLLECTION = "cache"
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Cache:
-    """Where this call's tokens go in the per-layer caches (see the module docstring).
+    """Where this call's tokens go in the per-layer caches (see the module docstring); a pytree (length static).
 
     length: the slots per row (static: prompt length + new tokens). index: int32 scalar, the slot of the call's
     first token. start: int32 [B], each row's first real slot (0 without left padding)."""
 
-    length: int
-    index: jax.Array
-    start: jax.Array
+    length: int = flax.struct.field(pytree_node=False)
+    index: jax.Array = None
+    start: jax.Array = None
 
     def positions(self, seq: int) -> jax.Array:
         """The rotary positions [B, S] of the call's S tokens."""

@@ -39,11 +39,11 @@ def cached_logits(cfg, variables, tokens, prefill):
     module = model.Transformer(generate.decode_config(cfg))
     batch, seq = tokens.shape
     start = jnp.zeros((batch,), jnp.int32)
+    apply = jax.jit(lambda v, t, c: module.apply(v, t, cache=c, mutable=["cache"]))
     outs, cache_vars = [], {}
     for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, seq)]:
-        cache = kv_cache.Cache(seq, jnp.int32(lo), start)
-        logits, cache_vars = module.apply({**variables, **cache_vars}, tokens[:, lo:hi], cache=cache,
-                                          mutable=["cache"])
+        logits, cache_vars = apply({**variables, **cache_vars}, tokens[:, lo:hi],
+                                   kv_cache.Cache(seq, jnp.int32(lo), start))
         outs.append(logits)
     return np.asarray(jnp.concatenate(outs, axis=1)), cache_vars
 
@@ -67,7 +67,7 @@ ATTENTION_VARIANTS = {
 
 
 def full_logits(cfg, variables, tokens):
-    return np.asarray(model.Transformer(generate.decode_config(cfg)).apply(variables, tokens))
+    return np.asarray(jax.jit(model.Transformer(generate.decode_config(cfg)).apply)(variables, tokens))
 
 
 @pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
@@ -94,8 +94,9 @@ def test_mla_cache_holds_the_latent_only():
 
 
 # every router kind (the zoo config that uses it), at test width
-ROUTER_CONFIGS = ["switch", "top_p", "adamoe", "hash", "expert_choice", "smoe_dropout", "thor", "chain_of_experts",
-                  "deepseek_v3", "qwen3_moe"]
+# (plain top-k softmax routing: the other tests' tiny model; deepseek_v3: sigmoid, groups and the selection bias)
+ROUTER_CONFIGS = ["top_p", "adamoe", "hash", "expert_choice", "smoe_dropout", "thor", "chain_of_experts",
+                  "deepseek_v3"]
 
 
 @pytest.mark.parametrize("name", ROUTER_CONFIGS)
@@ -109,11 +110,14 @@ def test_cached_decoding_equals_the_full_forward_for_every_router(name):
 
 
 def naive_greedy(cfg, variables, prompt, steps):
-    """Greedy decoding by recomputing the full forward pass for every new token."""
-    ids = np.asarray(prompt)
-    for _ in range(steps):
-        nxt = np.argmax(full_logits(cfg, variables, jnp.asarray(ids))[:, -1], axis=-1)
-        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+    """Greedy decoding by recomputing the full forward pass for every new token (over the whole final-length
+    buffer: the causal mask makes the unwritten tail irrelevant, and one shape compiles once)."""
+    width = prompt.shape[1]
+    ids = np.zeros((prompt.shape[0], width + steps), np.int32)
+    ids[:, :width] = prompt
+    forward = jax.jit(model.Transformer(generate.decode_config(cfg)).apply)
+    for t in range(width, width + steps):
+        ids[:, t] = np.argmax(np.asarray(forward(variables, jnp.asarray(ids)))[:, t - 1], axis=-1)
     return ids
 
 
