@@ -1,0 +1,163 @@
+"""Evaluate any checkpoint on a corpus: loss, perplexity and bits per byte, and per MoE layer the expert load,
+router entropy and experts per token.
+
+    python -m moejax.evaluate --checkpoint=<workdir | transformers dir> [--data=stdlib|text:<glob>|tfds:<name>]
+        [--max_tokens=N] [--batch_size=B --seq_len=S] [--out=eval.json]
+
+The data is the corpus's validation split, read by the same pipeline and tokenizer as training (the checkpoint's
+own: a workdir's ``data.tokenizer``/tokenizer.json, a transformers directory's tokenizer.json), in the run's batch
+shape unless given. Every number comes from the training loop's own evaluation (``moejax.training.step.eval_step``
+and its metrics), so a workdir evaluated on its own data gives the loss its run logged. Bits per byte divide the
+summed loss by the number of text bytes the predicted tokens stand for (1 per token with the byte tokenizer).
+``evaluate(config, variables, batches)`` is the library form. The JSON is written to --out (default
+``<checkpoint>/eval_<data>.json`` for workdirs, ./eval.json otherwise) and the summary printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moejax import checks, model
+from moejax.training import metrics as metrics_lib
+from moejax.training.step import TrainState, eval_step
+
+
+def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batches: Iterable[np.ndarray], *,
+             bytes_per_token: Callable[[np.ndarray], float] | None = None,
+             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Metrics of the model over batches [B, S + 1] (inputs [:, :-1], targets [:, 1:]): 'loss' (nats per token),
+    'perplexity', 'bits_per_byte', 'tokens', and per MoE layer 'layers_{i}_{stat}' (moejax.moe.stats.LAYER_STATS)
+    with 'expert_load' {'layers_{i}': fractions}. bytes_per_token(targets) gives the text bytes of the targets
+    (default: one per token). progress(tokens so far) is called after each batch."""
+    cfg = config.model
+    module = model.Transformer(cfg)
+    num_moe = len(model.moe_layers(cfg))
+    empty = metrics_lib.metrics_collection(False, num_moe, cfg.moe.num_experts).empty()
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], opt_state=None,
+                       moe_state=variables.get("moe_state", {}))
+    step = jax.jit(lambda s, m, b: eval_step(s, m, b, module=module))
+    values, tokens, text_bytes = empty, 0, 0.0
+    for batch in batches:
+        values = step(state, values, jnp.asarray(batch, jnp.int32))
+        targets = np.asarray(batch)[:, 1:]
+        tokens += targets.size
+        text_bytes += targets.size if bytes_per_token is None else bytes_per_token(targets)
+        if progress:
+            progress(tokens)
+    if not tokens:
+        raise ValueError("evaluate: no batches (the data's validation split is empty)")
+    result = metrics_lib.computed(values, with_load=True)
+    loss = result["loss"]
+    result.update(perplexity=math.exp(min(loss, 700.0)), bits_per_byte=loss * tokens / (text_bytes * math.log(2)),
+                  tokens=tokens, text_bytes=text_bytes)
+    return result
+
+
+def _bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
+    """Text bytes per token id (None: one byte per token)."""
+    if tokenizer is None or tokenizer.spec == "bytes":
+        return None
+    return np.asarray([tokenizer.token_bytes(i) if i < tokenizer.vocab_size else 0 for i in range(vocab_size)],
+                      np.float64)
+
+
+def _progress_bar(total: int | None) -> Callable[[int], None]:
+    started = time.perf_counter()
+
+    def show(done: int) -> None:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        if total:
+            filled = int(30 * min(done / total, 1.0))
+            text = f"\r[{'#' * filled}{'.' * (30 - filled)}] {done:,}/{total:,} tokens | {rate:,.0f} tokens/s"
+        else:
+            text = f"\r{done:,} tokens | {rate:,.0f} tokens/s"
+        print(text, end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moejax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
+    parser.add_argument("--step", type=int, default=None, help="a workdir's checkpoint step (default: the newest)")
+    parser.add_argument("--data", default=None, help="stdlib | text:<glob> | tfds:<name> (default: the run's data)")
+    parser.add_argument("--max_tokens", type=int, default=0, help="evaluate at most this many tokens (0: the "
+                                                                  "run's data.eval_batches batches)")
+    parser.add_argument("--batch_size", type=int, default=0)
+    parser.add_argument("--seq_len", type=int, default=0)
+    parser.add_argument("--data_dir", default=None, help="where prepared corpora are cached (data.dir)")
+    parser.add_argument("--out", default=None, help="the JSON file to write")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import moejax.load
+    from moejax import data
+    from moejax.data import tokenizers
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    path = pathlib.Path(args.checkpoint)
+    config, variables = moejax.load(path, step=args.step)
+    config = ml_collections.ConfigDict(config.to_dict())
+    if args.data:
+        config.data.name = args.data
+    if args.data_dir is not None:
+        config.data.dir = args.data_dir
+    for field, value in (("batch_size", args.batch_size), ("seq_len", args.seq_len)):
+        checks.positive_int(f"--{field}", value, minimum=0)
+        if value:
+            config.train[field] = value
+    tokenizer = tokenizers.for_checkpoint(path, config)
+    per_batch = config.train.batch_size * config.train.seq_len
+    if args.max_tokens:
+        checks.positive_int("--max_tokens", args.max_tokens)
+        config.data.eval_batches = max(1, math.ceil(args.max_tokens / per_batch))
+    batches = data.eval_batches(config)
+    total = len(batches) * per_batch
+    print(f"evaluating {path} on {config.data.name} (validation split): {len(batches)} batches of "
+          f"{config.train.batch_size} x {config.train.seq_len} tokens", file=sys.stderr)
+    table = _bytes_table(tokenizer, config.model.vocab_size)
+    result = evaluate(config, variables, batches, progress=_progress_bar(total),
+                      bytes_per_token=None if table is None else (lambda t: float(table[t].sum())))
+    print(file=sys.stderr)
+    result.update(checkpoint=str(path), data=config.data.name, tokenizer=tokenizer.spec,
+                  batch_size=config.train.batch_size, seq_len=config.train.seq_len)
+    _report(result)
+    out = pathlib.Path(args.out) if args.out else (
+        path / f"eval_{_slug(config.data.name)}.json" if (path / "checkpoints").is_dir() else pathlib.Path("eval.json"))
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:60]
+
+
+def _report(result: dict[str, Any]) -> None:
+    print(f"loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.3f} | "
+          f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens")
+    layers = metrics_lib.layer_names(result)
+    if layers:
+        print(f"{'layer':<10} {'max/mean load':>13} {'router entropy':>15} {'experts/token':>14}")
+        for layer in layers:
+            print(f"{layer:<10} {result[f'{layer}_max_over_mean_load']:>13.3f} "
+                  f"{result[f'{layer}_router_entropy']:>15.3f} {result[f'{layer}_experts_per_token']:>14.3f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (checks.ConfigError, ValueError, OSError) as e:
+        sys.exit(f"moejax.evaluate: {e}")

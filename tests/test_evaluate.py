@@ -1,0 +1,98 @@
+"""moejax.evaluate: on a trained workdir it reproduces the training loop's own evaluation on the same batches
+(loss and the per-layer MoE statistics); its loss equals a numpy cross-entropy of the model's logits; bits per
+byte follow from the tokenizer's bytes; a transformers directory is evaluated with its own tokenizer; the
+``python -m moejax.generate`` CLI streams a continuation that equals moejax.generate's tokens."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moejax.load
+from moejax import data, evaluate, generate, hf, model
+from moejax.data import tokenizers
+from moejax.training import loop
+from tests import helpers_train
+from tests.test_finetune import cross_entropy, release  # noqa: F401  (the fixture: a tiny release and a corpus)
+
+
+@pytest.fixture(scope="module")
+def trained(release, tmp_path_factory):  # noqa: F811
+    """A tiny workdir trained 6 steps on the release's corpus with the byte tokenizer."""
+    _, corpus = release
+    config = helpers_train.get_config()
+    config.data.name = f"text:{corpus}/*.py"
+    config.data.dir = str(corpus.parent / "cache")
+    config.train.update(steps=6, eval_every=6, log_every=3)
+    config.checkpoint.every_steps = 6
+    workdir = tmp_path_factory.mktemp("evaluate") / "run"
+    loop.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def logged_eval(workdir, step):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["kind"] == "eval" and r["step"] == step)
+
+
+def test_evaluate_reproduces_the_training_loops_evaluation(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    result = evaluate.main([f"--checkpoint={trained}", f"--out={out}"])
+    logged = logged_eval(trained, 6)
+    assert result["loss"] == pytest.approx(logged["loss"], abs=1e-6)
+    for layer in ("layers_0", "layers_1"):
+        for stat in ("router_entropy", "experts_per_token", "max_over_mean_load"):
+            assert result[f"{layer}_{stat}"] == pytest.approx(logged[f"{layer}_{stat}"], abs=1e-5)
+    assert json.loads(out.read_text())["loss"] == result["loss"]
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-9)  # one byte per token
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
+
+
+def test_evaluate_loss_is_the_cross_entropy_of_the_logits(trained):
+    config, variables = moejax.load(trained)
+    batches = data.eval_batches(config)
+    result = evaluate.evaluate(config, variables, batches)
+    forward = jax.jit(model.Transformer(config.model).apply)
+    losses = [cross_entropy(forward(variables, jnp.asarray(b[:, :-1])), b[:, 1:]) for b in batches]
+    assert result["loss"] == pytest.approx(float(np.mean(losses)), abs=1e-5)
+    assert result["tokens"] == sum(b[:, 1:].size for b in batches)
+
+
+def test_a_transformers_directory_is_evaluated_with_its_own_tokenizer(release, tmp_path):  # noqa: F811
+    directory, corpus = release
+    result = evaluate.main([f"--checkpoint={directory}", f"--data=text:{corpus}/*.py", "--batch_size=2",
+                            "--seq_len=16", "--max_tokens=64", f"--data_dir={corpus.parent / 'cache'}",
+                            f"--out={tmp_path / 'e.json'}"])
+    assert result["tokenizer"] == f"hf:{directory}" and result["tokens"] == 64
+    tok = tokenizers.from_spec(f"hf:{directory}")
+    config, variables = hf.load(directory)
+    config.data.update(name=f"text:{corpus}/*.py", dir=str(corpus.parent / "cache"), eval_batches=2)
+    config.train.update(batch_size=2, seq_len=16)
+    batches = data.eval_batches(config)
+    expected_bytes = sum(tok.token_bytes(int(i)) for b in batches for i in b[:, 1:].ravel())
+    assert result["text_bytes"] == expected_bytes
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * 64 / (expected_bytes * math.log(2)))
+    forward = jax.jit(model.Transformer(config.model).apply)
+    losses = [cross_entropy(forward(variables, jnp.asarray(b[:, :-1])), b[:, 1:]) for b in batches]
+    assert result["loss"] == pytest.approx(float(np.mean(losses)), abs=1e-5)
+
+
+def test_generate_cli_streams_the_greedy_continuation(trained, capsys):
+    tokens = generate.main([f"--checkpoint={trained}", "--prompt=def f(x):", "--max_new_tokens=12"])
+    config, variables = moejax.load(trained)
+    prompt = np.asarray([list(b"def f(x):")], np.int32)
+    expected = generate.generate(config, variables, prompt, max_new_tokens=12, eos_id=0)
+    np.testing.assert_array_equal(tokens, expected)
+    captured = capsys.readouterr()
+    new = [t for t in expected[0, prompt.shape[1]:].tolist()]
+    new = new[:new.index(0)] if 0 in new else new
+    assert captured.out.startswith("def f(x):" + bytes(new).decode("utf-8", errors="replace").rstrip("\ufffd"))
+    assert "tokens/s" in captured.err
+
+
+@pytest.mark.parametrize("argv,field", [(["--max_tokens=-1"], "--max_tokens"), (["--batch_size=-2"], "--batch_size")])
+def test_bad_flags_are_named(trained, argv, field):
+    with pytest.raises(Exception, match=field):
+        evaluate.main([f"--checkpoint={trained}", *argv])
