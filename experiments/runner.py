@@ -332,9 +332,10 @@ def run_all(runs: list[Run], jobs: int = 1, *, name: str = "runs", out: TextIO |
 
 LAYER_STATS = ("max_over_mean_load", "maxvio", "drop_fraction", "experts_per_token")
 SUMMARY_METRICS = {
-    "val_loss": "validation loss, nats per byte (final evaluation)",
-    "val_bits_per_byte": "validation bits per byte",
-    "val_perplexity": "validation perplexity per byte",
+    "val_loss": "validation loss, nats per token (per byte with the bytes tokenizer; final evaluation)",
+    "val_bits_per_byte": "validation loss in bits per token (summary.json's val_bits_per_byte: per byte only with "
+                         "the bytes tokenizer)",
+    "val_perplexity": "validation perplexity per token",
     "train_tokens_per_s": "train tokens per second (excluding compilation and evaluation)",
     "wall_seconds": "wall time of the run's last invocation, seconds",
     "params_total": "total parameters",

@@ -327,7 +327,7 @@ def test_finished_run_prints_its_summary_and_changes_nothing(corpus, env, finish
     result = run_main(command(corpus, workdir), env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{workdir} holds a finished run of this config (40 steps); nothing to do" in result.stdout
-    assert f"validation loss {summary['val_loss']:.4f} nats/byte" in result.stdout
+    assert f"validation loss {summary['val_loss']:.4f} nats/token" in result.stdout
     assert "layers_0: max/mean expert load" in result.stdout and f"summary: {workdir / 'summary.json'}" in result.stdout
     assert "compiling" not in result.stdout and result.stderr.strip() == ""
     assert snapshot(workdir) == before

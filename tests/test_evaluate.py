@@ -96,3 +96,17 @@ def test_generate_cli_streams_the_greedy_continuation(trained, capsys):
 def test_bad_flags_are_named(trained, argv, field):
     with pytest.raises(Exception, match=field):
         evaluate.main([f"--checkpoint={trained}", *argv])
+
+
+def test_training_loop_bits_per_byte_use_the_tokenizers_bytes(release, trained):  # noqa: F811
+    directory, corpus = release
+    logged = logged_eval(trained, 6)
+    assert logged["bits_per_byte"] == pytest.approx(logged["loss"] / math.log(2), rel=1e-9)  # bytes: 1 per token
+    config, _ = hf.load(directory)
+    config.data.update(name=f"text:{corpus}/*.py", dir=str(corpus.parent / "cache"), eval_batches=2)
+    config.train.update(batch_size=2, seq_len=16)
+    batches = data.eval_batches(config)
+    tok = tokenizers.from_spec(f"hf:{directory}")
+    targets = [int(i) for b in batches for i in b[:, 1:].ravel()]
+    expected = sum(tok.token_bytes(i) for i in targets) / len(targets)
+    assert loop._bytes_per_token(config, batches) == pytest.approx(expected, rel=1e-12) and expected > 1.2

@@ -3,26 +3,30 @@
 reproduce runs a toy table (two rows of the tiny config of tests/helpers_train.py cut to one MoE layer of 4 experts,
 2 seeds, 4 steps) with real moejax subprocesses; the sweep reuses that table's config so that its points load their
 compiled steps from the persistent compilation cache the subprocesses share. The analysis tests read a synthetic
-metrics.jsonl.
+metrics.jsonl. The statistics (t-intervals, verdicts, README summary) are tested on fixed numbers.
 """
 import contextlib
 import io
 import json
+import math
 import pathlib
 import re
 import time
+import types
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from experiments import reproduce, runner, sweep
+from experiments.tables import Claim
 from moejax import analysis
 from tests import helpers_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "tests" / "helpers_train.py")
 TOY_TABLE = f'''
-from experiments.tables import Row
+from experiments.tables import Claim, Row
 CONFIG = {CONFIG!r}
 TITLE = "toy table"
 PAPER = "no paper"
@@ -34,6 +38,7 @@ REFERENCE = "a"
 BUDGET = {{"train.steps": 4, "train.warmup_steps": 1, "train.log_every": 2, "train.eval_every": 0,
           "data.eval_batches": 1, "checkpoint.every_steps": 0}}
 METRICS = ["val_loss", "maxvio", "train_maxvio"]
+CLAIMS = [Claim("b beats a", "b", "a"), Claim("b balances better", "b", "a", "maxvio", "lower")]
 '''
 
 
@@ -115,6 +120,27 @@ def test_reproduce_results_are_the_seed_statistics(toy_run):
     order = " < ".join(sorted(("a", "b"), key=lambda r: np.mean(a if r == "a" else b)))
     seed0 = " < ".join(sorted(("a", "b"), key=lambda r: (a if r == "a" else b)[0]))
     assert f"(lowest first): {order}. Per seed: seed 0: {seed0}; seed 1: " in md
+    # the claim's verdict line: b - a per seed and its 95% t-interval by hand (t_{0.975, 1} = 12.706)
+    diffs = np.subtract(b, a)
+    half = stats.t.ppf(0.975, 1) * np.std(diffs, ddof=1) / math.sqrt(2)
+    claim = data["claims"][0]
+    assert claim["values"] == pytest.approx(diffs) and claim["seeds"] == [0, 1]
+    assert [claim["low"], claim["high"]] == pytest.approx([diffs.mean() - half, diffs.mean() + half])
+    assert claim["verdict"] == reproduce.verdict({"low": diffs.mean() - half, "high": diffs.mean() + half}, "lower")
+    line = next(line for line in md.splitlines() if "b beats a" in line)
+    assert line.startswith(f"* **{claim['verdict']}**: b beats a.")
+    assert f"[{diffs.mean() - half:.4f}, {diffs.mean() + half:.4f}], n = 2" in line
+    # tokens per run and the runs' corpus fingerprint
+    summary = json.loads((root / "runs" / "a" / "seed0" / "summary.json").read_text())
+    config = json.loads((root / "runs" / "a" / "seed0" / "config.json").read_text())
+    batch, seq = config["train"]["batch_size"], config["train"]["seq_len"]
+    assert (f"**Tokens per run** (train.steps × train.batch_size × train.seq_len): 4 steps × {batch} × {seq} = "
+            f"{4 * batch * seq:,} tokens.") in md
+    from moejax.data.corpora import fingerprint_id
+    assert f"**Corpus:** `stdlib` (Python {summary['corpus']['python']}" in md
+    assert f"fingerprint id `{fingerprint_id(summary['corpus'])}`" in md
+    assert json.dumps(summary["corpus"], indent=1, sort_keys=True) in md
+    assert "older definition" not in md
     for plot in ("toy_loss.png", "toy_maxvio.png", "toy_load_a.png", "toy_load_b.png"):
         assert (root / "results" / plot).stat().st_size > 1000
         assert f"]({plot})" in md
@@ -132,6 +158,22 @@ def test_reproduce_rerun_skips_finished_runs(toy_run, capsys):
     assert time.monotonic() - start < 20
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
     assert "## Findings\n\nRow b is the toy's finding." in (root / "results" / "toy.md").read_text()
+
+
+@toy_table
+def test_render_only_rewrites_the_page_from_the_json(toy_run, capsys):
+    root, args, _, _ = toy_run
+    page = root / "results" / "toy.md"
+    before = page.read_text()
+    data = json.loads((root / "results" / "toy.json").read_text())
+    code, out, _ = run_main(reproduce, [*args, "--render-only"], capsys)
+    assert code == 0 and "] start " not in out
+    after = page.read_text()
+    assert after.startswith(before.split("\nGenerated ")[0])
+    assert "without rerunning anything; the runs were made by `python -m experiments.reproduce toy " in after
+    verdicts = [line for line in before.splitlines() if line.startswith("* **")]
+    assert verdicts and verdicts == [line for line in after.splitlines() if line.startswith("* **")]
+    assert json.loads((root / "results" / "toy.json").read_text()) == data  # the JSON is left as it was
 
 
 @toy_table
@@ -263,3 +305,182 @@ def test_loss_curves_mean_and_band_over_seeds(tmp_path):
     band = ax.collections[0].get_paths()[0].vertices
     assert band[:, 1].min() == pytest.approx(3.0) and band[:, 1].max() == pytest.approx(5.0)
     assert (tmp_path / "loss.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def test_t_interval_equals_hand_computation():
+    assert stats.t.ppf(0.975, 2) == pytest.approx(4.303, abs=5e-4)  # textbook t tables
+    assert stats.t.ppf(0.975, 4) == pytest.approx(2.776, abs=5e-4)
+    # [1, 2, 3]: mean 2, sd 1, half width t_{0.975, 2} / sqrt(3) = 4.302653 / 1.732051 = 2.484138
+    interval = reproduce.t_interval([1.0, 2.0, 3.0])
+    assert interval["n"] == 3 and interval["mean"] == pytest.approx(2.0) and interval["std"] == pytest.approx(1.0)
+    assert interval["t"] == pytest.approx(4.302653, abs=1e-6)
+    assert [interval["low"], interval["high"]] == pytest.approx([2 - 2.484138, 2 + 2.484138], abs=1e-6)
+    values = [-0.2604, -0.2901, -0.1727, -0.2290, -0.3012]
+    half = stats.t.ppf(0.975, 4) * np.std(values, ddof=1) / math.sqrt(5)
+    interval = reproduce.t_interval(values)
+    assert [interval["low"], interval["high"]] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
+    assert reproduce.t_interval([0.5]) == {"n": 1, "mean": 0.5, "std": None, "t": None, "low": None, "high": None}
+    assert reproduce.t_interval([])["mean"] is None
+
+
+@pytest.mark.parametrize("values, better, expected", [
+    ([-1.0, -1.1, -0.9], "lower", "reproduced"),  # [-1.248, -0.752]: below 0, the paper's side
+    ([1.0, 1.1, 0.9], "lower", "contradicted"),  # above 0: the other side
+    ([1.0, 1.1, 0.9], "higher", "reproduced"),
+    ([-1.0, -1.1, -0.9], "higher", "contradicted"),
+    ([-3.0, -2.0, -1.0], "lower", "not resolved"),  # [-4.48, 0.48] contains 0
+    ([1.0, 2.0, 3.0], "higher", "not resolved"),
+    ([-5.0], "lower", "not resolved"),  # one paired seed: no interval
+    ([], "lower", "not resolved"),
+    ([0.0, 0.0], "lower", "not resolved"),  # [0, 0]: touches 0
+])
+def test_verdict(values, better, expected):
+    assert reproduce.verdict(reproduce.t_interval(values), better) == expected
+
+
+def test_statistics_pair_the_seeds_both_rows_finished():
+    def run(seed, loss):
+        return {"seed": seed, "metrics": {"val_loss": loss, "maxvio": None}, "steps": 4, "tokens": 64}
+    results = {"rows": [{"name": "a", "runs": [run(0, 2.0), run(1, 2.5), run(2, 2.2)]},
+                        {"name": "b", "runs": [run(0, 1.8), run(2, 2.1)]}]}
+    table = types.SimpleNamespace(METRICS=["val_loss", "maxvio"], REFERENCE="a",
+                                  CLAIMS=[Claim("b beats a", "b", "a"), Claim("a beats b", "a", "b"),
+                                          Claim("b balances", "b", "a", "maxvio")])
+    out = reproduce.statistics(table, results)
+    diff = out["differences"]["b"]["val_loss"]
+    assert diff["seeds"] == [0, 2] and diff["values"] == pytest.approx([-0.2, -0.1])
+    assert out["differences"]["b"]["maxvio"]["n"] == 0
+    first, second, third = out["claims"]
+    assert first["values"] == pytest.approx([-0.2, -0.1]) and first["n"] == 2
+    half = stats.t.ppf(0.975, 1) * np.std([-0.2, -0.1], ddof=1) / math.sqrt(2)
+    assert [first["low"], first["high"]] == pytest.approx([-0.15 - half, -0.15 + half])
+    assert first["verdict"] == "not resolved"  # t_{0.975, 1} = 12.7: [-0.79, 0.49]
+    assert second["values"] == pytest.approx([0.2, 0.1])
+    assert third["n"] == 0 and third["verdict"] == "not resolved"
+    assert "no seed where both rows finished" in reproduce.claim_line(third)
+
+
+def _toy_results(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tables dir with the toy table and a second table, and a results dir with only the toy table's JSON (two
+    seeds, b - a = -0.3 and -0.5 in val_loss, 0 and 0 in maxvio)."""
+    tables, results = tmp_path / "tables", tmp_path / "results"
+    tables.mkdir()
+    results.mkdir()
+    (tables / "toy.py").write_text(TOY_TABLE)
+    (tables / "other.py").write_text(TOY_TABLE.replace('TITLE = "toy table"', 'TITLE = "other table"'))
+    table = reproduce.load_table("toy", tables)
+    rows = []
+    for row, losses in (("a", (2.0, 2.2)), ("b", (1.7, 1.7))):
+        overrides = next(r.overrides for r in table.ROWS if r.name == row)
+        runs = [{"seed": seed, "workdir": f"runs/{row}/seed{seed}", "steps": 4, "batch_size": 8, "seq_len": 32,
+                 "tokens": 1024, "metrics": {"val_loss": loss, "maxvio": 0.5}, "corpus": {"name": "stdlib"}}
+                for seed, loss in enumerate(losses)]
+        rows.append({"name": row, "config": CONFIG, "overrides": overrides, "paper": {}, "note": "", "runs": runs,
+                     "seeds_finished": 2, "mean": {}, "std": {}})
+    payload = {"table": "toy", "budget": "full", "budget_overrides": table.BUDGET, "seeds": 2, "rows": rows}
+    (results / "toy.json").write_text(json.dumps(payload))
+    (results / "toy.md").write_text("# toy\n")
+    return tables, results
+
+
+def test_readme_block_rewrite_is_idempotent_and_only_touches_the_block(tmp_path):
+    tables, results = _toy_results(tmp_path)
+    readme = tmp_path / "README.md"
+    before, after = "# Project\n\nText before.\n\n### Results\n\n", "\n\n## Next section\n\nText after.\n"
+    readme.write_text(before + reproduce.BEGIN + "\nold, hand-written text\n" + reproduce.END + after)
+    assert reproduce.write_summary(readme, results, tables) is True
+    text = readme.read_text()
+    assert text.startswith(before + reproduce.BEGIN) and text.endswith(reproduce.END + after)
+    assert "hand-written" not in text
+    assert reproduce.write_summary(readme, results, tables) is False  # idempotent
+    assert readme.read_text() == text
+    block = text[text.index(reproduce.BEGIN):text.index(reproduce.END)]
+    # b - a = -0.3, -0.5: mean -0.4, sd 0.141421, half width 12.706205 * 0.141421 / sqrt(2) = 1.270620
+    assert "| b beats a | **not resolved** | `val_loss` b − a = -0.4000 | [-1.6706, 0.8706] | 2 |" in block
+    assert "| b balances better | **not resolved** | `maxvio` b − a = 0.0000 | [0.0000, 0.0000] | 2 |" in block
+    assert ("**[toy](results/toy.md)** (toy table): 2 of 2 seed(s) per row finished; tokens per run: 4 steps × 8 × "
+            "32 = 1,024 tokens;") in block.replace("\n", " ")
+    assert "older definition" not in block
+
+
+def test_summary_of_a_table_without_results_says_so(tmp_path):
+    tables, results = _toy_results(tmp_path)
+    block = reproduce.summary_block(results, tables, tmp_path)
+    other = block[block.index("**`other`**"):].replace("\n", " ")
+    assert other.startswith("**`other`**: other table. **No results yet**: `python -m experiments.reproduce other "
+                            "--seeds 3` writes them.")
+    assert "**[toy](results/toy.md)**" in block
+
+
+def test_readme_without_markers_is_refused(tmp_path, capsys):
+    tables, results = _toy_results(tmp_path)
+    readme = tmp_path / "README.md"
+    for text in ("no markers\n", f"{reproduce.END}\n{reproduce.BEGIN}\n",
+                 f"{reproduce.BEGIN}{reproduce.BEGIN}{reproduce.END}"):
+        readme.write_text(text)
+        with pytest.raises(runner.UsageError, match="exactly one"):
+            reproduce.write_summary(readme, results, tables)
+        assert readme.read_text() == text
+    code, _, err = run_main(reproduce, ["toy", "--summary", "--tables-dir", str(tables)], capsys)
+    assert code == 2 and "--summary takes no table" in err
+
+
+def test_older_results_say_what_differs(tmp_path):
+    tables, results = _toy_results(tmp_path)
+    payload = json.loads((results / "toy.json").read_text())
+    payload["rows"][0]["overrides"] = {k: v for k, v in payload["rows"][0]["overrides"].items()
+                                       if k != "model.moe.top_k"}
+    table = reproduce.load_table("toy", tables)
+    changes = reproduce.definition_changes(table, payload)
+    assert changes == [{"field": "model.moe.top_k", "then": 2, "now": 1, "then_text":
+                        "not set (today's config default: `2`)", "now_text": "`1`", "rows": ["a"]}]
+    text = reproduce.changes_text(table, payload)
+    assert text.startswith("**Measured under an older definition of this table** (4 steps per run).")
+    assert "`model.moe.top_k` not set (today's config default: `2`) then, `1` now (rows a)" in text
+
+
+@pytest.mark.parametrize("name", ["deepseekmoe_table1", "deepseekmoe_fig3", "switch_capacity", "loss_free_vs_aux",
+                                  "top_p_vs_top2"])
+def test_tables_train_on_bpe_and_declare_claims(name, tmp_path):
+    table = reproduce.load_table(name)  # checks the claims' rows, metrics and directions
+    assert table.CLAIMS and table.BUDGET_STATUS
+    for budget in reproduce.BUDGETS:
+        for row, runs in reproduce.plan(table, table.ROWS, 1, tmp_path, budget).items():
+            assert runs[0].overrides["data.tokenizer"] == "bpe:8192", (row, budget)
+            assert runs[0].overrides["model.vocab_size"] == 8192, (row, budget)
+    if name == "deepseekmoe_table1":  # the hash row hashes every one of the 8,192 BPE ids, about evenly
+        from moejax.moe import routers
+        hash_row = next(row for row in table.ROWS if row.name == "hash")
+        config = runner.load_config(hash_row.config)
+        experts = np.asarray(routers.hash_experts(np.arange(8192), config.model.moe.num_experts,
+                                                  config.model.moe.router.hash_seed))
+        counts = np.bincount(experts, minlength=config.model.moe.num_experts)
+        assert counts.min() > 0.9 * 8192 / len(counts) and counts.max() < 1.1 * 8192 / len(counts)
+
+
+def test_bad_claims_are_refused(tmp_path, capsys):
+    for claim, words in (('Claim("x", "b", "c")', ["'c' is not a row"]),
+                         ('Claim("x", "b", "a", "val_los")', ["unknown metric 'val_los'"]),
+                         ('Claim("x", "b", "a", better="smaller")', ["better='smaller'", "lower, higher"])):
+        (tmp_path / "bad.py").write_text(TOY_TABLE.replace('Claim("b beats a", "b", "a")', claim))
+        code, _, err = run_main(reproduce, ["bad", "--tables-dir", str(tmp_path), "--dry-run"], capsys)
+        assert code == 2, err
+        for word in words:
+            assert word in err
+
+
+def test_committed_results_show_the_verdicts():
+    """The committed pages carry one verdict line per claim of their table, as their JSON's seeds give them, and
+    README.md's block is what --summary writes."""
+    for name in ("deepseekmoe_table1", "deepseekmoe_fig3"):
+        table = reproduce.load_table(name)
+        payload = json.loads((reproduce.RESULTS_DIR / f"{name}.json").read_text())
+        md = (reproduce.RESULTS_DIR / f"{name}.md").read_text()
+        for claim in reproduce.statistics(table, payload)["claims"]:
+            assert f"* {reproduce.claim_line(claim)}" in md
+    readme = reproduce.README.read_text()
+    block = readme[readme.index(reproduce.BEGIN):readme.index(reproduce.END) + len(reproduce.END)]
+    assert block == reproduce.summary_block()

@@ -1,8 +1,13 @@
 """DeepSeekMoE Table 1 at the tiny width: Dense, Hash Layer, Switch, GShard and DeepSeekMoE, matched total expert
-parameters (16 standard FFNs per MoE layer) on the embedded stdlib corpus.
+parameters (16 standard FFNs per MoE layer) on the embedded stdlib corpus in the paper's 8K BPE vocabulary.
+
+Corpus (experiments.tables.CORPUS, every row): the stdlib corpus tokenized with `bpe:8192` (a byte-level BPE trained
+once on the training split: 2,867,425 training and 313,878 validation tokens, 3.79 bytes per token on Python 3.11.7's
+stdlib), `model.vocab_size = 8192`. The hash row hashes these BPE ids (about 512 ids per expert), not the 256 byte
+values of the results measured before this default, where each expert owned a fixed set of 16 bytes.
 
 Shapes (every row: 4 layers, d_model 128, 4 heads, one standard FFN = a 352-wide SwiGLU; optimiser, batch and
-sequence of configs/deepseekmoe.py:tiny: batch 32 x 128 bytes, LR 6e-3, 30 warm-up steps, cosine):
+sequence of configs/deepseekmoe.py:tiny: batch 32 x 128 tokens, LR 6e-3, 30 warm-up steps, cosine):
 * dense: one 352-wide FFN, i.e. the activated FFN of Switch and Hash. This follows the paper's Table 1, whose Dense
   column has the activated parameters of Hash/Switch (0.2B) and their FLOPs (2.9T per 2K tokens). configs/dense.py
   defaults instead to DeepSeekMoE's activated width (1408 at :small), which is another comparison.
@@ -11,15 +16,22 @@ sequence of configs/deepseekmoe.py:tiny: batch 32 x 128 bytes, LR 6e-3, 30 warm-
   paper's table (the paper drops no token); experiments/tables/switch_capacity.py is about capacity.
 * gshard: 16 x 352, top-2, renormalised, Switch loss 0.01, dropless (configs/gshard.py).
 * deepseekmoe: 1 shared + 63 routed x 88, top-7, alpha1 0.01 (configs/deepseekmoe.py:tiny).
+The 8,192-id embedding and (untied) output layer add 2.03M parameters to every row (0.07M at 256 ids): the dense
+row has about 2.9M parameters instead of 0.87M, and the output layer's 128 x 8192 matmul costs about as much per
+token as the four blocks together.
 
-Budget: 150 steps (614K tokens), one evaluation at the end on 16 validation batches (65K bytes). Measured on the
-2-core CPU (one 30-step run of the slowest row, deepseekmoe m=4, while another training job shared the cores):
-1.70 s/step and 45 s per run of start-up, compilation, final evaluation and checkpoint, so a deepseekmoe run takes
-about 45 + 150 x 1.70 = 300 s. With every row as slow, 15 runs would take 75 minutes; the dense and 16-expert rows
-are faster, and the README's uncontended 400-step tiny run (about 1.3 s/step) puts the table at 45-60 minutes with
---jobs 1.
+Budget: PENDING the pilot study of issue 20 (BUDGET_STATUS), which chooses the smallest model and step budget at which
+the MoE-beats-dense claims show beyond seed noise. Until then: 150 steps x 32 x 128 = 614,400 BPE tokens per run
+(about 2.3M bytes of text, 0.21 epochs of the training split), one evaluation at the end on 16 validation batches
+(65,536 tokens). Measured before the BPE default, on bytes (vocabulary 256), on the 2-core CPU with another training
+job sharing the cores: 1.70 s/step for the slowest row (deepseekmoe m=4) and 45 s per run of start-up, compilation,
+final evaluation and checkpoint, about 300 s per run and 45-75 minutes for the table with --jobs 1. The larger
+output layer makes BPE steps slower; the pilot measures them again.
+
+Claims (CLAIMS): the paper's ordering Dense > Hash > Switch >~ GShard > DeepSeekMoE in loss, as paired comparisons:
+each MoE row beats dense, Switch and GShard beat Hash, GShard beats Switch, DeepSeekMoE beats GShard.
 """
-from experiments.tables import TINY, Row
+from experiments.tables import BUDGET_PENDING, CORPUS, TINY, Claim, Row
 
 TITLE = "DeepSeekMoE Table 1 (tiny): Dense vs Hash vs Switch vs GShard vs DeepSeekMoE"
 PAPER = ("Dai et al., DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language Models, "
@@ -35,9 +47,20 @@ ROWS = [
         {"Pile loss": 1.881}, "16 x 352, top-1, dropless"),
     Row("gshard", "configs/gshard.py", {**TINY, "model.moe.expert_ffn": 352}, {"Pile loss": 1.867},
         "16 x 352, top-2, dropless"),
-    Row("deepseekmoe", "configs/deepseekmoe.py:tiny", {}, {"Pile loss": 1.808}, "1 shared + 63 routed x 88, top-7"),
+    Row("deepseekmoe", "configs/deepseekmoe.py:tiny", CORPUS, {"Pile loss": 1.808}, "1 shared + 63 routed x 88, top-7"),
 ]
 REFERENCE = "gshard"
+BUDGET_STATUS = BUDGET_PENDING
 BUDGET = {"train.steps": 150, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 16,
           "checkpoint.every_steps": 50}
 METRICS = ["val_loss", "train_maxvio", "maxvio", "drop_fraction", "train_tokens_per_s"]
+CLAIMS = [
+    Claim("Hash Layer beats Dense", "hash", "dense"),
+    Claim("Switch beats Dense", "switch", "dense"),
+    Claim("GShard beats Dense", "gshard", "dense"),
+    Claim("DeepSeekMoE beats Dense", "deepseekmoe", "dense"),
+    Claim("Switch beats Hash Layer", "switch", "hash"),
+    Claim("GShard beats Hash Layer", "gshard", "hash"),
+    Claim("GShard beats Switch (paper: by 0.014 only)", "gshard", "switch"),
+    Claim("DeepSeekMoE beats GShard", "deepseekmoe", "gshard"),
+]

@@ -2,16 +2,24 @@
 in training, and dropless, recording validation loss and the fraction of routed slots dropped.
 
 Every row is configs/switch.py (Switch loss 0.01, router jitter 0.01, drop by position, dropped tokens pass through
-the residual) at the tiny width: 4 layers, d_model 128, 16 experts of one 352-wide SwiGLU, batch 32 x 128, LR 6e-3,
-30 warm-up steps. The final evaluation runs every capacity row at Switch's eval capacity factor 2.0, as the paper
-evaluates: `drop_fraction` is that evaluation's, `train_drop_fraction` the training one (mean over the run).
+the residual) at the tiny width: 4 layers, d_model 128, 16 experts of one 352-wide SwiGLU, batch 32 x 128 tokens,
+LR 6e-3, 30 warm-up steps, on experiments.tables.CORPUS (the stdlib corpus in `bpe:8192` tokens, model.vocab_size
+8192; see deepseekmoe_table1.py). The final evaluation runs every capacity row at Switch's eval capacity factor 2.0,
+as the paper evaluates: `drop_fraction` is that evaluation's, `train_drop_fraction` the training one (mean over the
+run).
 
-Budget: 200 steps (819K tokens), one evaluation at the end on 16 validation batches. Measured on the 2-core CPU: the
-slowest row of the other tables (deepseekmoe m=4) takes 1.70 s/step plus 45 s per run with another job sharing the
-cores; these 16-expert top-1 rows are not slower (capacity mode runs one fixed tile per expert), so 12 runs take at
-most 77 minutes and about an hour with --jobs 1.
+Budget: PENDING the pilot study of issue 20 (BUDGET_STATUS). Until then: 200 steps x 32 x 128 = 819,200 BPE tokens
+per run, one evaluation at the end on 16 validation batches. Measured before the BPE default, on bytes, on the
+2-core CPU: the slowest row of the other tables (deepseekmoe m=4) took 1.70 s/step plus 45 s per run with another
+job sharing the cores; these 16-expert top-1 rows are not slower (capacity mode runs one fixed tile per expert), so
+12 runs took at most 77 minutes and about an hour with --jobs 1 at 256 ids. The 8,192-id output layer makes BPE
+steps slower; the pilot measures them again.
+
+Claims (CLAIMS): from the paper's Table 1, CF 1.25 and CF 2.0 beat CF 1.0 in loss (CF 1.25 and 2.0 roughly tie, so
+no claim between them), and a larger capacity factor drops fewer tokens in training; this table's own expectation,
+not the paper's (which has no dropless row), is that dropless beats CF 1.0.
 """
-from experiments.tables import TINY, Row
+from experiments.tables import BUDGET_PENDING, TINY, Claim, Row
 
 SWITCH = {**TINY, "model.moe.expert_ffn": 352}
 
@@ -32,6 +40,15 @@ ROWS = [
         note="no capacity: every routed slot computed"),
 ]
 REFERENCE = "dropless"
+BUDGET_STATUS = BUDGET_PENDING
 BUDGET = {"train.steps": 200, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 16,
           "checkpoint.every_steps": 50}
 METRICS = ["val_loss", "train_drop_fraction", "drop_fraction", "train_maxvio", "train_tokens_per_s"]
+CLAIMS = [
+    Claim("CF 1.25 beats CF 1.0 in loss", "cf1.25", "cf1.0"),
+    Claim("CF 2.0 beats CF 1.0 in loss", "cf2.0", "cf1.0"),
+    Claim("CF 1.25 drops fewer tokens than CF 1.0 in training", "cf1.25", "cf1.0", "train_drop_fraction"),
+    Claim("CF 2.0 drops fewer tokens than CF 1.25 in training", "cf2.0", "cf1.25", "train_drop_fraction"),
+    Claim("dropless beats CF 1.0 in loss (this table's expectation; no dropless row in the paper)", "dropless",
+          "cf1.0"),
+]

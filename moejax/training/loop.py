@@ -41,6 +41,7 @@ incompatible run, raises ``checkpoint.WorkdirError`` (``WorkdirPathError`` for t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +60,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import data, model, upcycle
+from moejax.data import tokenizers
 from moejax.moe import expert_parallel
 from moejax.parallel import batch_sharding, make_mesh, state_shardings
 from moejax.training import checkpoint, hooks, initialise, metrics, objectives, optim
@@ -158,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     mesh = make_mesh(config)
     global_batch = _batch_placer(config, mesh)
-    eval_data = [global_batch(b) for b in local_eval]
+    eval_data = EvalSet([global_batch(b) for b in local_eval], _bytes_per_token(config, local_eval))
     module = model.Transformer(config.model, mesh=mesh)
     tx = optim.make_optimizer(config)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
@@ -244,7 +246,7 @@ class _StopRequest:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: TrainState, step_fn: Any, eval_fn: Any,
-           train_iter: Any, global_batch: Any, eval_data: list[jax.Array], empties: tuple, writer: Any,
+           train_iter: Any, global_batch: Any, eval_data: EvalSet, empties: tuple, writer: Any,
            progress: metrics.Progress, manager: Any,
            resume_command: str | None = None) -> tuple[TrainState, tuple[int, str] | None, float]:
     """The steps from state.step to train.steps with logging, evaluation and checkpoints. Returns the state,
@@ -288,7 +290,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: Trai
                 progress.sync()
                 scalars = _evaluate(eval_fn, state, empty_eval, eval_data)
                 writer.write("eval", done, scalars)
-                say(f"eval at step {done}: loss {scalars['loss']:.4f} | {scalars['loss'] / math.log(2):.4f} bits/byte")
+                say(f"eval at step {done}: loss {scalars['loss']:.4f} | {scalars['bits_per_byte']:.4f} bits/byte")
                 progress.restart_clock()
             if save_now or stopping:
                 progress.sync()
@@ -350,12 +352,33 @@ def _batch_placer(config: ml_collections.ConfigDict, mesh: Any) -> Any:
     return lambda local: jax.make_array_from_process_local_data(sharding, local, shape)
 
 
-def _evaluate(eval_fn: Any, state: TrainState, empty: Any, batches: list[jax.Array]) -> dict[str, float]:
-    """Mean metrics over the validation batches."""
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """The validation batches (placed) and the text bytes per predicted token on them (1 with the byte
+    tokenizer), which turns the loss per token into bits per byte."""
+
+    batches: list[jax.Array]
+    bytes_per_token: float
+
+
+def _bytes_per_token(config: ml_collections.ConfigDict, local_eval: list[np.ndarray]) -> float:
+    """Mean text bytes per target token of this process's validation batches under the run's tokenizer."""
+    tokenizer = tokenizers.for_config(config)
+    if tokenizer.spec == "bytes" or not local_eval:
+        return 1.0
+    table = np.asarray([tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)], np.float64)
+    targets = np.concatenate([np.asarray(b)[:, 1:].ravel() for b in local_eval])
+    return float(table[np.minimum(targets, len(table) - 1)].mean())
+
+
+def _evaluate(eval_fn: Any, state: TrainState, empty: Any, data_set: EvalSet) -> dict[str, float]:
+    """Mean metrics over the validation batches, with 'bits_per_byte'."""
     values = empty
-    for batch in batches:
+    for batch in data_set.batches:
         values = eval_fn(state, values, batch)
-    return metrics.computed(values, with_load=False)
+    scalars = metrics.computed(values, with_load=False)
+    scalars["bits_per_byte"] = scalars["loss"] / math.log(2) / data_set.bytes_per_token
+    return scalars
 
 
 def _stop_requested(stop: _StopRequest, sync_point: bool) -> bool:

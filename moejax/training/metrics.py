@@ -212,8 +212,9 @@ def summary(eval_metrics: dict[str, float], progress: Progress, start_time: floa
         "config": config_name or workdir.name,
         "workdir": str(workdir),
         "steps": config.train.steps,
-        "val_loss": loss,  # nats per byte (byte-level tokens)
-        "val_bits_per_byte": loss / math.log(2),
+        "val_loss": loss,  # nats per token (per byte with the byte tokenizer)
+        "val_bits_per_byte": eval_metrics.get("bits_per_byte", loss / math.log(2)),  # over the text's bytes
+        "val_bits_per_token": loss / math.log(2),
         "val_perplexity": math.exp(loss),
         "train_tokens_per_s": tokens / progress.train_seconds if progress.train_seconds else None,
         "train_tokens_per_s_note": "steps run by this invocation only; excludes compilation, evaluation and "
@@ -255,7 +256,7 @@ def maxvio_over_training(workdir: pathlib.Path, layers: list[str]) -> dict[str, 
 def print_summary(result: dict[str, Any], path: pathlib.Path | None = None) -> None:
     """The console lines of a summary (path: where it is; default its own 'workdir')."""
     tokens_per_s = result.get("train_tokens_per_s")
-    say(f"done: validation loss {result['val_loss']:.4f} nats/byte | {result['val_bits_per_byte']:.4f} bits/byte"
+    say(f"done: validation loss {result['val_loss']:.4f} nats/token | {result['val_bits_per_byte']:.4f} bits/byte"
        f" | perplexity {result['val_perplexity']:.3f} | "
        f"{f'{tokens_per_s:,.0f}' if tokens_per_s else '-'} train tokens/s | "
        f"{result['params_total']:,} params ({result['params_activated']:,} activated)")
