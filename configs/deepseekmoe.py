@@ -14,7 +14,8 @@ Presets (``--config=configs/deepseekmoe.py:<preset>``):
 * ``2b``: the paper's validation model (section 4, Table 1 column DeepSeekMoE): 9 layers, d_model 1280, 10 heads,
   1 shared + 63 routed experts of width 853 (a quarter of the back-computed 3413-wide FFN), top-7, alpha1 0.01,
   LR 1.08e-3 with 2K warm-up steps and x0.316 at 80% and 90% of 25,000 steps, batch 2048 x 2048, init std 0.006.
-  The paper uses an 8K BPE vocabulary; moejax ships a byte-level tokenizer, so vocab_size stays 256.
+  The paper uses an 8K BPE vocabulary; the presets keep the byte tokenizer (vocab_size 256, the default corpus);
+  `--config.data.tokenizer=bpe:8192 --config.model.vocab_size=8192` gives the paper's (the ablation tables use it).
 * ``16b``: the released DeepSeekMoE 16B: 28 layers, d_model 2048, 16 heads, 2 shared + 64 routed experts of
   width 1408, top-6, first layer dense (FFN 10944), alpha1 0.001, LR 4.2e-4, 106,449 steps of 4608 x 4096.
 """
