@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from moejax import attention, checks, kv_cache, moe
 from moejax.attention import Attention, RMSNorm, rotary  # noqa: F401  (model.Attention, model.RMSNorm, ...)
 from moejax.moe import layer as moe_layer
+from moejax.moe.intervention import Intervention
 
 
 def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
@@ -107,9 +108,10 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
                  progress: jax.Array | None = None, layer: int | jax.Array = 0,
-                 cache: kv_cache.Cache | None = None) -> jax.Array:
-        """layer: this block's index in the model (an int32 scalar under nn.scan), for the MoE statistics. cache:
-        decoding with a KV cache (moejax/kv_cache.py)."""
+                 cache: kv_cache.Cache | None = None, intervention: Intervention | None = None) -> jax.Array:
+        """layer: this block's index in the model (an int32 scalar under nn.scan), for the MoE statistics and the
+        intervention's row. cache: decoding with a KV cache (moejax/kv_cache.py). intervention: routing
+        interventions (moejax/moe/intervention.py)."""
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
@@ -118,7 +120,7 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
         if self.use_moe:
             ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")
-            h = ffn(h, train=train, token_ids=token_ids, progress=progress, layer=layer)
+            h = ffn(h, train=train, token_ids=token_ids, progress=progress, layer=layer, intervention=intervention)
             if cfg.moe.chain_residual == "inner":  # Chain-of-Experts as released: x_C replaces the stream
                 return h
         else:
@@ -136,14 +138,14 @@ class Unit(nn.Module):
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], train: bool, token_ids: jax.Array,
-                 progress: jax.Array | None, cache: kv_cache.Cache | None = None
-                 ) -> tuple[tuple[jax.Array, jax.Array], None]:
+                 progress: jax.Array | None, cache: kv_cache.Cache | None = None,
+                 intervention: Intervention | None = None) -> tuple[tuple[jax.Array, jax.Array], None]:
         x, first_layer = carry
         width = max(self.cfg.moe_every, 1)
         for j in range(width):
             x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, window=self.window,
                       name=f"block_{j}")(
-                x, train, token_ids, progress, first_layer + j, cache)
+                x, train, token_ids, progress, first_layer + j, cache, intervention)
         return (x, first_layer + width), None
 
 
@@ -159,10 +161,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False, progress: jax.Array | None = None,
-                 cache: kv_cache.Cache | None = None) -> jax.Array:
+                 cache: kv_cache.Cache | None = None, intervention: Intervention | None = None) -> jax.Array:
         """progress: the fraction of training done (a float32 scalar), for routers with a schedule. cache: decode
-        with a KV cache (apply with mutable=['cache']; moejax/kv_cache.py, moejax/generate.py)."""
+        with a KV cache (apply with mutable=['cache']; moejax/kv_cache.py, moejax/generate.py). intervention:
+        routing interventions on the MoE layers (moejax/moe/intervention.py: rows indexed by the model layer,
+        those of dense layers unused); None: the model's own routing."""
         cfg = self.cfg
+        if intervention is not None:
+            intervention.check(cfg)
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                          embedding_init=nn.initializers.normal(cfg.init_std), name="embed")
@@ -171,19 +177,20 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             for i in range(cfg.first_dense_layers):
                 x = block(cfg, use_moe=False, mesh=self.mesh, window=attention_window(cfg, i), name=f"layers_{i}")(
-                    x, train, tokens, progress, i, cache)
+                    x, train, tokens, progress, i, cache, intervention)
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
             scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0, kv_cache.COLLECTION: 0},
                               split_rngs={"params": True, "jitter": True, "routing": True},
-                              in_axes=(nn.broadcast,) * 4, length=units)
+                              in_axes=(nn.broadcast,) * 5, length=units)
             first = jnp.asarray(cfg.first_dense_layers, jnp.int32)
             window = attention_window(cfg, cfg.first_dense_layers) if units else 0
-            (x, _), _ = scanned(cfg, self.mesh, window, name="blocks")((x, first), train, tokens, progress, cache)
+            (x, _), _ = scanned(cfg, self.mesh, window, name="blocks")((x, first), train, tokens, progress, cache,
+                                                                        intervention)
         else:
             for i in range(cfg.num_layers):
                 x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
-                          name=f"layers_{i}")(x, train, tokens, progress, i, cache)
+                          name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from moejax import checks, moe
 from moejax.moe import dispatch, expert_parallel, experts, losses, pipeline, routers, stats
+from moejax.moe import intervention as interventions
 
 DISPATCH_MODES = ("dropless", "capacity")
 BALANCE_LOSSES = ("switch", "deepseek", "none")
@@ -147,7 +148,11 @@ class MoE(nn.Module):
     experts at random use the 'routing' rng, and capacity mode uses capacity_factor; with train=False it uses
     eval_capacity_factor when set. ``progress`` (the fraction of training done, a scalar) feeds routers with a
     schedule (SMoE-Dropout's growing k). ``layer`` (an int, or an int32 scalar under nn.scan) is the model layer
-    index stored in the statistics.
+    index stored in the statistics and the row of ``intervention`` it reads.
+
+    ``intervention`` (moejax/moe/intervention.py): routing interventions indexed by the model layer index (mask,
+    force, scale, top_k, rank); its mask and force join the selection-only bias given to the router, the rest
+    rewrites the router's Routing before dispatch (every Chain-of-Experts pass alike). None: no intervention.
 
     Chain-of-Experts (``chain_iterations`` C > 1): the tokens pass C times through the same routed and shared
     experts, each iteration with its own router (``router``, ``router_1``, ...; one shared ``router`` with
@@ -165,9 +170,15 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, token_ids: jax.Array | None = None,
-                 progress: jax.Array | None = None, layer: int | jax.Array = 0) -> jax.Array:
+                 progress: jax.Array | None = None, layer: int | jax.Array = 0,
+                 intervention: interventions.Intervention | None = None) -> jax.Array:
         """x [B, S, D] -> [B, S, D]; token_ids [B, S]: the input tokens, for routers that route by token id."""
         cfg = self.cfg
+        if intervention is not None:
+            interventions.check_router(intervention, cfg, train)
+            if isinstance(layer, int) and not 0 <= layer < intervention.num_layers:
+                interventions.fail("mask.shape", tuple(intervention.mask.shape),
+                                   f"has no row for layer {layer}")
         batch, seq, d_model = x.shape
         tokens = x.reshape(batch * seq, d_model).astype(self.dtype)
         expert = experts.from_config(cfg)
@@ -195,7 +206,7 @@ class MoE(nn.Module):
         state, update = tokens, jnp.zeros_like(tokens)
         for kernel in kernels:
             out = self._routed(state, kernel, expert, weights, bias, batch, layer, train=train, token_ids=ids,
-                               progress=progress)
+                               progress=progress, intervention=intervention)
             if shared is not None:
                 extra = shared(state)
                 if shared_gate is not None:
@@ -211,7 +222,8 @@ class MoE(nn.Module):
 
     def _routed(self, tokens: jax.Array, kernel: RouterKernel, expert: experts.Experts,
                 weights: experts.Weights, bias: jax.Array, batch: int, layer: int | jax.Array, *, train: bool,
-                token_ids: jax.Array | None, progress: jax.Array | None) -> jax.Array:
+                token_ids: jax.Array | None, progress: jax.Array | None,
+                intervention: interventions.Intervention | None = None) -> jax.Array:
         """One pass of tokens [T, D] through router and routed experts; sows this pass's statistics."""
         cfg = self.cfg
         num_experts = cfg.num_experts
@@ -220,12 +232,16 @@ class MoE(nn.Module):
         router_in = tokens.astype(jnp.float32)
         if train and cfg.router.jitter > 0:
             router_in = routers.jitter(router_in, cfg.router.jitter, self.make_rng("jitter"))
+        if intervention is not None:
+            bias = interventions.selection_bias(intervention, layer, bias)
         ctx = routers.RouterContext(
             bias=bias, train=train,
             rng=self.make_rng("routing") if train and spec.needs_rng else None,
             token_ids=token_ids if spec.needs_token_ids else None,
             progress=progress if spec.needs_progress else None)
         route = spec.fn(kernel(router_in), cfg, ctx)
+        if intervention is not None:
+            route = interventions.apply(intervention, layer, route, cfg)
         backend = experts.resolve_backend(cfg.gmm_backend)
         cap = None
         if cfg.dispatch == "capacity":

@@ -1,0 +1,412 @@
+"""Routing interventions: one record, passed to the forward, that changes the routing of chosen MoE layers and
+experts without editing the model or its parameters (expert silencing and steering, SCMoE's weak routing).
+
+``Intervention`` is a pytree (a jit argument): its array fields have one row per model layer (``[L, E]`` or
+``[L]`` with L = ``model.num_layers``, dense layers included: their rows are never read), so that the MoE layer
+indexes them by its model layer index, a traced int32 scalar under ``nn.scan``. Its static fields (part of the
+treedef, a change recompiles) say which operations are in use and where the scale applies.
+
+    mask   [L, E] bool     the expert is never selected
+    force  [L, E] bool     the expert is always selected (takes a slot; its weight from the real router scores)
+    scale  [L, E] float32  its combine weight is multiplied by the factor (>= 0): reinforce (> 1), dampen (< 1)
+    top_k  [L] int32       0: unchanged; 1 <= k' <= model.moe.top_k: the k' best-ranked slots are kept
+    rank   [L] int32       0: off; 1 <= r <= model.moe.top_k (and <= the layer's top_k when it has one): only
+                           the r-th ranked slot's expert, weight 1
+    scale_after_norm (static, default True): the scale multiplies the final combine weight (after the router's
+                     renormalisation); False: it multiplies the weight before the renormalisation, which then
+                     restores the router's total (a no-op for a lone selected expert)
+    ops (static): the operations in use, a subset of OPS (set by the constructors; the layer applies only these)
+
+Where the MoE layer (moejax/moe/layer.py) applies them, per routed pass (every Chain-of-Experts pass alike):
+
+1. selection (``selection_bias``): mask adds -inf and force +inf to the expert's selection-only bias
+   (``RouterContext.bias``), so every router that ranks experts by ``scores + bias`` never / always selects it, while
+   the weights still come from the router's real scores (a masked expert's softmax probability stays in the other
+   experts' denominator when the router does not renormalise: see the table below).
+2. post-step on the router's ``Routing`` (``apply``), in this order: slots of a masked expert become null (id E,
+   weight 0; only possible when fewer than k unmasked candidates remain, e.g. under group limits); slots ranked
+   past the layer's top_k become null; rank keeps slot r-1 alone with weight 1; the scale (before the
+   renormalisation when ``scale_after_norm`` is False); routers that renormalise their weights (``renormalises``)
+   have the kept weights rescaled to the router's own total (sum over the slots before the intervention:
+   routed_scaling_factor, or 1), not on rank layers; the scale (when ``scale_after_norm``).
+
+Slots are ranked by the router's selection score (scores + selection bias, so a forced expert ranks first); each
+router below returns its slots in that order.
+
+Per router kind (``model.moe.router.kind``):
+
+| kind          | mask / force                        | scale | top_k, rank     | renormalises           |
+|---------------|-------------------------------------|-------|-----------------|------------------------|
+| topk          | selection score -/+inf (1)          | yes   | yes             | norm_topk_prob, or     |
+|               |                                     |       |                 | softmax after top-k    |
+| top_p         | candidates re-ordered: masked never,| yes   | yes             | no (raw probabilities) |
+|               | forced first (always kept)          |       |                 |                        |
+| adamoe        | real experts only (nulls are not)   | yes   | yes             | yes (over real experts)|
+| smoe_dropout  | on its top-k(t) selection           | yes   | yes             | yes (softmax of kept)  |
+| expert_choice | evaluation (token choice) only (2)  | yes   | evaluation only | no                     |
+| hash          | raises: expert from the token id    | yes   | raises          | -                      |
+| thor          | raises: random / all experts        | yes   | raises          | -                      |
+| other kinds   | raises (see SELECTING_ROUTERS)      | yes   | raises          | -                      |
+
+(1) group-limited routing: a forced expert's group scores +inf and is kept; a masked expert drops out of its
+group's score. (2) in training experts choose tokens (no per-token ranking): only scale applies.
+
+A masked expert equals a router column at -inf (a pruned expert) for routers that renormalise; for those that do
+not (softmax before top-k, sigmoid without norm_topk_prob, top_p), the other experts keep their weights (their
+probabilities are not re-spread over the unmasked experts).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+from moejax.moe.routers import Routing
+
+OPS = ("mask", "force", "scale", "top_k", "rank")
+SELECTION_OPS = ("mask", "force")
+# Router kinds that select by ranking ``scores + RouterContext.bias`` with jax.lax.top_k and return their slots in
+# that order: every intervention applies. 'expert_choice' only in evaluation (token choice).
+SELECTING_ROUTERS = ("topk", "top_p", "adamoe", "smoe_dropout", "expert_choice")
+
+
+class InterventionError(ValueError):
+    """An intervention field holds a value the model cannot run with."""
+
+
+def fail(field: str, value: Any, allowed: str) -> None:
+    raise InterventionError(f"intervention field {field}={value!r} is invalid: {allowed}")
+
+
+def _model_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``model`` section of a whole config, or cfg itself when it is one."""
+    return cfg.model if "model" in cfg and "num_layers" not in cfg else cfg
+
+
+def renormalises(moe_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the router of a ``model.moe`` section rescales its selected weights to a fixed total
+    (top-k with norm_topk_prob or softmax after top-k; AdaMoE; SMoE-Dropout)."""
+    router = moe_cfg.router
+    if router.kind == "topk":
+        return bool(router.norm_topk_prob) or (router.score == "softmax" and not router.softmax_before_topk)
+    return router.kind in ("adamoe", "smoe_dropout")
+
+
+@struct.dataclass
+class Intervention:
+    """Routing interventions for every layer of a model (see the module docstring for the exact semantics).
+    Build with ``Intervention.none`` / ``Intervention.create`` or the helpers (``mask_experts``, ``scale_experts``,
+    ``force_experts``, ``limit_top_k``, ``rank_only``) and combine with ``a.merge(b)`` or ``a | b``."""
+
+    mask: jax.Array   # [L, E] bool
+    force: jax.Array  # [L, E] bool
+    scale: jax.Array  # [L, E] float32
+    top_k: jax.Array  # [L] int32, 0 = unchanged
+    rank: jax.Array   # [L] int32, 0 = off
+    scale_after_norm: bool = struct.field(pytree_node=False, default=True)
+    ops: tuple[str, ...] = struct.field(pytree_node=False, default=OPS)
+
+    @property
+    def num_layers(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.mask.shape[1]
+
+    @classmethod
+    def none(cls, cfg: ml_collections.ConfigDict, *, scale_after_norm: bool = True) -> Intervention:
+        """The identity for a model (``cfg``: the ``model`` section or a whole config): no operation in use."""
+        cfg = _model_section(cfg)
+        num_layers, num_experts = cfg.num_layers, cfg.moe.num_experts
+        return cls(mask=jnp.zeros((num_layers, num_experts), bool), force=jnp.zeros((num_layers, num_experts), bool),
+                   scale=jnp.ones((num_layers, num_experts), jnp.float32),
+                   top_k=jnp.zeros((num_layers,), jnp.int32), rank=jnp.zeros((num_layers,), jnp.int32),
+                   scale_after_norm=scale_after_norm, ops=())
+
+    @classmethod
+    def create(cls, cfg: ml_collections.ConfigDict, *, mask: Any = None, force: Any = None, scale: Any = None,
+               top_k: Any = None, rank: Any = None, scale_after_norm: bool = True) -> Intervention:
+        """An intervention from whole arrays (mask/force [L, E] bool, scale [L, E], top_k/rank [L] int; None:
+        unused), checked against the model config (shapes, ranges; ``check``). The fields given are the ``ops``."""
+        cfg = _model_section(cfg)
+        base = cls.none(cfg, scale_after_norm=scale_after_norm)
+        given = {"mask": mask, "force": force, "scale": scale, "top_k": top_k, "rank": rank}
+        fields = {}
+        for name, value in given.items():
+            if value is None:
+                continue
+            want = getattr(base, name)
+            array = np.asarray(value)
+            if array.shape != want.shape:
+                dims = f"model.num_layers={cfg.num_layers}" + (
+                    f", model.moe.num_experts={cfg.moe.num_experts}" if want.ndim == 2 else "")
+                fail(f"{name}.shape", array.shape, f"must be {want.shape} ({dims})")
+            if name in ("mask", "force") and array.dtype != bool:
+                fail(f"{name}.dtype", str(array.dtype), "must be bool")
+            if name in ("top_k", "rank") and not np.issubdtype(array.dtype, np.integer):
+                fail(f"{name}.dtype", str(array.dtype), "must be an integer type")
+            fields[name] = jnp.asarray(array, want.dtype)
+        ops = tuple(op for op in OPS if given[op] is not None)
+        iv = base.replace(ops=ops, **fields)
+        iv.check(cfg)
+        return iv
+
+    def merge(self, other: Intervention) -> Intervention:
+        """Both interventions at once: masks and forces united, scales multiplied, the smaller of two top_k
+        limits; two different ranks on a layer, or two scale_after_norm flags with both scaling, raise."""
+        if self.mask.shape != other.mask.shape:
+            fail("mask.shape", other.mask.shape, f"merging needs equal shapes (got {self.mask.shape} and "
+                                                 f"{other.mask.shape})")
+        after = self.scale_after_norm
+        if "scale" in self.ops and "scale" in other.ops and self.scale_after_norm != other.scale_after_norm:
+            fail("scale_after_norm", other.scale_after_norm, "merging two scalings needs the same scale_after_norm")
+        if "scale" in other.ops and "scale" not in self.ops:
+            after = other.scale_after_norm
+        ranks = np.asarray(self.rank), np.asarray(other.rank)
+        clash = (ranks[0] > 0) & (ranks[1] > 0) & (ranks[0] != ranks[1])
+        if clash.any():
+            layer = int(np.argmax(clash))
+            fail(f"rank[{layer}]", int(ranks[1][layer]), f"the other intervention ranks layer {layer} at "
+                                                          f"{int(ranks[0][layer])}")
+        limits = np.asarray(self.top_k), np.asarray(other.top_k)
+        top_k = np.where(limits[0] == 0, limits[1], np.where(limits[1] == 0, limits[0], np.minimum(*limits)))
+        ops = tuple(op for op in OPS if op in self.ops or op in other.ops)
+        merged = Intervention(mask=self.mask | other.mask, force=self.force | other.force,
+                              scale=self.scale * other.scale, top_k=jnp.asarray(top_k, jnp.int32),
+                              rank=jnp.asarray(np.maximum(*ranks), jnp.int32), scale_after_norm=after, ops=ops)
+        merged._check_values(None)
+        return merged
+
+    __or__ = merge
+
+    def check(self, cfg: ml_collections.ConfigDict) -> None:
+        """Raises InterventionError naming the field and value: shapes and dtypes against the model config
+        (``model`` section or whole config) always; the values too when they are concrete (not traced)."""
+        cfg = _model_section(cfg)
+        want = (cfg.num_layers, cfg.moe.num_experts)
+        for name in ("mask", "force", "scale"):
+            if tuple(getattr(self, name).shape) != want:
+                fail(f"{name}.shape", tuple(getattr(self, name).shape),
+                     f"must be (model.num_layers={want[0]}, model.moe.num_experts={want[1]})")
+        for name in ("top_k", "rank"):
+            if tuple(getattr(self, name).shape) != want[:1]:
+                fail(f"{name}.shape", tuple(getattr(self, name).shape), f"must be (model.num_layers={want[0]},)")
+        if not isinstance(self.scale_after_norm, bool):
+            fail("scale_after_norm", self.scale_after_norm, "must be True or False")
+        unknown = [op for op in self.ops if op not in OPS]
+        if unknown:
+            fail("ops", self.ops, f"allowed operations are {OPS}")
+        self._check_values(cfg)
+
+    def _check_values(self, cfg: ml_collections.ConfigDict | None) -> None:
+        """The value checks (skipped for traced fields); cfg None: those not needing the config."""
+        leaves = (self.mask, self.force, self.scale, self.top_k, self.rank)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return
+        mask, force, scale, top_k, rank = (np.asarray(x) for x in leaves)
+        neutral = {"mask": ~mask.any(), "force": ~force.any(), "scale": (scale == 1).all(), "top_k": ~top_k.any(),
+                   "rank": ~rank.any()}
+        for op, ok in neutral.items():
+            if op not in self.ops and not ok:
+                fail("ops", self.ops, f"field {op!r} differs from its neutral value but is not in ops: build "
+                                      f"interventions with the constructors, or add {op!r} to ops")
+        if not np.isfinite(scale).all() or (scale < 0).any():
+            layer, expert = np.argwhere(~np.isfinite(scale) | (scale < 0))[0]
+            fail(f"scale[{layer}, {expert}]", float(scale[layer, expert]), "must be a finite number >= 0")
+        both = mask & force
+        if both.any():
+            layer, expert = np.argwhere(both)[0]
+            fail(f"force[{layer}, {expert}]", True, "the expert is also masked on that layer")
+        beyond = (top_k > 0) & (rank > top_k)
+        if beyond.any():
+            layer = int(np.argmax(beyond))
+            fail(f"rank[{layer}]", int(rank[layer]), f"layer {layer} keeps only its top_k={int(top_k[layer])} "
+                                                     "best-ranked slots")
+        if cfg is None:
+            return
+        k = cfg.moe.top_k
+        for name, values in (("top_k", top_k), ("rank", rank)):
+            bad = (values < 0) | (values > k)
+            if bad.any():
+                layer = int(np.argmax(bad))
+                fail(f"{name}[{layer}]", int(values[layer]), f"must be 0 (off) or in [1, model.moe.top_k={k}]")
+        width = cfg.moe.num_experts + cfg.moe.num_null_experts
+        router = cfg.moe.router
+        if router.kind == "topk" and router.num_groups > 1:
+            groups = force.reshape(force.shape[0], router.num_groups, -1).any(-1).sum(-1)
+            if (groups > router.topk_groups).any():
+                layer = int(np.argmax(groups > router.topk_groups))
+                fail(f"force[{layer}]", np.flatnonzero(force[layer]).tolist(),
+                     f"forces experts of {int(groups[layer])} groups; model.moe.router.topk_groups="
+                     f"{router.topk_groups} are kept")
+        for layer in range(mask.shape[0]):
+            slots = int(top_k[layer]) or k
+            if int(force[layer].sum()) > slots:
+                fail(f"force[{layer}]", np.flatnonzero(force[layer]).tolist(),
+                     f"forces more experts than the layer's {slots} slots")
+            if width - int(mask[layer].sum()) < max(slots, int(rank[layer])):
+                fail(f"mask[{layer}]", np.flatnonzero(mask[layer]).tolist(),
+                     f"leaves fewer than the layer's {slots} slots' worth of experts")
+
+
+# ------------------------------------------------------------------ constructors by layer
+
+
+def _moe_layer_index(cfg: ml_collections.ConfigDict, layer: Any, field: str) -> int:
+    from moejax.model import moe_layers  # the layer pattern (moejax/model.py imports this package)
+
+    layers = moe_layers(cfg)
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(layer) not in layers:
+        fail(field, layer, f"must be the index of an MoE layer of the model: {layers}")
+    return int(layer)
+
+
+def _expert_index(cfg: ml_collections.ConfigDict, expert: Any, field: str) -> int:
+    num_experts = cfg.moe.num_experts
+    if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) or not 0 <= expert < num_experts:
+        fail(field, expert, f"must be an expert index in [0, model.moe.num_experts={num_experts})")
+    return int(expert)
+
+
+def _per_expert(cfg: ml_collections.ConfigDict, experts: Mapping[int, Iterable[int]], name: str) -> np.ndarray:
+    cfg = _model_section(cfg)
+    out = np.zeros((cfg.num_layers, cfg.moe.num_experts), bool)
+    for layer, ids in dict(experts).items():
+        layer = _moe_layer_index(cfg, layer, f"{name} layer")
+        for e in ([ids] if isinstance(ids, (int, np.integer)) else ids):
+            out[layer, _expert_index(cfg, e, f"{name}[{layer}] expert")] = True
+    return out
+
+
+def mask_experts(cfg: ml_collections.ConfigDict, experts: Mapping[int, Iterable[int]]) -> Intervention:
+    """{MoE layer index: [expert ids]}: those experts are never selected on those layers."""
+    return Intervention.create(cfg, mask=_per_expert(cfg, experts, "mask"))
+
+
+def force_experts(cfg: ml_collections.ConfigDict, experts: Mapping[int, Iterable[int]]) -> Intervention:
+    """{MoE layer index: [expert ids]}: those experts are selected by every token on those layers (each takes a
+    slot; its weight is the router's real one)."""
+    return Intervention.create(cfg, force=_per_expert(cfg, experts, "force"))
+
+
+def scale_experts(cfg: ml_collections.ConfigDict, factors: Mapping[int, Mapping[int, float]], *,
+                  after_norm: bool = True) -> Intervention:
+    """{MoE layer index: {expert id: factor >= 0}}: the expert's combine weight times the factor, after the
+    router's renormalisation (``after_norm``) or before it."""
+    model = _model_section(cfg)
+    scale = np.ones((model.num_layers, model.moe.num_experts), np.float32)
+    for layer, row in dict(factors).items():
+        layer = _moe_layer_index(model, layer, "scale layer")
+        if not isinstance(row, Mapping):
+            fail(f"scale[{layer}]", row, "must be a mapping {expert id: factor}")
+        for e, factor in row.items():
+            scale[layer, _expert_index(model, e, f"scale[{layer}] expert")] *= factor
+    return Intervention.create(model, scale=scale, scale_after_norm=after_norm)
+
+
+def limit_top_k(cfg: ml_collections.ConfigDict, top_k: Mapping[int, int] | int) -> Intervention:
+    """{MoE layer index: k'} (an int: every MoE layer): those layers keep their k' best-ranked slots,
+    1 <= k' <= model.moe.top_k, renormalised as the router renormalises."""
+    model = _model_section(cfg)
+    from moejax.model import moe_layers
+
+    limits = dict.fromkeys(moe_layers(model), top_k) if isinstance(top_k, (int, np.integer)) else dict(top_k)
+    row = np.zeros((model.num_layers,), np.int32)
+    for layer, k in limits.items():
+        layer = _moe_layer_index(model, layer, "top_k layer")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= model.moe.top_k:
+            fail(f"top_k[{layer}]", k, f"must be an integer in [1, model.moe.top_k={model.moe.top_k}]")
+        row[layer] = k
+    return Intervention.create(model, top_k=row)
+
+
+def rank_only(cfg: ml_collections.ConfigDict, rank: int, layers: Iterable[int] | None = None) -> Intervention:
+    """Each token goes only to the expert it ranks ``rank``-th (1 = the best), weight 1, on ``layers`` (None:
+    every MoE layer): SCMoE's weak routing (arXiv 2405.14507)."""
+    model = _model_section(cfg)
+    from moejax.model import moe_layers
+
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= model.moe.top_k:
+        fail("rank", rank, f"must be an integer in [1, model.moe.top_k={model.moe.top_k}]")
+    row = np.zeros((model.num_layers,), np.int32)
+    for layer in (moe_layers(model) if layers is None else layers):
+        row[_moe_layer_index(model, layer, "rank layer")] = rank
+    return Intervention.create(model, rank=row)
+
+
+# ------------------------------------------------------------------ applied by the MoE layer
+
+
+def check_router(iv: Intervention, moe_cfg: ml_collections.ConfigDict, train: bool) -> None:
+    """Raises InterventionError when the router kind cannot apply an operation in use (static: by ``ops``)."""
+    kind = moe_cfg.router.kind
+    unsupported = [op for op in iv.ops if op != "scale"]
+    if not unsupported:
+        return
+    if kind not in SELECTING_ROUTERS:
+        why = {"hash": "its expert comes from the token id, not from a ranking of the router scores",
+               "thor": "its expert is drawn at random in training and every expert is averaged in evaluation"}.get(
+            kind, "it is not listed in moejax.moe.intervention.SELECTING_ROUTERS (routers ranking scores + "
+                  "RouterContext.bias with top-k, slots in rank order)")
+        raise InterventionError(f"intervention field {unsupported[0]} is in use, but model.moe.router.kind={kind!r} "
+                                f"takes only 'scale': {why}")
+    if kind == "expert_choice" and train:
+        raise InterventionError(f"intervention field {unsupported[0]} is in use with model.moe.router.kind="
+                                "'expert_choice' in training, where experts choose tokens (no per-token ranking): "
+                                "only 'scale' applies (evaluation routes by token choice and takes every operation)")
+
+
+def selection_bias(iv: Intervention, layer: int | jax.Array, bias: jax.Array) -> jax.Array:
+    """The router's selection-only bias [E] with the layer's mask (-inf) and force (+inf)."""
+    if not any(op in iv.ops for op in SELECTION_OPS):
+        return bias
+    if "mask" in iv.ops:
+        bias = jnp.where(iv.mask[layer], -jnp.inf, bias)
+    if "force" in iv.ops:
+        bias = jnp.where(iv.force[layer], jnp.inf, bias)
+    return bias
+
+
+def apply(iv: Intervention, layer: int | jax.Array, route: Routing, moe_cfg: ml_collections.ConfigDict) -> Routing:
+    """The post-step on a router's Routing for model layer ``layer``: masked slots and slots past top_k null,
+    rank, scale, renormalisation (the order of the module docstring). probs and logits are left as they are."""
+    if not any(op in iv.ops for op in ("mask", "top_k", "rank", "scale")):
+        return route
+    num_experts = moe_cfg.num_experts
+    weights, ids = route.weights, route.experts
+    slot = jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :]
+    real = ids < num_experts
+    expert = jnp.clip(ids, 0, num_experts - 1)
+    total = weights.sum(-1, keepdims=True)
+    keep = jnp.ones(ids.shape, bool)
+    if "mask" in iv.ops:
+        keep &= ~(iv.mask[layer][expert] & real)
+    if "top_k" in iv.ops:
+        limit = iv.top_k[layer]
+        keep &= (limit == 0) | (slot < limit)
+    weights = jnp.where(keep, weights, 0.0)
+    ids = jnp.where(keep, ids, num_experts)
+    on_rank = jnp.zeros((), bool)
+    if "rank" in iv.ops:
+        rank = iv.rank[layer]
+        on_rank = rank > 0
+        pick = slot == rank - 1
+        weights = jnp.where(on_rank, jnp.where(pick & (ids < num_experts), 1.0, 0.0), weights)
+        ids = jnp.where(on_rank & ~pick, num_experts, ids)
+    factor = jnp.where(real, iv.scale[layer][expert], 1.0) if "scale" in iv.ops else None
+    before_norm = factor is not None and not iv.scale_after_norm
+    if before_norm:
+        weights = weights * factor
+    if renormalises(moe_cfg) and ("mask" in iv.ops or "top_k" in iv.ops or before_norm):
+        kept = weights.sum(-1, keepdims=True)
+        rescaled = weights * (total / jnp.where(kept > 0, kept, 1.0))
+        weights = jnp.where(~on_rank & (kept != total), rescaled, weights)
+    if factor is not None and iv.scale_after_norm:
+        weights = weights * factor
+    return route.replace(weights=weights.astype(route.weights.dtype), experts=ids.astype(jnp.int32))
