@@ -22,8 +22,9 @@ number of experts. The same machinery (``LayerPlan`` and ``compress``: new exper
 serves the merging methods of ``moejax.posthoc.merge``.
 
 Importance from a routing trace (``importance``): 'frequency' (routed slots per expert) and 'soft_count' (sum of the
-gate weights of those slots). The criteria that need expert outputs from a forward pass ('reap', 'easy_ep') are not
-implemented yet.
+gate weights of those slots). The criteria that need expert outputs from a forward pass ('reap', 'easy_ep') are
+computed by ``moejax.posthoc.importance(config, variables, batches, criterion)`` (moejax/posthoc/importance.py),
+which also gives these two from the same pass.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from moejax.posthoc.trace import Trace
 
 Variables = dict[str, Any]  # {'params': ..., 'moe_state': ...}
 CRITERIA = ("frequency", "soft_count")
-FORWARD_CRITERIA = ("reap", "easy_ep")  # need expert output norms from a forward pass: not implemented yet
+FORWARD_CRITERIA = ("reap", "easy_ep")  # need expert output norms from a forward pass: moejax.posthoc.importance
 _BLOCK_TOKENS = 1 << 20  # trace tokens read at once by importance
 
 
@@ -57,15 +58,15 @@ def importance(trace: Trace, criterion: str = "frequency") -> np.ndarray:
     'frequency':  the number of routed slots expert e received (null slots, ids outside [0, E), are left out).
     'soft_count': the sum of the gate weights of those slots.
     'reap' and 'easy_ep' weigh the slots by the experts' output norms, which a routing trace does not hold: they
-    raise NotImplementedError until a forward pass collects them.
+    raise ValueError pointing to ``moejax.posthoc.importance``, which runs the forward pass.
     """
     if criterion in FORWARD_CRITERIA:
-        raise NotImplementedError(f"importance criterion {criterion!r} needs the experts' output norms from a forward "
-                                  f"pass over a calibration set (criteria {FORWARD_CRITERIA} are not implemented "
-                                  f"yet); from a routing trace use one of {CRITERIA}")
+        raise ValueError(f"importance criterion {criterion!r} needs the experts' output norms from a forward pass "
+                         f"over a calibration set: use moejax.posthoc.importance(config, variables, batches, "
+                         f"{criterion!r}); from a routing trace use one of {CRITERIA}")
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown importance criterion {criterion!r}: allowed are {CRITERIA} (and, later, "
-                         f"{FORWARD_CRITERIA})")
+        raise ValueError(f"unknown importance criterion {criterion!r}: allowed are {CRITERIA} (from a trace) and "
+                         f"{FORWARD_CRITERIA} (moejax.posthoc.importance, from a forward pass)")
     num_experts = trace.num_experts
     scores = np.zeros((trace.num_layers, num_experts), np.float64)
     for layer in range(trace.num_layers):

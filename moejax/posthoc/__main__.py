@@ -1,0 +1,457 @@
+"""Post-hoc research on any checkpoint from the command line: routing traces and their analyses, expert importance,
+pruning, merging and super experts.
+
+    python -m moejax.posthoc trace         --checkpoint=DIR --out=TRACE_DIR [--with_scores]
+    python -m moejax.posthoc analyze       --trace=TRACE_DIR --out=DIR
+    python -m moejax.posthoc importance    --checkpoint=DIR --criterion=reap[,easy_ep|all] --out=FILE.json
+    python -m moejax.posthoc prune         --checkpoint=DIR --criterion=reap --keep=N [--global] --out=DIR
+                                           [--format=moejax|hf]
+    python -m moejax.posthoc merge         --checkpoint=DIR --method=mcsmoe|hcsmoe|average --experts=N --out=DIR
+                                           [--format=moejax|hf]
+    python -m moejax.posthoc super-experts --checkpoint=DIR --out=DIR [--rule=paper|percentile|top_n]
+
+Every subcommand that runs the model opens ``--checkpoint`` with ``moejax.load`` (a moejax workdir, ``--step`` for
+another checkpoint than the newest, or a transformers directory) and reads calibration data like
+``python -m moejax.evaluate``: the validation split of ``--data`` (stdlib | text:<glob> | tfds:<name>; default the
+checkpoint config's), ``--max_tokens`` (rounded up to whole batches), ``--batch_size`` / ``--seq_len`` (default
+the config's), ``--data_dir`` (where corpora are cached), with the checkpoint's tokenizer
+(``capture.calibration_batches``).
+Progress goes to stderr; ``main(argv)`` returns what the subcommand wrote (tests call it in-process).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+FORMATS = ("moejax", "hf")
+METHODS = ("mcsmoe", "hcsmoe", "average")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _flag_error(flag: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"--{flag}={value!r}: {why}")
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+
+def _load(args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint: {'path', 'config', 'variables'}."""
+    import moejax.load
+    from moejax.posthoc import capture
+
+    path = pathlib.Path(args.checkpoint)
+    if not path.exists():
+        raise _flag_error("checkpoint", args.checkpoint, "no such directory")
+    config, variables = moejax.load(path, step=args.step)
+    capture.check_supported(config)
+    return {"path": path, "config": config, "variables": variables}
+
+
+def _open(args: argparse.Namespace, opened: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint (``_load``, unless given) and its calibration batches: adds 'batches', 'tokenizer' and
+    'data_config'."""
+    from moejax.posthoc import capture
+
+    opened = dict(opened or _load(args))
+    data_config, batches, tokenizer = capture.calibration_batches(
+        opened["config"], opened["path"], data=args.data, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        seq_len=args.seq_len, data_dir=args.data_dir)
+    shape = batches[0].shape
+    _say(f"{opened['path']}: {len(batches)} batches of {shape[0]} x {shape[1]} tokens from {data_config.data.name} "
+         f"(validation split, tokenizer {tokenizer.spec})")
+    return {**opened, "batches": batches, "tokenizer": tokenizer, "data_config": data_config}
+
+
+def _progress(opened: dict[str, Any], what: str):
+    from moejax.posthoc import capture
+
+    total = sum(int(b.size) for b in opened["batches"])
+    _say(what)
+    return capture.progress_bar(total)
+
+
+def _provenance(args: argparse.Namespace, opened: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    batches = opened["batches"]
+    return {"checkpoint": str(opened["path"]), "step": args.step, "data": opened["data_config"].data.name,
+            "tokenizer": opened["tokenizer"].spec, "tokens": int(sum(b.size for b in batches)),
+            "batch_size": int(batches[0].shape[0]), "seq_len": int(batches[0].shape[1]), **extra}
+
+
+def _write_json(path: pathlib.Path, value: Any) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def _criteria(value: str) -> list[str]:
+    from moejax.posthoc import importance
+
+    names = list(importance.CRITERIA) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [name for name in names if name not in importance.CRITERIA]
+    if bad or not names:
+        raise _flag_error("criterion", value, f"allowed are {', '.join(importance.CRITERIA)} (comma-separated), "
+                                              "or all")
+    return names
+
+
+def _ints(flag: str, value: str, minimum: int = 1) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < minimum:
+        raise _flag_error(flag, value, f"must be comma-separated integers >= {minimum}")
+    return out
+
+
+def _check_out_dir(flag: str, out: pathlib.Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise _flag_error(flag, str(out), "exists and is not an empty directory; choose a new one")
+
+
+def _save_model(args: argparse.Namespace, opened: dict[str, Any], config, variables, what: dict[str, Any]
+                ) -> pathlib.Path:
+    """Writes the compressed model to --out in --format, the source's tokenizer files beside it and
+    posthoc.json (what was done)."""
+    from moejax import hf
+    from moejax.posthoc import capture
+
+    out = pathlib.Path(args.out)
+    if args.format == "hf":
+        hf.save(config, variables, out)
+    else:
+        capture.save_variables(out, config, variables)
+    for name in TOKENIZER_FILES:
+        if (opened["path"] / name).is_file():
+            shutil.copy(opened["path"] / name, out / name)
+    _write_json(out / "posthoc.json", {**_provenance(args, opened), "format": args.format,
+                                       "num_experts": config.model.moe.num_experts,
+                                       "top_k": config.model.moe.top_k, **what})
+    _say(f"wrote the {args.format} model ({config.model.moe.num_experts} routed experts per MoE layer) to {out}")
+    return out
+
+
+def _check_format(args: argparse.Namespace, config, num_experts: int) -> None:
+    """--format=hf: refuse, before any work, a model with num_experts routed experts per layer that no released
+    family expresses (HFConfigError says why)."""
+    if args.format == "hf":
+        import copy
+
+        from moejax import hf
+
+        preview = copy.deepcopy(config)
+        preview.model.moe.num_experts = num_experts
+        preview.model.moe.top_k = min(preview.model.moe.top_k, num_experts + preview.model.moe.num_null_experts)
+        hf.config_to_hf(preview.model)
+
+
+def run_trace(args: argparse.Namespace) -> pathlib.Path:
+    from moejax.posthoc import capture
+
+    out = pathlib.Path(args.out)
+    opened = _open(args)
+    progress = _progress(opened, f"recording the routing trace to {out}")
+    path = capture.record(opened["config"], opened["variables"], opened["batches"], out,
+                          with_scores=args.with_scores, eos_id=opened["tokenizer"].eos_id, overwrite=args.overwrite,
+                          metadata=_provenance(args, opened), progress=progress)
+    _say(f"wrote the routing trace to {path}")
+    return path
+
+
+def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    from moejax.posthoc import analysis, read_trace
+
+    trace = read_trace(args.trace)
+    lengths = _ints("lengths", args.lengths) if args.lengths else list(analysis.DEFAULT_LENGTHS)
+    sizes = _ints("cache_sizes", args.cache_sizes, minimum=0) if args.cache_sizes else None
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _say(f"analysing {args.trace}: {trace.num_tokens:,} tokens, {trace.num_layers} MoE layers, "
+         f"{trace.num_experts} experts")
+    summary = analysis.summary(trace, lengths, sizes)
+    result = {"trace": str(args.trace), "summary": summary,
+              "expert_frequency": analysis._json(analysis.expert_frequency(trace)),
+              "gate_mass": analysis._json(analysis.gate_mass(trace))}
+    _write_json(out / "analysis.json", result)
+    written = ["analysis.json"]
+    analysis.plot_frequency(trace, path=out / "frequency.png")
+    written.append("frequency.png")
+    if trace.num_layers > 1:
+        analysis.plot_affinity(trace, path=out / "affinity.png")
+        written.append("affinity.png")
+    analysis.plot_local_consistency(trace, lengths, sizes, path=out / "local_consistency.png")
+    written.append("local_consistency.png")
+    _say(f"wrote {', '.join(written)} to {out}")
+    return result
+
+
+def run_importance(args: argparse.Namespace) -> dict[str, Any]:
+    from moejax.posthoc import importance
+
+    names = _criteria(args.criterion)
+    opened = _open(args)
+    progress = _progress(opened, f"expert importance ({', '.join(names)})")
+    scores = importance.importance(opened["config"], opened["variables"], opened["batches"], names,
+                                   progress=progress)
+    from moejax import model
+
+    result = {**_provenance(args, opened), "layers": model.moe_layers(opened["config"].model),
+              "num_experts": opened["config"].model.moe.num_experts,
+              "scores": {name: value.tolist() for name, value in scores.items()}}
+    out = _write_json(pathlib.Path(args.out), result)
+    _say(f"wrote {out}")
+    return result
+
+
+def _check_keep(args: argparse.Namespace, config) -> None:
+    from moejax import model
+
+    num_layers, num_experts = len(model.moe_layers(config.model)), config.model.moe.num_experts
+    if args.global_budget:
+        if args.keep < 1 or args.keep % num_layers or args.keep // num_layers > num_experts:
+            raise _flag_error("keep", args.keep, f"with --global, the total number of routed experts over the "
+                                                 f"{num_layers} MoE layers: a multiple of {num_layers} (every layer "
+                                                 f"keeps the same number) up to {num_layers * num_experts}")
+    elif not 1 <= args.keep <= num_experts:
+        raise _flag_error("keep", args.keep, f"routed experts kept per MoE layer: an integer in [1, {num_experts}]")
+
+
+def run_prune(args: argparse.Namespace) -> pathlib.Path:
+    from moejax import model
+    from moejax.posthoc import importance, prune
+
+    names = _criteria(args.criterion)
+    if len(names) != 1:
+        raise _flag_error("criterion", args.criterion, "prune ranks the experts by one criterion")
+    _check_out_dir("out", pathlib.Path(args.out))
+    loaded = _load(args)
+    config, variables = loaded["config"], loaded["variables"]
+    layers = model.moe_layers(config.model)
+    _check_keep(args, config)
+    _check_format(args, config, args.keep // len(layers) if args.global_budget else args.keep)
+    opened = _open(args, loaded)
+    scores = importance.importance(config, variables, opened["batches"], names[0],
+                                   progress=_progress(opened, f"expert importance ({names[0]})"))
+    keep = (prune.keep_global if args.global_budget else prune.keep_by_score)(scores, args.keep, layers)
+    new_config, new_variables = prune.prune(config, variables, keep)
+    _say("kept experts: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in keep.items()))
+    return _save_model(args, opened, new_config, new_variables,
+                       {"operation": "prune", "criterion": names[0], "global": args.global_budget,
+                        "keep": {str(layer): ids for layer, ids in keep.items()}, "layers": layers,
+                        "scores": scores.tolist()})
+
+
+def run_merge(args: argparse.Namespace) -> pathlib.Path:
+    import tempfile
+
+    from moejax import model, moe
+    from moejax.posthoc import capture, importance, merge, prune, read_trace
+
+    _check_out_dir("out", pathlib.Path(args.out))
+    loaded = _load(args)
+    config, variables = loaded["config"], loaded["variables"]
+    num_experts = config.model.moe.num_experts
+    if not 1 <= args.experts <= num_experts:
+        raise _flag_error("experts", args.experts, f"routed experts per MoE layer after merging: an integer in "
+                                                   f"[1, {num_experts}]")
+    _check_format(args, config, args.experts)
+    opened = _open(args, loaded)
+    batches = opened["batches"]
+    layers = model.moe_layers(config.model)
+    what: dict[str, Any] = {"operation": "merge", "method": args.method, "experts": args.experts}
+    if args.method == "mcsmoe":
+        with tempfile.TemporaryDirectory() as scratch:
+            trace_dir = args.trace or capture.record(config, variables, batches, pathlib.Path(scratch) / "trace",
+                                                     progress=_progress(opened, "routing frequencies (MC-SMoE)"))
+            new_config, new_variables = merge.mcsmoe(config, variables, read_trace(trace_dir), args.experts)
+    else:
+        frequency = importance.importance(config, variables, batches, "frequency",
+                                          progress=_progress(opened, "routing frequencies"))
+        what["frequency"] = frequency.tolist()
+        if args.method == "hcsmoe":
+            outputs = importance.expert_mean_outputs(config, variables, batches,
+                                                     progress=_progress(opened, "mean expert outputs (HC-SMoE)"))
+            new_config, new_variables = merge.hcsmoe(config, variables, outputs, args.experts, linkage=args.linkage,
+                                                     frequencies=frequency, layers=layers)
+            what["linkage"] = args.linkage
+        else:  # MC-SMoE's groups, a plain average of each (no alignment, uniform weights)
+            groups = {}
+            for row, (layer, (params, _)) in enumerate(prune.moe_layer_variables(config, variables).items()):
+                kernel = np.asarray(params[moe.ROUTER]["kernel"])[:, :num_experts]
+                groups[layer] = merge.mcsmoe_groups(kernel, frequency[row], args.experts)
+            what["groups"] = {str(layer): value for layer, value in groups.items()}
+            new_config, new_variables = merge.average(config, variables, groups)
+    return _save_model(args, opened, new_config, new_variables, what)
+
+
+def run_super_experts(args: argparse.Namespace) -> dict[str, Any]:
+    from moejax.posthoc import super_experts
+
+    try:
+        super_experts._check_rule(args.rule, args.percentile, args.fraction, args.top_n)
+    except ValueError as e:
+        raise ValueError(f"--{str(e).split('=')[0]}: {e}") from e
+    out = pathlib.Path(args.out)
+    opened = _open(args)
+    found = super_experts.find(opened["config"], opened["variables"], opened["batches"], rule=args.rule,
+                               percentile=args.percentile, fraction=args.fraction, top_n=args.top_n,
+                               progress=_progress(opened, "profiling the experts' down-projection outputs"))
+    result = {**_provenance(args, opened), **found.to_json()}
+    _write_json(out / "super_experts.json", result)
+    super_experts.plot(found, path=out / "super_experts.png")
+    _say(f"super experts ({args.rule}): {found.super_experts or 'none'}; wrote super_experts.json and "
+         f"super_experts.png to {out}")
+    return result
+
+
+def run_steer(args: argparse.Namespace) -> dict[str, Any]:
+    import re
+
+    from moejax import data as data_lib
+    from moejax import evaluate
+    from moejax.posthoc import steer
+
+    match = re.fullmatch(r"top(\d+)-npmi", args.experts)
+    if not match or int(match.group(1)) < 1:
+        raise _flag_error("experts", args.experts, "must be top<N>-npmi, N >= 1 (the N experts of highest nPMI with "
+                                                   "the marker)")
+    if args.mode not in steer.MODES:
+        raise _flag_error("mode", args.mode, f"allowed are {steer.MODES}")
+    opened = _open(args)
+    tokenizer = opened["tokenizer"]
+    ids = [args.marker_id] if args.marker_id is not None else tokenizer.encode(args.marker or "")
+    if not ids or any(not 0 <= i < opened["config"].model.vocab_size for i in ids):
+        raise _flag_error("marker", args.marker if args.marker_id is None else args.marker_id,
+                          "must be text that encodes to token ids of the model (or --marker_id=<id>)")
+    evaluation = data_lib.eval_batches(opened["data_config"])
+    table = evaluate._bytes_table(tokenizer, opened["config"].model.vocab_size)
+    _say(f"marker ids {ids}; choosing {args.experts} experts on the calibration batches, then evaluating with and "
+         f"without '{args.mode}'")
+    result = steer.steer(opened["config"], opened["variables"], opened["batches"], evaluation, ids,
+                         n=int(match.group(1)), mode=args.mode, scale=args.scale, per_layer=args.per_layer,
+                         eos_id=tokenizer.eos_id,
+                         bytes_per_token=None if table is None else (lambda t: float(table[t].sum())))
+    result = {**_provenance(args, opened, marker=args.marker, marker_ids=ids, experts=args.experts), **result}
+    _write_json(pathlib.Path(args.out), result)
+    base, new = result["baseline"], result["steered"]
+    prob = result["marker_probability"]
+    _say(f"experts {result['chosen']['experts']}: loss {base['loss']:.4f} -> {new['loss']:.4f}, bits/byte "
+         f"{base['bits_per_byte']:.4f} -> {new['bits_per_byte']:.4f}, p(marker) {prob['baseline']:.4g} -> "
+         f"{prob['steered']:.4g}; wrote {args.out}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
+    parser.add_argument("--step", type=int, default=None, help="a workdir's checkpoint step (default: the newest)")
+    parser.add_argument("--data", default=None, help="stdlib | text:<glob> | tfds:<name> (default: the checkpoint "
+                                                     "config's data.name); its validation split")
+    parser.add_argument("--max_tokens", type=int, default=0, help="this many tokens, rounded up to whole batches "
+                                                                  "(0: the config's data.eval_batches batches)")
+    parser.add_argument("--batch_size", type=int, default=0, help="rows per batch (0: the config's)")
+    parser.add_argument("--seq_len", type=int, default=0, help="tokens per row (0: the config's)")
+    parser.add_argument("--data_dir", default=None, help="where prepared corpora are cached (data.dir)")
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="the new model's directory (must not exist, or be empty)")
+    parser.add_argument("--format", choices=FORMATS, default="moejax",
+                        help="moejax: a workdir (moejax.load); hf: a transformers directory (moejax.hf.save)")
+
+
+def parser() -> argparse.ArgumentParser:
+    from moejax.posthoc import importance, super_experts
+
+    top = argparse.ArgumentParser(prog="python -m moejax.posthoc", description=__doc__.split("\n\n")[0])
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("trace", help="record a routing trace (moejax.posthoc.capture.record)")
+    _data_flags(p)
+    p.add_argument("--out", required=True, help="the trace directory")
+    p.add_argument("--with_scores", action="store_true", help="also store the router scores [L, N, E]")
+    p.add_argument("--overwrite", action="store_true", help="replace a trace already at --out")
+    p.set_defaults(run=run_trace)
+
+    p = commands.add_parser("analyze", help="analyses of a routing trace: JSON and PNG plots")
+    p.add_argument("--trace", required=True, help="a trace directory (python -m moejax.posthoc trace)")
+    p.add_argument("--out", required=True, help="the directory for analysis.json and the plots")
+    p.add_argument("--lengths", default="", help="segment lengths for SRP/SCH, comma-separated (default "
+                                                 "1,2,4,...,64)")
+    p.add_argument("--cache_sizes", default="", help="cache sizes for SCH, comma-separated (default k,2k)")
+    p.set_defaults(run=run_analyze)
+
+    p = commands.add_parser("importance", help="expert importance per MoE layer (JSON)")
+    _data_flags(p)
+    p.add_argument("--criterion", default="all", help=f"{', '.join(importance.CRITERIA)} (comma-separated) or all")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.set_defaults(run=run_importance)
+
+    p = commands.add_parser("prune", help="remove the least important routed experts, write the smaller model")
+    _data_flags(p)
+    p.add_argument("--criterion", required=True, help=f"one of {', '.join(importance.CRITERIA)}")
+    p.add_argument("--keep", type=int, required=True, help="routed experts kept per MoE layer (with --global: in "
+                                                           "total, a multiple of the MoE layers)")
+    p.add_argument("--global", dest="global_budget", action="store_true",
+                   help="--keep is a budget over all MoE layers (moejax.posthoc.prune.keep_global)")
+    _model_flags(p)
+    p.set_defaults(run=run_prune)
+
+    p = commands.add_parser("merge", help="merge routed experts into fewer, write the smaller model")
+    _data_flags(p)
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="mcsmoe (MC-SMoE), hcsmoe (HC-SMoE), average (MC-SMoE's groups, plain averages)")
+    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer after merging")
+    p.add_argument("--linkage", default="average", help="hcsmoe: the hierarchical clustering linkage")
+    p.add_argument("--trace", default=None, help="mcsmoe: take the routing frequencies from this trace instead of "
+                                                 "recording one")
+    _model_flags(p)
+    p.set_defaults(run=run_merge)
+
+    p = commands.add_parser("super-experts", help="profile the experts' down-projection outputs, flag super experts")
+    _data_flags(p)
+    p.add_argument("--out", required=True, help="the directory for super_experts.json and super_experts.png")
+    p.add_argument("--rule", choices=super_experts.RULES, default="paper")
+    p.add_argument("--percentile", type=float, default=99.5)
+    p.add_argument("--fraction", type=float, default=0.1, help="rule paper: also above this fraction of the max")
+    p.add_argument("--top_n", type=int, default=None, help="rule top_n: how many")
+    p.set_defaults(run=run_super_experts)
+    p = commands.add_parser("steer", help="reinforce, dampen or silence the experts most associated with a marker "
+                                          "(RICE) and evaluate with and without")
+    _data_flags(p)
+    p.add_argument("--marker", default=None, help="the marker text (its token ids: the tokenizer's encoding)")
+    p.add_argument("--marker_id", type=int, default=None, help="the marker as one token id, instead of --marker")
+    p.add_argument("--experts", default="top2-npmi", help="top<N>-npmi: the N (layer, expert) pairs of highest nPMI")
+    p.add_argument("--per_layer", action="store_true", help="the N best experts of every MoE layer")
+    p.add_argument("--mode", default="reinforce", help="reinforce | dampen | silence")
+    p.add_argument("--scale", type=float, default=2.0, help="the routing-weight factor (reinforce > 1, dampen < 1)")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.set_defaults(run=run_steer)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    from moejax import checks
+    from moejax.training.checkpoint import WorkdirError
+
+    try:
+        main()
+    except (checks.ConfigError, ValueError, OSError, NotImplementedError, WorkdirError) as e:
+        sys.exit(f"moejax.posthoc: {e}")

@@ -1,0 +1,404 @@
+"""What a forward pass computes inside each MoE layer, captured without changing the model's code, and the routing
+trace recorded from it (``record``).
+
+    from moejax.posthoc import capture
+    for tokens, layers in capture.stream(config, variables, batches, lambda c: (c.tokens, c.layers)):
+        ...                                            # numpy, one batch at a time
+    capture.record(config, variables, batches, "traces/run1", with_scores=True, eos_id=0)
+
+Per MoE layer (model layer index ``LayerCapture.layer``, the order of ``moejax.model.moe_layers``) and token of a
+batch [B, S] (T = B * S tokens, row-major):
+
+* ``h_before`` [T, D]: the residual stream entering the block's FFN part, x after ``x + attn(norm(x))``: the input
+  of the block's ``ffn_norm`` (so no reconstruction: the exact array the model normalises);
+* ``inputs``   [T, D]: the MoE layer's input, the ``ffn_norm`` output (model dtype);
+* ``logits``   [T, E + m] float32: the router logits, the ``RouterKernel`` output;
+* ``routing``: ``moejax.moe.routers.route`` on those logits with the layer's ``moe_state`` router_bias (zeros when the
+  variables have none), ``train=False`` and the input token ids where the router needs them: the function and
+  arguments the layer itself uses at evaluation, so the selected experts and weights are the model's;
+* ``output``   [T, D]: the MoE module's output (routed + shared experts);
+* ``h_after``  [T, D]: the block's output, ``h_before + output`` for the standard residual;
+* ``params``, ``state``: the layer's MoE parameter tree and moe_state (the scan unit indexed away).
+
+How: the forward runs under ``flax.linen.intercept_methods`` with an interceptor that sows those module inputs and
+outputs into the ``moe_aux`` collection (under names starting with ``posthoc_``, which ``moejax.moe.stats.collect``
+ignores). ``capture_intermediates`` would not do: ``nn.scan`` in moejax/model.py scans the collections 'params',
+'moe_state', 'moe_aux' and the cache only, so with ``model.scan_layers`` the 'intermediates' of the scanned blocks
+are dropped; 'moe_aux' is scanned, so its entries come back stacked on the unit axis [U, ...], which ``forward``
+maps to model layers (``moejax.posthoc.prune.moe_sites``). Chain-of-Experts layers (``model.moe.chain_iterations``
+> 1: several routed passes whose inputs are not module outputs) are refused.
+
+``stream`` jits the forward together with a caller's reduction ``fn(Capture) -> pytree`` and yields ``fn``'s result
+per batch as numpy, so a corpus of any size passes through a bounded amount of memory and only what ``fn`` keeps
+leaves the device. ``slot_outputs`` gives every routed (token, expert) pair's expert output, computed with the
+layer's own dispatch and grouped-matmul code (``moejax.moe.dispatch``, ``experts.grouped_apply``) and weights.
+
+Batches are int token arrays [B, S]: the model's inputs. ``data.eval_batches`` windows are [B, S + 1] (inputs and
+the next-token targets): pass ``b[:, :-1]``, as ``calibration_batches`` does.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+from moejax import model as model_lib
+from moejax import moe
+from moejax.moe import dispatch, experts, pipeline, routers
+from moejax.moe import layer as moe_layer
+from moejax.posthoc import prune
+from moejax.posthoc.trace import TraceWriter
+
+COLLECTION = "moe_aux"  # the collection the interceptor sows into (scanned by nn.scan, unlike 'intermediates')
+PREFIX = "posthoc_"  # names of the sown entries: posthoc_h_before, posthoc_inputs, posthoc_logits, ...
+
+
+@struct.dataclass
+class LayerCapture:
+    """One MoE layer on one batch (T = B * S tokens, row-major; see the module docstring)."""
+
+    h_before: jax.Array  # [T, D] residual stream entering the FFN part (ffn_norm's input)
+    inputs: jax.Array  # [T, D] MoE input (ffn_norm's output), model dtype
+    logits: jax.Array  # [T, E + m] float32 router logits
+    routing: routers.Routing  # the layer's routing at evaluation
+    output: jax.Array  # [T, D] MoE output (routed + shared)
+    h_after: jax.Array  # [T, D] block output
+    params: Any  # the layer's MoE params {'router': ..., 'experts': ..., ...}
+    state: Any  # the layer's moe_state ({'router_bias': [E]} or {})
+    layer: int = struct.field(pytree_node=False, default=0)  # the model's layer index
+
+
+@struct.dataclass
+class Capture:
+    """One batch: its tokens [B, S], the model's logits [B, S, V] and one ``LayerCapture`` per MoE layer (in the
+    order of ``moejax.model.moe_layers``)."""
+
+    tokens: jax.Array
+    logits: jax.Array
+    layers: tuple[LayerCapture, ...]
+
+
+# ------------------------------------------------------------------------------------------------ the forward
+
+def _interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: nn.module.InterceptorContext) -> Any:
+    out = next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+        return out
+    module = context.module
+    if isinstance(module, moe_layer.RouterKernel):
+        module.sow(COLLECTION, PREFIX + "logits", out)
+    elif isinstance(module, moe_layer.MoE):
+        module.sow(COLLECTION, PREFIX + "output", out)
+    elif isinstance(module, model_lib.Block) and module.use_moe:
+        module.sow(COLLECTION, PREFIX + "h_after", out)
+    elif module.name == "ffn_norm" and isinstance(module.parent, model_lib.Block) and module.parent.use_moe:
+        module.sow(COLLECTION, PREFIX + "h_before", args[0])
+        module.sow(COLLECTION, PREFIX + "inputs", out)
+    return out
+
+
+def check_supported(config: ml_collections.ConfigDict) -> list[int]:
+    """The model's MoE layers; ValueError for a dense model, NotImplementedError for Chain-of-Experts."""
+    cfg = config.model
+    layers = model_lib.moe_layers(cfg)
+    if not layers:
+        raise ValueError("the model has no MoE layer (model.moe_every=0 or every layer dense): nothing to capture")
+    if cfg.moe.chain_iterations > 1:
+        raise NotImplementedError(f"model.moe.chain_iterations={cfg.moe.chain_iterations}: Chain-of-Experts routes "
+                                  "each token several times per layer from inputs that are not module outputs; "
+                                  "post-hoc capture supports one routed pass per layer")
+    return layers
+
+
+def _subtree(tree: Mapping[str, Any], path: Sequence[str], what: str) -> Any:
+    for key in path:
+        if key not in tree:
+            raise KeyError(f"the forward sowed no {what} at {'/'.join(path)}")
+        tree = tree[key]
+    return tree
+
+
+def _route(config: ml_collections.ConfigDict, logits: jax.Array, state: Mapping[str, Any], token_ids: jax.Array,
+           layer: int = 0, intervention: Any = None) -> routers.Routing:
+    """The layer's evaluation routing of captured logits (the same arguments moejax/moe/layer.py gives it, and the
+    same intervention steps: its selection bias before the router, its post-step after)."""
+    cfg = config.model.moe
+    spec = routers.spec(cfg.router.kind)
+    bias = state.get(moe.ROUTER_BIAS)
+    bias = jnp.zeros((cfg.num_experts,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    if intervention is not None:
+        from moejax.moe import intervention as interventions
+
+        bias = interventions.selection_bias(intervention, layer, bias)
+    route = routers.route(logits, cfg, bias=bias, train=False, token_ids=token_ids if spec.needs_token_ids else None)
+    if intervention is not None:
+        route = interventions.apply(intervention, layer, route, cfg)
+    return route
+
+
+def forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any], tokens: jax.Array,
+            intervention: Any = None) -> Capture:
+    """The model on tokens [B, S] (evaluation mode, no mesh) with every MoE layer's ``LayerCapture``. Traceable:
+    ``stream`` jits it. ``intervention``: a ``moejax.moe.intervention.Intervention`` given to the forward and
+    applied to the captured routing the way the layer applies it (None: the model's own routing)."""
+    check_supported(config)
+    cfg = config.model
+    tokens = jnp.asarray(tokens, jnp.int32)
+    apply_vars = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+    extra = {} if intervention is None else {"intervention": intervention}
+    with nn.intercept_methods(_interceptor):
+        logits, collections = model_lib.Transformer(cfg).apply(apply_vars, tokens, mutable=[COLLECTION], **extra)
+    sown = collections[COLLECTION]
+    layer_vars = prune.moe_layer_variables(config, variables)
+    ids = tokens.reshape(-1)
+    captured = []
+    for layer, (ffn_path, unit) in prune.moe_sites(config).items():
+        block = ffn_path[:-1]
+
+        def take(path: Sequence[str], name: str, unit=unit) -> jax.Array:
+            value = _subtree(sown, path, name)[PREFIX + name][0]
+            value = value if unit is None else value[unit]
+            return value.reshape(-1, value.shape[-1])
+
+        params, state = layer_vars[layer]
+        router_logits = take((*ffn_path, moe.ROUTER), "logits")
+        captured.append(LayerCapture(
+            h_before=take((*block, "ffn_norm"), "h_before"), inputs=take((*block, "ffn_norm"), "inputs"),
+            logits=router_logits, routing=_route(config, router_logits, state, ids, layer, intervention),
+            output=take(ffn_path, "output"),
+            h_after=take(block, "h_after"), params=params, state=state, layer=layer))
+    return Capture(tokens=tokens, logits=logits, layers=tuple(captured))
+
+
+def slot_outputs(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.Array:
+    """[T, k, D]: the output of the expert in each routing slot on its token (before the gate weight), 0 for null
+    slots. Computed as the layer computes it, in the model dtype, through a dropless dispatch plan and the
+    configured grouped-matmul backend: every routed slot, also those a capacity-limited layer would drop."""
+    cfg = config.model.moe
+    dtype = jnp.dtype(config.model.dtype)
+    expert = experts.from_config(cfg)
+    weights = tuple(jnp.asarray(layer.params[moe.EXPERTS][name], dtype) for name in expert.param_names)
+    route = layer.routing
+    backend = experts.resolve_backend(cfg.gmm_backend)
+    tile = pipeline.tile_for(backend, cfg.gmm_tile, route.experts.size, cfg.num_experts)
+    plan = dispatch.dropless_plan(route, cfg.num_experts, tile)
+    rows = dispatch.permute(layer.inputs.astype(dtype), plan.slot_row, plan.row_slot)
+    rows = experts.grouped_apply(expert, rows, weights, plan, backend)
+    return dispatch.append_zero_row(rows)[plan.slot_row]
+
+
+def _without_params(capture: Capture) -> Capture:
+    return capture.replace(layers=tuple(layer.replace(params=None, state=None) for layer in capture.layers))
+
+
+def stream(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any],
+           fn: Callable[[Capture], Any] | None = None, *, intervention: Any = None,
+           progress: Callable[[int], None] | None = None) -> Iterator[Any]:
+    """Yields, per batch [B, S] of token ids, ``fn(capture)`` as numpy (default: the whole ``Capture`` without the
+    layers' params and state). ``fn`` is traced with the forward under one ``jax.jit`` (compiled once per batch
+    shape): reduce there what you keep. ``intervention``: see ``forward``. ``progress(tokens so far)`` is called
+    after each batch."""
+    check_supported(config)
+    reduce = _without_params if fn is None else fn
+    step = jax.jit(lambda v, t, iv: reduce(forward(config, v, t, iv)))
+    variables = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+    done = 0
+    for index, batch in enumerate(batches):
+        tokens = np.asarray(batch)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"batch {index}: expected integer token ids [B, S] (the model's inputs), got "
+                             f"{tokens.dtype} {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= config.model.vocab_size):
+            raise ValueError(f"batch {index}: token ids must lie in [0, model.vocab_size={config.model.vocab_size}), "
+                             f"got min {tokens.min()} and max {tokens.max()}")
+        out = jax.device_get(step(variables, tokens.astype(np.int32), intervention))
+        done += tokens.size
+        if progress is not None:
+            progress(done)
+        yield out
+
+
+def capture(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any],
+            callback: Callable[[int, Any], None], fn: Callable[[Capture], Any] | None = None, *,
+            intervention: Any = None, progress: Callable[[int], None] | None = None) -> int:
+    """``stream`` with a callback: ``callback(batch index, fn(capture) as numpy)`` per batch; returns the number of
+    batches."""
+    count = 0
+    for count, result in enumerate(stream(config, variables, batches, fn, intervention=intervention,
+                                          progress=progress), start=1):
+        callback(count - 1, result)
+    return count
+
+
+# ------------------------------------------------------------------------------------------------ the trace
+
+def doc_starts(tokens: np.ndarray, eos_id: int | None, split_rows: bool, after_eos: bool = False) -> np.ndarray:
+    """Positions in the flattened batch tokens [B, S] where a document starts: after every ``eos_id`` token (the
+    eos ends its document, as the data pipeline appends it to each document), at every row start when
+    ``split_rows`` (each row is a separate sequence for the model), and at position 0 when ``after_eos`` (the
+    previous batch ended with an eos)."""
+    rows, seq = tokens.shape
+    flat = tokens.reshape(-1)
+    starts = [np.arange(rows, dtype=np.int64) * seq] if split_rows else []
+    if eos_id is not None:
+        starts.append(np.flatnonzero(flat[:-1] == eos_id).astype(np.int64) + 1)
+    if after_eos:
+        starts.append(np.zeros(1, np.int64))
+    return np.unique(np.concatenate(starts)) if starts else np.zeros(0, np.int64)
+
+
+def slots_per_token(config: ml_collections.ConfigDict) -> int:
+    """k: the routing slots per token of the model's router at evaluation (top_k; E for THOR's average)."""
+    cfg = config.model.moe
+    logits = jax.ShapeDtypeStruct((1, cfg.num_experts + cfg.num_null_experts), jnp.float32)
+    shape = jax.eval_shape(lambda x: _route(config, x, {}, jnp.zeros((1,), jnp.int32)).experts, logits).shape
+    return int(shape[-1])
+
+
+def routing_arrays(config: ml_collections.ConfigDict, with_scores: bool = False) -> Callable[[Capture], dict]:
+    """A ``stream`` reduction: {'tokens' [B, S], 'experts' [L, T, k] int32, 'weights' [L, T, k] float32, and with
+    with_scores 'scores' [L, T, E] float32 (the router's probabilities of the E real experts)}."""
+    num_experts = config.model.moe.num_experts
+
+    def fn(capture: Capture) -> dict:
+        out = {"tokens": capture.tokens, "experts": jnp.stack([layer.routing.experts for layer in capture.layers]),
+               "weights": jnp.stack([layer.routing.weights.astype(jnp.float32) for layer in capture.layers])}
+        if with_scores:
+            out["scores"] = jnp.stack([layer.routing.probs[:, :num_experts].astype(jnp.float32)
+                                       for layer in capture.layers])
+        return out
+
+    return fn
+
+
+def record(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any],
+           out: str | pathlib.Path, *, with_scores: bool = False, eos_id: int | None = None, split_rows: bool = True,
+           metadata: Mapping[str, Any] | None = None, overwrite: bool = False, intervention: Any = None,
+           progress: Callable[[int], None] | None = None) -> pathlib.Path:
+    """Writes the routing trace of the model over ``batches`` (token ids [B, S], the model's inputs) to the
+    directory ``out`` (``moejax.posthoc.trace``'s format, streamed by ``TraceWriter``; ``read_trace(out)`` opens it).
+
+    Per token (batch rows in order, row-major) and MoE layer: the selected experts and their gate weights as the
+    model routes them at evaluation (``forward``), optionally (``with_scores``) the router's probabilities of the E
+    real experts (AdaMoE's null-expert columns left out); the token ids; document starts: after each ``eos_id``
+    token (the tokenizer's eos, ``moejax.data.SEPARATOR`` = 0 for bytes; None: no eos boundaries) and, with
+    ``split_rows``, at every row start. ``intervention`` (``moejax.moe.intervention.Intervention``): the routing
+    as the model routes under it (masked experts absent, forced ones present). Returns the trace directory (no
+    batches: an empty trace). The writer is opened before the first batch runs, so an existing trace at ``out`` is
+    refused (unless ``overwrite``) before any work."""
+    layers = check_supported(config)
+    info = {"source": "moejax.posthoc.record", "router": config.model.moe.router.kind, "eos_id": eos_id,
+            "split_rows": split_rows, **dict(metadata or {})}
+    writer = TraceWriter(out, layers, config.model.moe.num_experts, slots_per_token(config), with_scores=with_scores,
+                         metadata=info, overwrite=overwrite)
+    ended_with_eos = False
+    for arrays in stream(config, variables, batches, routing_arrays(config, with_scores), intervention=intervention,
+                         progress=progress):
+        tokens = np.asarray(arrays["tokens"])
+        writer.append(arrays["experts"], arrays["weights"], tokens.reshape(-1), scores=arrays.get("scores"),
+                      doc_starts=doc_starts(tokens, eos_id, split_rows, after_eos=ended_with_eos))
+        ended_with_eos = eos_id is not None and tokens.size > 0 and int(tokens.reshape(-1)[-1]) == eos_id
+    return writer.close()
+
+
+# ------------------------------------------------------------------------------------ calibration data (CLIs)
+
+def calibration_batches(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path | None = None, *,
+                        data: str | None = None, max_tokens: int = 0, batch_size: int = 0, seq_len: int = 0,
+                        data_dir: str | None = None) -> tuple[ml_collections.ConfigDict, list[np.ndarray], Any]:
+    """(config with the data fields set, input batches [B, S], tokenizer): the validation split of ``data``
+    (default: the config's own ``data.name``) read by ``moejax.data.eval_batches`` with the checkpoint's tokenizer
+    (``moejax.data.tokenizers.for_checkpoint``), as ``python -m moejax.evaluate`` reads it. ``batch_size`` and
+    ``seq_len`` (0: the config's ``train`` fields) shape the batches; ``max_tokens`` (0: the config's
+    ``data.eval_batches`` batches) sets the number of batches, ceil(max_tokens / (batch_size * seq_len)). The
+    windows' last column (the targets' extra token) is dropped: the batches are the model's inputs. Errors name
+    the command-line flags (--data, --max_tokens, --batch_size, --seq_len), which the post-hoc CLI passes through
+    unchanged."""
+    from moejax import data as data_lib
+    from moejax.data import tokenizers
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if data:
+        try:
+            data_lib.parse_name(data)
+        except ValueError as e:
+            raise ValueError(f"--data={data!r} is not a corpus: allowed are {data_lib.NAMES_ALLOWED}") from e
+        config.data.name = data
+    if data_dir is not None:
+        config.data.dir = data_dir
+    for flag, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_tokens", max_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{flag}={value!r} must be an integer >= 0 (0: the checkpoint config's own)")
+        if value and flag != "max_tokens":
+            config.train[flag] = value
+    per_batch = config.train.batch_size * config.train.seq_len
+    if max_tokens:
+        config.data.eval_batches = max(1, math.ceil(max_tokens / per_batch))
+    if config.data.eval_batches < 1:
+        raise ValueError(f"data.eval_batches={config.data.eval_batches} leaves no calibration batches: pass "
+                         f"--max_tokens")
+    tokenizer = tokenizers.for_checkpoint(checkpoint, config) if checkpoint is not None else \
+        tokenizers.for_config(config)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"the tokenizer of {config.data.name!r} ({tokenizer.spec}) has {tokenizer.vocab_size} ids, "
+                         f"the model's vocabulary {config.model.vocab_size}")
+    batches = [np.asarray(batch)[:, :-1] for batch in data_lib.eval_batches(config)]
+    return config, batches, tokenizer
+
+
+def progress_bar(total: int | None, what: str = "tokens", stream_=None) -> Callable[[int], None]:
+    """A ``progress`` callback drawing one updating line on stderr: a bar when ``total`` is known, the count and the
+    rate; a newline when ``total`` is reached."""
+    out = sys.stderr if stream_ is None else stream_
+    started = time.perf_counter()
+
+    def show(done: int) -> None:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        if total:
+            filled = int(30 * min(done / total, 1.0))
+            text = f"\r[{'#' * filled}{'.' * (30 - filled)}] {done:,}/{total:,} {what} | {rate:,.0f} {what}/s"
+        else:
+            text = f"\r{done:,} {what} | {rate:,.0f} {what}/s"
+        print(text, end="\n" if total and done >= total else "", file=out, flush=True)
+
+    return show
+
+
+# ------------------------------------------------------------------------------------------- saving a model
+
+def save_variables(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, variables: Mapping[str, Any],
+                   step: int = 0) -> pathlib.Path:
+    """Writes (config, variables) as a moejax workdir that ``moejax.load(workdir)`` opens: ``config.json`` (the
+    whole config) and one orbax checkpoint ``checkpoints/<step>`` written by ``moejax.training.checkpoint`` whose
+    state holds ``step``, ``params`` and ``moe_state`` (no optimizer state: it is a model, not a run to resume;
+    continue training it through ``moejax.hf.save`` and ``init_from='hf:<dir>'``). Refuses a directory that
+    already holds a config.json or checkpoints. Returns the workdir."""
+    import json
+
+    from moejax.training import checkpoint
+    from moejax.training.step import TrainState
+
+    workdir = pathlib.Path(workdir)
+    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise FileExistsError(f"{workdir} already holds a moejax workdir (config.json or checkpoints/); choose a new "
+                              f"directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
+                       opt_state=None, moe_state=jax.tree.map(jnp.asarray, variables.get("moe_state") or {}))
+    manager = checkpoint.open_manager(workdir, keep=1)
+    try:
+        checkpoint.save_checkpoint(manager, state, {}, config)
+    finally:
+        manager.close()
+    return workdir

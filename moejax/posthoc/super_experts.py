@@ -1,0 +1,241 @@
+"""Super experts (Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts Large Language Models", arXiv
+2507.23279): the few routed experts whose down-projection outputs carry extreme activation outliers, which become
+the massive activations of the residual stream that the model cannot lose.
+
+    from moejax.posthoc import super_experts
+    found = super_experts.find(config, variables, batches)     # rule='paper'
+    found.super_experts                                         # [(model layer, expert), ...]
+    super_experts.plot(found, path="super_experts.png")
+
+Profile: a[l, e] = max over the calibration tokens routed to expert e at MoE layer l (null slots left out) of
+max_d |f_e(x_t)_d|, f_e(x_t) the expert's down-projection output on the token (its output before the gate weight,
+biases included for kinds with an output bias; ``capture.slot_outputs``); a[l, e] = 0 for an expert no token was
+routed to. ``channel[l, e]`` is the d of that maximum.
+
+Rules (``flag``), over the set A of all L x E values a[l, e]:
+
+* 'paper':      a[l, e] > P_q(A) and a[l, e] > max(A) * fraction (q = 99.5, fraction = 1/10: the paper's rule);
+* 'percentile': a[l, e] > P_q(A);
+* 'top_n':      the n largest a[l, e] (ties to the lower layer, then the lower expert).
+
+P_q is ``numpy.percentile`` (linear interpolation). With L x E <= 200 values, P_99.5 lies between the two largest,
+so the paper's rule flags the largest expert whenever the two differ: on small models read ``max_output`` (is the
+flagged one far above the rest?) rather than the flag alone.
+
+Massive activations: per MoE layer the max and the median of |h_after| (the block's output, every token and
+channel) and their ratio; the median is the median of the batches' medians (exact for one batch; a corpus-wide
+median would need every value).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moejax.posthoc import capture
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+RULES = ("paper", "percentile", "top_n")
+
+
+@dataclasses.dataclass
+class Profile:
+    """The raw profile of a calibration set (see the module docstring). Rows in the order of ``layers`` (the
+    model's MoE layers)."""
+
+    layers: np.ndarray  # [L] model layer index of each row
+    max_output: np.ndarray  # [L, E] float64 a[l, e]: max |down-projection output| over the tokens routed to e
+    channel: np.ndarray  # [L, E] int64 the channel of that max (-1: never routed)
+    counts: np.ndarray  # [L, E] int64 routed slots
+    residual_max: np.ndarray  # [L] float64 max |h_after|
+    residual_median: np.ndarray  # [L] float64 median |h_after| (median over batches of each batch's median)
+    num_tokens: int
+
+    @property
+    def residual_ratio(self) -> np.ndarray:
+        """[L] residual_max / residual_median (inf where the median is 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.residual_median > 0, self.residual_max / self.residual_median, np.inf)
+
+
+@dataclasses.dataclass
+class SuperExperts:
+    """A profile and the experts a rule flags."""
+
+    profile: Profile
+    flagged: np.ndarray  # [L, E] bool
+    rule: str
+    threshold: float  # the rule's cut: a[l, e] must be above it (top_n: the n-th largest value, included)
+    percentile: float
+    fraction: float
+    top_n: int | None
+
+    @property
+    def super_experts(self) -> list[tuple[int, int]]:
+        """[(model layer index, expert id)] of the flagged experts, by decreasing a[l, e]."""
+        rows, cols = np.nonzero(self.flagged)
+        order = np.argsort(-self.profile.max_output[rows, cols], kind="stable")
+        return [(int(self.profile.layers[rows[i]]), int(cols[i])) for i in order]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable summary (lists; inf as None)."""
+        p = self.profile
+        ratio = [None if not np.isfinite(r) else float(r) for r in p.residual_ratio]
+        return {"rule": self.rule, "percentile": self.percentile, "fraction": self.fraction, "top_n": self.top_n,
+                "threshold": self.threshold, "super_experts": [list(pair) for pair in self.super_experts],
+                "layers": p.layers.tolist(), "num_tokens": p.num_tokens, "max_output": p.max_output.tolist(),
+                "channel": p.channel.tolist(), "counts": p.counts.tolist(), "flagged": self.flagged.tolist(),
+                "residual_max": p.residual_max.tolist(), "residual_median": p.residual_median.tolist(),
+                "residual_max_over_median": ratio}
+
+
+def _reduction(config: ml_collections.ConfigDict) -> Callable[[capture.Capture], dict]:
+    def fn(c: capture.Capture) -> dict:
+        peaks, channels, medians, maxima = [], [], [], []
+        for layer in c.layers:
+            outputs = jnp.abs(capture.slot_outputs(config, layer).astype(jnp.float32))  # [T, k, D]
+            peaks.append(outputs.max(-1))
+            channels.append(outputs.argmax(-1).astype(jnp.int32))
+            residual = jnp.abs(layer.h_after.astype(jnp.float32))
+            maxima.append(residual.max())
+            medians.append(jnp.median(residual))
+        return {"experts": jnp.stack([layer.routing.experts for layer in c.layers]), "peak": jnp.stack(peaks),
+                "channel": jnp.stack(channels), "residual_max": jnp.stack(maxima),
+                "residual_median": jnp.stack(medians), "tokens": jnp.asarray(c.tokens.size, jnp.int32)}
+
+    return fn
+
+
+def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], *,
+            intervention: Any = None, progress: Callable[[int], None] | None = None) -> Profile:
+    """The super-expert profile of the model over ``batches`` (token ids [B, S], the model's inputs);
+    ``intervention``: under a routing intervention (``capture.forward``)."""
+    layers = capture.check_supported(config)
+    num_layers, num_experts = len(layers), config.model.moe.num_experts
+    best = np.full((num_layers, num_experts), -np.inf)
+    channel = np.full((num_layers, num_experts), -1, np.int64)
+    counts = np.zeros((num_layers, num_experts), np.int64)
+    residual_max = np.zeros(num_layers, np.float64)
+    medians: list[np.ndarray] = []
+    tokens = 0
+    for arrays in capture.stream(config, variables, batches, _reduction(config), intervention=intervention,
+                                 progress=progress):
+        experts, peak, where = (np.asarray(arrays[key]) for key in ("experts", "peak", "channel"))
+        for row in range(num_layers):
+            valid = (experts[row] >= 0) & (experts[row] < num_experts)
+            ids, values, chans = experts[row][valid], peak[row][valid].astype(np.float64), where[row][valid]
+            counts[row] += np.bincount(ids, minlength=num_experts)
+            top = np.full(num_experts, -np.inf)
+            np.maximum.at(top, ids, values)
+            at_top = values == top[ids]  # the slots holding their expert's maximum: the lowest channel among them
+            top_channel = np.full(num_experts, np.iinfo(np.int64).max)
+            np.minimum.at(top_channel, ids[at_top], chans[at_top].astype(np.int64))
+            update = top > best[row]  # an earlier batch keeps a tie
+            best[row] = np.where(update, top, best[row])
+            channel[row] = np.where(update, top_channel, channel[row])
+        residual_max = np.maximum(residual_max, np.asarray(arrays["residual_max"], np.float64))
+        medians.append(np.asarray(arrays["residual_median"], np.float64))
+        tokens += int(arrays["tokens"])
+    if not medians:
+        raise ValueError("super_experts.profile: no batches")
+    return Profile(layers=np.asarray(layers, np.int64), max_output=np.where(counts > 0, best, 0.0), channel=channel,
+                   counts=counts, residual_max=residual_max, residual_median=np.median(np.stack(medians), axis=0),
+                   num_tokens=tokens)
+
+
+def _check_rule(rule: str, percentile: float, fraction: float, top_n: int | None, size: int | None = None) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} is not a super-expert rule: allowed are {RULES}")
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile={percentile!r} must lie in [0, 100]")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} (of the largest value) must lie in [0, 1]")
+    if rule == "top_n" and (isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1 or
+                            (size is not None and top_n > size)):
+        raise ValueError(f"top_n={top_n!r} must be an integer in [1, L * E{'' if size is None else f' = {size}'}] "
+                         "with rule='top_n'")
+
+
+def flag(max_output: np.ndarray, rule: str = "paper", percentile: float = 99.5, fraction: float = 0.1,
+         top_n: int | None = None) -> tuple[np.ndarray, float]:
+    """(flagged [L, E] bool, threshold) of a profile's a[l, e] under ``rule`` (see the module docstring)."""
+    values = np.asarray(max_output, np.float64)
+    _check_rule(rule, percentile, fraction, top_n, values.size)
+    if rule == "top_n":
+        order = np.argsort(-values.reshape(-1), kind="stable")[:top_n]
+        flagged = np.zeros(values.size, bool)
+        flagged[order] = True
+        return flagged.reshape(values.shape), float(values.reshape(-1)[order[-1]])
+    cut = float(np.percentile(values, percentile))
+    flagged = values > cut
+    if rule == "paper":
+        cut = max(cut, float(values.max()) * fraction)
+        flagged &= values > float(values.max()) * fraction
+    return flagged, cut
+
+
+def find(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], *,
+         rule: str = "paper", percentile: float = 99.5, fraction: float = 0.1, top_n: int | None = None,
+         intervention: Any = None, progress: Callable[[int], None] | None = None) -> SuperExperts:
+    """Profiles the model over ``batches`` and flags its super experts by ``rule``."""
+    _check_rule(rule, percentile, fraction, top_n)  # before the forward pass
+    found = profile(config, variables, batches, intervention=intervention, progress=progress)
+    return classify(found, rule=rule, percentile=percentile, fraction=fraction, top_n=top_n)
+
+
+def classify(found: Profile, *, rule: str = "paper", percentile: float = 99.5, fraction: float = 0.1,
+             top_n: int | None = None) -> SuperExperts:
+    """A profile's super experts under ``rule`` (another rule on the same profile needs no new forward pass)."""
+    flagged, cut = flag(found.max_output, rule, percentile, fraction, top_n)
+    return SuperExperts(profile=found, flagged=flagged, rule=rule, threshold=cut, percentile=percentile,
+                        fraction=fraction, top_n=top_n)
+
+
+def plot(result: SuperExperts, path: str | os.PathLike | None = None) -> Figure:
+    """Left: heatmap of a[l, e] (log colour; MoE layers x experts), the flagged experts boxed in red. Right: the
+    residual stream's max / median |h_after| per MoE layer (log axis). Built without pyplot; saved as PNG when
+    ``path`` is given."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    p = result.profile
+    num_layers, num_experts = p.max_output.shape
+    fig = Figure(figsize=(min(4 + 0.25 * num_experts, 18) + 4, 1.8 + 0.35 * num_layers), layout="constrained")
+    grid = fig.add_gridspec(1, 2, width_ratios=[3, 1])
+    ax = fig.add_subplot(grid[0])
+    values = np.where(p.max_output > 0, p.max_output, np.nan)
+    positive = values[np.isfinite(values)]
+    norm = LogNorm(vmin=max(positive.min(), 1e-12), vmax=max(positive.max(), 1e-12)) if positive.size else None
+    image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", norm=norm)
+    fig.colorbar(image, ax=ax, label="max |down-projection output|")
+    for row, col in zip(*np.nonzero(result.flagged), strict=True):
+        ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_yticks(range(num_layers), [str(layer) for layer in p.layers])
+    ax.set(xlabel="expert", ylabel="layer", title=f"super experts ({result.rule}): {len(result.super_experts)} "
+                                                  f"flagged over {p.num_tokens:,} tokens")
+    if num_experts <= 32:
+        ax.set_xticks(range(num_experts))
+    bars = fig.add_subplot(grid[1])
+    ratio = np.where(np.isfinite(p.residual_ratio), p.residual_ratio, np.nan)
+    finite = ratio[np.isfinite(ratio)]
+    if finite.size and finite.min() > 0 and finite.max() / finite.min() > 100:  # massive activations: log axis
+        bars.plot(ratio, range(num_layers), "o", color="C1")
+        bars.set_xscale("log")
+    else:
+        bars.barh(range(num_layers), ratio, color="C1")
+    bars.set_yticks(range(num_layers), [str(layer) for layer in p.layers])
+    bars.set_ylim(-0.5, num_layers - 0.5)
+    bars.set(xlabel="max / median |h_after|", title="residual stream")
+    if path is not None:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig

@@ -1,0 +1,290 @@
+"""Capture, routing traces from a forward pass, expert importance and super experts (moejax/posthoc/capture.py,
+importance.py, super_experts.py).
+
+Every check is against an independent computation: the router logits recomputed in numpy from the captured MoE
+inputs and the router kernel (the MoE inputs themselves recomputed as the RMSNorm of the captured residual), the
+per-expert counts the model's own ``moe_aux`` statistics report, and numpy loops over tokens with numpy GLU /
+GPT-OSS experts for the importance criteria, the mean expert outputs and the super-expert profile.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from moejax.configs import base
+
+from moejax import model, moe, posthoc
+from moejax.moe import routers, stats
+from moejax.posthoc import capture, importance, prune, read_trace, super_experts
+
+V = 64
+
+
+def build(num_layers=2, first_dense=0, moe_every=1, scan=False, seed=0, router=None, remat=False, **moe_fields):
+    """(config, variables) of a small random model: 8 experts of width 8, top-2, random router bias and selection
+    bias (and expert biases where the kind has them)."""
+    config = base.get_config()
+    m = config.model
+    m.update(vocab_size=V, d_model=16, num_layers=num_layers, num_heads=2, ffn_dim=32, first_dense_layers=first_dense,
+             moe_every=moe_every, scan_layers=scan, remat=remat, init_std=0.3)
+    m.moe.update(num_experts=8, top_k=2, expert_ffn=8, dispatch="dropless")
+    m.moe.router.update(bias=True, **(router or {}))
+    m.moe.update(moe_fields)
+    model.validate(m)
+    shapes = jax.eval_shape(model.Transformer(m).init, jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+    rng = np.random.default_rng(seed)  # random weights of the model's shapes (no init to compile)
+
+    def randomise(path, x):
+        names = [str(getattr(key, "key", None)) for key in path]
+        if moe.ROUTER_BIAS in names:
+            return jnp.asarray(rng.uniform(0.0, 0.1, x.shape), x.dtype)
+        if names[-1] == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
+        std = 0.5 if names[-1] == "bias" or (moe.EXPERTS in names and names[-1].startswith("b")) else 0.3
+        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(randomise, {"params": shapes["params"],
+                                                             "moe_state": shapes["moe_state"]})
+    return config, variables
+
+
+def batches(count=2, shape=(2, 12), seed=1, eos=None):
+    rng = np.random.default_rng(seed)
+    out = [rng.integers(1, V, shape).astype(np.int32) for _ in range(count)]
+    if eos is not None:
+        out[0][0, 4] = out[0][1, 11] = out[1][1, 0] = eos  # mid-row, end of a batch, start of a row
+    return out
+
+
+def layer_arrays(config, variables):
+    """{model layer: (params, moe_state)} as float64 numpy."""
+    return {layer: (jax.tree.map(lambda x: np.asarray(x, np.float64), p), jax.tree.map(np.asarray, s))
+            for layer, (p, s) in prune.moe_layer_variables(config, variables).items()}
+
+
+def rmsnorm(x, scale, eps):
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
+
+
+def np_glu(x, wi_0, wi_1, wo):
+    gate = x @ wi_0
+    return (gate / (1 + np.exp(-gate)) * (x @ wi_1)) @ wo
+
+
+def np_gpt_oss(x, wi_0, wi_1, wo, bi_0, bi_1, bo, limit=7.0, alpha=1.702):
+    gate = np.minimum(x @ wi_0 + bi_0, limit)
+    up = np.clip(x @ wi_1 + bi_1, -limit, limit)
+    return ((up + 1) * gate / (1 + np.exp(-alpha * gate))) @ wo + bo
+
+
+def np_expert(kind, params, e, x):
+    weights = {name: value[e] for name, value in params[moe.EXPERTS].items()}
+    if kind == "glu":
+        return np_glu(x, weights["wi_0"], weights["wi_1"], weights["wo"])
+    return np_gpt_oss(x, *(weights[n] for n in ("wi_0", "wi_1", "wo", "bi_0", "bi_1", "bo")))
+
+
+def norm_scale(config, variables, layer):
+    """The ffn_norm scale of a model layer (the scan unit indexed away)."""
+    path, unit = prune.moe_sites(config)[layer]
+    block = variables["params"]
+    for key in path[:-1]:
+        block = block[key]
+    scale = np.asarray(block["ffn_norm"]["scale"], np.float64)
+    return scale if unit is None else scale[unit]
+
+
+# ------------------------------------------------------------------------------------------- capture and record
+
+RECORD_CASES = {
+    "unrolled_shared": dict(num_layers=3, first_dense=1, num_shared=1, shared_gate=True),
+    "scanned_every_2_remat": dict(num_layers=5, first_dense=1, moe_every=2, scan=True, remat=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORD_CASES))
+def test_record_is_the_models_routing(case, tmp_path):
+    config, variables = build(**RECORD_CASES[case])
+    cfg = config.model
+    data = batches(eos=0)
+    out = posthoc.record(config, variables, data, tmp_path / "trace", with_scores=True, eos_id=0)
+    trace = read_trace(out)
+    layers = model.moe_layers(cfg)
+    assert trace.layers.tolist() == layers and trace.num_experts == 8 and trace.top_k == 2
+    assert trace.num_tokens == 48 and trace.token_ids.tolist() == np.concatenate([b.reshape(-1) for b in data]).tolist()
+    # row starts (rows of 12 tokens) and the positions after each eos: 5 (mid-row), 24 (the first batch ended on
+    # an eos: the next batch's start, already a row start), 37 (after the eos that starts row 36)
+    assert trace.doc_starts.tolist() == [0, 5, 12, 24, 36, 37]
+
+    weights = layer_arrays(config, variables)
+    captured = list(capture.stream(config, variables, data))
+    apply = jax.jit(lambda v, t: model.Transformer(cfg).apply(v, t, mutable=["moe_aux"]))
+    moe_counts = np.zeros((len(layers), 8))
+    for index, (tokens, got) in enumerate(zip(data, captured, strict=True)):
+        rows = slice(index * 24, (index + 1) * 24)
+        assert [layer.layer for layer in got.layers] == layers
+        for position, layer in enumerate(got.layers):
+            params, state = weights[layer.layer]
+            # the MoE input is the RMSNorm of the residual stream, the block output that stream plus the MoE output
+            np.testing.assert_allclose(layer.inputs, rmsnorm(layer.h_before, norm_scale(config, variables,
+                                                                                        layer.layer), cfg.norm_eps),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(layer.h_after, np.asarray(layer.h_before) + layer.output, rtol=1e-5, atol=1e-5)
+            logits = np.asarray(layer.inputs, np.float64) @ params[moe.ROUTER]["kernel"] + params[moe.ROUTER]["bias"]
+            route = routers.route(jnp.asarray(logits, jnp.float32), cfg.moe, bias=jnp.asarray(state["router_bias"]))
+            np.testing.assert_array_equal(trace.experts[position, rows], np.asarray(route.experts))
+            np.testing.assert_allclose(trace.weights[position, rows], route.weights, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(trace.scores[position, rows], route.probs, rtol=1e-5, atol=1e-6)
+        logits, aux = apply(variables, tokens)
+        moe_counts += np.asarray(stats.by_layer(stats.collect(aux["moe_aux"])).tokens_per_expert)
+        np.testing.assert_allclose(got.logits, logits, rtol=1e-5, atol=1e-5)
+    counts = np.stack([np.bincount(trace.experts[p].reshape(-1), minlength=8) for p in range(len(layers))])
+    np.testing.assert_array_equal(counts, moe_counts)
+    np.testing.assert_array_equal(prune.importance(trace, "frequency"), moe_counts)
+
+
+def test_record_under_a_routing_intervention(tmp_path):
+    interventions = pytest.importorskip("moejax.moe.intervention")
+    config, variables = build(num_layers=2)
+    iv = interventions.mask_experts(config, {0: [1, 2]}).merge(interventions.force_experts(config, {1: [5]}))
+    data = batches(1)
+    trace = read_trace(posthoc.record(config, variables, data, tmp_path, intervention=iv))
+    assert not np.isin(trace.experts[0], [1, 2]).any()  # masked: never selected
+    assert (trace.experts[1] == 5).any(-1).all()  # forced: in every token's selection
+    _, aux = jax.jit(lambda v, t: model.Transformer(config.model).apply(v, t, mutable=["moe_aux"],
+                                                                        intervention=iv))(variables, data[0])
+    np.testing.assert_array_equal(prune.importance(trace, "frequency"),
+                                  stats.by_layer(stats.collect(aux["moe_aux"])).tokens_per_expert)
+
+
+def test_record_refuses_an_existing_trace_before_running(tmp_path):
+    config, variables = build(num_layers=1)
+    capture.record(config, variables, batches(1), tmp_path)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        capture.record(config, variables, iter(()), tmp_path)
+    assert read_trace(capture.record(config, variables, batches(1, seed=3), tmp_path, overwrite=True)).num_tokens == 24
+
+
+def test_chain_of_experts_and_dense_models_are_refused():
+    config, variables = build(num_layers=1, chain_iterations=2)
+    with pytest.raises(NotImplementedError, match="chain_iterations=2"):
+        next(capture.stream(config, variables, batches(1)))
+    config.model.moe_every = 0
+    with pytest.raises(ValueError, match="no MoE layer"):
+        importance.importance(config, variables, batches(1))
+
+
+# ------------------------------------------------------------------------------------------------- importance
+
+def numpy_importance(config, variables, data):
+    """{criterion: [L, E]} by a loop over tokens, slots and layers with numpy experts; the routing and the
+    residual stream taken from the capture (checked above)."""
+    kind = config.model.moe.expert_kind
+    weights = layer_arrays(config, variables)
+    layers = model.moe_layers(config.model)
+    out = {name: np.zeros((len(layers), 8)) for name in importance.CRITERIA}
+    saliency = np.zeros((len(layers), 8))
+    for got in capture.stream(config, variables, data):
+        for row, layer in enumerate(got.layers):
+            params, _ = weights[layer.layer]
+            x = np.asarray(layer.inputs, np.float64)
+            before, after = np.asarray(layer.h_before, np.float64), np.asarray(layer.h_after, np.float64)
+            for t in range(x.shape[0]):
+                cos = before[t] @ after[t] / (np.linalg.norm(before[t]) * np.linalg.norm(after[t]))
+                for e, g in zip(layer.routing.experts[t], layer.routing.weights[t], strict=True):
+                    if not 0 <= e < 8:
+                        continue
+                    norm = np.linalg.norm(np_expert(kind, params, e, x[t][None])[0])
+                    out["frequency"][row, e] += 1
+                    out["soft_count"][row, e] += g
+                    saliency[row, e] += g * norm
+                    out["easy_ep"][row, e] += g * norm * max(1 - cos, 0.0)
+    out["reap"] = np.where(out["frequency"] > 0, saliency / np.maximum(out["frequency"], 1), 0.0)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["glu", "gpt_oss"])
+def test_importance_criteria_match_a_numpy_loop(kind, tmp_path):
+    fields = dict(num_layers=2, expert_kind=kind) if kind == "glu" else \
+        dict(num_layers=3, moe_every=2, first_dense=1, scan=True, expert_kind=kind, num_null_experts=1, top_k=3,
+             router=dict(kind="adamoe"))  # null slots (ids >= E) left out everywhere
+    config, variables = build(**fields)
+    data = batches()
+    got = importance.importance(config, variables, data, importance.CRITERIA)
+    expected = numpy_importance(config, variables, data)
+    for name in importance.CRITERIA:
+        np.testing.assert_allclose(got[name], expected[name], rtol=2e-5, atol=1e-7, err_msg=name)
+    assert (got["reap"] > 0).sum() == (got["frequency"] > 0).sum()  # 0 exactly for the experts never routed to
+    # frequency and soft_count are prune.importance's on the recorded trace
+    trace = read_trace(capture.record(config, variables, data, tmp_path / "trace"))
+    for name in importance.ROUTING_CRITERIA:
+        np.testing.assert_allclose(got[name], prune.importance(trace, name), rtol=1e-12)
+    with pytest.raises(ValueError, match="magnitude"):
+        importance.importance(config, variables, data, "magnitude")
+
+
+def test_expert_mean_outputs_match_numpy():
+    config, variables = build(num_layers=2)
+    data = batches()
+    got = importance.expert_mean_outputs(config, variables, data)
+    weights = layer_arrays(config, variables)
+    inputs = {}
+
+    def keep_inputs(index, layers):  # the callback form of stream, with a reduction keeping the MoE inputs
+        for layer, x in layers.items():
+            inputs.setdefault(layer, []).append(np.asarray(x, np.float64))
+
+    assert capture.capture(config, variables, data, keep_inputs, lambda c: {x.layer: x.inputs for x in c.layers}) == 2
+    for row, layer in enumerate(model.moe_layers(config.model)):
+        x = np.concatenate(inputs[layer])
+        expected = np.stack([np_expert("glu", weights[layer][0], e, x).mean(0) for e in range(8)])
+        np.testing.assert_allclose(got[row], expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- super experts
+
+def test_a_scaled_up_expert_is_the_super_expert():
+    config, variables = build(num_layers=3, first_dense=1)
+    data = batches(1, shape=(4, 16))
+    counts = posthoc.importance(config, variables, data, "frequency")  # the module is callable
+    layer, expert = 2, int(np.argmax(counts[1]))  # the busiest expert of the second MoE layer
+    variables["params"][f"layers_{layer}"]["ffn"][moe.EXPERTS]["wo"] = \
+        variables["params"][f"layers_{layer}"]["ffn"][moe.EXPERTS]["wo"].at[expert].multiply(100.0)
+    found = super_experts.find(config, variables, data)
+    assert found.super_experts == [(layer, expert)]
+
+    weights = layer_arrays(config, variables)
+    peak = np.zeros((2, 8))
+    channel = np.full((2, 8), -1)
+    residual = []
+    (got,) = capture.stream(config, variables, data)
+    for row, captured in enumerate(got.layers):
+        params, _ = weights[captured.layer]
+        x = np.asarray(captured.inputs, np.float64)
+        for t in range(x.shape[0]):
+            for e in captured.routing.experts[t]:
+                out = np.abs(np_expert("glu", params, e, x[t][None])[0])
+                if out.max() > peak[row, e]:
+                    peak[row, e], channel[row, e] = out.max(), out.argmax()
+        residual.append(np.abs(np.asarray(captured.h_after, np.float64)))
+    profile = found.profile
+    np.testing.assert_allclose(profile.max_output, peak, rtol=1e-5)
+    np.testing.assert_array_equal(profile.channel, channel)
+    np.testing.assert_array_equal(profile.counts, counts)
+    np.testing.assert_allclose(profile.residual_max, [r.max() for r in residual], rtol=1e-6)
+    np.testing.assert_allclose(profile.residual_median, [np.median(r) for r in residual], rtol=1e-6)
+    expected_cut = max(np.percentile(peak, 99.5), peak.max() / 10)
+    assert found.threshold == pytest.approx(expected_cut, rel=1e-6)
+
+    # other rules on the same profile
+    top3 = super_experts.classify(profile, rule="top_n", top_n=3)
+    assert len(top3.super_experts) == 3 and top3.super_experts[0] == (layer, expert)
+    loose = super_experts.classify(profile, rule="percentile", percentile=50)
+    assert loose.flagged.sum() == (peak > np.percentile(peak, 50)).sum()
+    with pytest.raises(ValueError, match="top_n=None"):
+        super_experts.classify(profile, rule="top_n")
+    with pytest.raises(ValueError, match="rule='max'"):
+        super_experts.find(config, variables, data, rule="max")
+    figure = super_experts.plot(found)
+    assert len(figure.axes) == 3  # heatmap, its colour bar, the residual ratios
+    assert found.to_json()["super_experts"] == [[layer, expert]]

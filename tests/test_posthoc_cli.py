@@ -1,0 +1,164 @@
+"""``python -m moejax.posthoc`` (moejax/posthoc/__main__.py), every subcommand run in-process through ``main(argv)`` on
+a tiny random Mixtral-layout model saved by ``moejax.hf.save`` (no torch) and a ``text:`` corpus.
+
+The pruned models (transformers and moejax formats) are checked against the original model with a selection bias
+of -inf on the experts pruning removed: that model never routes to them, which is what pruning claims to compute.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from moejax.configs import base
+
+import moejax
+from moejax import hf, model, moe
+from moejax.posthoc import __main__ as cli
+from moejax.posthoc import analysis, capture, importance, prune, read_trace
+
+pytestmark = pytest.mark.xdist_group("posthoc_cli")  # one worker builds the module's release and trace once
+
+TEXT = '''def fibonacci(n):
+    """The n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+    def pop(self):
+        return self.items.pop()
+'''
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(checkpoint dir, data flags): a 2-layer Mixtral-layout model (4 experts, top-2, byte vocabulary) written by
+    moejax.hf.save, and a text corpus of 6 files (the validation split: their last 5% of bytes)."""
+    root = tmp_path_factory.mktemp("posthoc_cli")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"f{i}.py").write_text(TEXT.replace("fibonacci", f"fib_{i}") * (3 + i))
+    config = base.get_config()
+    config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=256)
+    config.model.moe.update(num_experts=4, top_k=2, expert_ffn=16)
+    config.model.moe.router.softmax_before_topk = False
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda leaf: rng.normal(0, 0.3, leaf.shape).astype(np.float32),
+                          hf.abstract_variables(config.model)["params"])
+    directory = hf.save(config, {"params": params}, root / "release")
+    flags = ["--checkpoint", str(directory), "--data", f"text:{corpus}/*.py", "--data_dir", str(root / "data"),
+             "--batch_size", "4", "--seq_len", "32", "--max_tokens", "256"]
+    return directory, flags
+
+
+@pytest.fixture(scope="module")
+def traced(release, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trace") / "trace"
+    return cli.main(["trace", *release[1], "--out", str(out), "--with_scores"])
+
+
+def test_trace_and_analyze(release, traced, tmp_path):
+    trace = read_trace(traced)
+    assert trace.num_tokens == 256 and trace.layers.tolist() == [0, 1] and trace.scores is not None
+    assert trace.metadata["data"].startswith("text:") and trace.metadata["tokens"] == 256
+    zeros = np.flatnonzero(trace.token_ids[:-1] == 0) + 1  # after every separator (the byte eos), a document
+    assert set(zeros.tolist()) <= set(trace.doc_starts.tolist()) and set(range(0, 256, 32)) <= set(trace.doc_starts)
+    # the recorded routing is the library's on the same calibration batches
+    config, variables = hf.load(release[0])
+    _, batches, _ = capture.calibration_batches(config, release[0], data=release[1][3], max_tokens=256, batch_size=4,
+                                                seq_len=32, data_dir=release[1][5])
+    np.testing.assert_array_equal(trace.token_ids, np.concatenate([b.reshape(-1) for b in batches]))
+
+    result = cli.main(["analyze", "--trace", str(traced), "--out", str(tmp_path / "analysis"), "--lengths", "1,4,16"])
+    saved = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert saved["summary"]["segment_lengths"] == [1, 4, 16] and saved["summary"]["num_tokens"] == 256
+    np.testing.assert_allclose(saved["expert_frequency"], analysis.expert_frequency(trace))
+    assert result["summary"] == saved["summary"]
+    for name in ("frequency.png", "affinity.png", "local_consistency.png"):
+        assert (tmp_path / "analysis" / name).stat().st_size > 1000
+
+
+def test_importance(release, traced, tmp_path):
+    out = tmp_path / "importance.json"
+    result = cli.main(["importance", *release[1], "--criterion", "all", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["layers"] == [0, 1] and sorted(saved["scores"]) == sorted(importance.CRITERIA)
+    assert saved == json.loads(json.dumps(result))
+    trace = read_trace(traced)
+    np.testing.assert_array_equal(saved["scores"]["frequency"], prune.importance(trace, "frequency"))
+    np.testing.assert_allclose(saved["scores"]["soft_count"], prune.importance(trace, "soft_count"), rtol=1e-9)
+    assert all(np.asarray(value).shape == (2, 4) for value in saved["scores"].values())
+
+
+def minus_inf_reference(config, variables, keep):
+    """The original variables with the selection bias (moe_state router_bias) at -inf on the pruned experts."""
+    variables = {"params": variables["params"], "moe_state": jax.tree.map(np.array, variables["moe_state"])}
+    for layer, ids in keep.items():
+        bias = variables["moe_state"][f"layers_{layer}"]["ffn"][moe.ROUTER_BIAS]
+        bias[np.setdiff1d(np.arange(config.model.moe.num_experts), ids)] = -np.inf
+    return variables
+
+
+@pytest.mark.parametrize("fmt", ["hf", "moejax"])
+def test_prune_writes_the_model_without_the_pruned_experts(release, traced, fmt, tmp_path):
+    out = tmp_path / "pruned"
+    flags = ["--keep", "2"] if fmt == "hf" else ["--keep", "4", "--global"]  # 4 over 2 layers: 2 each
+    cli.main(["prune", *release[1], "--criterion", "frequency", *flags, "--out", str(out), "--format", fmt])
+    what = json.loads((out / "posthoc.json").read_text())
+    keep = {int(layer): ids for layer, ids in what["keep"].items()}
+    assert keep == prune.keep_by_score(prune.importance(read_trace(traced), "frequency"), 2, [0, 1])
+    new_config, new_variables = (hf.load if fmt == "hf" else moejax.load)(out)
+    assert new_config.model.moe.num_experts == 2 and new_config.model.moe.top_k == 2
+
+    config, variables = hf.load(release[0])
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 16)), jnp.int32)
+    pruned = jax.jit(model.Transformer(new_config.model).apply)(new_variables, tokens)
+    apply = jax.jit(model.Transformer(config.model).apply)
+    reference = apply(minus_inf_reference(config, variables, keep), tokens)
+    np.testing.assert_allclose(pruned, reference, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(apply(variables, tokens)) - reference).max() > 1e-3  # the pruned experts were used
+
+
+@pytest.mark.parametrize("method", ["mcsmoe", "hcsmoe", "average"])
+def test_merge_writes_a_loadable_model(release, method, tmp_path):
+    out = tmp_path / "merged"
+    cli.main(["merge", *release[1], "--method", method, "--experts", "3", "--out", str(out)])
+    new_config, new_variables = moejax.load(out)
+    assert new_config.model.moe.num_experts == 3
+    assert json.loads((out / "posthoc.json").read_text())["method"] == method
+    logits = jax.jit(model.Transformer(new_config.model).apply)(new_variables, jnp.zeros((1, 8), jnp.int32))
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_super_experts(release, tmp_path):
+    result = cli.main(["super-experts", *release[1], "--out", str(tmp_path), "--rule", "top_n", "--top_n", "2"])
+    saved = json.loads((tmp_path / "super_experts.json").read_text())
+    assert saved["super_experts"] == result["super_experts"] and len(saved["super_experts"]) == 2
+    values = np.asarray(saved["max_output"])
+    layer, expert = saved["super_experts"][0]
+    assert values[saved["layers"].index(layer), expert] == values.max()
+    assert (tmp_path / "super_experts.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--criterion", "reap", "--keep", "5"], r"--keep=5: routed experts kept per MoE layer: an integer in "
+                                                      r"\[1, 4\]"),
+    (["prune", "--criterion", "reap", "--keep", "3", "--global"], r"--keep=3: with --global"),
+    (["prune", "--criterion", "magnitude", "--keep", "2"], r"--criterion='magnitude'"),
+    (["merge", "--method", "average", "--experts", "0"], r"--experts=0"),
+    (["importance", "--criterion", "reap", "--data", "wiki"], r"--data='wiki' is not a corpus"),
+    (["importance", "--criterion", "reap", "--max_tokens", "-1"], r"--max_tokens=-1"),
+])
+def test_bad_flags_are_named(release, argv, message, tmp_path):
+    with pytest.raises(ValueError, match=message):  # a flag given twice: the last one counts
+        cli.main([argv[0], *release[1], *argv[1:], "--out", str(tmp_path / "out")])
