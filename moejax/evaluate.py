@@ -35,21 +35,22 @@ from moejax.training.step import TrainState, eval_step
 
 def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batches: Iterable[np.ndarray], *,
              bytes_per_token: Callable[[np.ndarray], float] | None = None,
-             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int], None] | None = None, intervention: Any = None) -> dict[str, Any]:
     """Metrics of the model over batches [B, S + 1] (inputs [:, :-1], targets [:, 1:]): 'loss' (nats per token),
     'perplexity', 'bits_per_byte', 'tokens', and per MoE layer 'layers_{i}_{stat}' (moejax.moe.stats.LAYER_STATS)
     with 'expert_load' {'layers_{i}': fractions}. bytes_per_token(targets) gives the text bytes of the targets
-    (default: one per token). progress(tokens so far) is called after each batch."""
+    (default: one per token). progress(tokens so far) is called after each batch. intervention: a routing
+    intervention record (moejax/moe/intervention.py) applied to every MoE layer's routing."""
     cfg = config.model
     module = model.Transformer(cfg)
     num_moe = len(model.moe_layers(cfg))
     empty = metrics_lib.metrics_collection(False, num_moe, cfg.moe.num_experts).empty()
     state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], opt_state=None,
                        moe_state=variables.get("moe_state", {}))
-    step = jax.jit(lambda s, m, b: eval_step(s, m, b, module=module))
+    step = jax.jit(lambda s, m, b, iv: eval_step(s, m, b, module=module, intervention=iv))
     values, tokens, text_bytes = empty, 0, 0.0
     for batch in batches:
-        values = step(state, values, jnp.asarray(batch, jnp.int32))
+        values = step(state, values, jnp.asarray(batch, jnp.int32), intervention)
         targets = np.asarray(batch)[:, 1:]
         tokens += targets.size
         text_bytes += targets.size if bytes_per_token is None else bytes_per_token(targets)

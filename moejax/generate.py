@@ -24,6 +24,7 @@ CLI (streams the text as it decodes, then prints the speed):
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -102,10 +103,53 @@ def _prompt_lengths(prompts: np.ndarray, prompt_lengths: Any) -> np.ndarray:
     return lengths.astype(np.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class SelfContrast:
+    """Self-contrast decoding (SCMoE, Shi et al., 2024, arXiv 2405.14507): every step runs the model twice, with its
+    own top-k routing (strong) and with each MoE token routed to its ``rank``-th ranked expert alone (weak; the
+    intervention ``rank_only``), and decodes from ``(1 + beta) * z_strong - beta * z_weak`` on the plausible
+    tokens ``z_strong >= log(alpha) + max z_strong`` (the others at -inf). Each routing keeps its own KV cache.
+    beta = 0 is plain decoding. (On logits or log-probabilities alike: they differ by a per-row constant.)"""
+
+    rank: int = 2
+    alpha: float = 0.1
+    beta: float = 0.5
+
+    def combine(self, strong: jax.Array, weak: jax.Array) -> jax.Array:
+        strong, weak = strong.astype(jnp.float32), weak.astype(jnp.float32)
+        plausible = strong >= jnp.log(jnp.float32(self.alpha)) + strong.max(axis=-1, keepdims=True)
+        return jnp.where(plausible, (1 + self.beta) * strong - self.beta * weak, -jnp.inf)
+
+    def check(self, cfg: ml_collections.ConfigDict) -> None:
+        checks.positive_int("contrast.rank", self.rank)
+        if self.rank > cfg.moe.top_k:
+            checks.fail("contrast.rank", self.rank, f"must be <= model.moe.top_k={cfg.moe.top_k}")
+        if not 0.0 < self.alpha <= 1.0:
+            checks.fail("contrast.alpha", self.alpha, "must be in (0, 1]")
+        checks.number("contrast.beta", self.beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """What a compiled loop is specialised on (besides the config and the mesh)."""
+
+    rows: int
+    width: int
+    new: int
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_id: int | None
+    stream: Callable | None
+    contrast: SelfContrast | None
+    intervention: Any  # the static part of the intervention record (its treedef), or None
+
+
 def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], prompts: Any, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
              eos_id: int | None = None, prompt_lengths: Any = None, mesh: Mesh | None = None,
-             stream: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+             stream: Callable[[np.ndarray], None] | None = None, intervention: Any = None,
+             contrast: SelfContrast | None = None) -> np.ndarray:
     """prompts [B, P] int -> tokens [B, P + max_new_tokens] int32.
 
     Without ``prompt_lengths`` every row is a full prompt of P tokens: the output row is the prompt, then the new
@@ -115,7 +159,9 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     A row that emits ``eos_id`` continues with eos_id; padding is eos_id, or 0 without one. ``rng`` (a jax key)
     is needed when temperature > 0. ``mesh``: decode with the MoE layers expert-parallel on this mesh (the batch
     is padded to a multiple of its token shards). ``stream`` is called on the host with each step's new tokens
-    [B'] (B' >= B rows: padding rows last) as they are decoded, in order.
+    [B'] (B' >= B rows: padding rows last) as they are decoded, in order. ``intervention``: a routing
+    intervention record (moejax/moe/intervention.py) applied to every forward pass. ``contrast``: self-contrast
+    decoding (``SelfContrast``; its weak routing also carries the intervention).
     """
     cfg = decode_config(config)
     prompts = np.asarray(prompts)
@@ -128,6 +174,7 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     _check_sampling(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
     if temperature > 0 and rng is None:
         checks.fail("rng", None, "sampling (temperature > 0) needs a jax.random key")
+    strong, weak = _routings(cfg, intervention, contrast)
     lengths = _prompt_lengths(prompts, prompt_lengths)
     batch, width = prompts.shape
     aligned = _right_align(prompts, lengths)
@@ -138,11 +185,12 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
         rows = -(-batch // shards) * shards
         aligned = np.concatenate([aligned, np.repeat(aligned[:1], rows - batch, axis=0)])
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - batch)])
-    run = _compiled(cfg, mesh, rows, width, max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id,
-                    stream)
+    settings = _Settings(rows, width, max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id, stream,
+                         contrast, jax.tree.structure((strong, weak)))
+    run = _compiled(cfg, mesh, settings)
     out = np.asarray(run({k: v for k, v in variables.items() if k != kv_cache.COLLECTION},
                          jnp.asarray(aligned, jnp.int32), jnp.asarray(width - lengths, jnp.int32),
-                         jax.random.key(0) if rng is None else rng))[:batch]
+                         jax.random.key(0) if rng is None else rng, strong, weak))[:batch]
     if prompt_lengths is None:
         return out
     pad = 0 if eos_id is None else eos_id
@@ -152,62 +200,81 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     return np.where(cols + shift < out.shape[1], moved, pad).astype(np.int32)
 
 
-_RUNNERS: dict[tuple, Any] = {}  # the compiled loops, by config, mesh, shapes and sampling setting
+def _routings(cfg: ml_collections.ConfigDict, intervention: Any, contrast: SelfContrast | None) -> tuple[Any, Any]:
+    """(the intervention of the model's own routing, that of the weak routing or None)."""
+    from moejax.moe import intervention as iv_lib
+
+    if intervention is not None:
+        intervention.check(cfg)
+    if contrast is None:
+        return intervention, None
+    contrast.check(cfg)
+    weak = iv_lib.rank_only(cfg, contrast.rank)
+    return intervention, weak if intervention is None else intervention.merge(weak)
+
+
+_RUNNERS: dict[tuple, Any] = {}  # the compiled loops, by config, mesh and settings
 _MAX_RUNNERS = 16
 
 
-def _compiled(cfg: ml_collections.ConfigDict, mesh: Mesh | None, rows: int, width: int, new: int,
-              temperature: float, top_k: int, top_p: float, eos_id: int | None, stream: Callable | None):
-    """The jitted prefill + decode loop for one config, shape and sampling setting (reused across calls)."""
-    key = (cfg.to_json(), mesh, rows, width, new, temperature, top_k, top_p, eos_id, stream)
+def _compiled(cfg: ml_collections.ConfigDict, mesh: Mesh | None, settings: _Settings):
+    """The jitted prefill + decode loop for one config, mesh and settings (reused across calls)."""
+    key = (cfg.to_json(), mesh, settings)
     if key not in _RUNNERS:
         if len(_RUNNERS) >= _MAX_RUNNERS:
             _RUNNERS.pop(next(iter(_RUNNERS)))
-        _RUNNERS[key] = _build(cfg, mesh, rows, width, new, temperature, top_k, top_p, eos_id, stream)
+        _RUNNERS[key] = _build(cfg, mesh, settings)
     return _RUNNERS[key]
 
 
-def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, rows: int, width: int, new: int, temperature: float,
-           top_k: int, top_p: float, eos_id: int | None, stream: Callable | None):
+def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings):
     module = model.Transformer(cfg, mesh)
+    length = s.width + s.new
+    eos = -1 if s.eos_id is None else s.eos_id  # -1: no token ever equals it
 
     def emit(tokens: jax.Array) -> None:
-        if stream is not None:
-            io_callback(lambda t: stream(np.asarray(t)), None, tokens, ordered=True)
-    length = width + new
-    eos = -1 if eos_id is None else eos_id  # -1: no token ever equals it
+        if s.stream is not None:
+            io_callback(lambda t: s.stream(np.asarray(t)), None, tokens, ordered=True)
 
-    def run(variables, prompts, start, rng):
-        def forward(cache_vars, tokens, index):
+    def run(variables, prompts, start, rng, strong, weak):
+        def forward(cache_vars, tokens, index, routing):
             cache = kv_cache.Cache(length, jnp.asarray(index, jnp.int32), start)
+            extra = {} if routing is None else {"intervention": routing}
             logits, mutated = module.apply({**variables, **cache_vars}, tokens, cache=cache,
-                                           mutable=[kv_cache.COLLECTION])
+                                           mutable=[kv_cache.COLLECTION], **extra)
             return logits[:, -1], mutated
 
-        logits, cache_vars = forward({}, prompts, 0)
+        def step(caches, tokens, index, key):
+            """The next tokens [B] and the caches after reading tokens [B, S] at slot index."""
+            logits, strong_cache = forward(caches[0], tokens, index, strong)
+            if s.contrast is None:
+                return sample(logits, key, s.temperature, s.top_k, s.top_p), (strong_cache,)
+            weak_logits, weak_cache = forward(caches[1], tokens, index, weak)
+            return (sample(s.contrast.combine(logits, weak_logits), key, s.temperature, s.top_k, s.top_p),
+                    (strong_cache, weak_cache))
+
         rng, key = jax.random.split(rng)
-        first = sample(logits, key, temperature, top_k, top_p)
+        first, caches = step(({}, {}), prompts, 0, key)
         emit(first)
-        buf = jnp.zeros((rows, length), jnp.int32).at[:, :width].set(prompts).at[:, width].set(first)
+        buf = jnp.zeros((s.rows, length), jnp.int32).at[:, :s.width].set(prompts).at[:, s.width].set(first)
 
         def cond(state):
             done_steps, _, _, finished, _ = state
-            return (done_steps < new) & ~jnp.all(finished)
+            return (done_steps < s.new) & ~jnp.all(finished)
 
         def body(state):
-            done_steps, buf, cache_vars, finished, rng = state
-            pos = width + done_steps - 1
-            last = jax.lax.dynamic_slice_in_dim(buf, pos, 1, axis=1)
-            logits, cache_vars = forward(cache_vars, last, pos)
+            done_steps, buf, caches, finished, rng = state
+            pos = s.width + done_steps - 1
             rng, key = jax.random.split(rng)
-            token = jnp.where(finished, eos, sample(logits, key, temperature, top_k, top_p))
+            token, caches = step(caches, jax.lax.dynamic_slice_in_dim(buf, pos, 1, axis=1), pos, key)
+            token = jnp.where(finished, eos, token)
             emit(token)
             buf = jax.lax.dynamic_update_slice_in_dim(buf, token[:, None], pos + 1, axis=1)
-            return done_steps + 1, buf, cache_vars, finished | (token == eos), rng
+            return done_steps + 1, buf, caches, finished | (token == eos), rng
 
-        state = (jnp.int32(1), buf, cache_vars, first == eos, rng)
+        state = (jnp.int32(1), buf, caches, first == eos, rng)
         done_steps, buf, _, _, _ = jax.lax.while_loop(cond, body, state)
-        unused = jnp.arange(length)[None, :] >= width + done_steps  # every row stopped early
+        unused = jnp.arange(length)[None, :] >= s.width + done_steps  # every row stopped early
         return jnp.where(unused, max(eos, 0), buf)
 
     return jax.jit(run)

@@ -241,3 +241,53 @@ def test_stream_sees_every_new_token_in_order():
     seen = []
     tokens = generate.generate(cfg, variables, prompts, max_new_tokens=5, stream=lambda t: seen.append(t.copy()))
     np.testing.assert_array_equal(np.stack(seen, axis=1), tokens[:, 3:])
+
+
+def naive_contrast(cfg, variables, prompt, steps, weak, alpha, beta, strong=None):
+    """SCMoE by two full forward passes per new token, combined in numpy (float64)."""
+    width = prompt.shape[1]
+    ids = np.zeros((prompt.shape[0], width + steps), np.int32)
+    ids[:, :width] = prompt
+    module = model.Transformer(generate.decode_config(cfg))
+    forward = jax.jit(lambda v, t, iv: module.apply(v, t, intervention=iv))
+    for t in range(width, width + steps):
+        z_strong = np.asarray(forward(variables, jnp.asarray(ids), strong), np.float64)[:, t - 1]
+        z_weak = np.asarray(forward(variables, jnp.asarray(ids), weak), np.float64)[:, t - 1]
+        plausible = z_strong >= np.log(alpha) + z_strong.max(-1, keepdims=True)
+        ids[:, t] = np.argmax(np.where(plausible, (1 + beta) * z_strong - beta * z_weak, -np.inf), axis=-1)
+    return ids
+
+
+def test_self_contrast_equals_two_forward_passes_combined():
+    from moejax.moe import intervention
+
+    cfg = tiny(init_std=0.5)  # weights large enough that the routing changes the tokens
+    variables = init(cfg, seed=4)
+    prompts = np.asarray(jax.random.randint(jax.random.key(10), (2, 4), 0, cfg.vocab_size))
+    plain = generate.generate(cfg, variables, prompts, max_new_tokens=6)
+    for alpha, beta in ((0.1, 0.5), (0.001, 3.0)):
+        contrast = generate.SelfContrast(rank=2, alpha=alpha, beta=beta)
+        got = generate.generate(cfg, variables, prompts, max_new_tokens=6, contrast=contrast)
+        want = naive_contrast(cfg, variables, prompts, 6, intervention.rank_only(cfg, 2), alpha, beta)
+        np.testing.assert_array_equal(got, want)
+        assert (got != plain).any()
+    beta0 = generate.generate(cfg, variables, prompts, max_new_tokens=6, contrast=generate.SelfContrast(beta=0.0))
+    np.testing.assert_array_equal(beta0, plain)
+
+
+def test_an_intervention_applies_to_every_decoding_step():
+    from moejax.moe import intervention
+
+    cfg = tiny(init_std=0.5)
+    variables = init(cfg, seed=5)
+    prompts = np.asarray(jax.random.randint(jax.random.key(11), (2, 4), 0, cfg.vocab_size))
+    masked = intervention.mask_experts(cfg, {1: [0, 1], 2: [3]})
+    got = generate.generate(cfg, variables, prompts, max_new_tokens=6, intervention=masked)
+    module = model.Transformer(generate.decode_config(cfg))
+    forward = jax.jit(lambda v, t: module.apply(v, t, intervention=masked))
+    ids = np.zeros((2, 10), np.int32)
+    ids[:, :4] = prompts
+    for t in range(4, 10):
+        ids[:, t] = np.argmax(np.asarray(forward(variables, jnp.asarray(ids)))[:, t - 1], axis=-1)
+    np.testing.assert_array_equal(got, ids)
+    assert (got != generate.generate(cfg, variables, prompts, max_new_tokens=6)).any()

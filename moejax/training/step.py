@@ -51,9 +51,11 @@ def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Ar
 
 
 def eval_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Array, *,
-              module: model.Transformer) -> clu_metrics.Collection:
-    """metrics merged with those of batch [B, S + 1], the MoE layers in eval mode (train=False)."""
+              module: model.Transformer, intervention: Any = None) -> clu_metrics.Collection:
+    """metrics merged with those of batch [B, S + 1], the MoE layers in eval mode (train=False); intervention: a
+    routing intervention record (moejax/moe/intervention.py) or None."""
+    extra = {} if intervention is None else {"intervention": intervention}
     logits, aux = module.apply({"params": state.params, "moe_state": state.moe_state}, batch[:, :-1], train=False,
-                               mutable=["moe_aux"])
+                               mutable=["moe_aux"], **extra)
     return metrics.merge(type(metrics).single_from_model_output(
         loss=objectives.cross_entropy(logits, batch[:, 1:]), **layer_outputs(stats.collect(aux.get("moe_aux", {})))))
