@@ -162,3 +162,30 @@ def test_super_experts(release, tmp_path):
 def test_bad_flags_are_named(release, argv, message, tmp_path):
     with pytest.raises(ValueError, match=message):  # a flag given twice: the last one counts
         cli.main([argv[0], *release[1], *argv[1:], "--out", str(tmp_path / "out")])
+
+
+def _torch_available() -> bool:
+    from tests import test_hf
+
+    return test_hf.has_torch()
+
+
+@pytest.mark.skipif(not _torch_available(), reason="the live check needs torch and transformers (pip install -e .[hf])")
+@pytest.mark.parametrize("command,extra", [("prune", ["--criterion=reap", "--keep=3"]),
+                                           ("merge", ["--method=mcsmoe", "--experts=2"])])
+def test_compressed_exports_run_in_transformers(release, tmp_path, command, extra):
+    """A pruned or merged model written as a transformers directory loads in transformers with its new expert count
+    and gives moejax's logits."""
+    import torch
+    import transformers
+
+    out = tmp_path / command
+    cli.main([command, *release[1], *extra, "--format=hf", "--out", str(out)])
+    config, variables = hf.load(out)
+    tokens = (np.arange(24, dtype=np.int32)[None] * 7) % 256
+    ours = np.asarray(model.Transformer(config.model).apply(variables, jnp.asarray(tokens)))
+    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert theirs_model.config.num_local_experts == config.model.moe.num_experts < 4
+    with torch.no_grad():
+        theirs = theirs_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
