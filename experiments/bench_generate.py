@@ -131,7 +131,7 @@ def main() -> None:
         print(f"{name}: cache {per_token:.0f} values per token and layer (expanded keys and values: "
               f"{expanded:.0f})", flush=True)
         rows += bench(name, config, variables, args.batches, args.prompt, args.new_tokens, args.nocache_steps)
-    print(f"\n| model | params | batch | prefill tok/s | decode tok/s | no-cache tok/s | cached speed-up |")
+    print("\n| model | params | batch | prefill tok/s | decode tok/s | no-cache tok/s | cached speed-up |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['prefill_tok_s']:,.0f} | "

@@ -19,7 +19,6 @@ import json
 import math
 import pathlib
 import sys
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from moejax import checks, model
+from moejax.training import console
 from moejax.training import metrics as metrics_lib
 from moejax.training.step import TrainState, eval_step
 
@@ -73,21 +73,6 @@ def _bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
                       np.float64)
 
 
-def _progress_bar(total: int | None) -> Callable[[int], None]:
-    started = time.perf_counter()
-
-    def show(done: int) -> None:
-        rate = done / max(time.perf_counter() - started, 1e-9)
-        if total:
-            filled = int(30 * min(done / total, 1.0))
-            text = f"\r[{'#' * filled}{'.' * (30 - filled)}] {done:,}/{total:,} tokens | {rate:,.0f} tokens/s"
-        else:
-            text = f"\r{done:,} tokens | {rate:,.0f} tokens/s"
-        print(text, end="", file=sys.stderr, flush=True)
-
-    return show
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moejax.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
@@ -129,9 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"evaluating {path} on {config.data.name} (validation split): {len(batches)} batches of "
           f"{config.train.batch_size} x {config.train.seq_len} tokens", file=sys.stderr)
     table = _bytes_table(tokenizer, config.model.vocab_size)
-    result = evaluate(config, variables, batches, progress=_progress_bar(total),
+    result = evaluate(config, variables, batches, progress=console.progress_bar(total),
                       bytes_per_token=None if table is None else (lambda t: float(table[t].sum())))
-    print(file=sys.stderr)
     result.update(checkpoint=str(path), data=config.data.name, tokenizer=tokenizer.spec,
                   batch_size=config.train.batch_size, seq_len=config.train.seq_len)
     _report(result)

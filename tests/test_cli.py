@@ -34,7 +34,7 @@ from tensorboardX.proto import event_pb2
 import moejax
 from moejax import data, model
 from moejax.training import checkpoint, loop
-from tests import helpers_train
+from tests import helpers_env, helpers_train
 
 pytestmark = pytest.mark.xdist_group("cli")
 
@@ -58,12 +58,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """One host device (a faster compile than the suite's 8) and a compilation cache shared by the subprocesses."""
-    cache = tmp_path_factory.mktemp("jax_cache")
-    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-    return dict(os.environ, XLA_FLAGS=" ".join(xla_flags), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-                MOEJAX_VERBOSE="0")
+    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"), MOEJAX_VERBOSE="0")
 
 
 def command(corpus, workdir, *extra):

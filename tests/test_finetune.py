@@ -8,7 +8,6 @@ result exported with ``moejax.hf.save`` loads back with ``moejax.hf.load`` to id
 refused by name before anything is written.
 """
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ import moejax
 from moejax import checks, data, hf, model
 from moejax.data import tokenizers
 from moejax.training import initialise, loop
+from tests import helpers_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ["--config.train.warmup_steps=1", "--config.train.batch_size=4", "--config.train.seq_len=32",
@@ -69,11 +69,7 @@ def release(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """One host device and a compilation cache shared by the two invocations."""
-    cache = tmp_path_factory.mktemp("jax_cache")
-    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-    return dict(os.environ, XLA_FLAGS=" ".join(xla_flags), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def finetune(release, workdir, env, steps):

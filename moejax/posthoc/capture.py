@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -58,6 +56,7 @@ from moejax.moe import dispatch, experts, pipeline, routers
 from moejax.moe import layer as moe_layer
 from moejax.posthoc import prune
 from moejax.posthoc.trace import TraceWriter
+from moejax.training import console
 
 COLLECTION = "moe_aux"  # the collection the interceptor sows into (scanned by nn.scan, unlike 'intermediates')
 PREFIX = "posthoc_"  # names of the sown entries: posthoc_h_before, posthoc_inputs, posthoc_logits, ...
@@ -356,22 +355,7 @@ def calibration_batches(config: ml_collections.ConfigDict, checkpoint: str | pat
     return config, batches, tokenizer
 
 
-def progress_bar(total: int | None, what: str = "tokens", stream_=None) -> Callable[[int], None]:
-    """A ``progress`` callback drawing one updating line on stderr: a bar when ``total`` is known, the count and the
-    rate; a newline when ``total`` is reached."""
-    out = sys.stderr if stream_ is None else stream_
-    started = time.perf_counter()
-
-    def show(done: int) -> None:
-        rate = done / max(time.perf_counter() - started, 1e-9)
-        if total:
-            filled = int(30 * min(done / total, 1.0))
-            text = f"\r[{'#' * filled}{'.' * (30 - filled)}] {done:,}/{total:,} {what} | {rate:,.0f} {what}/s"
-        else:
-            text = f"\r{done:,} {what} | {rate:,.0f} {what}/s"
-        print(text, end="\n" if total and done >= total else "", file=out, flush=True)
-
-    return show
+progress_bar = console.progress_bar  # the post-hoc CLI's progress lines (moejax/training/console.py)
 
 
 # ------------------------------------------------------------------------------------------- saving a model
