@@ -21,7 +21,9 @@ row has about 2.9M parameters instead of 0.87M, and the output layer's 128 x 819
 token as the four blocks together.
 
 Budget: PENDING the pilot study of issue 20 (BUDGET_STATUS), which chooses the smallest model and step budget at which
-the MoE-beats-dense claims show beyond seed noise. Until then: 150 steps x 32 x 128 = 614,400 BPE tokens per run
+the MoE-beats-dense claims show beyond seed noise. Pilot grid so far (experiments/results/pilot_deepseekmoe_table1.md):
+150 steps, dense vs deepseekmoe, 3 seeds: deepseekmoe - dense = +0.023 nats/token, 95% interval [-0.102, +0.148],
+not resolved, so 150 steps is too small; 600 and 1,200 steps are next. Until then: 150 steps x 32 x 128 = 614,400 BPE tokens per run
 (about 2.3M bytes of text, 0.21 epochs of the training split), one evaluation at the end on 16 validation batches
 (65,536 tokens). Measured before the BPE default, on bytes (vocabulary 256), on the 2-core CPU with another training
 job sharing the cores: 1.70 s/step for the slowest row (deepseekmoe m=4) and 45 s per run of start-up, compilation,
