@@ -61,7 +61,7 @@ CALIB_SEED_OFFSET = 1000
 RANDOM_SEED_OFFSET = 2024
 TOP_N = (1, 2, 3)
 NAME = "posthoc_compression"
-FINDINGS_BEGIN, FINDINGS_END = "<!-- findings:begin -->", "<!-- findings:end -->"
+from experiments.runner import FINDINGS_BEGIN, FINDINGS_END, kept_findings  # noqa: E402
 
 
 def _say(message: str) -> None:
@@ -701,19 +701,11 @@ def _render_super(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _findings(page: pathlib.Path) -> str:
-    if page.exists():
-        text = page.read_text()
-        if FINDINGS_BEGIN in text and FINDINGS_END in text:
-            return text.split(FINDINGS_BEGIN, 1)[1].split(FINDINGS_END, 1)[0]
-    return "\n## Findings\n\n(not written yet)\n"
-
-
 def write_outputs(cache: Cache, meta: dict[str, Any], out_dir: pathlib.Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(cache, meta)
     page = out_dir / f"{NAME}.md"
-    findings = _findings(page)
+    findings = kept_findings(page, "(not written yet)")
     (out_dir / f"{NAME}.json").write_text(json.dumps({"summary": summary, "results": cache.results}, indent=1,
                                                      sort_keys=True) + "\n")
     plot_curves(summary, out_dir / f"{NAME}.png")

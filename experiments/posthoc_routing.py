@@ -67,7 +67,7 @@ KEYWORDS = ("def", "return", "self", "import")
 BETAS = (0.0, 0.25, 0.5, 1.0)
 PROMPTS = ("def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n")
 RANDOM_SEED = 2024
-FINDINGS_BEGIN, FINDINGS_END = "<!-- findings:begin -->", "<!-- findings:end -->"
+from experiments.runner import FINDINGS_BEGIN, FINDINGS_END, kept_findings  # noqa: E402
 STARTED = time.perf_counter()
 
 
@@ -807,14 +807,6 @@ def render_page(cache: Cache, summary: dict[str, Any], info: dict[str, Any], fin
     return "\n".join(lines)
 
 
-def _findings(page: pathlib.Path) -> str:
-    if page.exists():
-        text = page.read_text()
-        if FINDINGS_BEGIN in text and FINDINGS_END in text:
-            return text.split(FINDINGS_BEGIN, 1)[1].split(FINDINGS_END, 1)[0]
-    return "\n## Findings\n\n(to be written after a run)\n"
-
-
 # ------------------------------------------------------------------------------------------------------ main
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -899,7 +891,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{k} {v:.0f}s" for k, v in seconds.items()) + ")",
             "weak_rank": args.weak_rank, "alpha": args.alpha, "max_new": args.max_new, "keywords": keywords}
     page = out / f"{NAME}.md"
-    page.write_text(render_page(cache, summary, info, _findings(page)))
+    page.write_text(render_page(cache, summary, info, kept_findings(page, "(to be written after a run)")))
     (out / f"{NAME}.json").write_text(json.dumps(_jsonable({"info": info, "summary": summary, **{
         k: v for k, v in cache.data.items()}}), indent=1, sort_keys=True, allow_nan=False) + "\n")
     _say(f"wrote {page} and {out / (NAME + '.json')} ({total / 60:.1f} min of compute in the cached steps)")

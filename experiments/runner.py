@@ -367,3 +367,17 @@ def run_metrics(workdir: pathlib.Path) -> dict[str, float | None]:
         per_record = [r[f"{layer}_{stat}"] for r in records for layer in layers if f"{layer}_{stat}" in r]
         values[f"train_{stat}"] = sum(per_record) / len(per_record) if per_record else None
     return values
+
+
+# Results pages whose hand-written findings sit between these markers keep them when a script rewrites the page.
+FINDINGS_BEGIN, FINDINGS_END = "<!-- findings:begin -->", "<!-- findings:end -->"
+
+
+def kept_findings(page, placeholder: str) -> str:
+    """The text between the findings markers of an existing results page, else a '## Findings' section holding
+    placeholder."""
+    if page.exists():
+        text = page.read_text()
+        if FINDINGS_BEGIN in text and FINDINGS_END in text:
+            return text.split(FINDINGS_BEGIN, 1)[1].split(FINDINGS_END, 1)[0]
+    return f"\n## Findings\n\n{placeholder}\n"
