@@ -251,7 +251,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.dir = ""
     # Fraction of files in the validation split (by sha256 of the relative path; fixed per file).
     data.val_fraction = 0.05
-    # Validation batches used by each evaluation (the split's first windows, not shuffled).
+    # Validation batches used by each evaluation: windows evenly spaced over the whole validation split, in order.
     data.eval_batches = 8
     # TFDS data_dir for 'tfds:' datasets; '' means TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
     data.tfds_dir = ""

@@ -186,7 +186,12 @@ def test_eval_batches_fixed_and_seed_independent(stdlib_dir, stdlib_ref):
     assert len(first) == 3
     for x, y in zip(first, again, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert bytes(first[0][0].astype(np.uint8)) == val_stream[:65]  # unshuffled: the split's first window
+    # 3 x 8 windows evenly spaced over the whole split, in order: window k starts at byte 64 * round(k * (n - 1) / 23)
+    n = (len(val_stream) - 1) // 64
+    starts = [64 * round(k * (n - 1) / 23) for k in range(24)]
+    got = [bytes(row.astype(np.uint8)) for batch in first for row in batch]
+    assert got == [val_stream[s:s + 65] for s in starts]
+    assert starts[0] == 0 and starts[-1] == 64 * (n - 1)  # the first and the last window of the split
 
 
 # ------------------------------------------------------------------ text:<glob>

@@ -225,8 +225,9 @@ def test_bpe_stream_is_the_documents_joined_by_eos(text_corpus, tmp_path):
     rows = [tuple(r) for _ in range(count // 2 + 1) for r in next(it)]
     assert next(it).dtype == np.int32
     assert sorted(rows[:count]) == windows(train, 16)  # the first epoch: every window once
+    n = (len(valid) - 1) // 16  # validation: 4 windows evenly spaced over the split, the first and the last included
     assert [tuple(r) for b in data.eval_batches(config) for r in b] == [
-        tuple(valid[i * 16:i * 16 + 17]) for i in range(4)]
+        tuple(valid[16 * i:16 * i + 17]) for i in (round(k * (n - 1) / 3) for k in range(4))]
     assert list(tmp_path.joinpath("cache").glob("tokens-*.npz"))  # encoded once, cached beside the tokenizer
 
 

@@ -54,8 +54,12 @@ class TrainIterator:
 
 
 def _windows(stream: np.ndarray, seq_len: int, rows: int, process_index: int, process_count: int,
-             seed: int | None, split: str) -> grain.MapDataset:
-    """Endless MapDataset of int32 [rows, seq_len + 1] batches of windows stream[i*L : i*L + L + 1]."""
+             seed: int | None, split: str, spread: int = 0) -> grain.MapDataset:
+    """Endless MapDataset of int32 [rows, seq_len + 1] batches of windows stream[i*L : i*L + L + 1].
+
+    seed: shuffle the windows (training); None keeps their order. spread > 0 (evaluation): the first ``spread``
+    windows of the dataset are evenly spaced over the whole stream instead of its first ``spread`` windows, so a
+    validation set smaller than the split samples all of it rather than its first documents."""
     count = (stream.size - 1) // seq_len
     if count < 1:
         raise ValueError(f"the {split} has {stream.size} tokens, fewer than config.train.seq_len + 1 = "
@@ -63,6 +67,9 @@ def _windows(stream: np.ndarray, seq_len: int, rows: int, process_index: int, pr
     ds = grain.MapDataset.range(count)
     if seed is not None:
         ds = ds.shuffle(seed=_grain_seed(seed))
+    elif 0 < spread < count:
+        picked = np.linspace(0, count - 1, spread).round().astype(np.int64)
+        ds = grain.MapDataset.range(spread).map(lambda i: picked[i])
     ds = ds.repeat(None)[process_index::process_count].batch(rows, drop_remainder=True)
     offsets = np.arange(seq_len + 1)
     return ds.map(lambda ids: stream[ids[:, None] * seq_len + offsets].astype(np.int32))
@@ -148,7 +155,9 @@ def _iterator(config, process_index: int, process_count: int, train: bool) -> Tr
     if isinstance(corpus, _MemoryCorpus):
         stream = token_streams(config)[0 if train else 1]
         split = f"{'train' if train else 'validation'} split of config.data.name={config.data.name!r}"
-        return _WindowIterator(_windows(stream, seq_len, rows, process_index, process_count, seed, split), meta)
+        spread = 0 if train else config.data.eval_batches * config.train.batch_size
+        return _WindowIterator(_windows(stream, seq_len, rows, process_index, process_count, seed, split, spread),
+                               meta)
     source = corpus.train if train else corpus.val
     order = grain.MapDataset.range(len(source))
     if train:
@@ -168,9 +177,12 @@ def train_iterator(config, *, process_index: int = 0, process_count: int = 1) ->
 
 
 def eval_batches(config, *, process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
-    """The first ``config.data.eval_batches`` validation batches, int32 [batch // process_count, seq_len + 1].
+    """``config.data.eval_batches`` validation batches, int32 [batch // process_count, seq_len + 1].
 
-    Deterministic and independent of ``config.seed``; a validation split smaller than that repeats.
+    Deterministic and independent of ``config.seed``. In-memory corpora (stdlib, text:): windows evenly spaced over
+    the whole validation split, in order (not its first windows: the stdlib split's files come in path order, and
+    its first windows are mostly codec tables, far easier than the rest); a split with fewer windows than that
+    repeats. tfds corpora: the first windows of the split's documents, packed per row.
     """
     it = _iterator(config, process_index, process_count, train=False)
     return [next(it) for _ in range(config.data.eval_batches)]
