@@ -4,6 +4,7 @@ verdict per paper claim), a JSON file of every run's values, and plots.
 
     python -m experiments.reproduce deepseekmoe_table1 --seeds 3 [--workdir runs/deepseekmoe_table1] [--jobs 1]
         [--budget full|smoke] [--rows dense,gshard] [--dry-run] [--results-dir experiments/results]
+        [--set train.steps=600 ...]                                   # a pilot budget: see below
     python -m experiments.reproduce deepseekmoe_table1 --render-only   # <table>.md again from <table>.json
     python -m experiments.reproduce --summary                          # README.md's results block
 
@@ -15,6 +16,12 @@ table can be stopped (Ctrl-C: the running runs save a checkpoint) and continued 
 ``--budget smoke`` applies SMOKE_BUDGET (a few steps of a small batch) after the row's overrides, to check a
 table's whole pipeline in a few minutes; its runs go to ``runs/<table>_smoke`` and its results beside them unless
 --workdir / --results-dir say otherwise, so a smoke run never replaces real results.
+
+``--set <field>=<value>`` (repeatable) changes the table's BUDGET for a pilot study, e.g. ``--set train.steps=600``
+to see whether a longer budget resolves a claim: the overrides apply after BUDGET and before the row's own; the
+runs go to ``runs/<table>_<field>=<value>...`` and the results beside them unless --workdir / --results-dir say
+otherwise, and the page says which budget fields were changed. The table file's BUDGET stays what the committed
+results use.
 
 Statistics (on every results page and in <table>.json):
 
@@ -151,6 +158,27 @@ def select_rows(table: ModuleType, rows: str | None) -> list[Row]:
                                 f"the rows of table {table.__name__.removeprefix('_moejax_table_')} are "
                                 f"{', '.join(names)}")
     return [row for row in table.ROWS if row.name in wanted]
+
+
+def pilot_budget(table: ModuleType, sets: list[str], budget: str) -> dict[str, Any]:
+    """--set FIELD=VALUE ...: {field: typed value}; table.BUDGET becomes BUDGET with them (a pilot budget) and
+    table.BUDGET_STATUS says so. Fields are typed against the first row's config."""
+    if not sets:
+        return {}
+    if budget != "full":
+        raise runner.UsageError(f"--set changes the full budget; it cannot be combined with --budget={budget}")
+    config = runner.load_config(table.ROWS[0].config)
+    parsed = {}
+    for item in sets:
+        field, eq, value = item.partition("=")
+        if not eq or not field:
+            raise runner.UsageError(f"--set {item!r} is invalid: expected FIELD=VALUE, e.g. train.steps=600")
+        parsed[field] = runner.typed_value(config, field, value, f"--set {item!r}")
+    table.BUDGET = {**table.BUDGET, **parsed}
+    table.BUDGET_STATUS = ("pilot budget: the table's BUDGET with "
+                           + ", ".join(f"`{f}={runner.format_value(v)}`" for f, v in parsed.items())
+                           + " (experiments.reproduce --set), not the budget of the committed results")
+    return parsed
 
 
 def plan(table: ModuleType, rows: list[Row], seeds: int, workdir: pathlib.Path, budget: str) -> dict[str, list[Any]]:
@@ -718,6 +746,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; each run uses every core)")
     parser.add_argument("--budget", default="full", help="full (the table's BUDGET) or smoke (SMOKE_BUDGET)")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: every row)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="sets",
+                        help="a pilot budget: change the table's BUDGET field (repeatable), e.g. train.steps=600")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
     parser.add_argument("--results-dir", type=pathlib.Path, default=None,
                         help="where <table>.md, .json and the plots go (default experiments/results; the workdir "
@@ -800,9 +830,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 1:
             raise runner.UsageError(f"--jobs={args.jobs} is invalid: must be an integer >= 1")
         table = load_table(args.table, args.tables_dir)
+        sets = pilot_budget(table, args.sets, args.budget)
         suffix = "" if args.budget == "full" else f"_{args.budget}"
+        suffix += "".join(f"_{field}={runner.format_value(value)}" for field, value in sets.items())
         workdir = args.workdir or pathlib.Path("runs") / f"{args.table}{suffix}"
-        results_dir = args.results_dir or (RESULTS_DIR if args.budget == "full" else workdir)
+        results_dir = args.results_dir or (RESULTS_DIR if args.budget == "full" and not sets else workdir)
         if args.render_only:
             return render_only(args, table, results_dir, command)
         rows = select_rows(table, args.rows)

@@ -202,12 +202,23 @@ def test_sweep_grid_resumes_and_sorts(toy_run, tmp_path, capsys):
     (["no_such_table", "--dry-run"], ["'no_such_table'", "allowed tables:", "deepseekmoe_table1"]),
     (["deepseekmoe_table1", "--rows", "gshard,nope", "--dry-run"], ["'nope'", "dense, hash, switch, gshard"]),
     (["deepseekmoe_table1", "--budget", "huge", "--dry-run"], ["--budget='huge'", "full, smoke"]),
+    (["deepseekmoe_table1", "--set", "train.steps=many", "--dry-run"], ["train.steps='many'", "not a valid int"]),
+    (["deepseekmoe_table1", "--set", "train.steps", "--dry-run"], ["'train.steps'", "FIELD=VALUE"]),
+    (["deepseekmoe_table1", "--set", "train.steps=9", "--budget", "smoke", "--dry-run"], ["--budget=smoke"]),
 ])
 def test_reproduce_bad_input(args, words, capsys):
     code, _, err = run_main(reproduce, args, capsys)
     assert code == 2
     for word in words:
         assert word in err
+
+
+def test_reproduce_set_gives_a_pilot_budget_in_its_own_workdir(capsys):
+    code, out, _ = run_main(reproduce, ["deepseekmoe_table1", "--rows", "dense", "--seeds", "1", "--set",
+                                        "train.steps=600", "--dry-run"], capsys)
+    assert code == 0
+    assert "--workdir=runs/deepseekmoe_table1_train.steps=600/dense/seed0" in out
+    assert "--config.train.steps=600" in out and "--config.train.steps=150" not in out
 
 
 def test_reproduce_table_with_unknown_field(tmp_path, capsys):
