@@ -342,7 +342,13 @@ def main(argv: list[str]) -> int:
         fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value (--help shows the usage)",
              EXIT_USAGE, verbose)
     config = FLAGS.config
-    if FLAGS.print_config:
+    if FLAGS.print_config:  # with init_from='hf:<dir>': the model and tokenizer the run will train, read from <dir>
+        from moejax import checks
+        from moejax.training import initialise
+        try:
+            config = initialise.resolve(config)
+        except checks.ConfigError as e:
+            fail(str(e), EXIT_USAGE, verbose)
         _print(json.dumps(json.loads(config.to_json()), indent=2))
         return 0
     if not FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO; progress goes to stdout

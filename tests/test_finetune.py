@@ -142,6 +142,19 @@ def test_resolve_takes_the_release_model_and_tokenizer(release):
     assert initialise.source_name(resolved) == "hf"
 
 
+def test_print_config_shows_the_model_the_run_will_train(release, env, tmp_path):
+    directory, _ = release
+    args = [sys.executable, "-m", "moejax.main", "--config=configs/finetune.py", f"--config.init_from=hf:{directory}",
+            f"--workdir={tmp_path / 'run'}", "--print_config"]
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    released = json.loads((directory / "config.json").read_text())
+    assert (printed["model"]["d_model"], printed["model"]["moe"]["num_experts"], printed["model"]["vocab_size"]) == (
+        released["hidden_size"], released["num_local_experts"], released["vocab_size"])
+    assert printed["data"]["tokenizer"] == f"hf:{directory}" and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("value,why", [
     ("{dir}", r"allowed: '' \(the model's own initialisation\) or 'hf:<dir>'"),
     ("hf:{dir}/missing", r"is not a transformers checkpoint directory; allowed: ''"),
