@@ -512,6 +512,15 @@ def plot_specs(table_name: str, results: dict[str, Any]) -> list[tuple[str, str,
     if finished:
         specs.append(("Train loss (solid) and eval loss (dashed), mean over seeds with min-max band",
                       f"{table_name}_loss.png", lambda p: analysis.loss_curves(finished, p)))
+    # the table's REFERENCE, else (when it has not run) the reference row of the first claim whose rows both ran
+    candidates = [results.get("reference")] + [c["reference"] for c in results.get("claims", []) if c["row"] in finished]
+    reference = next((name for name in candidates if name in finished), None)
+    if reference is not None and len(finished) > 1:
+        by_seed = {row["name"]: {e["seed"]: pathlib.Path(e["workdir"]) for e in row["runs"]}
+                   for row in results["rows"] if row["runs"]}
+        specs.append((f"Train loss minus {reference}'s at the same seed (the same batches), over training: each seed "
+                      "and the mean", f"{table_name}_paired.png",
+                      lambda p: analysis.paired_difference_curves(by_seed, reference, p)))
     if moe:
         specs.append(("MaxVio during training (max load / mean load - 1, mean over MoE layers)",
                       f"{table_name}_maxvio.png", lambda p: analysis.stat_curves(moe, "maxvio", p)))

@@ -214,3 +214,46 @@ def stat_curves(runs: Runs, stat: str, path: Workdir | None = None) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _finish(fig, path)
+
+
+def paired_train_differences(rows: Mapping[str, Mapping[int, Workdir]], reference: str
+                             ) -> dict[str, tuple[np.ndarray, np.ndarray, list[int]]]:
+    """Within-seed differences of the train loss over training: for each row other than ``reference``,
+    (steps, differences [seeds, steps] of row - reference, seeds) at the seeds both rows have and the logged steps
+    all those runs share. ``rows``: {row: {seed: workdir}}. Rows that share no seed with the reference are left out.
+    The seed fixes the data order, so both runs of a pair saw the same batches at every step."""
+    ref = {seed: _series(d, "train", lambda r: r.get("loss")) for seed, d in rows[reference].items()}
+    out = {}
+    for name, runs in rows.items():
+        seeds = sorted(set(runs) & set(ref))
+        if name == reference or not seeds:
+            continue
+        mine = {seed: _series(runs[seed], "train", lambda r: r.get("loss")) for seed in seeds}
+        steps = sorted(set.intersection(*(set(mine[k]) & set(ref[k]) for k in seeds)))
+        diffs = np.array([[mine[k][t] - ref[k][t] for t in steps] for k in seeds], dtype=float)
+        out[name] = (np.array(steps), diffs.reshape(len(seeds), len(steps)), seeds)
+    return out
+
+
+def paired_difference_curves(rows: Mapping[str, Mapping[int, Workdir]], reference: str,
+                             path: Workdir | None = None) -> Figure:
+    """paired_train_differences as a plot: per row, the mean over seeds (thick) and each seed (thin), against a zero
+    line; below zero the row's train loss is lower than the reference's on the same batches."""
+    from matplotlib.figure import Figure
+
+    differences = paired_train_differences(rows, reference)
+    if not differences:
+        raise ValueError(f"no row shares a seed with the reference row {reference!r}")
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    for i, (name, (steps, diffs, seeds)) in enumerate(differences.items()):
+        color = f"C{i % 10}"
+        for row in diffs:
+            ax.plot(steps, row, color=color, linewidth=0.6, alpha=0.5)
+        ax.plot(steps, diffs.mean(0), color=color, linewidth=2.0, label=f"{name} - {reference} ({len(seeds)} seeds)")
+    ax.set(xlabel="step", ylabel="train loss difference (nats per token)",
+           title=f"train loss minus {reference}'s at the same seed (thin: each seed, thick: mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _finish(fig, path)

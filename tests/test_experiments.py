@@ -318,6 +318,31 @@ def test_loss_curves_mean_and_band_over_seeds(tmp_path):
     assert (tmp_path / "loss.png").exists()
 
 
+def test_paired_differences_pair_runs_by_seed_on_shared_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    losses = {}
+    for row, steps in (("ref", (10, 20, 30)), ("moe", (10, 20, 30)), ("other", (10, 30))):
+        for seed in (0, 1, 2):
+            path = tmp_path / row / f"seed{seed}"
+            path.mkdir(parents=True)
+            losses[row, seed] = {t: float(rng.normal(5, 1)) for t in steps}
+            (path / "metrics.jsonl").write_text("".join(
+                json.dumps({"kind": "train", "step": t, "loss": v}) + "\n" for t, v in losses[row, seed].items()))
+    rows = {"ref": {k: tmp_path / "ref" / f"seed{k}" for k in (0, 1, 2)},
+            "moe": {k: tmp_path / "moe" / f"seed{k}" for k in (2, 0)},  # seed 1 unfinished
+            "other": {k: tmp_path / "other" / f"seed{k}" for k in (0, 1, 2)}}
+    got = analysis.paired_train_differences(rows, "ref")
+    steps, diffs, seeds = got["moe"]
+    assert seeds == [0, 2] and list(steps) == [10, 20, 30]
+    np.testing.assert_allclose(diffs, [[losses["moe", k][t] - losses["ref", k][t] for t in (10, 20, 30)]
+                                       for k in (0, 2)])
+    assert list(got["other"][0]) == [10, 30] and "ref" not in got
+    fig = analysis.paired_difference_curves(rows, "ref", tmp_path / "paired.png")
+    mean_line = [line for line in fig.axes[0].get_lines() if line.get_linewidth() == 2.0][0]
+    np.testing.assert_allclose(mean_line.get_ydata(), diffs.mean(0))
+    assert (tmp_path / "paired.png").exists()
+
+
 # ----------------------------------------------------------------------------------------------- statistics
 
 
