@@ -21,14 +21,16 @@ row has about 2.9M parameters instead of 0.87M, and the output layer's 128 x 819
 token as the four blocks together.
 
 Budget: PENDING the pilot study of issue 20 (BUDGET_STATUS), which chooses the smallest model and step budget at which
-the MoE-beats-dense claims show beyond seed noise. Pilot grid so far (experiments/results/pilot_deepseekmoe_table1.md):
-150 steps, dense vs deepseekmoe, 3 seeds: deepseekmoe - dense = +0.023 nats/token, 95% interval [-0.102, +0.148],
-not resolved, so 150 steps is too small; 600 and 1,200 steps are next. Until then: 150 steps x 32 x 128 = 614,400 BPE tokens per run
-(about 2.3M bytes of text, 0.21 epochs of the training split), one evaluation at the end on 16 validation batches
-(65,536 tokens). Measured before the BPE default, on bytes (vocabulary 256), on the 2-core CPU with another training
-job sharing the cores: 1.70 s/step for the slowest row (deepseekmoe m=4) and 45 s per run of start-up, compilation,
-final evaluation and checkpoint, about 300 s per run and 45-75 minutes for the table with --jobs 1. The larger
-output layer makes BPE steps slower; the pilot measures them again.
+the MoE-beats-dense claims show beyond seed noise. Pilot grid so far (experiments/results/pilot_deepseekmoe_table1.md;
+dense vs deepseekmoe, validation on 64 batches spread over the split, `python -m experiments.reproduce
+deepseekmoe_table1 --rows dense,deepseekmoe --set train.steps=<N> ...`):
+* 150 steps, 3 seeds: deepseekmoe - dense = +0.023 nats/token, 95% interval [-0.099, +0.145], not resolved;
+* 300 steps, 3 seeds: -0.046, [-0.300, +0.209], not resolved. deepseekmoe lags dense by 0.19-0.34 around steps
+  50-70 and passes it near step 165; the seeds' differences stay about 0.1 apart;
+* 600 steps, 2 seeds: running.
+At 300 steps Table 1 takes about 2.4 hours with --jobs 1 (dense about 7.5 and each MoE row about 10 minutes a run).
+Until the choice: 150 steps x 32 x 128 = 614,400 BPE tokens per run (about 2.3M bytes of text, 0.21 epochs of the
+training split), one evaluation at the end on 16 validation batches spread over the split (65,536 tokens).
 
 Claims (CLAIMS): the paper's ordering Dense > Hash > Switch >~ GShard > DeepSeekMoE in loss, as paired comparisons:
 each MoE row beats dense, Switch and GShard beat Hash, GShard beats Switch, DeepSeekMoE beats GShard.
