@@ -25,9 +25,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from moejax.configs import base
 
 from moejax import generate, kv_cache, model
-from moejax.configs import base
 
 
 def v2lite_100m():

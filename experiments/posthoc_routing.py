@@ -68,6 +68,7 @@ BETAS = (0.0, 0.25, 0.5, 1.0)
 PROMPTS = ("def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n")
 RANDOM_SEED = 2024
 from experiments.runner import FINDINGS_BEGIN, FINDINGS_END, kept_findings  # noqa: E402
+
 STARTED = time.perf_counter()
 
 

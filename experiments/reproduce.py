@@ -513,7 +513,8 @@ def plot_specs(table_name: str, results: dict[str, Any]) -> list[tuple[str, str,
         specs.append(("Train loss (solid) and eval loss (dashed), mean over seeds with min-max band",
                       f"{table_name}_loss.png", lambda p: analysis.loss_curves(finished, p)))
     # the table's REFERENCE, else (when it has not run) the reference row of the first claim whose rows both ran
-    candidates = [results.get("reference")] + [c["reference"] for c in results.get("claims", []) if c["row"] in finished]
+    claims = results.get("claims", [])
+    candidates = [results.get("reference")] + [c["reference"] for c in claims if c["row"] in finished]
     reference = next((name for name in candidates if name in finished), None)
     if reference is not None and len(finished) > 1:
         by_seed = {row["name"]: {e["seed"]: pathlib.Path(e["workdir"]) for e in row["runs"]}

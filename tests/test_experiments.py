@@ -532,7 +532,7 @@ def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir
 
     from experiments import posthoc_compression
     from moejax import model
-    from moejax.posthoc import capture
+    from moejax.training import checkpoint
 
     config = base.get_config()
     config.data.update(dir=str(data_dir), eval_batches=1)
@@ -544,7 +544,7 @@ def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir
     rng = np.random.default_rng(0)  # random weights without compiling the init
     params = jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(s.dtype), shapes["params"])
     moe_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes.get("moe_state", {}))
-    run = capture.save_variables(tmp_path / "run", config, {"params": params, "moe_state": moe_state})
+    run = checkpoint.save_variables(tmp_path / "run", config, {"params": params, "moe_state": moe_state})
     args = [f"--checkpoint={run}", "--seeds=1", "--calib_batches=1", "--fractions=0.5", "--methods=frequency",
             "--no_super", "--compile_cache=none", f"--out={tmp_path / 'results'}"]
     code, out, err = run_main(posthoc_compression, args, capsys)

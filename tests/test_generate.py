@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from moejax.configs import base
 from scipy import stats as scipy_stats
 
 from moejax import generate, hf, kv_cache, model, parallel
 from moejax.checks import ConfigError
-from moejax.configs import base
 from tests import test_hf
 from tests.helpers_configs import load, small_model
 

@@ -125,13 +125,13 @@ def _save_model(args: argparse.Namespace, opened: dict[str, Any], config, variab
     """Writes the compressed model to --out in --format, the source's tokenizer files beside it and
     posthoc.json (what was done)."""
     from moejax import hf
-    from moejax.posthoc import capture
+    from moejax.training import checkpoint
 
     out = pathlib.Path(args.out)
     if args.format == "hf":
         hf.save(config, variables, out)
     else:
-        capture.save_variables(out, config, variables)
+        checkpoint.save_variables(out, config, variables)
     for name in TOKENIZER_FILES:
         if (opened["path"] / name).is_file():
             shutil.copy(opened["path"] / name, out / name)

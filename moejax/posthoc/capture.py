@@ -356,33 +356,3 @@ def calibration_batches(config: ml_collections.ConfigDict, checkpoint: str | pat
 
 
 progress_bar = console.progress_bar  # the post-hoc CLI's progress lines (moejax/training/console.py)
-
-
-# ------------------------------------------------------------------------------------------- saving a model
-
-def save_variables(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, variables: Mapping[str, Any],
-                   step: int = 0) -> pathlib.Path:
-    """Writes (config, variables) as a moejax workdir that ``moejax.load(workdir)`` opens: ``config.json`` (the
-    whole config) and one orbax checkpoint ``checkpoints/<step>`` written by ``moejax.training.checkpoint`` whose
-    state holds ``step``, ``params`` and ``moe_state`` (no optimizer state: it is a model, not a run to resume;
-    continue training it through ``moejax.hf.save`` and ``init_from='hf:<dir>'``). Refuses a directory that
-    already holds a config.json or checkpoints. Returns the workdir."""
-    import json
-
-    from moejax.training import checkpoint
-    from moejax.training.step import TrainState
-
-    workdir = pathlib.Path(workdir)
-    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
-        raise FileExistsError(f"{workdir} already holds a moejax workdir (config.json or checkpoints/); choose a new "
-                              f"directory")
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
-    state = TrainState(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
-                       opt_state=None, moe_state=jax.tree.map(jnp.asarray, variables.get("moe_state") or {}))
-    manager = checkpoint.open_manager(workdir, keep=1)
-    try:
-        checkpoint.save_checkpoint(manager, state, {}, config)
-    finally:
-        manager.close()
-    return workdir

@@ -6,7 +6,8 @@ checkpoint that restores and matches its checksums; each newer one that fails is
 step, the reason and the step used instead) and deleted. What orbax, TensorStore and asyncio log while reading
 checkpoints (absl warnings, "Task exception was never retrieved", "Event loop is closed" from reads still in flight
 when a read failed) goes to ``workdir/restore.log`` (created only when there is something to write) instead of the
-console. ``load_checkpoint`` reads a run's checkpoint as numpy on any devices, quietly.
+console. ``load_checkpoint`` reads a run's checkpoint as numpy on any devices, quietly; ``save_variables`` writes a
+model (config and variables, no optimizer state) as a workdir that ``moejax.load`` opens.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -288,3 +290,28 @@ def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None) -> tup
         handler.close()
         meta_handler.close()
     return state, meta
+
+
+def save_variables(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, variables: Mapping[str, Any],
+                   step: int = 0) -> pathlib.Path:
+    """Writes (config, variables) as a moejax workdir that ``moejax.load(workdir)`` opens: ``config.json`` (the
+    whole config) and one orbax checkpoint ``checkpoints/<step>`` written by ``save_checkpoint`` whose
+    state holds ``step``, ``params`` and ``moe_state`` (no optimizer state: it is a model, not a run to resume;
+    continue training it through ``moejax.hf.save`` and ``init_from='hf:<dir>'``). Refuses a directory that
+    already holds a config.json or checkpoints. Returns the workdir."""
+    from moejax.training.step import TrainState
+
+    workdir = pathlib.Path(workdir)
+    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise FileExistsError(f"{workdir} already holds a moejax workdir (config.json or checkpoints/); choose a new "
+                              f"directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(jnp.asarray, variables["params"]),
+                       opt_state=None, moe_state=jax.tree.map(jnp.asarray, variables.get("moe_state") or {}))
+    manager = open_manager(workdir, keep=1)
+    try:
+        save_checkpoint(manager, state, {}, config)
+    finally:
+        manager.close()
+    return workdir
