@@ -27,7 +27,8 @@ deepseekmoe_table1 --rows dense,deepseekmoe --set train.steps=<N> ...`):
 * 150 steps, 3 seeds: deepseekmoe - dense = +0.023 nats/token, 95% interval [-0.099, +0.145], not resolved;
 * 300 steps, 3 seeds: -0.046, [-0.300, +0.209], not resolved. deepseekmoe lags dense by 0.19-0.34 around steps
   50-70 and passes it near step 165; the seeds' differences stay about 0.1 apart;
-* 600 steps, seed 0: -0.058 (-0.082 at 300 steps); seed 1 running. Table 1 at 600 steps would take about 5 hours.
+* 600 steps, 2 seeds: -0.058, -0.056, interval [-0.069, -0.044]: the claim shows, but two seeds are fragile (seed 1
+  was +0.070 at 300 steps); a third seed has to confirm it. Table 1 at 600 steps would take about 5 hours.
 At 300 steps Table 1 takes about 2.4 hours with --jobs 1 (dense about 7.5 and each MoE row about 10 minutes a run).
 Until the choice: 150 steps x 32 x 128 = 614,400 BPE tokens per run (about 2.3M bytes of text, 0.21 epochs of the
 training split), one evaluation at the end on 16 validation batches spread over the split (65,536 tokens).
