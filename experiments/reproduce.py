@@ -690,7 +690,7 @@ def _summary_of_table(name: str, table: ModuleType, results_dir: pathlib.Path, r
         text += " **Smoke budget: these numbers test the pipeline and mean nothing.**"
     changes = definition_changes(table, payload)
     if changes:
-        fields = ", ".join(f"`{c['field']}`" for c in changes if c["field"]) or "rows"
+        fields = ", ".join(f"`{f}`" for f in dict.fromkeys(c["field"] for c in changes if c["field"])) or "rows"
         text += (f" **Measured under an older definition of the table** (overrides differing: {fields}; see its "
                  "page); rerun it to measure the current one.")
     lines = [_wrap(text), ""]

@@ -476,13 +476,21 @@ def test_older_results_say_what_differs(tmp_path):
     text = reproduce.changes_text(table, payload)
     assert text.startswith("**Measured under an older definition of this table** (4 steps per run).")
     assert "`model.moe.top_k` not set (today's config default: `2`) then, `1` now (rows a)" in text
+    # the README's line names each differing field once, however many rows differ in it in different ways
+    payload["rows"][1]["overrides"] = {**payload["rows"][1]["overrides"], "model.moe.top_k": 3}
+    (results / "toy.json").write_text(json.dumps(payload))
+    assert len(reproduce.definition_changes(table, payload)) == 2
+    block = reproduce.summary_block(results, tables, tmp_path).replace("\n", " ")
+    assert "(overrides differing: `model.moe.top_k`; see its page)" in block
 
 
 @pytest.mark.parametrize("name", ["deepseekmoe_table1", "deepseekmoe_fig3", "switch_capacity", "loss_free_vs_aux",
                                   "top_p_vs_top2"])
 def test_tables_train_on_bpe_and_declare_claims(name, tmp_path):
+    from experiments import tables
+
     table = reproduce.load_table(name)  # checks the claims' rows, metrics and directions
-    assert table.CLAIMS and table.BUDGET_STATUS
+    assert table.CLAIMS and table.BUDGET == tables.TABLE_BUDGET  # every table runs at the budget the pilot chose
     for budget in reproduce.BUDGETS:
         for row, runs in reproduce.plan(table, table.ROWS, 1, tmp_path, budget).items():
             assert runs[0].overrides["data.tokenizer"] == "bpe:8192", (row, budget)
@@ -495,6 +503,37 @@ def test_tables_train_on_bpe_and_declare_claims(name, tmp_path):
                                                   config.model.moe.router.hash_seed))
         counts = np.bincount(experts, minlength=config.model.moe.num_experts)
         assert counts.min() > 0.9 * 8192 / len(counts) and counts.max() < 1.1 * 8192 / len(counts)
+
+
+@pytest.mark.parametrize("name", ["deepseekmoe_table1", "deepseekmoe_fig3"])
+def test_deepseekmoe_tables_match_parameters(name):
+    """DeepSeekMoE's comparison (arXiv 2401.06066, section 4.1): at every row, the experts of a layer hold the
+    parameters of 16 standard FFNs, and a token activates 2 of them (1 for the top-1 rows Hash and Switch; the dense
+    row is one FFN), read from each row's resolved config; every row shares the tables' width."""
+    from experiments import tables
+
+    table = reproduce.load_table(name)
+    widths = set()
+    for row, runs in reproduce.plan(table, table.ROWS, 1, pathlib.Path("unused"), "full").items():
+        config = runner.load_config(table.ROWS[[r.name for r in table.ROWS].index(row)].config)
+        for field, value in runs[0].overrides.items():
+            section, _, key = field.rpartition(".")
+            target = config
+            for part in filter(None, section.split(".")):
+                target = target[part]
+            target[key] = value
+        model, moe = config.model, config.model.moe
+        widths.add((model.d_model, model.ffn_dim, model.num_layers))
+        one_ffn = 3 * model.d_model * model.ffn_dim  # a SwiGLU: gate, up and down
+        if model.moe_every == 0:
+            assert row == "dense"
+            continue
+        expert = 3 * model.d_model * moe.expert_ffn
+        total = (moe.num_shared + moe.num_experts) * expert
+        activated = (moe.num_shared + moe.top_k) * expert
+        assert total == 16 * one_ffn, (row, total / one_ffn)
+        assert activated == (1 if row in ("hash", "switch") else 2) * one_ffn, (row, activated / one_ffn)
+    assert widths == {(64, tables.FFN, 4)}
 
 
 def test_bad_claims_are_refused(tmp_path, capsys):

@@ -13,13 +13,16 @@ A table file defines:
   the results page answers with one verdict (reproduced / not resolved / contradicted, see
   experiments/reproduce.py).
 * optionally ``BUDGET_STATUS``: a sentence the results page shows beside the budget when the budget is
-  provisional (``BUDGET_PENDING`` until the pilot study of issue 20 has chosen the step budgets).
+  provisional (``experiments.reproduce --set`` sets one for a pilot budget).
 
-``TINY_MODEL`` and ``TINY_TRAIN`` are the width and optimiser of ``configs/deepseekmoe.py:tiny``, which every
-table's rows share (the paper configs other than deepseekmoe.py default to the ``:small`` width). ``CORPUS`` is the
-data every table's rows train and evaluate on: the embedded stdlib corpus tokenized with a byte-level BPE of 8,192
-ids (``bpe:8192``, trained once on the training split and cached in the data dir; docs/data.md), the vocabulary
-size of DeepSeekMoE's validation experiments. ``TINY`` includes it; rows that do not use ``TINY`` add it themselves.
+``TABLE_MODEL`` is the width every table's rows share: the shape of ``configs/deepseekmoe.py:tiny`` (4 layers, 4
+heads, queries and keys RMS-normed) at half its width, d_model 64 and one "standard FFN" a ``FFN`` = 176-wide SwiGLU
+(issue 20's pilot chose it: deepseekmoe_table1.py's docstring). ``TINY_TRAIN`` is the tiny preset's optimiser, batch
+and sequence. ``CORPUS`` is the data every table's rows train and evaluate on: the embedded stdlib corpus tokenized
+with a byte-level BPE of 8,192 ids (``bpe:8192``, trained once on the training split and cached in the data dir;
+docs/data.md), the vocabulary size of DeepSeekMoE's validation experiments. ``TABLE`` is the three together;
+``experts(...)`` gives a row's expert layout in standard FFNs. ``TABLE_BUDGET`` is the step budget and evaluation
+every table runs at (the pilot's choice too).
 """
 import dataclasses
 from typing import Any
@@ -28,15 +31,29 @@ from typing import Any
 # vocabulary (8,192 ids measured: ids 0..8191, the end-of-document token <|endoftext|> is id 0). The hash router
 # hashes these ids (moejax.moe.routers.hash_experts works on any id; 8,192 ids spread 507-516 per expert of 16).
 CORPUS = {"data.tokenizer": "bpe:8192", "model.vocab_size": 8192}
-# The width of configs/deepseekmoe.py:tiny: one "standard FFN" is a 352-wide SwiGLU; queries and keys RMS-normed.
-TINY_MODEL = {"model.d_model": 128, "model.num_layers": 4, "model.num_heads": 4, "model.ffn_dim": 352,
-              "model.qk_norm": True}
+# One "standard FFN" of the tables: a 176-wide SwiGLU, 2.75 x d_model as at every width of docs/methods.md.
+FFN = 176
+# The tables' width: configs/deepseekmoe.py:tiny's shape at half its width (d_model 128 -> 64, FFN 352 -> 176).
+TABLE_MODEL = {"model.d_model": 64, "model.num_layers": 4, "model.num_heads": 4, "model.ffn_dim": FFN,
+               "model.qk_norm": True}
 # The optimiser, batch and sequence of configs/deepseekmoe.py:tiny (cosine schedule and AdamW as in configs/base.py).
 TINY_TRAIN = {"train.batch_size": 32, "train.seq_len": 128, "train.learning_rate": 6e-3, "train.warmup_steps": 30}
-TINY = {**CORPUS, **TINY_MODEL, **TINY_TRAIN}
-# Shown on every results page until the pilot study of issue 20 has chosen each table's step budget.
-BUDGET_PENDING = ("provisional: the step budget predates the BPE corpus and is pending the pilot study of issue 20, "
-                  "which chooses the smallest budget at which Table 1's MoE-beats-dense claim shows beyond seed noise")
+TABLE = {**CORPUS, **TABLE_MODEL, **TINY_TRAIN}
+# Every table's budget: 600 steps x 32 x 128 = 2,457,600 BPE tokens per run (0.86 epochs of the training split), one
+# evaluation at the end on 64 validation batches spread over the split (262,144 tokens, 2,048 of its 2,452 windows).
+TABLE_BUDGET = {"train.steps": 600, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 64,
+          "checkpoint.every_steps": 200}
+
+
+def experts(num_shared: int, num_routed: int, granularity: int, top_k: int) -> dict[str, Any]:
+    """Config overrides for an expert layout in standard FFNs: ``num_shared`` shared and ``num_routed`` routed
+    experts, each ``FFN // granularity`` wide, ``top_k`` routed per token (DeepSeekMoE's m = granularity)."""
+    if FFN % granularity:
+        raise ValueError(f"granularity={granularity} must divide the standard FFN width {FFN}")
+    return {"model.moe.num_shared": num_shared, "model.moe.num_experts": num_routed,
+            "model.moe.expert_ffn": FFN // granularity, "model.moe.top_k": top_k}
+
+
 
 
 @dataclasses.dataclass(frozen=True)

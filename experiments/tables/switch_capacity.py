@@ -1,29 +1,25 @@
-"""Switch Transformer capacity factor at the tiny width: top-1 of 16 experts with capacity factor 1.0, 1.25 and 2.0
+"""Switch Transformer capacity factor at the tables' width: top-1 of 16 experts with capacity factor 1.0, 1.25 and 2.0
 in training, and dropless, recording validation loss and the fraction of routed slots dropped.
 
 Every row is configs/switch.py (Switch loss 0.01, router jitter 0.01, drop by position, dropped tokens pass through
-the residual) at the tiny width: 4 layers, d_model 128, 16 experts of one 352-wide SwiGLU, batch 32 x 128 tokens,
-LR 6e-3, 30 warm-up steps, on experiments.tables.CORPUS (the stdlib corpus in `bpe:8192` tokens, model.vocab_size
-8192; see deepseekmoe_table1.py). The final evaluation runs every capacity row at Switch's eval capacity factor 2.0,
-as the paper evaluates: `drop_fraction` is that evaluation's, `train_drop_fraction` the training one (mean over the
-run).
+the residual) at the tables' width (experiments.tables.TABLE): 4 layers, d_model 64, 16 experts of one 176-wide
+SwiGLU, batch 32 x 128 tokens, LR 6e-3, 30 warm-up steps, on experiments.tables.CORPUS (the stdlib corpus in
+`bpe:8192` tokens, model.vocab_size 8192; see deepseekmoe_table1.py). The final evaluation runs every capacity row
+at Switch's eval capacity factor 2.0, as the paper evaluates: `drop_fraction` is that evaluation's,
+`train_drop_fraction` the training one (mean over the run).
 
-Budget: PENDING the pilot study of issue 20 (BUDGET_STATUS). Until then: 200 steps x 32 x 128 = 819,200 BPE tokens
-per run, one evaluation at the end on 16 validation batches. Measured before the BPE default, on bytes, on the
-2-core CPU: the slowest row of the other tables (deepseekmoe m=4) took 1.70 s/step plus 45 s per run with another
-job sharing the cores; these 16-expert top-1 rows are not slower (capacity mode runs one fixed tile per expert), so
-12 runs took at most 77 minutes and about an hour with --jobs 1 at 256 ids. The 8,192-id output layer makes BPE
-steps slower; the pilot measures them again.
+Budget: experiments.tables.TABLE_BUDGET, chosen by Table 1's pilot (deepseekmoe_table1.py): 600 steps x 32 x 128 =
+2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split.
 
 Claims (CLAIMS): from the paper's Table 1, CF 1.25 and CF 2.0 beat CF 1.0 in loss (CF 1.25 and 2.0 roughly tie, so
 no claim between them), and a larger capacity factor drops fewer tokens in training; this table's own expectation,
 not the paper's (which has no dropless row), is that dropless beats CF 1.0.
 """
-from experiments.tables import BUDGET_PENDING, TINY, Claim, Row
+from experiments.tables import TABLE, TABLE_BUDGET, Claim, Row, experts
 
-SWITCH = {**TINY, "model.moe.expert_ffn": 352}
+SWITCH = {**TABLE, **experts(0, 16, 1, 1)}
 
-TITLE = "Switch Transformer capacity factor (tiny): CF 1.0 / 1.25 / 2.0 vs dropless, top-1 of 16"
+TITLE = "Switch Transformer capacity factor (d_model 64): CF 1.0 / 1.25 / 2.0 vs dropless, top-1 of 16"
 PAPER = ("Fedus, Zoph, Shazeer, Switch Transformers, JMLR 2022, arXiv 2101.03961, Table 1 (Switch-Base, 128 "
          "experts, C4; negative log perplexity at 100k steps, higher is better)")
 EXPECTED = ("A larger capacity factor drops fewer tokens and gives a lower loss (paper, neg. log perplexity: "
@@ -40,9 +36,7 @@ ROWS = [
         note="no capacity: every routed slot computed"),
 ]
 REFERENCE = "dropless"
-BUDGET_STATUS = BUDGET_PENDING
-BUDGET = {"train.steps": 200, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 16,
-          "checkpoint.every_steps": 50}
+BUDGET = TABLE_BUDGET
 METRICS = ["val_loss", "train_drop_fraction", "drop_fraction", "train_maxvio", "train_tokens_per_s"]
 CLAIMS = [
     Claim("CF 1.25 beats CF 1.0 in loss", "cf1.25", "cf1.0"),
