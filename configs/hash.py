@@ -3,7 +3,8 @@ column Hash Layer): every token goes to the single expert of 16 (each a full 704
 hashes to, with weight 1, whatever its context; no router choice and no balance loss.
 
 Choices: the fixed map is a multiplicative hash of the token id (a byte, or a BPE id with data.tokenizer='bpe:<V>';
-moejax.moe.routers.hash_experts, seed model.moe.router.hash_seed), i.e. the paper's random hash; its balanced-by-frequency variant is not implemented.
+moejax.moe.routers.hash_experts, seed model.moe.router.hash_seed), i.e. the paper's random hash; its
+balanced-by-frequency variant is not implemented.
 The routing is by the layer's input token at that position in every MoE layer (the paper's default). The router
 kernel is kept (unused for the choice) so that the parameter tree matches the other configs.
 """

@@ -6,8 +6,8 @@ A ``Cache`` record travels with the forward pass (``Transformer(...)(tokens, cac
 ``layers_{i}/attn/<name>/slots``):
 
     'gqa':  cached_key [B, L, KV, Dh], cached_value [B, L, KV, Dh]   keys after their norm and rotary embedding
-    'mla':  cached_c_kv [B, L, rkv], cached_k_rot [B, L, Dr]     MLA's compressed latent and its one shared rotary key: the
-                                                   cache holds rkv + Dr values per token and layer, not the
+    'mla':  cached_c_kv [B, L, rkv], cached_k_rot [B, L, Dr]     MLA's compressed latent and its one shared rotary
+                                                   key: the cache holds rkv + Dr values per token and layer, not the
                                                    2 * H * Dh of the expanded keys and values
 
 A call writes its S tokens into slots ``index .. index + S - 1`` and attends over the whole cache. Rows may be

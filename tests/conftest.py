@@ -22,8 +22,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Test modules by their cost on 2 CPU cores, the slowest first: pytest-xdist hands out tests in collection order, so
 # the long ones start early and the suite ends on cheap tests instead of one worker finishing a long test alone.
 # Modules not listed go between the two groups. Each module's tests stay together and in order (module fixtures).
-SLOW_FIRST = ["test_hf", "test_generate", "test_posthoc_cli", "test_posthoc_compress", "test_parallel", "test_cli", "test_notebooks", "test_zoo",
-              "test_train", "test_kernels", "test_experiments", "test_moe"]
+SLOW_FIRST = ["test_hf", "test_generate", "test_posthoc_cli", "test_posthoc_compress", "test_parallel", "test_cli",
+              "test_notebooks", "test_zoo", "test_train", "test_kernels", "test_experiments", "test_moe"]
 CHEAP_LAST = ["test_posthoc_analysis", "test_upcycle", "test_data", "test_routing", "test_losses", "test_configs"]
 
 

@@ -206,8 +206,9 @@ def test_sampling_is_reproducible_and_differs_by_key():
     cfg = tiny()
     variables = init(cfg)
     prompts = np.zeros((2, 3), np.int32)
-    draw = lambda seed: generate.generate(cfg, variables, prompts, max_new_tokens=12, temperature=1.0,
-                                          rng=jax.random.key(seed))
+    def draw(seed):
+        return generate.generate(cfg, variables, prompts, max_new_tokens=12, temperature=1.0, rng=jax.random.key(seed))
+
     np.testing.assert_array_equal(draw(0), draw(0))
     assert (draw(0) != draw(1)).any()
 

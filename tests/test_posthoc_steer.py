@@ -44,7 +44,7 @@ def random_trace(seed=0, tokens=400, experts=6, k=2, vocab=12):
 
 def test_marker_experts_are_the_top_npmi_pairs():
     trace = random_trace()
-    reference = np.stack([naive_npmi(trace.experts[l], trace.token_ids, 6, 5) for l in range(3)])
+    reference = np.stack([naive_npmi(trace.experts[layer], trace.token_ids, 6, 5) for layer in range(3)])
     chosen = steer.marker_experts(trace, [5], n=2)
     np.testing.assert_allclose(chosen.npmi, reference, atol=1e-12)
     best = sorted(np.argsort(-reference.ravel(), kind="stable")[:2].tolist())
@@ -91,7 +91,7 @@ def test_steer_cli_evaluates_with_and_without(release, tmp_path, mode, scale):  
     config.train.update(batch_size=4, seq_len=32)
     batches = data.eval_batches(config)
     iv = (intervention.mask_experts(config.model, chosen) if mode == "silence" else
-          intervention.scale_experts(config.model, {l: {e: scale for e in ids} for l, ids in chosen.items()}))
+          intervention.scale_experts(config.model, {layer: {e: scale for e in ids} for layer, ids in chosen.items()}))
     assert result["steered"]["loss"] == pytest.approx(evaluate.evaluate(config, variables, batches,
                                                                         intervention=iv)["loss"], abs=1e-6)
     assert result["baseline"]["loss"] == pytest.approx(evaluate.evaluate(config, variables, batches)["loss"],
