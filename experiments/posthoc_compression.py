@@ -2,7 +2,7 @@
 experts kept, for four pruning criteria and two merging methods over several calibration sets, and the
 super-expert ablation (issue 17, items 4 and 5).
 
-    python -m experiments.posthoc_compression --checkpoint=/work/runs/deepseekmoe [--seeds 3] [--calib_batches 4]
+    python -m experiments.posthoc_compression --checkpoint=runs/deepseekmoe [--seeds 3] [--calib_batches 4]
         [--fractions 1,0.75,0.5,0.25] [--methods frequency,soft_count,reap,easy_ep,mcsmoe,hcsmoe]
         [--random_draws 5] [--eval_batches 0] [--data_dir DIR] [--out experiments/results] [--render_only]
 

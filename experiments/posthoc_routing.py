@@ -1,7 +1,7 @@
 """Post-hoc routing analysis, steering and self-contrast decoding of a trained MoE model (issue 16, item 6):
 the results page ``experiments/results/posthoc_routing.md``.
 
-    python -m experiments.posthoc_routing --checkpoint=/work/runs/deepseekmoe [--max_tokens 65536]
+    python -m experiments.posthoc_routing --checkpoint=runs/deepseekmoe [--max_tokens 65536]
         [--eval_tokens 32768] [--keywords def,return,self,import] [--random_draws 5] [--betas 0,0.25,0.5,1.0]
         [--alpha 0.1] [--weak_rank 2] [--data_dir DIR] [--out experiments/results] [--render_only] [--no_release]
 

@@ -2,7 +2,7 @@
 page (mean +- std over seeds, the paper's numbers beside them, paired differences with 95% t-intervals and one
 verdict per paper claim), a JSON file of every run's values, and plots.
 
-    python -m experiments.reproduce deepseekmoe_table1 --seeds 3 [--workdir runs/deepseekmoe_table1] [--jobs 1]
+    python -m experiments.reproduce deepseekmoe_table1 [--seeds N] [--workdir runs/deepseekmoe_table1] [--jobs 1]
         [--budget full|smoke] [--rows dense,gshard] [--dry-run] [--results-dir experiments/results]
         [--set train.steps=600 ...]                                   # a pilot budget: see below
     python -m experiments.reproduce deepseekmoe_table1 --render-only   # <table>.md again from <table>.json
@@ -94,6 +94,8 @@ REPRODUCED, NOT_RESOLVED, CONTRADICTED = "reproduced", "not resolved", "contradi
 DIRECTIONS = ("lower", "higher")
 REQUIRED = ("TITLE", "PAPER", "ROWS", "BUDGET", "METRICS", "EXPECTED")
 BUDGETS = ("full", "smoke")
+# Seeds per row when neither the command line (--seeds) nor the table (SEEDS) says.
+DEFAULT_SEEDS = 3
 # A few steps of a small batch, evaluated once on one batch: the pipeline in seconds per run, not a result.
 SMOKE_BUDGET = {"train.steps": 4, "train.batch_size": 8, "train.seq_len": 32, "train.warmup_steps": 1,
                 "train.log_every": 2, "train.eval_every": 0, "data.eval_batches": 1, "checkpoint.every_steps": 0}
@@ -115,6 +117,9 @@ def load_table(name: str, tables_dir: pathlib.Path = TABLES_DIR) -> ModuleType:
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     missing = [attr for attr in REQUIRED if not hasattr(table, attr)]
+    table.SEEDS = getattr(table, "SEEDS", DEFAULT_SEEDS)
+    if not isinstance(table.SEEDS, int) or isinstance(table.SEEDS, bool) or table.SEEDS < 1:
+        raise runner.UsageError(f"table file {path}: SEEDS={table.SEEDS!r} is invalid: must be an integer >= 1")
     if missing:
         raise runner.UsageError(f"table file {path} lacks {', '.join(missing)} (a table defines {', '.join(REQUIRED)}"
                                 ", see experiments/tables/__init__.py)")
@@ -676,7 +681,8 @@ def _summary_of_table(name: str, table: ModuleType, results_dir: pathlib.Path, r
     json_path, page = results_dir / f"{name}.json", results_dir / f"{name}.md"
     title = f"**`{name}`**: {table.TITLE}"
     if not json_path.exists():
-        return [_wrap(f"{title}. **No results yet**: `python -m experiments.reproduce {name} --seeds 3` writes them."),
+        return [_wrap(f"{title}. **No results yet**: `python -m experiments.reproduce {name}` writes them "
+                      f"({table.SEEDS} seeds)."),
                 ""]
     payload = json.loads(json_path.read_text())
     payload.update(statistics(table, payload))
@@ -750,7 +756,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", nargs="?", help="a table of --tables-dir, e.g. deepseekmoe_table1")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (default 3)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds 0..N-1 per row (default: the table's SEEDS, else {DEFAULT_SEEDS})")
     parser.add_argument("--workdir", type=pathlib.Path, default=None,
                         help="where the runs go (default runs/<table>, runs/<table>_smoke for --budget smoke)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; each run uses every core)")
@@ -835,11 +842,13 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{', '.join(available_tables(args.tables_dir))}) or pass --summary")
         if args.budget not in BUDGETS:
             raise runner.UsageError(f"--budget={args.budget!r} is invalid: allowed {', '.join(BUDGETS)}")
-        if args.seeds < 1:
+        if args.seeds is not None and args.seeds < 1:
             raise runner.UsageError(f"--seeds={args.seeds} is invalid: must be an integer >= 1")
         if args.jobs < 1:
             raise runner.UsageError(f"--jobs={args.jobs} is invalid: must be an integer >= 1")
         table = load_table(args.table, args.tables_dir)
+        if args.seeds is None:
+            args.seeds = table.SEEDS
         sets = pilot_budget(table, args.sets, args.budget)
         suffix = "" if args.budget == "full" else f"_{args.budget}"
         suffix += "".join(f"_{field}={runner.format_value(value)}" for field, value in sets.items())

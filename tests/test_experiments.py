@@ -215,10 +215,27 @@ def test_reproduce_bad_input(args, words, capsys):
 
 def test_reproduce_set_gives_a_pilot_budget_in_its_own_workdir(capsys):
     code, out, _ = run_main(reproduce, ["deepseekmoe_table1", "--rows", "dense", "--seeds", "1", "--set",
-                                        "train.steps=600", "--dry-run"], capsys)
+                                        "train.steps=1200", "--dry-run"], capsys)
     assert code == 0
-    assert "--workdir=runs/deepseekmoe_table1_train.steps=600/dense/seed0" in out
-    assert "--config.train.steps=600" in out and "--config.train.steps=150" not in out
+    assert "--workdir=runs/deepseekmoe_table1_train.steps=1200/dense/seed0" in out
+    assert "--config.train.steps=1200" in out and "--config.train.steps=600" not in out
+
+
+def test_reproduce_runs_the_tables_seeds_unless_told(tmp_path, capsys):
+    """Without --seeds a table runs its SEEDS (3 when it has none); --seeds overrides it; a bad SEEDS is named."""
+    def seeds_planned(text, *args):
+        (tmp_path / "toy.py").write_text(text)
+        code, out, err = run_main(reproduce, ["toy", "--tables-dir", str(tmp_path), "--dry-run", *args], capsys)
+        assert code == 0, err
+        return sorted({int(m) for m in re.findall(r"^[ab] seed(\d+) ", out, re.M)})
+
+    assert seeds_planned(TOY_TABLE) == [0, 1, 2]
+    assert seeds_planned(TOY_TABLE + "SEEDS = 5\n") == [0, 1, 2, 3, 4]
+    assert seeds_planned(TOY_TABLE + "SEEDS = 5\n", "--seeds", "2") == [0, 1]
+    (tmp_path / "toy.py").write_text(TOY_TABLE + "SEEDS = 0\n")
+    code, _, err = run_main(reproduce, ["toy", "--tables-dir", str(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and "SEEDS=0 is invalid" in err
+    assert reproduce.load_table("deepseekmoe_table1").SEEDS == 5  # the pilot's choice (its docstring)
 
 
 def test_reproduce_table_with_unknown_field(tmp_path, capsys):
@@ -446,8 +463,8 @@ def test_summary_of_a_table_without_results_says_so(tmp_path):
     tables, results = _toy_results(tmp_path)
     block = reproduce.summary_block(results, tables, tmp_path)
     other = block[block.index("**`other`**"):].replace("\n", " ")
-    assert other.startswith("**`other`**: other table. **No results yet**: `python -m experiments.reproduce other "
-                            "--seeds 3` writes them.")
+    assert other.startswith("**`other`**: other table. **No results yet**: `python -m experiments.reproduce other` "
+                            "writes them (3 seeds).")
     assert "**[toy](results/toy.md)**" in block
 
 

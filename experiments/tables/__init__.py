@@ -8,6 +8,7 @@ A table file defines:
 * ``BUDGET``: config overrides shared by every row (steps, evaluation), with the measured wall time documented.
 * ``METRICS``: the metrics of the results table, names of ``experiments.runner.METRICS``.
 * ``EXPECTED``: the paper's ordering, in a few words.
+* optionally ``SEEDS``: the seeds per row that ``experiments.reproduce`` runs without ``--seeds`` (default 3).
 * optionally ``REFERENCE``: the row that the other rows' within-seed differences are taken against.
 * optionally ``CLAIMS``: a list of ``Claim``: the paper's claims as paired comparisons of two rows, each of which
   the results page answers with one verdict (reproduced / not resolved / contradicted, see
