@@ -32,11 +32,12 @@ nats/token at the same seed, 95% t-intervals:
   5 hours with 3 seeds (a dense run 16.9 and a deepseekmoe run 17.9 minutes);
 * d_model 64, 600 steps, 3 seeds: -0.010, -0.031, -0.066, mean -0.036, [-0.106, +0.035], not resolved;
 * d_model 64, 600 steps, 5 seeds: the two further seeds -0.062, -0.022; mean -0.038, [-0.069, -0.008]: reproduced.
-Why: at d_model 64 a run is 1.7 to 2.3 times faster and the early lag stays (+0.14 to +0.43 around steps 40-60 on
-four of five seeds), but the gain at 600 steps is two thirds of d_model 128's, and three seeds do not separate it
-from seed noise; five do. No point of the grid fits 2 CPU-hours per table with the claim resolved: Table 1 at this
-budget takes about 47 minutes per seed on 2 cores (dense 7.3 minutes at about 4,200 tokens/s, each MoE row about
-10.7 minutes at about 3,900 tokens/s, the cores unshared), 3.9 hours for 5 seeds.
+Why: at d_model 64 a run is about 2.3 (dense) and 1.8 (deepseekmoe) times faster and the early lag stays (+0.14 to
++0.43 around steps 40-60 on four of five seeds), but the gain at 600 steps is two thirds of d_model 128's, and three
+seeds do not separate it from seed noise; five do (SEEDS = 5). No point of the grid fits 2 CPU-hours per table with
+the claim resolved: Table 1 at this budget takes about 45 minutes per seed on 2 cores with the cores unshared (dense
+about 7 minutes at about 6,000 training tokens/s, deepseekmoe about 10 at 4,100-4,700, switch 8.4 and gshard 8.0 on
+seed 0), about 3.7 hours for 5 seeds.
 
 Claims (CLAIMS): the paper's ordering Dense > Hash > Switch >~ GShard > DeepSeekMoE in loss, as paired comparisons:
 each MoE row beats dense, Switch and GShard beat Hash, GShard beats Switch, DeepSeekMoE beats GShard.
