@@ -702,7 +702,8 @@ REPRODUCE_ABLATION = [
         TABLE = "top_p_vs_top2"  # a file of experiments/tables/
         WORKDIR = "runs/colab_reproduce_ablation"  # the runs and the results; deleted and created fresh
         # ci: SMOKE_BUDGET (4 steps: tests the pipeline, the numbers mean nothing), two runs at a time;
-        # cpu: the table's own budget at one seed (about 15 minutes on 2 cores); full: three seeds
+        # cpu: the table's own budget at one seed (two 600-step runs; a MoE run of the tables' width took
+        # about 10 minutes on 2 cores); full: three seeds
         TABLE_BUDGET, SEEDS, JOBS = {"ci": ("smoke", 1, 2), "cpu": ("full", 1, 1), "full": ("full", 3, 1)}[BUDGET]
         '''),
     markdown('''

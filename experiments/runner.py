@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -46,9 +47,14 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------- configs and overrides
 
 
-@functools.cache
 def load_config(config_arg: str) -> ml_collections.ConfigDict:
-    """The config of 'configs/<file>.py[:preset]', built as moejax.main builds it (get_config(preset))."""
+    """The config of 'configs/<file>.py[:preset]', built as moejax.main builds it (get_config(preset)). A fresh copy
+    each call: callers may change it without changing what later callers read."""
+    return copy.deepcopy(_load_config(config_arg))
+
+
+@functools.cache
+def _load_config(config_arg: str) -> ml_collections.ConfigDict:
     path, _, preset = config_arg.partition(":")
     if not pathlib.Path(path).is_file():
         raise UsageError(f"config file {path!r} (from {config_arg!r}) does not exist (relative to {os.getcwd()})")

@@ -530,6 +530,7 @@ def test_deepseekmoe_tables_match_parameters(name):
     from experiments import tables
 
     table = reproduce.load_table(name)
+    default_tokenizer = runner.load_config("configs/dense.py").data.tokenizer
     widths = set()
     for row, runs in reproduce.plan(table, table.ROWS, 1, pathlib.Path("unused"), "full").items():
         config = runner.load_config(table.ROWS[[r.name for r in table.ROWS].index(row)].config)
@@ -551,6 +552,7 @@ def test_deepseekmoe_tables_match_parameters(name):
         assert total == 16 * one_ffn, (row, total / one_ffn)
         assert activated == (1 if row in ("hash", "switch") else 2) * one_ffn, (row, activated / one_ffn)
     assert widths == {(64, tables.FFN, 4)}
+    assert runner.load_config("configs/dense.py").data.tokenizer == default_tokenizer  # each call is a fresh copy
 
 
 def test_bad_claims_are_refused(tmp_path, capsys):
