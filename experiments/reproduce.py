@@ -117,12 +117,12 @@ def load_table(name: str, tables_dir: pathlib.Path = TABLES_DIR) -> ModuleType:
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     missing = [attr for attr in REQUIRED if not hasattr(table, attr)]
-    table.SEEDS = getattr(table, "SEEDS", DEFAULT_SEEDS)
-    if not isinstance(table.SEEDS, int) or isinstance(table.SEEDS, bool) or table.SEEDS < 1:
-        raise runner.UsageError(f"table file {path}: SEEDS={table.SEEDS!r} is invalid: must be an integer >= 1")
     if missing:
         raise runner.UsageError(f"table file {path} lacks {', '.join(missing)} (a table defines {', '.join(REQUIRED)}"
                                 ", see experiments/tables/__init__.py)")
+    table.SEEDS = getattr(table, "SEEDS", DEFAULT_SEEDS)
+    if not isinstance(table.SEEDS, int) or isinstance(table.SEEDS, bool) or table.SEEDS < 1:
+        raise runner.UsageError(f"table file {path}: SEEDS={table.SEEDS!r} is invalid: must be an integer >= 1")
     table.ROWS = [row if isinstance(row, Row) else Row(**row) for row in table.ROWS]
     names = [row.name for row in table.ROWS]
     for row in table.ROWS:

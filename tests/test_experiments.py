@@ -532,14 +532,10 @@ def test_deepseekmoe_tables_match_parameters(name):
     table = reproduce.load_table(name)
     default_tokenizer = runner.load_config("configs/dense.py").data.tokenizer
     widths = set()
-    for row, runs in reproduce.plan(table, table.ROWS, 1, pathlib.Path("unused"), "full").items():
-        config = runner.load_config(table.ROWS[[r.name for r in table.ROWS].index(row)].config)
-        for field, value in runs[0].overrides.items():
-            section, _, key = field.rpartition(".")
-            target = config
-            for part in filter(None, section.split(".")):
-                target = target[part]
-            target[key] = value
+    runs = reproduce.plan(table, table.ROWS, 1, pathlib.Path("unused"), "full")
+    for row in (row.name for row in table.ROWS):
+        config = runner.load_config(next(r.config for r in table.ROWS if r.name == row))
+        config.update_from_flattened_dict(runs[row][0].overrides)
         model, moe = config.model, config.model.moe
         widths.add((model.d_model, model.ffn_dim, model.num_layers))
         one_ffn = 3 * model.d_model * model.ffn_dim  # a SwiGLU: gate, up and down
