@@ -274,9 +274,9 @@ class Attention(nn.Module):
         if cache is None:
             out = attend(q, k, v, window=self.window, sinks=_sinks(self, cfg))
         else:
-            k, v = (kv_cache.Slots(name="cached_key")(k, cache),
-                    kv_cache.Slots(name="cached_value")(v, cache))
-            out = kv_cache.attend(q, k, v, cache.visible(x.shape[1], self.window), sinks=_sinks(self, cfg))
+            k, slots = kv_cache.Slots(self.window, name="cached_key")(k, cache)
+            v, _ = kv_cache.Slots(self.window, name="cached_value")(v, cache)
+            out = kv_cache.attend(q, k, v, cache.visible(x.shape[1], self.window, slots), sinks=_sinks(self, cfg))
         return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dict(dense, use_bias=cfg.o_bias))(out)
 
 
@@ -319,7 +319,7 @@ class MLAttention(nn.Module):
         self.kv_a_norm = RMSNorm(MLA_NORM_EPS, self.dtype)
         self.kv_b = nn.DenseGeneral((cfg.num_heads, mla.qk_nope_head_dim + mla.v_head_dim), **dense)
         self.o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), **dict(dense, use_bias=cfg.o_bias))
-        self.cached_c_kv, self.cached_k_rot = kv_cache.Slots(), kv_cache.Slots()  # decoding only
+        self.cached_c_kv, self.cached_k_rot = kv_cache.Slots(self.window), kv_cache.Slots(self.window)  # decoding
         if cfg.attention_sinks:
             self.sinks = self.param("sinks", nn.initializers.zeros, (cfg.num_heads,), jnp.float32)
 
@@ -357,12 +357,13 @@ class MLAttention(nn.Module):
             return self.o(attend(q, k, v, scale=scale, window=self.window, sinks=sinks))
         positions = cache.positions(x.shape[1])
         c_kv, k_rot = self.latent(x, positions)
-        c_kv, k_rot = self.cached_c_kv(c_kv, cache), self.cached_k_rot(k_rot, cache)
+        (c_kv, slots), (k_rot, _) = self.cached_c_kv(c_kv, cache), self.cached_k_rot(k_rot, cache)
         if self.is_initializing():  # kv_b's kernel exists once kv_b has run
             self.expand(c_kv, k_rot)
         kv_b = jnp.asarray(self.variables["params"]["kv_b"]["kernel"], self.dtype)
         out = kv_cache.attend_latent(self.queries(x, positions), c_kv, k_rot, kv_b,
-                                     cache.visible(x.shape[1], self.window), nope_dim=self.cfg.mla.qk_nope_head_dim,
+                                     cache.visible(x.shape[1], self.window, slots),
+                                     nope_dim=self.cfg.mla.qk_nope_head_dim,
                                      scale=scale, sinks=sinks)
         return self.o(out)
 

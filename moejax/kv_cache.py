@@ -14,8 +14,13 @@ A call writes its S tokens into slots ``index .. index + S - 1`` and attends ove
 left-padded (ragged prompts): row b's real tokens start at slot ``start[b]``; slots before it are never read, and
 a token in slot s sits at position ``s - start[b]`` for the rotary embedding. A query in slot i reads the key in
 slot j iff ``start[b] <= j <= i`` and, in a sliding-window layer, ``i - j < window``; attention sinks join the
-softmax's denominator as in the full forward. Sliding-window layers keep all L slots (no ring buffer): simple, and
-exact; the memory a ring buffer would save is left for later.
+softmax's denominator as in the full forward.
+
+A sliding-window layer of window W < L keeps a ring of W arrays instead of L (``Cache.ring``): slot s lives in ring
+entry ``s mod W``, which is all a later query can read. A call attends over the ring as it was before the call
+followed by its own S new tokens (so a prefill longer than W still sees every key its queries need), then writes
+its last min(S, W) tokens into the ring. ``Slots`` returns the arrays it attends over with the slot each one holds
+(-1: empty), and ``Cache.visible`` masks by those slots, so full and ring layers share one attention core.
 """
 from __future__ import annotations
 
@@ -43,27 +48,49 @@ class Cache:
         """The rotary positions [B, S] of the call's S tokens."""
         return self.index + jnp.arange(seq, dtype=jnp.int32)[None, :] - self.start[:, None]
 
-    def visible(self, seq: int, window: int = 0) -> jax.Array:
-        """[B, S, L] bool: query t of the call (slot index + t) may read cache slot j."""
+    def ring(self, window: int) -> int:
+        """The ring size of a layer with this sliding window: W when 0 < W < length, else 0 (all L slots)."""
+        return window if 0 < window < self.length else 0
+
+    def visible(self, seq: int, window: int = 0, slots: jax.Array | None = None) -> jax.Array:
+        """[B, S, K] bool: query t of the call (slot index + t) may read key k, which holds cache slot slots[k]
+        (default: key k is slot k of all L; a negative slot is an empty ring entry)."""
         slot = self.index + jnp.arange(seq, dtype=jnp.int32)[:, None]
-        j = jnp.arange(self.length, dtype=jnp.int32)[None, :]
-        ok = (j <= slot)[None] & (j[None] >= self.start[:, None, None])
+        j = (jnp.arange(self.length, dtype=jnp.int32) if slots is None else slots)[None, :]
+        ok = (j <= slot)[None] & (j[None] >= self.start[:, None, None])  # start >= 0 also excludes empty entries
         if window:
             ok = ok & ((slot - j) < window)[None]
         return ok
 
 
 class Slots(nn.Module):
-    """One cache array of a layer, [B, L, ...] in the 'cache' collection under ``<name>/slots``: a call writes its
-    tokens new [B, S, ...] at cache.index and returns the whole array. (A module of its own so that attention
-    modules written with ``setup`` can own cache arrays whose shape is known only at the first call.)"""
+    """One cache array of a layer in the 'cache' collection under ``<name>/slots``: [B, L, ...], or [B, W, ...] for a
+    sliding-window layer whose window W is below L (``Cache.ring``). A call writes its tokens new [B, S, ...] and
+    returns (the arrays its queries may read [B, K, ...], the cache slot each holds [K] int32, -1: empty), for
+    ``Cache.visible``. (A module of its own so that attention modules written with ``setup`` can own cache arrays
+    whose shape is known only at the first call.)"""
+
+    window: int = 0  # the layer's sliding window (0: full attention)
 
     @nn.compact
-    def __call__(self, new: jax.Array, cache: Cache) -> jax.Array:
-        var = self.variable(COLLECTION, "slots", jnp.zeros, (new.shape[0], cache.length, *new.shape[2:]), new.dtype)
-        start = (0, cache.index) + (0,) * (new.ndim - 2)
-        var.value = jax.lax.dynamic_update_slice(var.value, new.astype(var.value.dtype), start)
-        return var.value
+    def __call__(self, new: jax.Array, cache: Cache) -> tuple[jax.Array, jax.Array]:
+        ring = cache.ring(self.window)
+        rows, seq = new.shape[:2]
+        var = self.variable(COLLECTION, "slots", jnp.zeros, (rows, ring or cache.length, *new.shape[2:]), new.dtype)
+        new = new.astype(var.value.dtype)
+        if not ring:
+            start = (0, cache.index) + (0,) * (new.ndim - 2)
+            var.value = jax.lax.dynamic_update_slice(var.value, new, start)
+            return var.value, jnp.arange(cache.length, dtype=jnp.int32)
+        before = var.value
+        entry = jnp.arange(ring, dtype=jnp.int32)
+        last = cache.index - 1  # the newest slot already in the ring; entry r holds the newest slot s <= last, s = r
+        held = last - jnp.mod(last - entry, ring)  # (mod W), negative when that slot never existed
+        keep = min(seq, ring)
+        written = cache.index + seq - keep + jnp.arange(keep, dtype=jnp.int32)
+        var.value = before.at[:, jnp.mod(written, ring)].set(new[:, seq - keep:])
+        slots = jnp.concatenate([held, cache.index + jnp.arange(seq, dtype=jnp.int32)])
+        return jnp.concatenate([before, new], axis=1), slots
 
 
 def softmax(logits: jax.Array, visible: jax.Array, sinks: jax.Array | None) -> jax.Array:
@@ -107,15 +134,17 @@ def attend_latent(q: jax.Array, c_kv: jax.Array, k_rot: jax.Array, kv_b: jax.Arr
 
 
 def bytes_per_token(cache_tree) -> int:
-    """Cache bytes per token slot, summed over the layers: the cache tree's bytes / (rows x slots)."""
-    leaves = jax.tree.leaves(cache_tree)
-    rows, slots = _rows_slots(cache_tree)
-    return sum(int(x.size) * x.dtype.itemsize for x in leaves) // (rows * slots)
+    """Cache bytes per token slot, summed over the layers: each array's bytes / (rows x its slots). A sliding
+    layer's ring of W entries counts per entry, so this is the cost of one more token of context while it is
+    within every window."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache_tree):
+        scanned = any(getattr(key, "key", None) == "blocks" for key in path)  # stacked layers: [n, B, L, ...]
+        rows, slots = (leaf.shape[1], leaf.shape[2]) if scanned else (leaf.shape[0], leaf.shape[1])
+        total += int(leaf.size) * leaf.dtype.itemsize // (rows * slots)
+    return total
 
 
-def _rows_slots(cache_tree) -> tuple[int, int]:
-    """(B, L) of a cache tree: a layer's arrays are [B, L, ...], stacked ones (scanned layers) [n, B, L, ...]."""
-    flat = jax.tree_util.tree_leaves_with_path(cache_tree)
-    path, leaf = flat[0]
-    scanned = any(getattr(key, "key", None) == "blocks" for key in path)
-    return (leaf.shape[1], leaf.shape[2]) if scanned else (leaf.shape[0], leaf.shape[1])
+def total_bytes(cache_tree) -> int:
+    """The cache's bytes, every layer and row."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(cache_tree))

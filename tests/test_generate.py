@@ -34,14 +34,14 @@ def init(cfg, seed=0):
     return model.Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
 
 
-def cached_logits(cfg, variables, tokens, prefill):
-    """Prefill tokens[:, :prefill], then feed the rest one token at a time; the logits of every position."""
+def cached_logits(cfg, variables, tokens, prefill, chunk=1):
+    """Prefill tokens[:, :prefill], then feed the rest ``chunk`` tokens at a time; the logits of every position."""
     module = model.Transformer(generate.decode_config(cfg))
     batch, seq = tokens.shape
     start = jnp.zeros((batch,), jnp.int32)
     apply = jax.jit(lambda v, t, c: module.apply(v, t, cache=c, mutable=["cache"]))
     outs, cache_vars = [], {}
-    for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, seq)]:
+    for lo, hi in [(0, prefill)] + [(t, min(t + chunk, seq)) for t in range(prefill, seq, chunk)]:
         logits, cache_vars = apply({**variables, **cache_vars}, tokens[:, lo:hi],
                                    kv_cache.Cache(seq, jnp.int32(lo), start))
         outs.append(logits)
@@ -54,6 +54,10 @@ ATTENTION_VARIANTS = {
     "qk_norm_head_yarn_interleaved": dict(qk_norm=True, rope_interleave=True, rope_scaling=dict(
         kind="yarn", factor=4.0, original_max_position_embeddings=8)),
     "sliding_sinks": dict(attention_sinks=True, layer_types=("sliding", "full", "sliding"), sliding_window=3),
+    "mla_sliding_scanned": dict(attention="mla", num_kv_heads=0, scan_layers=True, sliding_window=3,
+                                layer_types=("full", "sliding", "sliding"),
+                                mla=dict(q_lora_rank=0, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                         v_head_dim=6)),
     "mla_scanned": dict(attention="mla", num_kv_heads=0, scan_layers=True,
                         mla=dict(q_lora_rank=0, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                  v_head_dim=6)),
@@ -90,6 +94,22 @@ def test_mla_cache_holds_the_latent_only():
     gqa = tiny()
     _, cache_vars = cached_logits(gqa, init(gqa), jnp.zeros((2, 6), jnp.int32), prefill=6)
     assert kv_cache.bytes_per_token(cache_vars["cache"]) == gqa.num_layers * 2 * gqa.num_kv_heads * 8 * 4
+
+
+@pytest.mark.parametrize("prefill,chunk", [(1, 1), (2, 2), (3, 4), (7, 2), (11, 1)])
+def test_sliding_layers_keep_a_ring_of_window_slots(prefill, chunk):
+    """Prefills shorter and longer than the window, chunks that wrap the ring: the full forward's logits, with a
+    sliding layer's cache holding W = 3 entries where a full layer holds all 11."""
+    cfg = tiny(**ATTENTION_VARIANTS["sliding_sinks"])
+    variables = init(cfg, seed=4)
+    tokens = jax.random.randint(jax.random.key(6), (2, 11), 0, cfg.vocab_size)
+    got, cache_vars = cached_logits(cfg, variables, tokens, prefill=prefill, chunk=chunk)
+    np.testing.assert_allclose(got, full_logits(cfg, variables, tokens), atol=1e-5, rtol=0)
+    slots = {name: layer["attn"]["cached_key"]["slots"].shape[1] for name, layer in cache_vars["cache"].items()}
+    assert slots == {"layers_0": 3, "layers_1": 11, "layers_2": 3}
+    per_slot = 2 * cfg.num_kv_heads * 8 * 4  # keys and values of one token in one layer, float32
+    assert kv_cache.total_bytes(cache_vars["cache"]) == 2 * (3 + 11 + 3) * per_slot
+    assert kv_cache.bytes_per_token(cache_vars["cache"]) == cfg.num_layers * per_slot
 
 
 # every router kind (the zoo config that uses it), at test width
