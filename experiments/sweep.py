@@ -13,7 +13,8 @@ Each point runs in ``<workdir>/<field>=<value>_...`` (the last component of each
 command skips finished points and resumes interrupted ones. Each finished point appends one JSON line to
 ``<workdir>/results.jsonl`` ({"point", "workdir", "overrides", "metric", "value", "metrics"}); at the end the
 finished points, sorted by ``--metric`` (ascending unless --descending), are printed and written to
-``<workdir>/summary.md``.
+``<workdir>/summary.md``, with plots of the points over training beside it: ``summary_loss.png`` (train and eval
+loss) and, when the points have MoE layers, ``summary_maxvio.png`` (train MaxVio, mean over the MoE layers).
 """
 from __future__ import annotations
 
@@ -94,6 +95,23 @@ def summary_table(records: list[dict[str, Any]], fields: list[str], metric: str,
     return "\n".join(lines) + "\n"
 
 
+def write_plots(workdir: pathlib.Path, records: list[dict[str, Any]]) -> list[pathlib.Path]:
+    """summary_loss.png (every point's train and eval loss over the steps) and, when some point logs MoE layer
+    statistics, summary_maxvio.png (train MaxVio, mean over the MoE layers); the paths written."""
+    from moejax import analysis
+
+    if not records:
+        return []
+    runs = {r["point"]: r["workdir"] for r in records}
+    written = [workdir / "summary_loss.png"]
+    analysis.loss_curves(runs, written[0])
+    moe = {r["point"]: r["workdir"] for r in records if r["metrics"].get("train_maxvio") is not None}
+    if moe:
+        written.append(workdir / "summary_maxvio.png")
+        analysis.stat_curves(moe, "maxvio", written[-1])
+    return written
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"# Sweep of {args.config}\n\n`{' '.join(['python -m experiments.sweep', *(argv or sys.argv[1:])])}`"
               f"\n\n{len(records)} of {len(runs)} points finished, sorted by {args.metric} "
               f"({'descending' if args.descending else 'ascending'}).\n\n")
-    (workdir / "summary.md").write_text(header + table)
-    print(table + f"[sweep] summary: {workdir / 'summary.md'}, one line per point: {results_path}")
+    plots = write_plots(workdir, records)
+    (workdir / "summary.md").write_text(header + table + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots))
+    print(table + f"[sweep] summary: {workdir / 'summary.md'}, one line per point: {results_path}"
+          + "".join(f"\n[sweep] plot: {p}" for p in plots))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 

@@ -193,6 +193,8 @@ def test_sweep_grid_resumes_and_sorts(toy_run, tmp_path, capsys):
     summary = (workdir / "summary.md").read_text()
     rows = [line for line in summary.splitlines() if re.match(r"\| \d+ \|", line)]
     assert [row.split(" | ")[1] for row in rows] == [r["point"] for r in sorted(lines, key=lambda r: r["value"])]
+    for plot in ("summary_loss.png", "summary_maxvio.png"):  # the toy config has MoE layers
+        assert (workdir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in summary
     code, out, _ = run_main(sweep, args, capsys)
     assert code == 0 and "2 already finished (skipped), 0 to run" in out and "] start " not in out
     assert len((workdir / "results.jsonl").read_text().splitlines()) == 2
