@@ -347,9 +347,12 @@ SUMMARY_METRICS = {
     "params_total": "total parameters",
     "params_activated": "parameters activated per token",
 }
+EVAL_ONLY_STATS = {"maxvio_global": "maxvio of the final evaluation's expert load summed over all its batches "
+                                    "(Loss-Free Balancing's MaxVio_global), mean over MoE layers"}
 METRICS = {
     **SUMMARY_METRICS,
     **{stat: f"{stat} of the final evaluation, mean over MoE layers" for stat in LAYER_STATS},
+    **EVAL_ONLY_STATS,
     **{f"train_{stat}": f"{stat} over training (mean over the log records and MoE layers)" for stat in LAYER_STATS},
 }
 
@@ -365,7 +368,7 @@ def run_metrics(workdir: pathlib.Path) -> dict[str, float | None]:
     summary = json.loads((workdir / "summary.json").read_text())
     values: dict[str, float | None] = {name: summary.get(name) for name in SUMMARY_METRICS}
     layers = summary.get("moe_layers") or {}
-    for stat in LAYER_STATS:
+    for stat in (*LAYER_STATS, *EVAL_ONLY_STATS):  # runs made before maxvio_global have None there
         per_layer = [stats[stat] for stats in layers.values() if stats.get(stat) is not None]
         values[stat] = sum(per_layer) / len(per_layer) if per_layer else None
     records = [r for r in analysis.read_metrics(workdir) if r.get("kind") == "train"] if layers else []

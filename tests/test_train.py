@@ -152,7 +152,8 @@ def test_run_writes_checkpoints_logs_and_summary(trained):
     assert summary["params_total"] > summary["params_activated"] > 0
     assert set(summary["moe_layers"]) == {"layers_0", "layers_1"}
     for layer in summary["moe_layers"].values():
-        assert set(layer) == set(stats.LAYER_STATS)
+        assert set(layer) == {*stats.LAYER_STATS, "maxvio_global"}
+        assert 0 <= layer["maxvio_global"] <= layer["maxvio"] + 1e-6  # summed loads are no less even than each batch's
         assert 1 <= layer["max_over_mean_load"] <= config.model.moe.num_experts / config.model.moe.top_k
         assert layer["maxvio"] == pytest.approx(layer["max_over_mean_load"] - 1)
         assert layer["drop_fraction"] == 0 and layer["overflow_fraction"] == 0  # dropless, one device
@@ -223,6 +224,9 @@ def test_metrics_average_each_moe_layer_under_its_own_index():
     assert values["layers_3_drop_fraction"] == pytest.approx((2 / 8 + 0) / 2)
     assert values["layers_1_experts_per_token"] == pytest.approx(2.0)
     assert values["layers_3_z_loss"] == pytest.approx(2.0)
+    # MaxVio_global: of the summed loads (6, 4, 3, 3) and (10, 2, 2, 2), not the mean of each step's MaxVio
+    assert values["layers_1_maxvio_global"] == pytest.approx(6 / 4 - 1)
+    assert values["layers_3_maxvio_global"] == pytest.approx(10 / 4 - 1)
     assert values["expert_load"] == {"layers_1": pytest.approx([6 / 16, 4 / 16, 3 / 16, 3 / 16]),
                                      "layers_3": pytest.approx([10 / 16, 2 / 16, 2 / 16, 2 / 16])}
     assert "expert_load" not in metrics.computed(collection.empty().merge(first), with_load=False)

@@ -3,7 +3,10 @@ TensorBoard + ``metrics.jsonl`` writer, host-side progress (throughput, ETA, div
 
 Per MoE layer the metrics hold ``stats.LAYER_STATS`` (load balance, drops, experts per token, router entropy and
 the unweighted router losses), averaged over steps, named ``layers_{i}_{stat}`` by the layer index each MoE layer
-records; training also holds ``expert_load`` (per layer, each expert's share of the routed slots).
+records, and ``layers_{i}_maxvio_global``: the MaxVio of the load summed over all the steps (or evaluation batches)
+before the max is taken, Loss-Free Balancing's MaxVio_global (arXiv 2408.15664), where ``maxvio`` averages each
+batch's MaxVio (its MaxVio_batch). Training also holds ``expert_load`` (per layer, each expert's share of the routed
+slots).
 """
 from __future__ import annotations
 
@@ -86,6 +89,8 @@ def computed(metrics: clu_metrics.Collection, with_load: bool = True) -> dict[st
         layers = [f"layers_{int(i)}" for i in value["layer"]]
         for layer, row in zip(layers, value["mean"], strict=True):
             values.update({f"{layer}_{stat}": float(v) for stat, v in zip(stats.LAYER_STATS, row, strict=True)})
+        for layer, share in zip(layers, np.asarray(value["load"], np.float64), strict=True):
+            values[f"{layer}_maxvio_global"] = float(share.max() / max(share.mean(), 1e-12) - 1.0)
         if with_load:
             values["expert_load"] = {layer: [round(float(v), 6) for v in row]
                                      for layer, row in zip(layers, value["load"], strict=True)}
@@ -226,10 +231,10 @@ def summary(eval_metrics: dict[str, float], progress: Progress, start_time: floa
         "params_total": counts["total"],
         "params_activated": counts["activated"],
         "moe_layers": {layer: {stat: eval_metrics[f"{layer}_{stat}"]
-                               for stat in stats.LAYER_STATS} for layer in layers},
+                               for stat in (*stats.LAYER_STATS, "maxvio_global")} for layer in layers},
         "moe_layers_note": "final evaluation, averaged over batches; max_over_mean_load = max_e load / mean_e load, "
                            "maxvio = that - 1, experts_per_token = routed experts per token; the router losses "
-                           "are unweighted",
+                           "are unweighted; maxvio_global = the MaxVio of the load summed over all the batches",
         "maxvio_over_training": maxvio_over_training(workdir, layers),
         "maxvio_over_training_note": "per layer, the train MaxVio of each log interval (metrics.jsonl): first, "
                                      "last, mean and max over the run",
