@@ -35,9 +35,10 @@ nats/token at the same seed, 95% t-intervals:
 Why: at d_model 64 a run is about 2.3 (dense) and 1.8 (deepseekmoe) times faster and the early lag stays (+0.14 to
 +0.43 around steps 40-60 on four of five seeds), but the gain at 600 steps is two thirds of d_model 128's, and three
 seeds do not separate it from seed noise; five do (SEEDS = 5). No point of the grid fits 2 CPU-hours per table with
-the claim resolved: Table 1 at this budget takes about 40 minutes per seed on 2 cores with the cores unshared (dense
-about 7 minutes at about 6,000 training tokens/s, hash about 7, switch 8.4, gshard 8.0, deepseekmoe about 10 at
-4,100-4,700), about 3.4 hours for 5 seeds.
+the claim resolved: the full table at this budget took about 40 minutes per seed on 2 cores with the cores
+unshared (minutes per run: dense 6.9-7.4 at 5,900-6,300 training tokens/s, hash 6.9-7.8, switch 7.1-8.0, gshard
+7.6-7.9, deepseekmoe 9.4-10.6 at 4,100-4,700), about 3.3 hours for 5 seeds. Its results and findings:
+experiments/results/deepseekmoe_table1.md.
 
 Claims (CLAIMS): the paper's ordering Dense > Hash > Switch >~ GShard > DeepSeekMoE in loss, as paired comparisons:
 each MoE row beats dense, Switch and GShard beat Hash, GShard beats Switch, DeepSeekMoE beats GShard.
