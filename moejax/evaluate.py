@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if value:
             config.train[field] = value
     tokenizer = tokenizers.for_checkpoint(path, config)
+    tokenizers.pin(config, tokenizer)
     per_batch = config.train.batch_size * config.train.seq_len
     if args.max_tokens:
         checks.positive_int("--max_tokens", args.max_tokens)

@@ -4,9 +4,11 @@ byte follow from the tokenizer's bytes; a transformers directory is evaluated wi
 ``python -m moejax.generate`` CLI streams a continuation that equals moejax.generate's tokens."""
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -90,6 +92,41 @@ def test_generate_cli_streams_the_greedy_continuation(trained, capsys):
     new = new[:new.index(0)] if 0 in new else new
     assert captured.out.startswith("def f(x):" + bytes(new).decode("utf-8", errors="replace").rstrip("\ufffd"))
     assert "tokens/s" in captured.err
+
+
+def test_a_bpe_run_reads_another_corpus_with_its_own_tokenizer(release, tmp_path):  # noqa: F811
+    """A run trained with 'bpe:N' and read on another corpus (evaluate, and the post-hoc calibration batches)
+    tokenizes it with the run's tokenizer.json, not with a BPE trained afresh on that corpus: the batches decode, with
+    the run's tokenizer, to text of the new corpus, and the loss is the cross-entropy of the logits on them."""
+    from moejax.posthoc import capture
+
+    _, corpus = release
+    config = helpers_train.get_config()
+    config.data.update(name=f"text:{corpus}/*.py", dir=str(tmp_path / "cache"), tokenizer="bpe:300")
+    config.model.vocab_size = 300
+    config.train.update(steps=2, warmup_steps=1, eval_every=2, log_every=1)
+    config.checkpoint.every_steps = 2
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(config, workdir)
+    other = pathlib.Path(json.__file__).parent  # the json package's sources: another corpus
+    flags = dict(data=f"text:{other}/*.py", max_tokens=64, batch_size=2, seq_len=16, data_dir=str(tmp_path / "cache"))
+    result = evaluate.main([f"--checkpoint={workdir}", *(f"--{k}={v}" for k, v in flags.items()),
+                            f"--out={tmp_path / 'e.json'}"])
+    assert result["tokenizer"] == f"hf:{workdir}"
+    run_config, variables = moejax.load(workdir)
+    _, inputs, tok = capture.calibration_batches(run_config, workdir, **flags)
+    assert tok.spec == f"hf:{workdir}"
+    text = "".join(path.read_text() for path in other.glob("*.py"))
+    for row in np.concatenate(inputs):
+        assert tok.decode(row.tolist()) in text  # a BPE trained afresh on json/ would decode to other text
+    config = ml_collections.ConfigDict(run_config.to_dict())
+    config.data.update(name=flags["data"], dir=flags["data_dir"], tokenizer=f"hf:{workdir}", eval_batches=2)
+    config.train.update(batch_size=2, seq_len=16)
+    batches = data.eval_batches(config)
+    np.testing.assert_array_equal(np.concatenate([b[:, :-1] for b in batches]), np.concatenate(inputs))
+    forward = jax.jit(model.Transformer(run_config.model).apply)
+    losses = [cross_entropy(forward(variables, jnp.asarray(b[:, :-1])), b[:, 1:]) for b in batches]
+    assert result["loss"] == pytest.approx(float(np.mean(losses)), abs=1e-5)
 
 
 @pytest.mark.parametrize("argv,field", [(["--max_tokens=-1"], "--max_tokens"), (["--batch_size=-2"], "--batch_size")])

@@ -238,6 +238,15 @@ def for_checkpoint(path: str | pathlib.Path, config=None) -> Tokenizer:
     return for_config(config) if config is not None else for_workdir(path)
 
 
+def pin(config, tokenizer: Tokenizer) -> None:
+    """Makes config's data pipeline tokenize with ``tokenizer`` when it was read from a file (a checkpoint's
+    tokenizer.json, ``for_checkpoint``): sets config.data.tokenizer to its 'hf:' spec. Without this, a checkpoint
+    trained with 'bpe:N' and read on another corpus would get a BPE trained afresh on that corpus, whose ids name
+    other tokens than the ones the model learned."""
+    if tokenizer.spec.startswith("hf:"):
+        config.data.tokenizer = tokenizer.spec
+
+
 def for_workdir(workdir: str | pathlib.Path) -> Tokenizer:
     """The tokenizer a run trained with: its workdir's tokenizer.json, else bytes. Raises ValueError when the
     run's config.json names another tokenizer but the file is missing."""

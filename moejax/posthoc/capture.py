@@ -348,6 +348,7 @@ def calibration_batches(config: ml_collections.ConfigDict, checkpoint: str | pat
                          f"--max_tokens")
     tokenizer = tokenizers.for_checkpoint(checkpoint, config) if checkpoint is not None else \
         tokenizers.for_config(config)
+    tokenizers.pin(config, tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"the tokenizer of {config.data.name!r} ({tokenizer.spec}) has {tokenizer.vocab_size} ids, "
                          f"the model's vocabulary {config.model.vocab_size}")
