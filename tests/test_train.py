@@ -224,9 +224,16 @@ def test_metrics_average_each_moe_layer_under_its_own_index():
     assert values["layers_3_drop_fraction"] == pytest.approx((2 / 8 + 0) / 2)
     assert values["layers_1_experts_per_token"] == pytest.approx(2.0)
     assert values["layers_3_z_loss"] == pytest.approx(2.0)
-    # MaxVio_global: of the summed loads (6, 4, 3, 3) and (10, 2, 2, 2), not the mean of each step's MaxVio
+    # MaxVio_global: of the summed loads (6, 4, 3, 3) and (10, 2, 2, 2)
     assert values["layers_1_maxvio_global"] == pytest.approx(6 / 4 - 1)
     assert values["layers_3_maxvio_global"] == pytest.approx(10 / 4 - 1)
+    # two steps overloading different experts: each step's MaxVio is 1, the summed load (4, 4, 4, 4) is balanced
+    steps = [collection.single_from_model_output(
+        loss=jnp.float32(1.0), aux_loss=jnp.float32(0.0), grad_norm=jnp.float32(1.0),
+        layer_stats=routed_stats([1, 3], [load, load], [0, 0])) for load in ([4, 0, 2, 2], [0, 4, 2, 2])]
+    balanced = metrics.computed(collection.empty().merge(steps[0]).merge(steps[1]))
+    assert balanced["layers_1_maxvio"] == pytest.approx(1.0)
+    assert balanced["layers_1_maxvio_global"] == pytest.approx(0.0)
     assert values["expert_load"] == {"layers_1": pytest.approx([6 / 16, 4 / 16, 3 / 16, 3 / 16]),
                                      "layers_3": pytest.approx([10 / 16, 2 / 16, 2 / 16, 2 / 16])}
     assert "expert_load" not in metrics.computed(collection.empty().merge(first), with_load=False)
