@@ -52,11 +52,11 @@ class Cache:
         """The ring size of a layer with this sliding window: W when 0 < W < length, else 0 (all L slots)."""
         return window if 0 < window < self.length else 0
 
-    def visible(self, seq: int, window: int = 0, slots: jax.Array | None = None) -> jax.Array:
+    def visible(self, seq: int, window: int, slots: jax.Array) -> jax.Array:
         """[B, S, K] bool: query t of the call (slot index + t) may read key k, which holds cache slot slots[k]
-        (default: key k is slot k of all L; a negative slot is an empty ring entry)."""
+        (``Slots`` returns them; a negative slot is an empty ring entry)."""
         slot = self.index + jnp.arange(seq, dtype=jnp.int32)[:, None]
-        j = (jnp.arange(self.length, dtype=jnp.int32) if slots is None else slots)[None, :]
+        j = slots[None, :]
         ok = (j <= slot)[None] & (j[None] >= self.start[:, None, None])  # start >= 0 also excludes empty entries
         if window:
             ok = ok & ((slot - j) < window)[None]

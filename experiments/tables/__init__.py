@@ -43,7 +43,7 @@ TABLE = {**CORPUS, **TABLE_MODEL, **TINY_TRAIN}
 # Every table's budget: 600 steps x 32 x 128 = 2,457,600 BPE tokens per run (0.86 epochs of the training split), one
 # evaluation at the end on 64 validation batches spread over the split (262,144 tokens, 2,048 of its 2,452 windows).
 TABLE_BUDGET = {"train.steps": 600, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 64,
-          "checkpoint.every_steps": 200}
+                "checkpoint.every_steps": 200}
 
 
 def experts(num_shared: int, num_routed: int, granularity: int, top_k: int) -> dict[str, Any]:
@@ -53,8 +53,6 @@ def experts(num_shared: int, num_routed: int, granularity: int, top_k: int) -> d
         raise ValueError(f"granularity={granularity} must divide the standard FFN width {FFN}")
     return {"model.moe.num_shared": num_shared, "model.moe.num_experts": num_routed,
             "model.moe.expert_ffn": FFN // granularity, "model.moe.top_k": top_k}
-
-
 
 
 @dataclasses.dataclass(frozen=True)
