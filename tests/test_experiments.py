@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import reproduce, runner, sweep
+from experiments import report, reproduce, runner, summary, sweep, tables
+from experiments import stats as table_stats
 from experiments.tables import Claim
 from moejax import analysis
 from tests import helpers_env
@@ -126,7 +127,7 @@ def test_reproduce_results_are_the_seed_statistics(toy_run):
     claim = data["claims"][0]
     assert claim["values"] == pytest.approx(diffs) and claim["seeds"] == [0, 1]
     assert [claim["low"], claim["high"]] == pytest.approx([diffs.mean() - half, diffs.mean() + half])
-    assert claim["verdict"] == reproduce.verdict({"low": diffs.mean() - half, "high": diffs.mean() + half}, "lower")
+    assert claim["verdict"] == table_stats.verdict({"low": diffs.mean() - half, "high": diffs.mean() + half}, "lower")
     line = next(line for line in md.splitlines() if "b beats a" in line)
     assert line.startswith(f"* **{claim['verdict']}**: b beats a.")
     assert f"[{diffs.mean() - half:.4f}, {diffs.mean() + half:.4f}], n = 2" in line
@@ -237,7 +238,7 @@ def test_reproduce_runs_the_tables_seeds_unless_told(tmp_path, capsys):
     (tmp_path / "toy.py").write_text(TOY_TABLE + "SEEDS = 0\n")
     code, _, err = run_main(reproduce, ["toy", "--tables-dir", str(tmp_path), "--dry-run"], capsys)
     assert code == 2 and "SEEDS=0 is invalid" in err
-    assert reproduce.load_table("deepseekmoe_table1").SEEDS == 5  # the pilot's choice (its docstring)
+    assert tables.load_table("deepseekmoe_table1").SEEDS == 5  # the pilot's choice (its docstring)
 
 
 def test_reproduce_table_with_unknown_field(tmp_path, capsys):
@@ -369,16 +370,16 @@ def test_t_interval_equals_hand_computation():
     assert stats.t.ppf(0.975, 2) == pytest.approx(4.303, abs=5e-4)  # textbook t tables
     assert stats.t.ppf(0.975, 4) == pytest.approx(2.776, abs=5e-4)
     # [1, 2, 3]: mean 2, sd 1, half width t_{0.975, 2} / sqrt(3) = 4.302653 / 1.732051 = 2.484138
-    interval = reproduce.t_interval([1.0, 2.0, 3.0])
+    interval = table_stats.t_interval([1.0, 2.0, 3.0])
     assert interval["n"] == 3 and interval["mean"] == pytest.approx(2.0) and interval["std"] == pytest.approx(1.0)
     assert interval["t"] == pytest.approx(4.302653, abs=1e-6)
     assert [interval["low"], interval["high"]] == pytest.approx([2 - 2.484138, 2 + 2.484138], abs=1e-6)
     values = [-0.2604, -0.2901, -0.1727, -0.2290, -0.3012]
     half = stats.t.ppf(0.975, 4) * np.std(values, ddof=1) / math.sqrt(5)
-    interval = reproduce.t_interval(values)
+    interval = table_stats.t_interval(values)
     assert [interval["low"], interval["high"]] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
-    assert reproduce.t_interval([0.5]) == {"n": 1, "mean": 0.5, "std": None, "t": None, "low": None, "high": None}
-    assert reproduce.t_interval([])["mean"] is None
+    assert table_stats.t_interval([0.5]) == {"n": 1, "mean": 0.5, "std": None, "t": None, "low": None, "high": None}
+    assert table_stats.t_interval([])["mean"] is None
 
 
 @pytest.mark.parametrize("values, better, expected", [
@@ -393,7 +394,7 @@ def test_t_interval_equals_hand_computation():
     ([0.0, 0.0], "lower", "not resolved"),  # [0, 0]: touches 0
 ])
 def test_verdict(values, better, expected):
-    assert reproduce.verdict(reproduce.t_interval(values), better) == expected
+    assert table_stats.verdict(table_stats.t_interval(values), better) == expected
 
 
 def test_statistics_pair_the_seeds_both_rows_finished():
@@ -404,7 +405,7 @@ def test_statistics_pair_the_seeds_both_rows_finished():
     table = types.SimpleNamespace(METRICS=["val_loss", "maxvio"], REFERENCE="a",
                                   CLAIMS=[Claim("b beats a", "b", "a"), Claim("a beats b", "a", "b"),
                                           Claim("b balances", "b", "a", "maxvio")])
-    out = reproduce.statistics(table, results)
+    out = table_stats.statistics(table, results)
     diff = out["differences"]["b"]["val_loss"]
     assert diff["seeds"] == [0, 2] and diff["values"] == pytest.approx([-0.2, -0.1])
     assert out["differences"]["b"]["maxvio"]["n"] == 0
@@ -415,18 +416,18 @@ def test_statistics_pair_the_seeds_both_rows_finished():
     assert first["verdict"] == "not resolved"  # t_{0.975, 1} = 12.7: [-0.79, 0.49]
     assert second["values"] == pytest.approx([0.2, 0.1])
     assert third["n"] == 0 and third["verdict"] == "not resolved"
-    assert "no seed where both rows finished" in reproduce.claim_line(third)
+    assert "no seed where both rows finished" in report.claim_line(third)
 
 
 def _toy_results(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """A tables dir with the toy table and a second table, and a results dir with only the toy table's JSON (two
     seeds, b - a = -0.3 and -0.5 in val_loss, 0 and 0 in maxvio)."""
-    tables, results = tmp_path / "tables", tmp_path / "results"
-    tables.mkdir()
+    tables_dir, results = tmp_path / "tables", tmp_path / "results"
+    tables_dir.mkdir()
     results.mkdir()
-    (tables / "toy.py").write_text(TOY_TABLE)
-    (tables / "other.py").write_text(TOY_TABLE.replace('TITLE = "toy table"', 'TITLE = "other table"'))
-    table = reproduce.load_table("toy", tables)
+    (tables_dir / "toy.py").write_text(TOY_TABLE)
+    (tables_dir / "other.py").write_text(TOY_TABLE.replace('TITLE = "toy table"', 'TITLE = "other table"'))
+    table = tables.load_table("toy", tables_dir)
     rows = []
     for row, losses in (("a", (2.0, 2.2)), ("b", (1.7, 1.7))):
         overrides = next(r.overrides for r in table.ROWS if r.name == row)
@@ -438,21 +439,21 @@ def _toy_results(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     payload = {"table": "toy", "budget": "full", "budget_overrides": table.BUDGET, "seeds": 2, "rows": rows}
     (results / "toy.json").write_text(json.dumps(payload))
     (results / "toy.md").write_text("# toy\n")
-    return tables, results
+    return tables_dir, results
 
 
 def test_readme_block_rewrite_is_idempotent_and_only_touches_the_block(tmp_path):
-    tables, results = _toy_results(tmp_path)
+    tables_dir, results = _toy_results(tmp_path)
     readme = tmp_path / "README.md"
     before, after = "# Project\n\nText before.\n\n### Results\n\n", "\n\n## Next section\n\nText after.\n"
-    readme.write_text(before + reproduce.BEGIN + "\nold, hand-written text\n" + reproduce.END + after)
-    assert reproduce.write_summary(readme, results, tables) is True
+    readme.write_text(before + summary.BEGIN + "\nold, hand-written text\n" + summary.END + after)
+    assert summary.write_summary(readme, results, tables_dir) is True
     text = readme.read_text()
-    assert text.startswith(before + reproduce.BEGIN) and text.endswith(reproduce.END + after)
+    assert text.startswith(before + summary.BEGIN) and text.endswith(summary.END + after)
     assert "hand-written" not in text
-    assert reproduce.write_summary(readme, results, tables) is False  # idempotent
+    assert summary.write_summary(readme, results, tables_dir) is False  # idempotent
     assert readme.read_text() == text
-    block = text[text.index(reproduce.BEGIN):text.index(reproduce.END)]
+    block = text[text.index(summary.BEGIN):text.index(summary.END)]
     # b - a = -0.3, -0.5: mean -0.4, sd 0.141421, half width 12.706205 * 0.141421 / sqrt(2) = 1.270620
     assert "| b beats a | **not resolved** | `val_loss` b − a = -0.4000 | [-1.6706, 0.8706] | 2 |" in block
     assert "| b balances better | **not resolved** | `maxvio` b − a = 0.0000 | [0.0000, 0.0000] | 2 |" in block
@@ -462,8 +463,8 @@ def test_readme_block_rewrite_is_idempotent_and_only_touches_the_block(tmp_path)
 
 
 def test_summary_of_a_table_without_results_says_so(tmp_path):
-    tables, results = _toy_results(tmp_path)
-    block = reproduce.summary_block(results, tables, tmp_path)
+    tables_dir, results = _toy_results(tmp_path)
+    block = summary.summary_block(results, tables_dir, tmp_path)
     other = block[block.index("**`other`**"):].replace("\n", " ")
     assert other.startswith("**`other`**: other table. **No results yet**: `python -m experiments.reproduce other` "
                             "writes them (3 seeds).")
@@ -471,44 +472,43 @@ def test_summary_of_a_table_without_results_says_so(tmp_path):
 
 
 def test_readme_without_markers_is_refused(tmp_path, capsys):
-    tables, results = _toy_results(tmp_path)
+    tables_dir, results = _toy_results(tmp_path)
     readme = tmp_path / "README.md"
-    for text in ("no markers\n", f"{reproduce.END}\n{reproduce.BEGIN}\n",
-                 f"{reproduce.BEGIN}{reproduce.BEGIN}{reproduce.END}"):
+    for text in ("no markers\n", f"{summary.END}\n{summary.BEGIN}\n",
+                 f"{summary.BEGIN}{summary.BEGIN}{summary.END}"):
         readme.write_text(text)
         with pytest.raises(runner.UsageError, match="exactly one"):
-            reproduce.write_summary(readme, results, tables)
+            summary.write_summary(readme, results, tables_dir)
         assert readme.read_text() == text
-    code, _, err = run_main(reproduce, ["toy", "--summary", "--tables-dir", str(tables)], capsys)
+    code, _, err = run_main(reproduce, ["toy", "--summary", "--tables-dir", str(tables_dir)], capsys)
     assert code == 2 and "--summary takes no table" in err
 
 
 def test_older_results_say_what_differs(tmp_path):
-    tables, results = _toy_results(tmp_path)
+    tables_dir, results = _toy_results(tmp_path)
     payload = json.loads((results / "toy.json").read_text())
     payload["rows"][0]["overrides"] = {k: v for k, v in payload["rows"][0]["overrides"].items()
                                        if k != "model.moe.top_k"}
-    table = reproduce.load_table("toy", tables)
-    changes = reproduce.definition_changes(table, payload)
+    table = tables.load_table("toy", tables_dir)
+    changes = report.definition_changes(table, payload)
     assert changes == [{"field": "model.moe.top_k", "then": 2, "now": 1, "then_text":
                         "not set (today's config default: `2`)", "now_text": "`1`", "rows": ["a"]}]
-    text = reproduce.changes_text(table, payload)
+    text = report.changes_text(table, payload)
     assert text.startswith("**Measured under an older definition of this table** (4 steps per run).")
     assert "`model.moe.top_k` not set (today's config default: `2`) then, `1` now (rows a)" in text
     # the README's line names each differing field once, however many rows differ in it in different ways
     payload["rows"][1]["overrides"] = {**payload["rows"][1]["overrides"], "model.moe.top_k": 3}
     (results / "toy.json").write_text(json.dumps(payload))
-    assert len(reproduce.definition_changes(table, payload)) == 2
-    block = reproduce.summary_block(results, tables, tmp_path).replace("\n", " ")
+    assert len(report.definition_changes(table, payload)) == 2
+    block = summary.summary_block(results, tables_dir, tmp_path).replace("\n", " ")
     assert "(overrides differing: `model.moe.top_k`; see its page)" in block
 
 
 @pytest.mark.parametrize("name", ["deepseekmoe_table1", "deepseekmoe_fig3", "switch_capacity", "loss_free_vs_aux",
                                   "top_p_vs_top2"])
 def test_tables_train_on_bpe_and_declare_claims(name, tmp_path):
-    from experiments import tables
 
-    table = reproduce.load_table(name)  # checks the claims' rows, metrics and directions
+    table = tables.load_table(name)  # checks the claims' rows, metrics and directions
     assert table.CLAIMS and table.BUDGET == tables.TABLE_BUDGET  # every table runs at the budget the pilot chose
     for budget in reproduce.BUDGETS:
         for row, runs in reproduce.plan(table, table.ROWS, 1, tmp_path, budget).items():
@@ -529,9 +529,8 @@ def test_deepseekmoe_tables_match_parameters(name):
     """DeepSeekMoE's comparison (arXiv 2401.06066, section 4.1): at every row, the experts of a layer hold the
     parameters of 16 standard FFNs, and a token activates 2 of them (1 for the top-1 rows Hash and Switch; the dense
     row is one FFN), read from each row's resolved config; every row shares the tables' width."""
-    from experiments import tables
 
-    table = reproduce.load_table(name)
+    table = tables.load_table(name)
     default_tokenizer = runner.load_config("configs/dense.py").data.tokenizer
     widths = set()
     runs = reproduce.plan(table, table.ROWS, 1, pathlib.Path("unused"), "full")
@@ -568,14 +567,14 @@ def test_committed_results_show_the_verdicts():
     """The committed pages carry one verdict line per claim of their table, as their JSON's seeds give them, and
     README.md's block is what --summary writes."""
     for name in ("deepseekmoe_table1", "deepseekmoe_fig3"):
-        table = reproduce.load_table(name)
-        payload = json.loads((reproduce.RESULTS_DIR / f"{name}.json").read_text())
-        md = (reproduce.RESULTS_DIR / f"{name}.md").read_text()
-        for claim in reproduce.statistics(table, payload)["claims"]:
-            assert f"* {reproduce.claim_line(claim)}" in md
-    readme = reproduce.README.read_text()
-    block = readme[readme.index(reproduce.BEGIN):readme.index(reproduce.END) + len(reproduce.END)]
-    assert block == reproduce.summary_block()
+        table = tables.load_table(name)
+        payload = json.loads((summary.RESULTS_DIR / f"{name}.json").read_text())
+        md = (summary.RESULTS_DIR / f"{name}.md").read_text()
+        for claim in table_stats.statistics(table, payload)["claims"]:
+            assert f"* {report.claim_line(claim)}" in md
+    readme = summary.README.read_text()
+    block = readme[readme.index(summary.BEGIN):readme.index(summary.END) + len(summary.END)]
+    assert block == summary.summary_block()
 
 
 def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir, capsys):

@@ -12,7 +12,7 @@ A table file defines:
 * optionally ``REFERENCE``: the row that the other rows' within-seed differences are taken against.
 * optionally ``CLAIMS``: a list of ``Claim``: the paper's claims as paired comparisons of two rows, each of which
   the results page answers with one verdict (reproduced / not resolved / contradicted, see
-  experiments/reproduce.py).
+  experiments/stats.py).
 * optionally ``BUDGET_STATUS``: a sentence the results page shows beside the budget when the budget is
   provisional (``experiments.reproduce --set`` sets one for a pilot budget).
 
@@ -26,7 +26,14 @@ docs/data.md), the vocabulary size of DeepSeekMoE's validation experiments. ``TA
 every table runs at (the pilot's choice too).
 """
 import dataclasses
+import importlib.util
+import pathlib
+import re
+from types import ModuleType
 from typing import Any
+
+from experiments import runner
+from experiments.stats import DIRECTIONS
 
 # The tables' corpus: the stdlib corpus (data.name's default) in BPE tokens. model.vocab_size is the tokenizer's
 # vocabulary (8,192 ids measured: ids 0..8191, the end-of-document token <|endoftext|> is id 0). The hash router
@@ -91,3 +98,64 @@ class Claim:
     reference: str
     metric: str = "val_loss"
     better: str = "lower"
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+TABLES_DIR = pathlib.Path(__file__).resolve().parent
+REQUIRED = ("TITLE", "PAPER", "ROWS", "BUDGET", "METRICS", "EXPECTED")
+# Seeds per row when neither the command line (--seeds) nor the table (SEEDS) says.
+DEFAULT_SEEDS = 3
+# A few steps of a small batch, evaluated once on one batch: the pipeline in seconds per run, not a result.
+SMOKE_BUDGET = {"train.steps": 4, "train.batch_size": 8, "train.seq_len": 32, "train.warmup_steps": 1,
+                "train.log_every": 2, "train.eval_every": 0, "data.eval_batches": 1, "checkpoint.every_steps": 0}
+_ROW_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def available_tables(tables_dir: pathlib.Path) -> list[str]:
+    return sorted(p.stem for p in tables_dir.glob("*.py") if not p.name.startswith("_"))
+
+
+def load_table(name: str, tables_dir: pathlib.Path = TABLES_DIR) -> ModuleType:
+    """The table module ``<tables_dir>/<name>.py``, checked: its attributes, rows, metrics and every override
+    against its config. Raises runner.UsageError naming what is wrong and what is allowed."""
+    path = tables_dir / f"{name}.py"
+    if not path.is_file():
+        raise runner.UsageError(f"table {name!r} does not exist in {tables_dir}; allowed tables: "
+                                f"{', '.join(available_tables(tables_dir)) or '(none)'}")
+    spec = importlib.util.spec_from_file_location(f"_moejax_table_{name}", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    missing = [attr for attr in REQUIRED if not hasattr(table, attr)]
+    if missing:
+        raise runner.UsageError(f"table file {path} lacks {', '.join(missing)} (a table defines {', '.join(REQUIRED)}"
+                                ", see experiments/tables/__init__.py)")
+    table.SEEDS = getattr(table, "SEEDS", DEFAULT_SEEDS)
+    if not isinstance(table.SEEDS, int) or isinstance(table.SEEDS, bool) or table.SEEDS < 1:
+        raise runner.UsageError(f"table file {path}: SEEDS={table.SEEDS!r} is invalid: must be an integer >= 1")
+    table.ROWS = [row if isinstance(row, Row) else Row(**row) for row in table.ROWS]
+    names = [row.name for row in table.ROWS]
+    for row in table.ROWS:
+        if not _ROW_NAME.match(row.name) or names.count(row.name) > 1:
+            raise runner.UsageError(f"table {name}: row name {row.name!r} must be unique and made of letters, digits, "
+                                    "'_', '-' and '.' (it names the row's run directory)")
+        config = runner.load_config(row.config)
+        for field, value in {**table.BUDGET, **row.overrides}.items():
+            runner.typed_value(config, field, value, f"table {name}, row {row.name!r} ({row.config})")
+    for metric in table.METRICS:
+        runner.check_metric(metric, f"table {name}, METRICS")
+    reference = getattr(table, "REFERENCE", None)
+    if reference is not None and reference not in names:
+        raise runner.UsageError(f"table {name}: REFERENCE={reference!r} is not a row; rows: {', '.join(names)}")
+    table.CLAIMS = [claim if isinstance(claim, Claim) else Claim(**claim) for claim in getattr(table, "CLAIMS", [])]
+    for claim in table.CLAIMS:
+        where = f"table {name}, claim {claim.text!r}"
+        for row in (claim.row, claim.reference):
+            if row not in names:
+                raise runner.UsageError(f"{where}: {row!r} is not a row; rows: {', '.join(names)}")
+        if claim.row == claim.reference:
+            raise runner.UsageError(f"{where}: row and reference are both {claim.row!r}; a claim compares two rows")
+        runner.check_metric(claim.metric, where)
+        if claim.better not in DIRECTIONS:
+            raise runner.UsageError(f"{where}: better={claim.better!r} is invalid: allowed {', '.join(DIRECTIONS)}")
+    return table

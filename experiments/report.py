@@ -1,0 +1,388 @@
+"""The results page of an ablation table (experiments/reproduce.py): its provenance (tokens per run, corpus
+fingerprint, whether the runs predate the table's current definition), the markdown page and its plots.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from experiments import runner
+from experiments.stats import CONFIDENCE
+from experiments.tables import SMOKE_BUDGET
+from moejax import analysis
+
+# ----------------------------------------------------------------------------------------------- provenance
+
+
+def tokens_per_run(results: dict[str, Any]) -> str:
+    """The training tokens per run ('150 steps × 32 × 128 = 614,400 tokens'), per group of rows if they differ;
+    runs recorded before batch and sequence were kept give steps × tokens per step."""
+    groups: dict[str, list[str]] = {}
+    for row in results["rows"]:
+        for entry in row["runs"]:
+            if entry.get("batch_size") and entry.get("seq_len"):
+                text = f"{entry['steps']:,} steps × {entry['batch_size']} × {entry['seq_len']}"
+            else:
+                text = f"{entry['steps']:,} steps × {entry['tokens'] // max(entry['steps'], 1):,} tokens per step"
+            text += f" = {entry['tokens']:,} tokens"
+            names = groups.setdefault(text, [])
+            if row["name"] not in names:
+                names.append(row["name"])
+    if not groups:
+        return "no finished run"
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{text} ({', '.join(names)})" for text, names in groups.items())
+
+
+def fingerprint_id(fingerprint: dict[str, Any]) -> str:
+    from moejax.data.corpora import fingerprint_id as corpus_id  # imports the tokenizers package: only when needed
+
+    return corpus_id(fingerprint)
+
+
+def describe_corpus(fingerprint: dict[str, Any]) -> str:
+    """One line naming a corpus fingerprint (summary.json's 'corpus'): corpus, tokenizer, sizes, fingerprint id."""
+    details = [f"Python {fingerprint['python']}" if "python" in fingerprint else None,
+               f"{fingerprint['files']:,} files" if "files" in fingerprint else None,
+               f"dataset {fingerprint['dataset']}" if "dataset" in fingerprint else None,
+               f"sha256 {fingerprint['sha256'][:12]}…" if "sha256" in fingerprint else None]
+    text = f"`{fingerprint.get('name', '?')}` ({', '.join(d for d in details if d)})"
+    tokenizer = fingerprint.get("tokenizer")
+    if tokenizer:
+        text += (f", tokenizer `{tokenizer.get('spec')}` (vocabulary {tokenizer.get('vocab_size', 0):,}, sha256 "
+                 f"{str(tokenizer.get('sha256', '?'))[:12]}…)")
+    else:
+        text += ", tokenizer `bytes` (byte-level, 256 ids)"
+    if "train_tokens" in fingerprint:
+        text += f", {fingerprint['train_tokens']:,} training / {fingerprint.get('val_tokens', 0):,} validation tokens"
+    elif "train_bytes" in fingerprint:
+        text += f", {fingerprint['train_bytes']:,} training / {fingerprint.get('val_bytes', 0):,} validation bytes"
+    return text + f"; fingerprint id `{fingerprint_id(fingerprint)}`"
+
+
+def corpora(results: dict[str, Any]) -> list[tuple[dict[str, Any] | None, list[str]]]:
+    """The distinct corpus fingerprints of the finished runs with the rows that used them (None: not recorded)."""
+    groups: dict[str, tuple[dict[str, Any] | None, list[str]]] = {}
+    for row in results["rows"]:
+        for entry in row["runs"]:
+            fingerprint = entry.get("corpus")
+            _, names = groups.setdefault(json.dumps(fingerprint, sort_keys=True), (fingerprint, []))
+            if row["name"] not in names:
+                names.append(row["name"])
+    return list(groups.values())
+
+
+def config_default(config: str, field: str) -> Any:
+    try:
+        return runner.config_value(runner.load_config(config), field)
+    except (KeyError, runner.UsageError):
+        return None
+
+
+def _recorded_tokenizers(results: dict[str, Any]) -> list[str]:
+    """The tokenizers of the finished runs, as text: recorded per run, else the row's data.tokenizer override, else
+    not set (with today's config default)."""
+    found = []
+    for row in results["rows"]:
+        for entry in row["runs"]:
+            tokenizer = entry.get("tokenizer") or row["overrides"].get("data.tokenizer")
+            text = (f"`{tokenizer}`" if tokenizer else "not set by the rows (today's config default: "
+                    f"`{config_default(row['config'], 'data.tokenizer')}`)")
+            if text not in found:
+                found.append(text)
+    return found
+
+
+def corpus_text(results: dict[str, Any], short: bool = False) -> str:
+    """The corpus of the results: its fingerprint, or how the runs were tokenized when none was recorded."""
+    groups = corpora(results)
+    if not groups:
+        return "no finished run"
+    parts = []
+    for fingerprint, names in groups:
+        if fingerprint is None:
+            tokenizers = ", ".join(_recorded_tokenizers(results))
+            text = (f"not recorded (runs made before the results kept summary.json's corpus fingerprint); "
+                    f"`data.tokenizer`: {tokenizers}" if not short
+                    else f"fingerprint not recorded, `data.tokenizer` {tokenizers}")
+        elif short:
+            tokenizer = (fingerprint.get("tokenizer") or {}).get("spec", "bytes")
+            text = (f"`{fingerprint.get('name', '?')}` in `{tokenizer}` tokens, fingerprint "
+                    f"`{fingerprint_id(fingerprint)}`")
+        else:
+            text = describe_corpus(fingerprint)
+        parts.append(text + (f" (rows {', '.join(names)})" if len(groups) > 1 else ""))
+    warning = "**the runs used different corpora**: " if len(groups) > 1 else ""
+    return warning + "; ".join(parts)
+
+
+_UNSET = object()
+
+
+def definition_changes(table: ModuleType, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where the settings the results recorded (their rows' config and overrides, and the budget) differ from the
+    table file now: [{'field', 'then', 'now', 'then_text', 'now_text', 'rows'}], 'then' / 'now' the values in effect
+    (today's config default where nothing overrides the field), the texts saying which; a row no longer in the
+    table has field None. Empty when the results match the table. Only overrides are compared: a field that no
+    override sets took its config's default at the time, and a config default that changed since is not seen."""
+    now_rows = {row.name: row for row in table.ROWS}
+    full = results.get("budget", "full") == "full"
+    budget_then = results.get("budget_overrides") or {}
+    budget_now = table.BUDGET if full else SMOKE_BUDGET
+    changes: dict[str, dict[str, Any]] = {}
+
+    def effective(overrides: dict[str, Any], config: str, field: str) -> tuple[Any, str]:
+        if field in overrides:
+            value = overrides[field]
+            return (list(value) if isinstance(value, tuple) else value), f"`{runner.format_value(value)}`"
+        value = config_default(config, field)
+        return value, f"not set (today's config default: `{runner.format_value(value)}`)"
+
+    def add(field: str | None, then: Any, now: Any, then_text: str, now_text: str, row: str) -> None:
+        key = json.dumps([field, then_text, now_text], default=str)
+        changes.setdefault(key, {"field": field, "then": then, "now": now, "then_text": then_text,
+                                 "now_text": now_text, "rows": []})["rows"].append(row)
+
+    for row in results["rows"]:
+        if not row["runs"]:
+            continue
+        now = now_rows.get(row["name"])
+        if now is None:
+            add(None, row["name"], None, f"`{row['name']}`", "no longer a row of the table", row["name"])
+            continue
+        if now.config != row["config"]:
+            add("config", row["config"], now.config, f"`{row['config']}`", f"`{now.config}`", row["name"])
+        then_overrides = {**budget_then, **row["overrides"]} if full else {**row["overrides"], **budget_then}
+        now_overrides = {**budget_now, **now.overrides} if full else {**now.overrides, **budget_now}
+        for field in sorted(then_overrides.keys() | now_overrides.keys()):
+            then, then_text = effective(then_overrides, row["config"], field)
+            current, now_text = effective(now_overrides, now.config, field)
+            if then != current:
+                add(field, then, current, then_text, now_text, row["name"])
+    return list(changes.values())
+
+
+def changes_text(table: ModuleType, results: dict[str, Any]) -> str | None:
+    """The page's statement that results predate the table's current definition, or None if they match it."""
+    changes = definition_changes(table, results)
+    if not changes:
+        return None
+    all_rows = [row["name"] for row in results["rows"] if row["runs"]]
+    steps = sorted({entry["steps"] for row in results["rows"] for entry in row["runs"]})
+    items = []
+    for change in changes:
+        rows = "every row" if change["rows"] == all_rows else "rows " + ", ".join(change["rows"])
+        if change["field"] is None:
+            items.append(f"row {change['then_text']} is {change['now_text']}")
+        else:
+            items.append(f"`{change['field']}` {change['then_text']} then, {change['now_text']} now ({rows})")
+    return (f"**Measured under an older definition of this table** ({', '.join(f'{s:,}' for s in steps)} steps per "
+            "run). The runs' overrides differ from what the table file now runs: " + "; ".join(items)
+            + ". A field a row did not set took its config's default at the time, which may differ from today's. "
+            "Rerun the table to measure its current definition; until then these numbers are about the older "
+            "setting only.")
+
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return number(mean) + (f" ± {number(std)}" if std is not None else "")
+
+
+def interval_text(stat: dict[str, Any]) -> str:
+    """'[low, high]' of a t_interval, or why there is none."""
+    if stat.get("low") is None:
+        return f"no interval (n = {stat.get('n', 0)})"
+    return f"[{number(stat['low'])}, {number(stat['high'])}]"
+
+
+def _params(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.2f}M"
+
+
+def claim_line(claim: dict[str, Any]) -> str:
+    """One verdict line of a results page."""
+    head = f"**{claim['verdict']}**: {claim['text']}. `{claim['metric']}` {claim['row']} − {claim['reference']}"
+    if not claim["n"]:
+        return f"{head}: no seed where both rows finished (the paper's direction: {claim['better']})."
+    values = ", ".join(f"{v:+.4f}" for v in claim["values"])
+    return (f"{head} = {number(claim['mean'])}, {claim.get('confidence', CONFIDENCE):.0%} t-interval "
+            f"{interval_text(claim)}, n = {claim['n']} paired seed(s) (the paper's direction: {claim['better']}; per "
+            f"seed: {values}).")
+
+
+def plot_specs(table_name: str, results: dict[str, Any]) -> list[tuple[str, str, Callable[[pathlib.Path], Any]]]:
+    """The plots of a results page: [(caption, file name, draw(path))]."""
+    finished = {row["name"]: [pathlib.Path(e["workdir"]) for e in row["runs"]] for row in results["rows"]}
+    finished = {name: dirs for name, dirs in finished.items() if dirs}
+    moe = {name: dirs for name, dirs in finished.items()
+           if next(r for r in results["rows"] if r["name"] == name)["mean"].get("maxvio") is not None}
+    specs: list[tuple[str, str, Callable[[pathlib.Path], Any]]] = []
+    if finished:
+        specs.append(("Train loss (solid) and eval loss (dashed), mean over seeds with min-max band",
+                      f"{table_name}_loss.png", lambda p: analysis.loss_curves(finished, p)))
+    # the table's REFERENCE, else (when it has not run) the reference row of the first claim whose rows both ran
+    claims = results.get("claims", [])
+    candidates = [results.get("reference")] + [c["reference"] for c in claims if c["row"] in finished]
+    reference = next((name for name in candidates if name in finished), None)
+    if reference is not None and len(finished) > 1:
+        by_seed = {row["name"]: {e["seed"]: pathlib.Path(e["workdir"]) for e in row["runs"]}
+                   for row in results["rows"] if row["runs"]}
+        specs.append((f"Train loss minus {reference}'s at the same seed (the same batches), over training: each seed "
+                      "and the mean", f"{table_name}_paired.png",
+                      lambda p: analysis.paired_difference_curves(by_seed, reference, p)))
+    if moe:
+        specs.append(("MaxVio during training (max load / mean load - 1, mean over MoE layers)",
+                      f"{table_name}_maxvio.png", lambda p: analysis.stat_curves(moe, "maxvio", p)))
+        epts = [e["metrics"].get("train_experts_per_token") for r in results["rows"] for e in r["runs"]]
+        if any(v is not None and abs(v - round(v)) > 1e-6 for v in epts):
+            specs.append(("Routed experts per token during training (mean over MoE layers)",
+                          f"{table_name}_experts_per_token.png",
+                          lambda p: analysis.stat_curves(moe, "experts_per_token", p)))
+        for name, dirs in moe.items():
+            specs.append((f"Expert load of {name} (seed 0), per MoE layer", f"{table_name}_load_{name}.png",
+                          lambda p, d=dirs[0]: analysis.load_heatmap(d, p)))
+    return specs
+
+
+def write_plots(table_name: str, results: dict[str, Any], out_dir: pathlib.Path) -> list[tuple[str, str]]:
+    """The PNGs beside the markdown; returns [(caption, file name)]. A plot that cannot be drawn is reported and
+    left out (e.g. no expert loads in runs logged before moejax recorded them)."""
+    plots = []
+    for caption, file, draw in plot_specs(table_name, results):
+        try:
+            draw(out_dir / file)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"[reproduce] plot {file} left out: {e}", flush=True)
+            continue
+        plots.append((caption, file))
+    return plots
+
+
+def existing_plots(table_name: str, results: dict[str, Any], out_dir: pathlib.Path) -> list[tuple[str, str]]:
+    """The plots of plot_specs already in out_dir (for --render-only, which draws nothing)."""
+    return [(caption, file) for caption, file, _ in plot_specs(table_name, results) if (out_dir / file).exists()]
+
+
+def observed_order(results: dict[str, Any], metric: str) -> tuple[str, list[str]]:
+    """The rows ordered by mean ``metric`` (lowest first) as 'a < b < c', and per seed the same order."""
+    means = [(r["mean"][metric], r["name"]) for r in results["rows"] if r["mean"].get(metric) is not None]
+    by_mean = " < ".join(name for _, name in sorted(means))
+    seeds = max((len(r["runs"]) for r in results["rows"]), default=0)
+    per_seed = []
+    for seed in range(seeds):
+        values = [(r["runs"][seed]["metrics"].get(metric), r["name"]) for r in results["rows"] if seed < len(r["runs"])]
+        per_seed.append(" < ".join(name for value, name in sorted(v for v in values if v[0] is not None)))
+    return by_mean, per_seed
+
+
+VERDICT_RULE = ("Each claim compares two rows within seeds: the differences (row − reference) at every seed both "
+                "finished, their mean and 95% t-interval mean ± t_{0.975, n−1} · sd / √n over the n paired seeds. "
+                "**reproduced**: the interval excludes 0 in the paper's direction; **contradicted**: it excludes 0 "
+                "the other way; **not resolved**: it contains 0, or n < 2.")
+
+
+def markdown(table: ModuleType, table_name: str, payload: dict[str, Any], plots: list[tuple[str, str]],
+             findings: str | None = None, rendered_by: str | None = None) -> str:
+    """The results page of ``payload`` (main()'s <table>.json content): header (tokens per run, corpus, budget
+    status, and whether the runs predate the table's current definition), main table, observed order, verdicts,
+    findings (hand-written, kept across reruns in <table>.findings.md), paired differences, rows, budget, corpus,
+    plots. ``rendered_by``: the --render-only command that rewrites an existing page from its JSON."""
+    metrics = list(table.METRICS)
+    rows = payload["rows"]
+    seeds, budget = payload["seeds"], payload["budget"]
+    paper_labels = list(dict.fromkeys(label for row in rows for label in row["paper"]))
+    lines = [f"# {table.TITLE}", "", f"**Paper:** {table.PAPER}", "", f"**Expected (paper):** {table.EXPECTED}", ""]
+    runs_made = f"{seeds} seed(s) per row, budget `{budget}`"
+    if rendered_by:
+        made = (f"the runs were made by `{payload['command']}` on {payload['generated']}" if payload.get("command")
+                else f"the runs (`{payload.get('workdir', '?')}`) were made before the results recorded their "
+                     "command and date")
+        lines.append(f"Rendered {datetime.date.today().isoformat()} by `{rendered_by}` from `{table_name}.json`, "
+                     f"without rerunning anything; {made}: {runs_made}.")
+    else:
+        lines.append(f"Generated {payload['generated']} by `{payload['command']}`: {runs_made}.")
+    lines[-1] += " Values are mean ± std over the finished seeds (std with ddof=1; none with one seed)."
+    lines += ["", f"**Tokens per run** (train.steps × train.batch_size × train.seq_len): {tokens_per_run(payload)}.",
+              "", f"**Corpus:** {corpus_text(payload)}.", ""]
+    status = getattr(table, "BUDGET_STATUS", None)
+    if status and budget == "full":
+        lines += [f"**Budget status:** {status}.", ""]
+    changes = changes_text(table, payload)
+    if changes:
+        lines += [changes, ""]
+    if budget != "full":
+        lines += ["**SMOKE BUDGET: these numbers test the pipeline and mean nothing.**", ""]
+    header = ["row", "seeds", "params total / activated", *metrics, *(f"paper: {label}" for label in paper_labels)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for res in rows:
+        mean, std = res["mean"], res["std"]
+        cells = [f"**{res['name']}**", f"{res['seeds_finished']}/{seeds}",
+                 f"{_params(mean.get('params_total'))} / {_params(mean.get('params_activated'))}",
+                 *(_cell(mean.get(m), std.get(m)) for m in metrics),
+                 *(f"{res['paper'][label]:g}" if label in res["paper"] else "–" for label in paper_labels)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Metrics: " + "; ".join(f"`{m}` = {runner.METRICS[m]}" for m in metrics) + "."]
+    by_mean, per_seed = observed_order(payload, metrics[0])
+    if by_mean:
+        lines += ["", f"**Observed order by mean `{metrics[0]}`** (lowest first): {by_mean}. Per seed: "
+                  + "; ".join(f"seed {i}: {order}" for i, order in enumerate(per_seed)) + "."]
+    if payload.get("claims"):
+        lines += ["", "## Verdicts", "", f"One line per claim of the paper (`CLAIMS` in "
+                  f"`experiments/tables/{table_name}.py`). {VERDICT_RULE}", ""]
+        lines += [f"* {claim_line(claim)}" for claim in payload["claims"]]
+    if findings:
+        lines += ["", "## Findings", "", findings.strip()]
+    if payload.get("differences"):
+        ref = payload["reference"]
+        lines += ["", f"## Paired differences vs `{ref}`", "",
+                  f"Per row and metric: mean ± std over seeds of (row − {ref}) at the same seed, and its 95% "
+                  f"t-interval [mean ± t_{{0.975, n−1}} · sd / √n]. The seed fixes the initialisation and the data "
+                  "order, so these differences are less noisy than the rows' own spreads.", "",
+                  "| row | paired seeds | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+                  "|" + "---|" * (len(metrics) + 2)]
+        for name, diffs in payload["differences"].items():
+            n = max((diffs[m]["n"] for m in metrics if m in diffs), default=0)
+            cells = [f"{_cell(diffs[m]['mean'], diffs[m]['std'])} {interval_text(diffs[m])}"
+                     if m in diffs and diffs[m]["values"] else "–" for m in metrics]
+            lines.append(f"| **{name}** | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "## Rows", ""]
+    for res in rows:
+        overrides = " ".join(f"`{f}={runner.format_value(v)}`" for f, v in res["overrides"].items()) or "no overrides"
+        lines.append(f"* **{res['name']}**: `{res['config']}` with {overrides}" + (f". {res['note']}" if res["note"]
+                                                                                   else ""))
+    wall = sum(e["metrics"].get("wall_seconds") or 0 for r in rows for e in r["runs"])
+    lines += ["", "## Budget", "",
+              "Shared overrides: " + " ".join(f"`{f}={runner.format_value(v)}`"
+                                              for f, v in payload["budget_overrides"].items())
+              + f". Wall time of the runs' last invocations, summed: {runner.duration(wall)}."
+              + (" Provisional (see the budget status above)." if status and budget == "full" else ""), ""]
+    missing = [f"{r['name']} ({r['seeds_finished']}/{seeds})" for r in rows if r["seeds_finished"] < seeds]
+    if missing:
+        lines += [f"**Incomplete rows:** {', '.join(missing)}.", ""]
+    fingerprints = [(fp, names) for fp, names in corpora(payload) if fp is not None]
+    if fingerprints:
+        lines += ["## Corpus", "", "The runs' corpus fingerprint (summary.json's `corpus`):", ""]
+        for fingerprint, names in fingerprints:
+            lines += ([f"Rows {', '.join(names)}:", ""] if len(fingerprints) > 1 else []) + [
+                "```json", json.dumps(fingerprint, indent=1, sort_keys=True), "```", ""]
+    if plots:
+        lines += ["## Plots", ""]
+        for caption, file in plots:
+            lines += [f"{caption}:", "", f"![{caption}]({file})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
