@@ -5,9 +5,9 @@
     moejax.hf.save(config, variables, out_dir)          # transformers.AutoModelForCausalLM.from_pretrained(out_dir)
 
 Families (``SUPPORTED``): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 (its multi-token-prediction
-layers are skipped with a note), gpt_oss. The config mapping is in families.py, one table of tensor names and
-layouts per family in tables.py, the safetensors reader and writer in io.py, FP8 (DeepSeek-V3) and MXFP4 (GPT-OSS)
-dequantisation in quant.py.
+layers are skipped with a note), gpt_oss. The config mapping is in families.py (config_read.py and config_write.py),
+one table of tensor names and layouts per family in tables.py, the safetensors reader and writer in io.py, FP8
+(DeepSeek-V3) and MXFP4 (GPT-OSS) dequantisation in quant.py.
 
 Loading streams: each parameter is read from the memory-mapped files when it is placed, straight into its sharding
 on the mesh (``mesh=``, else the mesh set with ``jax.set_mesh``, else the default device), with the routed experts
