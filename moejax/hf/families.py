@@ -18,14 +18,12 @@ from typing import Any
 import ml_collections
 
 from moejax.configs import base
-from moejax.hf.config_read import (HFConfig, HFConfigError, from_deepseek_v2, from_deepseek_v3, from_gpt_oss,
-                                   from_mixtral, from_olmoe, from_qwen2_moe, from_qwen3_moe)
-from moejax.hf.config_write import (Saving, to_deepseek_v2, to_deepseek_v3, to_gpt_oss, to_mixtral, to_olmoe,
-                                    to_qwen2_moe, to_qwen3_moe)
+from moejax.hf import config_read, config_write
+from moejax.hf.config_read import HFConfig, HFConfigError
+from moejax.hf.config_write import Saving
 
 __all__ = ["FAMILIES", "SAVE_ORDER", "SUPPORTED", "Family", "HFConfig", "HFConfigError", "config_from_hf",
            "config_to_hf", "family"]
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +38,15 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("mixtral", from_mixtral, to_mixtral),
-    Family("qwen2_moe", from_qwen2_moe, to_qwen2_moe),
-    Family("qwen3_moe", from_qwen3_moe, to_qwen3_moe),
-    Family("olmoe", from_olmoe, to_olmoe),
-    Family("deepseek_v2", from_deepseek_v2, to_deepseek_v2,
+    Family("mixtral", config_read.from_mixtral, config_write.to_mixtral),
+    Family("qwen2_moe", config_read.from_qwen2_moe, config_write.to_qwen2_moe),
+    Family("qwen3_moe", config_read.from_qwen3_moe, config_write.to_qwen3_moe),
+    Family("olmoe", config_read.from_olmoe, config_write.to_olmoe),
+    Family("deepseek_v2", config_read.from_deepseek_v2, config_write.to_deepseek_v2,
            frozenset({"ep_size", "seq_aux", "aux_loss_alpha", "n_group", "topk_group"})),
-    Family("deepseek_v3", from_deepseek_v3, to_deepseek_v3, frozenset({"ep_size", "seq_aux", "aux_loss_alpha"}),
-           extra_layers_note="multi-token-prediction layers"),
-    Family("gpt_oss", from_gpt_oss, to_gpt_oss),
+    Family("deepseek_v3", config_read.from_deepseek_v3, config_write.to_deepseek_v3,
+           frozenset({"ep_size", "seq_aux", "aux_loss_alpha"}), extra_layers_note="multi-token-prediction layers"),
+    Family("gpt_oss", config_read.from_gpt_oss, config_write.to_gpt_oss),
 )}
 SUPPORTED = tuple(FAMILIES)
 # save infers the family from the model config in this order (the first that can express it)
