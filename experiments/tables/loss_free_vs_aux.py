@@ -14,7 +14,9 @@ MaxVio_batch); a batch of 4,096 tokens gives each of the 63 experts about 455 sl
 batch's MaxVio well above the global one.
 
 Budget: experiments.tables.TABLE_BUDGET, chosen by Table 1's pilot (deepseekmoe_table1.py): 600 steps x 32 x 128 =
-2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split.
+2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split. Measured:
+10.4 min (aux_loss) and 12.3 min (loss_free) per run alone on the 2-core machine, about 70 minutes for the table's 6
+runs (experiments/results/loss_free_vs_aux.md; seeds 1-2 ran beside other work, so their wall times are longer).
 
 Bias update rate: u = 3e-3, three times the paper's 1e-3, chosen by a sweep at this budget (one seed each): `python
 -m experiments.sweep --config configs/loss_free.py --grid model.moe.bias_update_rate=1e-3,3e-3,1e-2 --metric
