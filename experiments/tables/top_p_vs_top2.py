@@ -8,7 +8,9 @@ deepseekmoe_table1.py):
 * top2: the same model and losses with a fixed top-2 router and no dynamic loss.
 
 Budget: experiments.tables.TABLE_BUDGET, chosen by Table 1's pilot (deepseekmoe_table1.py): 600 steps x 32 x 128 =
-2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split.
+2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split. Measured:
+13.7-23.9 min per run, every run beside another table's run on the 2-core machine; the table's 6 runs took 1 h 53 min
+of wall time that way (experiments/results/top_p_vs_top2.md).
 
 Claims (CLAIMS): top-p activates fewer experts per token than top-2 (paper: 1.76 at inference; here the final
 evaluation's mean and the mean over training), and a lower validation loss (paper: +0.7% over top-2 on benchmarks;
