@@ -22,7 +22,15 @@ Budget: experiments.tables.TABLE_BUDGET, chosen by Table 1's pilot (deepseekmoe_
 2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split. The fine_m4
 row is the same command as Table 1's deepseekmoe row (same config, overrides and seeds), so its runs can be reused
 instead of repeated: copy Table 1's deepseekmoe/seed<k> directories to fine_m4/seed<k> (the runner skips them as
-finished).
+finished). The gshard row computes exactly what top_p_vs_top2's top2 row computes: the same model, and its
+DeepSeekMoE expert-level loss is the same function as the Switch loss there (moejax.moe.losses.expert_balance_loss;
+the names differ only in the device-level term, off here). Runs of one reproduce the other bit for bit: seeds 0 and
+1, trained under both names, gave the same validation loss to the last digit (4.502387523651123, 4.4966020584106445).
+So gshard seed 2 was copied from top_p_vs_top2's top2/seed2 instead of repeated; its config.json says
+`balance_loss=switch`.
+
+Measured: about 13-14 min per run with another run beside it on the 2-core machine (fine_m4 alone, as Table 1's
+deepseekmoe row: 9.4-11.4 min).
 
 Claims (CLAIMS): each step of the figure lowers the loss (+shared beats GShard, m=2 beats +shared, m=4 beats m=2),
 and m=4 beats GShard overall.
