@@ -13,9 +13,9 @@ Each run is ``python -m moejax.main --config=<row config> --workdir=<workdir>/<r
 them). Rerunning the same command skips finished runs and resumes interrupted ones from their checkpoints, so a
 table can be stopped (Ctrl-C: the running runs save a checkpoint) and continued at any time.
 
-``--budget smoke`` applies SMOKE_BUDGET (a few steps of a small batch) after the row's overrides, to check a
-table's whole pipeline in a few minutes; its runs go to ``runs/<table>_smoke`` and its results beside them unless
---workdir / --results-dir say otherwise, so a smoke run never replaces real results.
+``--budget smoke`` applies experiments.tables.SMOKE_BUDGET (a few steps of a small batch) after the row's
+overrides, to check a table's whole pipeline in a few minutes; its runs go to ``runs/<table>_smoke`` and its results
+beside them unless --workdir / --results-dir say otherwise, so a smoke run never replaces real results.
 
 ``--set <field>=<value>`` (repeatable) changes the table's BUDGET for a pilot study, e.g. ``--set train.steps=600``
 to see whether a longer budget resolves a claim: the overrides apply after BUDGET and before the row's own; the
@@ -30,10 +30,10 @@ Statistics (on every results page and in <table>.json):
   (experiments.tables.Claim) between its two rows, the differences (row - reference) at each seed both finished.
   The seed fixes the initialisation and the data order, so these are less noisy than the rows' own spreads. Of
   the n paired differences: mean, std and the 95% t-interval mean +- t_{0.975, n-1} * sd / sqrt(n)
-  (``t_interval``; scipy.stats.t.ppf; none for n < 2);
-* one verdict per claim (``verdict``): 'reproduced' when the interval excludes 0 on the side the paper claims
-  (Claim.better), 'contradicted' when it excludes 0 on the other side, 'not resolved' when it contains 0 or fewer
-  than 2 seeds are paired;
+  (``experiments.stats.t_interval``; scipy.stats.t.ppf; none for n < 2);
+* one verdict per claim (``experiments.stats.verdict``): 'reproduced' when the interval excludes 0 on the side the
+  paper claims (Claim.better), 'contradicted' when it excludes 0 on the other side, 'not resolved' when it contains
+  0 or fewer than 2 seeds are paired;
 * the tokens per run (train.steps x train.batch_size x train.seq_len) and the corpus fingerprint of the runs
   (summary.json's ``corpus``: the corpus and its tokenizer); results made under settings that differ from the table
   file's current ones (e.g. before the tables' BPE default) say so and list the differing fields.
@@ -55,9 +55,9 @@ recomputed from its per-seed values and the table's current CLAIMS, the plots th
 drawing nothing and leaving the JSON as it is.
 
 README.md's block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is generated from the verdicts
-(``summary_block``): per table its claims, verdicts, intervals, seeds, tokens per run and a link to the results
-page, or that it has no results. ``--summary`` rewrites it from experiments/results/*.json; so does every run or
-``--render-only`` whose results go to experiments/results.
+(``experiments.summary.summary_block``): per table its claims, verdicts, intervals, seeds, tokens per run and a link
+to the results page, or that it has no results. ``--summary`` rewrites it from experiments/results/*.json; so does
+every run or ``--render-only`` whose results go to experiments/results.
 """
 from __future__ import annotations
 
