@@ -2,15 +2,20 @@
 router entropy and experts per token.
 
     python -m moejax.evaluate --checkpoint=<workdir | transformers dir> [--data=stdlib|text:<glob>|tfds:<name>]
-        [--max_tokens=N] [--batch_size=B --seq_len=S] [--out=eval.json]
+        [--max_tokens=N] [--batch_size=B --seq_len=S] [--set model.moe.dispatch=dropless ...] [--out=eval.json]
 
 The data is the corpus's validation split, read by the same pipeline and tokenizer as training (the checkpoint's
 own: a workdir's ``data.tokenizer``/tokenizer.json, a transformers directory's tokenizer.json), in the run's batch
 shape unless given. Every number comes from the training loop's own evaluation (``moejax.training.step.eval_step``
 and its metrics), so a workdir evaluated on its own data gives the loss its run logged. Bits per byte divide the
 summed loss by the number of text bytes the predicted tokens stand for (1 per token with the byte tokenizer).
-``evaluate(config, variables, batches)`` is the library form. The JSON is written to --out (default
-``<checkpoint>/eval_<data>.json`` for workdirs, ./eval.json otherwise) and the summary printed.
+``--set FIELD=VALUE`` (repeatable) evaluates the same weights computed another way: one of EVAL_FIELDS, the fields
+that say how the experts are dispatched and in which dtype, never what the weights are. For example a model trained
+with capacity factor 1.0 evaluated dropless (``--set model.moe.dispatch=dropless``) or at another capacity factor
+(``--set model.moe.eval_capacity_factor=1.0``) separates what the training's capacity did to the weights from the
+tokens its evaluation drops. ``evaluate(config, variables, batches)`` is the library form. The JSON is written to
+--out (default ``<checkpoint>/eval_<data>[_<set>].json`` for workdirs, ./eval.json otherwise) and the summary
+printed.
 """
 from __future__ import annotations
 
@@ -65,6 +70,41 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batch
     return result
 
 
+# Fields --set may change: how the model computes, never what its weights are (so any checkpoint loads unchanged).
+EVAL_FIELDS = ("model.moe.dispatch", "model.moe.capacity_factor", "model.moe.eval_capacity_factor",
+               "model.moe.drop_policy", "model.moe.gmm_backend", "model.moe.dispatch_kernel", "model.dtype")
+
+
+def apply_set(config: ml_collections.ConfigDict, assignment: str) -> None:
+    """Applies one ``--set FIELD=VALUE`` to config (in place): FIELD one of EVAL_FIELDS, VALUE parsed as the field's
+    type (a number for a float field or one that is None, 'None' to unset it). ConfigError naming the flag, the
+    value and what is allowed, also when the result fails the model's checks."""
+    field, sep, text = assignment.partition("=")
+    field, text = field.strip(), text.strip()
+    if not sep or field not in EVAL_FIELDS:
+        checks.fail("--set", assignment, f"must be FIELD=VALUE with FIELD one of {', '.join(EVAL_FIELDS)}")
+    *path, name = field.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    current = node[name]
+    try:
+        if text in ("None", "none"):
+            value = None
+        elif isinstance(current, bool):
+            value = {"true": True, "false": False}[text.lower()]
+        elif isinstance(current, (int, float)) or current is None:
+            value = float(text) if isinstance(current, float) or current is None else int(text)
+        else:
+            value = text
+    except (KeyError, ValueError):
+        checks.fail("--set", assignment, f"{field} takes a {type(current).__name__}")
+    if value is None and current is not None:
+        checks.fail("--set", assignment, f"{field} cannot be None")
+    node[name] = value
+    model.validate(config.model)
+
+
 def _bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
     """Text bytes per token id (None: one byte per token)."""
     if tokenizer is None or tokenizer.spec == "bytes":
@@ -83,6 +123,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=0)
     parser.add_argument("--seq_len", type=int, default=0)
     parser.add_argument("--data_dir", default=None, help="where prepared corpora are cached (data.dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help=f"evaluate with a field changed (repeatable); FIELD one of {', '.join(EVAL_FIELDS)}")
     parser.add_argument("--out", default=None, help="the JSON file to write")
     return parser.parse_args(argv)
 
@@ -104,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checks.positive_int(f"--{field}", value, minimum=0)
         if value:
             config.train[field] = value
+    for assignment in args.set:
+        apply_set(config, assignment)
     tokenizer = tokenizers.for_checkpoint(path, config)
     tokenizers.pin(config, tokenizer)
     per_batch = config.train.batch_size * config.train.seq_len
@@ -119,9 +163,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       bytes_per_token=None if table is None else (lambda t: float(table[t].sum())))
     result.update(checkpoint=str(path), data=config.data.name, tokenizer=tokenizer.spec,
                   batch_size=config.train.batch_size, seq_len=config.train.seq_len)
+    if args.set:
+        result["set"] = list(args.set)
     _report(result)
+    name = _slug(config.data.name) + "".join(f"_{_slug(assignment)}" for assignment in args.set)
     out = pathlib.Path(args.out) if args.out else (
-        path / f"eval_{_slug(config.data.name)}.json" if (path / "checkpoints").is_dir() else pathlib.Path("eval.json"))
+        path / f"eval_{name}.json" if (path / "checkpoints").is_dir() else pathlib.Path(f"eval_{name}.json"
+                                                                                        if args.set else "eval.json"))
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return result
@@ -136,10 +184,11 @@ def _report(result: dict[str, Any]) -> None:
           f"{result['bits_per_byte']:.4f} bits/byte over {result['tokens']:,} tokens")
     layers = metrics_lib.layer_names(result)
     if layers:
-        print(f"{'layer':<10} {'max/mean load':>13} {'router entropy':>15} {'experts/token':>14}")
+        print(f"{'layer':<10} {'max/mean load':>13} {'router entropy':>15} {'experts/token':>14} {'dropped':>8}")
         for layer in layers:
             print(f"{layer:<10} {result[f'{layer}_max_over_mean_load']:>13.3f} "
-                  f"{result[f'{layer}_router_entropy']:>15.3f} {result[f'{layer}_experts_per_token']:>14.3f}")
+                  f"{result[f'{layer}_router_entropy']:>15.3f} {result[f'{layer}_experts_per_token']:>14.3f} "
+                  f"{result.get(f'{layer}_drop_fraction', 0.0):>8.4f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import moejax.load
-from moejax import data, evaluate, generate, hf, model
+from moejax import checks, data, evaluate, generate, hf, model
 from moejax.data import tokenizers
 from moejax.training import loop
 from tests import helpers_train
@@ -147,3 +147,48 @@ def test_training_loop_bits_per_byte_use_the_tokenizers_bytes(release, trained):
     targets = [int(i) for b in batches for i in b[:, 1:].ravel()]
     expected = sum(tok.token_bytes(i) for i in targets) / len(targets)
     assert loop._bytes_per_token(config, batches) == pytest.approx(expected, rel=1e-12) and expected > 1.2
+
+
+def naive_drop_fraction(experts_per_token, capacity_factor, num_experts):
+    """Drop by position: each expert keeps its first C = ceil(cf * T * k / E) slots of the batch; the rest drop."""
+    tokens, k = experts_per_token.shape
+    cap = max(1, math.ceil(capacity_factor * tokens * k / num_experts))
+    counts = np.bincount(experts_per_token.reshape(-1), minlength=num_experts)
+    return np.maximum(counts - cap, 0).sum() / (tokens * k)
+
+
+def test_set_evaluates_the_same_weights_with_another_dispatch(trained, tmp_path):
+    """The fixture trains dropless; --set evaluates it at a small capacity factor: every layer's drop fraction is the
+    count of slots past each expert's capacity (a numpy count over the layer's routing), and the loss rises."""
+    from moejax.posthoc import capture
+
+    plain = evaluate.main([f"--checkpoint={trained}"])
+    sets = ["--set", "model.moe.dispatch=capacity", "--set", "model.moe.eval_capacity_factor=0.5"]
+    capped = evaluate.main([f"--checkpoint={trained}", *sets])
+    written = sorted(p.name for p in trained.glob("eval_*.json"))  # the plain evaluation's file is kept
+    assert len(written) == 2 and written[1] == written[0][:-len(".json")] + (
+        "_model_moe_dispatch_capacity_model_moe_eval_capacity_factor_0_5.json")
+    assert capped["set"] == ["model.moe.dispatch=capacity", "model.moe.eval_capacity_factor=0.5"]
+    config, variables = moejax.load(trained)
+    config.model.moe.update(dispatch="capacity", eval_capacity_factor=0.5)
+    batches = data.eval_batches(config)
+    routed = list(capture.stream(config, variables, [b[:, :-1] for b in batches],
+                                 lambda c: [layer.routing.experts for layer in c.layers]))
+    for i, layer in enumerate(("layers_0", "layers_1")):
+        naive = np.mean([naive_drop_fraction(np.asarray(r[i]), 0.5, 8) for r in routed])
+        assert capped[f"{layer}_drop_fraction"] == pytest.approx(naive, abs=1e-6)
+        assert plain[f"{layer}_drop_fraction"] == 0
+    assert capped["layers_0_drop_fraction"] > 0.2  # at most half the slots fit
+    assert capped["loss"] > plain["loss"]
+
+
+@pytest.mark.parametrize("assignment,match", [
+    ("model.num_layers=3", "--set.*model.num_layers=3.*FIELD one of model.moe.dispatch"),
+    ("model.moe.dispatch", "--set.*FIELD=VALUE"),
+    ("model.moe.dispatch=sometimes", "model.moe.dispatch.*sometimes.*dropless"),
+    ("model.moe.capacity_factor=lots", "--set.*capacity_factor takes a float"),
+    ("model.moe.capacity_factor=-1", "model.moe.capacity_factor.*-1"),
+])
+def test_bad_set_is_named(trained, assignment, match):
+    with pytest.raises(checks.ConfigError, match=match):
+        evaluate.main([f"--checkpoint={trained}", "--set", assignment])
