@@ -9,7 +9,18 @@ at Switch's eval capacity factor 2.0, as the paper evaluates: `drop_fraction` is
 `train_drop_fraction` the training one (mean over the run).
 
 Budget: experiments.tables.TABLE_BUDGET, chosen by Table 1's pilot (deepseekmoe_table1.py): 600 steps x 32 x 128 =
-2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split.
+2,457,600 BPE tokens per run, one evaluation at the end on 64 validation batches spread over the split. The dropless
+row is the same command as Table 1's switch row (the same config, overrides and seeds: their config.json files do
+not differ), so its runs can be reused instead of repeated: copy Table 1's switch/seed<k> directories to
+dropless/seed<k> (the runner skips them as finished). The committed results did so for seeds 0-2.
+
+Measured: the capacity rows took 12.5-15.3 min per run with a second run beside them on the 2-core machine, and 8.2
+min for the one that ran mostly alone (cf2.0 seed 2; Table 1's switch runs took 7.1-8.0 min alone). The 9 capacity
+runs, two at a time, took 62 min (`--jobs 2`).
+
+To separate what training under a capacity did to the weights from what the evaluation's own drops cost, evaluate a
+finished run dropless: ``python -m moejax.evaluate --checkpoint=<workdir>/cf1.0/seed0 --set
+model.moe.dispatch=dropless`` (the findings on the results page do this for every run).
 
 Claims (CLAIMS): from the paper's Table 1, CF 1.25 and CF 2.0 beat CF 1.0 in loss (CF 1.25 and 2.0 roughly tie, so
 no claim between them), and a larger capacity factor drops fewer tokens in training; this table's own expectation,
