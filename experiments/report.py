@@ -299,9 +299,8 @@ def markdown(table: ModuleType, table_name: str, payload: dict[str, Any], plots:
              findings: str | None = None, rendered_by: str | None = None) -> str:
     """The results page of ``payload`` (experiments.reproduce.main()'s <table>.json content): header (tokens per
     run, corpus, budget status, and whether the runs predate the table's current definition), main table, observed
-    order, verdicts,
-    findings (hand-written, kept across reruns in <table>.findings.md), paired differences, rows, budget, corpus,
-    plots. ``rendered_by``: the --render-only command that rewrites an existing page from its JSON."""
+    order, verdicts, findings (hand-written, kept across reruns in <table>.findings.md), paired differences, rows,
+    budget, corpus, plots. ``rendered_by``: the --render-only command that rewrites an existing page from its JSON."""
     metrics = list(table.METRICS)
     rows = payload["rows"]
     seeds, budget = payload["seeds"], payload["budget"]

@@ -88,19 +88,21 @@ def apply_set(config: ml_collections.ConfigDict, assignment: str) -> None:
     for part in path:
         node = node[part]
     current = node[name]
+    if text in ("None", "none") and current is not None:
+        checks.fail("--set", assignment, f"{field} cannot be None")
     try:
         if text in ("None", "none"):
             value = None
         elif isinstance(current, bool):
             value = {"true": True, "false": False}[text.lower()]
-        elif isinstance(current, (int, float)) or current is None:
-            value = float(text) if isinstance(current, float) or current is None else int(text)
+        elif isinstance(current, int):
+            value = int(text)
+        elif isinstance(current, float) or current is None:
+            value = float(text)
         else:
             value = text
     except (KeyError, ValueError):
         checks.fail("--set", assignment, f"{field} takes a {type(current).__name__}")
-    if value is None and current is not None:
-        checks.fail("--set", assignment, f"{field} cannot be None")
     node[name] = value
     model.validate(config.model)
 
@@ -167,9 +169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["set"] = list(args.set)
     _report(result)
     name = _slug(config.data.name) + "".join(f"_{_slug(assignment)}" for assignment in args.set)
-    out = pathlib.Path(args.out) if args.out else (
-        path / f"eval_{name}.json" if (path / "checkpoints").is_dir() else pathlib.Path(f"eval_{name}.json"
-                                                                                        if args.set else "eval.json"))
+    if args.out:
+        out = pathlib.Path(args.out)
+    elif (path / "checkpoints").is_dir():
+        out = path / f"eval_{name}.json"
+    else:
+        out = pathlib.Path(f"eval_{name}.json" if args.set else "eval.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return result

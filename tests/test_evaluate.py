@@ -157,7 +157,7 @@ def naive_drop_fraction(experts_per_token, capacity_factor, num_experts):
     return np.maximum(counts - cap, 0).sum() / (tokens * k)
 
 
-def test_set_evaluates_the_same_weights_with_another_dispatch(trained, tmp_path):
+def test_set_evaluates_the_same_weights_with_another_dispatch(trained):
     """The fixture trains dropless; --set evaluates it at a small capacity factor: every layer's drop fraction is the
     count of slots past each expert's capacity (a numpy count over the layer's routing), and the loss rises."""
     from moejax.posthoc import capture
