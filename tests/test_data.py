@@ -94,7 +94,7 @@ def text_corpus(tmp_path):
 
 def test_stdlib_excludes_test_folders_and_splits_by_file(stdlib_dir, stdlib_ref):
     files, _ = stdlib_ref
-    corpus = corpora._load(make_config(stdlib_dir))
+    corpus = corpora.load(make_config(stdlib_dir))
     train, val = set(corpus.train_paths), set(corpus.val_paths)
     assert train | val == set(files)
     assert not train & val

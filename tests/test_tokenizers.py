@@ -18,7 +18,7 @@ from moejax.configs import base
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moejax import checks, data
-from moejax.data import corpora, tokenizers
+from moejax.data import corpora, streams, tokenizers
 from moejax.training import config as config_lib
 
 TEXTS = ["def f(x):\n    return x + 1\n", "héllo wörld ✓ — naïve café\n", "", "class A:\n    pass\n" * 3,
@@ -70,7 +70,7 @@ def text_corpus(tmp_path):
 def clear_caches():
     """Forget what this process loaded, as a new process would."""
     corpora._load_cached.cache_clear()
-    corpora._read_streams.cache_clear()
+    streams.read_streams.cache_clear()
     tokenizers._load_hf.cache_clear()
 
 
@@ -183,7 +183,7 @@ def test_bpe_is_trained_once_per_corpus(text_corpus, tmp_path, capsys, monkeypat
     tok = tokenizers.for_config(config)
     assert capsys.readouterr().out.count("training a byte-level BPE tokenizer (bpe:300)") == 1
     (built,) = (tmp_path / "cache").glob("bpe300-*.json")
-    assert built.name == f"bpe300-{corpora.fingerprint_id(corpora._load(config).fingerprint)}.json"
+    assert built.name == f"bpe300-{corpora.fingerprint_id(corpora.load(config).fingerprint)}.json"
     assert tok.vocab_size == 300 and tok.decode([tok.eos_id]) == EOT
     before = built.stat().st_mtime_ns
 
@@ -209,7 +209,7 @@ def test_bpe_stream_is_the_documents_joined_by_eos(text_corpus, tmp_path):
     fingerprint = data.corpus_fingerprint(config)
     (built,) = (tmp_path / "cache").glob("bpe320-*.json")
     reference = hf_tokenizers.Tokenizer.from_file(str(built))
-    val = set(corpora._load(config).val_paths)
+    val = set(corpora.load(config).val_paths)
     assert val and len(val) < len(files)
 
     def expected(names):
@@ -236,7 +236,7 @@ def test_byte_split_cuts_a_document_in_two_pieces(tmp_path):
     (tmp_path / "one.txt").write_text(text)
     directory = hf_dir(tmp_path / "model")
     config = make_config(tmp_path / "cache", f"text:{tmp_path}/one.txt", f"hf:{directory}", val_fraction=0.1)
-    train, val = corpora.token_streams(config)
+    train, val = streams.token_streams(config)
     whole = text.encode() + b"\0"
     cut = len(whole) - round(len(whole) * 0.1)
     reference = hf_tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -252,9 +252,9 @@ def test_byte_split_cuts_a_document_in_two_pieces(tmp_path):
 
 def test_stdlib_with_bpe(data_dir):
     config = make_config(data_dir, "stdlib", "bpe:400", seq_len=64, val_fraction=0.05)
-    train, val = corpora.token_streams(config)
+    train, val = streams.token_streams(config)
     tok = tokenizers.for_config(config)
-    corpus = corpora._load(config)
+    corpus = corpora.load(config)
     assert train.dtype == np.uint16 and train.max() < 400
     first = np.flatnonzero(train == tok.eos_id)[99] + 1  # the first 100 training documents: lossless, eos-joined
     assert tok.decode(train[:first].tolist()) == "".join(t.decode() + EOT for t, _ in corpus.train[:100])

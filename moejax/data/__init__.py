@@ -41,8 +41,9 @@ independent lanes per process (row ``r`` continues lane ``r``'s stream); the sta
 in tokens).
 """
 from moejax.data import tokenizers
-from moejax.data.corpora import NAMES_ALLOWED, SEPARATOR, VOCAB_SIZE, corpus_fingerprint, parse_name
+from moejax.data.corpora import NAMES_ALLOWED, SEPARATOR, VOCAB_SIZE, parse_name
 from moejax.data.iterators import TrainIterator, eval_batches, train_iterator
+from moejax.data.streams import corpus_fingerprint
 
 __all__ = ["NAMES_ALLOWED", "SEPARATOR", "VOCAB_SIZE", "TrainIterator", "corpus_fingerprint", "eval_batches",
            "parse_name", "tokenizers", "train_iterator"]

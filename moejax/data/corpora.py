@@ -1,5 +1,5 @@
 """Corpora: the embedded stdlib corpus (built once into TFDS array_record), prepared TFDS datasets and local
-text files, and the token streams of the in-memory ones under config.data.tokenizer (see moejax/data/__init__.py)."""
+text files, as documents (see moejax/data/__init__.py); ``streams.py`` tokenizes them."""
 from __future__ import annotations
 
 import contextlib
@@ -19,10 +19,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
-
-import numpy as np
-
-from moejax.data import tokenizers
 
 VOCAB_SIZE = 256  # byte-level: token = byte value
 SEPARATOR = 0  # token appended to every document (byte-level; other tokenizers append their eos_id)
@@ -68,13 +64,13 @@ def parse_name(name: Any) -> _Source:
     raise bad()
 
 
-def _data_dir(config) -> pathlib.Path:
+def data_dir(config) -> pathlib.Path:
     """Cache of built corpora: config.data.dir, else $MOEJAX_DATA_DIR, else ~/.cache/moejax."""
     path = config.data.dir or os.environ.get("MOEJAX_DATA_DIR") or "~/.cache/moejax"
     return pathlib.Path(path).expanduser()
 
 
-def _check_config(config, process_index: int, process_count: int) -> tuple[int, int]:
+def check_config(config, process_index: int, process_count: int) -> tuple[int, int]:
     """Validates the fields this module reads; returns (rows per process, seq_len)."""
     batch, seq_len = config.train.batch_size, config.train.seq_len
     if not (isinstance(seq_len, int) and seq_len >= 1):
@@ -89,7 +85,7 @@ def _check_config(config, process_index: int, process_count: int) -> tuple[int, 
     return batch // process_count, seq_len
 
 
-def _grain_seed(seed: int) -> int:
+def grain_seed(seed: int) -> int:
     # grain reshuffles epoch e with seed + e; hashing keeps seeds s and s + 1 from sharing epochs.
     return int.from_bytes(hashlib.sha256(f"moejax.data:{seed}".encode()).digest()[:4], "little")
 
@@ -101,7 +97,7 @@ Piece = tuple[bytes, bool]  # (UTF-8 text, followed by the separator): a documen
 
 
 @dataclasses.dataclass(frozen=True)
-class _MemoryCorpus:
+class MemoryCorpus:
     fingerprint: dict  # of the text; corpus_fingerprint adds the tokenizer's
     train: tuple[Piece, ...]
     val: tuple[Piece, ...]
@@ -110,7 +106,7 @@ class _MemoryCorpus:
 
 
 @dataclasses.dataclass(frozen=True)
-class _TfdsCorpus:
+class TfdsCorpus:
     fingerprint: dict
     train: Any  # random-access data sources of records
     val: Any
@@ -155,7 +151,7 @@ def _content_hash(docs: Sequence[tuple[str, bytes]]) -> str:
 
 
 def _memory_corpus(name: str, docs: Sequence[tuple[str, bytes]], val: Sequence[tuple[str, bytes]] | None,
-                   val_fraction: float, **extra: Any) -> _MemoryCorpus:
+                   val_fraction: float, **extra: Any) -> MemoryCorpus:
     """docs: all (relpath, bytes); val: the validation docs if already split, else split here by file."""
     docs = sorted(docs)
     val_paths = {r for r, _ in val} if val is not None else {r for r, _ in docs if _is_val(r, val_fraction)}
@@ -171,7 +167,7 @@ def _memory_corpus(name: str, docs: Sequence[tuple[str, bytes]], val: Sequence[t
                    "val_fraction": val_fraction, "split": split,
                    "train_files": len(train_docs), "val_files": len(val_docs),
                    "train_bytes": _size(train), "val_bytes": _size(valid)}
-    return _MemoryCorpus(fingerprint, tuple(train), tuple(valid), tuple(r for r, _ in train_docs),
+    return MemoryCorpus(fingerprint, tuple(train), tuple(valid), tuple(r for r, _ in train_docs),
                          tuple(r for r, _ in val_docs))
 
 
@@ -253,7 +249,7 @@ def _build_stdlib(target: pathlib.Path, docs: Sequence[tuple[str, bytes]], val_f
     print(f"built stdlib corpus in {time.time() - start:.1f}s", flush=True)
 
 
-def _load_stdlib(data_dir: pathlib.Path, val_fraction: float) -> _MemoryCorpus:
+def _load_stdlib(data_dir: pathlib.Path, val_fraction: float) -> MemoryCorpus:
     tfds = _tfds()
 
     docs = [(rel, path.read_bytes()) for rel, path in _stdlib_files()]
@@ -282,7 +278,7 @@ def _glob_root(pattern: str) -> pathlib.Path:
     return root if root.is_dir() else root.parent
 
 
-def _load_text(name: str, val_fraction: float) -> _MemoryCorpus:
+def _load_text(name: str, val_fraction: float) -> MemoryCorpus:
     """The files of a 'text:<glob>' name; files that are not valid UTF-8 are skipped with a warning naming them."""
     pattern = os.path.expanduser(name[len("text:"):])
     if os.path.isdir(pattern):
@@ -313,7 +309,7 @@ def _load_text(name: str, val_fraction: float) -> _MemoryCorpus:
     return _memory_corpus(name, docs, None, val_fraction)
 
 
-def _load_tfds(source: _Source, tfds_dir: str, text_key: str) -> _TfdsCorpus:
+def _load_tfds(source: _Source, tfds_dir: str, text_key: str) -> TfdsCorpus:
     tfds = _tfds()
     from tensorflow_datasets.core import read_only_builder
 
@@ -346,12 +342,12 @@ def _load_tfds(source: _Source, tfds_dir: str, text_key: str) -> _TfdsCorpus:
                    "eval_split": eval_split, "train_examples": len(train), "val_examples": len(val),
                    "text_key": text_key,
                    "sha256": hashlib.sha256(json.dumps([info.full_name, splits]).encode()).hexdigest()}
-    return _TfdsCorpus(fingerprint, train, val, text_key)
+    return TfdsCorpus(fingerprint, train, val, text_key)
 
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, data_dir: pathlib.Path, val_fraction: float, tfds_dir: str,
-                 text_key: str) -> _MemoryCorpus | _TfdsCorpus:
+                 text_key: str) -> MemoryCorpus | TfdsCorpus:
     source = parse_name(name)
     if source.kind == "stdlib":
         return _load_stdlib(data_dir, val_fraction)
@@ -360,13 +356,13 @@ def _load_cached(name: str, data_dir: pathlib.Path, val_fraction: float, tfds_di
     return _load_tfds(source, tfds_dir, text_key)
 
 
-def _load(config) -> _MemoryCorpus | _TfdsCorpus:
+def load(config) -> MemoryCorpus | TfdsCorpus:
     """The corpus of config.data, built on first use and cached in this process."""
     d = config.data
     parse_name(d.name)  # validate before anything touches the disk
     if not 0 < d.val_fraction < 1:
         raise ValueError(f"config.data.val_fraction={d.val_fraction!r} must be in (0, 1)")
-    return _load_cached(d.name, _data_dir(config), float(d.val_fraction), d.tfds_dir, d.text_key)
+    return _load_cached(d.name, data_dir(config), float(d.val_fraction), d.tfds_dir, d.text_key)
 
 
 def fingerprint_id(fingerprint: dict) -> str:
@@ -374,9 +370,9 @@ def fingerprint_id(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_texts(corpus: _MemoryCorpus | _TfdsCorpus) -> tuple[int, Iterator[str]]:
+def train_texts(corpus: MemoryCorpus | TfdsCorpus) -> tuple[int, Iterator[str]]:
     """(count, the texts) of the corpus's training split, as a tokenizer trains on them."""
-    if isinstance(corpus, _MemoryCorpus):
+    if isinstance(corpus, MemoryCorpus):
         return len(corpus.train), (t.decode(errors="replace") for t, _ in corpus.train)
     source, key, block = corpus.train, corpus.text_key, 1024
 
@@ -387,48 +383,3 @@ def train_texts(corpus: _MemoryCorpus | _TfdsCorpus) -> tuple[int, Iterator[str]
                 yield text if isinstance(text, str) else bytes(text).decode(errors="replace")
 
     return len(source), texts()
-
-
-def token_streams(config) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) token streams of an in-memory corpus under config.data.tokenizer: each split's documents, each
-    followed by the eos id. Byte-level streams are the bytes (uint8); the others are encoded once, cached in the data
-    dir as tokens-<corpus id>-<tokenizer file sha256[:16]>-eos<id>.npz (uint16 or int32) and in this process."""
-    corpus, tokenizer = _load(config), tokenizers.for_config(config)
-    if tokenizer.fingerprint is None:
-        return tokenizer.stream(corpus.train), tokenizer.stream(corpus.val)
-    sha, eos = tokenizer.fingerprint["sha256"][:16], tokenizer.eos_id
-    path = _data_dir(config) / f"tokens-{fingerprint_id(corpus.fingerprint)}-{sha}-eos{eos}.npz"
-    if not path.is_file():
-        _encode(corpus, tokenizer, path)
-    return _read_streams(path)
-
-
-def _encode(corpus: _MemoryCorpus, tokenizer: tokenizers.Tokenizer, path: pathlib.Path) -> None:
-    start = time.time()
-    streams = {"train": tokenizer.stream(corpus.train), "val": tokenizer.stream(corpus.val)}
-    buffer = io.BytesIO()
-    np.savez(buffer, **streams)
-    tokenizers.write_atomic(path, buffer.getvalue())
-    print(f"encoded {corpus.fingerprint['name']} with data.tokenizer={tokenizer.spec!r}: {streams['train'].size:,} "
-          f"+ {streams['val'].size:,} tokens in {time.time() - start:.1f}s -> {path}", flush=True)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_streams(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as saved:
-        return saved["train"], saved["val"]
-
-
-def corpus_fingerprint(config) -> dict:
-    """JSON-serialisable identity of the corpus: name, python version (stdlib), file count, sha256, split sizes; with
-    a tokenizer other than bytes also its fingerprint (spec, sha256 of its file, vocab size, eos id) and, for
-    in-memory corpora, the tokens per split."""
-    corpus, tokenizer = _load(config), tokenizers.for_config(config)
-    fingerprint = dict(corpus.fingerprint)
-    if tokenizer.fingerprint is None:
-        return fingerprint
-    fingerprint["tokenizer"] = dict(tokenizer.fingerprint)
-    if isinstance(corpus, _MemoryCorpus):
-        train, val = token_streams(config)
-        fingerprint.update(train_tokens=int(train.size), val_tokens=int(val.size))
-    return fingerprint

@@ -9,15 +9,8 @@ import grain
 import numpy as np
 
 from moejax.data import tokenizers
-from moejax.data.corpora import (
-    _check_config,
-    _grain_seed,
-    _load,
-    _MemoryCorpus,
-    corpus_fingerprint,
-    fingerprint_id,
-    token_streams,
-)
+from moejax.data.corpora import MemoryCorpus, check_config, fingerprint_id, grain_seed, load
+from moejax.data.streams import corpus_fingerprint, token_streams
 
 
 class TrainIterator:
@@ -66,7 +59,7 @@ def _windows(stream: np.ndarray, seq_len: int, rows: int, process_index: int, pr
                          f"{seq_len + 1}; use a larger corpus or a smaller seq_len")
     ds = grain.MapDataset.range(count)
     if seed is not None:
-        ds = ds.shuffle(seed=_grain_seed(seed))
+        ds = ds.shuffle(seed=grain_seed(seed))
     elif 0 < spread < count:
         picked = np.linspace(0, count - 1, spread).round().astype(np.int64)
         ds = grain.MapDataset.range(spread).map(lambda i: picked[i])
@@ -147,12 +140,12 @@ class _PackedIterator(TrainIterator):
 
 
 def _iterator(config, process_index: int, process_count: int, train: bool) -> TrainIterator:
-    rows, seq_len = _check_config(config, process_index, process_count)
-    corpus = _load(config)
+    rows, seq_len = check_config(config, process_index, process_count)
+    corpus = load(config)
     seed = int(config.seed) if train else None
     meta = {"corpus": fingerprint_id(corpus_fingerprint(config)), "seed": seed, "batch_size": config.train.batch_size,
             "seq_len": seq_len}
-    if isinstance(corpus, _MemoryCorpus):
+    if isinstance(corpus, MemoryCorpus):
         stream = token_streams(config)[0 if train else 1]
         split = f"{'train' if train else 'validation'} split of config.data.name={config.data.name!r}"
         spread = 0 if train else config.data.eval_batches * config.train.batch_size
@@ -161,7 +154,7 @@ def _iterator(config, process_index: int, process_count: int, train: bool) -> Tr
     source = corpus.train if train else corpus.val
     order = grain.MapDataset.range(len(source))
     if train:
-        order = order.shuffle(seed=_grain_seed(seed))
+        order = order.shuffle(seed=grain_seed(seed))
     lanes = range(process_index * rows, (process_index + 1) * rows)
     meta.update(process_index=process_index, process_count=process_count)
     return _PackedIterator(source, order.repeat(None), corpus.text_key, tokenizers.for_config(config), seq_len, lanes,

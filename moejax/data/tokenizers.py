@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from moejax.data import corpora
+
 SPECS_ALLOWED = "'bytes', 'hf:<dir or path of tokenizer.json>' or 'bpe:<vocab_size>' (an integer >= 257)"
 EOT = "<|endoftext|>"  # the special token of 'bpe:' tokenizers, their eos_id
 EOS_FILES = ("tokenizer_config.json", "generation_config.json", "config.json")  # where an 'hf:' eos is looked up
@@ -215,14 +217,12 @@ def from_spec(spec: str, data_dir: str | pathlib.Path | None = None) -> Tokenize
 def for_config(config) -> Tokenizer:
     """The tokenizer of config.data.tokenizer; a 'bpe:' one is loaded from the data dir, trained there on the
     training split of config's corpus first when it is not built yet (one progress line)."""
-    from moejax.data import corpora  # corpora encodes its documents with this module's tokenizers
-
     spec = spec_of(config)
     kind, arg = parse_spec(spec)
     if kind != "bpe":
         return from_spec(spec)
-    corpus = corpora._load(config)
-    path = corpora._data_dir(config) / f"bpe{arg}-{corpora.fingerprint_id(corpus.fingerprint)}.json"
+    corpus = corpora.load(config)
+    path = corpora.data_dir(config) / f"bpe{arg}-{corpora.fingerprint_id(corpus.fingerprint)}.json"
     if not path.is_file():
         count, texts = corpora.train_texts(corpus)
         train_bpe(texts, count, int(arg), path, f"the training split of config.data.name={config.data.name!r}")
