@@ -114,7 +114,8 @@ def pilot_budget(table: ModuleType, sets: list[str], budget: str) -> dict[str, A
     return parsed
 
 
-def plan(table: ModuleType, rows: list[Row], seeds: int, workdir: pathlib.Path, budget: str) -> dict[str, list[Any]]:
+def runs_by_row(table: ModuleType, rows: list[Row], seeds: int, workdir: pathlib.Path,
+                budget: str) -> dict[str, list[Any]]:
     """{row name: [Run per seed]}: overrides are BUDGET then the row's (full), or the row's then SMOKE_BUDGET."""
     runs = {}
     for row in rows:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.render_only:
             return render_only(args, table, results_dir, command)
         rows = select_rows(table, args.rows)
-        runs = plan(table, rows, args.seeds, workdir, args.budget)
+        runs = runs_by_row(table, rows, args.seeds, workdir, args.budget)
     except runner.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -511,7 +511,7 @@ def test_tables_train_on_bpe_and_declare_claims(name, tmp_path):
     table = tables.load_table(name)  # checks the claims' rows, metrics and directions
     assert table.CLAIMS and table.BUDGET == tables.TABLE_BUDGET  # every table runs at the budget the pilot chose
     for budget in reproduce.BUDGETS:
-        for row, runs in reproduce.plan(table, table.ROWS, 1, tmp_path, budget).items():
+        for row, runs in reproduce.runs_by_row(table, table.ROWS, 1, tmp_path, budget).items():
             assert runs[0].overrides["data.tokenizer"] == "bpe:8192", (row, budget)
             assert runs[0].overrides["model.vocab_size"] == 8192, (row, budget)
     if name == "deepseekmoe_table1":  # the hash row hashes every one of the 8,192 BPE ids, about evenly
@@ -533,7 +533,7 @@ def test_deepseekmoe_tables_match_parameters(name):
     table = tables.load_table(name)
     default_tokenizer = runner.load_config("configs/dense.py").data.tokenizer
     widths = set()
-    runs = reproduce.plan(table, table.ROWS, 1, pathlib.Path("unused"), "full")
+    runs = reproduce.runs_by_row(table, table.ROWS, 1, pathlib.Path("unused"), "full")
     for row in (row.name for row in table.ROWS):
         config = runner.load_config(next(r.config for r in table.ROWS if r.name == row))
         config.update_from_flattened_dict(runs[row][0].overrides)
