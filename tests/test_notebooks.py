@@ -1,5 +1,5 @@
 """The Colab notebooks of colab/ run top to bottom, are stored without outputs, and are what
-colab/build_notebooks.py generates.
+colab/build_notebooks.py writes from their sources colab/src/<name>.py (jupytext's percent format).
 
 Each notebook runs in a fresh python3 kernel with the repository root as its working directory,
 MOEJAX_NOTEBOOK_BUDGET=ci (a few steps of a small model), a corpus shared by the test session (MOEJAX_DATA_DIR)
@@ -73,9 +73,42 @@ def test_notebooks_are_stripped():
 
 
 def test_generator_reproduces_the_notebooks():
+    """Sources and notebooks cannot drift: each committed notebook is, byte for byte, what its source builds."""
     builder = load_builder()
     assert sorted(f"{name}.ipynb" for name in builder.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
     for name in builder.NOTEBOOKS:
         assert (COLAB / f"{name}.ipynb").read_text(encoding="utf-8") == builder.render(name), \
-            f"colab/{name}.ipynb differs from colab/build_notebooks.py: run python colab/build_notebooks.py"
+            f"colab/{name}.ipynb differs from colab/src/{name}.py: run python colab/build_notebooks.py"
     assert json.loads(builder.render("quickstart"))["nbformat"] == 4
+
+
+def test_notebooks_share_their_setup():
+    """Every 'parameters' cell starts with the same budget choice, and every notebook but reproduce_ablation (which
+    clones the repository instead) installs moejax with the same lines."""
+    builder = load_builder()
+    cells = {name: builder.read_cells(builder.SOURCES / f"{name}.py") for name in builder.NOTEBOOKS}
+    install = cells["quickstart"][1]["source"]
+    budget = next(c for c in cells["quickstart"] if c["metadata"].get("tags") == ["parameters"])["source"]
+    budget = budget[:budget.index("\n\n", budget.index("BUDGET = "))]
+    for name, notebook in cells.items():
+        parameters = [c["source"] for c in notebook if "parameters" in c["metadata"].get("tags", [])]
+        assert len(parameters) == 1 and parameters[0].startswith(budget + "\n\n"), name
+        if name != "reproduce_ablation":
+            assert any(c["source"].endswith(install) for c in notebook if c["cell_type"] == "code"), name
+
+
+def test_percent_format(tmp_path):
+    """Markdown lines lose their '# ', a tags= header becomes the cell's tags, blank lines between cells go."""
+    source = tmp_path / "example.py"
+    source.write_text('# %% [markdown]\n# # Title\n#\n# text\n\n# %% tags=["parameters"]\nx = 1\n\n\n'
+                      '# %%\ndef f():\n\n    return x\n')
+    assert load_builder().read_cells(source) == [
+        {"cell_type": "markdown", "metadata": {}, "source": "# Title\n\ntext"},
+        {"cell_type": "code", "execution_count": None, "metadata": {"tags": ["parameters"]}, "outputs": [],
+         "source": "x = 1"},
+        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+         "source": "def f():\n\n    return x"},
+    ]
+    source.write_text("# %% [markdown]\nnot commented\n")
+    with pytest.raises(ValueError, match="not commented"):
+        load_builder().read_cells(source)
