@@ -1,5 +1,5 @@
-"""One table of tensor-name / layout rules per released family (torchtitan's state-dict-adapter style, not a
-script per model).
+"""Tensor-name / layout rules: what a family's table is made of (torchtitan's state-dict-adapter style, not a script
+per model), and the rule groups several families share. Each family's table is in its module (moejax/hf/families/).
 
 A table maps a moejax parameter path (inside ``layers_{i}`` for layer parameters) to a ``Rule``: the checkpoint's
 tensor name (``{i}`` the layer, ``{j}`` the expert of a per-expert tensor) and the layout change, one of
@@ -134,34 +134,3 @@ def moe_rules(mlp: str, experts: tuple[str, str, str] = ("gate_proj", "up_proj",
 
 
 DENSE_RULES = glu_rules("ffn", "model.layers.{i}.mlp")
-
-
-def tables(model_type: str) -> tuple[dict[str, Rule], dict[str, Rule]]:
-    """(top-level rules, per-layer rules) of a family."""
-    layer = {**NORM_RULES}
-    if model_type == "mixtral":
-        layer.update({**GQA_RULES, **moe_rules("block_sparse_moe", ("w1", "w3", "w2"))})
-    elif model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        layer.update({**GQA_RULES, **DENSE_RULES, **moe_rules("mlp")})
-        layer.update(glu_rules("ffn/shared", "model.layers.{i}.mlp.shared_expert"))
-        layer["ffn/shared_gate/kernel"] = Rule("model.layers.{i}.mlp.shared_expert_gate.weight", "linear")
-    elif model_type in ("deepseek_v2", "deepseek_v3"):
-        layer.update({**MLA_RULES, **DENSE_RULES, **moe_rules("mlp")})
-        layer.update(glu_rules("ffn/shared", "model.layers.{i}.mlp.shared_experts"))
-        if model_type == "deepseek_v3":
-            layer["ffn/router_bias"] = Rule("model.layers.{i}.mlp.gate.e_score_correction_bias")
-    elif model_type == "gpt_oss":
-        experts = "model.layers.{i}.mlp.experts."
-        layer.update({**GQA_RULES,
-            "ffn/router/kernel": Rule("model.layers.{i}.mlp.router.weight", "linear"),
-            "ffn/router/bias": Rule("model.layers.{i}.mlp.router.bias"),
-            "ffn/experts/wi_0": Rule(experts + "gate_up_proj", "even"),
-            "ffn/experts/wi_1": Rule(experts + "gate_up_proj", "odd"),
-            "ffn/experts/bi_0": Rule(experts + "gate_up_proj_bias", "even"),
-            "ffn/experts/bi_1": Rule(experts + "gate_up_proj_bias", "odd"),
-            "ffn/experts/wo": Rule(experts + "down_proj"),
-            "ffn/experts/bo": Rule(experts + "down_proj_bias"),
-            "ffn/router_bias": Rule("", "zeros")})
-    else:
-        raise KeyError(model_type)
-    return dict(TOP_RULES), layer

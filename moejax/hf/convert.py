@@ -1,0 +1,175 @@
+"""Loading and saving a transformers checkpoint directory: config.json and the safetensors weights.
+
+``load`` maps config.json through its family (moejax/hf/families/), plans a read of every parameter
+(tensors.sources) and places each one on the mesh with its sharding, straight from the memory-mapped files
+(``mesh=``, else the mesh set with ``jax.set_mesh``, else the default device; routed experts split over
+``mesh.expert`` by moejax.parallel.param_shardings). ``save`` writes the config.json of the family that expresses
+the model and the weights in the hub layout (tensors.entries, streamed by io.write_checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from moejax.hf import io, tensors
+from moejax.hf.config import HFConfigError
+from moejax.hf.families import config_from_hf, config_to_hf, family
+from moejax.hf.io import CheckpointError
+
+MAX_SHARD_BYTES = 5 * 2**30
+QUANT_METHODS = ("fp8", "mxfp4")  # quantization_config.quant_method values dequantised on load
+
+
+def is_hf_dir(path: str | pathlib.Path) -> bool:
+    """Whether path holds a transformers config.json (with a model_type) and safetensors weights."""
+    directory = pathlib.Path(path)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "model_type" in raw and (
+        (directory / io.INDEX_FILE).is_file() or any(directory.glob("*.safetensors")))
+
+
+def read_config(path: str | pathlib.Path | dict[str, Any], dtype: str | None = None):
+    """The moejax config (configs/base.py defaults, ``model`` from config.json) of a transformers directory or
+    config dict, without reading weights."""
+    raw = path if isinstance(path, dict) else _read_json(pathlib.Path(path) / "config.json")
+    config, _ = config_from_hf(raw)
+    if dtype is not None:
+        config.model.param_dtype = config.model.dtype = dtype
+    return config
+
+
+def _read_json(file: pathlib.Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return raw
+
+
+def abstract_variables(config_model) -> dict[str, Any]:
+    """The shapes and dtypes of {'params', 'moe_state'} of Transformer(config_model), without allocating them."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax import model
+
+    module = model.Transformer(config_model)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return {"params": shapes["params"], "moe_state": shapes.get("moe_state") or {}}
+
+
+def _current_mesh():
+    import jax
+
+    mesh = jax.sharding.get_mesh()
+    return None if mesh.empty else mesh
+
+
+def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
+    """(config, variables) of the transformers checkpoint directory at path: config.json and model.safetensors (or
+    shards with model.safetensors.index.json).
+
+    config: configs/base.get_config() with ``model`` from config.json (data / train defaults; ``data.tokenizer`` is
+    ``'hf:<path>'`` when the directory has a tokenizer.json, so data pipelines and moejax.evaluate encode text with
+    the model's own tokenizer). variables:
+    {'params', 'moe_state'} for ``moejax.model.Transformer(config.model).apply(variables, tokens)`` (with
+    ``Transformer(config.model, mesh)`` on a mesh). dtype: 'float32' | 'bfloat16' for parameters and compute
+    (default: the checkpoint's dtype; float16 checkpoints load as float32). mesh: place every parameter with its
+    sharding on this mesh (default: the mesh set with jax.set_mesh, else the default device).
+
+    Raises HFConfigError for a config field moejax cannot represent, CheckpointError naming missing, mis-shaped or
+    unused tensors.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    from moejax import checks, model, parallel
+
+    directory = pathlib.Path(path)
+    raw = _read_json(directory / "config.json")
+    config = read_config(raw, dtype)
+    model_type = raw["model_type"]
+    try:
+        model.validate(config.model)
+    except checks.ConfigError as e:
+        raise HFConfigError(f"the {model_type} config in {directory} converts to a moejax config moejax refuses: "
+                            f"{e}") from e
+    quantization = raw.get("quantization_config") or None
+    if quantization is not None and quantization.get("quant_method") not in QUANT_METHODS:
+        raise HFConfigError(f"{model_type} config field quantization_config.quant_method="
+                            f"{quantization.get('quant_method')!r} cannot be represented in moejax: it dequantises "
+                            f"{' and '.join(repr(q) for q in QUANT_METHODS)} checkpoints on load")
+    checkpoint = tensors.Tensors(io.Checkpoint(directory), quantization)
+    abstract = abstract_variables(config.model)
+    sources = tensors.sources(config.model, checkpoint, family(model_type), abstract)
+
+    mesh = mesh if mesh is not None else _current_mesh()
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = {keys: device for keys in sources}
+    else:
+        param_sh = tensors.flatten(parallel.param_shardings(abstract["params"], mesh))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        shardings = {keys: param_sh[keys[1:]] if keys[0] == "params" else replicated for keys in sources}
+    placed = {}
+    for keys in list(sources):
+        source = sources.pop(keys)
+        source.expect(list(shardings[keys].addressable_devices_indices_map(source.shape).values()))
+        placed[keys] = jax.make_array_from_callback(source.shape, shardings[keys], source.read)
+        # the copies to the devices run asynchronously, each holding its host array: wait for them, so that the
+        # host holds one parameter's arrays at a time instead of those of every parameter still in flight
+        placed[keys].block_until_ready()
+        source.done()
+    variables = tensors.unflatten(placed)
+    variables.setdefault("moe_state", {})
+    if (directory / "tokenizer.json").is_file():
+        config.data.tokenizer = f"hf:{directory}"
+    return config, variables
+
+
+def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, model_type: str | None = None,
+         max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
+    """Writes config.json and model.safetensors (shards with an index past max_shard_bytes) that
+    transformers.AutoModelForCausalLM.from_pretrained(out_dir) loads as the same model.
+
+    config: a full moejax config or its ``model`` section. model_type: the family (default: the first family
+    that can express the model, newest first). Per-expert tensors are written in the hub layout
+    (experts.{j}.w1/w2/w3 for Mixtral, experts.{j}.gate_proj/up_proj/down_proj elsewhere; GPT-OSS's packed
+    interleaved gate_up_proj with biases); each tensor keeps its parameter's dtype. Parameters are fetched to the
+    host one at a time. Raises HFConfigError for a model the family cannot express.
+    """
+    m = config.model if "model" in config else config
+    hf_config = config_to_hf(m, model_type)
+    fam = family(hf_config["model_type"])
+    abstract = abstract_variables(m)
+    flat = tensors.flatten({"params": variables["params"]})
+    if variables.get("moe_state"):
+        flat.update(tensors.flatten({"moe_state": variables["moe_state"]}))
+    else:  # the model then routes with zero selection biases
+        flat.update({keys: np.zeros(leaf.shape, leaf.dtype)
+                     for keys, leaf in tensors.flatten({"moe_state": abstract["moe_state"]}).items()})
+    expected = {keys: tuple(leaf.shape) for keys, leaf in tensors.flatten(abstract).items()}
+    got = {keys: tuple(np.shape(leaf)) for keys, leaf in flat.items()}
+    if expected.keys() != got.keys() or expected != got:
+        diff = sorted({tensors.keypath(k) for k in expected.keys() ^ got.keys()}
+                      | {f"{tensors.keypath(k)} {list(got[k])} (expected {list(expected[k])})"
+                         for k in expected.keys() & got.keys() if expected[k] != got[k]})
+        raise HFConfigError("the variables do not match the model of the config: " + "; ".join(diff[:12]))
+    entries = tensors.entries(flat, fam)
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), out / io.INDEX_FILE]:
+        if stale.exists():
+            stale.unlink()
+    io.write_checkpoint(out, entries, max_shard_bytes)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return out

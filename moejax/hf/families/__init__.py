@@ -1,0 +1,16 @@
+"""The released families, one module each: its config mapping both ways (``from_hf``, ``to_hf``), its tensor rule
+table and the config.json fields it ignores, registered in moejax.hf.registry when the module is imported.
+
+MODULES is the order of registration: the order ``SUPPORTED`` lists the families in (config_to_hf tries them in
+reverse). A new family is a module here, its name in MODULES and its case in tests/golden/make_hf_goldens.py.
+"""
+import importlib
+
+from moejax.hf.registry import FAMILIES, config_from_hf, config_to_hf, family
+
+__all__ = ["FAMILIES", "MODULES", "SUPPORTED", "config_from_hf", "config_to_hf", "family"]
+
+MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek", "gpt_oss")
+for _module in MODULES:
+    importlib.import_module(f"{__name__}.{_module}")
+SUPPORTED = tuple(FAMILIES)

@@ -1,0 +1,82 @@
+"""The released families: a ``Family`` record per transformers ``model_type``, which each family's module in
+moejax/hf/families/ registers; and the config mapping through them.
+
+``config_from_hf`` maps a config.json onto configs/base.py's defaults with its family's ``from_hf``, then reports
+the fields nothing read (less the family's ``ignored`` and config.GENERIC_IGNORED); ``config_to_hf`` writes a moejax
+model section as one family, or as the first that can express it, trying the families newest first (in reverse
+order of registration). Every field one side cannot represent raises ``HFConfigError`` naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+from moejax.configs import base
+from moejax.hf.config import HFConfig, HFConfigError, Saving
+from moejax.hf.rules import Rule
+
+__all__ = ["FAMILIES", "Family", "config_from_hf", "config_to_hf", "family", "register"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    model_type: str
+    from_hf: Callable[[HFConfig, ml_collections.ConfigDict], None]  # config.json -> model section, in place
+    to_hf: Callable[[ml_collections.ConfigDict, Saving], dict[str, Any]]  # model section -> config.json
+    # tensor rules of the parameters inside layers_{i} (the top-level ones are rules.TOP_RULES in every family)
+    layer_rules: Mapping[str, Rule]
+    # config.json fields that change nothing moejax computes at inference
+    ignored: frozenset[str] = frozenset()
+    # checkpoint layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction modules) are skipped
+    extra_layers_note: str | None = None
+
+
+FAMILIES: dict[str, Family] = {}  # by model_type, in order of registration
+
+
+def register(fam: Family) -> Family:
+    """Adds a family; refuses a model_type registered already."""
+    if fam.model_type in FAMILIES:
+        raise ValueError(f"a family of model_type {fam.model_type!r} is registered already")
+    FAMILIES[fam.model_type] = fam
+    return fam
+
+
+def family(model_type: Any) -> Family:
+    if model_type not in FAMILIES:
+        raise HFConfigError(f"model_type {model_type!r} is not a family moejax reads; supported: "
+                            f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def config_from_hf(raw: dict[str, Any]) -> tuple[ml_collections.ConfigDict, HFConfig]:
+    """The moejax config (configs/base.py's defaults, ``model`` from config.json) of a transformers config.json, and
+    the read config (its ``unused()`` fields are the ones nothing mapped)."""
+    fam = family(raw.get("model_type"))
+    hf = HFConfig(raw, fam.model_type)
+    config = base.get_config()
+    fam.from_hf(hf, config.model)
+    unused = hf.unused(fam.ignored)
+    if unused:
+        print(f"moejax.hf: {fam.model_type} config.json fields the conversion does not know, ignored (they are "
+              f"not among the fields transformers' {fam.model_type} model reads): {', '.join(unused)}",
+              file=sys.stderr)
+    return config, hf
+
+
+def config_to_hf(m: ml_collections.ConfigDict, model_type: str | None = None) -> dict[str, Any]:
+    """The config.json of a moejax model section, as ``model_type`` (default: the first family, newest first, that
+    can express it). Raises HFConfigError naming the field that the family cannot express."""
+    if model_type is not None:
+        return family(model_type).to_hf(m, Saving(m, model_type))
+    reasons = []
+    for fam in reversed(FAMILIES.values()):
+        try:
+            return fam.to_hf(m, Saving(m, fam.model_type))
+        except HFConfigError as e:
+            reasons.append(f"  {fam.model_type}: {e}")
+    raise HFConfigError("no released family can express this moejax model:\n" + "\n".join(reasons))
