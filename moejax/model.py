@@ -12,8 +12,12 @@ Parameter tree (``config.model`` = cfg):
     layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe/layer.py
     final_norm/scale             [D]
     lm_head/kernel               [D, V]              (absent with tie_embeddings)
+
+Which layers are MoE and each layer's attention kind come from moejax/layout.py (re-exported here:
+``model.moe_layers``, ``model.is_moe_layer``, ...); ``moe_layer_paths`` says where each MoE layer's variables live.
 """
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -23,30 +27,63 @@ from jax.sharding import Mesh
 
 from moejax import attention, checks, kv_cache, moe
 from moejax.attention import Attention, RMSNorm, rotary  # noqa: F401  (model.Attention, model.RMSNorm, ...)
+from moejax.layout import attention_window, is_moe_layer, layer_type, moe_layers  # model.moe_layers, ...
 from moejax.moe import layer as moe_layer
 from moejax.moe.intervention import Intervention
 
 
-def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
-    """Layer i is MoE when i >= first_dense_layers, (i - first_dense_layers) % moe_every == 0 and i is not one of
-    dense_layers."""
-    return cfg.moe_every > 0 and layer >= cfg.first_dense_layers and \
-        (layer - cfg.first_dense_layers) % cfg.moe_every == 0 and layer not in cfg.dense_layers
+class MoELayerPath(NamedTuple):
+    """Where one MoE layer's variables live: ``path``, the keys of its 'ffn' module (the MoE tree of
+    moejax/moe/layer.py) in every collection ('params', 'moe_state'), and ``unit``, its index on the leading axis
+    [U, ...] of the scanned layers' stacked arrays (None: an unrolled layer)."""
+
+    path: tuple[str, ...]
+    unit: int | None
 
 
-def layer_type(cfg: ml_collections.ConfigDict, layer: int) -> str:
-    """Layer i's attention kind: cfg.layer_types[i], or 'full' when layer_types is empty."""
-    return cfg.layer_types[layer] if cfg.layer_types else "full"
+def moe_layer_paths(cfg: ml_collections.ConfigDict) -> dict[int, MoELayerPath]:
+    """``{model layer: MoELayerPath}`` for every MoE layer (in ``moe_layers`` order) of a ``model`` section: unrolled
+    layers are ``layers_{i}/ffn``; with ``scan_layers`` every MoE layer is ``blocks/block_0/ffn`` at unit
+    ``(i - first_dense_layers) // moe_every`` (the first block of each scanned ``Unit``)."""
+    if cfg.scan_layers:
+        return {layer: MoELayerPath(("blocks", "block_0", "ffn"), (layer - cfg.first_dense_layers) //
+                                    max(cfg.moe_every, 1)) for layer in moe_layers(cfg)}
+    return {layer: MoELayerPath((f"layers_{layer}", "ffn"), None) for layer in moe_layers(cfg)}
 
 
-def attention_window(cfg: ml_collections.ConfigDict, layer: int) -> int:
-    """The sliding window of layer i's attention (0: full causal attention)."""
-    return cfg.sliding_window if layer_type(cfg, layer) == "sliding" else 0
+def _subtree(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
-def moe_layers(cfg: ml_collections.ConfigDict) -> list[int]:
-    """The indices of the MoE layers."""
-    return [i for i in range(cfg.num_layers) if is_moe_layer(cfg, i)]
+def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {key: _map(fn, value) for key, value in tree.items()}
+    return fn(tree)
+
+
+def moe_layer_variables(cfg: ml_collections.ConfigDict, variables: Mapping[str, Any]
+                        ) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
+    """``{model layer: (params, moe_state)}`` of each MoE layer's 'ffn' module (``moe_layer_paths`` of the ``model``
+    section cfg; the arrays as they are, the unit axis of scanned layers indexed away: e.g. experts/wo [E, F, D]);
+    moe_state is {} when the variables have none. ValueError when the params lack a layer."""
+    out = {}
+    state = variables.get("moe_state") or {}
+    for layer, (path, unit) in moe_layer_paths(cfg).items():
+        try:
+            params = _subtree(variables["params"], path)
+        except KeyError as e:
+            raise ValueError(f"the variables have no params/{'/'.join(path)} for MoE layer {layer}: do they belong to "
+                             f"this config (model.scan_layers={cfg.scan_layers})?") from e
+        try:
+            layer_state = _subtree(state, path)
+        except KeyError:
+            layer_state = {}
+        pick = (lambda x: x) if unit is None else (lambda x, u=unit: x[u])
+        out[layer] = ({key: _map(pick, value) for key, value in params.items()},
+                      {key: _map(pick, value) for key, value in layer_state.items()})
+    return out
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

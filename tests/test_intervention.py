@@ -170,6 +170,34 @@ def test_unsupported_router_operations_raise():
         module.apply({"params": params}, x, train=True, intervention=iv_lib.rank_only(mcfg, 1))
 
 
+def test_a_registered_router_takes_the_operations_its_facts_allow(monkeypatch):
+    """A new kind is judged by its RouterSpec alone: ranking by score (and renormalising) it takes a mask and
+    routes as the built-in router of the same rule does; without, only the scale, refused with its own reason."""
+    monkeypatch.setattr(routers, "ROUTERS", dict(routers.ROUTERS))
+
+    def softmax_top_k(logits, cfg, ctx):  # Mixtral's rule: top-k of the softmax, renormalised
+        probs = jax.nn.softmax(logits, axis=-1)
+        _, experts = jax.lax.top_k(routers.with_bias(probs, ctx.bias), cfg.top_k)
+        weights = jnp.take_along_axis(probs, experts, axis=-1)
+        return routers.Routing(weights=weights / (weights.sum(-1, keepdims=True) + 1e-20),
+                               experts=experts.astype(jnp.int32), probs=probs, logits=logits)
+
+    routers.register("ranked_softmax", ranks_by_score=True, renormalises=True)(softmax_top_k)
+    routers.register("unranked_softmax", unranked="the test router says so")(softmax_top_k)
+    _, mcfg, module, x, params = lone_layer("mixtral")
+    iv = iv_lib.mask_experts(mcfg, {0: [1, 4]}) | iv_lib.limit_top_k(mcfg, 1)
+    expected, _ = run_layer(module, params, x, iv)
+    ranked = layer.MoE(helpers_configs.moe({"kind": "ranked_softmax"}))
+    got, record = run_layer(ranked, params, x, iv)
+    assert record.tokens_per_expert[1] == record.tokens_per_expert[4] == 0
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    unranked = layer.MoE(helpers_configs.moe({"kind": "unranked_softmax"}))
+    with pytest.raises(InterventionError, match=r"mask is in use.*'unranked_softmax' takes only 'scale': the test "
+                                                r"router says so"):
+        run_layer(unranked, params, x, iv)
+    run_layer(unranked, params, x, iv_lib.scale_experts(mcfg, {0: {1: 2.0}}))
+
+
 # ------------------------------------------------------------------ the Transformer
 
 

@@ -182,3 +182,45 @@ def test_a_registered_router_runs_in_the_layer_with_the_context_it_asks_for(monk
     ids = (np.arange(6) % 2)[:, None]
     expected = ref.moe_layer(tokens, params, ids, np.full((6, 1), 0.75))
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 8), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_registering_a_taken_kind_is_refused(monkeypatch):
+    monkeypatch.setattr(routers, "ROUTERS", dict(routers.ROUTERS))
+    with pytest.raises(ValueError, match=r"router kind 'topk' is already registered \(by moejax\.moe\.routers\.topk\)"):
+        routers.register("topk")(lambda logits, cfg, ctx: None)
+    assert routers.ROUTERS["topk"].fn is routers.topk  # the first registration stands
+
+
+def test_the_registry_holds_each_kinds_facts():
+    ranking = {kind for kind, s in routers.ROUTERS.items() if s.ranks_by_score}
+    assert {"topk", "top_p", "adamoe", "smoe_dropout", "expert_choice"} <= ranking
+    assert not {"hash", "thor"} & ranking and routers.spec("hash").unranked and routers.spec("thor").unranked
+    assert not routers.spec("expert_choice").ranks_in_training
+    assert [kind for kind, s in routers.ROUTERS.items() if s.ids_depend_on_num_experts] == ["hash"]
+    assert [kind for kind, s in routers.ROUTERS.items() if s.null_experts] == ["adamoe"]
+    assert [kind for kind, s in routers.ROUTERS.items() if s.group_limited] == ["topk"]
+    # renormalisation: a fact of the kind, for top-k a function of its knobs
+    assert routers.renormalises(moe_cfg(norm_topk_prob=True)) and routers.renormalises(moe_cfg(
+        softmax_before_topk=False))
+    assert not routers.renormalises(moe_cfg()) and not routers.renormalises(moe_cfg(score="sigmoid"))
+    assert routers.renormalises(moe_cfg(kind="adamoe")) and routers.renormalises(moe_cfg(kind="smoe_dropout"))
+    assert not routers.renormalises(moe_cfg(kind="top_p")) and not routers.renormalises(moe_cfg(kind="expert_choice"))
+
+
+def test_a_kind_checks_only_its_own_fields():
+    cfg = moe_cfg(top_p=0.0)  # a top_p field: the top_p router's business only
+    layer.validate(cfg)
+    cfg.router.kind = "top_p"
+    with pytest.raises(checks.ConfigError, match=r"model\.moe\.router\.top_p=0\.0.*\(0, 1\]"):
+        layer.validate(cfg)
+
+
+def test_null_experts_need_a_router_that_declares_them(monkeypatch):
+    cfg = moe_cfg()
+    cfg.num_null_experts = 2
+    with pytest.raises(checks.ConfigError, match=r"model\.moe\.num_null_experts=2.*\['adamoe'\].*'topk'"):
+        layer.validate(cfg)
+    monkeypatch.setattr(routers, "ROUTERS", dict(routers.ROUTERS))
+    routers.register("with_nulls", null_experts=True)(routers.adamoe)
+    cfg.router.kind = "with_nulls"
+    layer.validate(cfg)

@@ -26,14 +26,18 @@ Where the MoE layer (moejax/moe/layer.py) applies them, per routed pass (every C
 2. post-step on the router's ``Routing`` (``apply``), in this order: slots of a masked expert become null (id E,
    weight 0; only possible when fewer than k unmasked candidates remain, e.g. under group limits); slots ranked
    past the layer's top_k become null; rank keeps slot r-1 alone with weight 1; the scale (before the
-   renormalisation when ``scale_after_norm`` is False); routers that renormalise their weights (``renormalises``)
-   have the kept weights rescaled to the router's own total (sum over the slots before the intervention:
-   routed_scaling_factor, or 1), not on rank layers; the scale (when ``scale_after_norm``).
+   renormalisation when ``scale_after_norm`` is False); routers that renormalise their weights
+   (``RouterSpec.renormalises``) have the kept weights rescaled to the router's own total (sum over the slots
+   before the intervention: routed_scaling_factor, or 1), not on rank layers; the scale (when
+   ``scale_after_norm``).
 
 Slots are ranked by the router's selection score (scores + selection bias, so a forced expert ranks first); each
-router below returns its slots in that order.
+router that ranks returns its slots in that order.
 
-Per router kind (``model.moe.router.kind``):
+What applies is a fact of the router kind's ``RouterSpec`` (moejax/moe/routers.py), never its name:
+``ranks_by_score`` (every operation; False: only 'scale', the others raise with the spec's ``unranked`` reason),
+``ranks_in_training`` (False: only 'scale' in training), ``renormalises`` (the rescaling in step 2) and
+``group_limited`` (forced experts may span at most ``router.topk_groups`` groups). The registered kinds:
 
 | kind          | mask / force                        | scale | top_k, rank     | renormalises           |
 |---------------|-------------------------------------|-------|-----------------|------------------------|
@@ -46,7 +50,6 @@ Per router kind (``model.moe.router.kind``):
 | expert_choice | evaluation (token choice) only (2)  | yes   | evaluation only | no                     |
 | hash          | raises: expert from the token id    | yes   | raises          | -                      |
 | thor          | raises: random / all experts        | yes   | raises          | -                      |
-| other kinds   | raises (see SELECTING_ROUTERS)      | yes   | raises          | -                      |
 
 (1) group-limited routing: a forced expert's group scores +inf and is kept; a masked expert drops out of its
 group's score. (2) in training experts choose tokens (no per-token ranking): only scale applies.
@@ -66,13 +69,12 @@ import ml_collections
 import numpy as np
 from flax import struct
 
+from moejax import layout
+from moejax.moe import routers
 from moejax.moe.routers import Routing
 
 OPS = ("mask", "force", "scale", "top_k", "rank")
 SELECTION_OPS = ("mask", "force")
-# Router kinds that select by ranking ``scores + RouterContext.bias`` with jax.lax.top_k and return their slots in
-# that order: every intervention applies. 'expert_choice' only in evaluation (token choice).
-SELECTING_ROUTERS = ("topk", "top_p", "adamoe", "smoe_dropout", "expert_choice")
 
 
 class InterventionError(ValueError):
@@ -86,15 +88,6 @@ def fail(field: str, value: Any, allowed: str) -> None:
 def _model_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The ``model`` section of a whole config, or cfg itself when it is one."""
     return cfg.model if "model" in cfg and "num_layers" not in cfg else cfg
-
-
-def renormalises(moe_cfg: ml_collections.ConfigDict) -> bool:
-    """Whether the router of a ``model.moe`` section rescales its selected weights to a fixed total
-    (top-k with norm_topk_prob or softmax after top-k; AdaMoE; SMoE-Dropout)."""
-    router = moe_cfg.router
-    if router.kind == "topk":
-        return bool(router.norm_topk_prob) or (router.score == "softmax" and not router.softmax_before_topk)
-    return router.kind in ("adamoe", "smoe_dropout")
 
 
 @struct.dataclass
@@ -238,7 +231,7 @@ class Intervention:
                 fail(f"{name}[{layer}]", int(values[layer]), f"must be 0 (off) or in [1, model.moe.top_k={k}]")
         width = cfg.moe.num_experts + cfg.moe.num_null_experts
         router = cfg.moe.router
-        if router.kind == "topk" and router.num_groups > 1:
+        if routers.spec(router.kind).group_limited and router.num_groups > 1:
             groups = force.reshape(force.shape[0], router.num_groups, -1).any(-1).sum(-1)
             if (groups > router.topk_groups).any():
                 layer = int(np.argmax(groups > router.topk_groups))
@@ -259,9 +252,7 @@ class Intervention:
 
 
 def _moe_layer_index(cfg: ml_collections.ConfigDict, layer: Any, field: str) -> int:
-    from moejax.model import moe_layers  # the layer pattern (moejax/model.py imports this package)
-
-    layers = moe_layers(cfg)
+    layers = layout.moe_layers(cfg)
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(layer) not in layers:
         fail(field, layer, f"must be the index of an MoE layer of the model: {layers}")
     return int(layer)
@@ -314,9 +305,7 @@ def limit_top_k(cfg: ml_collections.ConfigDict, top_k: Mapping[int, int] | int) 
     """{MoE layer index: k'} (an int: every MoE layer): those layers keep their k' best-ranked slots,
     1 <= k' <= model.moe.top_k, renormalised as the router renormalises."""
     model = _model_section(cfg)
-    from moejax.model import moe_layers
-
-    limits = dict.fromkeys(moe_layers(model), top_k) if isinstance(top_k, (int, np.integer)) else dict(top_k)
+    limits = dict.fromkeys(layout.moe_layers(model), top_k) if isinstance(top_k, (int, np.integer)) else dict(top_k)
     row = np.zeros((model.num_layers,), np.int32)
     for layer, k in limits.items():
         layer = _moe_layer_index(model, layer, "top_k layer")
@@ -330,12 +319,10 @@ def rank_only(cfg: ml_collections.ConfigDict, rank: int, layers: Iterable[int] |
     """Each token goes only to the expert it ranks ``rank``-th (1 = the best), weight 1, on ``layers`` (None:
     every MoE layer): SCMoE's weak routing (arXiv 2405.14507)."""
     model = _model_section(cfg)
-    from moejax.model import moe_layers
-
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= model.moe.top_k:
         fail("rank", rank, f"must be an integer in [1, model.moe.top_k={model.moe.top_k}]")
     row = np.zeros((model.num_layers,), np.int32)
-    for layer in (moe_layers(model) if layers is None else layers):
+    for layer in (layout.moe_layers(model) if layers is None else layers):
         row[_moe_layer_index(model, layer, "rank layer")] = rank
     return Intervention.create(model, rank=row)
 
@@ -344,22 +331,22 @@ def rank_only(cfg: ml_collections.ConfigDict, rank: int, layers: Iterable[int] |
 
 
 def check_router(iv: Intervention, moe_cfg: ml_collections.ConfigDict, train: bool) -> None:
-    """Raises InterventionError when the router kind cannot apply an operation in use (static: by ``ops``)."""
+    """Raises InterventionError when the router kind cannot apply an operation in use (static: by ``ops``): its
+    ``RouterSpec`` does not rank experts by score (in training, for ``ranks_in_training`` False)."""
     kind = moe_cfg.router.kind
     unsupported = [op for op in iv.ops if op != "scale"]
     if not unsupported:
         return
-    if kind not in SELECTING_ROUTERS:
-        why = {"hash": "its expert comes from the token id, not from a ranking of the router scores",
-               "thor": "its expert is drawn at random in training and every expert is averaged in evaluation"}.get(
-            kind, "it is not listed in moejax.moe.intervention.SELECTING_ROUTERS (routers ranking scores + "
-                  "RouterContext.bias with top-k, slots in rank order)")
+    spec = routers.spec(kind)
+    if not spec.ranks_by_score:
+        why = spec.unranked or ("its RouterSpec does not declare ranks_by_score=True (routers ranking scores + "
+                                "RouterContext.bias with top-k, slots in rank order)")
         raise InterventionError(f"intervention field {unsupported[0]} is in use, but model.moe.router.kind={kind!r} "
                                 f"takes only 'scale': {why}")
-    if kind == "expert_choice" and train:
-        raise InterventionError(f"intervention field {unsupported[0]} is in use with model.moe.router.kind="
-                                "'expert_choice' in training, where experts choose tokens (no per-token ranking): "
-                                "only 'scale' applies (evaluation routes by token choice and takes every operation)")
+    if train and not spec.ranks_in_training:
+        raise InterventionError(f"intervention field {unsupported[0]} is in use with model.moe.router.kind={kind!r} "
+                                f"in training, where {spec.unranked or 'it does not rank experts by score'}: only "
+                                "'scale' applies (evaluation ranks by score and takes every operation)")
 
 
 def selection_bias(iv: Intervention, layer: int | jax.Array, bias: jax.Array) -> jax.Array:
@@ -403,7 +390,7 @@ def apply(iv: Intervention, layer: int | jax.Array, route: Routing, moe_cfg: ml_
     before_norm = factor is not None and not iv.scale_after_norm
     if before_norm:
         weights = weights * factor
-    if renormalises(moe_cfg) and ("mask" in iv.ops or "top_k" in iv.ops or before_norm):
+    if routers.renormalises(moe_cfg) and ("mask" in iv.ops or "top_k" in iv.ops or before_norm):
         kept = weights.sum(-1, keepdims=True)
         rescaled = weights * (total / jnp.where(kept > 0, kept, 1.0))
         weights = jnp.where(~on_rank & (kept != total), rescaled, weights)

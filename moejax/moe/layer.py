@@ -50,9 +50,11 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
                                                   f"(+ model.moe.num_null_experts={cfg.num_null_experts})")
     checks.positive_int(f"{prefix}.chain_iterations", cfg.chain_iterations)
     checks.choice(f"{prefix}.chain_residual", cfg.chain_residual, CHAIN_RESIDUALS)
-    if cfg.num_null_experts and cfg.router.kind != "adamoe":
+    with_nulls = sorted(kind for kind, spec in routers.ROUTERS.items() if spec.null_experts)
+    if cfg.num_null_experts and cfg.router.kind not in with_nulls:
         checks.fail(f"{prefix}.num_null_experts", cfg.num_null_experts,
-                    f"null experts need model.moe.router.kind='adamoe' (got {cfg.router.kind!r}); 0 otherwise")
+                    f"null experts need a model.moe.router.kind that handles them, one of {with_nulls} (got "
+                    f"{cfg.router.kind!r}); 0 otherwise")
     checks.positive_int(f"{prefix}.expert_ffn", cfg.expert_ffn)
     checks.positive_int(f"{prefix}.num_shared", cfg.num_shared, minimum=0)
     checks.positive_int(f"{prefix}.shared_ffn", cfg.shared_ffn, minimum=0)

@@ -1,14 +1,18 @@
 """Routers: pure functions from router logits to a Routing (which experts, with what weights).
 
 A router kind is one function ``fn(logits [T, E], cfg, ctx) -> Routing`` registered in ``ROUTERS`` with a
-``RouterSpec`` that says what the router needs from the layer (an rng, the input token ids, training progress)
-and checks its own config fields. ``route`` looks the spec up by ``cfg.router.kind``. Every router computes in
-float32 whatever the compute dtype of the model. Adding a router: one function under ``@register(kind, ...)``
-and a config that sets ``model.moe.router.kind``.
+``RouterSpec`` that says what the router needs from the layer (an rng, the input token ids, training progress),
+the facts other modules ask about it (whether it ranks experts by score, renormalises its weights, derives its
+expert ids from E, handles null experts, limits the selection to groups) and checks its own config fields.
+``route`` looks the spec up by ``cfg.router.kind``; routing interventions (moejax/moe/intervention.py), expert
+pruning and merging (moejax/posthoc/compress.py) and the MoE layer's checks ask the spec, never the kind's name.
+Every router computes in float32 whatever the compute dtype of the model. Adding a router: one function under
+``@register(kind, ...)`` and a config that sets ``model.moe.router.kind``.
 """
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,25 +63,53 @@ Validator = Callable[[ml_collections.ConfigDict, str], None]
 
 @dataclasses.dataclass(frozen=True)
 class RouterSpec:
-    """A registered router: its function, what the layer must give it, and its own config checks
-    (``validate(cfg, prefix)`` with cfg the ``model.moe`` section, raising ConfigError)."""
+    """A registered router: its function, what the layer must give it, what it is, and its own config checks.
+
+    needs_rng, needs_token_ids, needs_progress: the ``RouterContext`` fields the layer fills in for it.
+    ranks_by_score:   it selects by ranking ``scores + RouterContext.bias`` with ``jax.lax.top_k`` and returns its
+                      slots in that order, so every routing intervention applies (mask, force, top_k, rank); False:
+                      only 'scale' (moejax/moe/intervention.py).
+    ranks_in_training: with ranks_by_score, False when it ranks only at evaluation (``RouterContext.train`` False).
+    unranked:         why it does not rank (in training, with ranks_in_training False), for the error that refuses
+                      an intervention.
+    renormalises:     whether it rescales its selected weights to a fixed total (so an intervention that removes
+                      slots restores that total): a bool, or a function of the ``model.moe`` section.
+    ids_depend_on_num_experts: its expert ids are computed from E (e.g. a hash of the token id modulo E), so
+                      removing or merging experts would remap every token: expert pruning and merging refuse it.
+    null_experts:     it handles null experts (``model.moe.num_null_experts`` > 0: logits [T, E + m]).
+    group_limited:    it selects among the experts of ``router.topk_groups`` of ``router.num_groups`` groups.
+    validate:         ``validate(cfg, prefix)`` checks the kind's own config fields (cfg the ``model.moe`` section),
+                      raising ConfigError naming the field, its value and what is allowed.
+    """
 
     fn: RouterFn
     needs_rng: bool = False
     needs_token_ids: bool = False
     needs_progress: bool = False
+    ranks_by_score: bool = False
+    ranks_in_training: bool = True
+    unranked: str = ""
+    renormalises: bool | Callable[[ml_collections.ConfigDict], bool] = False
+    ids_depend_on_num_experts: bool = False
+    null_experts: bool = False
+    group_limited: bool = False
     validate: Validator | None = None
 
 
 ROUTERS: dict[str, RouterSpec] = {}
 
 
-def register(kind: str, *, needs_rng: bool = False, needs_token_ids: bool = False, needs_progress: bool = False,
-             validate: Validator | None = None) -> Callable[[RouterFn], RouterFn]:
-    """Decorator adding a router function under ``cfg.router.kind == kind``."""
+def register(kind: str, **facts: Any) -> Callable[[RouterFn], RouterFn]:
+    """Decorator adding a router function under ``cfg.router.kind == kind``; ``facts`` are ``RouterSpec``'s fields
+    after ``fn`` (``needs_rng=True``, ``ranks_by_score=True``, ``validate=check``, ...). A kind already registered
+    raises ValueError: pick another name."""
 
     def add(fn: RouterFn) -> RouterFn:
-        ROUTERS[kind] = RouterSpec(fn, needs_rng, needs_token_ids, needs_progress, validate)
+        if kind in ROUTERS:
+            taken = ROUTERS[kind].fn
+            raise ValueError(f"router kind {kind!r} is already registered (by {taken.__module__}."
+                             f"{taken.__qualname__}): register {fn.__qualname__} under another name")
+        ROUTERS[kind] = RouterSpec(fn, **facts)
         return fn
 
     return add
@@ -88,6 +120,13 @@ def spec(kind: str) -> RouterSpec:
     if kind not in ROUTERS:
         checks.choice("model.moe.router.kind", kind, sorted(ROUTERS))
     return ROUTERS[kind]
+
+
+def renormalises(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the router of a ``model.moe`` section rescales its selected weights to a fixed total
+    (``RouterSpec.renormalises``)."""
+    fact = spec(cfg.router.kind).renormalises
+    return bool(fact(cfg) if callable(fact) else fact)
 
 
 def route(
@@ -117,12 +156,9 @@ def with_bias(scores: jax.Array, bias: jax.Array | None) -> jax.Array:
     return scores if bias is None else scores + bias.astype(jnp.float32)
 
 
-def _one_expert(kind: str, why: str) -> Validator:
-    def check(cfg: ml_collections.ConfigDict, prefix: str) -> None:
-        if cfg.top_k != 1:
-            checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be 1 with router.kind={kind!r} ({why})")
-
-    return check
+def _one_expert(cfg: ml_collections.ConfigDict, prefix: str, why: str) -> None:
+    if cfg.top_k != 1:
+        checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be 1 with router.kind={cfg.router.kind!r} ({why})")
 
 
 def group_limited(scores: jax.Array, num_groups: int, topk_groups: int, group_score: str, fill: float) -> jax.Array:
@@ -143,7 +179,37 @@ def group_limited(scores: jax.Array, num_groups: int, topk_groups: int, group_sc
     return jnp.where(keep, scores, jnp.asarray(fill, scores.dtype))
 
 
-@register("topk")
+def _topk_fields(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+    """score, the group-limited selection's fields and routed_scaling_factor."""
+    router = cfg.router
+    checks.choice(f"{prefix}.router.score", router.score, ["softmax", "sigmoid"])
+    checks.choice(f"{prefix}.router.group_score", router.group_score, ["max", "top2_sum"])
+    checks.positive_int(f"{prefix}.router.num_groups", router.num_groups)
+    checks.positive_int(f"{prefix}.router.topk_groups", router.topk_groups)
+    if cfg.num_experts % router.num_groups:
+        checks.fail(f"{prefix}.router.num_groups", router.num_groups,
+                    f"must divide model.moe.num_experts={cfg.num_experts}")
+    if router.topk_groups > router.num_groups:
+        checks.fail(f"{prefix}.router.topk_groups", router.topk_groups,
+                    f"must be <= model.moe.router.num_groups={router.num_groups}")
+    if router.num_groups > 1 and router.topk_groups * (cfg.num_experts // router.num_groups) < cfg.top_k:
+        checks.fail(f"{prefix}.router.topk_groups", router.topk_groups,
+                    f"the kept groups hold fewer than model.moe.top_k={cfg.top_k} experts")
+    if router.group_score == "top2_sum" and router.num_groups > 1 and cfg.num_experts // router.num_groups < 2:
+        checks.fail(f"{prefix}.router.group_score", router.group_score,
+                    "'top2_sum' needs at least 2 experts per group")
+    if not (router.group_mask_fill == 0.0 or router.group_mask_fill == float("-inf")):
+        checks.fail(f"{prefix}.router.group_mask_fill", router.group_mask_fill, "allowed values are 0.0, -inf")
+    checks.number(f"{prefix}.router.routed_scaling_factor", router.routed_scaling_factor, strict=True)
+
+
+def _topk_renormalises(cfg: ml_collections.ConfigDict) -> bool:
+    """norm_topk_prob, or a softmax over the selected logits (softmax after top-k)."""
+    router = cfg.router
+    return bool(router.norm_topk_prob) or (router.score == "softmax" and not router.softmax_before_topk)
+
+
+@register("topk", ranks_by_score=True, renormalises=_topk_renormalises, group_limited=True, validate=_topk_fields)
 def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Token-choice top-k with the knobs released checkpoints need (Mixtral, Qwen, DeepSeek-V2/V3, Megatron).
 
@@ -169,7 +235,12 @@ def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) 
     return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
 
 
-@register("top_p")
+def _top_p_fields(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+    if not (isinstance(cfg.router.top_p, (int, float)) and 0 < cfg.router.top_p <= 1):
+        checks.fail(f"{prefix}.router.top_p", cfg.router.top_p, "must be a number in (0, 1]")
+
+
+@register("top_p", ranks_by_score=True, validate=_top_p_fields)
 def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Dynamic top-p routing (Huang et al., 2024, "Harder Tasks Need More Experts"): each token takes the fewest
     highest-probability experts whose cumulative softmax probability reaches ``router.top_p``, the expert that
@@ -187,7 +258,7 @@ def top_p(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext)
         jnp.int32), probs=probs, logits=logits)
 
 
-@register("adamoe")
+@register("adamoe", ranks_by_score=True, renormalises=True, null_experts=True)
 def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """AdaMoE (Zeng et al., 2024): top-k over the E real and ``num_null_experts`` null experts (logits [T, E + m]);
     a null expert costs nothing and adds nothing. Ids >= E are null slots (dispatch skips them); the weights are
@@ -203,13 +274,15 @@ def adamoe(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext
     return Routing(weights=weights, experts=experts.astype(jnp.int32), probs=probs, logits=logits)
 
 
-def _dropless(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+def _expert_choice_fields(cfg: ml_collections.ConfigDict, prefix: str) -> None:
     if cfg.dispatch != "dropless":
         checks.fail(f"{prefix}.dispatch", cfg.dispatch, "expert_choice routing is balanced by construction: use "
                                                         "'dropless'")
+    checks.number(f"{prefix}.router.ec_capacity", cfg.router.ec_capacity, strict=True)
 
 
-@register("expert_choice", validate=_dropless)
+@register("expert_choice", ranks_by_score=True, ranks_in_training=False,
+          unranked="experts choose tokens (no per-token ranking)", validate=_expert_choice_fields)
 def expert_choice(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Expert Choice (Zhou et al., 2022): in training each expert takes its C = ceil(ec_capacity * T / E) tokens
     of highest softmax score over the T tokens of the batch, so a token gets 0..E experts (slots [T, E], null
@@ -240,7 +313,13 @@ def hash_experts(token_ids: jax.Array, num_experts: int, seed: int) -> jax.Array
     return ((mixed >> 16) % jnp.uint32(num_experts)).astype(jnp.int32)
 
 
-@register("hash", needs_token_ids=True, validate=_one_expert("hash", "one expert per token"))
+def _hash_fields(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+    _one_expert(cfg, prefix, "one expert per token")
+    checks.positive_int(f"{prefix}.router.hash_seed", cfg.router.hash_seed, minimum=0)
+
+
+@register("hash", needs_token_ids=True, ids_depend_on_num_experts=True, validate=_hash_fields,
+          unranked="its expert comes from the token id, not from a ranking of the router scores")
 def hash_router(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Hash Layers (Roller et al., 2021): each token goes to the one expert its input token id hashes to, with
     weight 1; the router logits play no part in the choice (probs are still reported for the metrics)."""
@@ -263,7 +342,14 @@ def smoe_dropout_k(cfg: ml_collections.ConfigDict, progress: jax.Array | None) -
     return grown.astype(jnp.int32)
 
 
-@register("smoe_dropout", needs_progress=True)
+def _smoe_dropout_fields(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+    for field in ("k_start", "eval_top_k"):
+        checks.positive_int(f"{prefix}.router.{field}", cfg.router[field], minimum=0)
+        if cfg.router[field] > cfg.top_k:
+            checks.fail(f"{prefix}.router.{field}", cfg.router[field], f"must be <= model.moe.top_k={cfg.top_k}")
+
+
+@register("smoe_dropout", needs_progress=True, ranks_by_score=True, renormalises=True, validate=_smoe_dropout_fields)
 def smoe_dropout(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """SMoE-Dropout (Chen et al., 2023): the top-k(t) experts of a random router (frozen with router.frozen), with
     weights softmax over the k(t) selected logits; k(t) grows linearly from router.k_start to top_k over training
@@ -282,7 +368,12 @@ def smoe_dropout(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterC
                    probs=jax.nn.softmax(logits, axis=-1), logits=logits)
 
 
-@register("thor", needs_rng=True, validate=_one_expert("thor", "one random expert per pass"))
+def _thor_fields(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+    _one_expert(cfg, prefix, "one random expert per pass")
+
+
+@register("thor", needs_rng=True, validate=_thor_fields,
+          unranked="its expert is drawn at random in training and every expert is averaged in evaluation")
 def thor(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """THOR (Zuo et al., 2022): no learned routing. In training every token of the call goes to one expert drawn
     uniformly at random (rng; one draw per layer and forward pass), with weight 1; the train step runs each batch
@@ -302,39 +393,13 @@ def thor(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) 
 
 
 def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
-    """Checks the router fields of a ``model.moe`` section."""
+    """Checks the router fields of a ``model.moe`` section: the kind, the fields every kind shares (the layer's
+    jitter, the router kernel's bias, a frozen router), then the kind's own (``RouterSpec.validate``)."""
     router = cfg.router
     checks.choice(f"{prefix}.router.kind", router.kind, sorted(ROUTERS))
-    checks.choice(f"{prefix}.router.score", router.score, ["softmax", "sigmoid"])
-    checks.choice(f"{prefix}.router.group_score", router.group_score, ["max", "top2_sum"])
-    checks.positive_int(f"{prefix}.router.num_groups", router.num_groups)
-    checks.positive_int(f"{prefix}.router.topk_groups", router.topk_groups)
-    if cfg.num_experts % router.num_groups:
-        checks.fail(f"{prefix}.router.num_groups", router.num_groups,
-                    f"must divide model.moe.num_experts={cfg.num_experts}")
-    if router.topk_groups > router.num_groups:
-        checks.fail(f"{prefix}.router.topk_groups", router.topk_groups,
-                    f"must be <= model.moe.router.num_groups={router.num_groups}")
-    if router.num_groups > 1 and router.topk_groups * (cfg.num_experts // router.num_groups) < cfg.top_k:
-        checks.fail(f"{prefix}.router.topk_groups", router.topk_groups,
-                    f"the kept groups hold fewer than model.moe.top_k={cfg.top_k} experts")
-    if router.group_score == "top2_sum" and router.num_groups > 1 and cfg.num_experts // router.num_groups < 2:
-        checks.fail(f"{prefix}.router.group_score", router.group_score,
-                    "'top2_sum' needs at least 2 experts per group")
-    if not (router.group_mask_fill == 0.0 or router.group_mask_fill == float("-inf")):
-        checks.fail(f"{prefix}.router.group_mask_fill", router.group_mask_fill, "allowed values are 0.0, -inf")
-    checks.number(f"{prefix}.router.routed_scaling_factor", router.routed_scaling_factor, strict=True)
     checks.number(f"{prefix}.router.jitter", router.jitter)
-    checks.positive_int(f"{prefix}.router.hash_seed", router.hash_seed, minimum=0)
-    checks.number(f"{prefix}.router.ec_capacity", router.ec_capacity, strict=True)
-    if not (isinstance(router.top_p, (int, float)) and 0 < router.top_p <= 1):
-        checks.fail(f"{prefix}.router.top_p", router.top_p, "must be a number in (0, 1]")
     if router.jitter >= 1:
         checks.fail(f"{prefix}.router.jitter", router.jitter, "must be in [0, 1)")
-    for field in ("k_start", "eval_top_k"):
-        checks.positive_int(f"{prefix}.router.{field}", router[field], minimum=0)
-        if router[field] > cfg.top_k:
-            checks.fail(f"{prefix}.router.{field}", router[field], f"must be <= model.moe.top_k={cfg.top_k}")
     for field in ("frozen", "bias"):
         if not isinstance(router[field], bool):
             checks.fail(f"{prefix}.router.{field}", router[field], "must be True or False")
