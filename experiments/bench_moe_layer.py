@@ -11,11 +11,17 @@ Sections (--sections, all by default), each measured against a reference taken i
 Shapes: --shape tiny (default on CPU; DeepSeekMoE-tiny: T=8192, D=256, 63 routed experts of F=176, top-7, 1 shared)
 or v2lite (default on accelerators; DeepSeek-V2-Lite: T=16384, D=2048, E=64, F=1408, k=6, 2 shared, bf16).
 On CPU the Pallas kernels and megablox run in interpret mode, which checks correctness and says nothing about
-speed; they run at --interpret_tokens tokens (default 256) and their rows say "interpreted".
+speed; they run at --interpret_tokens tokens (default 256) and their rows say "interpreted". Backends a platform
+cannot run (megablox off TPU and CPU, tokamax where not installed, ragged_dot on CPU) are listed under
+"gmm_skipped" with the reason. --smoke: the 'smoke' shape (T=64, D=32, 8 experts), one repeat, 32 interpreted
+tokens and one layer mode of each kind (SMOKE_MODES): every section in seconds, the same code and JSON keys (the
+test suite runs it).
 
-    python -m experiments.bench_moe_layer [--shape tiny|v2lite] [--tokens N] [--sections dispatch,gmm,layer]
-                                          [--modes dropless:tiled,capacity:1.25,pallas:tiled,dropless:megablox]
+    python -m experiments.bench_moe_layer [--shape smoke|tiny|v2lite] [--smoke] [--tokens N]
+        [--sections dispatch,gmm,layer] [--modes dropless:tiled,capacity:1.25,pallas:tiled,dropless:megablox]
 """
+from __future__ import annotations
+
 import argparse
 import json
 import statistics
@@ -26,15 +32,17 @@ import jax
 import jax.numpy as jnp
 from moejax.configs import base
 
-from moejax.moe import dispatch, experts
+from moejax.moe import dispatch, experts, stats
 from moejax.moe import layer as moe
 from moejax.moe.routers import Routing
 
 SHAPES = {
+    "smoke": dict(tokens=64, d_model=32, num_experts=8, expert_ffn=16, top_k=2, num_shared=1, dtype="float32"),
     "tiny": dict(tokens=8192, d_model=256, num_experts=63, expert_ffn=176, top_k=7, num_shared=1, dtype="float32"),
     "v2lite": dict(tokens=16384, d_model=2048, num_experts=64, expert_ffn=1408, top_k=6, num_shared=2,
                    dtype="bfloat16"),
 }
+SMOKE_MODES = ("dropless:tiled", "capacity:1.25", "pallas:tiled")  # one mode of each kind
 
 
 def time_fn(fn, *args, repeats: int) -> float:
@@ -113,51 +121,86 @@ def bench_gmm(args, dtype, tokens: int, backend: str) -> dict:
             "interpreted": interpreted(backend)}
 
 
-def main() -> None:
+def gmm_backends(platform: str) -> tuple[list[str], dict[str, str]]:
+    """(the grouped-matmul backends the gmm section runs on platform, {each backend left out: why})."""
+    run, skipped = ["tiled"], {}
+    if platform in ("cpu", "tpu"):
+        run.append("megablox")
+    else:
+        skipped["megablox"] = "a Pallas TPU (Mosaic) kernel: compiled on TPU only, interpreted on CPU"
+    if platform == "cpu":
+        skipped["ragged_dot"] = "XLA:CPU's ragged_dot runs every expert on every row"
+    else:
+        run.append("ragged_dot")
+    if experts.tokamax_installed():
+        run.append("tokamax")
+    else:
+        skipped["tokamax"] = "the tokamax package is not installed (pip install tokamax)"
+    return run, skipped
+
+
+def default_modes(platform: str) -> list[str]:
+    """The layer section's modes on platform: the tiled loop at three tiles, capacity and the interpreted Pallas
+    dispatch on CPU; the platform's grouped matmuls dropless, the Pallas dispatch and capacity elsewhere."""
+    if platform == "cpu":
+        return ["dropless:tiled", "dropless:tiled:64", "dropless:tiled:512", "capacity:1.0", "capacity:1.25",
+                "pallas:tiled"]
+    backends = [b for b in gmm_backends(platform)[0] if b != "tiled"]
+    return [f"dropless:{b}" for b in backends] + ["pallas:ragged_dot", "capacity:1.25"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the shape's fields, --repeats, --interpret_tokens and --modes filled in for this
+    platform where not given."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smoke shape, --repeats 1 and --interpret_tokens 32 unless given")
     for name in SHAPES["tiny"]:
         parser.add_argument(f"--{name}", type=str if name == "dtype" else int, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--interpret_tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure (default 5)")
+    parser.add_argument("--interpret_tokens", type=int, default=None, help="tokens of interpreted rows (256)")
     parser.add_argument("--sections", default="dispatch,gmm,layer")
     parser.add_argument("--modes", default=None,
                         help="comma list of dropless:<backend>[:<tile>], pallas:<backend> (dropless with the Pallas "
                              "dispatch kernels) and capacity:<factor>; the default leaves out dropless:ragged_dot "
                              "on CPU, where it runs every expert on every token")
-    args = parser.parse_args()
-    on_cpu = jax.default_backend() == "cpu"
-    shape = SHAPES[args.shape or ("tiny" if on_cpu else "v2lite")]
+    args = parser.parse_args(argv)
+    platform = jax.default_backend()
+    if args.smoke:
+        args.shape = args.shape or "smoke"
+    shape = SHAPES[args.shape or ("tiny" if platform == "cpu" else "v2lite")]
     for name, value in shape.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke else 5
+    if args.interpret_tokens is None:
+        args.interpret_tokens = 32 if args.smoke else 256
     if args.dtype not in ("float32", "bfloat16"):
         parser.error(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
-    tokamax = ["tokamax"] if experts.tokamax_installed() else []
-    backends = ["tiled", "megablox"] + (["ragged_dot"] if not on_cpu else []) + tokamax
     if args.modes is None:
-        if on_cpu:
-            modes = ["dropless:tiled", "dropless:tiled:64", "dropless:tiled:512", "capacity:1.0", "capacity:1.25",
-                     "pallas:tiled"]
-        else:
-            megablox = ["megablox"] if jax.default_backend() == "tpu" else []
-            modes = [f"dropless:{b}" for b in ["ragged_dot", *megablox, *tokamax]] + ["pallas:ragged_dot",
-                                                                                       "capacity:1.25"]
-        args.modes = ",".join(modes)
+        args.modes = ",".join(SMOKE_MODES if args.smoke else default_modes(platform))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the sections of the command line argv; prints each row as it comes and the result as JSON, and
+    returns it: {'shape', 'backend', 'device', 'dispatch': {kernel: row}, 'gmm': {backend: row}, 'gmm_skipped':
+    {backend: why}, 'layer': {..., 'modes': {mode: row}}} (the sections asked for)."""
+    args = parse_args(argv)
+    on_cpu = jax.default_backend() == "cpu"
     sections = args.sections.split(",")
     dtype = jnp.dtype(args.dtype)
     result = {"shape": vars(args), "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
 
     if "dispatch" in sections:
         result["dispatch"] = {}
-        runs = [(kernel, args.interpret_tokens if interpreted(kernel) else args.tokens) for kernel in dispatch.KERNELS]
-        if on_cpu:  # the jnp gathers also at the interpreted kernels' size, for a like-for-like row
-            runs.append(("jnp", args.interpret_tokens))
-        for kernel, tokens in runs:
-            name = kernel if tokens == args.tokens or interpreted(kernel) else f"{kernel}@{tokens}"
+        for name, kernel, tokens in dispatch_runs(args, on_cpu):
             row = result["dispatch"][name] = bench_dispatch(args, dtype, tokens, kernel)
             print(f"dispatch {name}: {row}", flush=True)
     if "gmm" in sections:
+        backends, result["gmm_skipped"] = gmm_backends(jax.default_backend())
         result["gmm"] = {}
         for backend in backends:
             tokens = args.interpret_tokens if interpreted(backend) else args.tokens
@@ -166,46 +209,67 @@ def main() -> None:
     if "layer" in sections:
         result["layer"] = bench_layers(args, dtype)
     print(json.dumps(result, indent=1))
+    return result
 
 
-def bench_layers(args, dtype) -> dict:
+def dispatch_runs(args: argparse.Namespace, on_cpu: bool) -> list[tuple[str, str, int]]:
+    """(row name, kernel, tokens) of the dispatch section: each kernel at --tokens (interpreted ones at
+    --interpret_tokens), and on CPU the jnp gathers also at the interpreted size, for a like-for-like row."""
+    runs = [(kernel, args.interpret_tokens if interpreted(kernel) else args.tokens) for kernel in dispatch.KERNELS]
+    if on_cpu:
+        runs.append(("jnp", args.interpret_tokens))
+    return [(kernel if tokens == args.tokens or interpreted(kernel) else f"{kernel}@{tokens}", kernel, tokens)
+            for kernel, tokens in runs]
+
+
+def dense_layer(args: argparse.Namespace, dtype) -> tuple[jax.Array, float, dict]:
+    """The layer section's reference: (x [1, T, D], seconds of the dense GLU FFN's forward+backward, its row).
+    The dense FFN is (top_k + num_shared) * expert_ffn wide: the MoE layer's activated width."""
     x = jax.random.normal(jax.random.key(0), (1, args.tokens, args.d_model), dtype)
     dense_ffn = (args.top_k + args.num_shared) * args.expert_ffn
     dense = moe.GLU(dense_ffn, dtype=dtype)
-    step, params = fwd_bwd(dense, dense.init(jax.random.key(1), x), x)
+    step, params = fwd_bwd(dense, jax.jit(dense.init)(jax.random.key(1), x), x)
     dense_s = time_fn(step, params, x, repeats=args.repeats)
     flops = 3 * 2 * 3 * args.tokens * args.d_model * dense_ffn  # 3 matmuls, fwd + 2x bwd
-    result = {"dense_ffn": dense_ffn, "dense_fwd_bwd_ms": round(dense_s * 1e3, 2),
-              "dense_TFLOP_per_s": round(flops / dense_s / 1e12, 4), "modes": {}}
     print(f"dense GLU F={dense_ffn}: {dense_s * 1e3:.1f} ms fwd+bwd", flush=True)
+    return x, dense_s, {"dense_ffn": dense_ffn, "dense_fwd_bwd_ms": round(dense_s * 1e3, 2),
+                        "dense_TFLOP_per_s": round(flops / dense_s / 1e12, 4)}
 
-    for mode in args.modes.split(","):
-        kind, *opts = mode.split(":")
-        cfg = base.get_config().model.moe
-        cfg.update(num_experts=args.num_experts, top_k=args.top_k, expert_ffn=args.expert_ffn,
-                   num_shared=args.num_shared, dispatch="capacity" if kind == "capacity" else "dropless",
-                   balance_loss="none")
-        if kind == "capacity":
-            cfg.capacity_factor = float(opts[0])
-        else:
-            cfg.gmm_backend = opts[0]
-            cfg.gmm_tile = int(opts[1]) if len(opts) > 1 else 0
-            cfg.dispatch_kernel = "pallas" if kind == "pallas" else "jnp"
-        layer = moe.MoE(cfg, dtype=dtype, kernel_init=nn.initializers.normal(0.02))
-        variables = layer.init(jax.random.key(2), x)
-        variables = {"params": variables["params"], "moe_state": variables["moe_state"]}
-        step, params = fwd_bwd(layer, variables, x)
-        seconds = time_fn(step, params, x, repeats=args.repeats)
-        _, aux = layer.apply(variables, x, mutable=["moe_aux"])
-        load = aux["moe_aux"]["tokens_per_expert"][0]
-        result["modes"][mode] = {
-            "fwd_bwd_ms": round(seconds * 1e3, 2),
-            "ratio_to_dense": round(seconds / dense_s, 3),
-            "fraction_of_dense_rate": round(dense_s / seconds, 3),
-            "drop_fraction": round(float(aux["moe_aux"]["drop_fraction"][0]), 4),
-            "max_over_mean_load": round(float(load.max() / load.mean()), 3),
-        }
-        print(f"layer {mode}: {seconds * 1e3:.1f} ms = {seconds / dense_s:.2f}x dense", flush=True)
+
+def bench_mode(args: argparse.Namespace, dtype, mode: str, x: jax.Array, dense_s: float) -> dict:
+    """One mode of the layer section (dropless:<backend>[:<tile>], pallas:<backend> or capacity:<factor>): the
+    MoE layer's forward+backward on x [1, T, D] against the dense FFN's dense_s seconds, and its routing figures."""
+    kind, *opts = mode.split(":")
+    cfg = base.get_config().model.moe
+    cfg.update(num_experts=args.num_experts, top_k=args.top_k, expert_ffn=args.expert_ffn,
+               num_shared=args.num_shared, dispatch="capacity" if kind == "capacity" else "dropless",
+               balance_loss="none")
+    if kind == "capacity":
+        cfg.capacity_factor = float(opts[0])
+    else:
+        cfg.gmm_backend = opts[0]
+        cfg.gmm_tile = int(opts[1]) if len(opts) > 1 else 0
+        cfg.dispatch_kernel = "pallas" if kind == "pallas" else "jnp"
+    layer = moe.MoE(cfg, dtype=dtype, kernel_init=nn.initializers.normal(0.02))
+    initial = jax.jit(layer.init)(jax.random.key(2), x)  # its forward pass sows the routing statistics of x
+    (record,) = stats.collect(initial["moe_aux"]).values()  # one layer, one routed pass
+    variables = {"params": initial["params"], "moe_state": initial["moe_state"]}
+    step, params = fwd_bwd(layer, variables, x)
+    seconds = time_fn(step, params, x, repeats=args.repeats)
+    print(f"layer {mode}: {seconds * 1e3:.1f} ms = {seconds / dense_s:.2f}x dense", flush=True)
+    return {
+        "fwd_bwd_ms": round(seconds * 1e3, 2),
+        "ratio_to_dense": round(seconds / dense_s, 3),
+        "fraction_of_dense_rate": round(dense_s / seconds, 3),
+        "drop_fraction": round(float(record.drop_fraction), 4),
+        "max_over_mean_load": round(float(record.max_over_mean_load), 3),
+    }
+
+
+def bench_layers(args: argparse.Namespace, dtype) -> dict:
+    """The layer section: the dense reference's row, {'modes': {mode: bench_mode's row}} and the best mode."""
+    x, dense_s, result = dense_layer(args, dtype)
+    result["modes"] = {mode: bench_mode(args, dtype, mode, x, dense_s) for mode in args.modes.split(",")}
     best = min(result["modes"], key=lambda m: result["modes"][m]["ratio_to_dense"])
     result["best_mode"] = best
     result["best_ratio_to_dense"] = result["modes"][best]["ratio_to_dense"]
