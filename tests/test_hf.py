@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from moejax.configs import base
 
 import moejax
 from moejax import hf, model, parallel
+from moejax.data import tokenizers
 from moejax.hf import io, quant
 from moejax.training.checkpoint import WorkdirError
+from tests import test_tokenizers
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 _spec = importlib.util.spec_from_file_location("make_hf_goldens", GOLDEN / "make_hf_goldens.py")
@@ -484,6 +487,72 @@ def test_save_infers_the_family_of_moejax_configs(tmp_path):
     tokens = np.arange(8)[None] % 64
     np.testing.assert_allclose(logits_of(config2, variables2, tokens), logits_of(config, variables, tokens),
                                atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+
+
+def tiny_release(vocab_size: int, tokenizer: str, **data) -> tuple:
+    """(config, variables): a 1-layer Mixtral-layout model of vocab_size embedding rows with random weights, its
+    config naming data.tokenizer (and the other data fields given)."""
+    config = base.get_config()
+    config.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=vocab_size)
+    config.model.moe.update(num_experts=4, top_k=2, expert_ffn=16)
+    config.model.moe.router.softmax_before_topk = False
+    config.data.update(tokenizer=tokenizer, **data)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda leaf: rng.normal(0, 0.3, leaf.shape).astype(np.float32),
+                          hf.abstract_variables(config.model)["params"])
+    return config, {"params": params}
+
+
+def assert_same_tokenizer(saved: pathlib.Path, original) -> None:
+    """The tokenizer hf.load gives the saved directory (and generation's lookup finds) is the original's."""
+    config, _ = hf.load(saved)
+    assert config.data.tokenizer == f"hf:{saved}"
+    for tok in (tokenizers.from_spec(config.data.tokenizer), tokenizers.for_checkpoint(saved, config)):
+        assert (tok.vocab_size, tok.eos_id) == (original.vocab_size, original.eos_id)
+        assert tok.fingerprint["sha256"] == original.fingerprint["sha256"]
+        assert tok.encode(test_tokenizers.TEXTS[0]) == original.encode(test_tokenizers.TEXTS[0])
+
+
+def test_save_writes_an_hf_tokenizer(tmp_path):
+    """A model of 320 rows with a 300-id tokenizer (fewer ids than rows: a padded embedding, as released models)."""
+    source = test_tokenizers.hf_dir(tmp_path / "tokenizer")
+    config, variables = tiny_release(320, f"hf:{source}")
+    out = hf.save(config, variables, tmp_path / "out")
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    assert_same_tokenizer(out, tokenizers.from_spec(f"hf:{source}"))
+
+
+def test_save_writes_a_bpe_tokenizer(tmp_path):
+    """A 'bpe:' run's tokenizer is the one built for its corpus in the data dir (without it beside the weights, the
+    saved directory would decode as bytes)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(test_tokenizers.TEXTS * 4):
+        (corpus / f"f{i:02d}.txt").write_text(f"{text} {i}\n" * 5)
+    config, variables = tiny_release(300, "bpe:300", name=f"text:{corpus}/*.txt", dir=str(tmp_path / "cache"))
+    built = tokenizers.for_config(config)
+    out = hf.save(config, variables, tmp_path / "out")
+    assert (out / "tokenizer.json").read_bytes() == next((tmp_path / "cache").glob("bpe300-*.json")).read_bytes()
+    assert_same_tokenizer(out, built)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    source = test_tokenizers.hf_dir(tmp_path / "tokenizer")
+    config, variables = tiny_release(256, f"hf:{source}")
+    with pytest.raises(hf.HFConfigError, match=rf"config.data.tokenizer='hf:{source}': the tokenizer has 300 ids, "
+                                               r"more than the model's vocab_size=256 embedding rows"):
+        hf.save(config, variables, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    config.data.tokenizer = "bytes"
+    out = hf.save(config, variables, tmp_path / "out")
+    assert not (out / "tokenizer.json").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, out / name)
+    with pytest.raises(hf.HFConfigError, match=r"the tokenizer has 300 ids, more than the model's vocab_size=256"):
+        hf.load(out)
 
 
 # ----------------------------------------------------------------------------------------------- live (transformers)

@@ -1,16 +1,17 @@
-"""Loading and saving a transformers checkpoint directory: config.json and the safetensors weights.
+"""Loading and saving a transformers checkpoint directory: config.json, the safetensors weights and the tokenizer.
 
-``load`` maps config.json through its family (moejax/hf/families/), plans a read of every parameter
-(tensors.sources) and places each one on the mesh with its sharding, straight from the memory-mapped files
-(``mesh=``, else the mesh set with ``jax.set_mesh``, else the default device; routed experts split over
-``mesh.expert`` by moejax.parallel.param_shardings). ``save`` writes the config.json of the family that expresses
-the model and the weights in the hub layout (tensors.entries, streamed by io.write_checkpoint).
+``load`` maps config.json through its family (moejax/hf/families/), checks the tokenizer beside it against the
+vocabulary, plans a read of every parameter (tensors.sources) and places each one on the mesh with its sharding,
+straight from the memory-mapped files (``mesh=``, else the mesh set with ``jax.set_mesh``, else the default device;
+routed experts split over ``mesh.expert`` by moejax.parallel.param_shardings). ``save`` writes the config.json of the
+family that expresses the model, the weights in the hub layout (tensors.entries, streamed by io.write_checkpoint)
+and the config's tokenizer.
 """
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,8 +20,12 @@ from moejax.hf.config import HFConfigError
 from moejax.hf.families import config_from_hf, config_to_hf, family
 from moejax.hf.io import CheckpointError
 
+if TYPE_CHECKING:
+    from moejax.data.tokenizers import Tokenizer
+
 MAX_SHARD_BYTES = 5 * 2**30
 QUANT_METHODS = ("fp8", "mxfp4")  # quantization_config.quant_method values dequantised on load
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what a saved tokenizer is (Tokenizer.save)
 
 
 def is_hf_dir(path: str | pathlib.Path) -> bool:
@@ -66,6 +71,14 @@ def abstract_variables(config_model) -> dict[str, Any]:
     return {"params": shapes["params"], "moe_state": shapes.get("moe_state") or {}}
 
 
+def _check_vocabulary(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
+    """Refuses a tokenizer with ids past the embedding's rows (fewer ids is normal: released models pad their
+    embedding)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise HFConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids, more than the model's "
+                            f"vocab_size={vocab_size} embedding rows (ids from {vocab_size} on have no embedding)")
+
+
 def _current_mesh():
     import jax
 
@@ -85,13 +98,14 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
     (default: the checkpoint's dtype; float16 checkpoints load as float32). mesh: place every parameter with its
     sharding on this mesh (default: the mesh set with jax.set_mesh, else the default device).
 
-    Raises HFConfigError for a config field moejax cannot represent, CheckpointError naming missing, mis-shaped or
-    unused tensors.
+    Raises HFConfigError for a config field moejax cannot represent or a tokenizer with more ids than vocab_size,
+    CheckpointError naming missing, mis-shaped or unused tensors, or a tokenizer.json it cannot read.
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
     from moejax import checks, model, parallel
+    from moejax.data import tokenizers
 
     directory = pathlib.Path(path)
     raw = _read_json(directory / "config.json")
@@ -102,6 +116,13 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
     except checks.ConfigError as e:
         raise HFConfigError(f"the {model_type} config in {directory} converts to a moejax config moejax refuses: "
                             f"{e}") from e
+    if (directory / "tokenizer.json").is_file():
+        config.data.tokenizer = f"hf:{directory}"
+        try:
+            tokenizer = tokenizers.from_spec(config.data.tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"cannot read the tokenizer in {directory}: {e}") from e
+        _check_vocabulary(tokenizer, config.model.vocab_size, f"{directory} (tokenizer.json, config.json)")
     quantization = raw.get("quantization_config") or None
     if quantization is not None and quantization.get("quant_method") not in QUANT_METHODS:
         raise HFConfigError(f"{model_type} config field quantization_config.quant_method="
@@ -130,25 +151,32 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
         source.done()
     variables = tensors.unflatten(placed)
     variables.setdefault("moe_state", {})
-    if (directory / "tokenizer.json").is_file():
-        config.data.tokenizer = f"hf:{directory}"
     return config, variables
 
 
 def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, model_type: str | None = None,
          max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
     """Writes config.json and model.safetensors (shards with an index past max_shard_bytes) that
-    transformers.AutoModelForCausalLM.from_pretrained(out_dir) loads as the same model.
+    transformers.AutoModelForCausalLM.from_pretrained(out_dir) loads as the same model, and the tokenizer of a
+    full config's ``data.tokenizer`` (tokenizer.json and tokenizer_config.json; none for 'bytes').
 
     config: a full moejax config or its ``model`` section. model_type: the family (default: the first family
     that can express the model, newest first). Per-expert tensors are written in the hub layout
     (experts.{j}.w1/w2/w3 for Mixtral, experts.{j}.gate_proj/up_proj/down_proj elsewhere; GPT-OSS's packed
     interleaved gate_up_proj with biases); each tensor keeps its parameter's dtype. Parameters are fetched to the
-    host one at a time. Raises HFConfigError for a model the family cannot express.
+    host one at a time. A 'bpe:' tokenizer is the one built for the config's corpus (moejax.data.tokenizers.
+    for_config, which builds it first when it is missing). Raises HFConfigError for a model the family cannot
+    express or a tokenizer with more ids than model.vocab_size; nothing is written then.
     """
+    from moejax.data import tokenizers
+
     m = config.model if "model" in config else config
     hf_config = config_to_hf(m, model_type)
     fam = family(hf_config["model_type"])
+    tokenizer = None
+    if "model" in config and tokenizers.spec_of(config) != "bytes":
+        tokenizer = tokenizers.for_config(config)
+        _check_vocabulary(tokenizer, m.vocab_size, f"config.data.tokenizer={tokenizer.spec!r}")
     abstract = abstract_variables(m)
     flat = tensors.flatten({"params": variables["params"]})
     if variables.get("moe_state"):
@@ -167,9 +195,11 @@ def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, mode
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.safetensors"), out / io.INDEX_FILE]:
+    for stale in [*out.glob("*.safetensors"), out / io.INDEX_FILE, *(out / name for name in TOKENIZER_FILES)]:
         if stale.exists():
             stale.unlink()
     io.write_checkpoint(out, entries, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(out)
     return out
