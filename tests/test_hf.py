@@ -162,6 +162,16 @@ def test_bfloat16_load_and_save(tmp_path):
     assert all(np.array_equal(x, flat(variables2)[k]) for k, x in leaves.items())
 
 
+def test_every_family_has_a_golden_case_and_registers_once():
+    """A family is its module in moejax/hf/families/ and its case in tests/golden/make_hf_goldens.py."""
+    from moejax.hf import registry
+
+    assert {json.loads((goldens.ROOT / case / "config.json").read_text())["model_type"] for case in CASES} \
+        == set(hf.SUPPORTED)
+    with pytest.raises(ValueError, match="a family of model_type 'mixtral' is registered already"):
+        registry.register(registry.FAMILIES["mixtral"])
+
+
 # ----------------------------------------------------------------------------------------------- sharding
 
 
