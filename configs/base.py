@@ -156,7 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Where a new run's weights come from (a workdir's newest checkpoint always wins: resume): '' = the model's own
     # initialisation; 'hf:<dir>' = a transformers checkpoint directory (moejax.hf: config.json + *.safetensors).
     # With 'hf:<dir>' the run's model section is the checkpoint's (moejax.hf.read_config), except the fields of
-    # moejax.training.initialise.RUN_FIELDS (dtypes, remat, dispatch, kernels, router-loss coefficients), which keep
+    # FIELD_ROLES's 'compute' role below (dtypes, remat, dispatch, kernels, router-loss coefficients), which keep
     # this config's values; data.tokenizer left at 'bytes' becomes 'hf:<dir>'. See configs/finetune.py.
     config.init_from = ""
 
@@ -318,3 +318,52 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mesh.tensor = 1
     config.mesh = mesh
     return config
+
+
+# ----------------------------------------------------------------------------------------------- field metadata
+# What kind of field a field is, beside the fields themselves: the tools read it through fields_with(role).
+#   'resume'   may differ between a workdir's config.json and the config resuming it: how long the run goes, what it
+#              logs and saves, and where the corpus is cached (the data-iterator state checks it is the same corpus).
+#   'compute'  how the model is computed and trained, not the function its weights compute: a run with
+#              init_from='hf:<dir>' keeps its own value (the checkpoint's config.json sets every other model field).
+#   'eval'     an evaluation may change it (python -m moejax.evaluate --set): how the experts are dispatched and in
+#              which dtype, never what the weights are, so any checkpoint loads unchanged.
+FIELD_ROLES: dict[str, tuple[str, ...]] = {
+    "train.steps": ("resume",),
+    "train.log_every": ("resume",),
+    "train.eval_every": ("resume",),
+    "checkpoint.every_steps": ("resume",),
+    "checkpoint.keep": ("resume",),
+    "data.dir": ("resume",),
+    "data.tfds_dir": ("resume",),
+    "model.moe.dispatch": ("compute", "eval"),
+    "model.moe.capacity_factor": ("compute", "eval"),
+    "model.moe.eval_capacity_factor": ("compute", "eval"),
+    "model.moe.drop_policy": ("compute", "eval"),
+    "model.moe.gmm_backend": ("compute", "eval"),
+    "model.moe.dispatch_kernel": ("compute", "eval"),
+    "model.dtype": ("compute", "eval"),
+    "model.param_dtype": ("compute",),
+    "model.remat": ("compute",),
+    "model.moe.gmm_tile": ("compute",),
+    "model.moe.ep_mode": ("compute",),
+    "model.moe.ep_buffer_factor": ("compute",),
+    "model.moe.balance_loss": ("compute",),
+    "model.moe.balance_coef": ("compute",),
+    "model.moe.device_balance_coef": ("compute",),
+    "model.moe.device_groups": ("compute",),
+    "model.moe.balance_scope": ("compute",),
+    "model.moe.z_loss_coef": ("compute",),
+    "model.moe.entropy_loss_coef": ("compute",),
+    "model.moe.bias_update_rate": ("compute",),
+    "model.moe.router.jitter": ("compute",),
+    "model.moe.router.frozen": ("compute",),
+}
+ROLES = ("resume", "compute", "eval")
+
+
+def fields_with(role: str) -> tuple[str, ...]:
+    """The dotted paths of the fields FIELD_ROLES gives role, in its order."""
+    if role not in ROLES:
+        raise ValueError(f"field role {role!r} is not one of {', '.join(ROLES)}")
+    return tuple(path for path, roles in FIELD_ROLES.items() if role in roles)

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from moejax.configs import base
 
 from moejax import checks, model
 from tests.helpers_configs import CONFIG_NAMES, CONFIGS, load, module_of
@@ -82,3 +83,19 @@ def test_2b_expert_parameters():
     with pytest.raises(checks.ConfigError):
         cfg.model.moe.top_k = 64
         model.validate(cfg.model)
+
+
+def test_field_roles_name_real_fields_and_nest():
+    """FIELD_ROLES names fields the default config has; evaluation overrides are compute fields of the model (so
+    a fine-tune keeps them and an evaluation can change them without touching weights); resume fields are not."""
+    config = base.get_config()
+    for path in base.FIELD_ROLES:
+        node = config
+        for part in path.split("."):
+            assert part in node, f"FIELD_ROLES names {path}, which configs/base.py does not define"
+            node = node[part]
+    compute, evaluation, resume = (set(base.fields_with(r)) for r in ("compute", "eval", "resume"))
+    assert evaluation <= compute and not compute & resume
+    assert all(path.startswith("model.") for path in compute)
+    with pytest.raises(ValueError, match="not one of resume, compute, eval"):
+        base.fields_with("resumable")

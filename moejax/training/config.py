@@ -22,10 +22,8 @@ from moejax.parallel import TOKEN_AXES, mesh_shape
 from moejax.training import initialise, objectives, optim
 from moejax.training.checkpoint import WorkdirError
 
-# Fields that may differ between a workdir's config.json and the config resuming it: how long the run goes, what it
-# logs and saves, and where the corpus is cached (the data-iterator state checks it is the same corpus).
-MAY_DIFFER = ("train.steps", "train.log_every", "train.eval_every", "checkpoint.every_steps", "checkpoint.keep",
-              "data.dir", "data.tfds_dir")
+# Fields that may differ between a workdir's config.json and the config resuming it (configs/base.py FIELD_ROLES).
+MAY_DIFFER = base.fields_with("resume")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax import checks, hf, upcycle
+from moejax.configs import base
 from moejax.training import checkpoint
 from moejax.training.checkpoint import WorkdirError
 from moejax.training.step import TrainState
@@ -91,13 +92,9 @@ def source_name(config: ml_collections.ConfigDict) -> str:
 
 INIT_FROM_ALLOWED = ("'' (the model's own initialisation) or 'hf:<dir>', a transformers checkpoint directory "
                      "(config.json with a model_type, and *.safetensors)")
-# model fields that keep the run config's values under init_from: how the model is computed and trained, not the
-# function its weights compute (the checkpoint's config.json sets everything else).
-RUN_FIELDS = ("dtype", "param_dtype", "remat", "moe.dispatch", "moe.capacity_factor", "moe.eval_capacity_factor",
-              "moe.drop_policy", "moe.gmm_backend", "moe.dispatch_kernel", "moe.gmm_tile", "moe.ep_mode",
-              "moe.ep_buffer_factor", "moe.balance_loss", "moe.balance_coef", "moe.device_balance_coef",
-              "moe.device_groups", "moe.balance_scope", "moe.z_loss_coef", "moe.entropy_loss_coef",
-              "moe.bias_update_rate", "moe.router.jitter", "moe.router.frozen")
+# model fields that keep the run config's values under init_from (configs/base.py FIELD_ROLES 'compute'), relative
+# to config.model.
+RUN_FIELDS = tuple(path.removeprefix("model.") for path in base.fields_with("compute"))
 
 
 def hf_dir(config: ml_collections.ConfigDict) -> pathlib.Path | None:
