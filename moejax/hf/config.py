@@ -42,9 +42,6 @@ class HFConfig:
         self.model_type = model_type
         self.used: set[str] = set()
 
-    def has(self, name: str) -> bool:
-        return self.raw.get(name) is not None
-
     def get(self, name: str, default: Any = None) -> Any:
         """The field's value; ``default`` when it is absent or null."""
         self.used.add(name)

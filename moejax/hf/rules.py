@@ -37,9 +37,6 @@ class Rule:
         return "{j}" in self.hf
 
 
-KINDS = ("copy", "reshape", "linear", "linear2", "even", "odd", "zeros")
-
-
 def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The checkpoint tensor's shape for a moejax array of ``shape`` (one expert's for per-expert rules)."""
     if kind in ("copy", "zeros"):
@@ -87,7 +84,7 @@ def to_hf(kind: str, arrays: list[Any]) -> Any:
     raise ValueError(f"rule kind {kind!r} has no checkpoint tensor")
 
 
-TOP_RULES = {
+TOP_RULES = {  # the top-level parameters, named alike in every family
     "embed/embedding": Rule("model.embed_tokens.weight"),
     "final_norm/scale": Rule("model.norm.weight"),
     "lm_head/kernel": Rule("lm_head.weight", "linear"),
