@@ -178,7 +178,7 @@ def calibration_stats(cache: Cache, config, variables, batches: list[np.ndarray]
     missing = [c for c in wanted if f"score_{c}" not in stored]
     if missing:
         t0 = time.perf_counter()
-        scores = importance.importance(config, variables, batches, missing)
+        scores = importance.from_forward(config, variables, batches, missing)
         stored.update({f"score_{c}": scores[c] for c in missing})
         stored["seconds_scores"] = seconds["scores"] = time.perf_counter() - t0 + float(stored.get("seconds_scores", 0))
         done.append(f"importance ({', '.join(missing)}) {time.perf_counter() - t0:.1f}s")
@@ -239,11 +239,10 @@ def zero_experts(config, variables, experts: Sequence[tuple[int, int]]):
     import jax
     from flax import core
 
-    from moejax import moe
-    from moejax.posthoc import prune
+    from moejax import model, moe
 
     new = jax.tree.map(lambda x: x, core.unfreeze(variables))  # new containers, shared arrays
-    sites = prune.moe_sites(config)
+    sites = model.moe_layer_paths(config.model)
     for layer, expert in experts:
         path, unit = sites[layer]
         tree = new["params"]

@@ -14,7 +14,7 @@ from moejax.configs import base
 
 from moejax import model, moe, posthoc
 from moejax.moe import routers, stats
-from moejax.posthoc import capture, importance, prune, read_trace, super_experts
+from moejax.posthoc import capture, importance, read_trace, super_experts
 
 V = 64
 
@@ -58,7 +58,7 @@ def batches(count=2, shape=(2, 12), seed=1, eos=None):
 def layer_arrays(config, variables):
     """{model layer: (params, moe_state)} as float64 numpy."""
     return {layer: (jax.tree.map(lambda x: np.asarray(x, np.float64), p), jax.tree.map(np.asarray, s))
-            for layer, (p, s) in prune.moe_layer_variables(config, variables).items()}
+            for layer, (p, s) in model.moe_layer_variables(config.model, variables).items()}
 
 
 def rmsnorm(x, scale, eps):
@@ -86,7 +86,7 @@ def np_expert(kind, params, e, x):
 
 def norm_scale(config, variables, layer):
     """The ffn_norm scale of a model layer (the scan unit indexed away)."""
-    path, unit = prune.moe_sites(config)[layer]
+    path, unit = model.moe_layer_paths(config.model)[layer]
     block = variables["params"]
     for key in path[:-1]:
         block = block[key]
@@ -140,7 +140,7 @@ def test_record_is_the_models_routing(case, tmp_path):
         np.testing.assert_allclose(got.logits, logits, rtol=1e-5, atol=1e-5)
     counts = np.stack([np.bincount(trace.experts[p].reshape(-1), minlength=8) for p in range(len(layers))])
     np.testing.assert_array_equal(counts, moe_counts)
-    np.testing.assert_array_equal(prune.importance(trace, "frequency"), moe_counts)
+    np.testing.assert_array_equal(importance.from_trace(trace, "frequency"), moe_counts)
 
 
 def test_record_under_a_routing_intervention(tmp_path):
@@ -153,7 +153,7 @@ def test_record_under_a_routing_intervention(tmp_path):
     assert (trace.experts[1] == 5).any(-1).all()  # forced: in every token's selection
     _, aux = jax.jit(lambda v, t: model.Transformer(config.model).apply(v, t, mutable=["moe_aux"],
                                                                         intervention=iv))(variables, data[0])
-    np.testing.assert_array_equal(prune.importance(trace, "frequency"),
+    np.testing.assert_array_equal(importance.from_trace(trace, "frequency"),
                                   stats.by_layer(stats.collect(aux["moe_aux"])).tokens_per_expert)
 
 
@@ -171,7 +171,7 @@ def test_chain_of_experts_and_dense_models_are_refused():
         next(capture.stream(config, variables, batches(1)))
     config.model.moe_every = 0
     with pytest.raises(ValueError, match="no MoE layer"):
-        importance.importance(config, variables, batches(1))
+        importance.from_forward(config, variables, batches(1))
 
 
 # ------------------------------------------------------------------------------------------------- importance
@@ -210,17 +210,17 @@ def test_importance_criteria_match_a_numpy_loop(kind, tmp_path):
              router=dict(kind="adamoe"))  # null slots (ids >= E) left out everywhere
     config, variables = build(**fields)
     data = batches()
-    got = importance.importance(config, variables, data, importance.CRITERIA)
+    got = importance.from_forward(config, variables, data, importance.CRITERIA)
     expected = numpy_importance(config, variables, data)
     for name in importance.CRITERIA:
         np.testing.assert_allclose(got[name], expected[name], rtol=2e-5, atol=1e-7, err_msg=name)
     assert (got["reap"] > 0).sum() == (got["frequency"] > 0).sum()  # 0 exactly for the experts never routed to
-    # frequency and soft_count are prune.importance's on the recorded trace
+    # frequency and soft_count are the same from the recorded trace
     trace = read_trace(capture.record(config, variables, data, tmp_path / "trace"))
-    for name in importance.ROUTING_CRITERIA:
-        np.testing.assert_allclose(got[name], prune.importance(trace, name), rtol=1e-12)
+    for name in importance.trace_criteria(trace):
+        np.testing.assert_allclose(got[name], importance.from_trace(trace, name), rtol=1e-12)
     with pytest.raises(ValueError, match="magnitude"):
-        importance.importance(config, variables, data, "magnitude")
+        importance.from_forward(config, variables, data, "magnitude")
 
 
 def test_expert_mean_outputs_match_numpy():
@@ -246,7 +246,7 @@ def test_expert_mean_outputs_match_numpy():
 def test_a_scaled_up_expert_is_the_super_expert():
     config, variables = build(num_layers=3, first_dense=1)
     data = batches(1, shape=(4, 16))
-    counts = posthoc.importance(config, variables, data, "frequency")  # the module is callable
+    counts = importance.from_forward(config, variables, data, "frequency")
     layer, expert = 2, int(np.argmax(counts[1]))  # the busiest expert of the second MoE layer
     variables["params"][f"layers_{layer}"]["ffn"][moe.EXPERTS]["wo"] = \
         variables["params"][f"layers_{layer}"]["ffn"][moe.EXPERTS]["wo"].at[expert].multiply(100.0)

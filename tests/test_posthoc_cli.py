@@ -95,8 +95,8 @@ def test_importance(release, traced, tmp_path):
     assert saved["layers"] == [0, 1] and sorted(saved["scores"]) == sorted(importance.CRITERIA)
     assert saved == json.loads(json.dumps(result))
     trace = read_trace(traced)
-    np.testing.assert_array_equal(saved["scores"]["frequency"], prune.importance(trace, "frequency"))
-    np.testing.assert_allclose(saved["scores"]["soft_count"], prune.importance(trace, "soft_count"), rtol=1e-9)
+    np.testing.assert_array_equal(saved["scores"]["frequency"], importance.from_trace(trace, "frequency"))
+    np.testing.assert_allclose(saved["scores"]["soft_count"], importance.from_trace(trace, "soft_count"), rtol=1e-9)
     assert all(np.asarray(value).shape == (2, 4) for value in saved["scores"].values())
 
 
@@ -116,7 +116,7 @@ def test_prune_writes_the_model_without_the_pruned_experts(release, traced, fmt,
     cli.main(["prune", *release[1], "--criterion", "frequency", *flags, "--out", str(out), "--format", fmt])
     what = json.loads((out / "posthoc.json").read_text())
     keep = {int(layer): ids for layer, ids in what["keep"].items()}
-    assert keep == prune.keep_by_score(prune.importance(read_trace(traced), "frequency"), 2, [0, 1])
+    assert keep == prune.keep_by_score(importance.from_trace(read_trace(traced), "frequency"), 2, [0, 1])
     new_config, new_variables = (hf.load if fmt == "hf" else moejax.load)(out)
     assert new_config.model.moe.num_experts == 2 and new_config.model.moe.top_k == 2
 
@@ -127,6 +127,23 @@ def test_prune_writes_the_model_without_the_pruned_experts(release, traced, fmt,
     reference = apply(minus_inf_reference(config, variables, keep), tokens)
     np.testing.assert_allclose(pruned, reference, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(apply(variables, tokens)) - reference).max() > 1e-3  # the pruned experts were used
+
+
+def test_prune_takes_its_importance_from_a_trace(release, traced, tmp_path):
+    """--trace: the scores of the recorded routing, no forward pass; the criteria a trace cannot give are refused."""
+    out = tmp_path / "pruned"
+    cli.main(["prune", *release[1], "--criterion", "soft_count", "--trace", str(traced), "--keep", "3", "--out",
+              str(out)])
+    what = json.loads((out / "posthoc.json").read_text())
+    scores = importance.from_trace(read_trace(traced), "soft_count")
+    np.testing.assert_array_equal(what["scores"], scores)
+    assert what["trace"] == str(traced) and {int(k): v for k, v in what["keep"].items()} == \
+        prune.keep_by_score(scores, 3, [0, 1])
+    assert moejax.load(out)[0].model.moe.num_experts == 3
+    with pytest.raises(ValueError, match=r"--criterion='reap': a routing trace \(--trace\) gives only frequency, "
+                                         r"soft_count"):
+        cli.main(["prune", *release[1], "--criterion", "reap", "--trace", str(traced), "--keep", "3", "--out",
+                  str(tmp_path / "refused")])
 
 
 @pytest.mark.parametrize("method", ["mcsmoe", "hcsmoe", "average"])

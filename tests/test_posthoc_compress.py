@@ -1,4 +1,4 @@
-"""Expert pruning and merging (moejax/posthoc/prune.py, merge.py).
+"""Expert pruning and merging (moejax/posthoc/prune.py, merge.py, on the core of compress.py).
 
 Pruning is checked against the original model with a router bias of -inf on the pruned experts (router/bias in
 the params, and the selection bias in moe_state): that model never routes to them, which is what pruning claims to
@@ -13,7 +13,7 @@ from moejax.configs import base
 
 from moejax import checks, model, moe
 from moejax.moe import experts as experts_lib
-from moejax.posthoc import merge, prune
+from moejax.posthoc import compress, importance, merge, prune
 from moejax.posthoc.trace import Trace
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
@@ -54,7 +54,7 @@ def minus_inf_reference(config, variables, keep):
     params = jax.tree.map(np.array, variables["params"])
     state = jax.tree.map(np.array, variables["moe_state"])
     num_experts = config.model.moe.num_experts
-    for layer, (path, unit) in prune.moe_sites(config).items():
+    for layer, (path, unit) in model.moe_layer_paths(config.model).items():
         dropped = np.setdiff1d(np.arange(num_experts), keep[layer])
         index = () if unit is None else (unit,)
         ffn, ffn_state = params, state
@@ -171,8 +171,8 @@ def test_device_groups():
     with pytest.raises(ValueError, match=r"model\.moe\.device_groups=4 cannot survive"):
         prune.prune(config, {"params": {}}, keep)
     config.model.moe.device_balance_coef = 0.0  # no loss uses the groups: reset to 1
-    assert prune.compressed_config(config, keep).model.moe.device_groups == 1
-    assert prune.compressed_config(config, {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}).model.moe.device_groups == 4
+    assert compress.compressed_config(config, keep).model.moe.device_groups == 1
+    assert compress.compressed_config(config, {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}).model.moe.device_groups == 4
 
 
 def test_hash_routing_is_refused():
@@ -195,7 +195,7 @@ def synthetic_trace(layers=(0, 1), num_experts=8, tokens=300, top_k=2, seed=0):
 
 def test_importance_frequency_and_soft_count():
     trace = synthetic_trace(layers=(1, 3))
-    frequency, soft = prune.importance(trace, "frequency"), prune.importance(trace, "soft_count")
+    frequency, soft = importance.from_trace(trace, "frequency"), importance.from_trace(trace, "soft_count")
     for layer in range(2):
         for e in range(8):
             slots = trace.experts[layer] == e
@@ -207,9 +207,9 @@ def test_importance_frequency_and_soft_count():
     assert list(keep) == [1, 3] and keep[3] == sorted(np.argsort(-frequency[1], kind="stable")[:3].tolist())
     for criterion in ("reap", "easy_ep"):
         with pytest.raises(ValueError, match=f"{criterion}.*moejax.posthoc.importance"):
-            prune.importance(trace, criterion)
+            importance.from_trace(trace, criterion)
     with pytest.raises(ValueError, match="frequency"):
-        prune.importance(trace, "magnitude")
+        importance.from_trace(trace, "magnitude")
 
 
 def test_keep_by_score_and_keep_global():
@@ -293,7 +293,7 @@ def test_hcsmoe_groups_find_the_clusters():
 def merged_model_checks(new_config, new_variables, num_experts):
     """The merged model has num_experts experts everywhere and applies, with finite logits."""
     assert new_config.model.moe.num_experts == num_experts
-    for params, state in prune.moe_layer_variables(new_config, new_variables).values():
+    for params, state in model.moe_layer_variables(new_config.model, new_variables).values():
         assert all(v.shape[0] == num_experts for v in params[moe.EXPERTS].values())
         assert params["router"]["kernel"].shape[-1] == num_experts
         assert state[moe.ROUTER_BIAS].shape == (num_experts,)
@@ -318,8 +318,9 @@ def test_merges_with_groups_of_one_are_the_identity_and_merged_models_apply():
     # MC-SMoE to 4: router columns are the dominant experts' own; a lone dominant keeps its weights
     new_config, new_variables = merge.mcsmoe(config, variables, trace, 4)
     merged_model_checks(new_config, new_variables, 4)
-    counts = prune.importance(trace, "frequency")
-    old, new = prune.moe_layer_variables(config, variables), prune.moe_layer_variables(new_config, new_variables)
+    counts = importance.from_trace(trace, "frequency")
+    old = model.moe_layer_variables(config.model, variables)
+    new = model.moe_layer_variables(new_config.model, new_variables)
     for row, layer in enumerate((1, 2)):
         kernel = np.asarray(old[layer][0]["router"]["kernel"])
         groups = merge.mcsmoe_groups(kernel, counts[row], 4)
@@ -336,7 +337,7 @@ def test_merges_with_groups_of_one_are_the_identity_and_merged_models_apply():
     pairs = [[0, 5], [1, 2], [3, 7], [4, 6]]
     new_config, new_variables = merge.average(config, variables, {1: pairs, 2: pairs[::-1]})
     merged_model_checks(new_config, new_variables, 4)
-    new = prune.moe_layer_variables(new_config, new_variables)
+    new = model.moe_layer_variables(new_config.model, new_variables)
     for layer in (1, 2):
         for j, members in enumerate(pairs):  # ordered by the lowest member whatever the given order
             np.testing.assert_allclose(new[layer][0][moe.EXPERTS]["wi_1"][j],
@@ -355,7 +356,8 @@ def test_hcsmoe_on_scanned_layers():
     frequencies = rng.integers(1, 20, size=(2, 8)).astype(np.float64)
     new_config, new_variables = merge.hcsmoe(config, variables, outputs, 3, frequencies=frequencies, align=True)
     merged_model_checks(new_config, new_variables, 3)
-    old, new = prune.moe_layer_variables(config, variables), prune.moe_layer_variables(new_config, new_variables)
+    old = model.moe_layer_variables(config.model, variables)
+    new = model.moe_layer_variables(new_config.model, new_variables)
     for row, layer in enumerate((0, 2)):
         for j, members in enumerate(merge.hcsmoe_groups(outputs[row], 3)):
             weights = frequencies[row, members] / frequencies[row, members].sum()

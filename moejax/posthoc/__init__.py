@@ -7,14 +7,15 @@ model code.
 * capture (``capture``): per MoE layer what a forward pass computes (residual stream before and after, MoE input,
   router logits, the layer's routing, MoE output, expert outputs of the routed slots), batch by batch under jit;
   ``record`` writes a routing trace from it;
-* expert importance (``importance``: frequency, soft count, REAP, EASY-EP; the module is callable), pruning and
-  merging (``prune``, ``merge``: pure functions on ``(config, variables)``), super experts (``super_experts``);
+* expert importance (``importance``: one registry of criteria, frequency, soft count, REAP, EASY-EP, from a trace or
+  a forward pass), pruning and merging (``prune``, ``merge``: pure functions on ``(config, variables)``, sharing the
+  core of ``compress``), super experts (``super_experts``);
 * the command line: ``python -m moejax.posthoc trace|analyze|importance|prune|merge|super-experts`` (docs/posthoc.md).
 
     from moejax.posthoc import analysis, read_trace
     moejax.posthoc.record(config, variables, batches, "traces/run1", eos_id=0)
     analysis.summary(read_trace("traces/run1"))
-    scores = moejax.posthoc.importance(config, variables, batches, "reap")      # [L, E]
+    scores = moejax.posthoc.importance.from_forward(config, variables, batches, "reap")      # [L, E]
 """
 from moejax.posthoc import analysis
 from moejax.posthoc.trace import Trace, TraceWriter, read_trace, write_trace
@@ -23,7 +24,7 @@ __all__ = ["Trace", "TraceWriter", "analysis", "read_trace", "write_trace"]
 
 # The modules that need jax and the model load on first use: importing moejax.posthoc for traces and analyses stays
 # numpy only.
-_LAZY = ("capture", "importance", "merge", "prune", "super_experts")
+_LAZY = ("capture", "compress", "importance", "merge", "prune", "super_experts")
 _LAZY_FUNCTIONS = {"record": "capture"}  # name: the module defining it
 __all__ += [*_LAZY, *_LAZY_FUNCTIONS]
 

@@ -5,7 +5,7 @@ pruning, merging and super experts.
     python -m moejax.posthoc analyze       --trace=TRACE_DIR --out=DIR
     python -m moejax.posthoc importance    --checkpoint=DIR --criterion=reap[,easy_ep|all] --out=FILE.json
     python -m moejax.posthoc prune         --checkpoint=DIR --criterion=reap --keep=N [--global] --out=DIR
-                                           [--format=moejax|hf]
+                                           [--format=moejax|hf] [--trace=TRACE_DIR]
     python -m moejax.posthoc merge         --checkpoint=DIR --method=mcsmoe|hcsmoe|average --experts=N --out=DIR
                                            [--format=moejax|hf]
     python -m moejax.posthoc super-experts --checkpoint=DIR --out=DIR [--rule=paper|percentile|top_n]
@@ -202,8 +202,8 @@ def run_importance(args: argparse.Namespace) -> dict[str, Any]:
     names = _criteria(args.criterion)
     opened = _open(args)
     progress = _progress(opened, f"expert importance ({', '.join(names)})")
-    scores = importance.importance(opened["config"], opened["variables"], opened["batches"], names,
-                                   progress=progress)
+    scores = importance.from_forward(opened["config"], opened["variables"], opened["batches"], names,
+                                     progress=progress)
     from moejax import model
 
     result = {**_provenance(args, opened), "layers": model.moe_layers(opened["config"].model),
@@ -229,11 +229,22 @@ def _check_keep(args: argparse.Namespace, config) -> None:
 
 def run_prune(args: argparse.Namespace) -> pathlib.Path:
     from moejax import model
-    from moejax.posthoc import importance, prune
+    from moejax.posthoc import importance, prune, read_trace
 
-    names = _criteria(args.criterion)
-    if len(names) != 1:
-        raise _flag_error("criterion", args.criterion, "prune ranks the experts by one criterion")
+    if args.criterion not in importance.CRITERIA:
+        raise _flag_error("criterion", args.criterion, f"prune ranks the experts by one criterion, one of "
+                                                       f"{', '.join(importance.CRITERIA)}")
+    trace = None
+    if args.trace is not None:
+        try:
+            trace = read_trace(args.trace)
+        except FileNotFoundError as e:
+            raise _flag_error("trace", args.trace, str(e)) from e
+        if args.criterion not in importance.trace_criteria(trace):
+            raise _flag_error("criterion", args.criterion, f"a routing trace (--trace) gives only "
+                                                           f"{', '.join(importance.trace_criteria(trace))}; the "
+                                                           "others need a forward pass over calibration data "
+                                                           "(leave out --trace)")
     _check_out_dir("out", pathlib.Path(args.out))
     loaded = _load(args)
     config, variables = loaded["config"], loaded["variables"]
@@ -241,22 +252,28 @@ def run_prune(args: argparse.Namespace) -> pathlib.Path:
     _check_keep(args, config)
     _check_format(args, config, args.keep // len(layers) if args.global_budget else args.keep)
     opened = _open(args, loaded)
-    scores = importance.importance(config, variables, opened["batches"], names[0],
-                                   progress=_progress(opened, f"expert importance ({names[0]})"))
+    if trace is None:
+        scores = importance.from_forward(config, variables, opened["batches"], args.criterion,
+                                         progress=_progress(opened, f"expert importance ({args.criterion})"))
+    else:
+        scores = importance.from_trace(trace, args.criterion, config=config)
     keep = (prune.keep_global if args.global_budget else prune.keep_by_score)(scores, args.keep, layers)
     new_config, new_variables = prune.prune(config, variables, keep)
     _say("kept experts: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in keep.items()))
+    if new_config.model.moe.top_k < config.model.moe.top_k:
+        _say(f"top_k lowered from {config.model.moe.top_k} to {new_config.model.moe.top_k}: a token takes at most "
+             "the experts that remain")
     return _save_model(args, opened, new_config, new_variables,
-                       {"operation": "prune", "criterion": names[0], "global": args.global_budget,
-                        "keep": {str(layer): ids for layer, ids in keep.items()}, "layers": layers,
-                        "scores": scores.tolist()})
+                       {"operation": "prune", "criterion": args.criterion, "global": args.global_budget,
+                        "trace": args.trace, "keep": {str(layer): ids for layer, ids in keep.items()},
+                        "layers": layers, "scores": scores.tolist()})
 
 
 def run_merge(args: argparse.Namespace) -> pathlib.Path:
     import tempfile
 
     from moejax import model, moe
-    from moejax.posthoc import capture, importance, merge, prune, read_trace
+    from moejax.posthoc import capture, importance, merge, read_trace
 
     _check_out_dir("out", pathlib.Path(args.out))
     loaded = _load(args)
@@ -276,8 +293,8 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
                                                      progress=_progress(opened, "routing frequencies (MC-SMoE)"))
             new_config, new_variables = merge.mcsmoe(config, variables, read_trace(trace_dir), args.experts)
     else:
-        frequency = importance.importance(config, variables, batches, "frequency",
-                                          progress=_progress(opened, "routing frequencies"))
+        frequency = importance.from_forward(config, variables, batches, "frequency",
+                                            progress=_progress(opened, "routing frequencies"))
         what["frequency"] = frequency.tolist()
         if args.method == "hcsmoe":
             outputs = importance.expert_mean_outputs(config, variables, batches,
@@ -287,7 +304,7 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
             what["linkage"] = args.linkage
         else:  # MC-SMoE's groups, a plain average of each (no alignment, uniform weights)
             groups = {}
-            for row, (layer, (params, _)) in enumerate(prune.moe_layer_variables(config, variables).items()):
+            for row, (layer, (params, _)) in enumerate(model.moe_layer_variables(config.model, variables).items()):
                 kernel = np.asarray(params[moe.ROUTER]["kernel"])[:, :num_experts]
                 groups[layer] = merge.mcsmoe_groups(kernel, frequency[row], args.experts)
             what["groups"] = {str(layer): value for layer, value in groups.items()}
@@ -406,6 +423,9 @@ def parser() -> argparse.ArgumentParser:
                                                            "total, a multiple of the MoE layers)")
     p.add_argument("--global", dest="global_budget", action="store_true",
                    help="--keep is a budget over all MoE layers (moejax.posthoc.prune.keep_global)")
+    p.add_argument("--trace", default=None, help="take the importance from this routing trace (python -m "
+                                                 "moejax.posthoc trace) instead of a forward pass; criteria from the "
+                                                 "routing alone (and the router scores, when traced with them)")
     _model_flags(p)
     p.set_defaults(run=run_prune)
 

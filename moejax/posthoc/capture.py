@@ -25,7 +25,7 @@ outputs into the ``moe_aux`` collection (under names starting with ``posthoc_``,
 ignores). ``capture_intermediates`` would not do: ``nn.scan`` in moejax/model.py scans the collections 'params',
 'moe_state', 'moe_aux' and the cache only, so with ``model.scan_layers`` the 'intermediates' of the scanned blocks
 are dropped; 'moe_aux' is scanned, so its entries come back stacked on the unit axis [U, ...], which ``forward``
-maps to model layers (``moejax.posthoc.prune.moe_sites``). Chain-of-Experts layers (``model.moe.chain_iterations``
+maps to model layers (``moejax.model.moe_layer_paths``). Chain-of-Experts layers (``model.moe.chain_iterations``
 > 1: several routed passes whose inputs are not module outputs) are refused.
 
 ``stream`` jits the forward together with a caller's reduction ``fn(Capture) -> pytree`` and yields ``fn``'s result
@@ -54,7 +54,6 @@ from moejax import model as model_lib
 from moejax import moe
 from moejax.moe import dispatch, experts, pipeline, routers
 from moejax.moe import layer as moe_layer
-from moejax.posthoc import prune
 from moejax.posthoc.trace import TraceWriter
 from moejax.training import console
 
@@ -158,10 +157,10 @@ def forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any], tok
     with nn.intercept_methods(_interceptor):
         logits, collections = model_lib.Transformer(cfg).apply(apply_vars, tokens, mutable=[COLLECTION], **extra)
     sown = collections[COLLECTION]
-    layer_vars = prune.moe_layer_variables(config, variables)
+    layer_vars = model_lib.moe_layer_variables(cfg, variables)
     ids = tokens.reshape(-1)
     captured = []
-    for layer, (ffn_path, unit) in prune.moe_sites(config).items():
+    for layer, (ffn_path, unit) in model_lib.moe_layer_paths(cfg).items():
         block = ffn_path[:-1]
 
         def take(path: Sequence[str], name: str, unit=unit) -> jax.Array:

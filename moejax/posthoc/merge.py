@@ -1,5 +1,5 @@
 """Expert merging: fewer routed experts, each a weighted average of several old ones, as pure functions on
-``(config, variables)`` (a moejax run or an imported checkpoint), built on ``moejax.posthoc.prune.compress``.
+``(config, variables)`` (a moejax run or an imported checkpoint), built on ``moejax.posthoc.compress``.
 
     from moejax.posthoc import merge, read_trace
     config, variables = merge.mcsmoe(config, variables, read_trace("traces/run1"), num_experts=4)
@@ -19,7 +19,7 @@ what makes averaging aligned experts meaningful. The hidden axis of every parame
 without one (GPT-OSS's output bias bo) are averaged as they are.
 
 The new experts of a layer are ordered by their representative's old id (the dominant expert, or a group's lowest
-member), which is what group-limited routing and device groups see (``prune.compressed_config``).
+member), which is what group-limited routing and device groups see (``compress.compressed_config``).
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ import numpy as np
 import scipy.cluster.hierarchy
 import scipy.optimize
 
+from moejax import model as model_lib
 from moejax import moe
 from moejax.moe import experts as experts_lib
-from moejax.posthoc import prune
+from moejax.posthoc import compress, importance
 from moejax.posthoc.trace import Trace
 
 ExpertWeights = Mapping[str, Any]  # one expert's weights {name: array without the expert axis}
@@ -181,18 +182,6 @@ def hcsmoe_groups(expert_outputs: np.ndarray, num_experts: int, linkage: str = "
 
 # ------------------------------------------------------------------------------------------------ whole models
 
-def _trace_rows(config: ml_collections.ConfigDict, trace: Trace) -> dict[int, int]:
-    """{model MoE layer: its row in the trace}; ValueError when the trace misses a layer or has another E."""
-    if trace.num_experts != config.model.moe.num_experts:
-        raise ValueError(f"the trace has {trace.num_experts} experts per layer, the model "
-                         f"{config.model.moe.num_experts}")
-    rows = {int(layer): row for row, layer in enumerate(trace.layers)}
-    missing = [layer for layer in prune.moe_sites(config) if layer not in rows]
-    if missing:
-        raise ValueError(f"the trace (layers {trace.layers.tolist()}) lacks the model's MoE layers {missing}")
-    return {layer: rows[layer] for layer in prune.moe_sites(config)}
-
-
 def _per_layer(config: ml_collections.ConfigDict, values: np.ndarray | None, what: str,
                layers: Sequence[int] | None) -> dict[int, np.ndarray] | None:
     """Rows [L, ...] of a per-layer array keyed by model MoE layer (rows in the order of ``layers``, default the
@@ -200,11 +189,11 @@ def _per_layer(config: ml_collections.ConfigDict, values: np.ndarray | None, wha
     if values is None:
         return None
     values = np.asarray(values)
-    order = list(prune.moe_sites(config)) if layers is None else [int(layer) for layer in layers]
+    order = model_lib.moe_layers(config.model) if layers is None else [int(layer) for layer in layers]
     if values.shape[0] != len(order):
         raise ValueError(f"{what} has {values.shape[0]} layers, expected {len(order)} (layers {order})")
     by_layer = dict(zip(order, values, strict=True))
-    prune.check_layers(config, by_layer, what)
+    compress.check_layers(config, by_layer, what)
     return by_layer
 
 
@@ -213,20 +202,20 @@ def _merged_experts(params: Mapping[str, Any], groups: Sequence[Sequence[int]], 
     """The stacked [n, ...] weights of the merged experts of one layer."""
     merged = []
     for members, dominant in zip(groups, dominants, strict=True):
-        weights = [prune.expert_weights(params, e) for e in members]
+        weights = [compress.expert_weights(params, e) for e in members]
         freq = None if frequencies is None else frequencies[list(members)]
         merged.append(merge_group(weights, freq, members.index(dominant), expert_kind, align))
     return {name: np.stack([m[name] for m in merged]) for name in merged[0]}
 
 
-def _columns(groups: Sequence[Sequence[int]], frequencies: np.ndarray | None) -> tuple[prune.Column, ...]:
+def _columns(groups: Sequence[Sequence[int]], frequencies: np.ndarray | None) -> tuple[compress.Column, ...]:
     return tuple((np.asarray(members, np.int64), _normalised(None if frequencies is None else
                                                              frequencies[list(members)], len(members)))
                  for members in groups)
 
 
-def mcsmoe(config: ml_collections.ConfigDict, variables: prune.Variables, trace: Trace, num_experts: int,
-           align: bool = True) -> tuple[ml_collections.ConfigDict, prune.Variables]:
+def mcsmoe(config: ml_collections.ConfigDict, variables: compress.Variables, trace: Trace, num_experts: int,
+           align: bool = True) -> tuple[ml_collections.ConfigDict, compress.Variables]:
     """MC-SMoE merging to ``num_experts`` routed experts per MoE layer.
 
     trace: a routing trace of the model (``moejax.posthoc.trace``) covering its MoE layers; the routing frequencies
@@ -237,41 +226,40 @@ def mcsmoe(config: ml_collections.ConfigDict, variables: prune.Variables, trace:
     dominant expert's router column (kernel column, router/bias and moe_state router_bias entries), MC-SMoE's
     choice, so routing picks among the merged experts as it picked among the dominant ones.
     """
-    rows = _trace_rows(config, trace)
-    counts = prune.importance(trace, "frequency")
+    counts = importance.from_trace(trace, "frequency", config=config)  # rows: the model's MoE layers
     expert_kind = config.model.moe.expert_kind
     num_real = config.model.moe.num_experts
-    plans = {}
-    for layer, (params, _) in prune.moe_layer_variables(config, variables).items():
-        frequencies = counts[rows[layer]]
+    maps = {}
+    for row, (layer, (params, _)) in enumerate(model_lib.moe_layer_variables(config.model, variables).items()):
+        frequencies = counts[row]
         kernel = np.asarray(params[moe.ROUTER]["kernel"])[:, :num_real]
         groups = mcsmoe_groups(kernel, frequencies, num_experts)
         dominants = [members[0] for members in groups]
         groups = [sorted(members) for members in groups]
-        plans[layer] = prune.LayerPlan(prune.singletons(dominants), tuple(dominants),
-                                       _merged_experts(params, groups, frequencies, dominants, expert_kind, align))
-    return prune.compress(config, variables, plans)
+        maps[layer] = compress.ExpertMap(compress.singletons(dominants), tuple(dominants),
+                                         _merged_experts(params, groups, frequencies, dominants, expert_kind, align))
+    return compress.compress(config, variables, maps)
 
 
-def hcsmoe(config: ml_collections.ConfigDict, variables: prune.Variables, expert_outputs: np.ndarray,
+def hcsmoe(config: ml_collections.ConfigDict, variables: compress.Variables, expert_outputs: np.ndarray,
            num_experts: int, linkage: str = "average", frequencies: np.ndarray | None = None,
            metric: str = "euclidean", align: bool = False, layers: Sequence[int] | None = None
-           ) -> tuple[ml_collections.ConfigDict, prune.Variables]:
+           ) -> tuple[ml_collections.ConfigDict, compress.Variables]:
     """HC-SMoE merging to ``num_experts`` routed experts per MoE layer.
 
     expert_outputs: [L, E, D] each expert's mean output over a calibration set (computed by the caller), rows in
     the order of ``layers`` (default: the model's MoE layers, moejax.model.moe_layers). Clustering:
     ``hcsmoe_groups`` (``linkage`` 'average' as in the paper, or 'single', 'complete', 'ward', ...; ``metric`` any
     scipy distance). Merging: per cluster the average of its members' weights, weighted by ``frequencies`` [L, E]
-    (e.g. ``prune.importance(trace, 'frequency')`` rows) when given, else uniform; with ``align=True`` the members
+    (e.g. ``importance.from_trace(trace, 'frequency')`` rows) when given, else uniform; with ``align=True`` the members
     are first neuron-aligned to the cluster's most frequent member (lowest id on ties). Router: a cluster's router
     column (kernel column, router/bias and moe_state router_bias entries) is the same weighted average of its
     members' columns (the choice made here; MC-SMoE instead keeps one member's column).
     """
     outputs = _per_layer(config, expert_outputs, "expert_outputs", layers)
     freqs = _per_layer(config, frequencies, "frequencies", layers)
-    plans = {}
-    for layer, (params, _) in prune.moe_layer_variables(config, variables).items():
+    maps = {}
+    for layer, (params, _) in model_lib.moe_layer_variables(config.model, variables).items():
         groups = hcsmoe_groups(outputs[layer], num_experts, linkage, metric)
         layer_freqs = None if freqs is None else np.asarray(freqs[layer], np.float64)
         columns = _columns(groups, layer_freqs)
@@ -280,19 +268,19 @@ def hcsmoe(config: ml_collections.ConfigDict, variables: prune.Variables, expert
             dominants = [members[int(np.argmax(layer_freqs[members]))] if layer_freqs is not None else members[0]
                          for members in groups]
             merged = _merged_experts(params, groups, layer_freqs, dominants, config.model.moe.expert_kind, True)
-        plans[layer] = prune.LayerPlan(columns, tuple(members[0] for members in groups), merged)
-    return prune.compress(config, variables, plans)
+        maps[layer] = compress.ExpertMap(columns, tuple(members[0] for members in groups), merged)
+    return compress.compress(config, variables, maps)
 
 
-def average(config: ml_collections.ConfigDict, variables: prune.Variables,
-            groups: Mapping[int, Sequence[Sequence[int]]]) -> tuple[ml_collections.ConfigDict, prune.Variables]:
+def average(config: ml_collections.ConfigDict, variables: compress.Variables,
+            groups: Mapping[int, Sequence[Sequence[int]]]) -> tuple[ml_collections.ConfigDict, compress.Variables]:
     """Plain averages of given groups: ``groups[layer]`` lists disjoint groups of expert ids for every MoE layer
     (the same number of groups in each); new expert = the mean of its group's weights, router column the mean of
     their router columns. Experts in no group are dropped; groups of one expert are copies (exact), so singleton
     groups of the kept experts are pruning. New experts are ordered by their group's lowest id."""
-    layers = prune.check_layers(config, groups, "groups")
+    layers = compress.check_layers(config, groups, "groups")
     num_real = config.model.moe.num_experts
-    plans = {}
+    maps = {}
     for layer in layers:
         layer_groups = sorted((sorted(int(e) for e in members) for members in groups[layer]),
                               key=lambda members: members[0] if members else -1)
@@ -301,5 +289,5 @@ def average(config: ml_collections.ConfigDict, variables: prune.Variables,
                 min(flat) < 0 or max(flat) >= num_real:
             raise ValueError(f"groups[{layer}] = {[list(g) for g in groups[layer]]}: must be non-empty, disjoint "
                              f"groups of expert ids in [0, {num_real})")
-        plans[layer] = prune.LayerPlan(_columns(layer_groups, None), tuple(members[0] for members in layer_groups))
-    return prune.compress(config, variables, plans)
+        maps[layer] = compress.ExpertMap(_columns(layer_groups, None), tuple(members[0] for members in layer_groups))
+    return compress.compress(config, variables, maps)
