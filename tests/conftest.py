@@ -1,6 +1,7 @@
 """Test setup: 8 forced host CPU devices and a faster XLA:CPU backend compile, set before jax is imported anywhere;
-the slowest test modules are collected first so that pytest-xdist does not end on a long test."""
+the suite ordered and its quick subset marked from measured durations (tests/durations.json)."""
 import fcntl
+import json
 import os
 import pathlib
 
@@ -19,28 +20,53 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Test modules by their cost on 2 CPU cores, the slowest first: pytest-xdist hands out tests in collection order, so
-# the long ones start early and the suite ends on cheap tests instead of one worker finishing a long test alone.
-# Modules not listed go between the two groups. Each module's tests stay together and in order (module fixtures).
-SLOW_FIRST = ["test_hf", "test_generate", "test_posthoc_cli", "test_posthoc_compress", "test_parallel", "test_cli",
-              "test_notebooks", "test_zoo", "test_train", "test_kernels", "test_experiments", "test_moe"]
-CHEAP_LAST = ["test_posthoc_analysis", "test_upcycle", "test_data", "test_routing", "test_losses", "test_configs"]
+# Measured test durations order the suite and define its quick subset. tests/durations.json (written by
+# `pytest --record-durations`: seconds of setup + call + teardown per test id, 2 CPU cores under pytest-xdist):
+# - pytest-xdist hands out tests in collection order, so modules run costliest first (by their measured total) and the
+#   suite ends on cheap tests instead of one worker finishing a long test alone; a module's tests stay together and
+#   in order (module fixtures);
+# - a test measured at SLOW_SECONDS or more is marked `slow`: `pytest -m "not slow"` is the quick subset for the
+#   edit-test loop (CI runs everything). A test not measured yet counts as quick.
+DURATIONS = pathlib.Path(__file__).parent / "durations.json"
+SLOW_SECONDS = 4.0
+_measured_now: dict[str, float] = {}
 
 
-def module_rank(item) -> int:
-    name = item.path.stem
-    if name in SLOW_FIRST:
-        return SLOW_FIRST.index(name)
-    if name in CHEAP_LAST:
-        return len(SLOW_FIRST) + 1 + CHEAP_LAST.index(name)
-    return len(SLOW_FIRST)
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", action="store_true",
+                     help=f"write every test's seconds to tests/{DURATIONS.name} (orders the suite, marks slow tests)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"slow: measured at {SLOW_SECONDS:g} s or more (tests/{DURATIONS.name})")
+
+
+def measured_durations() -> dict[str, float]:
+    try:
+        return json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def pytest_collection_modifyitems(items):
-    missing = [name for name in SLOW_FIRST + CHEAP_LAST if not (pathlib.Path(__file__).parent / f"{name}.py").exists()]
-    if missing:
-        raise pytest.UsageError(f"tests/conftest.py orders test modules that do not exist: {missing}")
-    items.sort(key=module_rank)  # stable: the order within a module is kept
+    seconds = measured_durations()
+    module_cost: dict[pathlib.Path, float] = {}
+    for item in items:
+        module_cost[item.path] = module_cost.get(item.path, 0.0) + seconds.get(item.nodeid, 0.0)
+        if seconds.get(item.nodeid, 0.0) >= SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: -module_cost[item.path])  # stable: the order within a module is kept
+
+
+def pytest_runtest_logreport(report):
+    """Sums each test's phases (under pytest-xdist the controller receives every worker's reports)."""
+    _measured_now[report.nodeid] = _measured_now.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if session.config.getoption("--record-durations") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        rounded = {test: round(seconds, 2) for test, seconds in sorted(_measured_now.items())}
+        DURATIONS.write_text(json.dumps(rounded, indent=0) + "\n")
 
 
 @pytest.fixture(scope="session")
