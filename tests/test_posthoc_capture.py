@@ -223,6 +223,43 @@ def test_importance_criteria_match_a_numpy_loop(kind, tmp_path):
         importance.from_forward(config, variables, data, "magnitude")
 
 
+def test_a_registered_criterion_comes_from_a_trace_or_a_forward_pass_alike(monkeypatch, tmp_path):
+    """Adding a criterion is one registered function: here the router-score mass of each expert over every token,
+    which needs the router scores (a trace recorded with them, or the forward pass); one that needs the expert
+    outputs comes from the forward pass only. Names are registered once."""
+    monkeypatch.setattr(importance, "CRITERIA", dict(importance.CRITERIA))
+
+    @importance.register("score_mass", needs=("scores",))
+    def score_mass(batch):
+        return batch.scores.sum(0)
+
+    @importance.register("reap_again", needs=("outputs",), reduce="mean")
+    def reap_again(batch):  # REAP's formula, registered anew
+        return batch.per_expert(batch.weights * batch.norms)
+
+    config, variables = build(num_layers=3, first_dense=1)
+    data = batches()
+    got = importance.from_forward(config, variables, data, ["score_mass", "reap_again"])
+    scored = read_trace(capture.record(config, variables, data, tmp_path / "scored", with_scores=True))
+    np.testing.assert_allclose(got["score_mass"], importance.from_trace(scored, "score_mass"), rtol=1e-12)
+    np.testing.assert_allclose(got["score_mass"], scored.scores.astype(np.float64).sum(1), rtol=1e-12)
+    assert importance.trace_criteria(scored) == ["frequency", "soft_count", "score_mass"]
+    plain = read_trace(capture.record(config, variables, data, tmp_path / "plain"))
+    with pytest.raises(ValueError, match=r"'score_mass' needs \['scores'\].*with_scores"):
+        importance.from_trace(plain, "score_mass")
+    with pytest.raises(ValueError, match=r"'reap_again' needs \['outputs'\].*from_forward"):
+        importance.from_trace(scored, "reap_again")
+    np.testing.assert_array_equal(got["reap_again"], importance.from_forward(config, variables, data, "reap"))
+    np.testing.assert_allclose(got["reap_again"], numpy_importance(config, variables, data)["reap"], rtol=2e-5,
+                               atol=1e-7)
+    with pytest.raises(ValueError, match=r"'frequency' is already registered"):
+        importance.register("frequency")(score_mass)
+    with pytest.raises(ValueError, match=r"needs=\['logits'\].*allowed are"):
+        importance.register("by_logits", needs=("logits",))
+    with pytest.raises(ValueError, match=r"reduce='max'.*allowed are \('sum', 'mean'\)"):
+        importance.register("peak", reduce="max")
+
+
 def test_expert_mean_outputs_match_numpy():
     config, variables = build(num_layers=2)
     data = batches()

@@ -13,6 +13,7 @@ from moejax.configs import base
 
 from moejax import checks, model, moe
 from moejax.moe import experts as experts_lib
+from moejax.moe import routers
 from moejax.posthoc import compress, importance, merge, prune
 from moejax.posthoc.trace import Trace
 
@@ -180,6 +181,22 @@ def test_hash_routing_is_refused():
     config.model.moe.top_k = 1
     with pytest.raises(ValueError, match="hash"):
         prune.prune(config, {"params": {}}, {0: [0, 1], 1: [0, 1]})
+
+
+def test_a_registered_router_is_pruned_as_its_facts_say(monkeypatch):
+    """Pruning asks the router's RouterSpec, not its name: the same rule registered with expert ids computed from E
+    is refused, registered without is pruned."""
+    monkeypatch.setattr(routers, "ROUTERS", dict(routers.ROUTERS))
+    routers.register("ids_from_e", ids_depend_on_num_experts=True)(routers.topk)
+    routers.register("ids_from_scores")(routers.topk)
+    keep = {0: [1, 2, 5, 6], 1: [0, 3, 4, 7]}
+    with pytest.raises(ValueError, match=r"kind='ids_from_e' computes its expert ids from model\.moe\.num_experts"):
+        prune.prune(small_config(kind="ids_from_e"), {"params": {}}, keep)
+    config, variables, _ = build(router=dict(kind="ids_from_scores"))
+    new_config, new_variables = prune.prune(config, variables, keep)
+    assert new_config.model.moe.num_experts == 4 and new_config.model.moe.router.kind == "ids_from_scores"
+    np.testing.assert_array_equal(new_variables["params"]["layers_1"]["ffn"]["router"]["kernel"],
+                                  np.asarray(variables["params"]["layers_1"]["ffn"]["router"]["kernel"])[:, keep[1]])
 
 
 # ----------------------------------------------------------------------------------------- selection helpers
