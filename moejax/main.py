@@ -5,11 +5,11 @@ defaults to ``runs/<config file stem>[_<preset>]``; running the same command aga
 run run again prints its summary. ``--help`` lists the configs and their presets; ``--print_config`` prints the
 resolved config and exits.
 
-Errors are reported in a few lines without a traceback (``--verbose`` or ``MOEJAX_VERBOSE=1`` adds it). Exit status:
-0 when the run finished (now or before) or a SIGTERM / SIGINT stopped it after saving a checkpoint; 1 when the run
-cannot go on (what its workdir holds, its checkpoints, divergence, I/O); 2 when the command is wrong (flags, config
-file, preset, field names and values, the data source, a --workdir that is a file or cannot be created); 130 when a
-second Ctrl-C aborted it.
+Errors are reported in a few lines without a traceback (``--verbose`` or ``MOEJAX_VERBOSE=1`` adds it), under the
+policy of moejax/cli.py. Exit status: 0 when the run finished (now or before) or a SIGTERM / SIGINT stopped it after
+saving a checkpoint; 1 when the run cannot go on (what its workdir holds, its checkpoints, divergence, I/O); 2 when
+the command is wrong (flags, config file, preset, field names and values, the data source, a --workdir that is a
+file or cannot be created); 130 when a second Ctrl-C aborted it.
 """
 import ast
 import difflib
@@ -23,18 +23,15 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from moejax import cli
+
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':<preset>'.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, summary); default runs/<config>[_<preset>].")
 flags.DEFINE_bool("print_config", False, "Print the resolved config (after overrides) as JSON and exit.")
 flags.DEFINE_bool("verbose", False, "Print the traceback of an error (also MOEJAX_VERBOSE=1).")
 FLAGS = flags.FLAGS
 
-EXIT_RUNTIME, EXIT_USAGE, EXIT_ABORTED = 1, 2, 130
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "-?")
-
-
-class CommandError(Exception):
-    """The command line cannot be run as given (exit status 2)."""
 
 
 def default_workdir(config_arg: str) -> str:
@@ -56,7 +53,7 @@ def initialize_distributed() -> None:
         try:
             count, index = int(env["MOEJAX_NUM_PROCESSES"]), int(env["MOEJAX_PROCESS_ID"])
         except (KeyError, ValueError):
-            raise CommandError(f"MOEJAX_COORDINATOR needs MOEJAX_NUM_PROCESSES and MOEJAX_PROCESS_ID set to "
+            raise cli.UsageError(f"MOEJAX_COORDINATOR needs MOEJAX_NUM_PROCESSES and MOEJAX_PROCESS_ID set to "
                                f"integers (got {env.get('MOEJAX_NUM_PROCESSES')!r} and "
                                f"{env.get('MOEJAX_PROCESS_ID')!r})") from None
         jax.distributed.initialize(coordinator_address=env["MOEJAX_COORDINATOR"], num_processes=count,
@@ -152,24 +149,6 @@ def help_text() -> str:
 # ----------------------------------------------------------------------------------------------- flag errors
 
 
-def _verbose(argv: list[str] | None = None) -> bool:
-    if os.environ.get("MOEJAX_VERBOSE", "") not in ("", "0"):
-        return True
-    if argv is not None:
-        return any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv[1:])
-    return bool(FLAGS["verbose"].value)
-
-
-def fail(message: str, status: int, verbose: bool) -> None:
-    """Prints 'error: message' (after the traceback of the exception being handled, when verbose) and exits with
-    status."""
-    sys.stdout.flush()
-    if verbose and sys.exc_info()[0] is not None:
-        traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
 def _config_arg(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv[1:], start=1):
         if arg.startswith("--config="):
@@ -226,38 +205,38 @@ def unknown_field_hint(config: ConfigDict, path: str) -> str:
 
 
 def _load_config_file(config_arg: str) -> ConfigDict:
-    """Runs config_arg's file like ml_collections does; raises CommandError saying what is wrong."""
+    """Runs config_arg's file like ml_collections does; raises cli.UsageError saying what is wrong."""
     import importlib.util
 
     path, *arg = config_arg.split(":", 1)
     listing = f"the configs are in {_shown(configs_dir())}/ (--help lists them)"
     if not path:
-        raise CommandError(f"--config is empty; {listing}")
+        raise cli.UsageError(f"--config is empty; {listing}")
     if not os.path.exists(path):
-        raise CommandError(f"config file {path} does not exist (--config={config_arg}); {listing}")
+        raise cli.UsageError(f"config file {path} does not exist (--config={config_arg}); {listing}")
     if os.path.isdir(path):
-        raise CommandError(f"--config={config_arg} is a directory; pass a config file, e.g. "
+        raise cli.UsageError(f"--config={config_arg} is a directory; pass a config file, e.g. "
                            f"--config={_shown(configs_dir() / 'deepseekmoe.py')}:tiny; {listing}")
     spec = importlib.util.spec_from_file_location("moejax_config_file", path)
     if spec is None or spec.loader is None:
-        raise CommandError(f"config file {path} is not a Python file (--config={config_arg})")
+        raise cli.UsageError(f"config file {path} is not a Python file (--config={config_arg})")
     try:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         if not callable(getattr(module, "get_config", None)):
-            raise CommandError(f"config file {path} has no get_config() function")
+            raise cli.UsageError(f"config file {path} has no get_config() function")
         config = module.get_config(*arg)
-    except CommandError:
+    except cli.UsageError:
         raise
     except ValueError as e:  # the configs' own checks (configs/base.py preset) say what is allowed
-        raise CommandError(str(e)) from e
+        raise cli.UsageError(str(e)) from e
     except Exception as e:  # noqa: BLE001 - any error in a config file is the config file's
         frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) ==
                   os.path.abspath(path)]
         where = f" (line {frames[-1].lineno}: {frames[-1].line})" if frames else ""
-        raise CommandError(f"config file {path} failed to load: {type(e).__name__}: {e}{where}") from e
+        raise cli.UsageError(f"config file {path} failed to load: {type(e).__name__}: {e}{where}") from e
     if not isinstance(config, ConfigDict):
-        raise CommandError(f"get_config() of {path} returned {type(config).__name__}, not an "
+        raise cli.UsageError(f"get_config() of {path} returned {type(config).__name__}, not an "
                            f"ml_collections.ConfigDict")
     return config
 
@@ -270,7 +249,7 @@ def _explain(argv: list[str], error: BaseException | None) -> str:
             return f"{error} (--help shows the usage)"
         return (f"--config is required, e.g. --config={_shown(configs_dir() / 'deepseekmoe.py')}:tiny; "
                 f"--help lists the configs")
-    config = _load_config_file(config_arg)  # raises CommandError when the file is the problem
+    config = _load_config_file(config_arg)  # raises cli.UsageError when the file is the problem
     for path, arg in _override_paths(argv):
         if not _has_field(config, path):
             return (f"unknown config field {path} (from {arg}): {unknown_field_hint(config, path)} Every field "
@@ -281,55 +260,27 @@ def _explain(argv: list[str], error: BaseException | None) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with one-line errors (exit status 2) and moejax's --help."""
+    """absl's flag parsing with moejax's --help; cli.UsageError saying what is wrong with the command line."""
     if any(arg in HELP_FLAGS for arg in argv[1:]):
-        _print(help_text())
+        cli.output(help_text())
         sys.exit(0)
-    verbose = _verbose(argv)
     try:
         rest = FLAGS(argv)
-    except flags.Error as e:
-        fail(_safe_explain(argv, e), EXIT_USAGE, verbose)
-    except Exception as e:  # noqa: BLE001 - ml_collections raises plain errors for unknown fields
-        fail(_safe_explain(argv, e), EXIT_USAGE, verbose)
+    except Exception as e:  # noqa: BLE001 - absl's flags.Error, and plain errors of ml_collections for unknown fields
+        raise cli.UsageError(_explained(argv, e)) from e
     if not isinstance(FLAGS.config, ConfigDict):  # None, or ml_collections' placeholder for a file that failed
-        fail(_safe_explain(argv, None), EXIT_USAGE, verbose)
+        raise cli.UsageError(_explained(argv, None))
     return rest
 
 
-def _safe_explain(argv: list[str], error: BaseException | None) -> str:
+def _explained(argv: list[str], error: BaseException | None) -> str:
     try:
         return _explain(argv, error)
-    except CommandError as e:
+    except cli.UsageError as e:
         return str(e)
 
 
 # ----------------------------------------------------------------------------------------------- main
-
-
-def brief(message: str, verbose: bool, max_lines: int = 3) -> str:
-    """message, or when it runs longer than max_lines (a library's message quoted in it), its first line without
-    the quote's unclosed parenthesis; --verbose keeps it whole."""
-    lines = message.strip().splitlines()
-    if verbose or len(lines) <= max_lines:
-        return message.strip()
-    first, depth, cut = lines[0], 0, None
-    for i, char in enumerate(first):
-        if char == "(":
-            depth, cut = depth + 1, (i if depth == 0 else cut)
-        elif char == ")" and depth:
-            depth -= 1
-    if depth and cut is not None:
-        first = first[:cut].rstrip()
-    return f"{first} (--verbose shows the full message)"
-
-
-def _print(text: str) -> None:
-    """print, quietly stopping when the reader of a pipe (e.g. head) has closed it."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def resume_command() -> str:
@@ -337,25 +288,23 @@ def resume_command() -> str:
 
 
 def main(argv: list[str]) -> int:
-    verbose = _verbose()
+    """Trains (or reports) the run of the parsed flags. Raises cli.UsageError for a data source that cannot be read
+    and a --workdir path that cannot be used, cli.RunError for what a workdir holds, its checkpoints, divergence
+    and weights that cannot be read."""
     if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value (--help shows the usage)",
-             EXIT_USAGE, verbose)
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags take the form --name=value (--help shows the "
+                             f"usage)")
     config = FLAGS.config
     if FLAGS.print_config:  # with init_from='hf:<dir>': the model and tokenizer the run will train, read from <dir>
-        from moejax import checks
         from moejax.training import initialise
-        try:
-            config = initialise.resolve(config)
-        except checks.ConfigError as e:
-            fail(str(e), EXIT_USAGE, verbose)
-        _print(json.dumps(json.loads(config.to_json()), indent=2))
+
+        cli.output(json.dumps(json.loads(initialise.resolve(config).to_json()), indent=2))
         return 0
     if not FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO; progress goes to stdout
         logging.set_verbosity(logging.WARNING)
     config_arg = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or default_workdir(config_arg)
-    from moejax import checks
+    from moejax.hf.io import CheckpointError
     from moejax.training import checkpoint, loop, metrics
 
     try:
@@ -363,18 +312,14 @@ def main(argv: list[str]) -> int:
         if loop.report_finished(config, workdir) is None:
             loop.run(config, workdir, config_name=config_arg, resume_command=resume_command())
     except KeyboardInterrupt:
-        fail(f"aborted by Ctrl-C; the newest checkpoint in {workdir}, if any, is where the same command resumes",
-             EXIT_ABORTED, False)
-    except loop.DataError as e:  # may quote a data library's many-line message
-        fail(brief(str(e), verbose), EXIT_USAGE, verbose)
-    except (CommandError, checks.ConfigError, checkpoint.WorkdirPathError) as e:
-        fail(str(e), EXIT_USAGE, verbose)
-    except (checkpoint.WorkdirError, metrics.DivergenceError) as e:
-        fail(str(e), EXIT_RUNTIME, verbose)
-    except OSError as e:
-        fail(f"{type(e).__name__}: {e}", EXIT_RUNTIME, verbose)
+        raise KeyboardInterrupt(f"aborted by Ctrl-C; the newest checkpoint in {workdir}, if any, is where the same "
+                                f"command resumes") from None
+    except (loop.DataError, checkpoint.WorkdirPathError) as e:  # the data source, the --workdir path
+        raise cli.UsageError(str(e)) from e
+    except (checkpoint.WorkdirError, metrics.DivergenceError, CheckpointError) as e:  # what the run meets
+        raise cli.RunError(str(e)) from e
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(lambda argv: app.run(main, argv=[sys.argv[0], *argv], flags_parser=parse_flags), runtime=(OSError,))
