@@ -3,13 +3,16 @@ over a small ``text:`` corpus (built once for the module).
 
 Covered: SIGINT and SIGTERM stop the run at the next step with a checkpoint, a message and exit status 0; every
 expected failure is a few lines without a traceback, with exit status 2 (the command is wrong) or 1 (the run cannot
-go on); a corrupt newest checkpoint is one warning line (the library noise goes to workdir/restore.log); a finished
-run run again changes nothing; on resume metrics.jsonl and TensorBoard hold every step once; --help and
---print_config; text: files that are not UTF-8; moejax.load.
+go on); a failed init_from leaves no workdir; a corrupt newest checkpoint is one warning line (the library noise goes
+to workdir/restore.log); a finished run run again changes nothing; on resume metrics.jsonl and TensorBoard hold every
+step once; --help and --print_config; text: files that are not UTF-8; moejax.load. The front door every command
+shares (moejax/cli.py): the exit policy of ``cli.run``, a closed output pipe, ``open_checkpoint``'s refusals and
+``removed_on_failure``.
 
 The subprocesses share a persistent compilation cache, so only the first run of each program compiles it. All tests
 stay in one pytest-xdist worker (they share the finished run of the module fixture).
 """
+import argparse
 import hashlib
 import json
 import os
@@ -32,9 +35,10 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 import moejax
-from moejax import data, model
+from moejax import checks, cli, data, model
 from moejax.training import checkpoint, loop
 from tests import helpers_env, helpers_train
+from tests.test_finetune import release  # noqa: F401  (the fixture: a tiny transformers release and a corpus)
 
 pytestmark = pytest.mark.xdist_group("cli")
 
@@ -270,6 +274,113 @@ def test_verbose_prints_the_traceback(corpus, env, tmp_path):
         assert "Traceback" in result.stderr and "error: config.data.name=" in result.stderr
     flag_error = run_main(command(corpus, tmp_path / "run", "--config.model.moe.topk=3"), env, MOEJAX_VERBOSE="1")
     assert flag_error.returncode == 2 and "Traceback" in flag_error.stderr
+
+
+def test_a_failed_init_from_leaves_no_workdir(release, env, tmp_path):  # noqa: F811
+    """init_from a transformers directory whose weights file is cut short: one line, status 1, and the workdir the run
+    had created (config.json, tokenizer, checkpoints/) is gone, so the command can run again once fixed."""
+    directory, corpus = release
+    broken = tmp_path / "broken"
+    shutil.copytree(directory, broken)
+    weights = next(broken.glob("*.safetensors"))
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    workdir = tmp_path / "runs" / "finetune"
+    result = run_main([sys.executable, "-m", "moejax.main", "--config=configs/finetune.py",
+                       f"--config.init_from=hf:{broken}", f"--config.data.name=text:{corpus}/*.py",
+                       f"--config.data.dir={tmp_path / 'cache'}", "--config.train.batch_size=2",
+                       "--config.train.seq_len=16", f"--workdir={workdir}"], env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith("error: ")] and weights.name in result.stderr
+    assert not workdir.exists()
+
+
+# ------------------------------------------------------------------ the front door (moejax/cli.py)
+
+
+def _raising(error):
+    def main(argv):
+        raise error
+    return main
+
+
+@pytest.mark.parametrize("error,status,line", [
+    (cli.UsageError("--top_p=2.0: must be a number in (0, 1]"), 2, "error: --top_p=2.0: must be a number in (0, 1]"),
+    (checks.ConfigError("config field a=1 is invalid: b"), 2, "error: config field a=1 is invalid: b"),
+    (cli.RunError("runs/x has no checkpoint yet"), 1, "error: runs/x has no checkpoint yet"),
+    (ValueError("cannot map tensor w"), 1, "error: cannot map tensor w"),
+    (FileNotFoundError(2, "No such file or directory", "x.json"), 1,
+     "error: FileNotFoundError: [Errno 2] No such file or directory: 'x.json'"),
+    (KeyboardInterrupt(), 130, "error: aborted by Ctrl-C"),
+    (KeyboardInterrupt("stopped by Ctrl-C: 9 new tokens"), 130, "error: stopped by Ctrl-C: 9 new tokens"),
+])
+def test_run_reports_one_line_with_the_status_of_the_policy(error, status, line, capsys, monkeypatch):
+    monkeypatch.delenv("MOEJAX_VERBOSE", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli.run(_raising(error), ["--checkpoint=x"])
+    assert exited.value.code == status and capsys.readouterr().err.splitlines() == [line]
+    with pytest.raises(SystemExit):
+        cli.run(_raising(error), ["--checkpoint=x", "--verbose"])
+    err = capsys.readouterr().err
+    assert ("Traceback" in err) == (status != 130) and err.splitlines()[-1] == line  # Ctrl-C: never a traceback
+
+
+def test_run_exits_0_and_keeps_the_traceback_of_a_bug(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.run(lambda argv: None, [])
+    assert exited.value.code == 0
+    with pytest.raises(TypeError, match="a bug"):
+        cli.run(_raising(TypeError("a bug")), [])
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(env):
+    code = "from moejax import cli; cli.run(lambda argv: [print('x' * 100) for _ in range(10 ** 6)])"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # as `| head` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=TIMEOUT) == 1 and err == b""
+
+
+@pytest.mark.parametrize("case,error,message", [
+    ("missing", cli.UsageError, r"--checkpoint='.*/missing': does not exist"),
+    ("a file", cli.UsageError, r"--checkpoint='.*/a_file': is a file; pass a moejax workdir"),
+    ("neither", cli.UsageError, r"is neither a moejax workdir .* nor a transformers checkpoint directory"),
+    ("unknown step", cli.UsageError, r"--step=999: .* has the checkpoints of steps 32, 36, 40$"),
+    ("no checkpoint yet", cli.RunError, r"has no checkpoint yet"),
+])
+def test_open_checkpoint_says_what_is_wrong(case, error, message, finished, tmp_path):
+    paths = {"missing": tmp_path / "missing", "a file": a_file(tmp_path), "neither": tmp_path,
+             "unknown step": finished, "no checkpoint yet": tmp_path / "started"}
+    (tmp_path / "started").mkdir()
+    shutil.copy(finished / "config.json", tmp_path / "started" / "config.json")
+    args = argparse.Namespace(checkpoint=str(paths[case]), step=999 if case == "unknown step" else None)
+    with pytest.raises(error, match=message):
+        cli.open_checkpoint(args)
+
+
+def test_open_checkpoint_reads_the_step_asked_for(finished):
+    opened = cli.open_checkpoint(argparse.Namespace(checkpoint=str(finished), step=36))
+    assert opened.is_workdir and opened.step == 36 and opened.config.train.steps == 40
+    assert cli.open_checkpoint(argparse.Namespace(checkpoint=str(finished), step=None)).step == 40
+
+
+def test_removed_on_failure_removes_only_what_the_block_created(tmp_path):
+    existing, new = tmp_path / "existing", tmp_path / "new"
+    existing.mkdir()
+    (existing / "kept.txt").write_text("there before")
+    for path in (existing, new):
+        with pytest.raises(KeyboardInterrupt), cli.removed_on_failure(path):
+            (path / "checkpoints").mkdir(parents=True)
+            (path / "config.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert [p.name for p in existing.iterdir()] == ["kept.txt"] and not new.exists()
+    with cli.removed_on_failure(new):
+        new.mkdir()
+    assert new.is_dir()
 
 
 # ------------------------------------------------------------------ checkpoints and resuming

@@ -2,8 +2,10 @@
 ``run`` adds the stages a config needs before it (the dense model of an upcycling run).
 
 ``train_and_evaluate`` reads top to bottom: validate the config, check the workdir, load the data, build the mesh,
-take the first state (moejax/training/initialise.py: the newest good checkpoint, else a fresh or upcycled model),
-compile the train step, run it with periodic logging, evaluation and checkpoints, then write the summary.
+take the first state (moejax/training/initialise.py: the newest good checkpoint, else a fresh, upcycled or
+``init_from`` model; when that fails, what the run had created in the workdir is removed, so a run that never
+started leaves no workdir behind), compile the train step, run it with periodic logging, evaluation and
+checkpoints, then write the summary.
 
 Workdir contents:
 
@@ -60,6 +62,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import data, model, upcycle
+from moejax.cli import removed_on_failure
 from moejax.data import tokenizers
 from moejax.moe import expert_parallel
 from moejax.parallel import batch_sharding, make_mesh, state_shardings
@@ -156,7 +159,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     check_workdir_path(workdir)
     check_workdir_config(config, workdir)
     fingerprint, train_iter, local_eval = _open_data(config)
-    _write_config(config, workdir)
 
     mesh = make_mesh(config)
     global_batch = _batch_placer(config, mesh)
@@ -164,8 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     module = model.Transformer(config.model, mesh=mesh)
     tx = optim.make_optimizer(config)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    manager = checkpoint.open_manager(workdir, config.checkpoint.keep)
-    start, abstract_state, shardings = _first_state(config, workdir, module, tx, mesh, manager, init_key)
+    with removed_on_failure(workdir):  # a run without a first state (init_from unreadable, Ctrl-C) leaves nothing
+        _write_config(config, workdir)
+        manager = checkpoint.open_manager(workdir, config.checkpoint.keep)
+        start, abstract_state, shardings = _first_state(config, workdir, module, tx, mesh, manager, init_key)
     state, start_step = start.state, int(start.state.step)
     if start.data_state is not None:
         train_iter.set_state(start.data_state)
