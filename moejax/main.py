@@ -305,10 +305,11 @@ def main(argv: list[str]) -> int:
     config_arg = config_flags.get_config_filename(FLAGS["config"])
     workdir = FLAGS.workdir or default_workdir(config_arg)
     from moejax.hf.io import CheckpointError
-    from moejax.training import checkpoint, loop, metrics
+    from moejax.training import checkpoint, initialise, loop, metrics
 
     try:
         initialize_distributed()
+        config = initialise.resolve(config)  # once: the loop's entry points take a resolved config as it is
         if loop.report_finished(config, workdir) is None:
             loop.run(config, workdir, config_name=config_arg, resume_command=resume_command())
     except KeyboardInterrupt:

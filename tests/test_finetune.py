@@ -27,6 +27,8 @@ from moejax.data import tokenizers
 from moejax.training import initialise, loop
 from tests import helpers_env
 
+READ_CONFIG = hf.read_config
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ["--config.train.warmup_steps=1", "--config.train.batch_size=4", "--config.train.seq_len=32",
          "--config.data.eval_batches=2", "--config.train.log_every=1", "--config.checkpoint.every_steps=2"]
@@ -140,6 +142,21 @@ def test_resolve_takes_the_release_model_and_tokenizer(release):
     config.data.tokenizer = "bpe:400"  # set by the user: kept
     assert initialise.resolve(config).data.tokenizer == "bpe:400"
     assert initialise.source_name(resolved) == "hf"
+
+
+def test_a_command_reads_the_release_config_once(release, monkeypatch, tmp_path):
+    """main resolves once and the loop's entry points take the resolved config as it is: the release's
+    config.json is read (and its warnings printed) once per command, not once per entry point."""
+    directory, _ = release
+    reads = []
+    monkeypatch.setattr(hf, "read_config", lambda path: reads.append(path) or READ_CONFIG(path))
+    config = base.get_config()
+    config.init_from = f"hf:{directory}"
+    resolved = initialise.resolve(config)
+    assert initialise.resolve(resolved) is resolved
+    assert loop.report_finished(resolved, tmp_path / "run") is None
+    assert len(reads) == 1
+    assert initialise.resolve(config) is not resolved and len(reads) == 2  # the unresolved config is read again
 
 
 def test_print_config_shows_the_model_the_run_will_train(release, env, tmp_path):

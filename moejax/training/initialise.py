@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import pathlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -114,11 +115,18 @@ def hf_dir(config: ml_collections.ConfigDict) -> pathlib.Path | None:
     return directory
 
 
+# Configs resolve() returned, by id: resolving one of them again returns it as it is, so a command that passes its
+# config through several entry points (report_finished, run, train_and_evaluate) reads <dir>/config.json once and
+# prints its warnings once.
+_RESOLVED: weakref.WeakValueDictionary[int, ml_collections.ConfigDict] = weakref.WeakValueDictionary()
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config a run trains: config itself without init_from; with init_from='hf:<dir>', a copy whose model is
-    the checkpoint's (RUN_FIELDS kept from config) and whose data.tokenizer 'bytes' became 'hf:<dir>'."""
+    the checkpoint's (RUN_FIELDS kept from config) and whose data.tokenizer 'bytes' became 'hf:<dir>'. A config
+    this function returned is returned unchanged."""
     directory = hf_dir(config)
-    if directory is None:
+    if directory is None or _RESOLVED.get(id(config)) is config:
         return config
     try:
         released = hf.read_config(directory).model
@@ -138,6 +146,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 checks.fail("init_from", config.init_from, f"{directory} has no tokenizer.json; set data.tokenizer "
                                                            f"to the model's tokenizer ('hf:<dir or tokenizer.json>')")
             resolved.data.tokenizer = f"hf:{config.init_from[3:]}"
+    _RESOLVED[id(resolved)] = resolved
     return resolved
 
 
