@@ -1,7 +1,7 @@
 """Decoding speed with the KV cache against recomputing the forward pass, measured in one run.
 
     python -m experiments.bench_generate [--checkpoint=<workdir>] [--new_tokens 256] [--prompt 32]
-        [--batches 1 16] [--models tiny v2lite] [--nocache_steps 8]
+        [--batches 1 16] [--models tiny v2lite] [--nocache_steps 8] [--json PATH] [--smoke]
 
 Models: ``tiny``, the default main job's model (configs/deepseekmoe.py, the trained one of --checkpoint when given,
 else random weights of that config: speed does not depend on the values), and ``v2lite``, a synthetic ~100M
@@ -14,11 +14,18 @@ no-cache path: a jitted loop that runs the full forward over the whole [B, promp
 per-token cost is the same at every step, so it is timed over ``--nocache_steps`` steps and scaled to the same
 number of new tokens (stated in the table). Also: the cache bytes per token and layer (MLA: kv_lora_rank +
 qk_rope_head_dim values, against 2 x heads x head width for the expanded keys and values).
+
+The figures end as one JSON object on stdout (and in --json PATH): {'machine', 'settings', 'cache': {model:
+{'values_per_token_layer', 'expanded_values'}}, 'rows': [{'model', 'params', 'batch', 'prefill_tok_s',
+'decode_tok_s', 'nocache_tok_s', 'speedup'}]}. --smoke: both models cut to one layer (a MoE layer), 8 prompt
+tokens, 4 new, 2 no-cache steps, batch 1: every figure in seconds, the same JSON keys (the test suite runs it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
 import platform
 import time
 
@@ -29,9 +36,12 @@ from moejax.configs import base
 
 from moejax import generate, kv_cache, model
 
+SMOKE = dict(new_tokens=4, prompt=8, batches=[1], nocache_steps=2)  # --smoke's settings
+
 
 def v2lite_100m():
-    from configs import deepseek_v2_lite
+    """A ~100M DeepSeek-V2-Lite-shaped config (random weights): MLA with kv-LoRA, 2 shared + 64 routed experts."""
+    from moejax.configs import deepseek_v2_lite
 
     config = deepseek_v2_lite.get_config("lite")
     config.model.update(d_model=512, num_layers=8, num_heads=8, ffn_dim=2048, vocab_size=16384,
@@ -42,13 +52,20 @@ def v2lite_100m():
 
 
 def tiny(checkpoint: str | None):
+    """(config, variables) of --checkpoint, or (configs/deepseekmoe.py:tiny, None: random weights)."""
     if checkpoint:
         import moejax.load
 
         return moejax.load(checkpoint)
-    from configs import deepseekmoe
+    from moejax.configs import deepseekmoe
 
     return deepseekmoe.get_config(), None
+
+
+def shrunk(config):
+    """config cut to one layer, a MoE layer (--smoke)."""
+    config.model.update(num_layers=1, first_dense_layers=0)
+    return config
 
 
 def nocache_loop(cfg, rows: int, length: int, prompt: int, steps: int):
@@ -73,7 +90,7 @@ def timed(fn, *args) -> float:
 def bench(name: str, config, variables, batches: list[int], prompt: int, new: int, nocache_steps: int) -> list[dict]:
     cfg = config.model
     if variables is None:
-        variables = model.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+        variables = jax.jit(model.Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     params = sum(int(x.size) for x in jax.tree.leaves(variables["params"]))
     rows = []
     for batch in batches:
@@ -113,7 +130,9 @@ def cache_bytes(config) -> tuple[float, float]:
     return per_token, expanded
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the command line argv: prints each row as it comes, the table, and the figures as JSON (the module
+    docstring names their keys), which it returns."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="a trained workdir of the default main job")
     parser.add_argument("--new_tokens", type=int, default=256)
@@ -121,13 +140,22 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--models", nargs="+", default=["tiny", "v2lite"], choices=["tiny", "v2lite"])
     parser.add_argument("--nocache_steps", type=int, default=8)
-    args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-          f"({jax.default_backend()}); prompt {args.prompt}, {args.new_tokens} new tokens, greedy")
-    rows = []
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help=f"one MoE layer per model and {SMOKE}")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
+               f"({jax.default_backend()})")
+    print(f"machine: {machine}; prompt {args.prompt}, {args.new_tokens} new tokens, greedy")
+    rows, caches = [], {}
     for name in args.models:
         config, variables = tiny(args.checkpoint) if name == "tiny" else (v2lite_100m(), None)
+        if args.smoke and variables is None:
+            config = shrunk(config)
         per_token, expanded = cache_bytes(config)
+        caches[name] = {"values_per_token_layer": float(per_token), "expanded_values": float(expanded)}
         print(f"{name}: cache {per_token:.0f} values per token and layer (expanded keys and values: "
               f"{expanded:.0f})", flush=True)
         rows += bench(name, config, variables, args.batches, args.prompt, args.new_tokens, args.nocache_steps)
@@ -136,6 +164,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['prefill_tok_s']:,.0f} | "
               f"{r['decode_tok_s']:,.1f} | {r['nocache_tok_s']:,.1f} | {r['speedup']:.1f}x |")
+    settings = {name: getattr(args, name) for name in ("checkpoint", "prompt", "new_tokens", "batches", "models",
+                                                       "nocache_steps", "smoke")}
+    result = {"machine": machine, "settings": settings, "cache": caches, "rows": rows}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        pathlib.Path(args.json).write_text(text + "\n")
+    return result
 
 
 if __name__ == "__main__":

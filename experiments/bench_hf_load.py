@@ -12,13 +12,16 @@ reads /proc/self/status every 5 ms during the load to split the RSS into anonymo
 and file-backed pages (the memory-mapped checkpoint files).
 
     python -m experiments.bench_hf_load [--gib 1.0] [--family deepseek_v2 ...] [--dtype bfloat16] [--keep]
+        [--json PATH] [--smoke]
 
 Families (--family, several allowed; default deepseek_v2): mixtral, qwen3_moe, olmoe, deepseek_v2 (DeepSeek-V2-Lite
 at half width: d_model 1024, 8 MLA heads, 2 shared + 64 routed experts of 704, top-6, its 102400 vocabulary),
 deepseek_v3 (written as FP8 e4m3 with 128 x 128 block scales, as released, dequantised to --dtype on load), gpt_oss.
 Each starts from the released preset (configs/<family>.py) with the overrides in SHAPES; the number of MoE layers
 is the smallest that reaches --gib on disk; a vocabulary whose two embedding tables would fill half of it is cut to
-32768.
+32768. The figures end as one JSON object on stdout (and in --json PATH): {'machine', 'results': [one per family]}.
+--smoke: the families shrunk further (SMOKE_MODEL, SMOKE_MLA, SMOKE_MOE), a 2 MiB checkpoint in 2 shards: the same
+steps and JSON keys in seconds (the test suite runs it). Nothing here needs torch or transformers.
 """
 import argparse
 import importlib
@@ -57,6 +60,11 @@ SHAPES = {
                 dict(expert_ffn=1440)),
 }
 FP8_FAMILIES = ("deepseek_v3",)
+# --smoke: model, MLA and MoE fields set after SHAPES' (a q_lora_rank stays 0 where the family has none)
+SMOKE_MODEL = dict(d_model=128, ffn_dim=256, vocab_size=1024)
+SMOKE_MLA = dict(kv_lora_rank=32, q_lora_rank=64)
+SMOKE_MOE = dict(num_experts=8, expert_ffn=64)
+SMOKE_GIB, SMOKE_SHARDS = 2 / 1024, 2
 FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
 
@@ -73,14 +81,19 @@ def _param_bytes(model_cfg, itemsize: int) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract["params"])) * itemsize
 
 
-def bench_model(family: str, target_bytes: int, dtype: str):
-    """The moejax model config of the benchmark checkpoint: the released preset with SHAPES' overrides and as many
-    MoE layers as reach target_bytes on disk (FP8 families: one byte per quantised weight, counted as such)."""
+def bench_model(family: str, target_bytes: int, dtype: str, smoke: bool = False):
+    """The moejax model config of the benchmark checkpoint: the released preset with SHAPES' overrides (and the
+    SMOKE_* ones for smoke) and as many MoE layers as reach target_bytes on disk (FP8 families: one byte per
+    quantised weight, counted as such)."""
     file, preset, _, model_fields, mla_fields, moe_fields = SHAPES[family]
     m = importlib.import_module(f"moejax.configs.{file}").get_config(preset).model
     m.update(model_fields)
     m.mla.update(mla_fields)
     m.moe.update(moe_fields)
+    if smoke:
+        m.update(SMOKE_MODEL)
+        m.mla.update({k: v for k, v in SMOKE_MLA.items() if k != "q_lora_rank" or m.mla.q_lora_rank})
+        m.moe.update(SMOKE_MOE)
     m.update(dtype=dtype, param_dtype=dtype, layer_types=())
     itemsize = 1 if family in FP8_FAMILIES else np.dtype(_np_dtype(dtype)).itemsize
     if 2 * m.vocab_size * m.d_model * max(itemsize, 2) > target_bytes / 2:
@@ -302,34 +315,39 @@ def report(family: str, m, ckpt: int, files: int, write_seconds: float, r: dict)
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Runs the command line argv: writes each family's checkpoint, loads it in a fresh process, prints the report
+    and the figures as JSON ({'machine', 'results'}), which it returns (None in the --measure child process)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gib", type=float, default=1.0, help="checkpoint size to reach on disk, GiB")
+    parser.add_argument("--gib", type=float, default=None, help="checkpoint size to reach on disk, GiB (1.0)")
     parser.add_argument("--family", nargs="+", default=["deepseek_v2"], choices=sorted(SHAPES))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="dtype of the weights on disk (FP8 families: of the dequantised weights)")
-    parser.add_argument("--shards", type=int, default=5, help="about this many safetensors files")
+    parser.add_argument("--shards", type=int, default=None, help="about this many safetensors files (5)")
     parser.add_argument("--dir", default=None, help="where to write (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="shrunk families, a 2 MiB checkpoint in 2 shards")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the child process: load and print
     parser.add_argument("--load_dtype", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.measure, args.load_dtype)))
-        return
+        return None
+    gib = args.gib or (SMOKE_GIB if args.smoke else 1.0)
+    shards = args.shards or (SMOKE_SHARDS if args.smoke else 5)
 
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="moejax_bench_hf_load_"))
     print(f"machine: {machine()}", flush=True)
     results = []
     try:
         for family in args.family:
-            m = bench_model(family, int(args.gib * GIB), args.dtype)
+            m = bench_model(family, int(gib * GIB), args.dtype, args.smoke)
             directory = root / family
             if directory.exists():
                 shutil.rmtree(directory)
             start = time.perf_counter()
-            write_checkpoint(family, m, directory, args.shards)
+            write_checkpoint(family, m, directory, shards)
             written = time.perf_counter() - start
             ckpt, files = checkpoint_bytes(directory)
             figures = measure_in_fresh_process(directory, args.dtype if family in FP8_FAMILIES else None)
@@ -341,8 +359,12 @@ def main() -> None:
             print(f"checkpoints kept in {root}")
         elif args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    result = {"machine": machine(), "results": results}
+    text = json.dumps(result, indent=2)
+    print(text)
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        pathlib.Path(args.json).write_text(text)
+    return result
 
 
 if __name__ == "__main__":

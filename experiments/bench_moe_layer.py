@@ -23,6 +23,7 @@ test suite runs it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -43,6 +44,12 @@ SHAPES = {
                    dtype="bfloat16"),
 }
 SMOKE_MODES = ("dropless:tiled", "capacity:1.25", "pallas:tiled")  # one mode of each kind
+dropless_plan = jax.jit(dispatch.dropless_plan, static_argnums=(1, 2))  # one compile, not an op-by-op plan
+
+
+def figure(x: float) -> float:
+    """x to 4 significant digits (the tiny figures of a smoke run stay positive)."""
+    return float(f"{float(x):.4g}")
 
 
 def time_fn(fn, *args, repeats: int) -> float:
@@ -69,6 +76,7 @@ def interpreted(kind: str) -> bool:
     return jax.default_backend() == "cpu" and kind in ("pallas", "megablox")
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def random_routing(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> Routing:
     """Uniformly random distinct experts per token (about balanced), softmax-like positive weights."""
     keys = jax.random.split(jax.random.key(seed), 2)
@@ -81,7 +89,7 @@ def bench_dispatch(args, dtype, tokens: int, kernel: str) -> dict:
     d, k = args.d_model, args.top_k
     x = jax.random.normal(jax.random.key(0), (tokens, d), dtype)
     route = random_routing(tokens, args.num_experts, k)
-    plan = dispatch.dropless_plan(route, args.num_experts, 1)
+    plan = dropless_plan(route, args.num_experts, 1)
     permute, combine = dispatch.kernel_ops(kernel)
     def step(x, w):  # returns the rows too, so that XLA cannot fuse the two gathers into one and skip the buffer
         rows = permute(x, plan.slot_row, plan.row_slot)
@@ -95,8 +103,8 @@ def bench_dispatch(args, dtype, tokens: int, kernel: str) -> dict:
     moved = (3 * k + 1) * tokens * d * item  # permute: read + write T*k rows; combine: read T*k, write T rows
     # the reference: a + 1 over T*k rows reads and writes 2*T*k*D elements
     copy_bw, bw = 2 * tokens * k * d * item / copy_s, moved / seconds
-    return {"tokens": tokens, "ms": round(seconds * 1e3, 3), "GB_per_s": round(bw / 1e9, 2),
-            "copy_GB_per_s": round(copy_bw / 1e9, 2), "fraction_of_copy": round(bw / copy_bw, 3),
+    return {"tokens": tokens, "ms": figure(seconds * 1e3), "GB_per_s": figure(bw / 1e9),
+            "copy_GB_per_s": figure(copy_bw / 1e9), "fraction_of_copy": figure(bw / copy_bw),
             "interpreted": interpreted(kernel)}
 
 
@@ -104,7 +112,7 @@ def bench_gmm(args, dtype, tokens: int, backend: str) -> dict:
     d, f, k, e = args.d_model, args.expert_ffn, args.top_k, args.num_experts
     route = random_routing(tokens, e, k)
     tile = 1 if backend in experts.RAGGED_BACKENDS else dispatch.default_tile(tokens * k, e)
-    plan = dispatch.dropless_plan(route, e, tile)
+    plan = dropless_plan(route, e, tile)
     x = jax.random.normal(jax.random.key(0), (tokens, d), dtype)
     rows = dispatch.permute(x, plan.slot_row, plan.row_slot)
     keys = jax.random.split(jax.random.key(1), 3)
@@ -116,27 +124,27 @@ def bench_gmm(args, dtype, tokens: int, backend: str) -> dict:
     dense_w = tuple(w[0] for w in weights)
     dense_s = time_fn(jax.jit(lambda r, w: experts.glu(r, *w, "silu")), dense_rows, dense_w, repeats=args.repeats)
     flops = 3 * 2 * tokens * k * d * f
-    return {"tokens": tokens, "ms": round(seconds * 1e3, 3), "TFLOP_per_s": round(flops / seconds / 1e12, 4),
-            "dense_TFLOP_per_s": round(flops / dense_s / 1e12, 4), "fraction_of_dense": round(dense_s / seconds, 3),
+    return {"tokens": tokens, "ms": figure(seconds * 1e3), "TFLOP_per_s": figure(flops / seconds / 1e12),
+            "dense_TFLOP_per_s": figure(flops / dense_s / 1e12), "fraction_of_dense": figure(dense_s / seconds),
             "interpreted": interpreted(backend)}
+
+
+def unsupported_backends(platform: str) -> dict[str, str]:
+    """{each grouped-matmul backend that cannot run on platform: why}."""
+    unsupported = {}
+    if platform not in ("cpu", "tpu"):
+        unsupported["megablox"] = "a Pallas TPU (Mosaic) kernel: compiled on TPU only, interpreted on CPU"
+    if not experts.tokamax_installed():
+        unsupported["tokamax"] = "the tokamax package is not installed (pip install tokamax)"
+    return unsupported
 
 
 def gmm_backends(platform: str) -> tuple[list[str], dict[str, str]]:
     """(the grouped-matmul backends the gmm section runs on platform, {each backend left out: why})."""
-    run, skipped = ["tiled"], {}
-    if platform in ("cpu", "tpu"):
-        run.append("megablox")
-    else:
-        skipped["megablox"] = "a Pallas TPU (Mosaic) kernel: compiled on TPU only, interpreted on CPU"
+    skipped = unsupported_backends(platform)
     if platform == "cpu":
         skipped["ragged_dot"] = "XLA:CPU's ragged_dot runs every expert on every row"
-    else:
-        run.append("ragged_dot")
-    if experts.tokamax_installed():
-        run.append("tokamax")
-    else:
-        skipped["tokamax"] = "the tokamax package is not installed (pip install tokamax)"
-    return run, skipped
+    return [b for b in ("tiled", "megablox", "ragged_dot", "tokamax") if b not in skipped], skipped
 
 
 def default_modes(platform: str) -> list[str]:
@@ -232,8 +240,8 @@ def dense_layer(args: argparse.Namespace, dtype) -> tuple[jax.Array, float, dict
     dense_s = time_fn(step, params, x, repeats=args.repeats)
     flops = 3 * 2 * 3 * args.tokens * args.d_model * dense_ffn  # 3 matmuls, fwd + 2x bwd
     print(f"dense GLU F={dense_ffn}: {dense_s * 1e3:.1f} ms fwd+bwd", flush=True)
-    return x, dense_s, {"dense_ffn": dense_ffn, "dense_fwd_bwd_ms": round(dense_s * 1e3, 2),
-                        "dense_TFLOP_per_s": round(flops / dense_s / 1e12, 4)}
+    return x, dense_s, {"dense_ffn": dense_ffn, "dense_fwd_bwd_ms": figure(dense_s * 1e3),
+                        "dense_TFLOP_per_s": figure(flops / dense_s / 1e12)}
 
 
 def bench_mode(args: argparse.Namespace, dtype, mode: str, x: jax.Array, dense_s: float) -> dict:
@@ -258,11 +266,11 @@ def bench_mode(args: argparse.Namespace, dtype, mode: str, x: jax.Array, dense_s
     seconds = time_fn(step, params, x, repeats=args.repeats)
     print(f"layer {mode}: {seconds * 1e3:.1f} ms = {seconds / dense_s:.2f}x dense", flush=True)
     return {
-        "fwd_bwd_ms": round(seconds * 1e3, 2),
-        "ratio_to_dense": round(seconds / dense_s, 3),
-        "fraction_of_dense_rate": round(dense_s / seconds, 3),
-        "drop_fraction": round(float(record.drop_fraction), 4),
-        "max_over_mean_load": round(float(record.max_over_mean_load), 3),
+        "fwd_bwd_ms": figure(seconds * 1e3),
+        "ratio_to_dense": figure(seconds / dense_s),
+        "fraction_of_dense_rate": figure(dense_s / seconds),
+        "drop_fraction": figure(record.drop_fraction),
+        "max_over_mean_load": figure(record.max_over_mean_load),
     }
 
 
