@@ -63,7 +63,7 @@ FP8_FAMILIES = ("deepseek_v3",)
 # --smoke: model, MLA and MoE fields set after SHAPES' (a q_lora_rank stays 0 where the family has none)
 SMOKE_MODEL = dict(d_model=128, ffn_dim=256, vocab_size=1024)
 SMOKE_MLA = dict(kv_lora_rank=32, q_lora_rank=64)
-SMOKE_MOE = dict(num_experts=8, expert_ffn=64)
+SMOKE_MOE = dict(num_experts=16, expert_ffn=64)  # 16: two per group of deepseek_v3's 8
 SMOKE_GIB, SMOKE_SHARDS = 2 / 1024, 2
 FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
