@@ -6,10 +6,12 @@ checkpoints alike):
 
 One prefill pass writes the prompts into a preallocated cache of ``P + max_new_tokens`` slots per layer
 (moejax/kv_cache.py: grouped-query keys and values, MLA's compressed latent, sliding windows with sinks), then a
-jitted ``lax.while_loop`` decodes one token per step for the whole batch; nothing runs in Python per token. The
-MoE layers decode dropless whatever the training dispatch (a capacity would drop decode tokens) and route as in
-evaluation (``train=False``: expert-choice routers route by token choice, which is causal). Rows stop at
-``eos_id``; the loop ends when every row has.
+jitted ``lax.while_loop`` decodes one token per step for the whole batch; nothing runs in Python per token. The loop
+runs in chunks of steps (each about ``CHUNK_SECONDS`` long, sized from the previous one), so that Python's signal
+handlers run between them: Ctrl-C raises KeyboardInterrupt within a chunk of decoding, and where the chunks end
+changes no token. The MoE layers decode dropless whatever the training dispatch (a capacity would drop decode
+tokens) and route as in evaluation (``train=False``: expert-choice routers route by token choice, which is causal).
+Rows stop at ``eos_id``; the loop ends when every row has.
 
 Sampling: greedy when ``temperature == 0`` (ties go to the lowest id, as ``argmax``); otherwise the logits are
 divided by the temperature, cut to the ``top_k`` largest (0: no cut), then to the nucleus ``top_p`` of the
@@ -17,7 +19,8 @@ distribution that remains (the smallest set of most likely tokens whose probabil
 kept when the mass of the tokens ranked before it is below top_p; tokens tied with the last kept one are kept
 too), the order of transformers' sampling warpers, and drawn with ``rng``.
 
-CLI (streams the text as it decodes, then prints the speed):
+CLI (streams the text as it decodes, then prints the speed; Ctrl-C stops it, prints the speed of what was decoded
+and exits with status 130; flags, errors and exit status as moejax/cli.py describes):
 
     python -m moejax.generate --checkpoint=<workdir | transformers dir> --prompt='def fibonacci(n):' \\
         --max_new_tokens=200 [--temperature=0.8 --top_p=0.95 --top_k=0 --seed=0]
@@ -25,6 +28,11 @@ CLI (streams the text as it decodes, then prints the speed):
 from __future__ import annotations
 
 import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +43,9 @@ import numpy as np
 from jax.experimental import io_callback
 from jax.sharding import Mesh
 
-from moejax import checks, kv_cache, model
+from moejax import checks, cli, kv_cache, model
+
+CHUNK_SECONDS = 0.05  # the decoding time between two chances for Ctrl-C (and other signals) to stop it
 
 
 def decode_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -74,14 +84,27 @@ def sample(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, t
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, vocab: int) -> None:
-    checks.positive_int("max_new_tokens", max_new_tokens)
-    checks.number("temperature", temperature)
-    checks.positive_int("top_k", top_k, minimum=0)
-    if top_k > vocab:
-        checks.fail("top_k", top_k, f"must be <= the vocabulary size {vocab} (0: no top-k cut)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-        checks.fail("top_p", top_p, "must be a number in (0, 1] (1: no nucleus cut)")
+def sampling_problem(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
+                     vocab: int | None = None) -> tuple[str, Any, str] | None:
+    """The first of ``generate``'s sampling arguments that it cannot run with, as (name, value, what is allowed);
+    None when it can run with all. vocab: the model's vocabulary size (None: top_k is not compared with it)."""
+    def integer(value: Any, minimum: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not integer(max_new_tokens, 1):
+        return "max_new_tokens", max_new_tokens, "must be an integer >= 1"
+    if not (number(temperature) and temperature >= 0):
+        return "temperature", temperature, "must be a number >= 0 (0: greedy)"
+    if not integer(top_k, 0):
+        return "top_k", top_k, "must be an integer >= 0 (0: no top-k cut)"
+    if vocab is not None and top_k > vocab:
+        return "top_k", top_k, f"must be <= the vocabulary size {vocab} (0: no top-k cut)"
+    if not (number(top_p) and 0.0 < top_p <= 1.0):
+        return "top_p", top_p, "must be a number in (0, 1] (1: no nucleus cut)"
+    return None
 
 
 def _right_align(prompts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -171,7 +194,9 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     if prompts.min() < 0 or prompts.max() >= cfg.vocab_size:
         checks.fail("prompts", f"ids in [{prompts.min()}, {prompts.max()}]",
                     f"must be token ids in [0, model.vocab_size={cfg.vocab_size})")
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+    problem = sampling_problem(max_new_tokens, temperature, top_k, top_p, cfg.vocab_size)
+    if problem:
+        checks.fail(*problem)
     if temperature > 0 and rng is None:
         checks.fail("rng", None, "sampling (temperature > 0) needs a jax.random key")
     strong, weak = _routings(cfg, intervention, contrast)
@@ -187,10 +212,21 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - batch)])
     settings = _Settings(rows, width, max_new_tokens, float(temperature), int(top_k), float(top_p), eos_id, stream,
                          contrast, jax.tree.structure((strong, weak)))
-    run = _compiled(cfg, mesh, settings)
-    out = np.asarray(run({k: v for k, v in variables.items() if k != kv_cache.COLLECTION},
-                         jnp.asarray(aligned, jnp.int32), jnp.asarray(width - lengths, jnp.int32),
-                         jax.random.key(0) if rng is None else rng, strong, weak))[:batch]
+    prefill, decode = _compiled(cfg, mesh, settings)
+    params = {k: v for k, v in variables.items() if k != kv_cache.COLLECTION}
+    start = jnp.asarray(width - lengths, jnp.int32)
+    with _CtrlC() as ctrl_c:
+        state = prefill(params, jnp.asarray(aligned, jnp.int32), start, jax.random.key(0) if rng is None else rng,
+                        strong, weak)
+        chunk, done = 1, 1
+        while done < max_new_tokens and not np.asarray(state[3]).all():  # state: (steps done, tokens, caches,
+            ctrl_c.check()                                                 # rows finished, rng)
+            began = time.perf_counter()
+            state = decode(params, state, start, strong, weak, jnp.int32(min(done + chunk, max_new_tokens)))
+            done = int(state[0])  # waits for the chunk
+            chunk = max(1, min(2 * chunk, int(chunk * CHUNK_SECONDS / max(time.perf_counter() - began, 1e-9))))
+    out = np.array(state[1])[:batch]
+    out[:, width + done:] = 0 if eos_id is None else eos_id  # every row stopped early
     if prompt_lengths is None:
         return out
     pad = 0 if eos_id is None else eos_id
@@ -198,6 +234,36 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     cols = np.arange(out.shape[1])[None, :]
     moved = np.take_along_axis(out, np.minimum(cols + shift, out.shape[1] - 1), axis=1)
     return np.where(cols + shift < out.shape[1], moved, pad).astype(np.int32)
+
+
+class _CtrlC:
+    """Within the block, on the main thread while SIGINT has Python's default handler: a first Ctrl-C is only
+    recorded, and ``check`` raises it as KeyboardInterrupt between two chunks of decoding (on CPU a stream callback
+    runs on the thread that dispatched the chunk, where an exception would break the computation); a second Ctrl-C
+    raises at once."""
+
+    def __init__(self) -> None:
+        self.pressed = self.installed = False
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
 
 
 def _routings(cfg: ml_collections.ConfigDict, intervention: Any, contrast: SelfContrast | None) -> tuple[Any, Any]:
@@ -217,8 +283,8 @@ _RUNNERS: dict[tuple, Any] = {}  # the compiled loops, by config, mesh and setti
 _MAX_RUNNERS = 16
 
 
-def _compiled(cfg: ml_collections.ConfigDict, mesh: Mesh | None, settings: _Settings):
-    """The jitted prefill + decode loop for one config, mesh and settings (reused across calls)."""
+def _compiled(cfg: ml_collections.ConfigDict, mesh: Mesh | None, settings: _Settings) -> tuple[Callable, Callable]:
+    """The jitted prefill and decode loop for one config, mesh and settings (reused across calls)."""
     key = (cfg.to_json(), mesh, settings)
     if key not in _RUNNERS:
         if len(_RUNNERS) >= _MAX_RUNNERS:
@@ -227,7 +293,12 @@ def _compiled(cfg: ml_collections.ConfigDict, mesh: Mesh | None, settings: _Sett
     return _RUNNERS[key]
 
 
-def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings):
+def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings) -> tuple[Callable, Callable]:
+    """(prefill, decode). prefill(variables, prompts, start, rng, strong, weak) reads the right-aligned prompts
+    (the first start[b] slots of row b are padding) and samples the first new token; decode(variables, state, start,
+    strong, weak, until) runs decode steps until ``until`` new tokens are out or every row has stopped. Both give
+    the loop state (new tokens so far, the token buffer [B, P + new], the caches, the rows finished, the rng);
+    decode consumes the state it is given."""
     module = model.Transformer(cfg, mesh)
     length = s.width + s.new
     eos = -1 if s.eos_id is None else s.eos_id  # -1: no token ever equals it
@@ -236,7 +307,7 @@ def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings):
         if s.stream is not None:
             io_callback(lambda t: s.stream(np.asarray(t)), None, tokens, ordered=True)
 
-    def run(variables, prompts, start, rng, strong, weak):
+    def stepper(variables, start, strong, weak):
         def forward(cache_vars, tokens, index, routing):
             cache = kv_cache.Cache(length, jnp.asarray(index, jnp.int32), start)
             extra = {} if routing is None else {"intervention": routing}
@@ -253,14 +324,21 @@ def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings):
             return (sample(s.contrast.combine(logits, weak_logits), key, s.temperature, s.top_k, s.top_p),
                     (strong_cache, weak_cache))
 
+        return step
+
+    def prefill(variables, prompts, start, rng, strong, weak):
         rng, key = jax.random.split(rng)
-        first, caches = step(({}, {}), prompts, 0, key)
+        first, caches = stepper(variables, start, strong, weak)(({}, {}), prompts, 0, key)
         emit(first)
         buf = jnp.zeros((s.rows, length), jnp.int32).at[:, :s.width].set(prompts).at[:, s.width].set(first)
+        return jnp.int32(1), buf, caches, first == eos, rng
+
+    def decode(variables, state, start, strong, weak, until):
+        step = stepper(variables, start, strong, weak)
 
         def cond(state):
             done_steps, _, _, finished, _ = state
-            return (done_steps < s.new) & ~jnp.all(finished)
+            return (done_steps < until) & ~jnp.all(finished)
 
         def body(state):
             done_steps, buf, caches, finished, rng = state
@@ -272,85 +350,123 @@ def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings):
             buf = jax.lax.dynamic_update_slice_in_dim(buf, token[:, None], pos + 1, axis=1)
             return done_steps + 1, buf, caches, finished | (token == eos), rng
 
-        state = (jnp.int32(1), buf, caches, first == eos, rng)
-        done_steps, buf, _, _, _ = jax.lax.while_loop(cond, body, state)
-        unused = jnp.arange(length)[None, :] >= s.width + done_steps  # every row stopped early
-        return jnp.where(unused, max(eos, 0), buf)
+        return jax.lax.while_loop(cond, body, state)
 
-    return jax.jit(run)
+    return jax.jit(prefill), jax.jit(decode, donate_argnums=1)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _parse(argv: list[str]):
-    import argparse
+def parser() -> cli.ArgumentParser:
+    """The CLI's flags."""
+    parser = cli.ArgumentParser(prog="python -m moejax.generate", description="Generate text from a moejax workdir or "
+                                "a transformers checkpoint directory, streaming it as it decodes.")
+    cli.add_checkpoint_flags(parser)
+    parser.add_argument("--prompt", default="", help="the text to continue (empty: the start of a new document)")
+    parser.add_argument("--max_new_tokens", type=int, default=200,
+                        help="new tokens at most (fewer when the model ends the document)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy; else sample from softmax(logits / temperature)")
+    parser.add_argument("--top_k", type=int, default=0, help="sample from the top_k most likely tokens (0: all)")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="sample from the most likely tokens that reach this probability (1: all)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    return parser
 
-    parser = argparse.ArgumentParser(prog="python -m moejax.generate", description="Generate text from a moejax "
-                                     "workdir or a transformers checkpoint directory, streaming it as it decodes.")
-    parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
-    parser.add_argument("--step", type=int, default=None, help="a workdir's checkpoint step (default: the newest)")
-    parser.add_argument("--prompt", default="", help="the text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+
+def _parse(argv: list[str]) -> Any:
+    args = parser().parse_args(argv)
+    _check_flags(args)
+    return args
+
+
+def _check_flags(args: Any, vocab: int | None = None) -> None:
+    """UsageError naming the first sampling flag generate cannot run with (top_k against vocab when given)."""
+    problem = sampling_problem(args.max_new_tokens, args.temperature, args.top_k, args.top_p, vocab)
+    if problem:
+        raise cli.flag_error(*problem)
+
+
+def _trained_length(opened: cli.Checkpoint) -> tuple[int, str] | None:
+    """(tokens, where that number comes from): the sequence length the model was trained on, when known (a
+    workdir's train.seq_len, a transformers config.json's max_position_embeddings)."""
+    if opened.is_workdir:
+        return opened.config.train.seq_len, "its train.seq_len"
+    length = json.loads((opened.path / "config.json").read_text()).get("max_position_embeddings")
+    return (int(length), "max_position_embeddings in its config.json") if isinstance(length, int) else None
 
 
 class _Printer:
-    """Prints the text of the tokens decoded so far as it grows (holding back an incomplete UTF-8 character)."""
+    """Prints the text of the tokens decoded so far as it grows (holding back an incomplete UTF-8 character); stops
+    printing, quietly, when the reader of the output has closed it."""
 
     def __init__(self, tokenizer: Any, out: Any) -> None:
         self.tokenizer, self.out, self.ids, self.shown, self.stopped = tokenizer, out, [], "", False
-        self.first_at: float | None = None
+        self.steps = 0
+        self.marks: list[float] = []  # when the first two steps' tokens arrived: after the prefill and after the
+        #                               decode loop's compilation
 
     def __call__(self, tokens: np.ndarray) -> None:
-        import time
-
-        self.first_at = self.first_at or time.perf_counter()
+        self.steps += 1
+        if len(self.marks) < 2:
+            self.marks.append(time.perf_counter())
         token = int(tokens[0])
         if self.stopped or token == self.tokenizer.eos_id:
             self.stopped = True
             return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.shown) and not text.endswith("\ufffd"):
-            self.out.write(text[len(self.shown):])
-            self.out.flush()
+        if self.out is not None and text.startswith(self.shown) and not text.endswith("\ufffd"):
+            try:
+                self.out.write(text[len(self.shown):])
+                self.out.flush()
+            except BrokenPipeError:
+                cli.quiet_stdout()
+                self.out = None
             self.shown = text
+
+    def statistics(self, started: float, loaded: float) -> str:
+        """The new tokens and the time of each stage, from started (before loading) and loaded (after); the decoding
+        speed counts the steps after the second (the first ones include the compilations)."""
+        now = time.perf_counter()
+        begin = self.marks[-1] if self.marks else now
+        new = len(self.ids) + self.stopped
+        return (f"{new} new tokens; loading {loaded - started:.1f} s, prefill and compile {begin - loaded:.1f} s, "
+                f"decoding {now - begin:.2f} s = {(self.steps - len(self.marks)) / max(now - begin, 1e-9):.1f} "
+                f"tokens/s")
 
 
 def main(argv: list[str] | None = None) -> np.ndarray:
-    import sys
-    import time
-
-    import moejax.load
+    """``python -m moejax.generate`` with argv (default sys.argv[1:]): the tokens [1, P + max_new_tokens]. Ctrl-C
+    raises KeyboardInterrupt whose message holds the statistics of what was decoded."""
     from moejax.data import tokenizers
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
-    config, variables = moejax.load(args.checkpoint, step=args.step)
-    tokenizer = tokenizers.for_checkpoint(args.checkpoint, config)
+    opened = cli.open_checkpoint(args)
+    config = opened.config
+    _check_flags(args, config.model.vocab_size)
+    tokenizer = tokenizers.for_checkpoint(opened.path, config)
     ids = tokenizer.encode(args.prompt) or [tokenizer.eos_id]  # an empty prompt starts a new document
+    trained = _trained_length(opened)
+    if trained and len(ids) + args.max_new_tokens > trained[0]:
+        cli.warn(f"--max_new_tokens={args.max_new_tokens} after a prompt of {len(ids)} tokens runs to "
+                 f"{len(ids) + args.max_new_tokens} tokens, past the {trained[0]} the model was trained on "
+                 f"({trained[1]}); the text may degrade beyond them")
     loaded = time.perf_counter()
     printer = _Printer(tokenizer, sys.stdout)
     sys.stdout.write(args.prompt)
-    tokens = generate(config, variables, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      rng=jax.random.key(args.seed), eos_id=tokenizer.eos_id, stream=printer)
-    done = time.perf_counter()
-    new = len(printer.ids) + printer.stopped
-    decode_s = done - (printer.first_at or done)
-    print(f"\n\n[{new} new tokens; loading {loaded - started:.1f} s, prefill and compile "
-          f"{(printer.first_at or done) - loaded:.1f} s, decoding {decode_s:.2f} s = "
-          f"{(new - 1) / max(decode_s, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    try:
+        tokens = generate(config, opened.variables, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          rng=jax.random.key(args.seed), eos_id=tokenizer.eos_id, stream=printer)
+    except KeyboardInterrupt:
+        print()
+        raise KeyboardInterrupt(f"stopped by Ctrl-C: {printer.statistics(started, loaded)}") from None
+    print(f"\n\n[{printer.statistics(started, loaded)}]", file=sys.stderr)
     return tokens
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (checks.ConfigError, ValueError, OSError) as e:
-        raise SystemExit(f"moejax.generate: {e}") from None
+    cli.run(main)

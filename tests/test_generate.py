@@ -2,7 +2,15 @@
 position (every attention variant, every router kind that decodes); greedy continuations equal transformers'
 ``generate`` tokens of the committed golden fixtures; the samplers' distributions equal a numpy reference (exact
 support, chi-square); ragged prompts give each row what it gets alone; a mesh with expert=4 gives the
-single-device tokens; bad arguments are named."""
+single-device tokens; bad arguments are named; where the decoding chunks end changes no token, and Ctrl-C (even
+arriving inside a stream callback) stops decoding between two chunks. The CLI's flags: checked before anything
+loads, one line and status 2, and --help shows every flag's help and default."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +18,12 @@ import pytest
 from moejax.configs import base
 from scipy import stats as scipy_stats
 
-from moejax import generate, hf, kv_cache, model, parallel
+from moejax import cli, generate, hf, kv_cache, model, parallel
 from moejax.checks import ConfigError
-from tests import test_hf
+from tests import helpers_env, test_hf
 from tests.helpers_configs import load, small_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny(**fields):
@@ -314,3 +324,64 @@ def test_an_intervention_applies_to_every_decoding_step():
         ids[:, t] = np.argmax(np.asarray(forward(variables, jnp.asarray(ids)))[:, t - 1], axis=-1)
     np.testing.assert_array_equal(got, ids)
     assert (got != generate.generate(cfg, variables, prompts, max_new_tokens=6)).any()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_where_the_decoding_chunks_end_changes_no_token(temperature, monkeypatch):
+    cfg = tiny()
+    variables = init(cfg, seed=3)
+    prompts = np.asarray(jax.random.randint(jax.random.key(12), (2, 3), 0, cfg.vocab_size))
+    kwargs = dict(max_new_tokens=9, temperature=temperature, rng=jax.random.key(4))
+    monkeypatch.setattr(generate, "CHUNK_SECONDS", 0.0)  # a chunk of one step each
+    one_by_one = generate.generate(cfg, variables, prompts, **kwargs)
+    monkeypatch.setattr(generate, "CHUNK_SECONDS", 1e9)  # chunks of 1, 2, 4, then the rest
+    np.testing.assert_array_equal(generate.generate(cfg, variables, prompts, **kwargs), one_by_one)
+
+
+def test_ctrl_c_inside_a_stream_callback_stops_decoding_between_chunks(monkeypatch):
+    """On CPU the stream callback runs on the thread that dispatched the decoding (here the main thread, where
+    SIGINT lands): a Ctrl-C arriving there is raised between two chunks, as KeyboardInterrupt, and the handler
+    is Python's again afterwards."""
+    monkeypatch.setattr(generate, "CHUNK_SECONDS", 0.0)
+    cfg = tiny()
+    seen = []
+
+    def stream(tokens):
+        seen.append(tokens)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        generate.generate(cfg, init(cfg), np.zeros((1, 2), np.int32), max_new_tokens=50, stream=stream)
+    assert 3 <= len(seen) <= 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"), MOEJAX_VERBOSE="0")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--max_new_tokens=0", "--max_new_tokens=0: must be an integer >= 1"),
+    ("--temperature=-1", "--temperature=-1.0: must be a number >= 0 (0: greedy)"),
+    ("--top_p=2", "--top_p=2.0: must be a number in (0, 1] (1: no nucleus cut)"),
+    ("--top_k=-3", "--top_k=-3: must be an integer >= 0 (0: no top-k cut)"),
+])
+def test_cli_checks_its_flags_before_loading(flag, message, env, tmp_path):
+    """A bad flag beside a --checkpoint that does not exist: the flag is named (the checkpoint was never opened)."""
+    result = subprocess.run([sys.executable, "-m", "moejax.generate", f"--checkpoint={tmp_path / 'missing'}", flag],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [f"error: {message}"], result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_help_shows_every_flag_with_its_help_and_default(capsys):
+    assert all(action.help for action in generate.parser()._actions)
+    with pytest.raises(SystemExit) as exited:
+        generate.main(["--help"])
+    assert exited.value.code == 0
+    options = " ".join(capsys.readouterr().out.split()).split("options:")[1]
+    for flag, default in (("max_new_tokens", 200), ("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("seed", 0)):
+        assert f"(default: {default})" in options.split(f"--{flag} {flag.upper()}")[1].split(" --")[0], flag
+    with pytest.raises(cli.UsageError, match="unrecognized arguments: --topk=3"):
+        generate.main(["--checkpoint=x", "--topk=3"])
