@@ -14,8 +14,8 @@ that say how the experts are dispatched and in which dtype, never what the weigh
 with capacity factor 1.0 evaluated dropless (``--set model.moe.dispatch=dropless``) or at another capacity factor
 (``--set model.moe.eval_capacity_factor=1.0``) separates what the training's capacity did to the weights from the
 tokens its evaluation drops. ``evaluate(config, variables, batches)`` is the library form. The JSON is written to
---out (default ``<checkpoint>/eval_<data>[_<set>].json`` for workdirs, ./eval.json otherwise) and the summary
-printed.
+--out (default ``<workdir>/eval_<data>[_<set>].json``; a transformers directory needs --out) and the summary
+printed. Flags, errors and exit status as moejax/cli.py describes.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import checks, model
+from moejax import checks, cli, model
 from moejax.training import console
 from moejax.training import metrics as metrics_lib
 from moejax.training.step import TrainState, eval_step
@@ -116,52 +116,51 @@ def _bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m moejax.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
-    parser.add_argument("--step", type=int, default=None, help="a workdir's checkpoint step (default: the newest)")
-    parser.add_argument("--data", default=None, help="stdlib | text:<glob> | tfds:<name> (default: the run's data)")
-    parser.add_argument("--max_tokens", type=int, default=0, help="evaluate at most this many tokens (0: the "
-                                                                  "run's data.eval_batches batches)")
-    parser.add_argument("--batch_size", type=int, default=0)
-    parser.add_argument("--seq_len", type=int, default=0)
-    parser.add_argument("--data_dir", default=None, help="where prepared corpora are cached (data.dir)")
+    parser = cli.ArgumentParser(prog="python -m moejax.evaluate", description=__doc__.split("\n\n")[0])
+    cli.add_checkpoint_flags(parser)
+    cli.add_data_flags(parser)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"evaluate with a field changed (repeatable); FIELD one of {', '.join(EVAL_FIELDS)}")
-    parser.add_argument("--out", default=None, help="the JSON file to write")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="the JSON file to write (default: <workdir>/eval_<data>[_<set>]"
+                                                    ".json; required for a transformers directory)")
+    args = parser.parse_args(argv)
+    cli.check_data_flags(args)
+    if args.out is None and cli.check_checkpoint(args) is None:
+        raise cli.UsageError(f"--out is required for a transformers checkpoint directory ({args.checkpoint}): the "
+                             f"evaluation of a workdir goes to <workdir>/eval_<data>.json, that of a transformers "
+                             f"directory to the JSON file --out names")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import moejax.load
+    """``python -m moejax.evaluate`` with argv (default sys.argv[1:]): the result it writes."""
     from moejax import data
     from moejax.data import tokenizers
 
     args = _parse(sys.argv[1:] if argv is None else argv)
-    path = pathlib.Path(args.checkpoint)
-    config, variables = moejax.load(path, step=args.step)
-    config = ml_collections.ConfigDict(config.to_dict())
+    opened = cli.open_checkpoint(args)
+    path = opened.path
+    config = ml_collections.ConfigDict(opened.config.to_dict())
     if args.data:
         config.data.name = args.data
     if args.data_dir is not None:
         config.data.dir = args.data_dir
-    for field, value in (("batch_size", args.batch_size), ("seq_len", args.seq_len)):
-        checks.positive_int(f"--{field}", value, minimum=0)
-        if value:
-            config.train[field] = value
+    for field in ("batch_size", "seq_len"):
+        if getattr(args, field):
+            config.train[field] = getattr(args, field)
     for assignment in args.set:
         apply_set(config, assignment)
     tokenizer = tokenizers.for_checkpoint(path, config)
     tokenizers.pin(config, tokenizer)
     per_batch = config.train.batch_size * config.train.seq_len
     if args.max_tokens:
-        checks.positive_int("--max_tokens", args.max_tokens)
         config.data.eval_batches = max(1, math.ceil(args.max_tokens / per_batch))
     batches = data.eval_batches(config)
     total = len(batches) * per_batch
     print(f"evaluating {path} on {config.data.name} (validation split): {len(batches)} batches of "
           f"{config.train.batch_size} x {config.train.seq_len} tokens", file=sys.stderr)
     table = _bytes_table(tokenizer, config.model.vocab_size)
-    result = evaluate(config, variables, batches, progress=console.progress_bar(total),
+    result = evaluate(config, opened.variables, batches, progress=console.progress_bar(total),
                       bytes_per_token=None if table is None else (lambda t: float(table[t].sum())))
     result.update(checkpoint=str(path), data=config.data.name, tokenizer=tokenizer.spec,
                   batch_size=config.train.batch_size, seq_len=config.train.seq_len)
@@ -169,12 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["set"] = list(args.set)
     _report(result)
     name = _slug(config.data.name) + "".join(f"_{_slug(assignment)}" for assignment in args.set)
-    if args.out:
-        out = pathlib.Path(args.out)
-    elif (path / "checkpoints").is_dir():
-        out = path / f"eval_{name}.json"
-    else:
-        out = pathlib.Path(f"eval_{name}.json" if args.set else "eval.json")
+    out = pathlib.Path(args.out) if args.out else path / f"eval_{name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return result
@@ -197,7 +191,4 @@ def _report(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (checks.ConfigError, ValueError, OSError) as e:
-        sys.exit(f"moejax.evaluate: {e}")
+    cli.run(main)

@@ -1,10 +1,18 @@
 """moejax.evaluate: on a trained workdir it reproduces the training loop's own evaluation on the same batches
 (loss and the per-layer MoE statistics); its loss equals a numpy cross-entropy of the model's logits; bits per
 byte follow from the tokenizer's bytes; a transformers directory is evaluated with its own tokenizer; the
-``python -m moejax.generate`` CLI streams a continuation that equals moejax.generate's tokens."""
+``python -m moejax.generate`` CLI streams a continuation that equals moejax.generate's tokens, warns when asked past
+the training length and stops at Ctrl-C with status 130 and one line. The CLIs' checkpoint errors are one line
+before loading, and a transformers directory's evaluation needs --out (nothing is written into the current
+directory)."""
 import json
 import math
 import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +21,10 @@ import numpy as np
 import pytest
 
 import moejax.load
-from moejax import checks, data, evaluate, generate, hf, model
+from moejax import checks, cli, data, evaluate, generate, hf, model
 from moejax.data import tokenizers
 from moejax.training import loop
-from tests import helpers_train
+from tests import helpers_env, helpers_train
 from tests.test_finetune import cross_entropy, release  # noqa: F401  (the fixture: a tiny release and a corpus)
 
 
@@ -92,6 +100,59 @@ def test_generate_cli_streams_the_greedy_continuation(trained, capsys):
     new = new[:new.index(0)] if 0 in new else new
     assert captured.out.startswith("def f(x):" + bytes(new).decode("utf-8", errors="replace").rstrip("\ufffd"))
     assert "tokens/s" in captured.err
+    assert "warning" not in captured.err  # 9 + 12 tokens: within the 32 of train.seq_len
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"), MOEJAX_VERBOSE="0")
+
+
+def test_generate_cli_stops_at_ctrl_c(trained, env):
+    """SIGINT while decoding 100,000 tokens: the decoding stops at once, status 130, a warning that 100,000 tokens
+    pass the training length and one line with what was decoded; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "moejax.generate", f"--checkpoint={trained}", "--prompt=def",
+                             "--max_new_tokens=100000"], cwd=pathlib.Path(__file__).parents[1], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    streamed = proc.stdout.read(8)  # the prompt and the first decoded characters
+    proc.send_signal(signal.SIGINT)
+    signalled = time.perf_counter()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert time.perf_counter() - signalled < 30 and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("warning: --max_new_tokens=100000 after a prompt of 3 tokens runs "
+                                                   "to 100003 tokens, past the 32 the model was trained on"), err
+    stopped = re.fullmatch(r"error: stopped by Ctrl-C: (\d+) new tokens; loading .* tokens/s", lines[1])
+    assert stopped and 1 <= int(stopped.group(1)) < 100000 and (streamed + out).startswith("def")
+
+
+@pytest.mark.parametrize("case,error,message", [
+    ("missing", cli.UsageError, r"--checkpoint='.*missing': does not exist"),
+    ("no checkpoint yet", cli.RunError, r"has no checkpoint yet"),
+    ("unknown step", cli.UsageError, r"--step=999: .* has the checkpoints of steps 6$"),
+    ("neither", cli.UsageError, r"is neither a moejax workdir"),
+])
+@pytest.mark.parametrize("command", [evaluate, generate])
+def test_cli_checkpoint_errors(command, case, error, message, trained, tmp_path):
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.json").write_text((trained / "config.json").read_text())
+    paths = {"missing": tmp_path / "missing", "no checkpoint yet": started, "unknown step": trained,
+             "neither": tmp_path / "empty"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(error, match=message):
+        command.main([f"--checkpoint={paths[case]}", *(["--step=999"] if case == "unknown step" else [])])
+
+
+def test_evaluate_needs_out_for_a_transformers_directory(release, env, tmp_path):  # noqa: F811
+    """Nothing is written into the current directory: --out is asked for before anything loads (status 2)."""
+    result = subprocess.run([sys.executable, "-m", "moejax.evaluate", f"--checkpoint={release[0]}"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --out is required for a transformers checkpoint directory ({release[0]}): the evaluation of a "
+        f"workdir goes to <workdir>/eval_<data>.json, that of a transformers directory to the JSON file --out names"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_bpe_run_reads_another_corpus_with_its_own_tokenizer(release, tmp_path):  # noqa: F811
