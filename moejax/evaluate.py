@@ -33,46 +33,106 @@ import ml_collections
 import numpy as np
 
 from moejax import checks, cli, model
+from moejax.configs import base
 from moejax.training import console
 from moejax.training import metrics as metrics_lib
 from moejax.training.step import TrainState, eval_step
 
 
+class Evaluator:
+    """The one evaluator: the loss, bits per byte and per-MoE-layer statistics of one model config on batches
+    [B, S + 1] (inputs [:, :-1], targets [:, 1:]), used by the training loop, ``python -m moejax.evaluate``,
+    steering and the post-hoc studies.
+
+    The eval step is built once per config (and compiled once per batch shape, by jax.jit's cache) and takes the
+    variables and the routing intervention as arguments: evaluating other weights of the same model, or the same
+    weights under many interventions, reuses one compiled program. ``overrides``: ``--set``-style assignments
+    (``FIELD=VALUE``, FIELD one of EVAL_FIELDS) applied to a copy of config. ``bytes_table``: text bytes per token id
+    (``text_bytes_table``; None: one byte per token), which turns nats per token into bits per byte.
+    ``mesh``: the model's device mesh (expert parallelism) and ``shardings``: the (variables, metrics, batch)
+    shardings on it with which the step is compiled (the training loop's); no intervention then."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, overrides: Iterable[str] = (),
+                 bytes_table: np.ndarray | None = None, mesh: Any = None,
+                 shardings: tuple[Any, Any, Any] | None = None):
+        overrides = list(overrides)
+        if overrides:
+            config = ml_collections.ConfigDict(config.to_dict())
+            for assignment in overrides:
+                apply_set(config, assignment)
+        self.config, self.bytes_table = config, bytes_table
+        cfg = config.model
+        self.module = model.Transformer(cfg, mesh=mesh)
+        self.empty = metrics_lib.metrics_collection(False, len(model.moe_layers(cfg)), cfg.moe.num_experts).empty()
+
+        def step(variables: dict[str, Any], values: Any, batch: jax.Array, intervention: Any) -> Any:
+            state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], opt_state=None,
+                               moe_state=variables.get("moe_state", {}))
+            return eval_step(state, values, batch, module=self.module, intervention=intervention)
+
+        def token_losses(variables: dict[str, Any], batch: jax.Array, intervention: Any) -> jax.Array:
+            extra = {} if intervention is None else {"intervention": intervention}
+            logits = self.module.apply(variables, batch[:, :-1], train=False, **extra).astype(jnp.float32)
+            log_probs = jax.nn.log_softmax(logits, axis=-1)
+            return -jnp.take_along_axis(log_probs, batch[:, 1:, None], axis=-1)[..., 0]
+
+        if shardings is None:
+            self._step = jax.jit(step)
+        else:
+            variables_sharding, metrics_sharding, batch_sharding = shardings
+            self._step = jax.jit(lambda v, m, b, iv: step(v, m, b, None),
+                                 in_shardings=(variables_sharding, metrics_sharding, batch_sharding, None),
+                                 out_shardings=metrics_sharding)
+        self._token_losses = jax.jit(token_losses)
+
+    def __call__(self, variables: dict[str, Any], batches: Iterable[Any], *, intervention: Any = None,
+                 bytes_per_token: float | None = None, with_load: bool = True,
+                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """'loss' (nats per token), 'perplexity', 'bits_per_byte', 'tokens', 'text_bytes' and per MoE layer
+        'layers_{i}_{stat}' (moejax.moe.stats.LAYER_STATS), with 'expert_load' {'layers_{i}': fractions} when
+        with_load. The text bytes come from the bytes table on the host batches, or from bytes_per_token (the mean
+        over the batches, for batches that are not on this host). progress(tokens so far) after each batch."""
+        variables = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+        variables.setdefault("moe_state", {})
+        values, tokens, text_bytes = self.empty, 0, 0.0
+        for batch in batches:
+            values = self._step(variables, values, batch if isinstance(batch, jax.Array) else
+                                jnp.asarray(batch, jnp.int32), intervention)
+            count = math.prod(batch.shape) - batch.shape[0]
+            tokens += count
+            if bytes_per_token is None and self.bytes_table is not None:
+                text_bytes += float(self.bytes_table[np.asarray(batch)[:, 1:]].sum())
+            elif bytes_per_token is None:
+                text_bytes += count
+            if progress:
+                progress(tokens)
+        if not tokens:
+            raise ValueError("evaluate: no batches (the data's validation split is empty)")
+        if bytes_per_token is not None:
+            text_bytes = bytes_per_token * tokens
+        result = metrics_lib.computed(values, with_load=with_load)
+        loss = result["loss"]
+        result.update(perplexity=math.exp(min(loss, 700.0)), bits_per_byte=loss * tokens / (text_bytes * math.log(2)),
+                      tokens=tokens, text_bytes=text_bytes)
+        return result
+
+    def token_losses(self, variables: dict[str, Any], batch: np.ndarray, intervention: Any = None) -> np.ndarray:
+        """Cross-entropy in nats at every target position of batch [B, S + 1]: [B, S] float64."""
+        variables = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+        return np.asarray(self._token_losses(variables, jnp.asarray(batch, jnp.int32), intervention), np.float64)
+
+
 def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batches: Iterable[np.ndarray], *,
-             bytes_per_token: Callable[[np.ndarray], float] | None = None,
-             progress: Callable[[int], None] | None = None, intervention: Any = None) -> dict[str, Any]:
-    """Metrics of the model over batches [B, S + 1] (inputs [:, :-1], targets [:, 1:]): 'loss' (nats per token),
-    'perplexity', 'bits_per_byte', 'tokens', and per MoE layer 'layers_{i}_{stat}' (moejax.moe.stats.LAYER_STATS)
-    with 'expert_load' {'layers_{i}': fractions}. bytes_per_token(targets) gives the text bytes of the targets
-    (default: one per token). progress(tokens so far) is called after each batch. intervention: a routing
-    intervention record (moejax/moe/intervention.py) applied to every MoE layer's routing."""
-    cfg = config.model
-    module = model.Transformer(cfg)
-    num_moe = len(model.moe_layers(cfg))
-    empty = metrics_lib.metrics_collection(False, num_moe, cfg.moe.num_experts).empty()
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], opt_state=None,
-                       moe_state=variables.get("moe_state", {}))
-    step = jax.jit(lambda s, m, b, iv: eval_step(s, m, b, module=module, intervention=iv))
-    values, tokens, text_bytes = empty, 0, 0.0
-    for batch in batches:
-        values = step(state, values, jnp.asarray(batch, jnp.int32), intervention)
-        targets = np.asarray(batch)[:, 1:]
-        tokens += targets.size
-        text_bytes += targets.size if bytes_per_token is None else bytes_per_token(targets)
-        if progress:
-            progress(tokens)
-    if not tokens:
-        raise ValueError("evaluate: no batches (the data's validation split is empty)")
-    result = metrics_lib.computed(values, with_load=True)
-    loss = result["loss"]
-    result.update(perplexity=math.exp(min(loss, 700.0)), bits_per_byte=loss * tokens / (text_bytes * math.log(2)),
-                  tokens=tokens, text_bytes=text_bytes)
-    return result
+             bytes_table: np.ndarray | None = None, progress: Callable[[int], None] | None = None,
+             intervention: Any = None) -> dict[str, Any]:
+    """``Evaluator(config, bytes_table=bytes_table)(variables, batches, ...)``: the function form, for one
+    evaluation; keep an Evaluator to evaluate the same model again without compiling again."""
+    return Evaluator(config, bytes_table=bytes_table)(variables, batches, intervention=intervention,
+                                                      progress=progress)
 
 
-# Fields --set may change: how the model computes, never what its weights are (so any checkpoint loads unchanged).
-EVAL_FIELDS = ("model.moe.dispatch", "model.moe.capacity_factor", "model.moe.eval_capacity_factor",
-               "model.moe.drop_policy", "model.moe.gmm_backend", "model.moe.dispatch_kernel", "model.dtype")
+# Fields --set may change (configs/base.py FIELD_ROLES 'eval'): how the model computes, never what its weights are.
+EVAL_FIELDS = base.fields_with("eval")
 
 
 def apply_set(config: ml_collections.ConfigDict, assignment: str) -> None:
@@ -107,8 +167,9 @@ def apply_set(config: ml_collections.ConfigDict, assignment: str) -> None:
     model.validate(config.model)
 
 
-def _bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
-    """Text bytes per token id (None: one byte per token)."""
+def text_bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
+    """Text bytes per token id [vocab_size] float64 (ids past the tokenizer's vocabulary: 0); None for the byte
+    tokenizer (one byte per token)."""
     if tokenizer is None or tokenizer.spec == "bytes":
         return None
     return np.asarray([tokenizer.token_bytes(i) if i < tokenizer.vocab_size else 0 for i in range(vocab_size)],
@@ -159,9 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = len(batches) * per_batch
     print(f"evaluating {path} on {config.data.name} (validation split): {len(batches)} batches of "
           f"{config.train.batch_size} x {config.train.seq_len} tokens", file=sys.stderr)
-    table = _bytes_table(tokenizer, config.model.vocab_size)
     result = evaluate(config, opened.variables, batches, progress=console.progress_bar(total),
-                      bytes_per_token=None if table is None else (lambda t: float(table[t].sum())))
+                      bytes_table=text_bytes_table(tokenizer, config.model.vocab_size))
     result.update(checkpoint=str(path), data=config.data.name, tokenizer=tokenizer.spec,
                   batch_size=config.train.batch_size, seq_len=config.train.seq_len)
     if args.set:

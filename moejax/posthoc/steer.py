@@ -108,9 +108,10 @@ def marker_probability(config: ml_collections.ConfigDict, variables: Mapping[str
 def steer(config: ml_collections.ConfigDict, variables: Mapping[str, Any], calibration: Sequence[Any],
           evaluation: Sequence[Any], marker_ids: Sequence[int], *, n: int = 2, mode: str = "reinforce",
           scale: float = 2.0, per_layer: bool = False, eos_id: int | None = None,
-          bytes_per_token: Any = None) -> dict[str, Any]:
+          bytes_table: Any = None) -> dict[str, Any]:
     """Chooses the marker's experts on the calibration inputs [B, S] and evaluates windows [B, S + 1] with and
-    without steering: {'chosen', 'intervention', 'baseline', 'steered', 'marker_probability': {...}}."""
+    without steering (one ``moejax.evaluate.Evaluator``, the intervention its argument; bytes_table: text bytes per
+    token id): {'chosen', 'intervention', 'baseline', 'steered', 'marker_probability': {...}}."""
     from moejax import evaluate
     from moejax.posthoc import capture
     from moejax.posthoc.trace import read_trace
@@ -120,8 +121,8 @@ def steer(config: ml_collections.ConfigDict, variables: Mapping[str, Any], calib
                            mmap=False)
     chosen = marker_experts(trace, marker_ids, n, per_layer)
     iv = intervention_for(config, chosen.experts, mode, scale)
-    baseline = evaluate.evaluate(config, variables, evaluation, bytes_per_token=bytes_per_token)
-    steered = evaluate.evaluate(config, variables, evaluation, bytes_per_token=bytes_per_token, intervention=iv)
+    evaluator = evaluate.Evaluator(config, bytes_table=bytes_table)
+    baseline, steered = evaluator(variables, evaluation), evaluator(variables, evaluation, intervention=iv)
     first = int(list(marker_ids)[0])  # the marker's first token
     return {"chosen": chosen.to_json(), "intervention": {"mode": mode, "scale": None if mode == "silence" else scale},
             "baseline": baseline, "steered": steered,

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import signal
@@ -61,7 +60,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import data, model, upcycle
+from moejax import data, evaluate, model, upcycle
 from moejax.cli import removed_on_failure
 from moejax.data import tokenizers
 from moejax.moe import expert_parallel
@@ -70,7 +69,7 @@ from moejax.training import checkpoint, hooks, initialise, metrics, objectives, 
 from moejax.training.checkpoint import WorkdirPathError
 from moejax.training.config import check_workdir_config, validate
 from moejax.training.console import duration, say
-from moejax.training.step import TrainState, eval_step, train_step
+from moejax.training.step import TrainState, train_step
 
 
 class DataError(ValueError):
@@ -182,29 +181,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         f"{num_layers} MoE layers; mesh {dict(mesh.shape)}")
 
     replicated = NamedSharding(mesh, P())
-    empty_train, empty_eval = (jax.device_put(metrics.metrics_collection(train, num_layers,
-                                                                         config.model.moe.num_experts).empty(),
-                                              replicated) for train in (True, False))
+    empty_train = jax.device_put(metrics.metrics_collection(True, num_layers, config.model.moe.num_experts).empty(),
+                                 replicated)
     step_fn = jax.jit(lambda s, m, b: train_step(s, m, b, objective=objectives.from_config(config, module, train_key),
                                                  tx=tx, hooks=hooks.from_config(config)),
                       in_shardings=(shardings, replicated, batch_sharding(mesh)),
                       out_shardings=(shardings, replicated, replicated), donate_argnums=0)
-    eval_fn = jax.jit(lambda s, m, b: eval_step(s, m, b, module=module),
-                      in_shardings=(shardings, replicated, batch_sharding(mesh)), out_shardings=replicated)
+    evaluator = evaluate.Evaluator(config, mesh=mesh, shardings=(
+        {"params": shardings.params, "moe_state": shardings.moe_state}, replicated, batch_sharding(mesh)))
 
     writer = metrics.MetricWriter(workdir, start_step)
     progress = metrics.Progress(config, start_step)
     try:
         if start.evaluate_first:
-            scalars = _evaluate(eval_fn, state, empty_eval, eval_data)
+            scalars = _evaluate(evaluator, state, eval_data)
             writer.write("eval", start_step, scalars)
             say(f"eval at step {start_step} (before training): loss {scalars['loss']:.4f}")
-        state, stopped, compile_seconds = _train(config, workdir, state, step_fn, eval_fn, train_iter,
-                                                 global_batch, eval_data, (empty_train, empty_eval), writer,
+        state, stopped, compile_seconds = _train(config, workdir, state, step_fn, evaluator, train_iter,
+                                                 global_batch, eval_data, empty_train, writer,
                                                  progress, manager, resume_command)
         if stopped is not None:
             return {"preempted": True, "step": stopped[0], "signal": stopped[1]}
-        scalars = _evaluate(eval_fn, state, empty_eval, eval_data)
+        scalars = _evaluate(evaluator, state, eval_data)
         writer.write("eval", config.train.steps, scalars)
         result = metrics.summary(scalars, progress, start_time, compile_seconds, counts, fingerprint, config,
                                  workdir, config_name)
@@ -249,14 +247,14 @@ class _StopRequest:
         return self.name is not None
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: TrainState, step_fn: Any, eval_fn: Any,
-           train_iter: Any, global_batch: Any, eval_data: EvalSet, empties: tuple, writer: Any,
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: TrainState, step_fn: Any,
+           evaluator: evaluate.Evaluator, train_iter: Any, global_batch: Any, eval_data: EvalSet, empty_train: Any,
+           writer: Any,
            progress: metrics.Progress, manager: Any,
            resume_command: str | None = None) -> tuple[TrainState, tuple[int, str] | None, float]:
     """The steps from state.step to train.steps with logging, evaluation and checkpoints. Returns the state,
     (the step saved, the signal's name) when a signal stopped the run (None when it finished) and the compile
     seconds."""
-    empty_train, empty_eval = empties
     total, start_step, compile_seconds = config.train.steps, int(state.step), 0.0
     if start_step >= total:
         return state, None, compile_seconds
@@ -292,7 +290,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: Trai
                     f"{tokens:,.0f} tokens/s | ETA {duration((total - done) / max(rate, 1e-9))}")
             if config.train.eval_every and done % config.train.eval_every == 0 and done < total:
                 progress.sync()
-                scalars = _evaluate(eval_fn, state, empty_eval, eval_data)
+                scalars = _evaluate(evaluator, state, eval_data)
                 writer.write("eval", done, scalars)
                 say(f"eval at step {done}: loss {scalars['loss']:.4f} | {scalars['bits_per_byte']:.4f} bits/byte")
                 progress.restart_clock()
@@ -370,19 +368,17 @@ def _bytes_per_token(config: ml_collections.ConfigDict, local_eval: list[np.ndar
     tokenizer = tokenizers.for_config(config)
     if tokenizer.spec == "bytes" or not local_eval:
         return 1.0
-    table = np.asarray([tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)], np.float64)
+    table = evaluate.text_bytes_table(tokenizer, tokenizer.vocab_size)
     targets = np.concatenate([np.asarray(b)[:, 1:].ravel() for b in local_eval])
     return float(table[np.minimum(targets, len(table) - 1)].mean())
 
 
-def _evaluate(eval_fn: Any, state: TrainState, empty: Any, data_set: EvalSet) -> dict[str, float]:
-    """Mean metrics over the validation batches, with 'bits_per_byte'."""
-    values = empty
-    for batch in data_set.batches:
-        values = eval_fn(state, values, batch)
-    scalars = metrics.computed(values, with_load=False)
-    scalars["bits_per_byte"] = scalars["loss"] / math.log(2) / data_set.bytes_per_token
-    return scalars
+def _evaluate(evaluator: evaluate.Evaluator, state: TrainState, data_set: EvalSet) -> dict[str, float]:
+    """The evaluator's mean metrics over the validation batches with 'bits_per_byte' (not its token and byte
+    totals, which the run's summary and corpus fingerprint hold)."""
+    result = evaluator({"params": state.params, "moe_state": state.moe_state}, data_set.batches,
+                       bytes_per_token=data_set.bytes_per_token, with_load=False)
+    return {key: value for key, value in result.items() if key not in ("perplexity", "tokens", "text_bytes")}
 
 
 def _stop_requested(stop: _StopRequest, sync_point: bool) -> bool:
