@@ -70,6 +70,28 @@ def test_evaluate_loss_is_the_cross_entropy_of_the_logits(trained):
     assert result["tokens"] == sum(b[:, 1:].size for b in batches)
 
 
+def test_one_evaluator_compiles_once_and_takes_the_intervention(trained):
+    """Evaluator: two interventions of one model reuse one compiled step; each result is the numpy cross-entropy of
+    the model's logits under that intervention, and token_losses are that cross-entropy per position."""
+    from moejax.moe import intervention as iv_lib
+
+    config, variables = moejax.load(trained)
+    batches = data.eval_batches(config)[:2]
+    evaluator = evaluate.Evaluator(config)
+    forward = jax.jit(lambda v, t, iv: model.Transformer(config.model).apply(v, t, intervention=iv))
+    for experts in ({0: [0]}, {0: [1], 1: [2]}):
+        iv = iv_lib.mask_experts(config.model, experts)
+        result = evaluator(variables, batches, intervention=iv)
+        logits = [np.asarray(forward(variables, jnp.asarray(b[:, :-1]), iv)) for b in batches]
+        expected_loss = np.mean([cross_entropy(x, b[:, 1:]) for x, b in zip(logits, batches, strict=True)])
+        assert result["loss"] == pytest.approx(expected_loss, abs=1e-5)
+        shifted = logits[0] - logits[0].max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        expected = -np.take_along_axis(log_probs, batches[0][:, 1:, None], -1)[..., 0]
+        np.testing.assert_allclose(evaluator.token_losses(variables, batches[0], iv), expected, atol=1e-5)
+    assert evaluator._step._cache_size() == 1
+
+
 def test_a_transformers_directory_is_evaluated_with_its_own_tokenizer(release, tmp_path):  # noqa: F811
     directory, corpus = release
     result = evaluate.main([f"--checkpoint={directory}", f"--data=text:{corpus}/*.py", "--batch_size=2",
