@@ -3,8 +3,14 @@ a tiny random Mixtral-layout model saved by ``moejax.hf.save`` (no torch) and a 
 
 The pruned models (transformers and moejax formats) are checked against the original model with a selection bias
 of -inf on the experts pruning removed: that model never routes to them, which is what pruning claims to compute.
+As a command: a trace stopped by Ctrl-C or a model stopped while written leaves nothing that blocks the same
+command again; an existing trace is refused naming --overwrite, which also removes the old trace's analyses; usage
+errors are one line and status 2, before the checkpoint loads.
 """
 import json
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +22,8 @@ import moejax
 from moejax import hf, model, moe
 from moejax.posthoc import __main__ as cli
 from moejax.posthoc import analysis, capture, importance, prune, read_trace
+from moejax.posthoc.trace import trace_files
+from tests import helpers_env
 
 pytestmark = pytest.mark.xdist_group("posthoc_cli")  # one worker builds the module's release and trace once
 
@@ -206,3 +214,72 @@ def test_compressed_exports_run_in_transformers(release, tmp_path, command, extr
     with torch.no_grad():
         theirs = theirs_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_a_trace_stopped_by_ctrl_c_leaves_nothing_that_blocks_a_rerun(release, tmp_path, monkeypatch):
+    out = tmp_path / "trace"
+
+    def interrupted(total):
+        def progress(tokens):
+            assert (out / ".chunks").is_dir()  # the writer had started
+            raise KeyboardInterrupt
+        return progress
+
+    monkeypatch.setattr(capture, "progress_bar", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["trace", *release[1], "--out", str(out)])
+    assert trace_files(out) == []
+    monkeypatch.undo()
+    assert read_trace(cli.main(["trace", *release[1], "--out", str(out)])).num_tokens == 256  # no --overwrite
+
+
+def test_an_existing_trace_is_refused_naming_overwrite_which_removes_its_analyses(release, traced, tmp_path):
+    out = tmp_path / "trace"
+    shutil.copytree(traced, out)
+    cli.main(["analyze", "--trace", str(out), "--out", str(out / "analysis")])
+    (out / "notes.txt").write_text("not the trace's")
+    flags = [release[1][0], str(tmp_path / "missing"), *release[1][2:]]  # refused before --checkpoint is opened
+    with pytest.raises(ValueError, match=r"--out='.*trace': already holds a routing trace \(manifest.json, "
+                                         r".*\); pass --overwrite to replace it"):
+        cli.main(["trace", *flags, "--out", str(out)])
+    cli.main(["trace", *release[1], "--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["doc_starts.npy", "experts.npy", "manifest.json", "notes.txt",
+                                                     "token_ids.npy", "weights.npy"]  # without --with_scores
+
+
+def test_a_model_stopped_while_written_is_removed(release, tmp_path, monkeypatch):
+    from moejax.training import checkpoint
+
+    def stopped(out, config, variables):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_variables", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["prune", *release[1], "--criterion", "frequency", "--keep", "2", "--out", str(tmp_path / "pruned")])
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_prune_says_what_it_allows_and_that_it_lowers_top_k(release, tmp_path, capsys):
+    for criterion in ("magnitude", "all"):
+        with pytest.raises(ValueError, match=f"--criterion='{criterion}'") as refused:
+            cli.main(["prune", *release[1], "--criterion", criterion, "--keep", "1", "--out", str(tmp_path / "x")])
+        assert "or all" not in str(refused.value) and "frequency" in str(refused.value)
+    cli.main(["prune", *release[1], "--criterion", "frequency", "--keep", "1", "--out", str(tmp_path / "pruned")])
+    assert "top_k lowered from 2 to 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,status,message", [
+    (["prune", "--criterion=magnitude", "--keep=2", "--out=x"], 2, "error: --criterion='magnitude': "),
+    (["trace", "--max_tokens=-1", "--out=x"], 2, "error: --max_tokens=-1: must be an integer >= 0"),
+    (["analyze", "--trace=missing", "--out=x"], 2, "error: --trace='missing': "),
+    (["trace", "--step=7", "--out=x"], 2, "error: --step=7: "),
+])
+def test_usage_errors_are_one_line_and_status_2(release, argv, status, message, tmp_path):
+    flags = release[1] if argv[0] != "analyze" else []
+    env = helpers_env.single_device_env(tmp_path / "cache", MOEJAX_VERBOSE="0")
+    result = subprocess.run([sys.executable, "-m", "moejax.posthoc", argv[0], *flags, *argv[1:]], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == status and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(message) and "Traceback" not in result.stderr

@@ -9,6 +9,8 @@ pruning, merging and super experts.
     python -m moejax.posthoc merge         --checkpoint=DIR --method=mcsmoe|hcsmoe|average --experts=N --out=DIR
                                            [--format=moejax|hf]
     python -m moejax.posthoc super-experts --checkpoint=DIR --out=DIR [--rule=paper|percentile|top_n]
+    python -m moejax.posthoc steer         --checkpoint=DIR --marker=TEXT [--experts=top2-npmi]
+                                           [--mode=reinforce|dampen|silence] --out=FILE.json
 
 Every subcommand that runs the model opens ``--checkpoint`` with ``moejax.load`` (a moejax workdir, ``--step`` for
 another checkpoint than the newest, or a transformers directory) and reads calibration data like
@@ -16,7 +18,10 @@ another checkpoint than the newest, or a transformers directory) and reads calib
 checkpoint config's), ``--max_tokens`` (rounded up to whole batches), ``--batch_size`` / ``--seq_len`` (default
 the config's), ``--data_dir`` (where corpora are cached), with the checkpoint's tokenizer
 (``capture.calibration_batches``).
-Progress goes to stderr; ``main(argv)`` returns what the subcommand wrote (tests call it in-process).
+Progress goes to stderr; ``main(argv)`` returns what the subcommand wrote (tests call it in-process). Flags are
+checked before the checkpoint loads; errors, Ctrl-C and exit status as moejax/cli.py describes. A subcommand that
+fails or is stopped removes what it had written of its output (an unclosed trace, a model directory half written),
+so the same command can run again.
 """
 from __future__ import annotations
 
@@ -30,32 +35,27 @@ from typing import Any
 
 import numpy as np
 
+from moejax import cli
+
 FORMATS = ("moejax", "hf")
 METHODS = ("mcsmoe", "hcsmoe", "average")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ANALYSIS_FILES = ("analysis.json", "frequency.png", "affinity.png", "local_consistency.png")  # what analyze writes
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _flag_error(flag: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"--{flag}={value!r}: {why}")
-
-
 # ---------------------------------------------------------------------------------------------- shared steps
 
 def _load(args: argparse.Namespace) -> dict[str, Any]:
-    """The checkpoint: {'path', 'config', 'variables'}."""
-    import moejax.load
+    """The checkpoint (cli.open_checkpoint): {'path', 'config', 'variables'}."""
     from moejax.posthoc import capture
 
-    path = pathlib.Path(args.checkpoint)
-    if not path.exists():
-        raise _flag_error("checkpoint", args.checkpoint, "no such directory")
-    config, variables = moejax.load(path, step=args.step)
-    capture.check_supported(config)
-    return {"path": path, "config": config, "variables": variables}
+    opened = cli.open_checkpoint(args)
+    capture.check_supported(opened.config)
+    return {"path": opened.path, "config": opened.config, "variables": opened.variables}
 
 
 def _open(args: argparse.Namespace, opened: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def _criteria(value: str) -> list[str]:
     names = list(importance.CRITERIA) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
     bad = [name for name in names if name not in importance.CRITERIA]
     if bad or not names:
-        raise _flag_error("criterion", value, f"allowed are {', '.join(importance.CRITERIA)} (comma-separated), "
+        raise cli.flag_error("criterion", value, f"allowed are {', '.join(importance.CRITERIA)} (comma-separated), "
                                               "or all")
     return names
 
@@ -111,13 +111,13 @@ def _ints(flag: str, value: str, minimum: int = 1) -> list[int]:
     except ValueError:
         out = []
     if not out or min(out) < minimum:
-        raise _flag_error(flag, value, f"must be comma-separated integers >= {minimum}")
+        raise cli.flag_error(flag, value, f"must be comma-separated integers >= {minimum}")
     return out
 
 
 def _check_out_dir(flag: str, out: pathlib.Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise _flag_error(flag, str(out), "exists and is not an empty directory; choose a new one")
+        raise cli.flag_error(flag, str(out), "exists and is not an empty directory; choose a new one")
 
 
 def _save_model(args: argparse.Namespace, opened: dict[str, Any], config, variables, what: dict[str, Any]
@@ -128,16 +128,17 @@ def _save_model(args: argparse.Namespace, opened: dict[str, Any], config, variab
     from moejax.training import checkpoint
 
     out = pathlib.Path(args.out)
-    if args.format == "hf":
-        hf.save(config, variables, out)
-    else:
-        checkpoint.save_variables(out, config, variables)
-    for name in TOKENIZER_FILES:
-        if (opened["path"] / name).is_file():
-            shutil.copy(opened["path"] / name, out / name)
-    _write_json(out / "posthoc.json", {**_provenance(args, opened), "format": args.format,
-                                       "num_experts": config.model.moe.num_experts,
-                                       "top_k": config.model.moe.top_k, **what})
+    with cli.removed_on_failure(out):
+        if args.format == "hf":
+            hf.save(config, variables, out)
+        else:
+            checkpoint.save_variables(out, config, variables)
+        for name in TOKENIZER_FILES:
+            if (opened["path"] / name).is_file():
+                shutil.copy(opened["path"] / name, out / name)
+        _write_json(out / "posthoc.json", {**_provenance(args, opened), "format": args.format,
+                                           "num_experts": config.model.moe.num_experts,
+                                           "top_k": config.model.moe.top_k, **what})
     _say(f"wrote the {args.format} model ({config.model.moe.num_experts} routed experts per MoE layer) to {out}")
     return out
 
@@ -157,22 +158,49 @@ def _check_format(args: argparse.Namespace, config, num_experts: int) -> None:
 
 
 def run_trace(args: argparse.Namespace) -> pathlib.Path:
-    from moejax.posthoc import capture
+    """Records the trace to --out; --overwrite replaces a trace there and the analyses (analyze --out) stored in its
+    subdirectories. A trace left unclosed (a failure, Ctrl-C) is removed."""
+    from moejax.posthoc import capture, trace
 
     out = pathlib.Path(args.out)
+    existing = trace.trace_files(out)
+    if existing and not args.overwrite:
+        raise cli.flag_error("out", args.out, f"already holds a routing trace ({', '.join(existing)}); pass "
+                                              f"--overwrite to replace it")
     opened = _open(args)
+    if args.overwrite:
+        _remove_analyses(out)
     progress = _progress(opened, f"recording the routing trace to {out}")
-    path = capture.record(opened["config"], opened["variables"], opened["batches"], out,
-                          with_scores=args.with_scores, eos_id=opened["tokenizer"].eos_id, overwrite=args.overwrite,
-                          metadata=_provenance(args, opened), progress=progress)
+    try:
+        path = capture.record(opened["config"], opened["variables"], opened["batches"], out,
+                              with_scores=args.with_scores, eos_id=opened["tokenizer"].eos_id,
+                              overwrite=args.overwrite, metadata=_provenance(args, opened), progress=progress)
+    except BaseException:
+        trace.remove_trace_files(out)
+        raise
     _say(f"wrote the routing trace to {path}")
     return path
+
+
+def _remove_analyses(trace_dir: pathlib.Path) -> None:
+    """Removes what ``analyze`` wrote into the subdirectories of trace_dir (the analyses of the trace there), and
+    each such subdirectory that is then empty."""
+    for directory in (trace_dir.iterdir() if trace_dir.is_dir() else ()):
+        if directory.is_dir() and (directory / ANALYSIS_FILES[0]).is_file():
+            for name in ANALYSIS_FILES:
+                (directory / name).unlink(missing_ok=True)
+            if not any(directory.iterdir()):
+                directory.rmdir()
+            _say(f"removed the analysis of the previous trace in {directory}")
 
 
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     from moejax.posthoc import analysis, read_trace
 
-    trace = read_trace(args.trace)
+    try:
+        trace = read_trace(args.trace)
+    except FileNotFoundError as e:
+        raise cli.flag_error("trace", args.trace, str(e)) from e
     lengths = _ints("lengths", args.lengths) if args.lengths else list(analysis.DEFAULT_LENGTHS)
     sizes = _ints("cache_sizes", args.cache_sizes, minimum=0) if args.cache_sizes else None
     out = pathlib.Path(args.out)
@@ -183,15 +211,16 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     result = {"trace": str(args.trace), "summary": summary,
               "expert_frequency": analysis._json(analysis.expert_frequency(trace)),
               "gate_mass": analysis._json(analysis.gate_mass(trace))}
-    _write_json(out / "analysis.json", result)
-    written = ["analysis.json"]
-    analysis.plot_frequency(trace, path=out / "frequency.png")
-    written.append("frequency.png")
+    analysis_json, frequency_png, affinity_png, consistency_png = ANALYSIS_FILES
+    _write_json(out / analysis_json, result)
+    written = [analysis_json]
+    analysis.plot_frequency(trace, path=out / frequency_png)
+    written.append(frequency_png)
     if trace.num_layers > 1:
-        analysis.plot_affinity(trace, path=out / "affinity.png")
-        written.append("affinity.png")
-    analysis.plot_local_consistency(trace, lengths, sizes, path=out / "local_consistency.png")
-    written.append("local_consistency.png")
+        analysis.plot_affinity(trace, path=out / affinity_png)
+        written.append(affinity_png)
+    analysis.plot_local_consistency(trace, lengths, sizes, path=out / consistency_png)
+    written.append(consistency_png)
     _say(f"wrote {', '.join(written)} to {out}")
     return result
 
@@ -220,11 +249,11 @@ def _check_keep(args: argparse.Namespace, config) -> None:
     num_layers, num_experts = len(model.moe_layers(config.model)), config.model.moe.num_experts
     if args.global_budget:
         if args.keep < 1 or args.keep % num_layers or args.keep // num_layers > num_experts:
-            raise _flag_error("keep", args.keep, f"with --global, the total number of routed experts over the "
+            raise cli.flag_error("keep", args.keep, f"with --global, the total number of routed experts over the "
                                                  f"{num_layers} MoE layers: a multiple of {num_layers} (every layer "
                                                  f"keeps the same number) up to {num_layers * num_experts}")
     elif not 1 <= args.keep <= num_experts:
-        raise _flag_error("keep", args.keep, f"routed experts kept per MoE layer: an integer in [1, {num_experts}]")
+        raise cli.flag_error("keep", args.keep, f"routed experts kept per MoE layer: an integer in [1, {num_experts}]")
 
 
 def run_prune(args: argparse.Namespace) -> pathlib.Path:
@@ -232,19 +261,19 @@ def run_prune(args: argparse.Namespace) -> pathlib.Path:
     from moejax.posthoc import importance, prune, read_trace
 
     if args.criterion not in importance.CRITERIA:
-        raise _flag_error("criterion", args.criterion, f"prune ranks the experts by one criterion, one of "
-                                                       f"{', '.join(importance.CRITERIA)}")
+        raise cli.flag_error("criterion", args.criterion, f"prune ranks the experts by one criterion, one of "
+                                                          f"{', '.join(importance.CRITERIA)}")
     trace = None
     if args.trace is not None:
         try:
             trace = read_trace(args.trace)
         except FileNotFoundError as e:
-            raise _flag_error("trace", args.trace, str(e)) from e
+            raise cli.flag_error("trace", args.trace, str(e)) from e
         if args.criterion not in importance.trace_criteria(trace):
-            raise _flag_error("criterion", args.criterion, f"a routing trace (--trace) gives only "
-                                                           f"{', '.join(importance.trace_criteria(trace))}; the "
-                                                           "others need a forward pass over calibration data "
-                                                           "(leave out --trace)")
+            raise cli.flag_error("criterion", args.criterion, f"a routing trace (--trace) gives only "
+                                                              f"{', '.join(importance.trace_criteria(trace))}; the "
+                                                              "others need a forward pass over calibration data "
+                                                              "(leave out --trace)")
     _check_out_dir("out", pathlib.Path(args.out))
     loaded = _load(args)
     config, variables = loaded["config"], loaded["variables"]
@@ -280,7 +309,7 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
     config, variables = loaded["config"], loaded["variables"]
     num_experts = config.model.moe.num_experts
     if not 1 <= args.experts <= num_experts:
-        raise _flag_error("experts", args.experts, f"routed experts per MoE layer after merging: an integer in "
+        raise cli.flag_error("experts", args.experts, f"routed experts per MoE layer after merging: an integer in "
                                                    f"[1, {num_experts}]")
     _check_format(args, config, args.experts)
     opened = _open(args, loaded)
@@ -318,7 +347,7 @@ def run_super_experts(args: argparse.Namespace) -> dict[str, Any]:
     try:
         super_experts._check_rule(args.rule, args.percentile, args.fraction, args.top_n)
     except ValueError as e:
-        raise ValueError(f"--{str(e).split('=')[0]}: {e}") from e
+        raise cli.UsageError(f"--{str(e).split('=')[0]}: {e}") from e
     out = pathlib.Path(args.out)
     opened = _open(args)
     found = super_experts.find(opened["config"], opened["variables"], opened["batches"], rule=args.rule,
@@ -341,24 +370,23 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
 
     match = re.fullmatch(r"top(\d+)-npmi", args.experts)
     if not match or int(match.group(1)) < 1:
-        raise _flag_error("experts", args.experts, "must be top<N>-npmi, N >= 1 (the N experts of highest nPMI with "
+        raise cli.flag_error("experts", args.experts, "must be top<N>-npmi, N >= 1 (the N experts of highest nPMI with "
                                                    "the marker)")
     if args.mode not in steer.MODES:
-        raise _flag_error("mode", args.mode, f"allowed are {steer.MODES}")
+        raise cli.flag_error("mode", args.mode, f"allowed are {steer.MODES}")
     opened = _open(args)
     tokenizer = opened["tokenizer"]
     ids = [args.marker_id] if args.marker_id is not None else tokenizer.encode(args.marker or "")
     if not ids or any(not 0 <= i < opened["config"].model.vocab_size for i in ids):
-        raise _flag_error("marker", args.marker if args.marker_id is None else args.marker_id,
+        raise cli.flag_error("marker", args.marker if args.marker_id is None else args.marker_id,
                           "must be text that encodes to token ids of the model (or --marker_id=<id>)")
     evaluation = data_lib.eval_batches(opened["data_config"])
-    table = evaluate._bytes_table(tokenizer, opened["config"].model.vocab_size)
     _say(f"marker ids {ids}; choosing {args.experts} experts on the calibration batches, then evaluating with and "
          f"without '{args.mode}'")
     result = steer.steer(opened["config"], opened["variables"], opened["batches"], evaluation, ids,
                          n=int(match.group(1)), mode=args.mode, scale=args.scale, per_layer=args.per_layer,
                          eos_id=tokenizer.eos_id,
-                         bytes_per_token=None if table is None else (lambda t: float(table[t].sum())))
+                         bytes_table=evaluate.text_bytes_table(tokenizer, opened["config"].model.vocab_size))
     result = {**_provenance(args, opened, marker=args.marker, marker_ids=ids, experts=args.experts), **result}
     _write_json(pathlib.Path(args.out), result)
     base, new = result["baseline"], result["steered"]
@@ -372,15 +400,8 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ parser
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
-    parser.add_argument("--step", type=int, default=None, help="a workdir's checkpoint step (default: the newest)")
-    parser.add_argument("--data", default=None, help="stdlib | text:<glob> | tfds:<name> (default: the checkpoint "
-                                                     "config's data.name); its validation split")
-    parser.add_argument("--max_tokens", type=int, default=0, help="this many tokens, rounded up to whole batches "
-                                                                  "(0: the config's data.eval_batches batches)")
-    parser.add_argument("--batch_size", type=int, default=0, help="rows per batch (0: the config's)")
-    parser.add_argument("--seq_len", type=int, default=0, help="tokens per row (0: the config's)")
-    parser.add_argument("--data_dir", default=None, help="where prepared corpora are cached (data.dir)")
+    cli.add_checkpoint_flags(parser)
+    cli.add_data_flags(parser)
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -392,7 +413,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     from moejax.posthoc import importance, super_experts
 
-    top = argparse.ArgumentParser(prog="python -m moejax.posthoc", description=__doc__.split("\n\n")[0])
+    top = cli.ArgumentParser(prog="python -m moejax.posthoc", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("trace", help="record a routing trace (moejax.posthoc.capture.record)")
@@ -463,15 +484,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
+    """``python -m moejax.posthoc`` with argv (default sys.argv[1:]): what the subcommand wrote."""
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if hasattr(args, "max_tokens"):
+        cli.check_data_flags(args)
     return args.run(args)
 
 
 if __name__ == "__main__":
-    from moejax import checks
-    from moejax.training.checkpoint import WorkdirError
-
-    try:
-        main()
-    except (checks.ConfigError, ValueError, OSError, NotImplementedError, WorkdirError) as e:
-        sys.exit(f"moejax.posthoc: {e}")
+    cli.run(main)

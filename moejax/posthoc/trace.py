@@ -150,12 +150,11 @@ class TraceWriter:
         if not self.layers or self.num_experts < 1 or self.top_k < 1:
             raise ValueError(f"a trace needs at least one layer, one expert and one slot: layers={self.layers}, "
                              f"num_experts={self.num_experts}, top_k={self.top_k}")
-        existing = [name for name in (MANIFEST, CHUNKS, *(f"{a}.npy" for a in _ARRAYS)) if (self.path / name).exists()]
+        existing = trace_files(self.path)
         if existing and not overwrite:
             raise FileExistsError(f"{self.path} already holds a routing trace ({', '.join(existing)}); pass "
                                   "overwrite=True to replace it")
-        for name in existing:
-            _remove(self.path / name)
+        remove_trace_files(self.path)
         (self.path / CHUNKS).mkdir(parents=True)
         self.num_tokens = 0
         self._doc_starts: list[np.ndarray] = [np.zeros(1, np.int64)]
@@ -273,6 +272,19 @@ def write_trace(trace: Trace, path: PathLike, chunk_tokens: int = 1 << 16, overw
         writer.append(trace.experts[:, start:end], trace.weights[:, start:end], trace.token_ids[start:end],
                       scores=None if trace.scores is None else trace.scores[:, start:end], doc_starts=starts)
     return writer.close()
+
+
+def trace_files(path: PathLike) -> list[str]:
+    """The names of the trace files (a closed trace's, or the chunks of a writer that did not close) in the directory
+    path."""
+    return [name for name in (MANIFEST, CHUNKS, f"{MANIFEST}.tmp", *(f"{a}.npy" for a in _ARRAYS))
+            if (pathlib.Path(path) / name).exists()]
+
+
+def remove_trace_files(path: PathLike) -> None:
+    """Removes the trace files (``trace_files``) of the directory path, and nothing else."""
+    for name in trace_files(path):
+        _remove(pathlib.Path(path) / name)
 
 
 def _append_raw(path: pathlib.Path, array: np.ndarray, dtype: type) -> None:
