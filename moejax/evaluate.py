@@ -196,27 +196,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m moejax.evaluate`` with argv (default sys.argv[1:]): the result it writes."""
     from moejax import data
-    from moejax.data import tokenizers
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     opened = cli.open_checkpoint(args)
     path = opened.path
-    config = ml_collections.ConfigDict(opened.config.to_dict())
-    if args.data:
-        config.data.name = args.data
-    if args.data_dir is not None:
-        config.data.dir = args.data_dir
-    for field in ("batch_size", "seq_len"):
-        if getattr(args, field):
-            config.train[field] = getattr(args, field)
+    config, batches, tokenizer = data.checkpoint_windows(opened.config, path, data=args.data,
+                                                         max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                                         seq_len=args.seq_len, data_dir=args.data_dir)
     for assignment in args.set:
         apply_set(config, assignment)
-    tokenizer = tokenizers.for_checkpoint(path, config)
-    tokenizers.pin(config, tokenizer)
     per_batch = config.train.batch_size * config.train.seq_len
-    if args.max_tokens:
-        config.data.eval_batches = max(1, math.ceil(args.max_tokens / per_batch))
-    batches = data.eval_batches(config)
     total = len(batches) * per_batch
     print(f"evaluating {path} on {config.data.name} (validation split): {len(batches)} batches of "
           f"{config.train.batch_size} x {config.train.seq_len} tokens", file=sys.stderr)

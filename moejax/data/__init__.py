@@ -42,8 +42,8 @@ in tokens).
 """
 from moejax.data import tokenizers
 from moejax.data.corpora import NAMES_ALLOWED, SEPARATOR, VOCAB_SIZE, parse_name
-from moejax.data.iterators import TrainIterator, eval_batches, train_iterator
+from moejax.data.iterators import TrainIterator, checkpoint_windows, eval_batches, train_iterator
 from moejax.data.streams import corpus_fingerprint
 
-__all__ = ["NAMES_ALLOWED", "SEPARATOR", "VOCAB_SIZE", "TrainIterator", "corpus_fingerprint", "eval_batches",
-           "parse_name", "tokenizers", "train_iterator"]
+__all__ = ["NAMES_ALLOWED", "SEPARATOR", "VOCAB_SIZE", "TrainIterator", "checkpoint_windows", "corpus_fingerprint",
+           "eval_batches", "parse_name", "tokenizers", "train_iterator"]

@@ -2,6 +2,8 @@
 with checkpointable state (see moejax/data/__init__.py)."""
 from __future__ import annotations
 
+import math
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +11,7 @@ import grain
 import numpy as np
 
 from moejax.data import tokenizers
-from moejax.data.corpora import MemoryCorpus, check_config, fingerprint_id, grain_seed, load
+from moejax.data.corpora import NAMES_ALLOWED, MemoryCorpus, check_config, fingerprint_id, grain_seed, load, parse_name
 from moejax.data.streams import corpus_fingerprint, token_streams
 
 
@@ -179,3 +181,45 @@ def eval_batches(config, *, process_index: int = 0, process_count: int = 1) -> l
     """
     it = _iterator(config, process_index, process_count, train=False)
     return [next(it) for _ in range(config.data.eval_batches)]
+
+
+def checkpoint_windows(config, checkpoint: str | pathlib.Path | None = None, *, data: str | None = None,
+                       max_tokens: int = 0, batch_size: int = 0, seq_len: int = 0,
+                       data_dir: str | None = None) -> tuple[Any, list[np.ndarray], tokenizers.Tokenizer]:
+    """(a copy of config with the data fields set, evaluation windows int32 [B, S + 1], tokenizer): the one source
+    of evaluation and calibration batches for a checkpoint (``python -m moejax.evaluate``, the post-hoc tools and
+    studies). The validation split of ``data`` (default: the config's own ``data.name``) read by ``eval_batches``
+    with the checkpoint's tokenizer (``tokenizers.for_checkpoint``; the config's without a checkpoint), pinned in
+    the returned config. ``batch_size`` and ``seq_len`` (0: the config's ``train`` fields) shape the windows;
+    ``max_tokens`` (0: the config's ``data.eval_batches`` batches) sets their number, ceil(max_tokens /
+    (batch_size * seq_len)). Errors (ValueError) name the command-line flags (--data, --max_tokens, --batch_size,
+    --seq_len) the tools pass through unchanged."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if data:
+        try:
+            parse_name(data)
+        except ValueError as e:
+            raise ValueError(f"--data={data!r} is not a corpus: allowed are {NAMES_ALLOWED}") from e
+        config.data.name = data
+    if data_dir is not None:
+        config.data.dir = data_dir
+    for flag, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_tokens", max_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--{flag}={value!r} must be an integer >= 0 (0: the checkpoint config's own)")
+        if value and flag != "max_tokens":
+            config.train[flag] = value
+    per_batch = config.train.batch_size * config.train.seq_len
+    if max_tokens:
+        config.data.eval_batches = max(1, math.ceil(max_tokens / per_batch))
+    if config.data.eval_batches < 1:
+        raise ValueError(f"data.eval_batches={config.data.eval_batches} leaves no evaluation batches: pass "
+                         f"--max_tokens")
+    tokenizer = tokenizers.for_checkpoint(checkpoint, config) if checkpoint is not None else \
+        tokenizers.for_config(config)
+    tokenizers.pin(config, tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"the tokenizer of {config.data.name!r} ({tokenizer.spec}) has {tokenizer.vocab_size} ids, "
+                         f"the model's vocabulary {config.model.vocab_size}")
+    return config, [np.asarray(window) for window in eval_batches(config)], tokenizer

@@ -38,7 +38,6 @@ the next-token targets): pass ``b[:, :-1]``, as ``calibration_batches`` does.
 """
 from __future__ import annotations
 
-import math
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -314,45 +313,15 @@ def record(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batc
 def calibration_batches(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path | None = None, *,
                         data: str | None = None, max_tokens: int = 0, batch_size: int = 0, seq_len: int = 0,
                         data_dir: str | None = None) -> tuple[ml_collections.ConfigDict, list[np.ndarray], Any]:
-    """(config with the data fields set, input batches [B, S], tokenizer): the validation split of ``data``
-    (default: the config's own ``data.name``) read by ``moejax.data.eval_batches`` with the checkpoint's tokenizer
-    (``moejax.data.tokenizers.for_checkpoint``), as ``python -m moejax.evaluate`` reads it. ``batch_size`` and
-    ``seq_len`` (0: the config's ``train`` fields) shape the batches; ``max_tokens`` (0: the config's
-    ``data.eval_batches`` batches) sets the number of batches, ceil(max_tokens / (batch_size * seq_len)). The
-    windows' last column (the targets' extra token) is dropped: the batches are the model's inputs. Errors name
-    the command-line flags (--data, --max_tokens, --batch_size, --seq_len), which the post-hoc CLI passes through
-    unchanged."""
+    """(config with the data fields set, input batches [B, S], tokenizer): ``moejax.data.checkpoint_windows``'s
+    evaluation windows without their last column (the targets' extra token): the batches are the model's
+    inputs."""
     from moejax import data as data_lib
-    from moejax.data import tokenizers
 
-    config = ml_collections.ConfigDict(config.to_dict())
-    if data:
-        try:
-            data_lib.parse_name(data)
-        except ValueError as e:
-            raise ValueError(f"--data={data!r} is not a corpus: allowed are {data_lib.NAMES_ALLOWED}") from e
-        config.data.name = data
-    if data_dir is not None:
-        config.data.dir = data_dir
-    for flag, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_tokens", max_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"--{flag}={value!r} must be an integer >= 0 (0: the checkpoint config's own)")
-        if value and flag != "max_tokens":
-            config.train[flag] = value
-    per_batch = config.train.batch_size * config.train.seq_len
-    if max_tokens:
-        config.data.eval_batches = max(1, math.ceil(max_tokens / per_batch))
-    if config.data.eval_batches < 1:
-        raise ValueError(f"data.eval_batches={config.data.eval_batches} leaves no calibration batches: pass "
-                         f"--max_tokens")
-    tokenizer = tokenizers.for_checkpoint(checkpoint, config) if checkpoint is not None else \
-        tokenizers.for_config(config)
-    tokenizers.pin(config, tokenizer)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"the tokenizer of {config.data.name!r} ({tokenizer.spec}) has {tokenizer.vocab_size} ids, "
-                         f"the model's vocabulary {config.model.vocab_size}")
-    batches = [np.asarray(batch)[:, :-1] for batch in data_lib.eval_batches(config)]
-    return config, batches, tokenizer
+    config, windows, tokenizer = data_lib.checkpoint_windows(config, checkpoint, data=data, max_tokens=max_tokens,
+                                                             batch_size=batch_size, seq_len=seq_len,
+                                                             data_dir=data_dir)
+    return config, [window[:, :-1] for window in windows], tokenizer
 
 
 progress_bar = console.progress_bar  # the post-hoc CLI's progress lines (moejax/training/console.py)
