@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.11",
     packages=["moejax", "moejax.data", "moejax.hf", "moejax.moe", "moejax.posthoc", "moejax.training", "moejax.kernels",
               "moejax.configs"],
-    package_dir={"moejax": "moejax", "moejax.kernels": "kernels", "moejax.configs": "configs"},
+    package_dir={"moejax": "moejax", "moejax.configs": "configs"},
     install_requires=[
         "jax>=0.7",
         "flax>=0.10",

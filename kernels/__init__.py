@@ -1,1 +1,0 @@
-"""Pallas kernels for token dispatch, installed as ``moejax.kernels``."""

@@ -1,0 +1,1 @@
+"""Pallas kernels for token dispatch (permute, unpermute-combine): ``moejax.kernels.dispatch``."""
