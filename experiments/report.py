@@ -13,7 +13,7 @@ from typing import Any
 from experiments import runner
 from experiments.stats import CONFIDENCE
 from experiments.tables import SMOKE_BUDGET
-from moejax import analysis
+from moejax import plots
 
 # ----------------------------------------------------------------------------------------------- provenance
 
@@ -233,7 +233,7 @@ def plot_specs(table_name: str, results: dict[str, Any]) -> list[tuple[str, str,
     specs: list[tuple[str, str, Callable[[pathlib.Path], Any]]] = []
     if finished:
         specs.append(("Train loss (solid) and eval loss (dashed), mean over seeds with min-max band",
-                      f"{table_name}_loss.png", lambda p: analysis.loss_curves(finished, p)))
+                      f"{table_name}_loss.png", lambda p: plots.loss_curves(finished, p)))
     # the table's REFERENCE, else (when it has not run) the reference row of the first claim whose rows both ran
     claims = results.get("claims", [])
     candidates = [results.get("reference")] + [c["reference"] for c in claims if c["row"] in finished]
@@ -243,18 +243,18 @@ def plot_specs(table_name: str, results: dict[str, Any]) -> list[tuple[str, str,
                    for row in results["rows"] if row["runs"]}
         specs.append((f"Train loss minus {reference}'s at the same seed (the same batches), over training: each seed "
                       "and the mean", f"{table_name}_paired.png",
-                      lambda p: analysis.paired_difference_curves(by_seed, reference, p)))
+                      lambda p: plots.paired_difference_curves(by_seed, reference, p)))
     if moe:
         specs.append(("MaxVio during training (max load / mean load - 1, mean over MoE layers)",
-                      f"{table_name}_maxvio.png", lambda p: analysis.stat_curves(moe, "maxvio", p)))
+                      f"{table_name}_maxvio.png", lambda p: plots.stat_curves(moe, "maxvio", p)))
         epts = [e["metrics"].get("train_experts_per_token") for r in results["rows"] for e in r["runs"]]
         if any(v is not None and abs(v - round(v)) > 1e-6 for v in epts):
             specs.append(("Routed experts per token during training (mean over MoE layers)",
                           f"{table_name}_experts_per_token.png",
-                          lambda p: analysis.stat_curves(moe, "experts_per_token", p)))
+                          lambda p: plots.stat_curves(moe, "experts_per_token", p)))
         for name, dirs in moe.items():
             specs.append((f"Expert load of {name} (seed 0), per MoE layer", f"{table_name}_load_{name}.png",
-                          lambda p, d=dirs[0]: analysis.load_heatmap(d, p)))
+                          lambda p, d=dirs[0]: plots.load_heatmap(d, p)))
     return specs
 
 

@@ -37,7 +37,7 @@ from typing import Any, TextIO
 import ml_collections
 from absl import flags
 
-from moejax import analysis
+from moejax.training import metrics
 
 
 class UsageError(ValueError):
@@ -371,7 +371,7 @@ def run_metrics(workdir: pathlib.Path) -> dict[str, float | None]:
     for stat in (*LAYER_STATS, *EVAL_ONLY_STATS):  # runs made before maxvio_global have None there
         per_layer = [stats[stat] for stats in layers.values() if stats.get(stat) is not None]
         values[stat] = sum(per_layer) / len(per_layer) if per_layer else None
-    records = [r for r in analysis.read_metrics(workdir) if r.get("kind") == "train"] if layers else []
+    records = [r for r in metrics.read_metrics(workdir) if r.get("kind") == "train"] if layers else []
     for stat in LAYER_STATS:
         per_record = [r[f"{layer}_{stat}"] for r in records for layer in layers if f"{layer}_{stat}" in r]
         values[f"train_{stat}"] = sum(per_record) / len(per_record) if per_record else None

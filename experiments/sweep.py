@@ -98,17 +98,17 @@ def summary_table(records: list[dict[str, Any]], fields: list[str], metric: str,
 def write_plots(workdir: pathlib.Path, records: list[dict[str, Any]]) -> list[pathlib.Path]:
     """summary_loss.png (every point's train and eval loss over the steps) and, when some point logs MoE layer
     statistics, summary_maxvio.png (train MaxVio, mean over the MoE layers); the paths written."""
-    from moejax import analysis
+    from moejax import plots
 
     if not records:
         return []
     runs = {r["point"]: r["workdir"] for r in records}
     written = [workdir / "summary_loss.png"]
-    analysis.loss_curves(runs, written[0])
+    plots.loss_curves(runs, written[0])
     moe = {r["point"]: r["workdir"] for r in records if r["metrics"].get("train_maxvio") is not None}
     if moe:
         written.append(workdir / "summary_maxvio.png")
-        analysis.stat_curves(moe, "maxvio", written[-1])
+        plots.stat_curves(moe, "maxvio", written[-1])
     return written
 
 

@@ -1,4 +1,4 @@
-"""Tests of experiments/reproduce.py, experiments/sweep.py (experiments/runner.py) and moejax/analysis.py.
+"""Tests of experiments/reproduce.py, experiments/sweep.py (experiments/runner.py) and moejax/plots.py.
 
 reproduce runs a toy table (two rows of the tiny config of tests/helpers_train.py cut to one MoE layer of 4 experts,
 2 seeds, 4 steps) with real moejax subprocesses; the sweep reuses that table's config so that its points load their
@@ -21,7 +21,8 @@ from scipy import stats
 from experiments import report, reproduce, runner, summary, sweep, tables
 from experiments import stats as table_stats
 from experiments.tables import Claim
-from moejax import analysis
+from moejax import plots
+from moejax.training import metrics
 from tests import helpers_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -294,8 +295,8 @@ def synthetic_metrics(workdir, steps=(10, 20, 30), experts=4, layers=2):
 
 def test_load_heatmap_holds_the_loads(tmp_path):
     records = synthetic_metrics(tmp_path)
-    assert analysis.read_metrics(tmp_path) == records  # the torn last line is skipped
-    fig = analysis.load_heatmap(tmp_path, tmp_path / "load.png")
+    assert metrics.read_metrics(tmp_path) == records  # the torn last line is skipped
+    fig = plots.load_heatmap(tmp_path, tmp_path / "load.png")
     assert (tmp_path / "load.png").exists()
     images = [ax.images[0] for ax in fig.axes if ax.images]
     assert len(images) == 2
@@ -309,13 +310,13 @@ def test_load_heatmap_holds_the_loads(tmp_path):
 def test_load_heatmap_without_loads_says_so(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 5.0}) + "\n")
     with pytest.raises(ValueError, match="no train record with 'expert_load'"):
-        analysis.load_heatmap(tmp_path)
+        plots.load_heatmap(tmp_path)
 
 
 def test_layer_curves_hold_the_records(tmp_path):
     records = [r for r in synthetic_metrics(tmp_path) if r["kind"] == "train"]
-    for function, stat in ((analysis.maxvio_curves, "maxvio"),
-                           (analysis.experts_per_token_curves, "experts_per_token")):
+    for function, stat in ((plots.maxvio_curves, "maxvio"),
+                           (plots.experts_per_token_curves, "experts_per_token")):
         lines = function(tmp_path, tmp_path / f"{stat}.png").axes[0].get_lines()
         assert [line.get_label() for line in lines] == ["layers_0", "layers_1"]
         for layer, line in enumerate(lines):
@@ -329,7 +330,7 @@ def test_loss_curves_mean_and_band_over_seeds(tmp_path):
         path.mkdir()
         (path / "metrics.jsonl").write_text("".join(
             json.dumps({"kind": "train", "step": s, "loss": 5.0 - s / 10 + offset}) + "\n" for s in (10, 20)))
-    fig = analysis.loss_curves({"row": [tmp_path / "seed0", tmp_path / "seed1"]}, tmp_path / "loss.png")
+    fig = plots.loss_curves({"row": [tmp_path / "seed0", tmp_path / "seed1"]}, tmp_path / "loss.png")
     ax = fig.axes[0]
     (line,) = ax.get_lines()
     np.testing.assert_allclose(line.get_ydata(), [4.5, 3.5])
@@ -351,13 +352,13 @@ def test_paired_differences_pair_runs_by_seed_on_shared_steps(tmp_path):
     rows = {"ref": {k: tmp_path / "ref" / f"seed{k}" for k in (0, 1, 2)},
             "moe": {k: tmp_path / "moe" / f"seed{k}" for k in (2, 0)},  # seed 1 unfinished
             "other": {k: tmp_path / "other" / f"seed{k}" for k in (0, 1, 2)}}
-    got = analysis.paired_train_differences(rows, "ref")
+    got = plots.paired_train_differences(rows, "ref")
     steps, diffs, seeds = got["moe"]
     assert seeds == [0, 2] and list(steps) == [10, 20, 30]
     np.testing.assert_allclose(diffs, [[losses["moe", k][t] - losses["ref", k][t] for t in (10, 20, 30)]
                                        for k in (0, 2)])
     assert list(got["other"][0]) == [10, 30] and "ref" not in got
-    fig = analysis.paired_difference_curves(rows, "ref", tmp_path / "paired.png")
+    fig = plots.paired_difference_curves(rows, "ref", tmp_path / "paired.png")
     mean_line = [line for line in fig.axes[0].get_lines() if line.get_linewidth() == 2.0][0]
     np.testing.assert_allclose(mean_line.get_ydata(), diffs.mean(0))
     assert (tmp_path / "paired.png").exists()

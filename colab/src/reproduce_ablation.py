@@ -98,6 +98,6 @@ for caption, file in re.findall(r"!\[(.*?)\]\((.*?)\)", plots):
     display(Markdown(f"**{caption}**"), Image(filename=str(results / file)))
 
 # %% [markdown]
-# The same plots come from `moejax.analysis` for any run directory, e.g.
+# The same plots come from `moejax.plots` for any run directory, e.g.
 # `analysis.load_heatmap("runs/colab_reproduce_ablation/top2/seed0")`, `analysis.maxvio_curves(...)` and
 # `analysis.loss_curves({"top2": [...], "top_p": [...]})`; each returns a matplotlib figure.

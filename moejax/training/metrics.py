@@ -24,7 +24,6 @@ import numpy as np
 import tensorboardX
 from clu import metrics as clu_metrics
 
-from moejax import analysis
 from moejax.moe import stats
 from moejax.parallel import mesh_shape
 from moejax.training.console import say
@@ -248,7 +247,7 @@ def maxvio_over_training(workdir: pathlib.Path, layers: list[str]) -> dict[str, 
     path = workdir / "metrics.jsonl"
     if not layers or not path.exists():
         return None
-    records = [r for r in analysis.read_metrics(workdir) if r.get("kind") == "train"]
+    records = [r for r in read_metrics(workdir) if r.get("kind") == "train"]
     result = {}
     for layer in layers:
         values = [r[f"{layer}_maxvio"] for r in records if f"{layer}_maxvio" in r]
@@ -274,3 +273,19 @@ def print_summary(result: dict[str, Any], path: pathlib.Path | None = None) -> N
             f"dropped {values['drop_fraction']:.4f} | experts/token {values['experts_per_token']:.2f} | "
             f"router entropy {values['router_entropy']:.3f}{trend}")
     say(f"summary: {path or pathlib.Path(result['workdir']) / 'summary.json'}")
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The records of ``<workdir>/metrics.jsonl`` in file order; a torn last line (a run killed while writing) is
+    skipped. Raises FileNotFoundError naming the file when it does not exist."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {workdir} a moejax run directory?")
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

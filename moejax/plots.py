@@ -2,18 +2,18 @@
 
 Every function reads ``<workdir>/metrics.jsonl`` (one JSON object per log step, ``{"kind": "train" | "eval",
 "step": ..., "loss": ..., "layers_<i>_maxvio": ..., "expert_load": {"layers_<i>": [fraction per expert]}}``,
-written by ``moejax.train.MetricWriter``), returns a ``matplotlib.figure.Figure`` and, given ``path``, also saves it
-as a PNG. The figures are built without pyplot, so no display and no GUI backend is needed (PNGs are rendered by
-Agg) and a notebook shows the returned figure inline. matplotlib is imported inside the functions: ``import moejax``
-never needs it (``pip install -e ".[notebooks]"`` installs it).
+written by ``moejax.training.metrics.MetricWriter`` and read by its ``read_metrics``), returns a
+``matplotlib.figure.Figure`` and, given ``path``, also saves it as a PNG. The figures are built without pyplot, so
+no display and no GUI backend is needed (PNGs are rendered by Agg) and a notebook shows the returned figure inline.
+matplotlib is imported inside the functions: ``import moejax`` never needs it (``pip install -e ".[notebooks]"``
+installs it).
 
-    from moejax import analysis
-    analysis.load_heatmap("runs/deepseekmoe")
-    analysis.loss_curves({"GShard": ["runs/gshard/seed0", "runs/gshard/seed1"], "DeepSeekMoE": "runs/dsmoe"})
+    from moejax import plots
+    plots.load_heatmap("runs/deepseekmoe")
+    plots.loss_curves({"GShard": ["runs/gshard/seed0", "runs/gshard/seed1"], "DeepSeekMoE": "runs/dsmoe"})
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from moejax.training import metrics
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -31,22 +33,6 @@ Workdir = str | os.PathLike
 Runs = Mapping[str, Workdir | Sequence[Workdir]] | Sequence[Workdir]
 
 _LAYER_KEY = re.compile(r"^layers_(\d+)_(.+)$")
-
-
-def read_metrics(workdir: Workdir) -> list[dict[str, Any]]:
-    """The records of ``<workdir>/metrics.jsonl`` in file order; a torn last line (a run killed while writing) is
-    skipped. Raises FileNotFoundError naming the file when it does not exist."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} a moejax run directory?")
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def _by_step(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -87,7 +73,7 @@ def load_heatmap(workdir: Workdir, path: Workdir | None = None) -> Figure:
     balanced layer is 1/E everywhere). The image of layer ``l`` holds ``[E, steps]`` = the train records'
     ``expert_load['layers_<l>']`` as columns. Records without ``expert_load`` are skipped; a run with none (a dense
     model, or a run from before the loads were logged) raises ValueError saying so."""
-    records = [r for r in _by_step(read_metrics(workdir), "train") if "expert_load" in r]
+    records = [r for r in _by_step(metrics.read_metrics(workdir), "train") if "expert_load" in r]
     if not records:
         raise ValueError(f"{pathlib.Path(workdir) / 'metrics.jsonl'} has no train record with 'expert_load': the "
                          "run is dense (no MoE layer) or was logged before moejax recorded expert loads")
@@ -111,7 +97,7 @@ def _layer_curves(workdir: Workdir, stat: str, ylabel: str, path: Workdir | None
     """One line per MoE layer of the train records' ``layers_<i>_<stat>`` over the step."""
     from matplotlib.figure import Figure
 
-    records = _by_step(read_metrics(workdir), "train")
+    records = _by_step(metrics.read_metrics(workdir), "train")
     layers = _layer_names(records, stat)
     if not layers:
         raise ValueError(f"{pathlib.Path(workdir) / 'metrics.jsonl'} has no train record with 'layers_<i>_{stat}': "
@@ -167,7 +153,7 @@ def _plot_band(ax: Any, series: list[dict[int, float]], color: str, label: str |
 def _series(workdir: Workdir, kind: str, value: Any) -> dict[int, float]:
     """{step: value(record)} over one run's records of ``kind`` where value(record) is not None."""
     points = {}
-    for record in _by_step(read_metrics(workdir), kind):
+    for record in _by_step(metrics.read_metrics(workdir), kind):
         y = value(record)
         if y is not None:
             points[record["step"]] = y
