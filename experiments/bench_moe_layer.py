@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from moejax.configs import base
 
-from moejax.moe import dispatch, experts, stats
+from moejax.moe import dispatch, experts, pipeline, stats
 from moejax.moe import layer as moe
 from moejax.moe.routers import Routing
 
@@ -90,7 +90,7 @@ def bench_dispatch(args, dtype, tokens: int, kernel: str) -> dict:
     x = jax.random.normal(jax.random.key(0), (tokens, d), dtype)
     route = random_routing(tokens, args.num_experts, k)
     plan = dropless_plan(route, args.num_experts, 1)
-    permute, combine = dispatch.kernel_ops(kernel)
+    permute, combine = pipeline.kernel_ops(kernel)
     def step(x, w):  # returns the rows too, so that XLA cannot fuse the two gathers into one and skip the buffer
         rows = permute(x, plan.slot_row, plan.row_slot)
         return rows, combine(rows, w, plan.slot_row, plan.row_slot)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 def dispatch_runs(args: argparse.Namespace, on_cpu: bool) -> list[tuple[str, str, int]]:
     """(row name, kernel, tokens) of the dispatch section: each kernel at --tokens (interpreted ones at
     --interpret_tokens), and on CPU the jnp gathers also at the interpreted size, for a like-for-like row."""
-    runs = [(kernel, args.interpret_tokens if interpreted(kernel) else args.tokens) for kernel in dispatch.KERNELS]
+    runs = [(kernel, args.interpret_tokens if interpreted(kernel) else args.tokens) for kernel in pipeline.KERNELS]
     if on_cpu:
         runs.append(("jnp", args.interpret_tokens))
     return [(kernel if tokens == args.tokens or interpreted(kernel) else f"{kernel}@{tokens}", kernel, tokens)

@@ -200,7 +200,7 @@ def gather_check(run: Run, dtype: str, case: str, shape: tuple[int, int, int]) -
 def permute_check(run: Run, dtype: str, mode: str, shape: tuple[int, int, int], num_experts: int = 16) -> None:
     """The Pallas permute -> unpermute-combine forward (rows [R, D], y [T, D]) and VJP (x, routing weights) against
     moejax.moe.dispatch's jnp ops, on a dropless plan of tile 8 or a capacity plan (factor 1: drops)."""
-    from moejax.moe import dispatch
+    from moejax.moe import dispatch, pipeline
 
     t, k, d = shape
     route = skewed_routing(t, k, num_experts)
@@ -210,7 +210,7 @@ def permute_check(run: Run, dtype: str, mode: str, shape: tuple[int, int, int], 
     x, g_rows, g_y = (jnp.asarray(rng.normal(size=s), dtype) for s in [(t, d), (plan.num_rows, d), (t, d)])
 
     def forward_and_vjp(kernel):
-        permute, combine = dispatch.kernel_ops(kernel)
+        permute, combine = pipeline.kernel_ops(kernel)
 
         def fwd(x, w):
             rows = permute(x, plan.slot_row, plan.row_slot)

@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import checks, cli, model
+from moejax import checks, cli, console, model
 from moejax.configs import base
-from moejax.training import console
 from moejax.training import metrics as metrics_lib
 from moejax.training.step import TrainState, eval_step
 

@@ -201,18 +201,3 @@ def _combine_bwd(res, grad_y):
 
 
 unpermute_combine.defvjp(_combine_fwd, _combine_bwd)
-
-
-KERNELS = ("jnp", "pallas")
-
-
-def kernel_ops(kernel: str):
-    """(permute, unpermute_combine) of ``model.moe.dispatch_kernel``: 'jnp' (this module's gathers) or 'pallas'
-    (moejax.kernels.dispatch: Triton on GPU, Mosaic on TPU, interpreted on CPU). Same signatures, same results."""
-    if kernel == "jnp":
-        return permute, unpermute_combine
-    if kernel != "pallas":
-        raise ValueError(f"model.moe.dispatch_kernel must be one of {KERNELS}, got {kernel!r}")
-    from moejax.kernels import dispatch as pallas_dispatch
-
-    return pallas_dispatch.permute, pallas_dispatch.unpermute_combine

@@ -71,7 +71,7 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.number(f"{prefix}.eval_capacity_factor", cfg.eval_capacity_factor, strict=True)
     checks.choice(f"{prefix}.drop_policy", cfg.drop_policy, ["position", "probs"])
     checks.choice(f"{prefix}.gmm_backend", cfg.gmm_backend, experts.BACKENDS)
-    checks.choice(f"{prefix}.dispatch_kernel", cfg.dispatch_kernel, dispatch.KERNELS)
+    checks.choice(f"{prefix}.dispatch_kernel", cfg.dispatch_kernel, pipeline.KERNELS)
     if cfg.gmm_backend == "megablox" and jax.default_backend() == "gpu":
         checks.fail(f"{prefix}.gmm_backend", cfg.gmm_backend, "megablox is a TPU (Mosaic) kernel; on GPU use 'auto', "
                                                               "'ragged_dot' or 'tokamax'")

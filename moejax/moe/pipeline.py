@@ -5,6 +5,21 @@ import jax
 from moejax.moe import dispatch, experts
 from moejax.moe.routers import Routing
 
+KERNELS = ("jnp", "pallas")
+
+
+def kernel_ops(kernel: str):
+    """(permute, unpermute_combine) of ``model.moe.dispatch_kernel``: 'jnp' (moejax.moe.dispatch's gathers) or
+    'pallas' (moejax.kernels.dispatch: Triton on GPU, Mosaic on TPU, interpreted on CPU). Same signatures, same
+    results."""
+    if kernel == "jnp":
+        return dispatch.permute, dispatch.unpermute_combine
+    if kernel != "pallas":
+        raise ValueError(f"model.moe.dispatch_kernel must be one of {KERNELS}, got {kernel!r}")
+    from moejax.kernels import dispatch as pallas_dispatch  # Pallas is imported by the models that use it only
+
+    return pallas_dispatch.permute, pallas_dispatch.unpermute_combine
+
 
 def tile_for(backend: str, gmm_tile: int, num_slots: int, num_experts: int) -> int:
     """Rows per tile of a dropless plan: 1 (the exact ragged layout) for the ragged backends; else ``gmm_tile`` or
@@ -27,7 +42,7 @@ def routed_experts(tokens: jax.Array, route: Routing, expert: experts.GLUExperts
         plan = dispatch.capacity_plan(route, num_experts, capacity, drop_policy)
     else:
         plan = dispatch.dropless_plan(route, num_experts, tile)
-    permute, unpermute_combine = dispatch.kernel_ops(kernel)
+    permute, unpermute_combine = kernel_ops(kernel)
     rows = permute(tokens, plan.slot_row, plan.row_slot)
     rows = experts.grouped_apply(expert, rows, weights, plan, backend)
     return unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot), plan.dropped

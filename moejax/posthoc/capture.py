@@ -49,12 +49,11 @@ import ml_collections
 import numpy as np
 from flax import struct
 
+from moejax import console, moe
 from moejax import model as model_lib
-from moejax import moe
 from moejax.moe import dispatch, experts, pipeline, routers
 from moejax.moe import layer as moe_layer
 from moejax.posthoc.trace import TraceWriter
-from moejax.training import console
 
 COLLECTION = "moe_aux"  # the collection the interceptor sows into (scanned by nn.scan, unlike 'intermediates')
 PREFIX = "posthoc_"  # names of the sown entries: posthoc_h_before, posthoc_inputs, posthoc_logits, ...
@@ -324,4 +323,4 @@ def calibration_batches(config: ml_collections.ConfigDict, checkpoint: str | pat
     return config, [window[:, :-1] for window in windows], tokenizer
 
 
-progress_bar = console.progress_bar  # the post-hoc CLI's progress lines (moejax/training/console.py)
+progress_bar = console.progress_bar  # the post-hoc CLI's progress lines (moejax/console.py)

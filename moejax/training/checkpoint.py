@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from moejax.training.console import say
+from moejax.console import say
 
 
 class WorkdirError(RuntimeError):

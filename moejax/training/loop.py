@@ -62,13 +62,13 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import data, evaluate, model, upcycle
 from moejax.cli import removed_on_failure
+from moejax.console import duration, say
 from moejax.data import tokenizers
 from moejax.moe import expert_parallel
 from moejax.parallel import batch_sharding, make_mesh, state_shardings
 from moejax.training import checkpoint, hooks, initialise, metrics, objectives, optim
 from moejax.training.checkpoint import WorkdirPathError
 from moejax.training.config import check_workdir_config, validate
-from moejax.training.console import duration, say
 from moejax.training.step import TrainState, train_step
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import tensorboardX
 from clu import metrics as clu_metrics
 
+from moejax.console import say
 from moejax.moe import stats
 from moejax.parallel import mesh_shape
-from moejax.training.console import say
 
 
 class DivergenceError(FloatingPointError):
