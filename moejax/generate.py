@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 
 from moejax import checks, cli, kv_cache, model
 
-CHUNK_SECONDS = 0.05  # the decoding time between two chances for Ctrl-C (and other signals) to stop it
+CHUNK_SECONDS = 0.1  # the decoding time between two chances for Ctrl-C (and other signals) to stop it
 
 
 def decode_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
