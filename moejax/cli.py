@@ -104,10 +104,9 @@ def _described(error: BaseException) -> str:
 
 
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None, *,
-        usage: tuple[type[BaseException], ...] = (),
         runtime: tuple[type[BaseException], ...] = LIBRARY_ERRORS) -> NoReturn:
     """Runs main(argv) (default: sys.argv[1:]) and exits with the status of the policy above: 0 when it returns; 2
-    for UsageError, checks.ConfigError and the classes in usage; 1 for RunError and the classes in runtime; 130 for
+    for UsageError and checks.ConfigError; 1 for RunError and the classes in runtime; 130 for
     Ctrl-C (KeyboardInterrupt: its message, if any, is the line printed). Any other exception is a bug and keeps its
     traceback; a SystemExit passes through."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -119,7 +118,7 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None, *,
     except BrokenPipeError:
         quiet_stdout()
         sys.exit(EXIT_RUNTIME)
-    except (UsageError, checks.ConfigError, *usage) as e:
+    except (UsageError, checks.ConfigError) as e:
         fail(brief(_described(e), loud), EXIT_USAGE, loud)
     except (RunError, *runtime) as e:
         fail(brief(_described(e), loud), EXIT_RUNTIME, loud)
