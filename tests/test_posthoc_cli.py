@@ -283,3 +283,10 @@ def test_usage_errors_are_one_line_and_status_2(release, argv, status, message, 
                             env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == status and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(message) and "Traceback" not in result.stderr
+
+
+def test_every_flag_has_help():
+    subcommands = cli.parser()._subparsers._group_actions[0].choices
+    assert sorted(subcommands) == ["analyze", "importance", "merge", "prune", "steer", "super-experts", "trace"]
+    assert [(name, action.dest) for name, sub in subcommands.items() for action in sub._actions
+            if not action.help] == []

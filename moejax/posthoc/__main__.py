@@ -464,8 +464,11 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("super-experts", help="profile the experts' down-projection outputs, flag super experts")
     _data_flags(p)
     p.add_argument("--out", required=True, help="the directory for super_experts.json and super_experts.png")
-    p.add_argument("--rule", choices=super_experts.RULES, default="paper")
-    p.add_argument("--percentile", type=float, default=99.5)
+    p.add_argument("--rule", choices=super_experts.RULES, default="paper",
+                   help="paper: above --percentile and --fraction of the largest; percentile: above --percentile; "
+                        "top_n: the --top_n largest")
+    p.add_argument("--percentile", type=float, default=99.5,
+                   help="rules paper and percentile: the percentile of every expert's largest output to pass")
     p.add_argument("--fraction", type=float, default=0.1, help="rule paper: also above this fraction of the max")
     p.add_argument("--top_n", type=int, default=None, help="rule top_n: how many")
     p.set_defaults(run=run_super_experts)
