@@ -578,6 +578,44 @@ def test_committed_results_show_the_verdicts():
     assert block == summary.summary_block()
 
 
+def test_posthoc_common_cache_json_pages_and_draws(tmp_path, capsys):
+    """experiments/posthoc_common.py: strict JSON (numpy to Python, NaN to None), a result cache a new instance
+    reads back, a page written from its JSON and rewritten from it alone (findings kept), the random expert draws,
+    the number format and the progress lines."""
+    from experiments import posthoc_common as common
+
+    value = {"a": np.float32(0.5), "b": np.arange(3), "c": (1, float("nan")), "d": {"e": float("inf")}}
+    assert common.jsonable(value) == {"a": 0.5, "b": [0, 1, 2], "c": [1, None], "d": {"e": None}}
+    cache = common.ResultCache(tmp_path / "run" / "study")
+    assert cache.put("x", {"v": np.float64(1.25)})["v"] == 1.25
+    cache.section("results")["k"] = 3
+    cache.save()
+    assert common.ResultCache(tmp_path / "run" / "study").data == {"x": {"v": 1.25}, "results": {"k": 3}}
+    assert not list((tmp_path / "run" / "study").glob("*.tmp"))
+
+    def render(payload, findings):
+        return f"# {payload['title']}\n{runner.FINDINGS_BEGIN}{findings}{runner.FINDINGS_END}\n{payload['n']:.2f}\n"
+
+    page = common.write_page(tmp_path / "out", "study", {"title": "t", "n": np.float32(2)}, render, "(none yet)")
+    assert page.read_text() == f"# t\n{runner.FINDINGS_BEGIN}\n## Findings\n\n(none yet)\n{runner.FINDINGS_END}\n2.00\n"
+    page.write_text(page.read_text().replace("(none yet)", "hand-written"))
+    common.rerender(tmp_path / "out", "study", render, "(none yet)")
+    assert "hand-written" in page.read_text() and json.loads((tmp_path / "out" / "study.json").read_text())["n"] == 2
+
+    exclude = {(0, 1), (2, 3)}
+    draws = [common.random_experts(np.random.default_rng(seed), [0, 2], 4, 3, exclude) for seed in range(20)]
+    for drawn in draws:
+        assert drawn == sorted(drawn) and len(set(drawn)) == 3 and not set(drawn) & exclude
+        assert all(layer in (0, 2) and 0 <= e < 4 for layer, e in drawn)
+    assert len({tuple(d) for d in draws}) > 1
+    assert common.random_experts(np.random.default_rng(7), [0, 2], 4, 3, exclude) == draws[7]
+
+    assert [common.fixed(v, 2) for v in (None, float("nan"), 1.234, 3)] == ["–", "nan", "1.23", "3.00"]
+    assert common.fixed(None, 4, "—") == "—"
+    common.speaker("study")("hello")
+    assert re.fullmatch(r"\[study +\d+\.\ds\] hello\n", capsys.readouterr().out)
+
+
 def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir, capsys):
     """experiments/posthoc_compression.py on a random 2-layer model of 8 experts (one calibration batch of 2 x 16
     tokens, one seed, frequency pruning to 4 experts; the super-expert ablation skipped, its two helpers checked on
@@ -586,7 +624,7 @@ def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir
     import jax.numpy as jnp
     from moejax.configs import base
 
-    from experiments import posthoc_compression
+    from experiments import posthoc_compression, posthoc_super_experts
     from moejax import model
     from moejax.training import checkpoint
 
@@ -614,9 +652,12 @@ def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir
     code, out, err = run_main(posthoc_compression, args, capsys)
     assert code == 0, err
     assert "1/1 results cached" in out and not re.search(r"\d bits/byte", out), out
+    code, out, err = run_main(posthoc_compression, ["--render_only", f"--out={tmp_path / 'results'}"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "results" / "posthoc_compression.md").read_text() == page  # the page from its JSON alone
 
     variables = {"params": params, "moe_state": moe_state}
-    zeroed = posthoc_compression.zero_experts(config, variables, [(1, 3)])
+    zeroed = posthoc_super_experts.zero_experts(config, variables, [(1, 3)])
     for layer in (0, 1):
         before = np.asarray(variables["params"][f"layers_{layer}"]["ffn"]["experts"]["wo"])
         after = np.asarray(zeroed["params"][f"layers_{layer}"]["ffn"]["experts"]["wo"])
@@ -625,8 +666,8 @@ def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir
             expected[3] = 0
             assert np.abs(before[3]).max() > 0
         np.testing.assert_array_equal(after, expected)
-    draws = posthoc_compression.random_sets([(1, 3), (1, 5)], {(1, 3), (1, 5), (0, 0)}, [0, 1], 8, 4, False)
-    same = posthoc_compression.random_sets([(1, 3), (1, 5)], {(1, 3), (1, 5)}, [0, 1], 8, 4, True)
+    draws = posthoc_super_experts.random_sets([(1, 3), (1, 5)], {(1, 3), (1, 5), (0, 0)}, [0, 1], 8, 4, False)
+    same = posthoc_super_experts.random_sets([(1, 3), (1, 5)], {(1, 3), (1, 5)}, [0, 1], 8, 4, True)
     assert len(draws) == len(same) == 4
     for drawn in draws + same:
         assert len(set(drawn)) == 2 and not set(drawn) & {(1, 3), (1, 5), (0, 0)}
