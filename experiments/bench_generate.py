@@ -54,7 +54,7 @@ def v2lite_100m():
 def tiny(checkpoint: str | None):
     """(config, variables) of --checkpoint, or (configs/deepseekmoe.py:tiny, None: random weights)."""
     if checkpoint:
-        import moejax.load
+        import moejax
 
         return moejax.load(checkpoint)
     from moejax.configs import deepseekmoe

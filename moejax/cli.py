@@ -234,7 +234,7 @@ def check_checkpoint(args: argparse.Namespace) -> list[int] | None:
 def open_checkpoint(args: argparse.Namespace) -> Checkpoint:
     """The checkpoint of --checkpoint (a moejax workdir, at --step or its newest checkpoint, or a transformers
     directory): ``check_checkpoint``, then ``moejax.load``; RunError when a workdir has no checkpoint yet."""
-    from moejax.load import load
+    from moejax.loading import load
     from moejax.training.checkpoint import WorkdirError
 
     steps = check_checkpoint(args)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import moejax.load
+import moejax
 from moejax import checks, cli, data, evaluate, generate, hf, model
 from moejax.data import tokenizers
 from moejax.training import loop

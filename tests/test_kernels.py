@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moejax.kernels import dispatch as kd
 
+from moejax.kernels import dispatch as kd
 from moejax.moe import dispatch, experts, layer
 from moejax.moe.routers import Routing
 from tests import helpers_configs, helpers_moe, reference

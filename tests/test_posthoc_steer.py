@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import moejax.load
+import moejax
 from moejax import data, evaluate
 from moejax.moe import intervention
 from moejax.posthoc import __main__ as cli

@@ -57,7 +57,6 @@ import numpy as np
 from moejax.configs import deepseekmoe
 
 import moejax
-import moejax.load
 from moejax.training import loop
 
 # per budget: (trace batches, evaluation batches, new tokens per sample)

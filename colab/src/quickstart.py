@@ -205,7 +205,6 @@ plt.show()
 
 # %%
 import moejax
-import moejax.load
 from moejax import generate
 
 config, variables = moejax.load(WORKDIR)

@@ -9,15 +9,12 @@ A transformers checkpoint directory (config.json with a ``model_type`` and safet
 checkpoints) is opened through ``moejax.hf.load`` instead: its config and variables in the same form (``step``
 must then be None; see moejax/hf/__init__.py for the families it reads).
 
-``moejax.load`` is this module's ``load``; the module itself is callable the same way, so ``moejax.load(path)``
-works also after ``import moejax.load`` made the package attribute this module.
+``moejax.load`` (moejax/__init__.py) calls this module's ``load``.
 """
 from __future__ import annotations
 
 import json
 import pathlib
-import sys
-import types
 from typing import Any
 
 import jax
@@ -71,11 +68,3 @@ def _merge(default: Any, saved: Any) -> Any:
     if isinstance(default, tuple) and isinstance(saved, list):
         return tuple(saved)
     return saved
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, path: str | pathlib.Path, step: int | None = None):
-        return load(path, step)
-
-
-sys.modules[__name__].__class__ = _CallableModule
