@@ -134,21 +134,22 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batch
 EVAL_FIELDS = base.fields_with("eval")
 
 
-def apply_set(config: ml_collections.ConfigDict, assignment: str) -> None:
+def apply_set(config: ml_collections.ConfigDict, assignment: str, *, validate: bool = True) -> None:
     """Applies one ``--set FIELD=VALUE`` to config (in place): FIELD one of EVAL_FIELDS, VALUE parsed as the field's
     type (a number for a float field or one that is None, 'None' to unset it). ConfigError naming the flag, the
-    value and what is allowed, also when the result fails the model's checks."""
+    value and what is allowed, also (with validate) when the result fails the model's checks."""
     field, sep, text = assignment.partition("=")
     field, text = field.strip(), text.strip()
     if not sep or field not in EVAL_FIELDS:
-        checks.fail("--set", assignment, f"must be FIELD=VALUE with FIELD one of {', '.join(EVAL_FIELDS)}")
+        raise checks.ConfigError(f"--set={assignment!r}: must be FIELD=VALUE with FIELD one of "
+                                 f"{', '.join(EVAL_FIELDS)}")
     *path, name = field.split(".")
     node = config
     for part in path:
         node = node[part]
     current = node[name]
     if text in ("None", "none") and current is not None:
-        checks.fail("--set", assignment, f"{field} cannot be None")
+        raise checks.ConfigError(f"--set={assignment!r}: {field} cannot be None")
     try:
         if text in ("None", "none"):
             value = None
@@ -161,9 +162,10 @@ def apply_set(config: ml_collections.ConfigDict, assignment: str) -> None:
         else:
             value = text
     except (KeyError, ValueError):
-        checks.fail("--set", assignment, f"{field} takes a {type(current).__name__}")
+        raise checks.ConfigError(f"--set={assignment!r}: {field} takes a {type(current).__name__}") from None
     node[name] = value
-    model.validate(config.model)
+    if validate:
+        model.validate(config.model)
 
 
 def text_bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
@@ -185,6 +187,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                                                     ".json; required for a transformers directory)")
     args = parser.parse_args(argv)
     cli.check_data_flags(args)
+    for assignment in args.set:  # field and type checked before loading; the values against the model after
+        apply_set(base.get_config(), assignment, validate=False)
     if args.out is None and cli.check_checkpoint(args) is None:
         raise cli.UsageError(f"--out is required for a transformers checkpoint directory ({args.checkpoint}): the "
                              f"evaluation of a workdir goes to <workdir>/eval_<data>.json, that of a transformers "
