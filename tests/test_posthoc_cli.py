@@ -268,6 +268,8 @@ def test_prune_says_what_it_allows_and_that_it_lowers_top_k(release, tmp_path, c
         assert "or all" not in str(refused.value) and "frequency" in str(refused.value)
     cli.main(["prune", *release[1], "--criterion", "frequency", "--keep", "1", "--out", str(tmp_path / "pruned")])
     assert "top_k lowered from 2 to 1" in capsys.readouterr().err
+    cli.main(["merge", *release[1], "--method", "average", "--experts", "1", "--out", str(tmp_path / "merged")])
+    assert "top_k lowered from 2 to 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,status,message", [

@@ -289,9 +289,7 @@ def run_prune(args: argparse.Namespace) -> pathlib.Path:
     keep = (prune.keep_global if args.global_budget else prune.keep_by_score)(scores, args.keep, layers)
     new_config, new_variables = prune.prune(config, variables, keep)
     _say("kept experts: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in keep.items()))
-    if new_config.model.moe.top_k < config.model.moe.top_k:
-        _say(f"top_k lowered from {config.model.moe.top_k} to {new_config.model.moe.top_k}: a token takes at most "
-             "the experts that remain")
+    _note_top_k(config, new_config)
     return _save_model(args, opened, new_config, new_variables,
                        {"operation": "prune", "criterion": args.criterion, "global": args.global_budget,
                         "trace": args.trace, "keep": {str(layer): ids for layer, ids in keep.items()},
@@ -338,7 +336,15 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
                 groups[layer] = merge.mcsmoe_groups(kernel, frequency[row], args.experts)
             what["groups"] = {str(layer): value for layer, value in groups.items()}
             new_config, new_variables = merge.average(config, variables, groups)
+    _note_top_k(config, new_config)
     return _save_model(args, opened, new_config, new_variables, what)
+
+
+def _note_top_k(config: Any, new_config: Any) -> None:
+    """Says so when compressing lowered top_k (fewer experts remain than a token took)."""
+    if new_config.model.moe.top_k < config.model.moe.top_k:
+        _say(f"top_k lowered from {config.model.moe.top_k} to {new_config.model.moe.top_k}: a token takes at most "
+             "the experts that remain")
 
 
 def run_super_experts(args: argparse.Namespace) -> dict[str, Any]:
