@@ -7,10 +7,16 @@
 # else equal. The contract, from `moejax/moe/routers.py`:
 #
 # ```python
-# @routers.register(kind, needs_rng=False, needs_token_ids=False, needs_progress=False, validate=None)
+# @routers.register(kind, needs_rng=False, needs_token_ids=False, needs_progress=False, ranks_by_score=False,
+#                   renormalises=False, ids_depend_on_num_experts=False, null_experts=False, validate=None)
 # router(logits [T, E] float32, cfg, ctx: RouterContext)
 #     -> Routing(weights [T, k], experts [T, k] int32, probs [T, E], logits [T, E])
 # ```
+#
+# The keywords are the router's facts (`RouterSpec`): what the layer must give it (`needs_*`), whether it ranks
+# scores with `top_k` (so every routing intervention applies to it) and renormalises its weights, whether its ids
+# depend on the number of experts (pruning and merging then refuse it), whether it handles null experts, and its
+# own field checks. A name already registered is refused.
 #
 # `cfg` is the `model.moe` config section; `ctx.bias` the selection-only bias of aux-loss-free balancing,
 # `ctx.progress` the fraction of training done (a traced scalar, given to routers registered with
@@ -59,7 +65,7 @@ import jax.numpy as jnp
 from moejax.moe import routers
 
 
-@routers.register("annealed_topk", needs_progress=True)
+@routers.register("annealed_topk", needs_progress=True, ranks_by_score=True, renormalises=True)
 def annealed_topk(logits, cfg, ctx):
     """Top-k of softmax(logits / tau), tau from router.temperature down to 1 over training; renormalised."""
     start = cfg.router.get("temperature", 2.0)
