@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache or str(cache.root / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    import moejax.load
+    import moejax
     from moejax import data, evaluate, model
     from moejax.training import checkpoint as checkpoint_lib
 

@@ -616,15 +616,13 @@ def test_posthoc_common_cache_json_pages_and_draws(tmp_path, capsys):
     assert re.fullmatch(r"\[study +\d+\.\ds\] hello\n", capsys.readouterr().out)
 
 
-def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir, capsys):
-    """experiments/posthoc_compression.py on a random 2-layer model of 8 experts (one calibration batch of 2 x 16
-    tokens, one seed, frequency pruning to 4 experts; the super-expert ablation skipped, its two helpers checked on
-    the variables): a progress line per result, the page, JSON and plot written, a rerun that computes nothing."""
+def random_moe_run(path, data_dir):
+    """A workdir at path holding a random 2-layer model of 8 experts (top-2, one shared expert, batches of 2 x 16
+    tokens of the stdlib corpus in data_dir): (path, config, params, moe_state)."""
     import jax
     import jax.numpy as jnp
     from moejax.configs import base
 
-    from experiments import posthoc_compression, posthoc_super_experts
     from moejax import model
     from moejax.training import checkpoint
 
@@ -638,7 +636,17 @@ def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir
     rng = np.random.default_rng(0)  # random weights without compiling the init
     params = jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(s.dtype), shapes["params"])
     moe_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes.get("moe_state", {}))
-    run = checkpoint.save_variables(tmp_path / "run", config, {"params": params, "moe_state": moe_state})
+    return checkpoint.save_variables(path, config, {"params": params, "moe_state": moe_state}), config, params, \
+        moe_state
+
+
+def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir, capsys):
+    """experiments/posthoc_compression.py on a random 2-layer model of 8 experts (one calibration batch of 2 x 16
+    tokens, one seed, frequency pruning to 4 experts; the super-expert ablation skipped, its two helpers checked on
+    the variables): a progress line per result, the page, JSON and plot written, a rerun that computes nothing."""
+    from experiments import posthoc_compression, posthoc_super_experts
+
+    run, config, params, moe_state = random_moe_run(tmp_path / "run", data_dir)
     args = [f"--checkpoint={run}", "--seeds=1", "--calib_batches=1", "--fractions=0.5", "--methods=frequency",
             "--no_super", "--compile_cache=none", f"--out={tmp_path / 'results'}"]
     code, out, err = run_main(posthoc_compression, args, capsys)
@@ -672,3 +680,31 @@ def test_posthoc_compression_runs_resumes_and_writes_the_page(tmp_path, data_dir
     for drawn in draws + same:
         assert len(set(drawn)) == 2 and not set(drawn) & {(1, 3), (1, 5), (0, 0)}
     assert all(layer == 1 for drawn in same for layer, _ in drawn)
+
+
+def test_posthoc_routing_runs_resumes_and_rerenders(tmp_path, data_dir, capsys):
+    """experiments/posthoc_routing.py on the random model of random_moe_run (4,096 tokens traced, 512 evaluated, one
+    random draw per control, beta 0 alone, the imported release skipped): every step, the page and its JSON; the
+    evaluator's bits per byte equal to those of its per-position losses; a rerun that computes nothing;
+    --render_only rewrites the same page from the JSON alone."""
+    from experiments import posthoc_routing
+
+    run, *_ = random_moe_run(tmp_path / "run", data_dir)
+    args = [f"--checkpoint={run}", "--max_tokens=4096", "--eval_tokens=512", "--keywords=self,def", "--random_draws=1",
+            "--betas=0", "--max_new=4", "--no_release", f"--out={tmp_path / 'results'}"]
+    posthoc_routing.main(args)
+    out = capsys.readouterr().out
+    assert "silencing baseline:" in out and "SCMoE sweep" in out and "greedy samples at beta 0.0" in out, out
+    payload = json.loads((tmp_path / "results" / "posthoc_routing.json").read_text())
+    base = payload["silencing"]["baseline"]
+    assert base["bits_per_byte"] == pytest.approx(base["bits_per_byte_pass2"], rel=1e-5)
+    assert payload["info"]["eval_tokens"] == 512 and payload["info"]["trace_tokens"] == 4096
+    assert payload["summary"]["silencing_table"], payload["keywords"]  # a keyword occurs in the trace
+    page = (tmp_path / "results" / "posthoc_routing.md").read_text()
+    assert f"Model: {base['bits_per_byte']:.4f} bits/byte" in page and "## Self-contrast decoding" in page
+    posthoc_routing.main(args)
+    assert not re.search(r"silencing \S+: |SCMoE sweep|greedy samples", capsys.readouterr().out)
+    page = (tmp_path / "results" / "posthoc_routing.md").read_text()
+    (tmp_path / "results" / "posthoc_routing.md").write_text("stale")
+    posthoc_routing.main(["--render_only", f"--out={tmp_path / 'results'}"])
+    assert (tmp_path / "results" / "posthoc_routing.md").read_text() == page
