@@ -76,6 +76,7 @@ def label(method: str) -> str:
 
 
 def cell_key(method: str, kept: int, seed: int) -> str:
+    """The cache key of one result of the grid."""
     return f"{method}/{kept}/{seed}"
 
 
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["calib_seconds"] = float(np.mean(calib_seconds))
     if not args.no_super:
         posthoc_super_experts.run(cache, config, variables, calib, lambda v, iv: bits_per_byte(config, v, iv),
-                                  args.random_draws, out_dir, say)
+                                  args.random_draws, out_dir / f"{NAME}_super_experts.png", say)
     extra["wall_seconds"] = extra.get("wall_seconds", 0.0) + (time.perf_counter() - started)
     cache.save()
     meta.update(extra)

@@ -100,7 +100,7 @@ def render_page(payload: dict[str, Any], findings: str) -> str:
               f"{fmt(s.get('calib_seconds'), 1)} s per seed. Wall time of the whole experiment: "
               f"{fmt(s.get('wall_seconds', None), 0)} s.", ""]
     lines += ["## Bits per byte against the fraction of routed experts kept", "",
-              "![bits/byte vs fraction kept](posthoc_compression.png)", "",
+              f"![bits/byte vs fraction kept]({study.NAME}.png)", "",
               "Validation bits per byte, mean ± std (ddof 1) over the calibration seeds (n = seeds finished). At "
               "100% every method returns the original model (all experts kept, groups of one), so that column is "
               "the baseline up to float rounding.", ""]
@@ -149,7 +149,7 @@ def _render_super(s: dict[str, Any]) -> list[str]:
     if sup is None:
         return lines + ["Not run (missing)."]
     p = sup["profile"]
-    lines += ["![super-expert profile](posthoc_compression_super_experts.png)", "",
+    lines += [f"![super-expert profile]({study.NAME}_super_experts.png)", "",
               f"Profile: `super_experts.find` over the union of the {s['seeds']} calibration sets "
               f"({p['num_tokens']:,} training tokens): a[l, e] = max over the tokens routed to expert e of layer l of "
               f"max_d |f_e(x)_d| (its down-projection output before the gate weight), {len(p['layers'])} x "
@@ -176,7 +176,7 @@ def _render_super(s: dict[str, Any]) -> list[str]:
                      f"{'inf' if ratio is None else f'{ratio:.1f}'} |")
     lines += ["", "Stability over the calibration sets (paper rule; the top three): " + "; ".join(
         f"seed {seed}: {v['paper']} (top 3 {v['top3']})" for seed, v in sup["per_seed"].items()), ""]
-    lines += ["![super-expert ablation](posthoc_compression_super_ablation.png)", "",
+    lines += [f"![super-expert ablation]({study.NAME}_super_ablation.png)", "",
               f"Ablation, validation bits per byte (baseline {fmt(s['super_baseline'], 4)}, through the same function "
               "as the ablations). Two ways to remove a set of experts: **silenced** = the routing intervention "
               "`moejax.moe.intervention.mask_experts` (the experts are never selected; the next-ranked experts take "

@@ -93,16 +93,16 @@ def profile_sets(cache: common.ResultCache, config: ml_collections.ConfigDict, v
 
 def run(cache: common.ResultCache, config: ml_collections.ConfigDict, variables: dict[str, Any],
         calib: dict[int, list[np.ndarray]], bits_per_byte: Callable[[dict[str, Any], Any], float], random_draws: int,
-        out_dir: pathlib.Path, say: Callable[[str], None]) -> None:
-    """The profile, its plot, and every ablation not yet in the cache. bits_per_byte(variables, intervention): the
-    validation bits per byte of the original config's model."""
+        profile_plot: pathlib.Path, say: Callable[[str], None]) -> None:
+    """The profile, its plot (to profile_plot), and every ablation not yet in the cache. bits_per_byte(variables,
+    intervention): the validation bits per byte of the original config's model."""
     from moejax import model
     from moejax.moe import intervention as interventions
 
     layers = model.moe_layers(config.model)
     num_experts = config.model.moe.num_experts
     info = profile_sets(cache, config, variables, calib, say)
-    plot_profile(info["paper"], out_dir / "posthoc_compression_super_experts.png")
+    plot_profile(info["paper"], profile_plot)
     sets = {"paper": [tuple(p) for p in info["paper"]["super_experts"]]}
     for n in TOP_N:
         sets[f"top{n}"] = [tuple(p) for p in info["top_n"][str(n)]]
