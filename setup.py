@@ -32,7 +32,7 @@ setup(
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         "tf": ["tensorflow"],
         "notebooks": ["nbclient", "nbformat", "ipykernel"],
-        # tests/golden/make_hf_goldens.py and the live transformers checks of tests/test_hf.py
+        # tests/hf/golden/make_hf_goldens.py and the live transformers checks of tests/hf/test_hf.py
         "hf": ["torch", "transformers"],
     },
 )

@@ -85,3 +85,50 @@ def data_dir(tmp_path_factory):
         config.data.dir = str(shared / "data")
         data.corpus_fingerprint(config)  # builds the corpus once
     return shared / "data"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of a module's command subprocesses: one host device (a faster compile than the suite's 8), a
+    compilation cache they share, and errors without tracebacks (MOEJAX_VERBOSE=0)."""
+    from tests import helpers_env
+
+    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"), MOEJAX_VERBOSE="0")
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus(tmp_path_factory):
+    """A ``text:`` corpus of 12 standard-library sources (about 200 KB): <tmp>/corpus/<package>_<file>.py."""
+    import shutil
+    import sysconfig
+
+    corpus = tmp_path_factory.mktemp("stdlib") / "corpus"
+    corpus.mkdir()
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted((stdlib / "json").glob("*.py"))[:4] + sorted((stdlib / "email").glob("*.py"))[:8]:
+        shutil.copy(path, corpus / f"{path.parent.name}_{path.name}")
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def bpe_release(stdlib_corpus):
+    """(checkpoint dir, corpus dir): a 1-layer Mixtral-layout model (4 experts, top-2, GQA, vocab 320 > the
+    tokenizer's 300) saved by moejax.hf.save, with a byte-level BPE tokenizer trained on the corpus whose eos '</s>'
+    is id 1; the corpus is ``stdlib_corpus`` (fine-tuning, evaluation and the main command read it)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from moejax import hf
+    from tests import helpers_hf
+
+    config, variables = helpers_hf.random_mixtral(vocab_size=320, seed=1)
+    directory = hf.save(config, variables, stdlib_corpus.parent / "release")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([p.read_text() for p in sorted(stdlib_corpus.iterdir())], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return directory, stdlib_corpus

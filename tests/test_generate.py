@@ -6,7 +6,6 @@ single-device tokens; bad arguments are named; where the decoding chunks end cha
 arriving inside a stream callback) stops decoding between two chunks. The CLI's flags: checked before anything
 loads, one line and status 2, and --help shows every flag's help and default."""
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -20,10 +19,8 @@ from scipy import stats as scipy_stats
 
 from moejax import cli, generate, hf, kv_cache, model, parallel
 from moejax.checks import ConfigError
-from tests import helpers_env, test_hf
-from tests.helpers_configs import load, small_model
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import helpers_hf
+from tests.helpers_configs import REPO, load, small_model
 
 
 def tiny(**fields):
@@ -158,13 +155,13 @@ def test_greedy_equals_recomputing_the_forward():
                                   naive_greedy(cfg, variables, prompts, 7))
 
 
-FAMILY_CASES = [case for case in test_hf.CASES if case.endswith("_a")]  # one per family (test_hf: all, no cache)
+FAMILY_CASES = [case for case in helpers_hf.CASES if case.endswith("_a")]  # one per family (test_hf: all, no cache)
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)
 def test_greedy_matches_transformers_generate(case):
-    golden = np.load(test_hf.fixture(case) / "golden.npz")
-    config, variables = hf.load(test_hf.fixture(case))
+    golden = np.load(helpers_hf.golden_dir(case) / "golden.npz")
+    config, variables = hf.load(helpers_hf.golden_dir(case))
     tokens = generate.generate(config, variables, golden["prompt"], max_new_tokens=golden["greedy"].shape[1])
     np.testing.assert_array_equal(tokens[:, golden["prompt"].shape[1]:], golden["greedy"])
 
@@ -354,11 +351,6 @@ def test_ctrl_c_inside_a_stream_callback_stops_decoding_between_chunks(monkeypat
     with pytest.raises(KeyboardInterrupt):
         generate.generate(cfg, init(cfg), np.zeros((1, 2), np.int32), max_new_tokens=50, stream=stream)
     assert 3 <= len(seen) <= 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"), MOEJAX_VERBOSE="0")
 
 
 @pytest.mark.parametrize("flag,message", [

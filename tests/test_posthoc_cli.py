@@ -190,9 +190,9 @@ def test_bad_flags_are_named(release, argv, message, tmp_path):
 
 
 def _torch_available() -> bool:
-    from tests import test_hf
+    from tests import helpers_hf
 
-    return test_hf.has_torch()
+    return helpers_hf.has_torch()
 
 
 @pytest.mark.skipif(not _torch_available(), reason="the live check needs torch and transformers (pip install -e .[hf])")

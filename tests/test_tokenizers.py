@@ -8,21 +8,19 @@ and the stdlib corpus with a BPE.
 """
 import hashlib
 import json
-import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
 import tokenizers as hf_tokenizers
 from moejax.configs import base
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moejax import checks, data
 from moejax.data import corpora, streams, tokenizers
 from moejax.training import config as config_lib
+from tests import helpers_hf
+from tests.helpers_hf import TEXTS
 
-TEXTS = ["def f(x):\n    return x + 1\n", "héllo wörld ✓ — naïve café\n", "", "class A:\n    pass\n" * 3,
-         "</s> is a special token here"]
 EOT = "<|endoftext|>"
 
 
@@ -34,23 +32,6 @@ def make_config(data_dir, name, tokenizer, *, seq_len=16, val_fraction=0.2):
                                              "eval_batches": 2, "tfds_dir": "", "text_key": "text",
                                              "tokenizer": tokenizer})
     return config
-
-
-def hf_dir(directory: pathlib.Path, eos_files: dict | None = None) -> pathlib.Path:
-    """A released-style tokenizer directory: a byte-level BPE of 300 ids with '<pad>' (0) and '</s>' (1), trained
-    with the tokenizers package, and tokenizer_config.json naming '</s>' (or eos_files: {file name: JSON})."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tok = hf_tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(str(directory / "tokenizer.json"))
-    for name, content in (eos_files if eos_files is not None else {"tokenizer_config.json":
-                                                                   {"eos_token": "</s>"}}).items():
-        (directory / name).write_text(json.dumps(content))
-    return directory
 
 
 @pytest.fixture
@@ -93,7 +74,7 @@ def test_bytes_tokenizer_is_utf8(tmp_path):
 
 
 def test_hf_tokenizer_equals_the_tokenizers_package(tmp_path):
-    directory = hf_dir(tmp_path / "model")
+    directory = helpers_hf.tokenizer_dir(tmp_path / "model")
     reference = hf_tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     for spec in (f"hf:{directory}", f"hf:{directory / 'tokenizer.json'}"):
         tok = tokenizers.from_spec(spec)
@@ -112,7 +93,7 @@ def test_hf_tokenizer_equals_the_tokenizers_package(tmp_path):
 
 def test_token_bytes_sum_to_the_text_bytes(tmp_path):
     """Bits per byte: a text's tokens stand for its UTF-8 bytes; the eos counts 1 like the byte separator."""
-    tok, by = tokenizers.from_spec(f"hf:{hf_dir(tmp_path)}"), tokenizers.from_spec("bytes")
+    tok, by = tokenizers.from_spec(f"hf:{helpers_hf.tokenizer_dir(tmp_path)}"), tokenizers.from_spec("bytes")
     for text in TEXTS[:-1]:
         for t in (tok, by):
             assert sum(t.token_bytes(i) for i in t.encode(text)) == len(text.encode())
@@ -120,7 +101,7 @@ def test_token_bytes_sum_to_the_text_bytes(tmp_path):
 
 
 def test_for_checkpoint_finds_the_tokenizer(tmp_path, text_corpus):
-    directory = hf_dir(tmp_path / "release")
+    directory = helpers_hf.tokenizer_dir(tmp_path / "release")
     assert tokenizers.for_checkpoint(directory).fingerprint == tokenizers.from_spec(f"hf:{directory}").fingerprint
     assert tokenizers.for_checkpoint(tmp_path / "empty").spec == "bytes"
     root, _ = text_corpus
@@ -140,11 +121,11 @@ def test_for_checkpoint_finds_the_tokenizer(tmp_path, text_corpus):
     ({"tokenizer_config.json": {"eos_token_id": 0}, "config.json": {"eos_token_id": 1}}, 0),
 ])
 def test_hf_eos_lookup(tmp_path, files, eos):
-    assert tokenizers.from_spec(f"hf:{hf_dir(tmp_path, files)}").eos_id == eos
+    assert tokenizers.from_spec(f"hf:{helpers_hf.tokenizer_dir(tmp_path, files)}").eos_id == eos
 
 
 def test_hf_without_eos_is_refused(tmp_path):
-    directory = hf_dir(tmp_path, {"tokenizer_config.json": {"eos_token": "<missing>"}})
+    directory = helpers_hf.tokenizer_dir(tmp_path, {"tokenizer_config.json": {"eos_token": "<missing>"}})
     with pytest.raises(ValueError, match=r"config.data.tokenizer='hf:.*': no end-of-document token: none of "
                                          r"tokenizer_config.json, generation_config.json, config.json"):
         tokenizers.from_spec(f"hf:{directory}")
@@ -166,7 +147,7 @@ def test_vocab_size_is_checked_against_the_tokenizer(tmp_path):
         config_lib.validate(config)
     config.model.vocab_size = 1024  # padded embeddings are fine
     config_lib.validate(config)
-    config.data.tokenizer, config.model.vocab_size = f"hf:{hf_dir(tmp_path)}", 299
+    config.data.tokenizer, config.model.vocab_size = f"hf:{helpers_hf.tokenizer_dir(tmp_path)}", 299
     with pytest.raises(checks.ConfigError, match=r"model.vocab_size=299 .* must be >= 300"):
         config_lib.validate(config)
     config.data.tokenizer = "hf:nowhere"
@@ -234,7 +215,7 @@ def test_bpe_stream_is_the_documents_joined_by_eos(text_corpus, tmp_path):
 def test_byte_split_cuts_a_document_in_two_pieces(tmp_path):
     text = "ab✓" * 40 + "end"  # the validation split starts inside a multi-byte character
     (tmp_path / "one.txt").write_text(text)
-    directory = hf_dir(tmp_path / "model")
+    directory = helpers_hf.tokenizer_dir(tmp_path / "model")
     config = make_config(tmp_path / "cache", f"text:{tmp_path}/one.txt", f"hf:{directory}", val_fraction=0.1)
     train, val = streams.token_streams(config)
     whole = text.encode() + b"\0"

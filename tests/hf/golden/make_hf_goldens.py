@@ -1,16 +1,16 @@
-"""Writes the transformers golden fixtures that tests/test_hf.py checks moejax.hf against (no torch needed there).
+"""Writes the transformers golden fixtures that tests/hf/test_hf.py checks moejax.hf against (no torch needed there).
 
 Run after ``pip install -e ".[hf]"``:
 
-    python tests/golden/make_hf_goldens.py [case ...]      # default: every case
+    python tests/hf/golden/make_hf_goldens.py [case ...]      # default: every case
 
 For every case (two or more per family, varying expert count, top-k, groups, the dense-layer pattern,
 norm_topk_prob, biases, head width, rope) it builds a tiny random model with transformers' own config class, draws
 every parameter and buffer at random (norm scales around 1, so that swapped norms show), saves it with
-save_pretrained in float32 to tests/golden/hf/<case>/ (config.json, model.safetensors: a few hundred KB), and
+save_pretrained in float32 to tests/hf/golden/<case>/ (config.json, model.safetensors: a few hundred KB), and
 writes golden.npz beside it: the float32 logits of fixed token ids and a greedy continuation (the full forward pass
 on the growing sequence, argmax of the last position). ``build(case)`` and ``reference(model, tokens)`` are what
-the live check of tests/test_hf.py uses when torch and transformers import.
+the live check of tests/hf/test_hf.py uses when torch and transformers import.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent / "hf"
+ROOT = pathlib.Path(__file__).resolve().parent
 BATCH, SEQ = 2, 12  # the logits' token ids
 PROMPT, NEW_TOKENS = 4, 8  # the greedy continuation
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,

@@ -1,13 +1,12 @@
 """moejax.hf: released MoE checkpoints (transformers' layout) loaded and saved without torch.
 
-Golden fixtures (tests/golden/hf/<case>/, written by tests/golden/make_hf_goldens.py with transformers): the logits
+Golden fixtures (tests/hf/golden/<case>/, written by tests/hf/golden/make_hf_goldens.py with transformers): the logits
 of fixed token ids within 1e-4 and the same greedy continuation; export then import gives identical arrays and the
 hub tensor names; a sharded load on 8 forced devices with mesh expert=4 gives the unsharded logits and reads each
 expert tensor once; FP8 (DeepSeek-V3) and MXFP4 (GPT-OSS) dequantisation against numpy formulas and through whole
 checkpoints; the error messages. A case whose model feature moejax lacks is skipped naming it. With torch and
 transformers installed, a live check per case also builds the model, loads it, and saves it back for transformers.
 """
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -17,38 +16,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from moejax.configs import base
 
 import moejax
 from moejax import hf, model, parallel
 from moejax.data import tokenizers
 from moejax.hf import io, quant
 from moejax.training.checkpoint import WorkdirError
-from tests import test_tokenizers
+from tests import helpers_hf
+from tests.helpers_hf import CASES, flat, golden_dir, goldens, has_torch
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
-_spec = importlib.util.spec_from_file_location("make_hf_goldens", GOLDEN / "make_hf_goldens.py")
-goldens = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(goldens)
-CASES = list(goldens.CASES)
 TOL = 1e-4
-
-
-def has_torch() -> bool:
-    """Whether torch and transformers import (the live checks run only then)."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def fixture(case: str) -> pathlib.Path:
-    directory = goldens.ROOT / case
-    if not (directory / "golden.npz").is_file():
-        pytest.skip(f"no fixture for {case}: run python tests/golden/make_hf_goldens.py {case}")
-    return directory
 
 
 def logits_of(config, variables, tokens, mesh=None) -> np.ndarray:
@@ -69,11 +46,6 @@ def greedy(config, variables, prompt: np.ndarray, steps: int) -> np.ndarray:
     return ids[:, width:]
 
 
-def flat(variables) -> dict:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
-
-
 def rewrite(directory: pathlib.Path, change) -> None:
     """Rewrites a fixture copy's model.safetensors with change(dict of numpy arrays)."""
     ckpt = io.Checkpoint(directory)
@@ -87,7 +59,7 @@ def rewrite(directory: pathlib.Path, change) -> None:
 
 def copy_fixture(case: str, tmp_path) -> pathlib.Path:
     target = tmp_path / case
-    shutil.copytree(fixture(case), target)
+    shutil.copytree(golden_dir(case), target)
     (target / "golden.npz").unlink()
     return target
 
@@ -97,7 +69,7 @@ def copy_fixture(case: str, tmp_path) -> pathlib.Path:
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden_logits_and_greedy(case):
-    directory = fixture(case)
+    directory = golden_dir(case)
     golden = np.load(directory / "golden.npz")
     config, variables = hf.load(directory)
     logits = logits_of(config, variables, golden["tokens"])
@@ -110,7 +82,7 @@ def test_golden_logits_and_greedy(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_export_then_import_is_identical(case, tmp_path):
-    directory = fixture(case)
+    directory = golden_dir(case)
     config, variables = hf.load(directory)
     out = hf.save(config, variables, tmp_path / "out")
     saved = json.loads((out / "config.json").read_text())
@@ -130,7 +102,7 @@ def test_export_then_import_is_identical(case, tmp_path):
 
 
 def test_moejax_load_opens_a_transformers_directory():
-    directory = fixture("mixtral_a")
+    directory = golden_dir("mixtral_a")
     config, variables = moejax.load(directory)
     golden = np.load(directory / "golden.npz")
     assert np.abs(logits_of(config, variables, golden["tokens"]) - golden["logits"]).max() <= TOL
@@ -140,7 +112,7 @@ def test_moejax_load_opens_a_transformers_directory():
 
 
 def test_sharded_save_writes_an_index(tmp_path):
-    config, variables = hf.load(fixture("mixtral_a"))
+    config, variables = hf.load(golden_dir("mixtral_a"))
     out = hf.save(config, variables, tmp_path / "out", max_shard_bytes=40_000)
     index = json.loads((out / io.INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -150,7 +122,7 @@ def test_sharded_save_writes_an_index(tmp_path):
 
 
 def test_bfloat16_load_and_save(tmp_path):
-    config, variables = hf.load(fixture("qwen3_moe_a"), dtype="bfloat16")
+    config, variables = hf.load(golden_dir("qwen3_moe_a"), dtype="bfloat16")
     leaves = flat(variables)
     assert leaves["params/layers_0/attn/q/kernel"].dtype == jnp.bfloat16
     assert leaves["params/layers_0/ffn/router/kernel"].dtype == np.float32  # moejax routers stay float32
@@ -163,7 +135,7 @@ def test_bfloat16_load_and_save(tmp_path):
 
 
 def test_every_family_has_a_golden_case_and_registers_once():
-    """A family is its module in moejax/hf/families/ and its case in tests/golden/make_hf_goldens.py."""
+    """A family is its module in moejax/hf/families/ and its case in tests/hf/golden/make_hf_goldens.py."""
     from moejax.hf import registry
 
     assert {json.loads((goldens.ROOT / case / "config.json").read_text())["model_type"] for case in CASES} \
@@ -177,7 +149,7 @@ def test_every_family_has_a_golden_case_and_registers_once():
 
 @pytest.mark.parametrize("case", ["deepseek_v3_a", "gpt_oss_b"])
 def test_sharded_load_matches_unsharded(case, monkeypatch):
-    directory = fixture(case)
+    directory = golden_dir(case)
     golden = np.load(directory / "golden.npz")
     tokens = np.tile(golden["tokens"], (4, 1))  # the batch splits over data x expert = 8
     config, variables = hf.load(directory)
@@ -377,12 +349,12 @@ def test_unrepresentable_config_fields_are_named(tmp_path, fields, match):
 
 
 def test_family_specific_refusals():
-    raw = json.loads((fixture("deepseek_v2_a") / "config.json").read_text())
+    raw = json.loads((golden_dir("deepseek_v2_a") / "config.json").read_text())
     with pytest.raises(hf.HFConfigError, match="norm_topk_prob=True.*disagree"):
         hf.read_config({**raw, "norm_topk_prob": True})
     with pytest.raises(hf.HFConfigError, match="topk_method='noaux_tc'"):
         hf.read_config({**raw, "topk_method": "noaux_tc"})
-    raw = json.loads((fixture("qwen3_moe_a") / "config.json").read_text())
+    raw = json.loads((golden_dir("qwen3_moe_a") / "config.json").read_text())
     with pytest.raises(hf.HFConfigError, match="use_sliding_window=True"):
         hf.read_config({**raw, "use_sliding_window": True})
 
@@ -430,7 +402,7 @@ def test_hub_layout_config(capsys):
 
 
 def test_unknown_fields_are_reported(capsys):
-    raw = json.loads((fixture("olmoe_a") / "config.json").read_text())
+    raw = json.loads((golden_dir("olmoe_a") / "config.json").read_text())
     hf.read_config({**raw, "mystery_scale": 3.0})
     assert "mystery_scale" in capsys.readouterr().err
 
@@ -462,21 +434,21 @@ def test_fp8_weight_without_scale_is_named(tmp_path):
 
 
 def test_mtp_layers_are_skipped_with_a_note(capsys):
-    directory = fixture("deepseek_v3_a")
+    directory = golden_dir("deepseek_v3_a")
     hf.load(directory)
     assert "skipped checkpoint layers [3] past num_hidden_layers=3 (deepseek_v3 multi-token-prediction" \
         in capsys.readouterr().err
 
 
 def test_save_refuses_what_the_family_cannot_express(tmp_path):
-    config, variables = hf.load(fixture("qwen3_moe_a"))
+    config, variables = hf.load(golden_dir("qwen3_moe_a"))
     with pytest.raises(hf.HFConfigError, match=r"model\.qk_norm=True cannot be saved as mixtral: Mixtral has no "
                                                r"query/key norm"):
         hf.save(config, variables, tmp_path, model_type="mixtral")
     config.model.moe.router.kind = "hash"
     with pytest.raises(hf.HFConfigError, match=r"no released family can express this moejax model:\n  gpt_oss: "):
         hf.save(config, variables, tmp_path)
-    config, variables = hf.load(fixture("mixtral_a"))
+    config, variables = hf.load(golden_dir("mixtral_a"))
     variables["moe_state"]["layers_0"]["ffn"]["router_bias"] = jnp.ones(4)
     with pytest.raises(hf.HFConfigError, match="router_bias is not zero, and mixtral has no selection bias"):
         hf.save(config, variables, tmp_path)
@@ -505,15 +477,9 @@ def test_save_infers_the_family_of_moejax_configs(tmp_path):
 def tiny_release(vocab_size: int, tokenizer: str, **data) -> tuple:
     """(config, variables): a 1-layer Mixtral-layout model of vocab_size embedding rows with random weights, its
     config naming data.tokenizer (and the other data fields given)."""
-    config = base.get_config()
-    config.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=vocab_size)
-    config.model.moe.update(num_experts=4, top_k=2, expert_ffn=16)
-    config.model.moe.router.softmax_before_topk = False
+    config, variables = helpers_hf.random_mixtral(vocab_size)
     config.data.update(tokenizer=tokenizer, **data)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda leaf: rng.normal(0, 0.3, leaf.shape).astype(np.float32),
-                          hf.abstract_variables(config.model)["params"])
-    return config, {"params": params}
+    return config, variables
 
 
 def assert_same_tokenizer(saved: pathlib.Path, original) -> None:
@@ -523,12 +489,12 @@ def assert_same_tokenizer(saved: pathlib.Path, original) -> None:
     for tok in (tokenizers.from_spec(config.data.tokenizer), tokenizers.for_checkpoint(saved, config)):
         assert (tok.vocab_size, tok.eos_id) == (original.vocab_size, original.eos_id)
         assert tok.fingerprint["sha256"] == original.fingerprint["sha256"]
-        assert tok.encode(test_tokenizers.TEXTS[0]) == original.encode(test_tokenizers.TEXTS[0])
+        assert tok.encode(helpers_hf.TEXTS[0]) == original.encode(helpers_hf.TEXTS[0])
 
 
 def test_save_writes_an_hf_tokenizer(tmp_path):
     """A model of 320 rows with a 300-id tokenizer (fewer ids than rows: a padded embedding, as released models)."""
-    source = test_tokenizers.hf_dir(tmp_path / "tokenizer")
+    source = helpers_hf.tokenizer_dir(tmp_path / "tokenizer")
     config, variables = tiny_release(320, f"hf:{source}")
     out = hf.save(config, variables, tmp_path / "out")
     assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
@@ -540,7 +506,7 @@ def test_save_writes_a_bpe_tokenizer(tmp_path):
     saved directory would decode as bytes)."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i, text in enumerate(test_tokenizers.TEXTS * 4):
+    for i, text in enumerate(helpers_hf.TEXTS * 4):
         (corpus / f"f{i:02d}.txt").write_text(f"{text} {i}\n" * 5)
     config, variables = tiny_release(300, "bpe:300", name=f"text:{corpus}/*.txt", dir=str(tmp_path / "cache"))
     built = tokenizers.for_config(config)
@@ -550,7 +516,7 @@ def test_save_writes_a_bpe_tokenizer(tmp_path):
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
-    source = test_tokenizers.hf_dir(tmp_path / "tokenizer")
+    source = helpers_hf.tokenizer_dir(tmp_path / "tokenizer")
     config, variables = tiny_release(256, f"hf:{source}")
     with pytest.raises(hf.HFConfigError, match=rf"config.data.tokenizer='hf:{source}': the tokenizer has 300 ids, "
                                                r"more than the model's vocab_size=256 embedding rows"):
