@@ -1,4 +1,4 @@
-"""The tiny config of tests/test_train.py, also a config file: ``--config=tests/helpers_train.py``."""
+"""The tiny config of tests/training/test_train.py, also a config file: ``--config=tests/helpers_train.py``."""
 import ml_collections
 from moejax.configs import base
 

@@ -1,8 +1,11 @@
 """Independent references: naive per-token numpy loops written from the papers' and released models' formulas.
 
 The one home of the suite's numpy references: routing (per token, released models' routers, capacity), the balance
-terms, the experts and the whole MoE layer given its routing, and the dispatch gathers and grouped matmuls.
+terms, the experts and the whole MoE layer given its routing, the dispatch gathers and grouped matmuls, the
+language-model loss, and the post-hoc ones (nPMI of experts and tokens; a pruned model as the original that never
+routes to the pruned experts).
 """
+import collections
 import math
 
 import numpy as np
@@ -146,15 +149,33 @@ def activation(h, name="silu"):
     return 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
 
 
+def rms_norm(x, scale, eps=1e-6):
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis, in float64."""
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * np.asarray(scale, np.float64)
+
+
 def glu(x, wi_0, wi_1, wo, act="silu"):
     """The GLU (act(x @ wi_0) * (x @ wi_1)) @ wo in float64. x: [..., D]; wi_*: [D, F]; wo: [F, D]."""
     x, wi_0, wi_1, wo = (np.asarray(a, np.float64) for a in (x, wi_0, wi_1, wo))
     return (activation(x @ wi_0, act) * (x @ wi_1)) @ wo
 
 
-def expert(params, e, x):
-    """Routed expert e of an MoE layer's parameters ({'experts': {'wi_0', 'wi_1', 'wo'} [E, ...]}) on x."""
-    return glu(x, *(np.asarray(params["experts"][name])[e] for name in ("wi_0", "wi_1", "wo")))
+def gpt_oss_expert(x, wi_0, wi_1, wo, bi_0, bi_1, bo, limit=7.0, alpha=1.702):
+    """GPT-OSS's expert in float64: the gate clamped above at limit, the linear half to [-limit, limit], then
+    ((up + 1) * gate * sigmoid(alpha * gate)) @ wo + bo. x: [..., D]; wi_*: [D, F]; bi_*: [F]; wo: [F, D]; bo: [D]."""
+    x, wi_0, wi_1, wo, bi_0, bi_1, bo = (np.asarray(a, np.float64) for a in (x, wi_0, wi_1, wo, bi_0, bi_1, bo))
+    gate = np.minimum(x @ wi_0 + bi_0, limit)
+    up = np.clip(x @ wi_1 + bi_1, -limit, limit)
+    return ((up + 1.0) * gate / (1.0 + np.exp(-alpha * gate))) @ wo + bo
+
+
+def expert(params, e, x, kind="glu"):
+    """Routed expert e of an MoE layer's parameters ({'experts': {'wi_0', 'wi_1', 'wo'} [E, ...]}, plus
+    'bi_0', 'bi_1', 'bo' for kind 'gpt_oss') on x."""
+    names = ("wi_0", "wi_1", "wo") + (("bi_0", "bi_1", "bo") if kind == "gpt_oss" else ())
+    weights = [np.asarray(params["experts"][name])[e] for name in names]
+    return gpt_oss_expert(x, *weights) if kind == "gpt_oss" else glu(x, *weights)
 
 
 def moe_layer(tokens, params, ids, weights, keep=None):
@@ -244,3 +265,57 @@ def grouped_matmul(lhs, rhs, sizes):
         out[start:start + size] = lhs[start:start + size] @ rhs[g]
         start += size
     return out
+
+
+# ------------------------------------------------------------------ the language-model loss
+
+def cross_entropy(logits, targets) -> float:
+    """Mean -log softmax(logits)[target] over every position, in float64. logits [..., V]; targets [...] ids."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1).mean())
+
+
+# ------------------------------------------------------------------ post-hoc analysis and compression
+
+def npmi(experts, token_ids, num_experts):
+    """nPMI [E, V] of (expert e, token id t) over one layer's routed slots (V = the largest token id + 1), by
+    counting: log(p(e, t) / (p(e) p(t))) / -log p(e, t), each probability a share of the real slots (ids < E);
+    -1 where e never takes t, 1 where every slot is (e, t). experts [T, k]; token_ids [T]."""
+    slots = [(int(e), int(t)) for row, t in zip(experts, token_ids, strict=True) for e in row if 0 <= e < num_experts]
+    joint = collections.Counter(slots)
+    by_expert = collections.Counter(e for e, _ in slots)
+    by_token = collections.Counter(t for _, t in slots)
+    total = len(slots)
+    out = np.full((num_experts, int(max(token_ids)) + 1), -1.0)
+    for (e, t), count in joint.items():
+        p = count / total
+        out[e, t] = 1.0 if count == total else math.log(p / (by_expert[e] / total * by_token[t] / total)) / -math.log(p)
+    return out
+
+
+def minus_inf_bias(config, variables, keep):
+    """The pruning reference: the original variables with every router bias (params router*/bias [E + m], where the
+    routers have one) and the selection bias (moe_state router_bias [E]) at -inf on the experts that keep ({model
+    layer: kept expert ids}) leaves out, as numpy: a model that never routes to them."""
+    import jax
+
+    from moejax import model, moe
+
+    params = jax.tree.map(np.array, variables["params"])
+    state = jax.tree.map(np.array, variables["moe_state"])
+    paths = model.moe_layer_paths(config.model)
+    for layer, kept in keep.items():
+        path, unit = paths[layer]
+        dropped = np.setdiff1d(np.arange(config.model.moe.num_experts), kept)
+        index = () if unit is None else (unit,)
+        ffn, ffn_state = params, state
+        for key in path:
+            ffn, ffn_state = ffn[key], ffn_state[key]
+        for key, sub in ffn.items():
+            if moe.is_router(key) and "bias" in sub:
+                sub["bias"][index + (dropped,)] = -np.inf
+        ffn_state[moe.ROUTER_BIAS][index + (dropped,)] = -np.inf
+    return {"params": params, "moe_state": state}
+

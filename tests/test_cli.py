@@ -1,5 +1,5 @@
 """Tests of ``python -m moejax.main`` as a user runs it: real subprocesses on the tiny config of tests/helpers_train.py
-over a small ``text:`` corpus (built once for the module).
+over a small ``text:`` corpus (tests/conftest.py's stdlib_corpus, built once for the module).
 
 Covered: SIGINT and SIGTERM stop the run at the next step with a checkpoint, a message and exit status 0; every
 expected failure is a few lines without a traceback, with exit status 2 (the command is wrong) or 1 (the run cannot
@@ -25,7 +25,6 @@ import signal
 import struct
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 
@@ -37,32 +36,15 @@ from tensorboardX.proto import event_pb2
 import moejax
 from moejax import checks, cli, data, model
 from moejax.training import checkpoint, loop
-from tests import helpers_env, helpers_train
-from tests.test_finetune import release  # noqa: F401  (the fixture: a tiny transformers release and a corpus)
+from tests import helpers_train
+from tests.helpers_configs import REPO
 
 pytestmark = pytest.mark.xdist_group("cli")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 # Long enough that a signal always arrives mid-run; nothing saved or evaluated on the way.
 LONG_RUN = ["--config.train.steps=100000", "--config.train.log_every=10", "--config.checkpoint.every_steps=0",
             "--config.train.eval_every=0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A text: corpus of 12 standard-library sources (about 200 KB)."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted((stdlib / "json").glob("*.py"))[:4] + sorted((stdlib / "email").glob("*.py"))[:8]:
-        shutil.copy(path, root / f"{path.parent.name}_{path.name}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One host device (a faster compile than the suite's 8) and a compilation cache shared by the subprocesses."""
-    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"), MOEJAX_VERBOSE="0")
 
 
 def command(corpus, workdir, *extra):
@@ -78,10 +60,10 @@ def run_main(args, env, **env_overrides):
 
 
 @pytest.fixture(scope="module")
-def finished(corpus, env, tmp_path_factory):
+def finished(stdlib_corpus, env, tmp_path_factory):
     """A finished 40-step run (checkpoints 32, 36, 40); tests copy it before changing anything."""
     workdir = tmp_path_factory.mktemp("finished") / "run"
-    result = run_main(command(corpus, workdir), env)
+    result = run_main(command(stdlib_corpus, workdir), env)
     assert result.returncode == 0, result.stdout + result.stderr
     return workdir
 
@@ -157,9 +139,9 @@ def start_then_signal(args, env, sig, after_line="step 10/"):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_at_the_next_step_and_exits_0(sig, corpus, env, tmp_path):
+def test_signal_saves_at_the_next_step_and_exits_0(sig, stdlib_corpus, env, tmp_path):
     workdir = tmp_path / "run"
-    args = command(corpus, workdir, *LONG_RUN)
+    args = command(stdlib_corpus, workdir, *LONG_RUN)
     returncode, out, err = start_then_signal(args, env, sig)
     assert returncode == 0, out + err
     assert "Traceback" not in err
@@ -251,10 +233,10 @@ def corrupt_all(workdir):
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_errors_are_a_few_lines_without_traceback(case, corpus, env, finished, tmp_path):
+def test_errors_are_a_few_lines_without_traceback(case, stdlib_corpus, env, finished, tmp_path):
     extra, status, parts = ERRORS[case]
     extra = extra(tmp_path, finished) if callable(extra) else extra
-    args = command(corpus, tmp_path / "new_run", *extra)
+    args = command(stdlib_corpus, tmp_path / "new_run", *extra)
     if any(a.startswith("--config=") for a in extra):  # the case's own config file replaces the tiny one
         args = [a for a in args if not a.startswith("--config=")]
         args.insert(3, next(a for a in extra if a.startswith("--config=")))
@@ -267,19 +249,20 @@ def test_errors_are_a_few_lines_without_traceback(case, corpus, env, finished, t
         assert part in result.stderr, (part, result.stderr)
 
 
-def test_verbose_prints_the_traceback(corpus, env, tmp_path):
-    args = command(corpus, tmp_path / "run", f"--config.data.name=text:{tmp_path}/*.txt")  # see ERRORS
+def test_verbose_prints_the_traceback(stdlib_corpus, env, tmp_path):
+    args = command(stdlib_corpus, tmp_path / "run", f"--config.data.name=text:{tmp_path}/*.txt")  # see ERRORS
     for result in run_main(args, env, MOEJAX_VERBOSE="1"), run_main(args + ["--verbose"], env):
         assert result.returncode == 2
         assert "Traceback" in result.stderr and "error: config.data.name=" in result.stderr
-    flag_error = run_main(command(corpus, tmp_path / "run", "--config.model.moe.topk=3"), env, MOEJAX_VERBOSE="1")
+    flag_error = run_main(command(stdlib_corpus, tmp_path / "run", "--config.model.moe.topk=3"), env,
+                          MOEJAX_VERBOSE="1")
     assert flag_error.returncode == 2 and "Traceback" in flag_error.stderr
 
 
-def test_a_failed_init_from_leaves_no_workdir(release, env, tmp_path):  # noqa: F811
+def test_a_failed_init_from_leaves_no_workdir(bpe_release, env, tmp_path):
     """init_from a transformers directory whose weights file is cut short: one line, status 1, and the workdir the run
     had created (config.json, tokenizer, checkpoints/) is gone, so the command can run again once fixed."""
-    directory, corpus = release
+    directory, corpus = bpe_release
     broken = tmp_path / "broken"
     shutil.copytree(directory, broken)
     weights = next(broken.glob("*.safetensors"))
@@ -386,11 +369,11 @@ def test_removed_on_failure_removes_only_what_the_block_created(tmp_path):
 # ------------------------------------------------------------------ checkpoints and resuming
 
 
-def test_corrupt_checkpoint_is_one_warning_line_and_resume_purges(corpus, env, finished, tmp_path):
+def test_corrupt_checkpoint_is_one_warning_line_and_resume_purges(stdlib_corpus, env, finished, tmp_path):
     workdir = copy_of(finished, tmp_path)
     (workdir / "summary.json").unlink()  # the run stopped after its last checkpoint, which is then damaged
     truncate_array_file(workdir / "checkpoints" / "40")
-    result = run_main(command(corpus, workdir), env)
+    result = run_main(command(stdlib_corpus, workdir), env)
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
     for noise in ("Traceback", "Event loop is closed", "Task exception", "WARNING:absl", "TensorStore"):
@@ -414,10 +397,10 @@ def test_corrupt_checkpoint_is_one_warning_line_and_resume_purges(corpus, env, f
     assert scalars["train/loss"] == list(range(4, 41, 4)) and scalars["eval/loss"] == [20, 40]
 
 
-def test_rerun_at_the_last_checkpoint_writes_the_final_eval_once(corpus, env, finished, tmp_path):
+def test_rerun_at_the_last_checkpoint_writes_the_final_eval_once(stdlib_corpus, env, finished, tmp_path):
     workdir = copy_of(finished, tmp_path)
     (workdir / "summary.json").unlink()  # stopped between the last checkpoint and the summary
-    result = run_main(command(corpus, workdir), env)
+    result = run_main(command(stdlib_corpus, workdir), env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming from the checkpoint at step 40" in result.stdout and (workdir / "summary.json").exists()
     keys = [(r["kind"], r["step"]) for r in records(workdir)]
@@ -426,11 +409,11 @@ def test_rerun_at_the_last_checkpoint_writes_the_final_eval_once(corpus, env, fi
     assert scalars["eval/loss"] == [20, 40] and scalars["train/loss"] == list(range(4, 41, 4))
 
 
-def test_finished_run_prints_its_summary_and_changes_nothing(corpus, env, finished, tmp_path):
+def test_finished_run_prints_its_summary_and_changes_nothing(stdlib_corpus, env, finished, tmp_path):
     workdir = copy_of(finished, tmp_path)
     before = snapshot(workdir)
     summary = json.loads((workdir / "summary.json").read_text())
-    result = run_main(command(corpus, workdir), env)
+    result = run_main(command(stdlib_corpus, workdir), env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{workdir} holds a finished run of this config (40 steps); nothing to do" in result.stdout
     assert f"validation loss {summary['val_loss']:.4f} nats/token" in result.stdout

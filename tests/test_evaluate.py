@@ -24,14 +24,15 @@ import moejax
 from moejax import checks, cli, data, evaluate, generate, hf, model
 from moejax.data import tokenizers
 from moejax.training import loop
-from tests import helpers_env, helpers_train
-from tests.test_finetune import cross_entropy, release  # noqa: F401  (the fixture: a tiny release and a corpus)
+from tests import helpers_train
+from tests.helpers_configs import REPO
+from tests.reference import cross_entropy
 
 
 @pytest.fixture(scope="module")
-def trained(release, tmp_path_factory):  # noqa: F811
+def trained(bpe_release, tmp_path_factory):
     """A tiny workdir trained 6 steps on the release's corpus with the byte tokenizer."""
-    _, corpus = release
+    _, corpus = bpe_release
     config = helpers_train.get_config()
     config.data.name = f"text:{corpus}/*.py"
     config.data.dir = str(corpus.parent / "cache")
@@ -92,8 +93,8 @@ def test_one_evaluator_compiles_once_and_takes_the_intervention(trained):
     assert evaluator._step._cache_size() == 1
 
 
-def test_a_transformers_directory_is_evaluated_with_its_own_tokenizer(release, tmp_path):  # noqa: F811
-    directory, corpus = release
+def test_a_transformers_directory_is_evaluated_with_its_own_tokenizer(bpe_release, tmp_path):
+    directory, corpus = bpe_release
     result = evaluate.main([f"--checkpoint={directory}", f"--data=text:{corpus}/*.py", "--batch_size=2",
                             "--seq_len=16", "--max_tokens=64", f"--data_dir={corpus.parent / 'cache'}",
                             f"--out={tmp_path / 'e.json'}"])
@@ -125,16 +126,11 @@ def test_generate_cli_streams_the_greedy_continuation(trained, capsys):
     assert "warning" not in captured.err  # 9 + 12 tokens: within the 32 of train.seq_len
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"), MOEJAX_VERBOSE="0")
-
-
 def test_generate_cli_stops_at_ctrl_c(trained, env):
     """SIGINT while decoding 100,000 tokens: the decoding stops at once, status 130, a warning that 100,000 tokens
     pass the training length and one line with what was decoded; no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "moejax.generate", f"--checkpoint={trained}", "--prompt=def",
-                             "--max_new_tokens=100000"], cwd=pathlib.Path(__file__).parents[1], env=env,
+                             "--max_new_tokens=100000"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     streamed = proc.stdout.read(8)  # the prompt and the first decoded characters
     proc.send_signal(signal.SIGINT)
@@ -167,23 +163,23 @@ def test_cli_checkpoint_errors(command, case, error, message, trained, tmp_path)
         command.main([f"--checkpoint={paths[case]}", *(["--step=999"] if case == "unknown step" else [])])
 
 
-def test_evaluate_needs_out_for_a_transformers_directory(release, env, tmp_path):  # noqa: F811
+def test_evaluate_needs_out_for_a_transformers_directory(bpe_release, env, tmp_path):
     """Nothing is written into the current directory: --out is asked for before anything loads (status 2)."""
-    result = subprocess.run([sys.executable, "-m", "moejax.evaluate", f"--checkpoint={release[0]}"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "moejax.evaluate", f"--checkpoint={bpe_release[0]}"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2 and result.stderr.splitlines() == [
-        f"error: --out is required for a transformers checkpoint directory ({release[0]}): the evaluation of a "
+        f"error: --out is required for a transformers checkpoint directory ({bpe_release[0]}): the evaluation of a "
         f"workdir goes to <workdir>/eval_<data>.json, that of a transformers directory to the JSON file --out names"]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_bpe_run_reads_another_corpus_with_its_own_tokenizer(release, tmp_path):  # noqa: F811
+def test_a_bpe_run_reads_another_corpus_with_its_own_tokenizer(bpe_release, tmp_path):
     """A run trained with 'bpe:N' and read on another corpus (evaluate, and the post-hoc calibration batches)
     tokenizes it with the run's tokenizer.json, not with a BPE trained afresh on that corpus: the batches decode, with
     the run's tokenizer, to text of the new corpus, and the loss is the cross-entropy of the logits on them."""
     from moejax.posthoc import capture
 
-    _, corpus = release
+    _, corpus = bpe_release
     config = helpers_train.get_config()
     config.data.update(name=f"text:{corpus}/*.py", dir=str(tmp_path / "cache"), tokenizer="bpe:300")
     config.model.vocab_size = 300
@@ -218,8 +214,8 @@ def test_bad_flags_are_named(trained, argv, field):
         evaluate.main([f"--checkpoint={trained}", *argv])
 
 
-def test_training_loop_bits_per_byte_use_the_tokenizers_bytes(release, trained):  # noqa: F811
-    directory, corpus = release
+def test_training_loop_bits_per_byte_use_the_tokenizers_bytes(bpe_release, trained):
+    directory, corpus = bpe_release
     logged = logged_eval(trained, 6)
     assert logged["bits_per_byte"] == pytest.approx(logged["loss"] / math.log(2), rel=1e-9)  # bytes: 1 per token
     config, _ = hf.load(directory)

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import pathlib
 import shutil
 import signal
 import struct
@@ -33,8 +32,8 @@ from moejax.moe import stats
 from moejax.training import checkpoint, loop, metrics, optim
 from moejax.training import config as config_lib
 from tests import helpers_configs
+from tests.helpers_configs import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
 
 

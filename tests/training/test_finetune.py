@@ -8,70 +8,28 @@ result exported with ``moejax.hf.save`` loads back with ``moejax.hf.load`` to id
 refused by name before anything is written.
 """
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from moejax.configs import base
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import moejax
 from moejax import checks, data, hf, model
 from moejax.data import tokenizers
 from moejax.training import initialise, loop
-from tests import helpers_env
+from tests.helpers_configs import REPO
+from tests.helpers_hf import flat
+from tests.reference import cross_entropy
 
 READ_CONFIG = hf.read_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = ["--config.train.warmup_steps=1", "--config.train.batch_size=4", "--config.train.seq_len=32",
          "--config.data.eval_batches=2", "--config.train.log_every=1", "--config.checkpoint.every_steps=2"]
-
-
-def flat(variables) -> dict:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """(checkpoint dir, corpus dir): a 1-layer Mixtral-layout model (4 experts, top-2, GQA, vocab 320 > the
-    tokenizer's 300) saved by moejax.hf.save, with a byte-level BPE tokenizer whose eos '</s>' is id 1; 12 stdlib
-    sources as the fine-tuning corpus."""
-    root = tmp_path_factory.mktemp("finetune")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted((stdlib / "json").glob("*.py"))[:4] + sorted((stdlib / "email").glob("*.py"))[:8]:
-        shutil.copy(path, corpus / f"{path.parent.name}_{path.name}")
-    config = base.get_config()
-    config.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=320)
-    config.model.moe.update(num_experts=4, top_k=2, expert_ffn=16)
-    config.model.moe.router.softmax_before_topk = False
-    rng = np.random.default_rng(1)  # random weights of the model's shapes (an eager init is slower on 2 cores)
-    params = jax.tree.map(lambda leaf: rng.normal(0, 0.3, leaf.shape).astype(np.float32),
-                          hf.abstract_variables(config.model)["params"])
-    directory = hf.save(config, {"params": params}, root / "release")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator([p.read_text() for p in sorted(corpus.iterdir())], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    return directory, corpus
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One host device and a compilation cache shared by the two invocations."""
-    return helpers_env.single_device_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def finetune(release, workdir, env, steps):
@@ -84,17 +42,10 @@ def finetune(release, workdir, env, steps):
     return result.stdout
 
 
-def cross_entropy(logits, targets) -> float:
-    logits = np.asarray(logits, np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return float(-np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1).mean())
-
-
-def test_finetune_starts_from_the_release_resumes_and_exports(release, env, tmp_path):
-    directory, _ = release
+def test_finetune_starts_from_the_release_resumes_and_exports(bpe_release, env, tmp_path):
+    directory, _ = bpe_release
     workdir = tmp_path / "run"
-    out = finetune(release, workdir, env, steps=2)
+    out = finetune(bpe_release, workdir, env, steps=2)
     assert f"from the mixtral checkpoint in {directory}" in out
 
     config, _ = moejax.load(workdir)
@@ -114,7 +65,7 @@ def test_finetune_starts_from_the_release_resumes_and_exports(release, env, tmp_
     assert abs(first["loss"] - float(np.mean(losses))) < 1e-5
     assert json.loads((workdir / "summary.json").read_text())["corpus"]["tokenizer"]["vocab_size"] == 300
 
-    assert "resuming from the checkpoint at step 2" in finetune(release, workdir, env, steps=4)
+    assert "resuming from the checkpoint at step 2" in finetune(bpe_release, workdir, env, steps=4)
     config, variables = moejax.load(workdir)
     assert json.loads((workdir / "summary.json").read_text())["steps"] == 4
     exported = hf.save(config, variables, tmp_path / "export")
@@ -128,8 +79,8 @@ def test_finetune_starts_from_the_release_resumes_and_exports(release, env, tmp_
         tokenizers.from_spec(f"hf:{directory}").encode("def f(): pass")
 
 
-def test_resolve_takes_the_release_model_and_tokenizer(release):
-    directory, _ = release
+def test_resolve_takes_the_release_model_and_tokenizer(bpe_release):
+    directory, _ = bpe_release
     config = base.get_config()
     config.init_from = f"hf:{directory}"
     config.model.moe.dispatch, config.model.remat = "capacity", True  # RUN_FIELDS: kept
@@ -144,10 +95,10 @@ def test_resolve_takes_the_release_model_and_tokenizer(release):
     assert initialise.source_name(resolved) == "hf"
 
 
-def test_a_command_reads_the_release_config_once(release, monkeypatch, tmp_path):
+def test_a_command_reads_the_release_config_once(bpe_release, monkeypatch, tmp_path):
     """main resolves once and the loop's entry points take the resolved config as it is: the release's
     config.json is read (and its warnings printed) once per command, not once per entry point."""
-    directory, _ = release
+    directory, _ = bpe_release
     reads = []
     monkeypatch.setattr(hf, "read_config", lambda path: reads.append(path) or READ_CONFIG(path))
     config = base.get_config()
@@ -159,8 +110,8 @@ def test_a_command_reads_the_release_config_once(release, monkeypatch, tmp_path)
     assert initialise.resolve(config) is not resolved and len(reads) == 2  # the unresolved config is read again
 
 
-def test_print_config_shows_the_model_the_run_will_train(release, env, tmp_path):
-    directory, _ = release
+def test_print_config_shows_the_model_the_run_will_train(bpe_release, env, tmp_path):
+    directory, _ = bpe_release
     args = [sys.executable, "-m", "moejax.main", "--config=configs/finetune.py", f"--config.init_from=hf:{directory}",
             f"--workdir={tmp_path / 'run'}", "--print_config"]
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
@@ -178,8 +129,8 @@ def test_print_config_shows_the_model_the_run_will_train(release, env, tmp_path)
     ("hf:<dir>", r"<dir> is not a transformers checkpoint directory"),  # configs/finetune.py's placeholder
     ("hf:{dir}|upcycle", r"cannot be combined with upcycle.enabled=True"),
 ])
-def test_bad_init_from_is_refused_before_anything_is_written(release, tmp_path, value, why):
-    directory, _ = release
+def test_bad_init_from_is_refused_before_anything_is_written(bpe_release, tmp_path, value, why):
+    directory, _ = bpe_release
     value, _, upcycle = value.format(dir=directory).partition("|")
     config = base.get_config()
     config.init_from, config.upcycle.enabled = value, bool(upcycle)
@@ -188,8 +139,8 @@ def test_bad_init_from_is_refused_before_anything_is_written(release, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
-def test_release_without_a_tokenizer_needs_data_tokenizer(release, tmp_path):
-    directory, _ = release
+def test_release_without_a_tokenizer_needs_data_tokenizer(bpe_release, tmp_path):
+    directory, _ = bpe_release
     bare = tmp_path / "bare"
     shutil.copytree(directory, bare)
     (bare / "tokenizer.json").unlink()
