@@ -2,7 +2,6 @@
 a numpy count over a random trace; the modes build the right interventions; ``python -m moejax.posthoc steer``
 reports the model evaluated with and without the intervention, equal to evaluating it directly."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -13,24 +12,9 @@ from moejax.moe import intervention
 from moejax.posthoc import __main__ as cli
 from moejax.posthoc import steer
 from moejax.posthoc.trace import Trace
-from tests.test_posthoc_cli import release  # noqa: F401  (the fixture: a tiny model and a text corpus)
+from tests import reference as ref
 
-pytestmark = pytest.mark.xdist_group("posthoc_cli")
-
-
-def naive_npmi(experts, token_ids, num_experts, marker):
-    """nPMI(e, marker) over the routed slots of one layer, by counting."""
-    slots = [(int(e), int(token_ids[n])) for n in range(len(token_ids)) for e in experts[n] if e < num_experts]
-    total = len(slots)
-    out = np.full(num_experts, -1.0)
-    for e in range(num_experts):
-        joint = sum(1 for s in slots if s == (e, marker)) / total
-        if joint == 0:
-            continue
-        pe = sum(1 for s in slots if s[0] == e) / total
-        pt = sum(1 for s in slots if s[1] == marker) / total
-        out[e] = 1.0 if joint == 1 else math.log(joint / (pe * pt)) / -math.log(joint)
-    return out
+pytestmark = pytest.mark.xdist_group("posthoc_commands")
 
 
 def random_trace(seed=0, tokens=400, experts=6, k=2, vocab=12):
@@ -44,10 +28,10 @@ def random_trace(seed=0, tokens=400, experts=6, k=2, vocab=12):
 
 def test_marker_experts_are_the_top_npmi_pairs():
     trace = random_trace()
-    reference = np.stack([naive_npmi(trace.experts[layer], trace.token_ids, 6, 5) for layer in range(3)])
+    expected = np.stack([ref.npmi(trace.experts[layer], trace.token_ids, 6)[:, 5] for layer in range(3)])
     chosen = steer.marker_experts(trace, [5], n=2)
-    np.testing.assert_allclose(chosen.npmi, reference, atol=1e-12)
-    best = sorted(np.argsort(-reference.ravel(), kind="stable")[:2].tolist())
+    np.testing.assert_allclose(chosen.npmi, expected, atol=1e-12)
+    best = sorted(np.argsort(-expected.ravel(), kind="stable")[:2].tolist())
     assert sorted((layer, e) for layer, ids in chosen.experts.items() for e in ids) == \
         sorted((int(trace.layers[i // 6]), i % 6) for i in best)
     per_layer = steer.marker_experts(trace, [5], n=1, per_layer=True)
@@ -77,7 +61,7 @@ def test_modes_build_the_interventions():
 
 
 @pytest.mark.parametrize("mode,scale", [("silence", 2.0)])  # reinforce builds its record in test_modes_...
-def test_steer_cli_evaluates_with_and_without(release, tmp_path, mode, scale):  # noqa: F811
+def test_steer_cli_evaluates_with_and_without(release, tmp_path, mode, scale):
     directory, flags = release
     out = tmp_path / "steer.json"
     result = cli.main(["steer", *flags, "--marker=(", "--experts=top2-npmi", f"--mode={mode}", f"--scale={scale}",
@@ -100,7 +84,7 @@ def test_steer_cli_evaluates_with_and_without(release, tmp_path, mode, scale):  
     assert result["marker_probability"]["steered"] != result["marker_probability"]["baseline"]
 
 
-def test_bad_steer_flags_are_named(release, tmp_path):  # noqa: F811
+def test_bad_steer_flags_are_named(release, tmp_path):
     _, flags = release
     with pytest.raises(ValueError, match="--experts"):
         cli.main(["steer", *flags, "--marker=(", "--experts=best2", "--out", str(tmp_path / "s.json")])

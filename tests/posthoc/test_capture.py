@@ -10,46 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moejax.configs import base
 
 from moejax import model, moe, posthoc
 from moejax.moe import routers, stats
 from moejax.posthoc import capture, importance, read_trace, super_experts
-
-V = 64
-
-
-def build(num_layers=2, first_dense=0, moe_every=1, scan=False, seed=0, router=None, remat=False, **moe_fields):
-    """(config, variables) of a small random model: 8 experts of width 8, top-2, random router bias and selection
-    bias (and expert biases where the kind has them)."""
-    config = base.get_config()
-    m = config.model
-    m.update(vocab_size=V, d_model=16, num_layers=num_layers, num_heads=2, ffn_dim=32, first_dense_layers=first_dense,
-             moe_every=moe_every, scan_layers=scan, remat=remat, init_std=0.3)
-    m.moe.update(num_experts=8, top_k=2, expert_ffn=8, dispatch="dropless")
-    m.moe.router.update(bias=True, **(router or {}))
-    m.moe.update(moe_fields)
-    model.validate(m)
-    shapes = jax.eval_shape(model.Transformer(m).init, jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
-    rng = np.random.default_rng(seed)  # random weights of the model's shapes (no init to compile)
-
-    def randomise(path, x):
-        names = [str(getattr(key, "key", None)) for key in path]
-        if moe.ROUTER_BIAS in names:
-            return jnp.asarray(rng.uniform(0.0, 0.1, x.shape), x.dtype)
-        if names[-1] == "scale":
-            return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
-        std = 0.5 if names[-1] == "bias" or (moe.EXPERTS in names and names[-1].startswith("b")) else 0.3
-        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
-
-    variables = jax.tree_util.tree_map_with_path(randomise, {"params": shapes["params"],
-                                                             "moe_state": shapes["moe_state"]})
-    return config, variables
+from tests import reference
+from tests.helpers_posthoc import VOCAB, random_model
 
 
 def batches(count=2, shape=(2, 12), seed=1, eos=None):
     rng = np.random.default_rng(seed)
-    out = [rng.integers(1, V, shape).astype(np.int32) for _ in range(count)]
+    out = [rng.integers(1, VOCAB, shape).astype(np.int32) for _ in range(count)]
     if eos is not None:
         out[0][0, 4] = out[0][1, 11] = out[1][1, 0] = eos  # mid-row, end of a batch, start of a row
     return out
@@ -59,29 +30,6 @@ def layer_arrays(config, variables):
     """{model layer: (params, moe_state)} as float64 numpy."""
     return {layer: (jax.tree.map(lambda x: np.asarray(x, np.float64), p), jax.tree.map(np.asarray, s))
             for layer, (p, s) in model.moe_layer_variables(config.model, variables).items()}
-
-
-def rmsnorm(x, scale, eps):
-    x = np.asarray(x, np.float64)
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
-
-
-def np_glu(x, wi_0, wi_1, wo):
-    gate = x @ wi_0
-    return (gate / (1 + np.exp(-gate)) * (x @ wi_1)) @ wo
-
-
-def np_gpt_oss(x, wi_0, wi_1, wo, bi_0, bi_1, bo, limit=7.0, alpha=1.702):
-    gate = np.minimum(x @ wi_0 + bi_0, limit)
-    up = np.clip(x @ wi_1 + bi_1, -limit, limit)
-    return ((up + 1) * gate / (1 + np.exp(-alpha * gate))) @ wo + bo
-
-
-def np_expert(kind, params, e, x):
-    weights = {name: value[e] for name, value in params[moe.EXPERTS].items()}
-    if kind == "glu":
-        return np_glu(x, weights["wi_0"], weights["wi_1"], weights["wo"])
-    return np_gpt_oss(x, *(weights[n] for n in ("wi_0", "wi_1", "wo", "bi_0", "bi_1", "bo")))
 
 
 def norm_scale(config, variables, layer):
@@ -104,7 +52,7 @@ RECORD_CASES = {
 
 @pytest.mark.parametrize("case", sorted(RECORD_CASES))
 def test_record_is_the_models_routing(case, tmp_path):
-    config, variables = build(**RECORD_CASES[case])
+    config, variables = random_model(**RECORD_CASES[case])
     cfg = config.model
     data = batches(eos=0)
     out = posthoc.record(config, variables, data, tmp_path / "trace", with_scores=True, eos_id=0)
@@ -126,8 +74,8 @@ def test_record_is_the_models_routing(case, tmp_path):
         for position, layer in enumerate(got.layers):
             params, state = weights[layer.layer]
             # the MoE input is the RMSNorm of the residual stream, the block output that stream plus the MoE output
-            np.testing.assert_allclose(layer.inputs, rmsnorm(layer.h_before, norm_scale(config, variables,
-                                                                                        layer.layer), cfg.norm_eps),
+            scale = norm_scale(config, variables, layer.layer)
+            np.testing.assert_allclose(layer.inputs, reference.rms_norm(layer.h_before, scale, cfg.norm_eps),
                                        rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(layer.h_after, np.asarray(layer.h_before) + layer.output, rtol=1e-5, atol=1e-5)
             logits = np.asarray(layer.inputs, np.float64) @ params[moe.ROUTER]["kernel"] + params[moe.ROUTER]["bias"]
@@ -145,7 +93,7 @@ def test_record_is_the_models_routing(case, tmp_path):
 
 def test_record_under_a_routing_intervention(tmp_path):
     interventions = pytest.importorskip("moejax.moe.intervention")
-    config, variables = build(num_layers=2)
+    config, variables = random_model(num_layers=2)
     iv = interventions.mask_experts(config, {0: [1, 2]}).merge(interventions.force_experts(config, {1: [5]}))
     data = batches(1)
     trace = read_trace(posthoc.record(config, variables, data, tmp_path, intervention=iv))
@@ -158,7 +106,7 @@ def test_record_under_a_routing_intervention(tmp_path):
 
 
 def test_record_refuses_an_existing_trace_before_running(tmp_path):
-    config, variables = build(num_layers=1)
+    config, variables = random_model(num_layers=1)
     capture.record(config, variables, batches(1), tmp_path)
     with pytest.raises(FileExistsError, match="overwrite"):
         capture.record(config, variables, iter(()), tmp_path)
@@ -166,7 +114,7 @@ def test_record_refuses_an_existing_trace_before_running(tmp_path):
 
 
 def test_chain_of_experts_and_dense_models_are_refused():
-    config, variables = build(num_layers=1, chain_iterations=2)
+    config, variables = random_model(num_layers=1, chain_iterations=2)
     with pytest.raises(NotImplementedError, match="chain_iterations=2"):
         next(capture.stream(config, variables, batches(1)))
     config.model.moe_every = 0
@@ -194,7 +142,7 @@ def numpy_importance(config, variables, data):
                 for e, g in zip(layer.routing.experts[t], layer.routing.weights[t], strict=True):
                     if not 0 <= e < 8:
                         continue
-                    norm = np.linalg.norm(np_expert(kind, params, e, x[t][None])[0])
+                    norm = np.linalg.norm(reference.expert(params, e, x[t][None], kind)[0])
                     out["frequency"][row, e] += 1
                     out["soft_count"][row, e] += g
                     saliency[row, e] += g * norm
@@ -208,7 +156,7 @@ def test_importance_criteria_match_a_numpy_loop(kind, tmp_path):
     fields = dict(num_layers=2, expert_kind=kind) if kind == "glu" else \
         dict(num_layers=3, moe_every=2, first_dense=1, scan=True, expert_kind=kind, num_null_experts=1, top_k=3,
              router=dict(kind="adamoe"))  # null slots (ids >= E) left out everywhere
-    config, variables = build(**fields)
+    config, variables = random_model(**fields)
     data = batches()
     got = importance.from_forward(config, variables, data, importance.CRITERIA)
     expected = numpy_importance(config, variables, data)
@@ -237,7 +185,7 @@ def test_a_registered_criterion_comes_from_a_trace_or_a_forward_pass_alike(monke
     def reap_again(batch):  # REAP's formula, registered anew
         return batch.per_expert(batch.weights * batch.norms)
 
-    config, variables = build(num_layers=3, first_dense=1)
+    config, variables = random_model(num_layers=3, first_dense=1)
     data = batches()
     got = importance.from_forward(config, variables, data, ["score_mass", "reap_again"])
     scored = read_trace(capture.record(config, variables, data, tmp_path / "scored", with_scores=True))
@@ -261,7 +209,7 @@ def test_a_registered_criterion_comes_from_a_trace_or_a_forward_pass_alike(monke
 
 
 def test_expert_mean_outputs_match_numpy():
-    config, variables = build(num_layers=2)
+    config, variables = random_model(num_layers=2)
     data = batches()
     got = importance.expert_mean_outputs(config, variables, data)
     weights = layer_arrays(config, variables)
@@ -274,14 +222,14 @@ def test_expert_mean_outputs_match_numpy():
     assert capture.capture(config, variables, data, keep_inputs, lambda c: {x.layer: x.inputs for x in c.layers}) == 2
     for row, layer in enumerate(model.moe_layers(config.model)):
         x = np.concatenate(inputs[layer])
-        expected = np.stack([np_expert("glu", weights[layer][0], e, x).mean(0) for e in range(8)])
+        expected = np.stack([reference.expert(weights[layer][0], e, x).mean(0) for e in range(8)])
         np.testing.assert_allclose(got[row], expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- super experts
 
 def test_a_scaled_up_expert_is_the_super_expert():
-    config, variables = build(num_layers=3, first_dense=1)
+    config, variables = random_model(num_layers=3, first_dense=1)
     data = batches(1, shape=(4, 16))
     counts = importance.from_forward(config, variables, data, "frequency")
     layer, expert = 2, int(np.argmax(counts[1]))  # the busiest expert of the second MoE layer
@@ -300,7 +248,7 @@ def test_a_scaled_up_expert_is_the_super_expert():
         x = np.asarray(captured.inputs, np.float64)
         for t in range(x.shape[0]):
             for e in captured.routing.experts[t]:
-                out = np.abs(np_expert("glu", params, e, x[t][None])[0])
+                out = np.abs(reference.expert(params, e, x[t][None])[0])
                 if out.max() > peak[row, e]:
                     peak[row, e], channel[row, e] = out.max(), out.argmax()
         residual.append(np.abs(np.asarray(captured.h_after, np.float64)))

@@ -16,56 +16,10 @@ from moejax.moe import experts as experts_lib
 from moejax.moe import routers
 from moejax.posthoc import compress, importance, merge, prune
 from moejax.posthoc.trace import Trace
+from tests.helpers_posthoc import VOCAB, random_model
+from tests.reference import minus_inf_bias
 
-TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
-
-
-def build(num_layers=2, first_dense=0, moe_every=1, scan=False, router=None, seed=0, param_dtype="float32",
-          **moe_fields):
-    """(config, variables, jitted apply) of a small random model: 8 experts of width 8, top-2, router biases on,
-    random router biases and expert biases (where the kind has them) and a random selection bias in [0, 0.1)."""
-    config = base.get_config()
-    m = config.model
-    m.update(vocab_size=64, d_model=16, num_layers=num_layers, num_heads=2, ffn_dim=32, first_dense_layers=first_dense,
-             moe_every=moe_every, scan_layers=scan, init_std=0.3, param_dtype=param_dtype)
-    m.moe.update(num_experts=8, top_k=2, expert_ffn=8, dispatch="dropless")
-    m.moe.router.update(bias=True, **(router or {}))
-    m.moe.update(moe_fields)
-    model.validate(m)
-    fresh = jax.jit(model.Transformer(m).init)(jax.random.key(seed), TOKENS)
-    rng = np.random.default_rng(seed)
-
-    def randomise(path, x):
-        names = [getattr(key, "key", None) for key in path]
-        if moe.ROUTER_BIAS in names:
-            return jnp.asarray(rng.uniform(0.0, 0.1, x.shape), x.dtype)
-        if (any(moe.is_router(str(n)) for n in names) and names[-1] == "bias") or \
-                (moe.EXPERTS in names and str(names[-1]).startswith("b")):
-            return jnp.asarray(rng.normal(0.0, 0.5, x.shape), x.dtype)
-        return x
-
-    variables = jax.tree_util.tree_map_with_path(randomise, {"params": fresh["params"],
-                                                             "moe_state": fresh["moe_state"]})
-    return config, variables, jax.jit(model.Transformer(m).apply)
-
-
-def minus_inf_reference(config, variables, keep):
-    """variables with the router biases (params router*/bias [E + m] and moe_state router_bias [E]) at -inf on the
-    experts that keep leaves out."""
-    params = jax.tree.map(np.array, variables["params"])
-    state = jax.tree.map(np.array, variables["moe_state"])
-    num_experts = config.model.moe.num_experts
-    for layer, (path, unit) in model.moe_layer_paths(config.model).items():
-        dropped = np.setdiff1d(np.arange(num_experts), keep[layer])
-        index = () if unit is None else (unit,)
-        ffn, ffn_state = params, state
-        for key in path:
-            ffn, ffn_state = ffn[key], ffn_state[key]
-        for key, sub in ffn.items():
-            if moe.is_router(key):
-                sub["bias"][index + (dropped,)] = -np.inf
-        ffn_state[moe.ROUTER_BIAS][index + (dropped,)] = -np.inf
-    return {"params": params, "moe_state": state}
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 8)), jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------------------ pruning
@@ -95,7 +49,8 @@ PRUNE_CASES = {
 @pytest.mark.parametrize("case", sorted(PRUNE_CASES))
 def test_pruned_model_is_the_original_with_minus_inf_router_bias(case):
     fields, keep = PRUNE_CASES[case]
-    config, variables, apply = build(**fields)
+    config, variables = random_model(**fields)
+    apply = jax.jit(model.Transformer(config.model).apply)
     before = jax.tree.map(np.array, variables)
     new_config, new_variables = prune.prune(config, variables, keep)
 
@@ -107,7 +62,7 @@ def test_pruned_model_is_the_original_with_minus_inf_router_bias(case):
     assert new_variables["params"]["embed"]["embedding"] is variables["params"]["embed"]["embedding"]
 
     pruned = jax.jit(model.Transformer(new_config.model).apply)(new_variables, TOKENS)
-    reference = apply(minus_inf_reference(config, variables, keep), TOKENS)
+    reference = apply(minus_inf_bias(config, variables, keep), TOKENS)
     original = apply(variables, TOKENS)
     assert np.isfinite(np.asarray(pruned)).all()
     np.testing.assert_allclose(pruned, reference, rtol=1e-6, atol=1e-6)
@@ -115,8 +70,8 @@ def test_pruned_model_is_the_original_with_minus_inf_router_bias(case):
 
 
 def test_pruned_tree_slices_every_expert_tensor():
-    config, variables, _ = build(num_layers=4, moe_every=2, scan=True, expert_kind="gpt_oss",
-                                 num_null_experts=1, router=dict(kind="adamoe"))
+    config, variables = random_model(num_layers=4, moe_every=2, scan=True, expert_kind="gpt_oss",
+                                     num_null_experts=1, router=dict(kind="adamoe"))
     variables = jax.tree.map(np.asarray, variables)  # numpy variables (moejax.training.checkpoint.load_checkpoint)
     keep = {0: [1, 3, 4], 2: [0, 5, 6]}
     _, new = prune.prune(config, variables, keep)
@@ -192,7 +147,7 @@ def test_a_registered_router_is_pruned_as_its_facts_say(monkeypatch):
     keep = {0: [1, 2, 5, 6], 1: [0, 3, 4, 7]}
     with pytest.raises(ValueError, match=r"kind='ids_from_e' computes its expert ids from model\.moe\.num_experts"):
         prune.prune(small_config(kind="ids_from_e"), {"params": {}}, keep)
-    config, variables, _ = build(router=dict(kind="ids_from_scores"))
+    config, variables = random_model(router=dict(kind="ids_from_scores"))
     new_config, new_variables = prune.prune(config, variables, keep)
     assert new_config.model.moe.num_experts == 4 and new_config.model.moe.router.kind == "ids_from_scores"
     np.testing.assert_array_equal(new_variables["params"]["layers_1"]["ffn"]["router"]["kernel"],
@@ -319,7 +274,8 @@ def merged_model_checks(new_config, new_variables, num_experts):
 
 
 def test_merges_with_groups_of_one_are_the_identity_and_merged_models_apply():
-    config, variables, apply = build(num_layers=3, first_dense=1, num_shared=1)
+    config, variables = random_model(num_layers=3, first_dense=1, num_shared=1)
+    apply = jax.jit(model.Transformer(config.model).apply)
     original = apply(variables, TOKENS)
     trace = synthetic_trace(layers=(1, 2))
     outputs = np.random.default_rng(0).normal(size=(2, 8, 16))
@@ -367,7 +323,8 @@ def test_merges_with_groups_of_one_are_the_identity_and_merged_models_apply():
 
 def test_hcsmoe_on_scanned_layers():
     # bfloat16 experts: merged in float64, stored back in bfloat16
-    config, variables, _ = build(num_layers=4, moe_every=2, scan=True, param_dtype="bfloat16", expert_kind="gpt_oss")
+    config, variables = random_model(num_layers=4, moe_every=2, scan=True, param_dtype="bfloat16",
+                                     expert_kind="gpt_oss")
     rng = np.random.default_rng(0)
     outputs = rng.normal(size=(2, 8, 16))
     frequencies = rng.integers(1, 20, size=(2, 8)).astype(np.float64)

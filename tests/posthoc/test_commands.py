@@ -16,58 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from moejax.configs import base
 
 import moejax
-from moejax import hf, model, moe
+from moejax import hf, model
 from moejax.posthoc import __main__ as cli
 from moejax.posthoc import analysis, capture, importance, prune, read_trace
 from moejax.posthoc.trace import trace_files
-from tests import helpers_env
+from tests.reference import minus_inf_bias
 
-pytestmark = pytest.mark.xdist_group("posthoc_cli")  # one worker builds the module's release and trace once
-
-TEXT = '''def fibonacci(n):
-    """The n-th Fibonacci number."""
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-class Stack:
-    def __init__(self):
-        self.items = []
-
-    def push(self, item):
-        self.items.append(item)
-
-    def pop(self):
-        return self.items.pop()
-'''
-
-
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """(checkpoint dir, data flags): a 2-layer Mixtral-layout model (4 experts, top-2, byte vocabulary) written by
-    moejax.hf.save, and a text corpus of 6 files (the validation split: their last 5% of bytes)."""
-    root = tmp_path_factory.mktemp("posthoc_cli")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(6):
-        (corpus / f"f{i}.py").write_text(TEXT.replace("fibonacci", f"fib_{i}") * (3 + i))
-    config = base.get_config()
-    config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, vocab_size=256)
-    config.model.moe.update(num_experts=4, top_k=2, expert_ffn=16)
-    config.model.moe.router.softmax_before_topk = False
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda leaf: rng.normal(0, 0.3, leaf.shape).astype(np.float32),
-                          hf.abstract_variables(config.model)["params"])
-    directory = hf.save(config, {"params": params}, root / "release")
-    flags = ["--checkpoint", str(directory), "--data", f"text:{corpus}/*.py", "--data_dir", str(root / "data"),
-             "--batch_size", "4", "--seq_len", "32", "--max_tokens", "256"]
-    return directory, flags
-
+pytestmark = pytest.mark.xdist_group("posthoc_commands")  # one worker builds the module's release and trace once
 
 @pytest.fixture(scope="module")
 def traced(release, tmp_path_factory):
@@ -108,15 +65,6 @@ def test_importance(release, traced, tmp_path):
     assert all(np.asarray(value).shape == (2, 4) for value in saved["scores"].values())
 
 
-def minus_inf_reference(config, variables, keep):
-    """The original variables with the selection bias (moe_state router_bias) at -inf on the pruned experts."""
-    variables = {"params": variables["params"], "moe_state": jax.tree.map(np.array, variables["moe_state"])}
-    for layer, ids in keep.items():
-        bias = variables["moe_state"][f"layers_{layer}"]["ffn"][moe.ROUTER_BIAS]
-        bias[np.setdiff1d(np.arange(config.model.moe.num_experts), ids)] = -np.inf
-    return variables
-
-
 @pytest.mark.parametrize("fmt", ["hf", "moejax"])
 def test_prune_writes_the_model_without_the_pruned_experts(release, traced, fmt, tmp_path):
     out = tmp_path / "pruned"
@@ -132,7 +80,7 @@ def test_prune_writes_the_model_without_the_pruned_experts(release, traced, fmt,
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 16)), jnp.int32)
     pruned = jax.jit(model.Transformer(new_config.model).apply)(new_variables, tokens)
     apply = jax.jit(model.Transformer(config.model).apply)
-    reference = apply(minus_inf_reference(config, variables, keep), tokens)
+    reference = apply(minus_inf_bias(config, variables, keep), tokens)
     np.testing.assert_allclose(pruned, reference, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(apply(variables, tokens)) - reference).max() > 1e-3  # the pruned experts were used
 
@@ -278,9 +226,8 @@ def test_prune_says_what_it_allows_and_that_it_lowers_top_k(release, tmp_path, c
     (["analyze", "--trace=missing", "--out=x"], 2, "error: --trace='missing': "),
     (["trace", "--step=7", "--out=x"], 2, "error: --step=7: "),
 ])
-def test_usage_errors_are_one_line_and_status_2(release, argv, status, message, tmp_path):
+def test_usage_errors_are_one_line_and_status_2(release, argv, status, message, env, tmp_path):
     flags = release[1] if argv[0] != "analyze" else []
-    env = helpers_env.single_device_env(tmp_path / "cache", MOEJAX_VERBOSE="0")
     result = subprocess.run([sys.executable, "-m", "moejax.posthoc", argv[0], *flags, *argv[1:]], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == status and len(result.stderr.splitlines()) == 1, result.stderr

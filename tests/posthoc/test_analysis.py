@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moejax.posthoc import Trace, TraceWriter, analysis, read_trace, write_trace
+from tests import reference as ref
 
 E, K = 8, 2
 DOC_STARTS = [0, 57, 130, 131]  # four documents, one of a single token
@@ -134,29 +135,6 @@ def naive_f1(trace, layer, length, stride):
     if not activations:
         return float("nan")
     return max(2 * matches[t] / (predictions[t] + activations) for t in range(1, length * trace.top_k + 1))
-
-
-def naive_npmi(trace, layer):
-    """{(e, t): npmi} over every expert and token id 0 .. max."""
-    joint, expert, token = collections.Counter(), collections.Counter(), collections.Counter()
-    for n in range(trace.num_tokens):
-        t = int(trace.token_ids[n])
-        for e in real(trace, layer, n):
-            joint[e, t] += 1
-            expert[e] += 1
-            token[t] += 1
-    slots = sum(expert.values())
-    out = {}
-    for e in range(trace.num_experts):
-        for t in range(int(max(trace.token_ids)) + 1):
-            c = joint[e, t]
-            if c == 0:
-                out[e, t] = -1.0
-            elif c == slots:
-                out[e, t] = 1.0
-            else:
-                out[e, t] = math.log((c / slots) / (expert[e] / slots * token[t] / slots)) / -math.log(c / slots)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------- the format
@@ -356,7 +334,7 @@ def test_small_blocks_give_the_same_numbers(trace, monkeypatch):
 
 def test_npmi(trace):
     layer = 1
-    expected = naive_npmi(trace, layer)
+    expected = ref.npmi(trace.experts[layer], trace.token_ids, trace.num_experts)
     values = analysis.npmi(trace, layer)
     vocabulary = int(trace.token_ids.max()) + 1
     assert values.shape == (E, vocabulary)
@@ -374,7 +352,7 @@ def test_top_experts_for_token(trace):
     experts, values = analysis.top_experts_for_token(trace, token, n=3)
     assert experts.shape == values.shape == (3, 3)
     for layer in range(trace.num_layers):
-        expected = naive_npmi(trace, layer)
+        expected = ref.npmi(trace.experts[layer], trace.token_ids, trace.num_experts)
         column = [expected[e, token] for e in range(E)]
         np.testing.assert_allclose(values[layer], sorted(column, reverse=True)[:3])
         np.testing.assert_allclose([column[e] for e in experts[layer]], values[layer])
@@ -388,7 +366,7 @@ def test_top_tokens_per_expert(trace, min_count):
     layer, n = 2, 4
     ids, values = analysis.top_tokens_per_expert(trace, layer, n, min_count=min_count)
     assert ids.shape == values.shape == (E, n)
-    expected = naive_npmi(trace, layer)
+    expected = ref.npmi(trace.experts[layer], trace.token_ids, trace.num_experts)
     occurrences = collections.Counter(int(t) for t in trace.token_ids)
     for e in range(E):
         routed = sorted((-expected[e, t], t) for t in occurrences
