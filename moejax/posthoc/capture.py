@@ -17,6 +17,10 @@ batch [B, S] (T = B * S tokens, row-major):
   variables have none), ``train=False`` and the input token ids where the router needs them: the function and
   arguments the layer itself uses at evaluation, so the selected experts and weights are the model's;
 * ``output``   [T, D]: the MoE module's output (routed + shared experts);
+* ``routed``   [T, D]: the routed experts' part of ``output``: the gate-weighted sum of the selected experts' outputs
+  as the layer combines them (after any capacity drop; ``output`` minus the shared experts' contribution);
+* ``shared``   [T, D] or None: the shared experts' output (the fused shared GLU's down-projection output, before
+  Qwen2-MoE's sigmoid ``shared_gate``); None for a model without shared experts;
 * ``h_after``  [T, D]: the block's output, ``h_before + output`` for the standard residual;
 * ``params``, ``state``: the layer's MoE parameter tree and moe_state (the scan unit indexed away).
 
@@ -72,6 +76,8 @@ class LayerCapture:
     params: Any  # the layer's MoE params {'router': ..., 'experts': ..., ...}
     state: Any  # the layer's moe_state ({'router_bias': [E]} or {})
     layer: int = struct.field(pytree_node=False, default=0)  # the model's layer index
+    routed: jax.Array | None = None  # [T, D] the routed experts' combined output (gate weights applied)
+    shared: jax.Array | None = None  # [T, D] the shared experts' output before any shared gate; None without them
 
 
 @struct.dataclass
@@ -88,13 +94,17 @@ class Capture:
 
 def _interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: nn.module.InterceptorContext) -> Any:
     out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == "_routed" and isinstance(module, moe_layer.MoE):  # the routed experts' pass
+        module.sow(COLLECTION, PREFIX + "routed", out)
     if context.method_name != "__call__":
         return out
-    module = context.module
     if isinstance(module, moe_layer.RouterKernel):
         module.sow(COLLECTION, PREFIX + "logits", out)
     elif isinstance(module, moe_layer.MoE):
         module.sow(COLLECTION, PREFIX + "output", out)
+    elif module.name == moe.SHARED and isinstance(module.parent, moe_layer.MoE):
+        module.sow(COLLECTION, PREFIX + "shared", out)
     elif isinstance(module, model_lib.Block) and module.use_moe:
         module.sow(COLLECTION, PREFIX + "h_after", out)
     elif module.name == "ffn_norm" and isinstance(module.parent, model_lib.Block) and module.parent.use_moe:
@@ -172,7 +182,9 @@ def forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any], tok
             h_before=take((*block, "ffn_norm"), "h_before"), inputs=take((*block, "ffn_norm"), "inputs"),
             logits=router_logits, routing=_route(config, router_logits, state, ids, layer, intervention),
             output=take(ffn_path, "output"),
-            h_after=take(block, "h_after"), params=params, state=state, layer=layer))
+            h_after=take(block, "h_after"), params=params, state=state, layer=layer,
+            routed=take(ffn_path, "routed"),
+            shared=take((*ffn_path, moe.SHARED), "shared") if cfg.moe.num_shared > 0 else None))
     return Capture(tokens=tokens, logits=logits, layers=tuple(captured))
 
 

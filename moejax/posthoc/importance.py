@@ -11,24 +11,26 @@ A criterion is one function ``fn(LayerBatch) -> [E]`` registered with ``@registe
 gets one MoE layer's view of one batch of tokens (from a trace: a block of its tokens) and returns the batch's
 contribution per expert, usually ``batch.per_expert(values per slot)``. ``needs`` says what the view must hold
 (``NEEDS``): 'routing' (the selected experts and their gate weights; every view has it), 'scores' (the router's
-probabilities of the E real experts), 'outputs' (each slot's expert output norm) and 'hidden' (how much the layer
-turns each token's hidden state). A trace holds the routing, and the scores when recorded ``with_scores``; the
+probabilities of the E real experts), 'outputs' (each slot's expert output norm) and 'hidden' (how much the routed
+experts turn each token's hidden state). A trace holds the routing, and the scores when recorded ``with_scores``; the
 outputs and hidden states need the forward pass. ``reduce`` says how the contributions combine over batches
 (``REDUCTIONS``): 'sum', or 'mean', the sum divided by the expert's routed slots over all batches (0 for an expert
 no token was routed to).
 
 With, at MoE layer l, token t routed to expert e in one of its slots (null slots, ids outside [0, E), left out), gate
 weight g_{t,e} (the combine weight the layer uses: after any renormalisation and ``routed_scaling_factor``), expert
-output f_e(x_t) (the expert's output on the token's MoE input, before the gate weight; ``capture.slot_outputs``), and
-the residual stream h_before (entering the FFN part) and h_after (the block's output) of the token:
+output f_e(x_t) (the expert's output on the token's MoE input, before the gate weight; ``capture.slot_outputs``), the
+residual stream h_t entering the FFN part (``capture.LayerCapture.h_before``) and the routed experts' combined output
+r_t = sum_{e in S_t} g_{t,e} f_e(x_t) (``capture.LayerCapture.routed``; shared experts left out):
 
 * ``frequency``  = sum_t 1[e in S_t]                           (routed slots)
 * ``soft_count`` = sum_t g_{t,e}                                (gate-weight mass)
 * ``reap``       = (1 / |X_e|) sum_{t in X_e} g_{t,e} ||f_e(x_t)||_2, X_e the tokens routed to e; 0 when X_e is
   empty (REAP, "Router-weighted Expert Activation Pruning", arXiv 2510.13999)
-* ``easy_ep``    = sum_{t in X_e} g_{t,e} ||f_e(x_t)||_2 max(1 - cos(h_before_t, h_after_t), 0) (EASY-EP, arXiv
-  2504.06792: output-aware expert importance weighted by the token's contribution, measured by how much the layer
-  turns its hidden state)
+* ``easy_ep``    = sum_{t in X_e} g_{t,e} ||f_e(x_t)||_2 max(1 - cos(h_t, h_t + r_t), 0) (EASY-EP, arXiv
+  2504.06792: output-aware expert importance weighted by the token's contribution, measured by how much the routed
+  experts turn its hidden state; the authors' RUCAIBox/EASYEP ``pruning/model_new.py`` ``Block.forward``
+  ``cos_sim_0_1`` and ``pruning/expert_selection.py``, summed over every calibration token)
 
 The sums run in float64 on the host, batch by batch, so a corpus passes through a bounded amount of memory and a
 trace recorded from the same batches gives ``from_forward``'s routing criteria exactly. Also here:
@@ -66,7 +68,8 @@ class LayerBatch:
     weights: [T, k] float64 gate weights.
     scores:  [T, E] float64 router probabilities of the E real experts ('scores').
     norms:   [T, k] float64 ||f_e(x_t)||_2, the output norm of each slot's expert on its token ('outputs').
-    turn:    [T] float64 max(1 - cos(h_before_t, h_after_t), 0) of each token ('hidden').
+    turn:    [T] float64 max(1 - cos(h_t, h_t + r_t), 0) of each token: h_t the residual stream entering the FFN
+             part, r_t the routed experts' combined output, shared experts left out ('hidden').
     """
 
     experts: np.ndarray
@@ -139,7 +142,8 @@ def reap(batch: LayerBatch) -> np.ndarray:
 
 @register("easy_ep", needs=("outputs", "hidden"))
 def easy_ep(batch: LayerBatch) -> np.ndarray:
-    """EASY-EP: the gate-weighted expert output norm times how much the layer turns the token's hidden state."""
+    """EASY-EP: the gate-weighted expert output norm times how much the routed experts turn the token's hidden
+    state (h_t against h_t + r_t; the shared experts' output is not part of the turn)."""
     return batch.per_expert(batch.weights * batch.norms * batch.turn[:, None])
 
 
@@ -240,7 +244,8 @@ def from_trace(trace: Trace, criterion: str | Sequence[str] = "frequency", *,
 
 def _batch_arrays(config: ml_collections.ConfigDict, needs: set[str]) -> Callable[[capture.Capture], dict]:
     """A ``capture.stream`` reduction: the routing, experts and weights [L, T, k], and what ``needs`` asks for:
-    'scores' [L, T, E], 'norms' [L, T, k] (||f_e(x_t)||_2 per slot), 'turn' [L, T] (float32)."""
+    'scores' [L, T, E], 'norms' [L, T, k] (||f_e(x_t)||_2 per slot), 'turn' [L, T] (float32; h_t against h_t + r_t,
+    the routed experts' output only)."""
     num_experts = config.model.moe.num_experts
 
     def fn(c: capture.Capture) -> dict:
@@ -254,7 +259,8 @@ def _batch_arrays(config: ml_collections.ConfigDict, needs: set[str]) -> Callabl
         if "hidden" in needs:
             turns = []
             for layer in c.layers:
-                before, after = layer.h_before.astype(jnp.float32), layer.h_after.astype(jnp.float32)
+                before = layer.h_before.astype(jnp.float32)  # EASY-EP: x against x + the routed experts' output
+                after = before + layer.routed.astype(jnp.float32)
                 cos = (before * after).sum(-1) / jnp.maximum(
                     jnp.linalg.norm(before, axis=-1) * jnp.linalg.norm(after, axis=-1), 1e-30)
                 turns.append(jnp.maximum(1.0 - cos, 0.0))
