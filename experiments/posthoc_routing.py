@@ -41,7 +41,7 @@ bytes they are evaluated on.
    the greedy (argmax) next-byte accuracy. Then greedy samples from
    ``moejax.generate.generate(..., contrast=SelfContrast(beta=...))`` for two prompts.
 5. Mechanics on an imported release: a tiny random Mixtral-layout model written by ``moejax.hf.save`` (as
-   tests/test_posthoc_cli.py), traced and analysed through ``python -m moejax.posthoc trace|analyze``
+   tests/posthoc/test_commands.py), traced and analysed through ``python -m moejax.posthoc trace|analyze``
    (``moejax.posthoc.__main__.main``) on the same corpus.
 
 Resumable: every finished step is stored in ``<checkpoint>/posthoc_routing/results.json`` (the trace and the
