@@ -332,27 +332,43 @@ def segment_routing_f1(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS, s
 
 # ------------------------------------------------------------------------------------- token/expert specialisation
 
-def _npmi(joint: np.ndarray, expert: np.ndarray, token: np.ndarray, slots: int) -> np.ndarray:
-    """npmi from counts: joint c(e, t), expert c(e), token c(t) (broadcastable) and the routed slots S."""
+EVENTS = ("token", "slot")  # npmi's events: tokens (RICE's definition, the default) or routed slots
+
+
+def _check_events(events: str) -> None:
+    if events not in EVENTS:
+        raise ValueError(f"events={events!r}: allowed are {EVENTS} ('token': RICE's token-level events; 'slot': "
+                         "every routed slot an event)")
+
+
+def _npmi(joint: np.ndarray, expert: np.ndarray, token: np.ndarray, total: int) -> np.ndarray:
+    """npmi from counts: joint c(e, t), expert c(e), token c(t) (broadcastable) and the number of events N."""
     joint = np.asarray(joint, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        pmi = np.log(joint * slots / (np.asarray(expert, np.float64) * np.asarray(token, np.float64)))
-        value = pmi / np.log(slots / joint)
-    return np.where(joint <= 0, -1.0, np.where(joint >= slots, 1.0, value))
+        pmi = np.log(joint * total / (np.asarray(expert, np.float64) * np.asarray(token, np.float64)))
+        value = pmi / np.log(total / joint)
+    return np.where(joint <= 0, -1.0, np.where(joint >= total, 1.0, value))
 
 
-def npmi(trace: Trace, layer: int, token_ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+def npmi(trace: Trace, layer: int, token_ids: Sequence[int] | np.ndarray | None = None, *,
+         events: str = "token") -> np.ndarray:
     """[E, T] float64: normalised pointwise mutual information between expert e at layer position ``layer`` and token
-    id t (RICE, arXiv 2505.14681).
-
-    The events are the routed slots of the layer: slot (n, j) with a real expert e = experts[l, n, j] and the token
-    t = token_ids[n]. With S = the number of routed slots, c(e, t) = the routed slots with expert e at a position
-    holding t, c(e) = sum_t c(e, t) and c(t) = sum_e c(e, t) (the routed slots at positions holding t):
-        p(e, t) = c(e, t) / S,  p(e) = c(e) / S,  p(t) = c(t) / S,
+    id t (RICE, arXiv 2505.14681):
         npmi(e, t) = log(p(e, t) / (p(e) p(t))) / -log p(e, t),
-    in [-1, 1]; npmi = -1 when c(e, t) = 0 (also for a token id absent from the trace) and 1 when c(e, t) = S.
+    in [-1, 1]; npmi = -1 when c(e, t) = 0 (also for a token id absent from the trace) and 1 when c(e, t) = N.
+
+    ``events='token'`` (RICE's definition, the default): the events are the trace's N tokens (positions). c(t) = the
+    positions holding t, c(e) = the tokens whose selection at the layer includes e, c(e, t) = the positions holding t
+    whose selection includes e (an expert twice in one token's slots counts once), each probability divided by N:
+    p(e) is the share of tokens routed to e, so the p(e) of the E experts sum to the mean number of distinct real
+    experts per token (k), not to 1. ``events='slot'``: the events are the layer's N routed slots (slot (n, j) with a
+    real expert e = experts[l, n, j] and the token t = token_ids[n]); c(t) = the routed slots at positions holding
+    t. The two share the PMI when every token has k distinct real experts; the slot normaliser -log p(e, t) is larger
+    by log k, which changes the npmi and can reorder experts.
+
     Columns: the ids of ``token_ids`` in their order (marker tokens), or every id 0 .. max(trace.token_ids) when
     None (dense [E, V]: give the ids of interest for a large vocabulary)."""
+    _check_events(events)
     layer = _layer(trace, layer)
     num_experts = trace.num_experts
     columns = (np.arange(int(np.max(trace.token_ids, initial=-1)) + 1) if token_ids is None
@@ -360,54 +376,70 @@ def npmi(trace: Trace, layer: int, token_ids: Sequence[int] | np.ndarray | None 
     wanted = np.unique(columns)
     joint = np.zeros((num_experts, len(wanted)), np.int64)
     expert = np.zeros(num_experts, np.int64)
+    token = np.zeros(len(wanted), np.int64)  # token events: the positions holding each wanted id
     for start, end in _blocks(trace):
         experts = np.asarray(trace.experts[layer, start:end])
+        if events == "token":
+            experts = _distinct(experts)
         valid = _valid(experts, num_experts)
         expert += np.bincount(experts[valid], minlength=num_experts)
         ids = np.asarray(trace.token_ids[start:end], np.int64)
         where = np.minimum(np.searchsorted(wanted, ids), max(len(wanted) - 1, 0))
         hit = (wanted[where] == ids) if len(wanted) else np.zeros(len(ids), bool)
+        token += np.bincount(where[hit], minlength=len(wanted))
         keep = valid & hit[:, None]
         keys = experts[keep].astype(np.int64) * len(wanted) + np.broadcast_to(where[:, None], experts.shape)[keep]
         joint += np.bincount(keys, minlength=joint.size).reshape(joint.shape)
-    slots = int(expert.sum())
-    values = _npmi(joint, expert[:, None], joint.sum(0, keepdims=True), slots)
+    if events == "token":
+        values = _npmi(joint, expert[:, None], token[None, :], trace.num_tokens)
+    else:
+        values = _npmi(joint, expert[:, None], joint.sum(0, keepdims=True), int(expert.sum()))
     return values[:, np.searchsorted(wanted, columns)]
 
 
-def top_experts_for_token(trace: Trace, token_id: int, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def top_experts_for_token(trace: Trace, token_id: int, n: int = 2, *, events: str = "token"
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """(experts [L, n] int64, npmi [L, n] float64): at each layer position, the n experts with the highest npmi with
-    ``token_id`` (see ``npmi``), highest first (ties: the lower expert id first); n is capped at E. RICE's "cognitive
-    experts" are these for a reasoning marker token. Raises ValueError for a token id absent from the trace."""
+    ``token_id`` (see ``npmi``; ``events`` as there), highest first (ties: the lower expert id first); n is capped at
+    E. RICE's "cognitive experts" are these for a reasoning marker token. Raises ValueError for a token id absent
+    from the trace."""
+    _check_events(events)
     if not np.any(np.asarray(trace.token_ids) == token_id):
         raise ValueError(f"token id {token_id} does not occur in the trace: its npmi is -1 with every expert")
     n = min(int(n), trace.num_experts)
     experts = np.zeros((trace.num_layers, n), np.int64)
     values = np.zeros((trace.num_layers, n))
     for layer in range(trace.num_layers):
-        column = npmi(trace, layer, [token_id])[:, 0]
+        column = npmi(trace, layer, [token_id], events=events)[:, 0]
         order = np.argsort(-column, kind="stable")[:n]
         experts[layer], values[layer] = order, column[order]
     return experts, values
 
 
-def top_tokens_per_expert(trace: Trace, layer: int, n: int = 10, min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def top_tokens_per_expert(trace: Trace, layer: int, n: int = 10, min_count: int = 1, *, events: str = "token"
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """(token_ids [E, n] int64, npmi [E, n] float64): for each expert at layer position ``layer``, the n token ids of
-    highest npmi with it (see ``npmi``), highest first (ties: the lower token id first), among the token ids occurring
-    at least ``min_count`` times in the trace (a rare token's npmi is noisy: raise min_count). Only tokens routed to
-    the expert at least once are listed; a row with fewer is padded with id -1 and npmi -1. Counts only the (expert,
-    token) pairs that occur (memory O(N k), not O(E V))."""
+    highest npmi with it (see ``npmi``; ``events`` as there), highest first (ties: the lower token id first), among
+    the token ids occurring at least ``min_count`` times in the trace (a rare token's npmi is noisy: raise
+    min_count). Only tokens routed to the expert at least once are listed; a row with fewer is padded with id -1 and
+    npmi -1. Counts only the (expert, token) pairs that occur (memory O(N k), not O(E V))."""
+    _check_events(events)
     layer = _layer(trace, layer)
     num_experts, n = trace.num_experts, int(n)
     ids, inverse, occurrences = np.unique(np.asarray(trace.token_ids), return_inverse=True, return_counts=True)
     experts = np.asarray(trace.experts[layer])
+    if events == "token":
+        experts = _distinct(experts)
     valid = _valid(experts, num_experts)
     keys = experts[valid].astype(np.int64) * len(ids) + np.broadcast_to(inverse.reshape(-1, 1), experts.shape)[valid]
     pairs, joint = np.unique(keys, return_counts=True)
     pair_expert, pair_token = pairs // max(len(ids), 1), pairs % max(len(ids), 1)
     expert = np.bincount(pair_expert, weights=joint, minlength=num_experts)
-    token = np.bincount(pair_token, weights=joint, minlength=len(ids))
-    values = _npmi(joint, expert[pair_expert], token[pair_token], int(joint.sum()))
+    if events == "token":
+        values = _npmi(joint, expert[pair_expert], occurrences[pair_token], trace.num_tokens)
+    else:
+        token = np.bincount(pair_token, weights=joint, minlength=len(ids))
+        values = _npmi(joint, expert[pair_expert], token[pair_token], int(joint.sum()))
     eligible = occurrences[pair_token] >= min_count
     pair_expert, pair_token, values = pair_expert[eligible], pair_token[eligible], values[eligible]
     order = np.lexsort((ids[pair_token], -values, pair_expert))

@@ -7,7 +7,8 @@ normalised PMI between expert selection and the marker token over a calibration 
 up; silencing (masking) the same experts is the matching ablation. Here:
 
 1. ``marker_experts(trace, marker_ids, n)``: the nPMI of every (MoE layer, expert) with the marker's token ids
-   (``moejax.posthoc.analysis.npmi``, averaged over the marker's ids), and the n best pairs over the whole model
+   (``moejax.posthoc.analysis.npmi``: RICE's token-level events by default, ``events='slot'`` counts routed slots;
+   averaged over the marker's ids), and the n best pairs over the whole model
    (``per_layer``: the n best of every layer);
 2. ``intervention_for(config, chosen, mode, scale)``: ``scale_experts`` (mode 'reinforce' or 'dampen': their
    combine weight times ``scale``, after the router's renormalisation) or ``mask_experts`` ('silence');
@@ -52,8 +53,9 @@ class Chosen:
                 "npmi": {str(k): v for k, v in self.scores.items()}}
 
 
-def marker_npmi(trace: Trace, marker_ids: Sequence[int]) -> np.ndarray:
-    """[L, E]: per traced MoE layer and expert, the nPMI with the marker's token ids, averaged over the ids."""
+def marker_npmi(trace: Trace, marker_ids: Sequence[int], *, events: str = "token") -> np.ndarray:
+    """[L, E]: per traced MoE layer and expert, the nPMI with the marker's token ids, averaged over the ids
+    (``events``: ``analysis.npmi``'s, tokens by default as RICE defines them)."""
     ids = np.asarray(sorted(set(int(i) for i in marker_ids)), np.int64)
     if not len(ids):
         raise ValueError("marker: no token ids (the marker text encodes to nothing)")
@@ -61,13 +63,15 @@ def marker_npmi(trace: Trace, marker_ids: Sequence[int]) -> np.ndarray:
     if not present.any():
         raise ValueError(f"marker token ids {ids.tolist()} never occur in the calibration data: choose data that "
                          f"contains the marker")
-    return np.stack([analysis.npmi(trace, layer, ids[present]).mean(axis=1) for layer in range(trace.num_layers)])
+    return np.stack([analysis.npmi(trace, layer, ids[present], events=events).mean(axis=1)
+                     for layer in range(trace.num_layers)])
 
 
-def marker_experts(trace: Trace, marker_ids: Sequence[int], n: int = 2, per_layer: bool = False) -> Chosen:
+def marker_experts(trace: Trace, marker_ids: Sequence[int], n: int = 2, per_layer: bool = False, *,
+                   events: str = "token") -> Chosen:
     """The n (layer, expert) pairs of highest nPMI with the marker over the model, or the n best of each layer
-    (``per_layer``); ties go to the earlier layer, then the lower expert id."""
-    scores = marker_npmi(trace, marker_ids)
+    (``per_layer``); ties go to the earlier layer, then the lower expert id. ``events``: see ``marker_npmi``."""
+    scores = marker_npmi(trace, marker_ids, events=events)
     layers = list(trace.layers)
     if n < 1 or n > (scores.shape[1] if per_layer else scores.size):
         raise ValueError(f"n={n}: must be in [1, {scores.shape[1] if per_layer else scores.size}]")

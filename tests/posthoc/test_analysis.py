@@ -332,31 +332,33 @@ def test_small_blocks_give_the_same_numbers(trace, monkeypatch):
         np.testing.assert_allclose(f(trace), reference[name], err_msg=name)
 
 
-def test_npmi(trace):
+def test_npmi_slot_events(trace):
+    """The slot-level option (events='slot'): every routed slot an event. The token-level default, RICE's
+    definition, is checked in tests/posthoc/test_fidelity.py."""
     layer = 1
     expected = ref.npmi(trace.experts[layer], trace.token_ids, trace.num_experts)
-    values = analysis.npmi(trace, layer)
+    values = analysis.npmi(trace, layer, events="slot")
     vocabulary = int(trace.token_ids.max()) + 1
     assert values.shape == (E, vocabulary)
     np.testing.assert_allclose(values, [[expected[e, t] for t in range(vocabulary)] for e in range(E)])
     assert values.min() >= -1 and values.max() <= 1
-    markers = analysis.npmi(trace, layer, [3, 99, 3, 0])  # repeated and absent ids
+    markers = analysis.npmi(trace, layer, [3, 99, 3, 0], events="slot")  # repeated and absent ids
     np.testing.assert_allclose(markers, values[:, [3, 3, 3, 0]] * [1, 0, 1, 1] + [0, -1, 0, 0])
-    np.testing.assert_allclose(analysis.npmi(trace, -2), values)  # negative positions count from the end
+    np.testing.assert_allclose(analysis.npmi(trace, -2, events="slot"), values)  # negative positions from the end
     with pytest.raises(IndexError, match="outside the trace's 3 MoE layers"):
         analysis.npmi(trace, 3)
 
 
 def test_top_experts_for_token(trace):
     token = int(trace.token_ids[10])
-    experts, values = analysis.top_experts_for_token(trace, token, n=3)
+    experts, values = analysis.top_experts_for_token(trace, token, n=3, events="slot")
     assert experts.shape == values.shape == (3, 3)
     for layer in range(trace.num_layers):
         expected = ref.npmi(trace.experts[layer], trace.token_ids, trace.num_experts)
         column = [expected[e, token] for e in range(E)]
         np.testing.assert_allclose(values[layer], sorted(column, reverse=True)[:3])
         np.testing.assert_allclose([column[e] for e in experts[layer]], values[layer])
-    assert analysis.top_experts_for_token(trace, token, n=50)[0].shape == (3, E)
+    assert analysis.top_experts_for_token(trace, token, n=50, events="slot")[0].shape == (3, E)
     with pytest.raises(ValueError, match="does not occur"):
         analysis.top_experts_for_token(trace, 99)
 
@@ -364,7 +366,7 @@ def test_top_experts_for_token(trace):
 @pytest.mark.parametrize("min_count", [1, 12])
 def test_top_tokens_per_expert(trace, min_count):
     layer, n = 2, 4
-    ids, values = analysis.top_tokens_per_expert(trace, layer, n, min_count=min_count)
+    ids, values = analysis.top_tokens_per_expert(trace, layer, n, min_count=min_count, events="slot")
     assert ids.shape == values.shape == (E, n)
     expected = ref.npmi(trace.experts[layer], trace.token_ids, trace.num_experts)
     occurrences = collections.Counter(int(t) for t in trace.token_ids)

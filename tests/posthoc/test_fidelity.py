@@ -6,11 +6,14 @@ Each reference follows the authors' released code or the paper's definition (see
 tokens in float64 and takes from the forward pass only the routing and the residual stream, which
 tests/posthoc/test_capture.py checks against the model.
 """
+import math
+
 import numpy as np
 import pytest
 
 from moejax import model
-from moejax.posthoc import capture, importance
+from moejax.posthoc import analysis, capture, importance, steer
+from moejax.posthoc.trace import Trace
 from tests import reference
 from tests.helpers_posthoc import VOCAB, random_model
 
@@ -110,3 +113,85 @@ def test_easy_ep_with_shared_experts_differs_from_the_whole_block_turn():
                     whole[row, e] += float(w) * norm * turn
     assert not np.allclose(got, whole, rtol=1e-3)
 
+
+
+# ----------------------------------------------------------------------------------------------------- RICE nPMI
+
+def rice_npmi(experts, token_ids, num_experts):
+    """[E, V] nPMI as RICE defines it (arXiv 2505.14681, section 2): over a corpus of T tokens, p(x) = the share of
+    tokens that are x, p(E_i) = the share of tokens whose top-k includes expert E_i, p(x, E_i) = the share of tokens
+    that are x and include E_i; nPMI = log2(p(x, E_i) / (p(x) p(E_i))) / -log2 p(x, E_i), -1 where x never selects
+    E_i (and 1 where every token does). experts [T, k] (ids outside [0, E) are null); token_ids [T]."""
+    total = len(token_ids)
+    selected = [{int(e) for e in row if 0 <= e < num_experts} for row in experts]
+    out = np.full((num_experts, int(max(token_ids)) + 1), -1.0)
+    for x in set(int(t) for t in token_ids):
+        p_x = sum(int(t) == x for t in token_ids) / total
+        for e in range(num_experts):
+            p_e = sum(e in s for s in selected) / total
+            p_xe = sum(int(t) == x and e in s for t, s in zip(token_ids, selected, strict=True)) / total
+            if p_xe == 1.0:
+                out[e, x] = 1.0
+            elif p_xe > 0:
+                out[e, x] = math.log2(p_xe / (p_x * p_e)) / -math.log2(p_xe)
+    return out
+
+
+def random_trace(seed=0, tokens=300, experts=6, k=3, vocab=10, nulls=True):
+    """A routing trace with repeated experts within a token's slots and null slots (ids >= E): the cases where
+    token and slot events differ beyond the log k normaliser."""
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(0, vocab, tokens)
+    chosen = rng.integers(0, experts + (2 if nulls else 0), (2, tokens, k))
+    chosen[:, token_ids == 4, 0] = np.array([2, 5])[:, None]  # marker 4 prefers one expert per layer
+    return Trace(experts=chosen.astype(np.int32), weights=np.full(chosen.shape, 0.5, np.float32),
+                 token_ids=token_ids.astype(np.int32), layers=np.array([1, 3]), num_experts=experts)
+
+
+def test_npmi_counts_tokens_as_rice_defines_it(monkeypatch):
+    trace = random_trace()
+    for layer in range(trace.num_layers):
+        expected = rice_npmi(trace.experts[layer], trace.token_ids, trace.num_experts)
+        np.testing.assert_allclose(analysis.npmi(trace, layer), expected, atol=1e-12)
+        np.testing.assert_allclose(analysis.npmi(trace, layer, [4, 4, 77, 0]),
+                                   expected[:, [4, 4, 0, 0]] * [1, 1, 0, 1] + [0, 0, -1, 0], atol=1e-12)
+    monkeypatch.setattr(analysis, "_BLOCK_ELEMENTS", 16)  # blocks of a few tokens give the same counts
+    np.testing.assert_allclose(analysis.npmi(trace, 1), rice_npmi(trace.experts[1], trace.token_ids, 6), atol=1e-12)
+    with pytest.raises(ValueError, match="events='tokens'.*allowed are"):
+        analysis.npmi(trace, 0, events="tokens")
+
+
+def test_token_and_slot_events_differ_by_the_normaliser():
+    """With k distinct real experts per token the PMI is the same and the slot normaliser is larger by log k."""
+    rng = np.random.default_rng(3)
+    tokens, k = 200, 2
+    token_ids = rng.integers(0, 5, tokens)
+    chosen = np.stack([np.stack([rng.choice(6, k, replace=False) for _ in range(tokens)])])
+    trace = Trace(experts=chosen.astype(np.int32), weights=np.full(chosen.shape, 0.5, np.float32),
+                  token_ids=token_ids.astype(np.int32), layers=np.array([0]), num_experts=6)
+    by_token, by_slot = analysis.npmi(trace, 0), analysis.npmi(trace, 0, events="slot")
+    met = by_token > -1
+    p_token = np.array([np.sum((token_ids == t) & (chosen[0] == e).any(1)) for e, t in zip(*np.nonzero(met),
+                                                                                             strict=True)]) / tokens
+    # nPMI * -log p(e, t) is the PMI, the same under both counts; p(e, t) is k times smaller over slots
+    np.testing.assert_allclose(by_token[met] * -np.log(p_token), by_slot[met] * -np.log(p_token / k), atol=1e-12)
+    assert not np.allclose(by_token[met], by_slot[met])
+
+
+def test_rice_experts_and_tokens_by_token_events():
+    trace = random_trace(seed=1)
+    experts, values = analysis.top_experts_for_token(trace, 4, n=2)
+    for layer in range(trace.num_layers):
+        column = rice_npmi(trace.experts[layer], trace.token_ids, 6)[:, 4]
+        np.testing.assert_allclose(values[layer], sorted(column, reverse=True)[:2], atol=1e-12)
+        np.testing.assert_allclose(column[experts[layer]], values[layer], atol=1e-12)
+    ids, values = analysis.top_tokens_per_expert(trace, 1, n=3)
+    expected = rice_npmi(trace.experts[1], trace.token_ids, 6)
+    for e in range(6):
+        best = sorted((-expected[e, t], t) for t in range(expected.shape[1]) if expected[e, t] > -1)[:3]
+        np.testing.assert_allclose(values[e, :len(best)], [-v for v, _ in best], atol=1e-12)
+        assert ids[e, :len(best)].tolist() == [t for _, t in best]
+    chosen = steer.marker_experts(trace, [4], n=2)  # RICE's default: token events
+    np.testing.assert_allclose(chosen.npmi, np.stack([rice_npmi(trace.experts[layer], trace.token_ids, 6)[:, 4]
+                                                      for layer in range(2)]), atol=1e-12)
+    assert chosen.experts == {1: [2], 3: [5]}

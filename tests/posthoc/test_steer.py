@@ -29,12 +29,12 @@ def random_trace(seed=0, tokens=400, experts=6, k=2, vocab=12):
 def test_marker_experts_are_the_top_npmi_pairs():
     trace = random_trace()
     expected = np.stack([ref.npmi(trace.experts[layer], trace.token_ids, 6)[:, 5] for layer in range(3)])
-    chosen = steer.marker_experts(trace, [5], n=2)
+    chosen = steer.marker_experts(trace, [5], n=2, events="slot")  # the slot option; the token default: test_fidelity
     np.testing.assert_allclose(chosen.npmi, expected, atol=1e-12)
     best = sorted(np.argsort(-expected.ravel(), kind="stable")[:2].tolist())
     assert sorted((layer, e) for layer, ids in chosen.experts.items() for e in ids) == \
         sorted((int(trace.layers[i // 6]), i % 6) for i in best)
-    per_layer = steer.marker_experts(trace, [5], n=1, per_layer=True)
+    per_layer = steer.marker_experts(trace, [5], n=1, per_layer=True, events="slot")
     assert per_layer.experts == {1: [1], 2: [4], 3: [2]}
     with pytest.raises(ValueError, match="never occur"):
         steer.marker_experts(trace, [99])
