@@ -213,15 +213,69 @@ def _params(value: float | None) -> str:
     return "–" if value is None else f"{value / 1e6:.2f}M"
 
 
+def p_text(p: float | None) -> str:
+    """A p-value as the pages write it: 4 decimals, scientific below 0.0001, '–' for none (n < 2)."""
+    if p is None:
+        return "–"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def seeds_text(seeds: int) -> str:
+    """'seeds 0-2' for the first ``seeds`` seeds."""
+    return "seed 0" if seeds == 1 else f"seeds 0-{seeds - 1}"
+
+
 def claim_line(claim: dict[str, Any]) -> str:
-    """One verdict line of a results page."""
+    """One verdict line of a results page: the verdict, the paired difference with its t-interval, p-value and
+    Holm-adjusted verdict, and (tables whose seeds were extended) the same at the pre-registered seeds."""
     head = f"**{claim['verdict']}**: {claim['text']}. `{claim['metric']}` {claim['row']} − {claim['reference']}"
     if not claim["n"]:
         return f"{head}: no seed where both rows finished (the paper's direction: {claim['better']})."
     values = ", ".join(f"{v:+.4f}" for v in claim["values"])
-    return (f"{head} = {number(claim['mean'])}, {claim.get('confidence', CONFIDENCE):.0%} t-interval "
-            f"{interval_text(claim)}, n = {claim['n']} paired seed(s) (the paper's direction: {claim['better']}; per "
-            f"seed: {values}).")
+    line = (f"{head} = {number(claim['mean'])}, {claim.get('confidence', CONFIDENCE):.0%} t-interval "
+            f"{interval_text(claim)}, n = {claim['n']} paired seed(s)")
+    if "verdict_holm" in claim:
+        line += (f", p = {p_text(claim['p'])}, Holm-adjusted p = {p_text(claim['p_holm'])} over the "
+                 f"{claim['family_size']} claims: **{claim['verdict_holm']}** after Holm")
+    line += f" (the paper's direction: {claim['better']}; per seed: {values})."
+    early = claim.get("preregistered")
+    if early is not None and early["n"] < claim["n"]:
+        line += (f" At the pre-registered seeds ({', '.join(map(str, early['seeds'])) or 'none paired'}): "
+                 f"**{early['verdict']}**")
+        if early["n"]:
+            line += (f", mean {number(early['mean'])}, t-interval {interval_text(early)}, p = {p_text(early['p'])}, "
+                     f"**{early['verdict_holm']}** after Holm")
+        line += "."
+    return line
+
+
+def verdict_table(claims: list[dict[str, Any]], seeds_preregistered: int | None) -> list[str]:
+    """The verdicts of a page as a table: per claim its verdict, p-value and Holm-adjusted verdict, and the same at
+    the pre-registered seeds when ``seeds_preregistered`` (the table's seeds were extended after a result)."""
+    header = ["claim", "verdict", "p", "Holm-adjusted verdict"]
+    if seeds_preregistered:
+        first = seeds_text(seeds_preregistered)
+        header += [f"verdict at {first} (pre-registered)", f"p at {first}", f"Holm-adjusted at {first}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for claim in claims:
+        cells = [claim["text"], f"**{claim['verdict']}**", p_text(claim.get("p")),
+                 f"**{claim.get('verdict_holm', '–')}**"]
+        early = claim.get("preregistered")
+        if seeds_preregistered:
+            cells += ([f"**{early['verdict']}**", p_text(early["p"]), f"**{early['verdict_holm']}**"] if early
+                      else ["–", "–", "–"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def extension_text(seeds_preregistered: int, seeds: int) -> str:
+    """The page's statement that a table's seeds were extended after a result was seen."""
+    return (f"**Seeds extended after a result was seen:** the seeds of this table were raised from "
+            f"{seeds_preregistered} per row (`SEEDS_PREREGISTERED`) to {seeds} after results at "
+            f"{seeds_preregistered} seeds had been seen. Adding seeds because a claim was not resolved makes a "
+            f"resolved verdict at the extended seeds likelier by chance than its 5% error rate says, so the "
+            f"pre-registered test is the verdict at the first {seeds_preregistered} ({seeds_text(seeds_preregistered)})"
+            f", given beside each verdict at all {seeds}.")
 
 
 def plot_specs(table_name: str, results: dict[str, Any]) -> list[tuple[str, str, Callable[[pathlib.Path], Any]]]:
@@ -292,7 +346,11 @@ def observed_order(results: dict[str, Any], metric: str) -> tuple[str, list[str]
 VERDICT_RULE = ("Each claim compares two rows within seeds: the differences (row − reference) at every seed both "
                 "finished, their mean and 95% t-interval mean ± t_{0.975, n−1} · sd / √n over the n paired seeds. "
                 "**reproduced**: the interval excludes 0 in the paper's direction; **contradicted**: it excludes 0 "
-                "the other way; **not resolved**: it contains 0, or n < 2.")
+                "the other way; **not resolved**: it contains 0, or n < 2. The **Holm-adjusted verdict** corrects "
+                "for the table testing several claims: the Holm-Bonferroni step-down over the table's claims at "
+                "family-wise α = 0.05, on each claim's two-sided paired t-test p-value (t = mean / (sd / √n), n − 1 "
+                "degrees of freedom; p < 0.05 exactly when the interval excludes 0), gives reproduced or "
+                "contradicted only where Holm rejects the claim's null, else not resolved.")
 
 
 def markdown(table: ModuleType, table_name: str, payload: dict[str, Any], plots: list[tuple[str, str]],
@@ -343,6 +401,12 @@ def markdown(table: ModuleType, table_name: str, payload: dict[str, Any], plots:
     if payload.get("claims"):
         lines += ["", "## Verdicts", "", f"One line per claim of the paper (`CLAIMS` in "
                   f"`experiments/tables/{table_name}.py`). {VERDICT_RULE}", ""]
+        early = payload.get("seeds_preregistered")
+        extended = bool(early) and any(claim["n"] > (claim.get("preregistered") or {}).get("n", claim["n"])
+                                       for claim in payload["claims"])
+        if extended:
+            lines += [extension_text(early, seeds), ""]
+        lines += verdict_table(payload["claims"], early if extended else None) + [""]
         lines += [f"* {claim_line(claim)}" for claim in payload["claims"]]
     if findings:
         lines += ["", "## Findings", "", findings.strip()]

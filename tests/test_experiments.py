@@ -129,7 +129,7 @@ def test_reproduce_results_are_the_seed_statistics(toy_run):
     assert claim["values"] == pytest.approx(diffs) and claim["seeds"] == [0, 1]
     assert [claim["low"], claim["high"]] == pytest.approx([diffs.mean() - half, diffs.mean() + half])
     assert claim["verdict"] == table_stats.verdict({"low": diffs.mean() - half, "high": diffs.mean() + half}, "lower")
-    line = next(line for line in md.splitlines() if "b beats a" in line)
+    line = next(line for line in md.splitlines() if line.startswith("* ") and "b beats a" in line)
     assert line.startswith(f"* **{claim['verdict']}**: b beats a.")
     assert f"[{diffs.mean() - half:.4f}, {diffs.mean() + half:.4f}], n = 2" in line
     # tokens per run and the runs' corpus fingerprint
@@ -456,8 +456,11 @@ def test_readme_block_rewrite_is_idempotent_and_only_touches_the_block(tmp_path)
     assert readme.read_text() == text
     block = text[text.index(summary.BEGIN):text.index(summary.END)]
     # b - a = -0.3, -0.5: mean -0.4, sd 0.141421, half width 12.706205 * 0.141421 / sqrt(2) = 1.270620
-    assert "| b beats a | **not resolved** | `val_loss` b − a = -0.4000 | [-1.6706, 0.8706] | 2 |" in block
-    assert "| b balances better | **not resolved** | `maxvio` b − a = 0.0000 | [0.0000, 0.0000] | 2 |" in block
+    # p = 2 * P(T_1 > 0.4 / (0.141421 / sqrt(2)) = 4) = 0.1560; Holm over the 2 claims: not resolved
+    assert ("| b beats a | **not resolved** | 0.1560 | **not resolved** | `val_loss` b − a = -0.4000 | "
+            "[-1.6706, 0.8706] | 2 |") in block
+    assert ("| b balances better | **not resolved** | 1.0000 | **not resolved** | `maxvio` b − a = 0.0000 | "
+            "[0.0000, 0.0000] | 2 |") in block
     assert ("**[toy](results/toy.md)** (toy table): 2 of 2 seed(s) per row finished; tokens per run: 4 steps × 8 × "
             "32 = 1,024 tokens;") in block.replace("\n", " ")
     assert "older definition" not in block

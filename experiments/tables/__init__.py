@@ -9,6 +9,9 @@ A table file defines:
 * ``METRICS``: the metrics of the results table, names of ``experiments.runner.METRICS``.
 * ``EXPECTED``: the paper's ordering, in a few words.
 * optionally ``SEEDS``: the seeds per row that ``experiments.reproduce`` runs without ``--seeds`` (default 3).
+* optionally ``SEEDS_PREREGISTERED``: how many of those seeds were fixed before the table ran (default ``SEEDS``).
+  A table whose seeds were extended after a result was seen keeps the original count here, and its results page
+  gives, beside each claim's verdicts at all seeds, the verdicts at the first ``SEEDS_PREREGISTERED`` seeds.
 * optionally ``REFERENCE``: the row that the other rows' within-seed differences are taken against.
 * optionally ``CLAIMS``: a list of ``Claim``: the paper's claims as paired comparisons of two rows, each of which
   the results page answers with one verdict (reproduced / not resolved / contradicted, see
@@ -133,6 +136,11 @@ def load_table(name: str, tables_dir: pathlib.Path = TABLES_DIR) -> ModuleType:
     table.SEEDS = getattr(table, "SEEDS", DEFAULT_SEEDS)
     if not isinstance(table.SEEDS, int) or isinstance(table.SEEDS, bool) or table.SEEDS < 1:
         raise runner.UsageError(f"table file {path}: SEEDS={table.SEEDS!r} is invalid: must be an integer >= 1")
+    table.SEEDS_PREREGISTERED = getattr(table, "SEEDS_PREREGISTERED", table.SEEDS)
+    declared = table.SEEDS_PREREGISTERED
+    if not isinstance(declared, int) or isinstance(declared, bool) or not 1 <= declared <= table.SEEDS:
+        raise runner.UsageError(f"table file {path}: SEEDS_PREREGISTERED={declared!r} is invalid: must be an integer "
+                                f"from 1 to SEEDS={table.SEEDS}")
     table.ROWS = [row if isinstance(row, Row) else Row(**row) for row in table.ROWS]
     names = [row.name for row in table.ROWS]
     for row in table.ROWS:
