@@ -1,24 +1,31 @@
 """Super experts (Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts Large Language Models", arXiv
-2507.23279): the few routed experts whose down-projection outputs carry extreme activation outliers, which become
-the massive activations of the residual stream that the model cannot lose.
+2507.23279): the few experts whose down-projection outputs carry extreme activation outliers, which become the
+massive activations of the residual stream that the model cannot lose. Every expert is a candidate, the shared
+experts included, as in the authors' profiler (ZunhaiSu/Super-Experts-Profilling ``eval_utils.py``: a forward hook
+on every down projection).
 
     from moejax.posthoc import super_experts
     found = super_experts.find(config, variables, batches)     # rule='paper'
-    found.super_experts                                         # [(model layer, expert), ...]
+    found.super_experts                                         # [(model layer, expert), ...] routed experts
+    found.shared_super_experts                                  # [model layer, ...] flagged shared experts
     super_experts.plot(found, path="super_experts.png")
 
 Profile: a[l, e] = max over the calibration tokens routed to expert e at MoE layer l (null slots left out) of
 max_d |f_e(x_t)_d|, f_e(x_t) the expert's down-projection output on the token (its output before the gate weight,
 biases included for kinds with an output bias; ``capture.slot_outputs``); a[l, e] = 0 for an expert no token was
-routed to. ``channel[l, e]`` is the d of that maximum.
+routed to. ``channel[l, e]`` is the d of that maximum. For a model with shared experts, s[l] = max over every
+calibration token of max_d |g_s(x_t)_d|, g_s the shared experts' fused GLU (their down-projection output, before
+Qwen2-MoE's sigmoid shared gate; ``capture.LayerCapture.shared``), and ``shared_channel[l]`` its d.
 
-Rules (``flag``), over the set A of all L x E values a[l, e]:
+Rules (``flag``), over the set A of all L x E values a[l, e] and the L values s[l] (every expert, shared ones
+included):
 
 * 'paper':      a[l, e] > P_q(A) and a[l, e] > max(A) * fraction (q = 99.5, fraction = 1/10: the paper's rule);
 * 'percentile': a[l, e] > P_q(A);
-* 'top_n':      the n largest a[l, e] (ties to the lower layer, then the lower expert).
+* 'top_n':      the n largest values of A (ties to the lower layer, then the lower expert, a layer's shared experts
+  after its routed ones).
 
-P_q is ``numpy.percentile`` (linear interpolation). With L x E <= 200 values, P_99.5 lies between the two largest,
+P_q is ``numpy.percentile`` (linear interpolation). With |A| <= 200 values, P_99.5 lies between the two largest,
 so the paper's rule flags the largest expert whenever the two differ: on small models read ``max_output`` (is the
 flagged one far above the rest?) rather than the flag alone.
 
@@ -58,6 +65,15 @@ class Profile:
     residual_max: np.ndarray  # [L] float64 max |h_after|
     residual_median: np.ndarray  # [L] float64 median |h_after| (median over batches of each batch's median)
     num_tokens: int
+    shared_max_output: np.ndarray | None = None  # [L] float64 s[l]: max |shared down-projection output|; None: none
+    shared_channel: np.ndarray | None = None  # [L] int64 the channel of that max
+
+    def values(self) -> np.ndarray:
+        """[L, E] a[l, e], or [L, E + 1] with s[l] as the last column for a model with shared experts: the set A
+        the rules read."""
+        if self.shared_max_output is None:
+            return self.max_output
+        return np.concatenate([self.max_output, np.asarray(self.shared_max_output, np.float64)[:, None]], axis=1)
 
     @property
     def residual_ratio(self) -> np.ndarray:
@@ -71,19 +87,29 @@ class SuperExperts:
     """A profile and the experts a rule flags."""
 
     profile: Profile
-    flagged: np.ndarray  # [L, E] bool
+    flagged: np.ndarray  # [L, E] bool: flagged routed experts
     rule: str
     threshold: float  # the rule's cut: a[l, e] must be above it (top_n: the n-th largest value, included)
     percentile: float
     fraction: float
     top_n: int | None
+    flagged_shared: np.ndarray | None = None  # [L] bool: flagged shared experts (None: the model has none)
 
     @property
     def super_experts(self) -> list[tuple[int, int]]:
-        """[(model layer index, expert id)] of the flagged experts, by decreasing a[l, e]."""
+        """[(model layer index, expert id)] of the flagged routed experts, by decreasing a[l, e]."""
         rows, cols = np.nonzero(self.flagged)
         order = np.argsort(-self.profile.max_output[rows, cols], kind="stable")
         return [(int(self.profile.layers[rows[i]]), int(cols[i])) for i in order]
+
+    @property
+    def shared_super_experts(self) -> list[int]:
+        """[model layer index] of the layers whose shared experts are flagged, by decreasing s[l]."""
+        if self.flagged_shared is None:
+            return []
+        rows = np.flatnonzero(self.flagged_shared)
+        order = np.argsort(-np.asarray(self.profile.shared_max_output)[rows], kind="stable")
+        return [int(self.profile.layers[rows[i]]) for i in order]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable summary (lists; inf as None)."""
@@ -94,7 +120,10 @@ class SuperExperts:
                 "layers": p.layers.tolist(), "num_tokens": p.num_tokens, "max_output": p.max_output.tolist(),
                 "channel": p.channel.tolist(), "counts": p.counts.tolist(), "flagged": self.flagged.tolist(),
                 "residual_max": p.residual_max.tolist(), "residual_median": p.residual_median.tolist(),
-                "residual_max_over_median": ratio}
+                "residual_max_over_median": ratio, "shared_super_experts": self.shared_super_experts,
+                "shared_max_output": None if p.shared_max_output is None else p.shared_max_output.tolist(),
+                "shared_channel": None if p.shared_channel is None else p.shared_channel.tolist(),
+                "flagged_shared": None if self.flagged_shared is None else self.flagged_shared.tolist()}
 
 
 def _reduction(config: ml_collections.ConfigDict) -> Callable[[capture.Capture], dict]:
@@ -107,9 +136,14 @@ def _reduction(config: ml_collections.ConfigDict) -> Callable[[capture.Capture],
             residual = jnp.abs(layer.h_after.astype(jnp.float32))
             maxima.append(residual.max())
             medians.append(jnp.median(residual))
-        return {"experts": jnp.stack([layer.routing.experts for layer in c.layers]), "peak": jnp.stack(peaks),
-                "channel": jnp.stack(channels), "residual_max": jnp.stack(maxima),
-                "residual_median": jnp.stack(medians), "tokens": jnp.asarray(c.tokens.size, jnp.int32)}
+        out = {"experts": jnp.stack([layer.routing.experts for layer in c.layers]), "peak": jnp.stack(peaks),
+               "channel": jnp.stack(channels), "residual_max": jnp.stack(maxima),
+               "residual_median": jnp.stack(medians), "tokens": jnp.asarray(c.tokens.size, jnp.int32)}
+        if config.model.moe.num_shared > 0:  # the shared experts' down projection, every token
+            shared = [jnp.abs(layer.shared.astype(jnp.float32)).max(0) for layer in c.layers]  # [D] per layer
+            out["shared_peak"] = jnp.stack([column.max() for column in shared])
+            out["shared_channel"] = jnp.stack([column.argmax().astype(jnp.int32) for column in shared])
+        return out
 
     return fn
 
@@ -124,6 +158,9 @@ def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], bat
     channel = np.full((num_layers, num_experts), -1, np.int64)
     counts = np.zeros((num_layers, num_experts), np.int64)
     residual_max = np.zeros(num_layers, np.float64)
+    with_shared = config.model.moe.num_shared > 0
+    shared_best = np.full(num_layers, -np.inf) if with_shared else None
+    shared_channel = np.full(num_layers, -1, np.int64) if with_shared else None
     medians: list[np.ndarray] = []
     tokens = 0
     for arrays in capture.stream(config, variables, batches, _reduction(config), intervention=intervention,
@@ -141,6 +178,11 @@ def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], bat
             update = top > best[row]  # an earlier batch keeps a tie
             best[row] = np.where(update, top, best[row])
             channel[row] = np.where(update, top_channel, channel[row])
+        if with_shared:
+            peak_shared = np.asarray(arrays["shared_peak"], np.float64)
+            update = peak_shared > shared_best  # an earlier batch keeps a tie
+            shared_best = np.where(update, peak_shared, shared_best)
+            shared_channel = np.where(update, np.asarray(arrays["shared_channel"], np.int64), shared_channel)
         residual_max = np.maximum(residual_max, np.asarray(arrays["residual_max"], np.float64))
         medians.append(np.asarray(arrays["residual_median"], np.float64))
         tokens += int(arrays["tokens"])
@@ -148,7 +190,7 @@ def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], bat
         raise ValueError("super_experts.profile: no batches")
     return Profile(layers=np.asarray(layers, np.int64), max_output=np.where(counts > 0, best, 0.0), channel=channel,
                    counts=counts, residual_max=residual_max, residual_median=np.median(np.stack(medians), axis=0),
-                   num_tokens=tokens)
+                   num_tokens=tokens, shared_max_output=shared_best, shared_channel=shared_channel)
 
 
 def _check_rule(rule: str, percentile: float, fraction: float, top_n: int | None, size: int | None = None) -> None:
@@ -166,7 +208,8 @@ def _check_rule(rule: str, percentile: float, fraction: float, top_n: int | None
 
 def flag(max_output: np.ndarray, rule: str = "paper", percentile: float = 99.5, fraction: float = 0.1,
          top_n: int | None = None) -> tuple[np.ndarray, float]:
-    """(flagged [L, E] bool, threshold) of a profile's a[l, e] under ``rule`` (see the module docstring)."""
+    """(flagged bool, threshold) of the values of A (any shape: a profile's a[l, e] [L, E], or ``Profile.values()``
+    with the shared experts' column) under ``rule`` (see the module docstring); flagged has their shape."""
     values = np.asarray(max_output, np.float64)
     _check_rule(rule, percentile, fraction, top_n, values.size)
     if rule == "top_n":
@@ -193,14 +236,18 @@ def find(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batche
 
 def classify(found: Profile, *, rule: str = "paper", percentile: float = 99.5, fraction: float = 0.1,
              top_n: int | None = None) -> SuperExperts:
-    """A profile's super experts under ``rule`` (another rule on the same profile needs no new forward pass)."""
-    flagged, cut = flag(found.max_output, rule, percentile, fraction, top_n)
-    return SuperExperts(profile=found, flagged=flagged, rule=rule, threshold=cut, percentile=percentile,
-                        fraction=fraction, top_n=top_n)
+    """A profile's super experts under ``rule`` over every expert, shared ones included (another rule on the same
+    profile needs no new forward pass)."""
+    flagged, cut = flag(found.values(), rule, percentile, fraction, top_n)
+    num_experts = found.max_output.shape[1]
+    shared = None if found.shared_max_output is None else flagged[:, num_experts]
+    return SuperExperts(profile=found, flagged=flagged[:, :num_experts], rule=rule, threshold=cut,
+                        percentile=percentile, fraction=fraction, top_n=top_n, flagged_shared=shared)
 
 
 def plot(result: SuperExperts, path: str | os.PathLike | None = None) -> Figure:
-    """Left: heatmap of a[l, e] (log colour; MoE layers x experts), the flagged experts boxed in red. Right: the
+    """Left: heatmap of a[l, e] (log colour; MoE layers x experts, the shared experts' s[l] as a last column
+    labelled 's' when the model has them), the flagged experts boxed in red. Right: the
     residual stream's max / median |h_after| per MoE layer (log axis). Built without pyplot; saved as PNG when
     ``path`` is given."""
     from matplotlib.colors import LogNorm
@@ -208,22 +255,27 @@ def plot(result: SuperExperts, path: str | os.PathLike | None = None) -> Figure:
     from matplotlib.patches import Rectangle
 
     p = result.profile
-    num_layers, num_experts = p.max_output.shape
+    grid_values = p.values()
+    flagged = result.flagged if result.flagged_shared is None else \
+        np.concatenate([result.flagged, result.flagged_shared[:, None]], axis=1)
+    num_layers, num_experts = grid_values.shape
     fig = Figure(figsize=(min(4 + 0.25 * num_experts, 18) + 4, 1.8 + 0.35 * num_layers), layout="constrained")
     grid = fig.add_gridspec(1, 2, width_ratios=[3, 1])
     ax = fig.add_subplot(grid[0])
-    values = np.where(p.max_output > 0, p.max_output, np.nan)
+    values = np.where(grid_values > 0, grid_values, np.nan)
     positive = values[np.isfinite(values)]
     norm = LogNorm(vmin=max(positive.min(), 1e-12), vmax=max(positive.max(), 1e-12)) if positive.size else None
     image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", norm=norm)
     fig.colorbar(image, ax=ax, label="max |down-projection output|")
-    for row, col in zip(*np.nonzero(result.flagged), strict=True):
+    for row, col in zip(*np.nonzero(flagged), strict=True):
         ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_yticks(range(num_layers), [str(layer) for layer in p.layers])
-    ax.set(xlabel="expert", ylabel="layer", title=f"super experts ({result.rule}): {len(result.super_experts)} "
+    count = len(result.super_experts) + len(result.shared_super_experts)
+    ax.set(xlabel="expert", ylabel="layer", title=f"super experts ({result.rule}): {count} "
                                                   f"flagged over {p.num_tokens:,} tokens")
-    if num_experts <= 32:
-        ax.set_xticks(range(num_experts))
+    if num_experts <= 33:
+        labels = [str(e) for e in range(p.max_output.shape[1])] + ([] if p.shared_max_output is None else ["s"])
+        ax.set_xticks(range(num_experts), labels)
     bars = fig.add_subplot(grid[1])
     ratio = np.where(np.isfinite(p.residual_ratio), p.residual_ratio, np.nan)
     finite = ratio[np.isfinite(ratio)]

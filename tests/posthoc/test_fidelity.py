@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moejax import model
-from moejax.posthoc import analysis, capture, importance, steer
+from moejax.posthoc import analysis, capture, importance, steer, super_experts
 from moejax.posthoc.trace import Trace
 from tests import reference
 from tests.helpers_posthoc import VOCAB, random_model
@@ -195,3 +195,59 @@ def test_rice_experts_and_tokens_by_token_events():
     np.testing.assert_allclose(chosen.npmi, np.stack([rice_npmi(trace.experts[layer], trace.token_ids, 6)[:, 4]
                                                       for layer in range(2)]), atol=1e-12)
     assert chosen.experts == {1: [2], 3: [5]}
+
+
+# -------------------------------------------------------------------------------------------------- super experts
+
+def authors_super_experts(values, quantile=99.5, times=10):
+    """ZunhaiSu/Super-Experts-Profilling eval_utils.py ``_identify_super_experts``: over the output maxima of every
+    expert's down projection (routed and shared) the experts above the 99.5th percentile and above the largest / 10
+    (the code floors the largest with ``//``; the paper's rule divides, as moejax does)."""
+    values = {key: float(v) for key, v in values.items()}
+    everything = np.array(list(values.values()))
+    cut, top = np.percentile(everything, quantile), everything.max() / times
+    return sorted((key for key, v in values.items() if v > cut and v > top), key=lambda key: -values[key])
+
+
+def test_super_experts_profile_every_expert_shared_ones_included():
+    config, variables = random_model(num_layers=3, first_dense=1, num_shared=1, shared_gate=True)
+    data = batches(1, shape=(4, 16))
+    shared = variables["params"]["layers_2"]["ffn"]["shared"]
+    shared["wo"] = shared["wo"] * 100.0  # the second MoE layer's shared experts carry the outliers
+    found = super_experts.find(config, variables, data)
+    params = layer_params(config, variables)
+    routed, shared_peak = np.zeros((2, 8)), np.zeros(2)
+    for got in capture.stream(config, variables, data):
+        for row, layer in enumerate(got.layers):
+            p = params[layer.layer]
+            x = np.asarray(layer.inputs, np.float64)
+            for t in range(len(x)):  # every token's down projection: the hook sees each module's output
+                for e in layer.routing.experts[t]:
+                    routed[row, e] = max(routed[row, e], np.abs(reference.expert(p, int(e), x[t][None])).max())
+                out = reference.glu(x[t], p["shared"]["wi_0"], p["shared"]["wi_1"], p["shared"]["wo"])
+                shared_peak[row] = max(shared_peak[row], np.abs(out).max())  # before the shared gate
+    np.testing.assert_allclose(found.profile.max_output, routed, rtol=1e-5)
+    np.testing.assert_allclose(found.profile.shared_max_output, shared_peak, rtol=1e-5)
+    layers = [int(layer) for layer in found.profile.layers]
+    values = {(layers[r], e): routed[r, e] for r in range(2) for e in range(8)}
+    values.update({(layers[r], -1): shared_peak[r] for r in range(2)})  # -1: the authors' name for shared experts
+    expected = authors_super_experts(values)
+    assert expected == [(2, -1)]
+    assert found.shared_super_experts == [2] and found.super_experts == []
+    assert found.threshold == pytest.approx(max(np.percentile(list(values.values()), 99.5),
+                                                max(values.values()) / 10), rel=1e-6)
+    saved = found.to_json()
+    assert saved["shared_super_experts"] == [2] and saved["flagged_shared"] == [False, True]
+    top = super_experts.classify(found.profile, rule="top_n", top_n=3)
+    order = sorted(values, key=lambda key: -values[key])[:3]
+    assert [(layer, e) for layer, e in order if e >= 0] == top.super_experts
+    assert [layer for layer, e in order if e < 0] == top.shared_super_experts
+    assert len(super_experts.plot(found).axes) == 3
+
+
+def test_super_experts_without_shared_experts_are_the_routed_profile():
+    config, variables = random_model(num_layers=2)
+    found = super_experts.find(config, variables, batches(1))
+    assert found.profile.shared_max_output is None and found.flagged_shared is None
+    assert found.shared_super_experts == [] and found.to_json()["shared_max_output"] is None
+    np.testing.assert_array_equal(found.profile.values(), found.profile.max_output)
