@@ -60,7 +60,7 @@ PART_BUDGET_S = {"correctness": 90, "moe_layer": 200, "train_step": 120, "decode
 DRY_BUDGET_S = 60  # each part's, in --dry
 OVER_BUDGET = "its part's time budget was spent"
 GOALS = {"dispatch_fraction_of_copy": 0.6, "gmm_fraction_of_dense": 0.6, "layer_fraction_of_dense_rate": 0.4}
-DTYPES, DRY_DTYPES = ("float32", "bfloat16"), ("float32",)  # of the correctness checks (bf16: tests/test_kernels)
+DTYPES, DRY_DTYPES = ("float32", "bfloat16"), ("float32",)  # correctness checks (bf16: tests/moe/test_kernels)
 PACKAGES = ("flax", "optax", "ml-collections", "clu", "grain", "tokamax", "numpy", "ml_dtypes")
 TRAIN_BATCH, TRAIN_STEPS, MATMUL_SIZE = 256, 10, 8192
 DRY_TRAIN = dict(num_layers=1, batch_size=2, seq_len=32, steps=2, matmul_size=256)

@@ -1,4 +1,4 @@
-"""The config of tests/test_parallel.py's multi-process test: the tiny test config on a data=2 x expert=4 mesh,
+"""The config of tests/moe/test_parallel.py's multi-process test: the tiny test config on a data=2 x expert=4 mesh,
 a few steps. Run as ``--config=tests/helpers_multiprocess.py`` by each process and by the 1-process reference."""
 import ml_collections
 

@@ -11,6 +11,7 @@ import pytest
 from moejax.configs import base
 
 from moejax import attention, checks, model
+from tests import reference as ref
 
 D, H, S = 32, 4, 10
 MLA = {"mla.kv_lora_rank": 8, "mla.qk_nope_head_dim": 6, "mla.qk_rope_head_dim": 4, "mla.v_head_dim": 5}
@@ -45,10 +46,6 @@ def random_params(module, x, seed=1):
 
 
 # ----------------------------------------------------------------------------------------------- numpy references
-
-
-def np_rms(x, scale, eps=1e-6):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * scale
 
 
 def np_rope(x, inv_freq, factor=1.0, interleave=False):
@@ -109,12 +106,12 @@ def np_gqa(p, x, cfg, window=0):
     proj = {n: np.einsum("sd,dhk->shk", x, p[n]["kernel"]) + p[n].get("bias", 0.0) for n in "qkv"}
     q, k, v = proj["q"], proj["k"], proj["v"]
     if cfg.qk_norm and cfg.qk_norm_scope == "proj":
-        q = np_rms(q.reshape(S, -1), p["q_norm"]["scale"], cfg.norm_eps).reshape(q.shape)
-        k = np_rms(k.reshape(S, -1), p["k_norm"]["scale"], cfg.norm_eps).reshape(k.shape)
+        q = ref.rms_norm(q.reshape(S, -1), p["q_norm"]["scale"], cfg.norm_eps).reshape(q.shape)
+        k = ref.rms_norm(k.reshape(S, -1), p["k_norm"]["scale"], cfg.norm_eps).reshape(k.shape)
     if cfg.clip_qkv:
         q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     if cfg.qk_norm and cfg.qk_norm_scope == "head":
-        q, k = np_rms(q, p["q_norm"]["scale"], cfg.norm_eps), np_rms(k, p["k_norm"]["scale"], cfg.norm_eps)
+        q, k = ref.rms_norm(q, p["q_norm"]["scale"], cfg.norm_eps), ref.rms_norm(k, p["k_norm"]["scale"], cfg.norm_eps)
     inv_freq, factor = np_inv_freq(cfg, q.shape[-1])
     q, k = (np_rope(t, inv_freq, factor, cfg.rope_interleave) for t in (q, k))
     out = np_attend(q, k, v, q.shape[-1] ** -0.5, window, p.get("sinks"))
@@ -126,11 +123,11 @@ def np_mla(p, x, cfg):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     m = cfg.mla
     if m.q_lora_rank:
-        q = np.einsum("sr,rhk->shk", np_rms(x @ p["q_a"]["kernel"], p["q_a_norm"]["scale"]), p["q_b"]["kernel"])
+        q = np.einsum("sr,rhk->shk", ref.rms_norm(x @ p["q_a"]["kernel"], p["q_a_norm"]["scale"]), p["q_b"]["kernel"])
     else:
         q = np.einsum("sd,dhk->shk", x, p["q"]["kernel"])
     latent = x @ p["kv_a"]["kernel"]
-    c_kv, k_rot = np_rms(latent[:, :m.kv_lora_rank], p["kv_a_norm"]["scale"]), latent[:, m.kv_lora_rank:]
+    c_kv, k_rot = ref.rms_norm(latent[:, :m.kv_lora_rank], p["kv_a_norm"]["scale"]), latent[:, m.kv_lora_rank:]
     inv_freq, factor = np_inv_freq(cfg, m.qk_rope_head_dim)
     q_rot = np_rope(q[..., m.qk_nope_head_dim:], inv_freq, factor, cfg.rope_interleave)
     k_rot = np_rope(k_rot[:, None, :], inv_freq, factor, cfg.rope_interleave)

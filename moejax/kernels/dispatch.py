@@ -20,7 +20,7 @@ Two lowerings:
   source row, so the gather is the pipeline's own DMA (the source is viewed as [N, 1, D] so that every block's
   last two dims equal the array's).
 ``impl='auto'`` picks 'tpu' on TPU and 'blocked' elsewhere; ``interpret=None`` interprets on CPU only. On this
-project's CPU-only machines both lowerings run in interpret mode in the tests, and tests/test_kernels.py lowers
+project's CPU-only machines both lowerings run in interpret mode in the tests, and tests/moe/test_kernels.py lowers
 them for GPU (to Triton) and TPU (to Mosaic) through jax.export; neither has run on hardware yet.
 
 Triton constraints the blocked kernels respect: every array is a power of two (k slots are padded to the next

@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -23,9 +22,8 @@ from moejax.moe import expert_parallel, layer
 from moejax.training import config as config_lib
 from moejax.training import loop
 from tests import helpers_configs, helpers_env, helpers_moe, helpers_multiprocess, helpers_steps, reference
+from tests.helpers_configs import REPO
 from tests.helpers_moe import D, loss_and_grads, mesh_of, token_sharding
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 E, K = 8, 2  # helpers_configs.moe's experts and top-k
 MESHES = [  # (ep_mode, (data, fsdp, expert, tensor))

@@ -10,20 +10,11 @@ import pytest
 
 from moejax import checks, parallel
 from moejax.moe import dispatch, experts, layer, routers
-from tests import helpers_configs, helpers_moe
+from tests import helpers_configs, helpers_moe, reference
 from tests.helpers_moe import loss_and_grads, mesh_of, token_sharding
 
 LIMIT, ALPHA = 7.0, 1.702
 E, K, D, F = 4, 2, 16, 8
-
-
-def np_gpt_oss(x, wi_0, wi_1, wo, bi_0, bi_1, bo, limit=LIMIT, alpha=ALPHA):
-    """GPT-OSS's expert in numpy (float64): rows x [m, D] of one expert."""
-    x, wi_0, wi_1, wo, bi_0, bi_1, bo = (np.asarray(a, np.float64) for a in (x, wi_0, wi_1, wo, bi_0, bi_1, bo))
-    gate = np.minimum(x @ wi_0 + bi_0, limit)
-    up = np.clip(x @ wi_1 + bi_1, -limit, limit)
-    glu = gate / (1.0 + np.exp(-alpha * gate))
-    return ((up + 1.0) * glu) @ wo + bo
 
 
 def random_weights(kind, num_experts=E, d=D, f=F, seed=0, scale=1.0):
@@ -69,7 +60,7 @@ def test_gpt_oss_apply_one_clamps_like_numpy():
     gate = np.asarray(x) @ np.asarray(one[0]) + np.asarray(one[3])
     up = np.asarray(x) @ np.asarray(one[1]) + np.asarray(one[4])
     assert (gate > LIMIT).any() and (up > LIMIT).any() and (up < -LIMIT).any()
-    np.testing.assert_allclose(kind.apply_one(x, *one), np_gpt_oss(x, *one), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(kind.apply_one(x, *one), reference.gpt_oss_expert(x, *one), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend, tile", [("tiled", 2), ("ragged_dot", 1)])
@@ -92,7 +83,7 @@ def test_gpt_oss_grouped_apply_and_gradients(backend, tile):
     def by_row(x, weights):
         return jnp.stack([kind.apply_one(x[r], *(w[owner[r]] for w in weights)) for r in range(7)])
 
-    want = np.stack([np_gpt_oss(x[r:r + 1], *(w[owner[r]] for w in weights))[0] for r in range(7)])
+    want = np.stack([reference.gpt_oss_expert(x[r:r + 1], *(w[owner[r]] for w in weights))[0] for r in range(7)])
     np.testing.assert_allclose(jax.jit(grouped)(x, weights), want, rtol=1e-5, atol=1e-4)
     probe = jnp.asarray(np.random.default_rng(3).normal(size=(7, D)), jnp.float32)
     got = jax.jit(jax.grad(lambda x, w: jnp.sum(grouped(x, w) * probe), argnums=(0, 1)))(x, weights)
@@ -105,7 +96,7 @@ def np_gpt_oss_layer(params, x):
     """The GPT-OSS MoE block in numpy: logits = x @ W + b, top-k logits, softmax over them, the weighted sum of the
     chosen experts' outputs."""
     tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-    r, p = params["router"], params["experts"]
+    r = params["router"]
     logits = tokens @ np.asarray(r["kernel"], np.float64) + np.asarray(r["bias"], np.float64)
     out = np.zeros_like(tokens)
     for t, row in enumerate(logits):
@@ -113,7 +104,7 @@ def np_gpt_oss_layer(params, x):
         w = np.exp(row[top] - row[top].max())
         w /= w.sum()
         for e, weight in zip(top, w, strict=True):
-            out[t] += weight * np_gpt_oss(tokens[t:t + 1], *(p[n][e] for n in experts.GPTOSSExperts.param_names))[0]
+            out[t] += weight * reference.expert(params, e, tokens[t:t + 1], kind="gpt_oss")[0]
     return out.reshape(x.shape)
 
 
