@@ -20,9 +20,13 @@ def step_scmoe(cache: ResultCache, config: ml_collections.ConfigDict, variables:
                say: Callable[[str], None]) -> dict[str, Any]:
     """The cached 'scmoe' record of these settings, else the sweep over the evaluation windows: per beta the bits
     per byte on the plausible head (where the true byte is in it), of the unmasked contrast, and the greedy
-    accuracy; the head's mean size and the weak routing's bits per byte."""
+    accuracy; the head's mean size and the weak routing's bits per byte. The weak expert's weight is the authors'
+    choice for the model's router (``rank_weight_for``), stored in the settings."""
+    from moejax.moe import intervention as iv_lib
+
     record = cache.get("scmoe")
-    want = {"betas": [float(b) for b in betas], "alpha": alpha, "weak_rank": weak_rank}
+    want = {"betas": [float(b) for b in betas], "alpha": alpha, "weak_rank": weak_rank,
+            "weak_weight": iv_lib.rank_weight_for(config)}
     if record is not None and record.get("settings") == want:
         return record
     import jax
@@ -30,7 +34,6 @@ def step_scmoe(cache: ResultCache, config: ml_collections.ConfigDict, variables:
 
     from moejax import model
     from moejax.generate import SelfContrast
-    from moejax.moe import intervention as iv_lib
 
     started = time.perf_counter()
     module = model.Transformer(config.model)
@@ -85,13 +88,16 @@ def step_samples(cache: ResultCache, config: ml_collections.ConfigDict, variable
                  prompts: Sequence[str], alpha: float, weak_rank: int, max_new: int, say: Callable[[str], None],
                  betas: Sequence[float] = (0.0, 0.5)) -> dict[str, Any]:
     """The cached 'samples' record, completed: per beta the greedy continuations (up to max_new tokens, cut at the
-    eos) of the prompts under ``SelfContrast(rank=weak_rank, alpha=alpha, beta=beta)``."""
+    eos) of the prompts under ``SelfContrast(rank=weak_rank, alpha=alpha, beta=beta)`` (each entry records the weak
+    expert's weight; one made with another is redone)."""
     from moejax import generate
+    from moejax.moe import intervention as iv_lib
 
     record = cache.get("samples") or {}
+    weak_weight = iv_lib.rank_weight_for(config)
     for beta in betas:
         key = str(float(beta))
-        if key in record:
+        if key in record and record[key].get("weak_weight") == weak_weight:
             continue
         started = time.perf_counter()
         encoded = [tokenizer.encode(p) for p in prompts]
@@ -107,7 +113,8 @@ def step_samples(cache: ResultCache, config: ml_collections.ConfigDict, variable
             if tokenizer.eos_id in new:
                 new = new[:new.index(tokenizer.eos_id)]
             texts.append(tokenizer.decode(new))
-        record[key] = {"prompts": list(prompts), "continuations": texts, "seconds": time.perf_counter() - started}
+        record[key] = {"prompts": list(prompts), "continuations": texts, "weak_weight": weak_weight,
+                       "seconds": time.perf_counter() - started}
         cache.put("samples", record)
         say(f"greedy samples at beta {beta} [{record[key]['seconds']:.1f}s]")
     return record

@@ -130,13 +130,17 @@ def _prompt_lengths(prompts: np.ndarray, prompt_lengths: Any) -> np.ndarray:
 class SelfContrast:
     """Self-contrast decoding (SCMoE, Shi et al., 2024, arXiv 2405.14507): every step runs the model twice, with its
     own top-k routing (strong) and with each MoE token routed to its ``rank``-th ranked expert alone (weak; the
-    intervention ``rank_only``), and decodes from ``(1 + beta) * z_strong - beta * z_weak`` on the plausible
-    tokens ``z_strong >= log(alpha) + max z_strong`` (the others at -inf). Each routing keeps its own KV cache.
-    beta = 0 is plain decoding. (On logits or log-probabilities alike: they differ by a per-row constant.)"""
+    intervention ``rank_only``; 1 <= rank <= model.moe.num_experts, past top_k too: the authors' Mixtral example
+    takes rank 3 with top-2), and decodes from ``(1 + beta) * z_strong - beta * z_weak`` on the plausible tokens
+    ``z_strong >= log(alpha) + max z_strong`` (the others at -inf). Each routing keeps its own KV cache. beta = 0 is
+    plain decoding. (On logits or log-probabilities alike: they differ by a per-row constant.) ``weight``: the weak
+    expert's weight, 'score' (its router probability) or 'one'; None: the authors' choice for the model's router
+    ('one' where it renormalises its selected weights, as Mixtral's; 'score' where it does not, as DeepSeekMoE's)."""
 
     rank: int = 2
     alpha: float = 0.1
     beta: float = 0.5
+    weight: str | None = None
 
     def combine(self, strong: jax.Array, weak: jax.Array) -> jax.Array:
         strong, weak = strong.astype(jnp.float32), weak.astype(jnp.float32)
@@ -144,9 +148,14 @@ class SelfContrast:
         return jnp.where(plausible, (1 + self.beta) * strong - self.beta * weak, -jnp.inf)
 
     def check(self, cfg: ml_collections.ConfigDict) -> None:
+        from moejax.moe import intervention as iv_lib
+
         checks.positive_int("contrast.rank", self.rank)
-        if self.rank > cfg.moe.top_k:
-            checks.fail("contrast.rank", self.rank, f"must be <= model.moe.top_k={cfg.moe.top_k}")
+        ranked, allowed = iv_lib.max_rank(cfg)
+        if self.rank > ranked:
+            checks.fail("contrast.rank", self.rank, f"must be <= {allowed}")
+        if self.weight is not None:
+            checks.choice("contrast.weight", self.weight, list(iv_lib.RANK_WEIGHTS))
         if not 0.0 < self.alpha <= 1.0:
             checks.fail("contrast.alpha", self.alpha, "must be in (0, 1]")
         checks.number("contrast.beta", self.beta)
@@ -275,7 +284,7 @@ def _routings(cfg: ml_collections.ConfigDict, intervention: Any, contrast: SelfC
     if contrast is None:
         return intervention, None
     contrast.check(cfg)
-    weak = iv_lib.rank_only(cfg, contrast.rank)
+    weak = iv_lib.rank_only(cfg, contrast.rank, weight=contrast.weight)
     return intervention, weak if intervention is None else intervention.merge(weak)
 
 

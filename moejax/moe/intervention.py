@@ -10,11 +10,16 @@ treedef, a change recompiles) say which operations are in use and where the scal
     force  [L, E] bool     the expert is always selected (takes a slot; its weight from the real router scores)
     scale  [L, E] float32  its combine weight is multiplied by the factor (>= 0): reinforce (> 1), dampen (< 1)
     top_k  [L] int32       0: unchanged; 1 <= k' <= model.moe.top_k: the k' best-ranked slots are kept
-    rank   [L] int32       0: off; 1 <= r <= model.moe.top_k (and <= the layer's top_k when it has one): only
-                           the r-th ranked slot's expert, weight 1
+    rank   [L] int32       0: off; 1 <= r <= model.moe.num_experts (and <= the layer's top_k when it has one):
+                           only the expert the router ranks r-th, a rank past model.moe.top_k included (SCMoE's
+                           weak routing), with the weight ``rank_weight`` says
     scale_after_norm (static, default True): the scale multiplies the final combine weight (after the router's
                      renormalisation); False: it multiplies the weight before the renormalisation, which then
                      restores the router's total (a no-op for a lone selected expert)
+    rank_weight (static, default None): the rank-r expert's weight: 'score' its router probability
+                     (``Routing.probs``: the softmax over every expert, or the sigmoid score; not renormalised, not
+                     times routed_scaling_factor), 'one' weight 1; None: the authors' choice for the router
+                     (``rank_weight_for``: 'one' where it renormalises, ``RouterSpec.renormalises``, else 'score')
     ops (static): the operations in use, a subset of OPS (set by the constructors; the layer applies only these)
 
 Where the MoE layer (moejax/moe/layer.py) applies them, per routed pass (every Chain-of-Experts pass alike):
@@ -25,14 +30,25 @@ Where the MoE layer (moejax/moe/layer.py) applies them, per routed pass (every C
    experts' denominator when the router does not renormalise: see the table below).
 2. post-step on the router's ``Routing`` (``apply``), in this order: slots of a masked expert become null (id E,
    weight 0; only possible when fewer than k unmasked candidates remain, e.g. under group limits); slots ranked
-   past the layer's top_k become null; rank keeps slot r-1 alone with weight 1; the scale (before the
+   past the layer's top_k become null; rank keeps the rank-r expert alone (``rank_weight``) in slot r-1, or,
+   for r past the router's top_k, in slot 0 (the others null); the scale (before the
    renormalisation when ``scale_after_norm`` is False); routers that renormalise their weights
    (``RouterSpec.renormalises``) have the kept weights rescaled to the router's own total (sum over the slots
    before the intervention: routed_scaling_factor, or 1), not on rank layers; the scale (when
    ``scale_after_norm``).
 
 Slots are ranked by the router's selection score (scores + selection bias, so a forced expert ranks first); each
-router that ranks returns its slots in that order.
+router that ranks returns its slots in that order. Ranks 1..top_k are the router's own slots; a rank r past top_k is
+the (r - top_k)-th expert outside them in the ranking of the router's own function run with top_k = every expert
+(its logits, the selection-only bias ``apply`` is given, else the intervention's mask and force alone: a learned
+selection bias, aux-loss-free balancing, then orders only ranks 1..top_k), masked experts skipped. A rank the router
+would not fill (past top_p's nucleus, past SMoE-Dropout's eval_top_k) routes the token to no expert; group-limited
+routing ranks only the experts of its router.topk_groups kept groups.
+
+SCMoE (Shi et al., 2024, arXiv 2405.14507; DavidFanzz/SCMoE ``modeling_models/Mixtral/modeling_mixtral.py`` and
+``modeling_models/deepseek-moe/modeling_deepseek.py``) sorts the softmax over every expert, keeps position
+``routed_tok`` and renormalises where the router does (Mixtral always, DeepSeekMoE with norm_topk_prob): weight 1
+where the router renormalises, the raw probability where it does not; its Mixtral example takes rank 3 with top-2.
 
 What applies is a fact of the router kind's ``RouterSpec`` (moejax/moe/routers.py), never its name:
 ``ranks_by_score`` (every operation; False: only 'scale', the others raise with the spec's ``unranked`` reason),
@@ -102,6 +118,7 @@ class Intervention:
     top_k: jax.Array  # [L] int32, 0 = unchanged
     rank: jax.Array   # [L] int32, 0 = off
     scale_after_norm: bool = struct.field(pytree_node=False, default=True)
+    rank_weight: str | None = struct.field(pytree_node=False, default=None)
     ops: tuple[str, ...] = struct.field(pytree_node=False, default=OPS)
 
     @property
@@ -124,11 +141,13 @@ class Intervention:
 
     @classmethod
     def create(cls, cfg: ml_collections.ConfigDict, *, mask: Any = None, force: Any = None, scale: Any = None,
-               top_k: Any = None, rank: Any = None, scale_after_norm: bool = True) -> Intervention:
+               top_k: Any = None, rank: Any = None, scale_after_norm: bool = True,
+               rank_weight: str | None = None) -> Intervention:
         """An intervention from whole arrays (mask/force [L, E] bool, scale [L, E], top_k/rank [L] int; None:
-        unused), checked against the model config (shapes, ranges; ``check``). The fields given are the ``ops``."""
+        unused), checked against the model config (shapes, ranges; ``check``). The fields given are the ``ops``.
+        ``rank_weight``: 'score', 'one' or None (the authors' choice for the router; see the module docstring)."""
         cfg = _model_section(cfg)
-        base = cls.none(cfg, scale_after_norm=scale_after_norm)
+        base = cls.none(cfg, scale_after_norm=scale_after_norm).replace(rank_weight=rank_weight)
         given = {"mask": mask, "force": force, "scale": scale, "top_k": top_k, "rank": rank}
         fields = {}
         for name, value in given.items():
@@ -152,7 +171,8 @@ class Intervention:
 
     def merge(self, other: Intervention) -> Intervention:
         """Both interventions at once: masks and forces united, scales multiplied, the smaller of two top_k
-        limits; two different ranks on a layer, or two scale_after_norm flags with both scaling, raise."""
+        limits; two different ranks on a layer, two rank_weight values with both ranking, or two scale_after_norm
+        flags with both scaling, raise."""
         if self.mask.shape != other.mask.shape:
             fail("mask.shape", other.mask.shape, f"merging needs equal shapes (got {self.mask.shape} and "
                                                  f"{other.mask.shape})")
@@ -161,6 +181,10 @@ class Intervention:
             fail("scale_after_norm", other.scale_after_norm, "merging two scalings needs the same scale_after_norm")
         if "scale" in other.ops and "scale" not in self.ops:
             after = other.scale_after_norm
+        rank_weight = self.rank_weight if "rank" in self.ops else other.rank_weight
+        if "rank" in self.ops and "rank" in other.ops and self.rank_weight != other.rank_weight:
+            fail("rank_weight", other.rank_weight, f"merging two rank routings needs the same rank_weight (got "
+                                                   f"{self.rank_weight!r} and {other.rank_weight!r})")
         ranks = np.asarray(self.rank), np.asarray(other.rank)
         clash = (ranks[0] > 0) & (ranks[1] > 0) & (ranks[0] != ranks[1])
         if clash.any():
@@ -172,7 +196,8 @@ class Intervention:
         ops = tuple(op for op in OPS if op in self.ops or op in other.ops)
         merged = Intervention(mask=self.mask | other.mask, force=self.force | other.force,
                               scale=self.scale * other.scale, top_k=jnp.asarray(top_k, jnp.int32),
-                              rank=jnp.asarray(np.maximum(*ranks), jnp.int32), scale_after_norm=after, ops=ops)
+                              rank=jnp.asarray(np.maximum(*ranks), jnp.int32), scale_after_norm=after,
+                              rank_weight=rank_weight, ops=ops)
         merged._check_values(None)
         return merged
 
@@ -192,6 +217,7 @@ class Intervention:
                 fail(f"{name}.shape", tuple(getattr(self, name).shape), f"must be (model.num_layers={want[0]},)")
         if not isinstance(self.scale_after_norm, bool):
             fail("scale_after_norm", self.scale_after_norm, "must be True or False")
+        _check_rank_weight(self.rank_weight)
         unknown = [op for op in self.ops if op not in OPS]
         if unknown:
             fail("ops", self.ops, f"allowed operations are {OPS}")
@@ -224,11 +250,15 @@ class Intervention:
         if cfg is None:
             return
         k = cfg.moe.top_k
-        for name, values in (("top_k", top_k), ("rank", rank)):
-            bad = (values < 0) | (values > k)
-            if bad.any():
-                layer = int(np.argmax(bad))
-                fail(f"{name}[{layer}]", int(values[layer]), f"must be 0 (off) or in [1, model.moe.top_k={k}]")
+        bad = (top_k < 0) | (top_k > k)
+        if bad.any():
+            layer = int(np.argmax(bad))
+            fail(f"top_k[{layer}]", int(top_k[layer]), f"must be 0 (off) or in [1, model.moe.top_k={k}]")
+        ranked, allowed = max_rank(cfg)
+        bad = (rank < 0) | (rank > ranked)
+        if bad.any():
+            layer = int(np.argmax(bad))
+            fail(f"rank[{layer}]", int(rank[layer]), f"must be 0 (off) or in [1, {allowed}]")
         width = cfg.moe.num_experts + cfg.moe.num_null_experts
         router = cfg.moe.router
         if routers.spec(router.kind).group_limited and router.num_groups > 1:
@@ -243,9 +273,42 @@ class Intervention:
             if int(force[layer].sum()) > slots:
                 fail(f"force[{layer}]", np.flatnonzero(force[layer]).tolist(),
                      f"forces more experts than the layer's {slots} slots")
-            if width - int(mask[layer].sum()) < max(slots, int(rank[layer])):
+            need = max(slots, int(rank[layer]))
+            if width - int(mask[layer].sum()) < need:
                 fail(f"mask[{layer}]", np.flatnonzero(mask[layer]).tolist(),
-                     f"leaves fewer than the layer's {slots} slots' worth of experts")
+                     f"leaves fewer than the layer's {need} experts ({slots} slots" +
+                     (f", rank {int(rank[layer])})" if int(rank[layer]) > slots else ")"))
+
+
+RANK_WEIGHTS = ("score", "one")
+
+
+def _check_rank_weight(weight: Any) -> None:
+    if weight is not None and weight not in RANK_WEIGHTS:
+        fail("rank_weight", weight, f"allowed values are {RANK_WEIGHTS} or None (the authors' choice for the router)")
+
+
+def rank_weight_for(cfg: ml_collections.ConfigDict, weight: str | None = None) -> str:
+    """The rank-r expert's weight on a model (``cfg``: a whole config, its ``model`` or ``model.moe`` section):
+    ``weight`` when given, else SCMoE's choice for the router: 'one' where it renormalises its selected weights
+    (Mixtral's softmax after top-k, norm_topk_prob), 'score' (its probability) where it does not (DeepSeekMoE)."""
+    _check_rank_weight(weight)
+    if weight is not None:
+        return weight
+    moe_cfg = cfg if "router" in cfg else _model_section(cfg).moe
+    return "one" if routers.renormalises(moe_cfg) else "score"
+
+
+def max_rank(cfg: ml_collections.ConfigDict) -> tuple[int, str]:
+    """(the highest rank a rank intervention may name, the bound in words) for a model (whole config or ``model``
+    section): model.moe.num_experts, or the experts of the kept groups under group-limited routing."""
+    moe_cfg = _model_section(cfg).moe
+    router = moe_cfg.router
+    if routers.spec(router.kind).group_limited and router.num_groups > 1:
+        kept = router.topk_groups * (moe_cfg.num_experts // router.num_groups)
+        return kept, (f"model.moe.router.topk_groups * model.moe.num_experts / model.moe.router.num_groups = {kept} "
+                      "(the experts of the kept groups)")
+    return moe_cfg.num_experts, f"model.moe.num_experts={moe_cfg.num_experts}"
 
 
 # ------------------------------------------------------------------ constructors by layer
@@ -315,16 +378,21 @@ def limit_top_k(cfg: ml_collections.ConfigDict, top_k: Mapping[int, int] | int) 
     return Intervention.create(model, top_k=row)
 
 
-def rank_only(cfg: ml_collections.ConfigDict, rank: int, layers: Iterable[int] | None = None) -> Intervention:
-    """Each token goes only to the expert it ranks ``rank``-th (1 = the best), weight 1, on ``layers`` (None:
-    every MoE layer): SCMoE's weak routing (arXiv 2405.14507)."""
+def rank_only(cfg: ml_collections.ConfigDict, rank: int, layers: Iterable[int] | None = None, *,
+              weight: str | None = None) -> Intervention:
+    """Each token goes only to the expert it ranks ``rank``-th (1 = the best; up to model.moe.num_experts, past
+    top_k too), on ``layers`` (None: every MoE layer): SCMoE's weak routing (arXiv 2405.14507). ``weight``: 'score'
+    (the expert's router probability), 'one', or None: the authors' choice for the model's router
+    (``rank_weight_for``: 'one' where the router renormalises, else 'score')."""
     model = _model_section(cfg)
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= model.moe.top_k:
-        fail("rank", rank, f"must be an integer in [1, model.moe.top_k={model.moe.top_k}]")
+    ranked, allowed = max_rank(model)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= ranked:
+        fail("rank", rank, f"must be an integer in [1, {allowed}]")
+    _check_rank_weight(weight)
     row = np.zeros((model.num_layers,), np.int32)
     for layer in (layout.moe_layers(model) if layers is None else layers):
         row[_moe_layer_index(model, layer, "rank layer")] = rank
-    return Intervention.create(model, rank=row)
+    return Intervention.create(model, rank=row, rank_weight=weight)
 
 
 # ------------------------------------------------------------------ applied by the MoE layer
@@ -360,9 +428,40 @@ def selection_bias(iv: Intervention, layer: int | jax.Array, bias: jax.Array) ->
     return bias
 
 
-def apply(iv: Intervention, layer: int | jax.Array, route: Routing, moe_cfg: ml_collections.ConfigDict) -> Routing:
+def _ranking_config(moe_cfg: ml_collections.ConfigDict, width: int) -> ml_collections.ConfigDict:
+    """moe_cfg with top_k = width: the router's own function then returns its whole ranking."""
+    wide = ml_collections.ConfigDict(moe_cfg.to_dict())
+    wide.top_k = width
+    return wide
+
+
+def _past_top_k(iv: Intervention, layer: int | jax.Array, route: Routing, moe_cfg: ml_collections.ConfigDict,
+                bias: jax.Array | None, offset: jax.Array) -> jax.Array:
+    """[T] the expert at position ``offset`` (1-based) among those the router ranks past its own slots
+    (route.experts), masked experts skipped; id E where there is none. The ranking is the router's function run
+    on route.logits with top_k = every expert and the selection-only bias ``bias`` (None: the intervention's mask
+    and force alone)."""
+    num_experts = moe_cfg.num_experts
+    if bias is None:
+        bias = selection_bias(iv, layer, jnp.zeros((num_experts,), jnp.float32))
+    width = route.logits.shape[-1]
+    ranking = routers.spec(moe_cfg.router.kind).fn(route.logits, _ranking_config(moe_cfg, width),
+                                                    routers.RouterContext(bias=bias, train=False)).experts
+    taken = (ranking[:, :, None] == route.experts[:, None, :]).any(-1)
+    candidate = ~taken
+    if "mask" in iv.ops:
+        candidate &= ~(iv.mask[layer][jnp.clip(ranking, 0, num_experts - 1)] & (ranking < num_experts))
+    hit = candidate & (jnp.cumsum(candidate, axis=-1) == offset)
+    return jnp.where(hit.any(-1), jnp.where(hit, ranking, 0).sum(-1), num_experts).astype(jnp.int32)
+
+
+def apply(iv: Intervention, layer: int | jax.Array, route: Routing, moe_cfg: ml_collections.ConfigDict, *,
+          bias: jax.Array | None = None) -> Routing:
     """The post-step on a router's Routing for model layer ``layer``: masked slots and slots past top_k null,
-    rank, scale, renormalisation (the order of the module docstring). probs and logits are left as they are."""
+    rank, scale, renormalisation (the order of the module docstring). probs and logits are left as they are.
+    ``bias``: the selection-only bias [E] the router was given (``selection_bias``'s result), which orders ranks
+    past top_k; None: the intervention's mask and force alone (the same order for a model without a learned
+    selection bias)."""
     if not any(op in iv.ops for op in ("mask", "top_k", "rank", "scale")):
         return route
     num_experts = moe_cfg.num_experts
@@ -383,9 +482,20 @@ def apply(iv: Intervention, layer: int | jax.Array, route: Routing, moe_cfg: ml_
     if "rank" in iv.ops:
         rank = iv.rank[layer]
         on_rank = rank > 0
-        pick = slot == rank - 1
-        weights = jnp.where(on_rank, jnp.where(pick & (ids < num_experts), 1.0, 0.0), weights)
-        ids = jnp.where(on_rank & ~pick, num_experts, ids)
+        slots = ids.shape[1]
+        chosen = jnp.where(slot == rank - 1, ids, num_experts)  # ranks 1..k: the router's own slot r-1
+        if route.logits.shape[-1] > slots:  # ranks past k: the rank-r expert in slot 0
+            far = _past_top_k(iv, layer, route, moe_cfg, bias, rank - slots)
+            chosen = jnp.where(rank > slots, jnp.where(slot == 0, far[:, None], num_experts), chosen)
+        picked = chosen < num_experts
+        if rank_weight_for(moe_cfg, iv.rank_weight) == "one":
+            value = jnp.ones(chosen.shape, weights.dtype)
+        else:
+            value = jnp.take_along_axis(route.probs, jnp.clip(chosen, 0, num_experts - 1), axis=-1)
+        weights = jnp.where(on_rank, jnp.where(picked, value, 0.0), weights)
+        ids = jnp.where(on_rank, chosen, ids)
+        real = ids < num_experts
+        expert = jnp.clip(ids, 0, num_experts - 1)
     factor = jnp.where(real, iv.scale[layer][expert], 1.0) if "scale" in iv.ops else None
     before_norm = factor is not None and not iv.scale_after_norm
     if before_norm:

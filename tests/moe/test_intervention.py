@@ -136,7 +136,7 @@ def test_top_k_1_equals_a_top_1_layer(router):
 def test_rank_2_equals_the_second_expert_alone():
     cfg, mcfg, module, x, params = lone_layer("deepseek_v2", num_shared=1)  # groups, scaling, a shared expert
     tokens, _, ids, _ = routed_reference(cfg, params, x)
-    y, record = run_layer(module, params, x, iv_lib.rank_only(mcfg, 2))
+    y, record = run_layer(module, params, x, iv_lib.rank_only(mcfg, 2, weight="one"))  # default: test_scmoe.py
     assert record.routed_slots == len(ids)
     want = ref.moe_layer(tokens, params, ids[:, 1:], np.ones((len(ids), 1)))  # + the shared GLU
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
@@ -322,7 +322,7 @@ def test_bad_input_names_the_field_and_value():
         (lambda: Intervention.create(cfg, mask=np.zeros((3, 8), np.int32)), r"mask\.dtype='int32'"),
         (lambda: iv_lib.limit_top_k(cfg, {1: 3}), r"top_k\[1\]=3.*model\.moe\.top_k=2"),
         (lambda: Intervention.create(cfg, top_k=np.array([0, 0, 5])), r"top_k\[2\]=5"),
-        (lambda: iv_lib.rank_only(cfg, 3), r"rank=3.*\[1, model\.moe\.top_k=2\]"),
+        (lambda: iv_lib.rank_only(cfg, 9), r"rank=9.*\[1, model\.moe\.num_experts=8\]"),
         (lambda: iv_lib.mask_experts(cfg, {0: [1]}), r"mask layer=0.*MoE layer.*\[1, 2\]"),
         (lambda: iv_lib.mask_experts(cfg, {1: [8]}), r"mask\[1\] expert=8.*num_experts=8"),
         (lambda: iv_lib.scale_experts(cfg, {1: {0: -1.0}}), r"scale\[1, 0\]=-1\.0"),
