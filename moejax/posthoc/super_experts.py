@@ -32,6 +32,16 @@ flagged one far above the rest?) rather than the flag alone.
 Massive activations: per MoE layer the max and the median of |h_after| (the block's output, every token and
 channel) and their ratio; the median is the median of the batches' medians (exact for one batch; a corpus-wide
 median would need every value).
+
+Attention sinks (``attention_sinks``): the paper finds that the super experts induce the attention sinks, the
+attention that every query gives the sequence's first token, and that pruning them removes it. Per MoE layer
+(the attention of that layer's block), the mean attention weight a query gives position 0 of its row,
+
+    sink[l] = mean over rows b, heads n and query positions t >= 1 of softmax_j(q_t k_j / sqrt(d))[j = 0]
+
+(the layer's own scale, causal mask, sliding window and learned sink logits; position 0's query, which sees only
+itself, left out), and ``sink_decay(before, after) = (before - after) / before``: the share of the sink a
+change (super experts pruned: ``zero_experts``-style variables, or an intervention) removes.
 """
 from __future__ import annotations
 
@@ -41,11 +51,17 @@ import pathlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moejax import attention as attention_lib
+from moejax import model as model_lib
 from moejax.posthoc import capture
+
+SINK = capture.PREFIX + "sink"  # the attention-sink statistic sown by ``attention_sinks``' interceptor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -191,6 +207,96 @@ def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], bat
     return Profile(layers=np.asarray(layers, np.int64), max_output=np.where(counts > 0, best, 0.0), channel=channel,
                    counts=counts, residual_max=residual_max, residual_median=np.median(np.stack(medians), axis=0),
                    num_tokens=tokens, shared_max_output=shared_best, shared_channel=shared_channel)
+
+
+def _first_token_weight(q: jax.Array, k: jax.Array, *, scale: float | None = None, window: int = 0,
+                        sinks: jax.Array | None = None) -> jax.Array:
+    """[2]: the sum over rows, heads and query positions t >= 1 of the attention weight on key position 0, and the
+    number of terms; ``moejax.attention.attend``'s softmax (q [B, T, N, Dk], k [B, T, K, Dk], the same scale,
+    causal mask, window and sink logits)."""
+    batch, seq, heads, dk = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    scale = dk ** -0.5 if scale is None else scale
+    qg = q.reshape(batch, seq, kv_heads, groups, dk)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    i, j = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
+    visible = j <= i
+    if window:
+        visible = visible & (i - j < window)
+    logits = jnp.where(visible, logits, -jnp.inf)
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1), (*logits.shape[:-1], 1))
+        logits = jnp.concatenate([logits, sink], axis=-1)
+    first = jax.nn.softmax(logits, axis=-1)[..., 1:, 0]  # [B, K, G, T - 1]: queries t >= 1 on key 0
+    return jnp.stack([first.sum(), jnp.asarray(first.size, jnp.float32)])
+
+
+def _sink_interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    """Around the attention of every MoE block (no KV cache): ``moejax.attention.attend`` also sows the weight its
+    queries give position 0."""
+    module = context.module
+    parent = getattr(module, "parent", None)
+    cached = (args[1] if len(args) > 1 else kwargs.get("cache")) is not None
+    kinds = attention_lib.Attention | attention_lib.MLAttention
+    if (context.method_name != "__call__" or cached or not isinstance(module, kinds)
+            or not isinstance(parent, model_lib.Block) or not parent.use_moe):
+        return next_fun(*args, **kwargs)
+    original = attention_lib.attend
+    seen = []
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, **options: Any) -> jax.Array:
+        seen.append(_first_token_weight(q, k, **options))
+        return original(q, k, v, **options)
+
+    attention_lib.attend = attend
+    try:
+        out = next_fun(*args, **kwargs)
+    finally:
+        attention_lib.attend = original
+    module.sow(capture.COLLECTION, SINK, seen[0])
+    return out
+
+
+def attention_sinks(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], *,
+                    intervention: Any = None) -> np.ndarray:
+    """[L] float64: per MoE layer (``moejax.model.moe_layers`` order), the mean attention weight its block's queries
+    give the first position of their row over ``batches`` (token ids [B, S]; see the module docstring), under
+    ``intervention`` when given. Compare a model with and without its super experts through ``sink_decay``."""
+    layers = capture.check_supported(config)
+    cfg = config.model
+    paths = model_lib.moe_layer_paths(cfg)
+    apply_vars = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+
+    def step(v: Any, tokens: jax.Array, iv: Any) -> jax.Array:
+        extra = {} if iv is None else {"intervention": iv}
+        with nn.intercept_methods(_sink_interceptor):
+            _, sown = model_lib.Transformer(cfg).apply(v, tokens, mutable=[capture.COLLECTION], **extra)
+        rows = []
+        for layer in layers:
+            ffn_path, unit = paths[layer]
+            tree = sown[capture.COLLECTION]
+            for key in (*ffn_path[:-1], "attn"):
+                tree = tree[key]
+            value = tree[SINK][0]
+            rows.append(value if unit is None else value[unit])
+        return jnp.stack(rows)
+
+    run = jax.jit(step)
+    total = np.zeros((len(layers), 2), np.float64)
+    for batch in batches:
+        total += np.asarray(run(apply_vars, jnp.asarray(np.asarray(batch), jnp.int32), intervention), np.float64)
+    if not total[:, 1].any():
+        raise ValueError("attention_sinks: no batches (or rows of one token)")
+    return total[:, 0] / total[:, 1]
+
+
+def sink_decay(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """(before - after) / before per layer: the share of the attention sink a change removes (NaN where before is
+    0)."""
+    before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(before > 0, (before - after) / before, np.nan)
 
 
 def _check_rule(rule: str, percentile: float, fraction: float, top_n: int | None, size: int | None = None) -> None:

@@ -251,3 +251,64 @@ def test_super_experts_without_shared_experts_are_the_routed_profile():
     assert found.profile.shared_max_output is None and found.flagged_shared is None
     assert found.shared_super_experts == [] and found.to_json()["shared_max_output"] is None
     np.testing.assert_array_equal(found.profile.values(), found.profile.max_output)
+
+
+def numpy_first_token_weight(x, attn, norm_scale, theta, eps):
+    """[B, H, T]: the attention weight each query gives key position 0, for grouped-query attention with rotary
+    embeddings (half layout) on the block input x [B, T, D], in float64: softmax over the visible keys of
+    q_t . k_j / sqrt(Dh)."""
+    h = reference.rms_norm(x, norm_scale, eps)
+    q = np.einsum("btd,dnh->btnh", h, np.asarray(attn["q"]["kernel"], np.float64))
+    k = np.einsum("btd,dnh->btnh", h, np.asarray(attn["k"]["kernel"], np.float64))
+    half = q.shape[-1] // 2
+    angles = np.arange(x.shape[1])[:, None] * theta ** (-np.arange(half) / half)
+    cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+
+    def rope(a):
+        return np.concatenate([a[..., :half] * cos - a[..., half:] * sin, a[..., half:] * cos + a[..., :half] * sin],
+                              -1)
+
+    q, k = rope(q), rope(k)
+    groups = q.shape[2] // k.shape[2]
+    k = np.repeat(k, groups, axis=2)
+    out = np.zeros((x.shape[0], q.shape[2], x.shape[1]))
+    for b in range(x.shape[0]):
+        for n in range(q.shape[2]):
+            for t in range(x.shape[1]):
+                logits = k[b, :t + 1, n] @ q[b, t, n] / math.sqrt(q.shape[-1])
+                out[b, n, t] = reference.softmax(logits)[0]
+    return out
+
+
+def test_attention_sink_is_the_weight_on_the_first_position():
+    """A one-layer model: the block input is the token embedding, so the attention weights follow in numpy."""
+    config, variables = random_model(num_layers=1)
+    data = batches(2, shape=(3, 10))
+    got = super_experts.attention_sinks(config, variables, data)
+    params = variables["params"]
+    weights = []
+    for tokens in data:
+        x = np.asarray(params["embed"]["embedding"], np.float64)[tokens]
+        weights.append(numpy_first_token_weight(x, params["layers_0"]["attn"],
+                                                np.asarray(params["layers_0"]["attn_norm"]["scale"], np.float64),
+                                                config.model.rope_theta, config.model.norm_eps)[:, :, 1:])
+    np.testing.assert_allclose(got, [np.mean(weights)], rtol=1e-5)
+
+
+def test_attention_sink_decay_when_experts_are_zeroed():
+    """Zeroing the first MoE layer's experts (the paper's pruning: down projection at 0) leaves that layer's
+    attention as it was (decay 0) and changes the next layer's; sink_decay is (before - after) / before."""
+    config, variables = random_model(num_layers=3, first_dense=1)
+    data = batches(1, shape=(2, 12))
+    before = super_experts.attention_sinks(config, variables, data)
+    pruned = {"params": dict(variables["params"]), "moe_state": variables["moe_state"]}
+    ffn = dict(pruned["params"]["layers_1"]["ffn"])
+    ffn["experts"] = dict(ffn["experts"], wo=np.zeros_like(np.asarray(ffn["experts"]["wo"])))
+    pruned["params"]["layers_1"] = dict(pruned["params"]["layers_1"], ffn=ffn)
+    after = super_experts.attention_sinks(config, pruned, data)
+    decay = super_experts.sink_decay(before, after)
+    assert decay[0] == pytest.approx(0.0, abs=1e-6) and abs(decay[1]) > 1e-4
+    np.testing.assert_allclose(decay, (before - after) / before)
+    assert np.isnan(super_experts.sink_decay([0.0], [0.1]))[0]
+    scanned, scanned_variables = random_model(num_layers=5, first_dense=1, moe_every=2, scan=True)
+    assert super_experts.attention_sinks(scanned, scanned_variables, data).shape == (2,)
