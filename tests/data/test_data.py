@@ -15,8 +15,7 @@ import pytest
 
 from moejax import data
 from moejax.data import corpora
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers_configs import REPO
 
 
 def make_config(data_dir, name="stdlib", *, seed=0, batch=8, seq_len=64, **fields):
