@@ -1,5 +1,6 @@
 """Test setup: 8 forced host CPU devices and a faster XLA:CPU backend compile, set before jax is imported anywhere;
-the suite ordered and its quick subset marked from measured durations (tests/durations.json)."""
+the suite ordered and its quick subset marked from measured durations (tests/durations.json); the fixtures of
+modules in several folders (a folder's own fixtures are in its conftest.py)."""
 import fcntl
 import json
 import os
