@@ -243,7 +243,7 @@ class MoE(nn.Module):
             progress=progress if spec.needs_progress else None)
         route = spec.fn(kernel(router_in), cfg, ctx)
         if intervention is not None:
-            route = interventions.apply(intervention, layer, route, cfg)
+            route = interventions.apply(intervention, layer, route, cfg, bias=bias)
         backend = experts.resolve_backend(cfg.gmm_backend)
         cap = None
         if cfg.dispatch == "capacity":

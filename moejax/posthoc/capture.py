@@ -148,7 +148,7 @@ def _route(config: ml_collections.ConfigDict, logits: jax.Array, state: Mapping[
         bias = interventions.selection_bias(intervention, layer, bias)
     route = routers.route(logits, cfg, bias=bias, train=False, token_ids=token_ids if spec.needs_token_ids else None)
     if intervention is not None:
-        route = interventions.apply(intervention, layer, route, cfg)
+        route = interventions.apply(intervention, layer, route, cfg, bias=bias)
     return route
 
 
