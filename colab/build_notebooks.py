@@ -5,8 +5,8 @@ starts a code cell, ``# %% [markdown]`` a markdown cell (its lines commented wit
 ``# %% tags=["parameters"]`` the cell tagged 'parameters' (papermill's convention; the test injects WORKDIR after
 it). Edit the source, run this script, commit both. The notebooks are stripped (no outputs, no execution counts),
 with cell ids numbered by position and Colab's metadata, so that rebuilding unchanged sources changes no byte.
-``tests/test_notebooks.py`` executes every notebook (``MOEJAX_NOTEBOOK_BUDGET=ci``) and checks that this script
-reproduces the committed files byte for byte. ``--check`` writes nothing and exits with status 1 when a notebook
+``tests/experiments/test_notebooks.py`` executes every notebook (``MOEJAX_NOTEBOOK_BUDGET=ci``) and checks that this
+script reproduces the committed files byte for byte. ``--check`` writes nothing and exits with status 1 when a notebook
 differs from its source. The format is parsed here rather than by jupytext so that building needs nothing beyond
 the standard library; ``jupytext --to ipynb src/<name>.py`` reads the same cells.
 

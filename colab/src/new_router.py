@@ -44,7 +44,7 @@ print(jax.devices())
 # %% tags=["parameters"]
 import os
 
-# 'ci': a few steps of a small model (tests/test_notebooks.py); 'cpu': minutes on a laptop CPU;
+# 'ci': a few steps of a small model (tests/experiments/test_notebooks.py); 'cpu': minutes on a laptop CPU;
 # 'full': the preset's own budget, for a TPU or GPU runtime.
 BUDGET = os.environ.get("MOEJAX_NOTEBOOK_BUDGET") or ("cpu" if platform == "cpu" else "full")
 

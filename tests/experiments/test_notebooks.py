@@ -17,8 +17,8 @@ import pytest
 from nbclient import NotebookClient
 
 from tests import helpers_env
+from tests.helpers_configs import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300

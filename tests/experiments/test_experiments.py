@@ -24,8 +24,8 @@ from experiments.tables import Claim
 from moejax import plots
 from moejax.training import metrics
 from tests import helpers_env
+from tests.helpers_configs import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "tests" / "helpers_train.py")
 TOY_TABLE = f'''
 from experiments.tables import Claim, Row
@@ -508,8 +508,7 @@ def test_older_results_say_what_differs(tmp_path):
     assert "(overrides differing: `model.moe.top_k`; see its page)" in block
 
 
-@pytest.mark.parametrize("name", ["deepseekmoe_table1", "deepseekmoe_fig3", "switch_capacity", "loss_free_vs_aux",
-                                  "top_p_vs_top2"])
+@pytest.mark.parametrize("name", tables.available_tables(tables.TABLES_DIR))  # every table in experiments/tables
 def test_tables_train_on_bpe_and_declare_claims(name, tmp_path):
 
     table = tables.load_table(name)  # checks the claims' rows, metrics and directions
