@@ -29,7 +29,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # - a test measured at SLOW_SECONDS or more is marked `slow`: `pytest -m "not slow"` is the quick subset for the
 #   edit-test loop (CI runs everything). A test not measured yet counts as quick.
 DURATIONS = pathlib.Path(__file__).parent / "durations.json"
-SLOW_SECONDS = 4.0
+SLOW_SECONDS = 3.0
 _measured_now: dict[str, float] = {}
 
 
