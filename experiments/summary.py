@@ -11,7 +11,8 @@ import textwrap
 from types import ModuleType
 
 from experiments import report, runner
-from experiments.report import VERDICT_RULE, corpus_text, definition_changes, interval_text, number, tokens_per_run
+from experiments.provenance import corpus_text, definition_changes, tokens_per_run
+from experiments.report import VERDICT_RULE, interval_text, number
 from experiments.stats import statistics
 from experiments.tables import TABLES_DIR, available_tables, load_table
 

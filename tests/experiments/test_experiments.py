@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import report, reproduce, runner, summary, sweep, tables
+from experiments import provenance, report, reproduce, runner, summary, sweep, tables
 from experiments import stats as table_stats
 from experiments.tables import Claim
 from moejax import plots
@@ -494,16 +494,16 @@ def test_older_results_say_what_differs(tmp_path):
     payload["rows"][0]["overrides"] = {k: v for k, v in payload["rows"][0]["overrides"].items()
                                        if k != "model.moe.top_k"}
     table = tables.load_table("toy", tables_dir)
-    changes = report.definition_changes(table, payload)
+    changes = provenance.definition_changes(table, payload)
     assert changes == [{"field": "model.moe.top_k", "then": 2, "now": 1, "then_text":
                         "not set (today's config default: `2`)", "now_text": "`1`", "rows": ["a"]}]
-    text = report.changes_text(table, payload)
+    text = provenance.changes_text(table, payload)
     assert text.startswith("**Measured under an older definition of this table** (4 steps per run).")
     assert "`model.moe.top_k` not set (today's config default: `2`) then, `1` now (rows a)" in text
     # the README's line names each differing field once, however many rows differ in it in different ways
     payload["rows"][1]["overrides"] = {**payload["rows"][1]["overrides"], "model.moe.top_k": 3}
     (results / "toy.json").write_text(json.dumps(payload))
-    assert len(report.definition_changes(table, payload)) == 2
+    assert len(provenance.definition_changes(table, payload)) == 2
     block = summary.summary_block(results, tables_dir, tmp_path).replace("\n", " ")
     assert "(overrides differing: `model.moe.top_k`; see its page)" in block
 
