@@ -192,18 +192,11 @@ def rope(cfg: ml_collections.ConfigDict, x: jax.Array, positions: jax.Array | No
 # ----------------------------------------------------------------------------------------------- core
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None, window: int = 0,
-           sinks: jax.Array | None = None) -> jax.Array:
-    """Causal attention: q [B, T, N, Dk], k [B, T, K, Dk], v [B, T, K, Dv] -> [B, T, N, Dv]; head n reads key/value
-    head n // (N / K).
-
-    scale: the logits' multiplier (None: Dk^-0.5). window > 0: a query at position i sees the keys at j with
-    i - j < window (sliding-window layers). sinks [N]: one learned logit per head that joins the softmax's
-    denominator (its column is dropped after the softmax; GPT-OSS).
-    """
-    if sinks is None and q.shape[-1] == v.shape[-1]:
-        local = (window - 1, 0) if window else None
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local)
+def attention_weights(q: jax.Array, k: jax.Array, *, scale: float | None = None, window: int = 0,
+                      sinks: jax.Array | None = None) -> jax.Array:
+    """The causal softmax weights ``attend`` applies to the values: q [B, T, N, Dk], k [B, T, K, Dk] -> [B, K, G, T,
+    S] float32 (query head n = k * G + g, G = N / K; key position s). With sinks [N] the sink logit joins each row's
+    softmax and its column is dropped after it."""
     batch, seq, heads, dk = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
@@ -216,10 +209,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = No
         visible = visible & (i - j < window)
     logits = jnp.where(visible, logits, -0.7 * jnp.finfo(jnp.float32).max)
     if sinks is None:
-        probs = jax.nn.softmax(logits, axis=-1)
-    else:
-        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1), (*logits.shape[:-1], 1))
-        probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+        return jax.nn.softmax(logits, axis=-1)
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1), (*logits.shape[:-1], 1))
+    return jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None, window: int = 0,
+           sinks: jax.Array | None = None) -> jax.Array:
+    """Causal attention: q [B, T, N, Dk], k [B, T, K, Dk], v [B, T, K, Dv] -> [B, T, N, Dv]; head n reads key/value
+    head n // (N / K).
+
+    scale: the logits' multiplier (None: Dk^-0.5). window > 0: a query at position i sees the keys at j with
+    i - j < window (sliding-window layers). sinks [N]: one learned logit per head that joins the softmax's
+    denominator (its column is dropped after the softmax; GPT-OSS).
+    """
+    if sinks is None and q.shape[-1] == v.shape[-1]:
+        local = (window - 1, 0) if window else None
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local)
+    batch, seq, heads, _ = q.shape
+    probs = attention_weights(q, k, scale=scale, window=window, sinks=sinks)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
     return out.reshape(batch, seq, heads, v.shape[-1])
 

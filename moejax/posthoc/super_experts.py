@@ -214,21 +214,8 @@ def _first_token_weight(q: jax.Array, k: jax.Array, *, scale: float | None = Non
     """[2]: the sum over rows, heads and query positions t >= 1 of the attention weight on key position 0, and the
     number of terms; ``moejax.attention.attend``'s softmax (q [B, T, N, Dk], k [B, T, K, Dk], the same scale,
     causal mask, window and sink logits)."""
-    batch, seq, heads, dk = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    scale = dk ** -0.5 if scale is None else scale
-    qg = q.reshape(batch, seq, kv_heads, groups, dk)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    i, j = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
-    visible = j <= i
-    if window:
-        visible = visible & (i - j < window)
-    logits = jnp.where(visible, logits, -jnp.inf)
-    if sinks is not None:
-        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, groups, 1, 1), (*logits.shape[:-1], 1))
-        logits = jnp.concatenate([logits, sink], axis=-1)
-    first = jax.nn.softmax(logits, axis=-1)[..., 1:, 0]  # [B, K, G, T - 1]: queries t >= 1 on key 0
+    weights = attention_lib.attention_weights(q, k, scale=scale, window=window, sinks=sinks)
+    first = weights[..., 1:, 0]  # [B, K, G, T - 1]: queries t >= 1 on key 0
     return jnp.stack([first.sum(), jnp.asarray(first.size, jnp.float32)])
 
 
