@@ -18,22 +18,9 @@ from typing import Any
 import numpy as np
 
 from experiments.runner import kept_findings
+from moejax.posthoc.trace_report import jsonable
 
 Render = Callable[[dict[str, Any], str], str]  # (the page's JSON payload, findings) -> the page
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy arrays and scalars as (nested lists of) Python numbers, tuples as lists and non-finite
-    floats as None (strict JSON)."""
-    if isinstance(value, dict):
-        return {key: jsonable(item) for key, item in value.items()}
-    if isinstance(value, np.ndarray | np.generic):
-        return jsonable(value.tolist())
-    if isinstance(value, list | tuple):
-        return [jsonable(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:

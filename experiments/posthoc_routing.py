@@ -102,7 +102,7 @@ def load_data(config: ml_collections.ConfigDict, checkpoint: pathlib.Path, max_t
 def step_trace(cache: common.ResultCache, config: ml_collections.ConfigDict, variables: dict[str, Any],
                inputs: list[np.ndarray], tokenizer: Any, out: pathlib.Path) -> Any:
     """The routing trace (recorded once) and its analyses + the three plots."""
-    from moejax.posthoc import analysis, capture, read_trace
+    from moejax.posthoc import analysis, capture, read_trace, trace_report
 
     trace_dir = cache.root / "trace"
     record = cache.get("trace")
@@ -119,7 +119,7 @@ def step_trace(cache: common.ResultCache, config: ml_collections.ConfigDict, var
     trace = read_trace(trace_dir)
     if cache.get("analysis") is None:
         started = time.perf_counter()
-        summary = analysis.summary(trace)
+        summary = trace_report.summary(trace)
         cache.put("analysis", {"summary": summary, "seconds": time.perf_counter() - started,
                                "gate_mass_max": common.jsonable(analysis.gate_mass(trace).max(-1))})
         say(f"analyses in {time.perf_counter() - started:.1f}s")
@@ -129,15 +129,15 @@ def step_trace(cache: common.ResultCache, config: ml_collections.ConfigDict, var
         shuffled = dataclasses.replace(trace, experts=np.asarray(trace.experts)[:, order],
                                        weights=np.asarray(trace.weights)[:, order], scores=None,
                                        token_ids=np.asarray(trace.token_ids)[order])
-        summary = analysis.summary(shuffled, cache_sizes=[2 * trace.top_k])
+        summary = trace_report.summary(shuffled, cache_sizes=[2 * trace.top_k])
         cache.put("shuffled", {"segment_lengths": summary["segment_lengths"], "srp_mean": summary["srp_mean"],
                                "sch_2k_mean": [row[0] for row in summary["sch_mean"]],
                                "seconds": time.perf_counter() - started})
         say(f"shuffled-order reference in {time.perf_counter() - started:.1f}s")
     if not all((out / f"{NAME}_{p}.png").exists() for p in ("frequency", "affinity", "local_consistency")):
-        analysis.plot_frequency(trace, path=out / f"{NAME}_frequency.png")
-        analysis.plot_affinity(trace, path=out / f"{NAME}_affinity.png")
-        analysis.plot_local_consistency(trace, path=out / f"{NAME}_local_consistency.png")
+        trace_report.plot_frequency(trace, path=out / f"{NAME}_frequency.png")
+        trace_report.plot_affinity(trace, path=out / f"{NAME}_affinity.png")
+        trace_report.plot_local_consistency(trace, path=out / f"{NAME}_local_consistency.png")
         say("plots written")
     return trace
 

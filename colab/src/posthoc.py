@@ -96,7 +96,7 @@ import ml_collections
 
 from moejax import data
 from moejax.data import tokenizers
-from moejax.posthoc import analysis, capture, read_trace
+from moejax.posthoc import capture, read_trace, trace_report
 
 data_config = ml_collections.ConfigDict(config.to_dict())
 data_config.data.eval_batches = TRACE_BATCHES + EVAL_BATCHES
@@ -115,8 +115,8 @@ print(f"{trace.num_tokens:,} tokens, {len(trace.doc_starts)} documents (rows and
 # %% [markdown]
 # ## Expert load, inter-layer affinity, local routing consistency
 #
-# Every analysis of `moejax.posthoc.analysis` takes the trace and returns numpy arrays; the `plot_*`
-# functions return matplotlib figures. `summary` gathers the headline numbers (JSON-ready).
+# Every analysis of `moejax.posthoc.analysis` takes the trace and returns numpy arrays; `moejax.posthoc.trace_report`
+# gathers the headline numbers (`summary`, JSON-ready) and its `plot_*` functions return matplotlib figures.
 #
 # - **Frequency**: the fraction of each layer's routed slots every expert gets (uniform = 1/E).
 # - **Inter-layer affinity** (ExFlow): P(expert j at the next MoE layer | expert i at this one).
@@ -130,15 +130,15 @@ import matplotlib.pyplot as plt
 from IPython.display import Image, display
 
 LENGTHS = (1, 2, 4, 8, 16, 32)
-summary = analysis.summary(trace, lengths=LENGTHS)
+summary = trace_report.summary(trace, lengths=LENGTHS)
 for key in ("max_expert_fraction", "max_over_mean_load", "router_entropy", "affinity_top1", "srp_mean"):
     print(f"{key:>20}: {[v if v is None else round(v, 3) for v in summary[key]]}")  # None: NaN
 # the plot_* functions return matplotlib figures (no pyplot) and, given a path, save them as PNG
 plots = pathlib.Path(WORKDIR) / "analysis"
-analysis.plot_frequency(trace, path=plots / "frequency.png")
+trace_report.plot_frequency(trace, path=plots / "frequency.png")
 if trace.num_layers > 1:
-    analysis.plot_affinity(trace, path=plots / "affinity.png")
-analysis.plot_local_consistency(trace, lengths=LENGTHS, path=plots / "local_consistency.png")
+    trace_report.plot_affinity(trace, path=plots / "affinity.png")
+trace_report.plot_local_consistency(trace, lengths=LENGTHS, path=plots / "local_consistency.png")
 for name in ("frequency.png", "affinity.png", "local_consistency.png"):
     if (plots / name).exists():
         display(Image(filename=str(plots / name)))

@@ -3,7 +3,8 @@ model code.
 
 * routing traces (``trace``: the format, a streaming writer and a memory-mapped reader) and their analyses
   (``analysis``: expert load, router entropy, co-activation, inter-layer affinity, local routing consistency,
-  token/expert specialisation, summary and plots); numpy only, matplotlib imported by the plot functions alone;
+  token/expert specialisation) and ``trace_report`` (the ``analyze`` command's summary and plots); numpy only,
+  matplotlib imported by the plot functions alone;
 * capture (``capture``): per MoE layer what a forward pass computes (residual stream before and after, MoE input,
   router logits, the layer's routing, MoE output, expert outputs of the routed slots), batch by batch under jit;
   ``record`` writes a routing trace from it;
@@ -12,15 +13,15 @@ model code.
   core of ``compress``), super experts (``super_experts``);
 * the command line: ``python -m moejax.posthoc trace|analyze|importance|prune|merge|super-experts`` (docs/posthoc.md).
 
-    from moejax.posthoc import analysis, read_trace
+    from moejax.posthoc import read_trace, trace_report
     moejax.posthoc.record(config, variables, batches, "traces/run1", eos_id=0)
-    analysis.summary(read_trace("traces/run1"))
+    trace_report.summary(read_trace("traces/run1"))
     scores = moejax.posthoc.importance.from_forward(config, variables, batches, "reap")      # [L, E]
 """
-from moejax.posthoc import analysis
+from moejax.posthoc import analysis, trace_report
 from moejax.posthoc.trace import Trace, TraceWriter, read_trace, write_trace
 
-__all__ = ["Trace", "TraceWriter", "analysis", "read_trace", "write_trace"]
+__all__ = ["Trace", "TraceWriter", "analysis", "read_trace", "trace_report", "write_trace"]
 
 # The modules that need jax and the model load on first use: importing moejax.posthoc for traces and analyses stays
 # numpy only.

@@ -195,7 +195,7 @@ def _remove_analyses(trace_dir: pathlib.Path) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
-    from moejax.posthoc import analysis, read_trace
+    from moejax.posthoc import analysis, read_trace, trace_report
 
     try:
         trace = read_trace(args.trace)
@@ -207,19 +207,19 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _say(f"analysing {args.trace}: {trace.num_tokens:,} tokens, {trace.num_layers} MoE layers, "
          f"{trace.num_experts} experts")
-    summary = analysis.summary(trace, lengths, sizes)
+    summary = trace_report.summary(trace, lengths, sizes)
     result = {"trace": str(args.trace), "summary": summary,
-              "expert_frequency": analysis._json(analysis.expert_frequency(trace)),
-              "gate_mass": analysis._json(analysis.gate_mass(trace))}
+              "expert_frequency": trace_report.jsonable(analysis.expert_frequency(trace)),
+              "gate_mass": trace_report.jsonable(analysis.gate_mass(trace))}
     analysis_json, frequency_png, affinity_png, consistency_png = ANALYSIS_FILES
     _write_json(out / analysis_json, result)
     written = [analysis_json]
-    analysis.plot_frequency(trace, path=out / frequency_png)
+    trace_report.plot_frequency(trace, path=out / frequency_png)
     written.append(frequency_png)
     if trace.num_layers > 1:
-        analysis.plot_affinity(trace, path=out / affinity_png)
+        trace_report.plot_affinity(trace, path=out / affinity_png)
         written.append(affinity_png)
-    analysis.plot_local_consistency(trace, lengths, sizes, path=out / consistency_png)
+    trace_report.plot_local_consistency(trace, lengths, sizes, path=out / consistency_png)
     written.append(consistency_png)
     _say(f"wrote {', '.join(written)} to {out}")
     return result

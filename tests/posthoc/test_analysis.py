@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from moejax.posthoc import Trace, TraceWriter, analysis, read_trace, write_trace
+from moejax.posthoc import Trace, TraceWriter, analysis, read_trace, trace_report, write_trace
 from tests import reference as ref
 
 E, K = 8, 2
@@ -199,7 +199,7 @@ def test_write_trace_without_scores_and_empty(tmp_path):
     assert empty.experts.shape == (2, 0, K) and len(empty.doc_starts) == 0
     np.testing.assert_array_equal(analysis.expert_frequency(empty), np.zeros((2, E)))
     assert empty.documents.shape == (0, 2)
-    summary = analysis.summary(empty, lengths=[1, 2])
+    summary = trace_report.summary(empty, lengths=[1, 2])
     json.dumps(summary, allow_nan=False)
     assert summary["num_tokens"] == 0 and summary["srp"] == [[None, None]] * 2
 
@@ -395,7 +395,7 @@ def test_one_expert_takes_everything():
     affinity = analysis.inter_layer_affinity(t)
     np.testing.assert_allclose(affinity[0][:, 3], affinity[0].sum(-1))  # every row goes to expert 3
     np.testing.assert_allclose(analysis.coactivation(t)[0][1], 0.0)  # one expert per token: no pair
-    summary = analysis.summary(t)
+    summary = trace_report.summary(t)
     assert summary["max_expert_fraction"][1] == 1.0 and summary["experts_per_token"][1] == 1.0
     assert summary["null_slot_fraction"][1] == 0.5
 
@@ -414,7 +414,7 @@ def test_null_slots_are_ignored(trace):
 
 
 def test_summary(trace):
-    summary = analysis.summary(trace, lengths=[1, 4, 80])
+    summary = trace_report.summary(trace, lengths=[1, 4, 80])
     text = json.dumps(summary, allow_nan=False)
     assert json.loads(text) == summary
     assert summary["num_tokens"] == 200 and summary["num_documents"] == 4 and summary["layers"] == [1, 3, 5]
@@ -429,24 +429,24 @@ def test_summary(trace):
     np.testing.assert_allclose(summary["experts_per_token"], counts.sum(1) / 200)
     affinity = naive_affinity(trace)
     assert summary["affinity_top1"][0] == pytest.approx(affinity[0].max(-1)[affinity[0].sum(-1) > 0].mean())
-    assert analysis.summary(random_trace(with_scores=False), lengths=[2])["router_entropy"] is None
+    assert trace_report.summary(random_trace(with_scores=False), lengths=[2])["router_entropy"] is None
 
 
 def test_plots_return_figures_and_write_pngs(tmp_path):
     from matplotlib.figure import Figure  # built without pyplot: savefig renders the PNG with Agg
 
     deep = random_trace(seed=3, layers=6)
-    fig = analysis.plot_frequency(deep, tmp_path / "frequency.png")
+    fig = trace_report.plot_frequency(deep, tmp_path / "frequency.png")
     assert isinstance(fig, Figure) and (tmp_path / "frequency.png").stat().st_size > 0
     np.testing.assert_allclose(np.asarray(fig.axes[0].images[0].get_array()), analysis.expert_frequency(deep))
-    fig = analysis.plot_affinity(deep, path=tmp_path / "affinity.png")
+    fig = trace_report.plot_affinity(deep, path=tmp_path / "affinity.png")
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 4 and (tmp_path / "affinity.png").exists()  # 5 consecutive pairs, capped at 4 panels
     np.testing.assert_allclose(np.asarray(panels[-1].images[0].get_array()), analysis.inter_layer_affinity(deep)[4])
-    assert len([ax for ax in analysis.plot_affinity(deep, pairs=[2]).axes if ax.images]) == 1
+    assert len([ax for ax in trace_report.plot_affinity(deep, pairs=[2]).axes if ax.images]) == 1
     with pytest.raises(ValueError, match="at least two MoE layers"):
-        analysis.plot_affinity(random_trace(layers=1))
-    fig = analysis.plot_local_consistency(deep, lengths=[1, 2, 4, 80], path=tmp_path / "lrc.png")
+        trace_report.plot_affinity(random_trace(layers=1))
+    fig = trace_report.plot_local_consistency(deep, lengths=[1, 2, 4, 80], path=tmp_path / "lrc.png")
     srp_axis, sch_axis = fig.axes[:2]
     assert [line.get_label() for line in sch_axis.get_lines()] == ["cache of 2 experts", "cache of 4 experts"]
     np.testing.assert_allclose(srp_axis.get_lines()[0].get_ydata()[:3],
