@@ -32,7 +32,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from moejax import checks, moe
-from moejax.moe import dispatch, expert_parallel, experts, losses, pipeline, routers, stats
+from moejax.moe import dispatch, expert_parallel, experts, intervene, losses, pipeline, routers, stats
 from moejax.moe import intervention as interventions
 
 DISPATCH_MODES = ("dropless", "capacity")
@@ -177,7 +177,7 @@ class MoE(nn.Module):
         """x [B, S, D] -> [B, S, D]; token_ids [B, S]: the input tokens, for routers that route by token id."""
         cfg = self.cfg
         if intervention is not None:
-            interventions.check_router(intervention, cfg, train)
+            intervene.check_router(intervention, cfg, train)
             if isinstance(layer, int) and not 0 <= layer < intervention.num_layers:
                 interventions.fail("mask.shape", tuple(intervention.mask.shape),
                                    f"has no row for layer {layer}")
@@ -235,7 +235,7 @@ class MoE(nn.Module):
         if train and cfg.router.jitter > 0:
             router_in = routers.jitter(router_in, cfg.router.jitter, self.make_rng("jitter"))
         if intervention is not None:
-            bias = interventions.selection_bias(intervention, layer, bias)
+            bias = intervene.selection_bias(intervention, layer, bias)
         ctx = routers.RouterContext(
             bias=bias, train=train,
             rng=self.make_rng("routing") if train and spec.needs_rng else None,
@@ -243,7 +243,7 @@ class MoE(nn.Module):
             progress=progress if spec.needs_progress else None)
         route = spec.fn(kernel(router_in), cfg, ctx)
         if intervention is not None:
-            route = interventions.apply(intervention, layer, route, cfg, bias=bias)
+            route = intervene.apply(intervention, layer, route, cfg, bias=bias)
         backend = experts.resolve_backend(cfg.gmm_backend)
         cap = None
         if cfg.dispatch == "capacity":

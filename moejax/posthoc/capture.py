@@ -143,12 +143,12 @@ def _route(config: ml_collections.ConfigDict, logits: jax.Array, state: Mapping[
     bias = state.get(moe.ROUTER_BIAS)
     bias = jnp.zeros((cfg.num_experts,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if intervention is not None:
-        from moejax.moe import intervention as interventions
+        from moejax.moe import intervene
 
-        bias = interventions.selection_bias(intervention, layer, bias)
+        bias = intervene.selection_bias(intervention, layer, bias)
     route = routers.route(logits, cfg, bias=bias, train=False, token_ids=token_ids if spec.needs_token_ids else None)
     if intervention is not None:
-        route = interventions.apply(intervention, layer, route, cfg, bias=bias)
+        route = intervene.apply(intervention, layer, route, cfg, bias=bias)
     return route
 
 

@@ -10,6 +10,7 @@ import pytest
 from moejax.configs import base
 
 from moejax import generate, model
+from moejax.moe import intervene
 from moejax.moe import intervention as iv_lib
 from moejax.moe.intervention import Intervention, InterventionError
 from tests import helpers_configs, helpers_moe
@@ -145,7 +146,7 @@ def test_apply_given_the_bias_ranks_past_top_k_by_it():
     cfg, mcfg, _, _, _, _, logits = lone(DEEPSEEK)
     bias = np.linspace(0.0, 0.05, 8).astype(np.float32)
     route = iv_lib.routers.route(jnp.asarray(logits, jnp.float32), cfg, bias=jnp.asarray(bias))
-    got = iv_lib.apply(iv_lib.rank_only(mcfg, 4), 0, route, cfg, bias=jnp.asarray(bias))
+    got = intervene.apply(iv_lib.rank_only(mcfg, 4), 0, route, cfg, bias=jnp.asarray(bias))
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     want = np.argsort(-(probs + bias), axis=-1, kind="stable")[:, 3]
