@@ -13,11 +13,7 @@ changes no token. The MoE layers decode dropless whatever the training dispatch 
 tokens) and route as in evaluation (``train=False``: expert-choice routers route by token choice, which is causal).
 Rows stop at ``eos_id``; the loop ends when every row has.
 
-Sampling: greedy when ``temperature == 0`` (ties go to the lowest id, as ``argmax``); otherwise the logits are
-divided by the temperature, cut to the ``top_k`` largest (0: no cut), then to the nucleus ``top_p`` of the
-distribution that remains (the smallest set of most likely tokens whose probability reaches top_p: a token is
-kept when the mass of the tokens ranked before it is below top_p; tokens tied with the last kept one are kept
-too), the order of transformers' sampling warpers, and drawn with ``rng``.
+Sampling (greedy, temperature, top-k, top-p): moejax/sampling.py.
 
 CLI (streams the text as it decodes, then prints the speed; Ctrl-C stops it, prints the speed of what was decoded
 and exits with status 130; flags, errors and exit status as moejax/cli.py describes):
@@ -44,6 +40,7 @@ from jax.experimental import io_callback
 from jax.sharding import Mesh
 
 from moejax import checks, cli, kv_cache, model
+from moejax.sampling import sample, sampling_problem
 
 CHUNK_SECONDS = 0.1  # the decoding time between two chances for Ctrl-C (and other signals) to stop it
 
@@ -55,56 +52,6 @@ def decode_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     cfg.remat = False
     cfg.moe.dispatch = "dropless"
     return cfg
-
-
-def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """logits [..., V] with the tokens outside the top_k largest (top_k > 0) and outside the nucleus top_p (< 1) set
-    to -inf (see the module docstring for the exact rule)."""
-    neg = jnp.asarray(-jnp.inf, logits.dtype)
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if top_p < 1.0:
-        ranked = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1: the first token has nothing before it
-        threshold = jnp.take_along_axis(ranked, kept - 1, axis=-1)
-        logits = jnp.where(logits < threshold, neg, logits)
-    return logits
-
-
-def sample(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0) -> jax.Array:
-    """logits [B, V] -> token ids [B] int32: argmax when temperature is 0, else a draw from the filtered
-    distribution softmax(filter_logits(logits / temperature))."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
-    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
-
-
-def sampling_problem(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
-                     vocab: int | None = None) -> tuple[str, Any, str] | None:
-    """The first of ``generate``'s sampling arguments that it cannot run with, as (name, value, what is allowed);
-    None when it can run with all. vocab: the model's vocabulary size (None: top_k is not compared with it)."""
-    def integer(value: Any, minimum: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    if not integer(max_new_tokens, 1):
-        return "max_new_tokens", max_new_tokens, "must be an integer >= 1"
-    if not (number(temperature) and temperature >= 0):
-        return "temperature", temperature, "must be a number >= 0 (0: greedy)"
-    if not integer(top_k, 0):
-        return "top_k", top_k, "must be an integer >= 0 (0: no top-k cut)"
-    if vocab is not None and top_k > vocab:
-        return "top_k", top_k, f"must be <= the vocabulary size {vocab} (0: no top-k cut)"
-    if not (number(top_p) and 0.0 < top_p <= 1.0):
-        return "top_p", top_p, "must be a number in (0, 1] (1: no nucleus cut)"
-    return None
 
 
 def _right_align(prompts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

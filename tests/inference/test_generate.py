@@ -17,7 +17,7 @@ import pytest
 from moejax.configs import base
 from scipy import stats as scipy_stats
 
-from moejax import cli, generate, hf, kv_cache, model, parallel
+from moejax import cli, generate, hf, kv_cache, model, parallel, sampling
 from moejax.checks import ConfigError
 from tests import helpers_hf
 from tests.helpers_configs import REPO, load, small_model
@@ -220,7 +220,7 @@ def test_sampler_matches_a_numpy_reference(temperature, top_k, top_p):
     expected = reference_distribution(logits, temperature, top_k, top_p)
     draws = 40_000
     keys = jax.random.split(jax.random.key(7), draws)
-    tokens = jax.jit(jax.vmap(lambda k: generate.sample(jnp.asarray(logits)[None], k, temperature, top_k,
+    tokens = jax.jit(jax.vmap(lambda k: sampling.sample(jnp.asarray(logits)[None], k, temperature, top_k,
                                                         top_p)[0]))(keys)
     counts = np.bincount(np.asarray(tokens), minlength=len(logits))
     assert set(np.flatnonzero(counts)) == set(np.flatnonzero(expected > 0))  # exactly the reference's support
