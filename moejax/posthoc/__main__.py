@@ -26,9 +26,7 @@ so the same command can run again.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -36,125 +34,11 @@ from typing import Any
 import numpy as np
 
 from moejax import cli
+from moejax.posthoc import command_steps as steps
 
 FORMATS = ("moejax", "hf")
 METHODS = ("mcsmoe", "hcsmoe", "average")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ANALYSIS_FILES = ("analysis.json", "frequency.png", "affinity.png", "local_consistency.png")  # what analyze writes
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- shared steps
-
-def _load(args: argparse.Namespace) -> dict[str, Any]:
-    """The checkpoint (cli.open_checkpoint): {'path', 'config', 'variables'}."""
-    from moejax.posthoc import capture
-
-    opened = cli.open_checkpoint(args)
-    capture.check_supported(opened.config)
-    return {"path": opened.path, "config": opened.config, "variables": opened.variables}
-
-
-def _open(args: argparse.Namespace, opened: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint (``_load``, unless given) and its calibration batches: adds 'batches', 'tokenizer' and
-    'data_config'."""
-    from moejax.posthoc import capture
-
-    opened = dict(opened or _load(args))
-    data_config, batches, tokenizer = capture.calibration_batches(
-        opened["config"], opened["path"], data=args.data, max_tokens=args.max_tokens, batch_size=args.batch_size,
-        seq_len=args.seq_len, data_dir=args.data_dir)
-    shape = batches[0].shape
-    _say(f"{opened['path']}: {len(batches)} batches of {shape[0]} x {shape[1]} tokens from {data_config.data.name} "
-         f"(validation split, tokenizer {tokenizer.spec})")
-    return {**opened, "batches": batches, "tokenizer": tokenizer, "data_config": data_config}
-
-
-def _progress(opened: dict[str, Any], what: str):
-    from moejax.posthoc import capture
-
-    total = sum(int(b.size) for b in opened["batches"])
-    _say(what)
-    return capture.progress_bar(total)
-
-
-def _provenance(args: argparse.Namespace, opened: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    batches = opened["batches"]
-    return {"checkpoint": str(opened["path"]), "step": args.step, "data": opened["data_config"].data.name,
-            "tokenizer": opened["tokenizer"].spec, "tokens": int(sum(b.size for b in batches)),
-            "batch_size": int(batches[0].shape[0]), "seq_len": int(batches[0].shape[1]), **extra}
-
-
-def _write_json(path: pathlib.Path, value: Any) -> pathlib.Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1, allow_nan=False) + "\n")
-    return path
-
-
-def _criteria(value: str) -> list[str]:
-    from moejax.posthoc import importance
-
-    names = list(importance.CRITERIA) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    bad = [name for name in names if name not in importance.CRITERIA]
-    if bad or not names:
-        raise cli.flag_error("criterion", value, f"allowed are {', '.join(importance.CRITERIA)} (comma-separated), "
-                                              "or all")
-    return names
-
-
-def _ints(flag: str, value: str, minimum: int = 1) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < minimum:
-        raise cli.flag_error(flag, value, f"must be comma-separated integers >= {minimum}")
-    return out
-
-
-def _check_out_dir(flag: str, out: pathlib.Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise cli.flag_error(flag, str(out), "exists and is not an empty directory; choose a new one")
-
-
-def _save_model(args: argparse.Namespace, opened: dict[str, Any], config, variables, what: dict[str, Any]
-                ) -> pathlib.Path:
-    """Writes the compressed model to --out in --format, the source's tokenizer files beside it and
-    posthoc.json (what was done)."""
-    from moejax import hf
-    from moejax.training import checkpoint
-
-    out = pathlib.Path(args.out)
-    with cli.removed_on_failure(out):
-        if args.format == "hf":
-            hf.save(config, variables, out)
-        else:
-            checkpoint.save_variables(out, config, variables)
-        for name in TOKENIZER_FILES:
-            if (opened["path"] / name).is_file():
-                shutil.copy(opened["path"] / name, out / name)
-        _write_json(out / "posthoc.json", {**_provenance(args, opened), "format": args.format,
-                                           "num_experts": config.model.moe.num_experts,
-                                           "top_k": config.model.moe.top_k, **what})
-    _say(f"wrote the {args.format} model ({config.model.moe.num_experts} routed experts per MoE layer) to {out}")
-    return out
-
-
-def _check_format(args: argparse.Namespace, config, num_experts: int) -> None:
-    """--format=hf: refuse, before any work, a model with num_experts routed experts per layer that no released
-    family expresses (HFConfigError says why)."""
-    if args.format == "hf":
-        import copy
-
-        from moejax import hf
-
-        preview = copy.deepcopy(config)
-        preview.model.moe.num_experts = num_experts
-        preview.model.moe.top_k = min(preview.model.moe.top_k, num_experts + preview.model.moe.num_null_experts)
-        hf.config_to_hf(preview.model)
 
 
 def run_trace(args: argparse.Namespace) -> pathlib.Path:
@@ -167,18 +51,18 @@ def run_trace(args: argparse.Namespace) -> pathlib.Path:
     if existing and not args.overwrite:
         raise cli.flag_error("out", args.out, f"already holds a routing trace ({', '.join(existing)}); pass "
                                               f"--overwrite to replace it")
-    opened = _open(args)
+    opened = steps.open_data(args)
     if args.overwrite:
         _remove_analyses(out)
-    progress = _progress(opened, f"recording the routing trace to {out}")
+    progress = steps.progress(opened, f"recording the routing trace to {out}")
     try:
         path = capture.record(opened["config"], opened["variables"], opened["batches"], out,
                               with_scores=args.with_scores, eos_id=opened["tokenizer"].eos_id,
-                              overwrite=args.overwrite, metadata=_provenance(args, opened), progress=progress)
+                              overwrite=args.overwrite, metadata=steps.provenance(args, opened), progress=progress)
     except BaseException:
         trace.remove_trace_files(out)
         raise
-    _say(f"wrote the routing trace to {path}")
+    steps.say(f"wrote the routing trace to {path}")
     return path
 
 
@@ -191,7 +75,7 @@ def _remove_analyses(trace_dir: pathlib.Path) -> None:
                 (directory / name).unlink(missing_ok=True)
             if not any(directory.iterdir()):
                 directory.rmdir()
-            _say(f"removed the analysis of the previous trace in {directory}")
+            steps.say(f"removed the analysis of the previous trace in {directory}")
 
 
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,18 +85,18 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         trace = read_trace(args.trace)
     except FileNotFoundError as e:
         raise cli.flag_error("trace", args.trace, str(e)) from e
-    lengths = _ints("lengths", args.lengths) if args.lengths else list(analysis.DEFAULT_LENGTHS)
-    sizes = _ints("cache_sizes", args.cache_sizes, minimum=0) if args.cache_sizes else None
+    lengths = steps.int_list("lengths", args.lengths) if args.lengths else list(analysis.DEFAULT_LENGTHS)
+    sizes = steps.int_list("cache_sizes", args.cache_sizes, minimum=0) if args.cache_sizes else None
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _say(f"analysing {args.trace}: {trace.num_tokens:,} tokens, {trace.num_layers} MoE layers, "
+    steps.say(f"analysing {args.trace}: {trace.num_tokens:,} tokens, {trace.num_layers} MoE layers, "
          f"{trace.num_experts} experts")
     summary = trace_report.summary(trace, lengths, sizes)
     result = {"trace": str(args.trace), "summary": summary,
               "expert_frequency": trace_report.jsonable(analysis.expert_frequency(trace)),
               "gate_mass": trace_report.jsonable(analysis.gate_mass(trace))}
     analysis_json, frequency_png, affinity_png, consistency_png = ANALYSIS_FILES
-    _write_json(out / analysis_json, result)
+    steps.write_json(out / analysis_json, result)
     written = [analysis_json]
     trace_report.plot_frequency(trace, path=out / frequency_png)
     written.append(frequency_png)
@@ -221,25 +105,25 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         written.append(affinity_png)
     trace_report.plot_local_consistency(trace, lengths, sizes, path=out / consistency_png)
     written.append(consistency_png)
-    _say(f"wrote {', '.join(written)} to {out}")
+    steps.say(f"wrote {', '.join(written)} to {out}")
     return result
 
 
 def run_importance(args: argparse.Namespace) -> dict[str, Any]:
     from moejax.posthoc import importance
 
-    names = _criteria(args.criterion)
-    opened = _open(args)
-    progress = _progress(opened, f"expert importance ({', '.join(names)})")
+    names = steps.criteria(args.criterion)
+    opened = steps.open_data(args)
+    progress = steps.progress(opened, f"expert importance ({', '.join(names)})")
     scores = importance.from_forward(opened["config"], opened["variables"], opened["batches"], names,
                                      progress=progress)
     from moejax import model
 
-    result = {**_provenance(args, opened), "layers": model.moe_layers(opened["config"].model),
+    result = {**steps.provenance(args, opened), "layers": model.moe_layers(opened["config"].model),
               "num_experts": opened["config"].model.moe.num_experts,
               "scores": {name: value.tolist() for name, value in scores.items()}}
-    out = _write_json(pathlib.Path(args.out), result)
-    _say(f"wrote {out}")
+    out = steps.write_json(pathlib.Path(args.out), result)
+    steps.say(f"wrote {out}")
     return result
 
 
@@ -274,23 +158,23 @@ def run_prune(args: argparse.Namespace) -> pathlib.Path:
                                                               f"{', '.join(importance.trace_criteria(trace))}; the "
                                                               "others need a forward pass over calibration data "
                                                               "(leave out --trace)")
-    _check_out_dir("out", pathlib.Path(args.out))
-    loaded = _load(args)
+    steps.check_out_dir("out", pathlib.Path(args.out))
+    loaded = steps.load(args)
     config, variables = loaded["config"], loaded["variables"]
     layers = model.moe_layers(config.model)
     _check_keep(args, config)
-    _check_format(args, config, args.keep // len(layers) if args.global_budget else args.keep)
-    opened = _open(args, loaded)
+    steps.check_format(args, config, args.keep // len(layers) if args.global_budget else args.keep)
+    opened = steps.open_data(args, loaded)
     if trace is None:
         scores = importance.from_forward(config, variables, opened["batches"], args.criterion,
-                                         progress=_progress(opened, f"expert importance ({args.criterion})"))
+                                         progress=steps.progress(opened, f"expert importance ({args.criterion})"))
     else:
         scores = importance.from_trace(trace, args.criterion, config=config)
     keep = (prune.keep_global if args.global_budget else prune.keep_by_score)(scores, args.keep, layers)
     new_config, new_variables = prune.prune(config, variables, keep)
-    _say("kept experts: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in keep.items()))
+    steps.say("kept experts: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in keep.items()))
     _note_top_k(config, new_config)
-    return _save_model(args, opened, new_config, new_variables,
+    return steps.save_model(args, opened, new_config, new_variables,
                        {"operation": "prune", "criterion": args.criterion, "global": args.global_budget,
                         "trace": args.trace, "keep": {str(layer): ids for layer, ids in keep.items()},
                         "layers": layers, "scores": scores.tolist()})
@@ -302,30 +186,30 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
     from moejax import model, moe
     from moejax.posthoc import capture, importance, merge, read_trace
 
-    _check_out_dir("out", pathlib.Path(args.out))
-    loaded = _load(args)
+    steps.check_out_dir("out", pathlib.Path(args.out))
+    loaded = steps.load(args)
     config, variables = loaded["config"], loaded["variables"]
     num_experts = config.model.moe.num_experts
     if not 1 <= args.experts <= num_experts:
         raise cli.flag_error("experts", args.experts, f"routed experts per MoE layer after merging: an integer in "
                                                    f"[1, {num_experts}]")
-    _check_format(args, config, args.experts)
-    opened = _open(args, loaded)
+    steps.check_format(args, config, args.experts)
+    opened = steps.open_data(args, loaded)
     batches = opened["batches"]
     layers = model.moe_layers(config.model)
     what: dict[str, Any] = {"operation": "merge", "method": args.method, "experts": args.experts}
     if args.method == "mcsmoe":
         with tempfile.TemporaryDirectory() as scratch:
             trace_dir = args.trace or capture.record(config, variables, batches, pathlib.Path(scratch) / "trace",
-                                                     progress=_progress(opened, "routing frequencies (MC-SMoE)"))
+                                                     progress=steps.progress(opened, "routing frequencies (MC-SMoE)"))
             new_config, new_variables = merge.mcsmoe(config, variables, read_trace(trace_dir), args.experts)
     else:
         frequency = importance.from_forward(config, variables, batches, "frequency",
-                                            progress=_progress(opened, "routing frequencies"))
+                                            progress=steps.progress(opened, "routing frequencies"))
         what["frequency"] = frequency.tolist()
         if args.method == "hcsmoe":
             outputs = importance.expert_mean_outputs(config, variables, batches,
-                                                     progress=_progress(opened, "mean expert outputs (HC-SMoE)"))
+                                                     progress=steps.progress(opened, "mean expert outputs (HC-SMoE)"))
             new_config, new_variables = merge.hcsmoe(config, variables, outputs, args.experts, linkage=args.linkage,
                                                      frequencies=frequency, layers=layers)
             what["linkage"] = args.linkage
@@ -337,13 +221,13 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
             what["groups"] = {str(layer): value for layer, value in groups.items()}
             new_config, new_variables = merge.average(config, variables, groups)
     _note_top_k(config, new_config)
-    return _save_model(args, opened, new_config, new_variables, what)
+    return steps.save_model(args, opened, new_config, new_variables, what)
 
 
 def _note_top_k(config: Any, new_config: Any) -> None:
     """Says so when compressing lowered top_k (fewer experts remain than a token took)."""
     if new_config.model.moe.top_k < config.model.moe.top_k:
-        _say(f"top_k lowered from {config.model.moe.top_k} to {new_config.model.moe.top_k}: a token takes at most "
+        steps.say(f"top_k lowered from {config.model.moe.top_k} to {new_config.model.moe.top_k}: a token takes at most "
              "the experts that remain")
 
 
@@ -355,14 +239,14 @@ def run_super_experts(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise cli.UsageError(f"--{str(e).split('=')[0]}: {e}") from e
     out = pathlib.Path(args.out)
-    opened = _open(args)
+    opened = steps.open_data(args)
     found = super_experts.find(opened["config"], opened["variables"], opened["batches"], rule=args.rule,
                                percentile=args.percentile, fraction=args.fraction, top_n=args.top_n,
-                               progress=_progress(opened, "profiling the experts' down-projection outputs"))
-    result = {**_provenance(args, opened), **found.to_json()}
-    _write_json(out / "super_experts.json", result)
+                               progress=steps.progress(opened, "profiling the experts' down-projection outputs"))
+    result = {**steps.provenance(args, opened), **found.to_json()}
+    steps.write_json(out / "super_experts.json", result)
     super_experts.plot(found, path=out / "super_experts.png")
-    _say(f"super experts ({args.rule}): {found.super_experts or 'none'}; wrote super_experts.json and "
+    steps.say(f"super experts ({args.rule}): {found.super_experts or 'none'}; wrote super_experts.json and "
          f"super_experts.png to {out}")
     return result
 
@@ -380,24 +264,24 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
                                                    "the marker)")
     if args.mode not in steer.MODES:
         raise cli.flag_error("mode", args.mode, f"allowed are {steer.MODES}")
-    opened = _open(args)
+    opened = steps.open_data(args)
     tokenizer = opened["tokenizer"]
     ids = [args.marker_id] if args.marker_id is not None else tokenizer.encode(args.marker or "")
     if not ids or any(not 0 <= i < opened["config"].model.vocab_size for i in ids):
         raise cli.flag_error("marker", args.marker if args.marker_id is None else args.marker_id,
                           "must be text that encodes to token ids of the model (or --marker_id=<id>)")
     evaluation = data_lib.eval_batches(opened["data_config"])
-    _say(f"marker ids {ids}; choosing {args.experts} experts on the calibration batches, then evaluating with and "
+    steps.say(f"marker ids {ids}; choosing {args.experts} experts on the calibration batches, then evaluating with and "
          f"without '{args.mode}'")
     result = steer.steer(opened["config"], opened["variables"], opened["batches"], evaluation, ids,
                          n=int(match.group(1)), mode=args.mode, scale=args.scale, per_layer=args.per_layer,
                          eos_id=tokenizer.eos_id,
                          bytes_table=evaluate.text_bytes_table(tokenizer, opened["config"].model.vocab_size))
-    result = {**_provenance(args, opened, marker=args.marker, marker_ids=ids, experts=args.experts), **result}
-    _write_json(pathlib.Path(args.out), result)
+    result = {**steps.provenance(args, opened, marker=args.marker, marker_ids=ids, experts=args.experts), **result}
+    steps.write_json(pathlib.Path(args.out), result)
     base, new = result["baseline"], result["steered"]
     prob = result["marker_probability"]
-    _say(f"experts {result['chosen']['experts']}: loss {base['loss']:.4f} -> {new['loss']:.4f}, bits/byte "
+    steps.say(f"experts {result['chosen']['experts']}: loss {base['loss']:.4f} -> {new['loss']:.4f}, bits/byte "
          f"{base['bits_per_byte']:.4f} -> {new['bits_per_byte']:.4f}, p(marker) {prob['baseline']:.4g} -> "
          f"{prob['steered']:.4g}; wrote {args.out}")
     return result

@@ -1,0 +1,127 @@
+"""The steps the ``python -m moejax.posthoc`` subcommands share: open the checkpoint (``load``) and its calibration
+batches (``open_data``), progress lines, the provenance every output records, flag parsing and checks that name the
+flag, and writing a compressed model (``save_model``: --format, the source's tokenizer files, posthoc.json)."""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+from typing import Any
+
+from moejax import cli
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load(args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint (cli.open_checkpoint): {'path', 'config', 'variables'}."""
+    from moejax.posthoc import capture
+
+    opened = cli.open_checkpoint(args)
+    capture.check_supported(opened.config)
+    return {"path": opened.path, "config": opened.config, "variables": opened.variables}
+
+
+def open_data(args: argparse.Namespace, opened: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint (``_load``, unless given) and its calibration batches: adds 'batches', 'tokenizer' and
+    'data_config'."""
+    from moejax.posthoc import capture
+
+    opened = dict(opened or load(args))
+    data_config, batches, tokenizer = capture.calibration_batches(
+        opened["config"], opened["path"], data=args.data, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        seq_len=args.seq_len, data_dir=args.data_dir)
+    shape = batches[0].shape
+    say(f"{opened['path']}: {len(batches)} batches of {shape[0]} x {shape[1]} tokens from {data_config.data.name} "
+         f"(validation split, tokenizer {tokenizer.spec})")
+    return {**opened, "batches": batches, "tokenizer": tokenizer, "data_config": data_config}
+
+
+def progress(opened: dict[str, Any], what: str):
+    from moejax.posthoc import capture
+
+    total = sum(int(b.size) for b in opened["batches"])
+    say(what)
+    return capture.progress_bar(total)
+
+
+def provenance(args: argparse.Namespace, opened: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    batches = opened["batches"]
+    return {"checkpoint": str(opened["path"]), "step": args.step, "data": opened["data_config"].data.name,
+            "tokenizer": opened["tokenizer"].spec, "tokens": int(sum(b.size for b in batches)),
+            "batch_size": int(batches[0].shape[0]), "seq_len": int(batches[0].shape[1]), **extra}
+
+
+def write_json(path: pathlib.Path, value: Any) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def criteria(value: str) -> list[str]:
+    from moejax.posthoc import importance
+
+    names = list(importance.CRITERIA) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [name for name in names if name not in importance.CRITERIA]
+    if bad or not names:
+        raise cli.flag_error("criterion", value, f"allowed are {', '.join(importance.CRITERIA)} (comma-separated), "
+                                              "or all")
+    return names
+
+
+def int_list(flag: str, value: str, minimum: int = 1) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < minimum:
+        raise cli.flag_error(flag, value, f"must be comma-separated integers >= {minimum}")
+    return out
+
+
+def check_out_dir(flag: str, out: pathlib.Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise cli.flag_error(flag, str(out), "exists and is not an empty directory; choose a new one")
+
+
+def save_model(args: argparse.Namespace, opened: dict[str, Any], config, variables, what: dict[str, Any]
+                ) -> pathlib.Path:
+    """Writes the compressed model to --out in --format, the source's tokenizer files beside it and
+    posthoc.json (what was done)."""
+    from moejax import hf
+    from moejax.training import checkpoint
+
+    out = pathlib.Path(args.out)
+    with cli.removed_on_failure(out):
+        if args.format == "hf":
+            hf.save(config, variables, out)
+        else:
+            checkpoint.save_variables(out, config, variables)
+        for name in TOKENIZER_FILES:
+            if (opened["path"] / name).is_file():
+                shutil.copy(opened["path"] / name, out / name)
+        write_json(out / "posthoc.json", {**provenance(args, opened), "format": args.format,
+                                           "num_experts": config.model.moe.num_experts,
+                                           "top_k": config.model.moe.top_k, **what})
+    say(f"wrote the {args.format} model ({config.model.moe.num_experts} routed experts per MoE layer) to {out}")
+    return out
+
+
+def check_format(args: argparse.Namespace, config, num_experts: int) -> None:
+    """--format=hf: refuse, before any work, a model with num_experts routed experts per layer that no released
+    family expresses (HFConfigError says why)."""
+    if args.format == "hf":
+        import copy
+
+        from moejax import hf
+
+        preview = copy.deepcopy(config)
+        preview.model.moe.num_experts = num_experts
+        preview.model.moe.top_k = min(preview.model.moe.top_k, num_experts + preview.model.moe.num_null_experts)
+        hf.config_to_hf(preview.model)
