@@ -11,8 +11,8 @@ from scipy import stats
 
 from experiments import report, runner, summary, tables
 from experiments import stats as table_stats
+from tests.helpers_configs import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "tests" / "helpers_train.py")
 TOY_TABLE = f'''
 from experiments.tables import Claim, Row
