@@ -13,11 +13,12 @@ pruning, merging and super experts.
                                            [--mode=reinforce|dampen|silence] --out=FILE.json
 
 Every subcommand that runs the model opens ``--checkpoint`` with ``moejax.load`` (a moejax workdir, ``--step`` for
-another checkpoint than the newest, or a transformers directory) and reads calibration data like
-``python -m moejax.evaluate``: the validation split of ``--data`` (stdlib | text:<glob> | tfds:<name>; default the
-checkpoint config's), ``--max_tokens`` (rounded up to whole batches), ``--batch_size`` / ``--seq_len`` (default
+another checkpoint than the newest, or a transformers directory) and reads calibration data shaped like
+``python -m moejax.evaluate``'s: ``--data`` (stdlib | text:<glob> | tfds:<name>; default the checkpoint config's),
+its ``--calibration_split`` (train, the default: windows disjoint from the validation windows the evaluator
+scores; or validation), ``--max_tokens`` (rounded up to whole batches), ``--batch_size`` / ``--seq_len`` (default
 the config's), ``--data_dir`` (where corpora are cached), with the checkpoint's tokenizer
-(``capture.calibration_batches``).
+(``capture.calibration_batches``). What each subcommand writes records the split (``calibration_split``).
 Progress goes to stderr; ``main(argv)`` returns what the subcommand wrote (tests call it in-process). Flags are
 checked before the checkpoint loads; errors, Ctrl-C and exit status as moejax/cli.py describes. A subcommand that
 fails or is stopped removes what it had written of its output (an unclosed trace, a model directory half written),
@@ -292,6 +293,9 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
 def _data_flags(parser: argparse.ArgumentParser) -> None:
     cli.add_checkpoint_flags(parser)
     cli.add_data_flags(parser)
+    parser.add_argument("--calibration_split", default="train",
+                        help="the split of --data the calibration batches come from: train (windows disjoint from the "
+                             "validation windows python -m moejax.evaluate scores) or validation")
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -381,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     if hasattr(args, "max_tokens"):
         cli.check_data_flags(args)
+        steps.check_calibration_split(args)
     return args.run(args)
 
 

@@ -29,18 +29,20 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def open_data(args: argparse.Namespace, opened: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint (``_load``, unless given) and its calibration batches: adds 'batches', 'tokenizer' and
-    'data_config'."""
+    """The checkpoint (``load``, unless given) and its calibration batches from the --calibration_split split of
+    --data: adds 'batches', 'tokenizer', 'data_config' and 'calibration_split'."""
     from moejax.posthoc import capture
 
     opened = dict(opened or load(args))
+    split = args.calibration_split
     data_config, batches, tokenizer = capture.calibration_batches(
-        opened["config"], opened["path"], data=args.data, max_tokens=args.max_tokens, batch_size=args.batch_size,
-        seq_len=args.seq_len, data_dir=args.data_dir)
+        opened["config"], opened["path"], split=split, data=args.data, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, seq_len=args.seq_len, data_dir=args.data_dir)
     shape = batches[0].shape
     say(f"{opened['path']}: {len(batches)} batches of {shape[0]} x {shape[1]} tokens from {data_config.data.name} "
-         f"(validation split, tokenizer {tokenizer.spec})")
-    return {**opened, "batches": batches, "tokenizer": tokenizer, "data_config": data_config}
+         f"({split} split, tokenizer {tokenizer.spec})")
+    return {**opened, "batches": batches, "tokenizer": tokenizer, "data_config": data_config,
+            "calibration_split": split}
 
 
 def progress(opened: dict[str, Any], what: str):
@@ -54,8 +56,19 @@ def progress(opened: dict[str, Any], what: str):
 def provenance(args: argparse.Namespace, opened: dict[str, Any], **extra: Any) -> dict[str, Any]:
     batches = opened["batches"]
     return {"checkpoint": str(opened["path"]), "step": args.step, "data": opened["data_config"].data.name,
-            "tokenizer": opened["tokenizer"].spec, "tokens": int(sum(b.size for b in batches)),
+            "calibration_split": opened["calibration_split"], "tokenizer": opened["tokenizer"].spec,
+            "tokens": int(sum(b.size for b in batches)),
             "batch_size": int(batches[0].shape[0]), "seq_len": int(batches[0].shape[1]), **extra}
+
+
+def check_calibration_split(args: argparse.Namespace) -> None:
+    """UsageError naming --calibration_split when it is not one of ``capture.SPLITS``; reads no data."""
+    from moejax.posthoc import capture
+
+    if args.calibration_split not in capture.SPLITS:
+        raise cli.flag_error("calibration_split", args.calibration_split,
+                             f"allowed are {', '.join(capture.SPLITS)} (the split of --data the calibration batches "
+                             "come from)")
 
 
 def write_json(path: pathlib.Path, value: Any) -> pathlib.Path:
