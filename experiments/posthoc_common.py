@@ -77,6 +77,13 @@ def fixed(value: float | None, digits: int, missing: str = "–") -> str:
     return f"{value:.{digits}f}"
 
 
+def splits_text(calibration: str, evaluation: str, note: str = "") -> str:
+    """The sentence a page states its data with: which split of the corpus calibrated (importance, traces, chosen
+    experts: ``moejax.posthoc.capture.calibration_batches``'s split) and which one every evaluated figure comes
+    from, and ``note`` (e.g. how two parts of one split are kept apart)."""
+    return f"calibrated on the `{calibration}` split, evaluated on the `{evaluation}` split{note}."
+
+
 def random_experts(rng: np.random.Generator, layers: Iterable[int], num_experts: int, n: int,
                    exclude: set[tuple[int, int]]) -> list[tuple[int, int]]:
     """n distinct (layer, expert) pairs drawn uniformly (``rng.choice`` without replacement) from the routed experts

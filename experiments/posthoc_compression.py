@@ -19,8 +19,9 @@ and every calibration seed s:
   (``moejax.data.checkpoint_windows``: ``data.eval_batches`` of the run unless ``--eval_batches``): bits per byte.
 
 Calibration set of seed s: the first ``--calib_batches`` batches of the TRAINING split's iterator
-(``moejax.data.train_iterator``) with ``config.seed = 1000 + s``, in the run's batch shape (``--calib_batch_size``,
-default the run's ``train.batch_size``), the inputs ``[:, :-1]`` of each window.
+(``moejax.posthoc.capture.calibration_batches`` with ``split='train'``, ``seed=1000 + s``), in the run's batch shape
+(``--calib_batch_size``, default the run's ``train.batch_size``), the inputs ``[:, :-1]`` of each window: disjoint
+from the validation windows every result is evaluated on.
 
 Super experts: ``super_experts.find`` over the union of the calibration sets (the paper's rule, P99.5 and max/10),
 the flagged experts per calibration seed (stability), and ``rule='top_n'`` for n = 1..3. Every flagged set S of
@@ -66,6 +67,7 @@ LABELS = {"frequency": "prune: frequency", "soft_count": "prune: soft count", "r
           "easy_ep": "prune: EASY-EP", "mcsmoe": "merge: MC-SMoE", "hcsmoe": "merge: HC-SMoE"}
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 CALIB_SEED_OFFSET = 1000
+CALIBRATION_SPLIT, EVAL_SPLIT = "train", "validation"  # calibration never sees the windows that are evaluated
 PLACEHOLDER = "(not written yet)"  # the findings of a new page
 say = common.speaker(NAME)
 
@@ -82,15 +84,16 @@ def cell_key(method: str, kept: int, seed: int) -> str:
 
 def calibration_batches(config: ml_collections.ConfigDict, seed: int, num_batches: int,
                         batch_size: int) -> list[np.ndarray]:
-    """The model inputs [B, S] of the first ``num_batches`` training batches with ``config.seed`` = 1000 + seed."""
-    from moejax import data
+    """The model inputs [B, S] of the first ``num_batches`` batches of the CALIBRATION_SPLIT (training) split's
+    iterator with ``config.seed`` = 1000 + seed (``capture.calibration_batches``; config: the data config, its
+    tokenizer pinned)."""
+    from moejax.posthoc import capture
 
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.seed = CALIB_SEED_OFFSET + seed
-    if batch_size:
-        cfg.train.batch_size = batch_size
-    iterator = data.train_iterator(cfg)
-    return [np.asarray(next(iterator))[:, :-1] for _ in range(num_batches)]
+    batch_size = batch_size or config.train.batch_size
+    _, batches, _ = capture.calibration_batches(config, split=CALIBRATION_SPLIT, seed=CALIB_SEED_OFFSET + seed,
+                                                max_tokens=num_batches * batch_size * config.train.seq_len,
+                                                batch_size=batch_size)
+    return batches
 
 
 def calibration_stats(cache: common.ResultCache, config: ml_collections.ConfigDict, variables: dict[str, Any],
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             "router": f"{cfg.moe.router.kind}, {cfg.moe.router.score}, softmax_before_topk="
                       f"{cfg.moe.router.softmax_before_topk}, norm_topk_prob={cfg.moe.router.norm_topk_prob}",
             "methods": methods, "fractions": fractions, "seeds": args.seeds, "calib_batches": args.calib_batches,
+            "calibration_split": CALIBRATION_SPLIT, "eval_split": EVAL_SPLIT,
             "calib_shape": [calib_rows, config.train.seq_len],
             "calib_tokens": args.calib_batches * calib_rows * config.train.seq_len,
             "eval_batches": len(val), "eval_shape": list(val[0].shape),

@@ -80,6 +80,7 @@ def render_page(payload: dict[str, Any], findings: str) -> str:
               f"layers, {s['num_shared']} shared + {s['num_experts']} routed experts of width {s['expert_ffn']}, "
               f"top-{s['top_k']}, router `{s['router']}`, byte tokenizer; "
               f"uncompressed validation {fmt(s['baseline'], 4)} bits/byte.",
+              f"* Data: {common.splits_text(s.get('calibration_split', 'train'), s.get('eval_split', 'validation'))}",
               f"* Validation: `moejax.evaluate.evaluate` on {s['eval_batches']} batches of {s['eval_shape'][0]} x "
               f"{s['eval_shape'][1] - 1} predicted tokens of the run's validation split (`data.eval_batches`): "
               f"{s['eval_tokens']:,} tokens = {s['eval_tokens']:,} bytes. The same batches for every cell, so "

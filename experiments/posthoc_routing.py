@@ -9,7 +9,7 @@ Data: the validation split of the run's corpus (``moejax.data.checkpoint_windows
 shape, read with the checkpoint's tokenizer), cut in two disjoint consecutive parts: the first ``--max_tokens``
 tokens (rounded up to whole batches) are the *trace* (routing analyses, and where the keyword experts are chosen),
 the next ``--eval_tokens`` the *evaluation* set (every bits-per-byte figure), so the experts are never chosen on the
-bytes they are evaluated on.
+bytes they are evaluated on (``CALIBRATION_SPLIT`` and ``EVAL_SPLIT``, both 'validation', stated on the page).
 
 1. Routing trace (``moejax.posthoc.record``, with router scores, eos = the tokenizer's) and its analyses
    (``moejax.posthoc.analysis``): expert frequency per layer, inter-layer affinity, SRP/SCH against the segment
@@ -77,6 +77,9 @@ KEYWORDS = ("def", "return", "self", "import")
 BETAS = (0.0, 0.25, 0.5, 1.0)
 PROMPTS = ("def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n")
 RANDOM_SEED = 2024
+# The trace (calibration: routing analyses, the keyword experts) is the first part of the validation windows, the
+# evaluation the next part: one split, two disjoint parts.
+CALIBRATION_SPLIT, EVAL_SPLIT = "validation", "validation"
 PLACEHOLDER = "(to be written after a run)"  # the findings of a new page
 say = common.speaker(NAME)
 
@@ -112,7 +115,7 @@ def step_trace(cache: common.ResultCache, config: ml_collections.ConfigDict, var
         say(f"recording the routing trace of {total:,} validation tokens ({len(inputs)} batches of "
             f"{inputs[0].shape[0]} x {inputs[0].shape[1]})")
         capture.record(config, variables, inputs, trace_dir, with_scores=True, eos_id=tokenizer.eos_id,
-                       overwrite=True, metadata={"split": "validation", "batches": len(inputs)},
+                       overwrite=True, metadata={"calibration_split": CALIBRATION_SPLIT, "batches": len(inputs)},
                        progress=capture.progress_bar(total))
         record = cache.put("trace", {"seconds": time.perf_counter() - started, "tokens": total})
         say(f"trace recorded in {record['seconds']:.1f}s")
@@ -241,12 +244,14 @@ def step_release(cache: common.ResultCache, data_dir: str | None) -> dict[str, A
     directory = hf.save(config, {"params": params}, root / "model")
     files = sorted(p.name for p in directory.iterdir())
     flags = ["--checkpoint", str(directory), "--data", "stdlib", "--batch_size", "8", "--seq_len", "64",
-             "--max_tokens", "4096"] + (["--data_dir", data_dir] if data_dir else [])
+             "--max_tokens", "4096", "--calibration_split", CALIBRATION_SPLIT] + \
+        (["--data_dir", data_dir] if data_dir else [])
     trace_dir = cli.main(["trace", *flags, "--out", str(root / "trace"), "--with_scores"])
     result = cli.main(["analyze", "--trace", str(trace_dir), "--out", str(root / "analysis")])
     s = result["summary"]
     record = cache.put("release", {
         "files": files, "model_type": json.loads((directory / "config.json").read_text()).get("model_type"),
+        "calibration_split": CALIBRATION_SPLIT,
         "tokens": s["num_tokens"], "layers": s["layers"], "num_experts": s["num_experts"], "top_k": s["top_k"],
         "max_expert_fraction": s["max_expert_fraction"], "srp_mean": s["srp_mean"], "segment_lengths":
         s["segment_lengths"], "router_entropy": s["router_entropy"],
@@ -343,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "moe_layers": len(model.moe_layers(cfg)), "shared": cfg.moe.num_shared, "experts": cfg.moe.num_experts,
             "top_k": cfg.moe.top_k, "router": cfg.moe.router.kind, "run_val_bpb": run_summary.get("val_bits_per_byte"),
             "data": data_config.data.name, "batch_size": inputs[0].shape[0], "seq_len": inputs[0].shape[1],
+            "calibration_split": CALIBRATION_SPLIT, "eval_split": EVAL_SPLIT,
             "trace_tokens": sum(int(b.size) for b in inputs), "eval_tokens": sum(int(w[:, 1:].size) for w in windows),
             "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with another job; JAX on CPU",
             "time": f"{total / 60:.1f} min of compute in all (" + ", ".join(

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from experiments import runner
-from experiments.posthoc_common import fixed
+from experiments.posthoc_common import fixed, splits_text
 from experiments.stats import mean_std
 
 
@@ -80,10 +80,11 @@ def render_page(payload: dict[str, Any], findings: str) -> str:
               f"top-{info['top_k']}, router `{info['router']}` (softmax before top-k, no renormalisation: a silenced "
               f"expert's slot goes to the next-ranked expert with that expert's own probability), byte tokenizer. "
               f"The run's own validation: {fixed(info.get('run_val_bpb'), 4)} bits/byte.",
-              f"- Data: the validation split of `{info['data']}` ({info['batch_size']} x {info['seq_len']} byte "
-              f"windows, the run's shape). Trace (routing analyses, choice of the keyword experts): the first "
-              f"{info['trace_tokens']:,} tokens; evaluation (every bits-per-byte figure): the next "
-              f"{info['eval_tokens']:,} tokens, disjoint from the trace.",
+              f"- Data: `{info['data']}` ({info['batch_size']} x {info['seq_len']} byte windows, the run's shape), "
+              + splits_text(info.get("calibration_split", "validation"), info.get("eval_split", "validation"),
+                            f": the trace (routing analyses, choice of the keyword experts) is its first "
+                            f"{info['trace_tokens']:,} tokens, the evaluation (every bits-per-byte figure) the next "
+                            f"{info['eval_tokens']:,} tokens, disjoint from the trace"),
               f"- Machine: {info['machine']}. Time: {info['time']}.", ""]
 
     if analysis:
@@ -246,7 +247,9 @@ def render_page(payload: dict[str, Any], findings: str) -> str:
                   f"A tiny random `{release['model_type']}` release ({release['layers'].__len__()} MoE layers, "
                   f"{release['num_experts']} experts, top-{release['top_k']}, byte vocabulary) written by "
                   f"`moejax.hf.save` (files: {', '.join(release['files'])}), then `python -m moejax.posthoc trace "
-                  f"--with_scores` on {release['tokens']:,} validation tokens and `python -m moejax.posthoc analyze`: "
+                  f"--with_scores --calibration_split={release.get('calibration_split', 'validation')}` on "
+                  f"{release['tokens']:,} {release.get('calibration_split', 'validation')} tokens and "
+                  f"`python -m moejax.posthoc analyze`: "
                   f"{', '.join(release['outputs'])}, in {release['seconds']:.1f}s. Largest expert fraction per layer "
                   f"{', '.join(fixed(v, 3) for v in release['max_expert_fraction'])}, SRP(m = "
                   f"{release['segment_lengths'][-1]}) {fixed(release['srp_mean'][-1], 3)}, router entropy "
