@@ -37,6 +37,12 @@ per batch as numpy, so a corpus of any size passes through a bounded amount of m
 leaves the device. ``slot_outputs`` gives every routed (token, expert) pair's expert output, computed with the
 layer's own dispatch and grouped-matmul code (``moejax.moe.dispatch``, ``experts.grouped_apply``) and weights.
 
+On a device mesh (``mesh=`` of ``stream``, ``capture``, ``record`` and the importance and super-expert functions
+built on them; ``moejax.parallel.make_mesh(config)``): the variables are placed as training places them (the routed
+experts split over 'expert', ``place_variables``), each batch's rows over the token axes (``place_batch``), the MoE
+layers run expert-parallel (``Transformer(cfg, mesh)``) and ``slot_outputs`` runs the same expert-parallel code, so
+a model larger than one device can be captured; the results equal the one-device ones up to float rounding.
+
 Batches are int token arrays [B, S]: the model's inputs. ``data.eval_batches`` windows are [B, S + 1] (inputs and
 the next-token targets): pass ``b[:, :-1]``, as ``calibration_batches`` does.
 """
@@ -55,7 +61,7 @@ from flax import struct
 
 from moejax import console, moe
 from moejax import model as model_lib
-from moejax.moe import dispatch, experts, pipeline, routers
+from moejax.moe import dispatch, expert_parallel, experts, pipeline, routers
 from moejax.moe import layer as moe_layer
 from moejax.posthoc.trace import TraceWriter
 
@@ -78,6 +84,7 @@ class LayerCapture:
     layer: int = struct.field(pytree_node=False, default=0)  # the model's layer index
     routed: jax.Array | None = None  # [T, D] the routed experts' combined output (gate weights applied)
     shared: jax.Array | None = None  # [T, D] the shared experts' output before any shared gate; None without them
+    mesh: Any = struct.field(pytree_node=False, default=None)  # the forward's device mesh (None: one device)
 
 
 @struct.dataclass
@@ -153,17 +160,19 @@ def _route(config: ml_collections.ConfigDict, logits: jax.Array, state: Mapping[
 
 
 def forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any], tokens: jax.Array,
-            intervention: Any = None) -> Capture:
-    """The model on tokens [B, S] (evaluation mode, no mesh) with every MoE layer's ``LayerCapture``. Traceable:
-    ``stream`` jits it. ``intervention``: a ``moejax.moe.intervention.Intervention`` given to the forward and
-    applied to the captured routing the way the layer applies it (None: the model's own routing)."""
+            intervention: Any = None, mesh: Any = None) -> Capture:
+    """The model on tokens [B, S] (evaluation mode) with every MoE layer's ``LayerCapture``. Traceable: ``stream``
+    jits it. ``intervention``: a ``moejax.moe.intervention.Intervention`` given to the forward and applied to the
+    captured routing the way the layer applies it (None: the model's own routing). ``mesh``: the model runs on this
+    device mesh (``Transformer(cfg, mesh)``: the MoE layers expert-parallel; see ``stream``), None on one device."""
     check_supported(config)
     cfg = config.model
     tokens = jnp.asarray(tokens, jnp.int32)
     apply_vars = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
     extra = {} if intervention is None else {"intervention": intervention}
     with nn.intercept_methods(_interceptor):
-        logits, collections = model_lib.Transformer(cfg).apply(apply_vars, tokens, mutable=[COLLECTION], **extra)
+        logits, collections = model_lib.Transformer(cfg, mesh=mesh).apply(apply_vars, tokens, mutable=[COLLECTION],
+                                                                           **extra)
     sown = collections[COLLECTION]
     layer_vars = model_lib.moe_layer_variables(cfg, variables)
     ids = tokens.reshape(-1)
@@ -184,14 +193,19 @@ def forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any], tok
             output=take(ffn_path, "output"),
             h_after=take(block, "h_after"), params=params, state=state, layer=layer,
             routed=take(ffn_path, "routed"),
-            shared=take((*ffn_path, moe.SHARED), "shared") if cfg.moe.num_shared > 0 else None))
+            shared=take((*ffn_path, moe.SHARED), "shared") if cfg.moe.num_shared > 0 else None,
+            mesh=mesh if mesh is not None and mesh.size > 1 else None))
     return Capture(tokens=tokens, logits=logits, layers=tuple(captured))
 
 
 def slot_outputs(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.Array:
     """[T, k, D]: the output of the expert in each routing slot on its token (before the gate weight), 0 for null
     slots. Computed as the layer computes it, in the model dtype, through a dropless dispatch plan and the
-    configured grouped-matmul backend: every routed slot, also those a capacity-limited layer would drop."""
+    configured grouped-matmul backend: every routed slot, also those a capacity-limited layer would drop. A layer
+    captured on a mesh (``layer.mesh``) runs the layer's expert-parallel code instead (``_slot_outputs_on_mesh``),
+    so the experts stay split over the mesh's 'expert' axis."""
+    if layer.mesh is not None:
+        return _slot_outputs_on_mesh(config, layer)
     cfg = config.model.moe
     dtype = jnp.dtype(config.model.dtype)
     expert = experts.from_config(cfg)
@@ -205,21 +219,95 @@ def slot_outputs(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.
     return dispatch.append_zero_row(rows)[plan.slot_row]
 
 
+def _slot_outputs_on_mesh(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.Array:
+    """``slot_outputs`` on the capture's mesh: every slot a row of its own (row t * k + j: token t's input, slot
+    j's expert, weight 1) through ``expert_parallel.moe_ep``, dropless, as the layer calls it (its weights in the
+    model dtype, an output bias divided over the 'tensor' axis whose shards' outputs the layer sums)."""
+    cfg, mesh = config.model.moe, layer.mesh
+    dtype = jnp.dtype(config.model.dtype)
+    expert = experts.from_config(cfg)
+    weights = tuple(jnp.asarray(layer.params[moe.EXPERTS][name], dtype) for name in expert.param_names)
+    tensor = mesh.shape.get("tensor", 1)
+    if tensor > 1 and expert.after_contraction:
+        weights = tuple(w / tensor if name in expert.after_contraction else w
+                        for name, w in zip(expert.param_names, weights, strict=True))
+    num_tokens, k = layer.routing.experts.shape
+    rows = jnp.repeat(layer.inputs.astype(dtype), k, axis=0)  # [T * k, D]
+    single = routers.Routing(weights=jnp.ones((num_tokens * k, 1), jnp.float32),
+                             experts=layer.routing.experts.reshape(-1, 1), probs=None, logits=None)
+    out, _, _ = expert_parallel.moe_ep(rows, single, expert, weights, cfg, mesh, capacity=None,
+                                       backend=experts.resolve_backend(cfg.gmm_backend), compute_dtype=dtype)
+    return out.astype(dtype).reshape(num_tokens, k, -1)
+
+
+# ------------------------------------------------------------------------------------------------ on a mesh
+
+def check_mesh(mesh: Any) -> None:
+    """ValueError unless mesh is a ``jax.sharding.Mesh`` with the axes of ``moejax.parallel.MESH_AXES`` (as
+    ``moejax.parallel.make_mesh(config)`` builds it from ``config.mesh``) over this process's devices."""
+    from moejax import parallel
+
+    if not isinstance(mesh, jax.sharding.Mesh) or tuple(mesh.axis_names) != parallel.MESH_AXES:
+        raise ValueError(f"mesh={mesh!r}: post-hoc capture needs a jax Mesh with the axes {parallel.MESH_AXES} "
+                         "(moejax.parallel.make_mesh(config))")
+    if any(device.process_index != jax.process_index() for device in mesh.devices.flat):
+        raise ValueError("mesh: post-hoc capture feeds the batches from this process; use a mesh of its own devices "
+                         "(jax.local_devices())")
+
+
+def place_variables(variables: Mapping[str, Any], mesh: Any) -> dict[str, Any]:
+    """{'params', 'moe_state'} placed on mesh as training places them: every parameter by its logical axes and
+    ``moejax.parallel.RULES`` (the routed experts split over 'expert', widths over 'fsdp' / 'tensor';
+    ``parallel.param_shardings``), the moe_state replicated. Already placed variables stay where they are."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from moejax import parallel
+
+    check_mesh(mesh)
+    placed = {"params": jax.device_put(variables["params"], parallel.param_shardings(variables["params"], mesh))}
+    if variables.get("moe_state") is not None:
+        placed["moe_state"] = jax.device_put(variables["moe_state"], NamedSharding(mesh, P()))
+    return placed
+
+
+def place_batch(tokens: np.ndarray, mesh: Any, index: int = 0) -> jax.Array:
+    """Token ids [B, S] on mesh, rows split over the token axes (``moejax.parallel.batch_sharding``); ValueError
+    naming batch ``index`` when B is not a multiple of their size."""
+    from moejax import parallel
+
+    shards = int(np.prod([mesh.shape[axis] for axis in parallel.TOKEN_AXES]))
+    if tokens.shape[0] % shards:
+        raise ValueError(f"batch {index}: {tokens.shape[0]} rows do not split over the mesh's token axes "
+                         f"({' x '.join(f'{a}={mesh.shape[a]}' for a in parallel.TOKEN_AXES)} = {shards}): use a "
+                         f"batch size that is a multiple of {shards}")
+    return jax.device_put(tokens, parallel.batch_sharding(mesh))
+
+
 def _without_params(capture: Capture) -> Capture:
     return capture.replace(layers=tuple(layer.replace(params=None, state=None) for layer in capture.layers))
 
 
 def stream(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any],
            fn: Callable[[Capture], Any] | None = None, *, intervention: Any = None,
-           progress: Callable[[int], None] | None = None) -> Iterator[Any]:
+           progress: Callable[[int], None] | None = None, mesh: Any = None) -> Iterator[Any]:
     """Yields, per batch [B, S] of token ids, ``fn(capture)`` as numpy (default: the whole ``Capture`` without the
     layers' params and state). ``fn`` is traced with the forward under one ``jax.jit`` (compiled once per batch
     shape): reduce there what you keep. ``intervention``: see ``forward``. ``progress(tokens so far)`` is called
-    after each batch."""
+    after each batch.
+
+    ``mesh`` (a ``moejax.parallel.make_mesh`` mesh of this process's devices): the model runs sharded as training
+    runs it, for a model larger than one device: the variables placed by ``place_variables`` (the routed experts
+    split over 'expert'), each batch's rows split over the token axes (B a multiple of data x fsdp x expert), the
+    MoE layers expert-parallel (``Transformer(cfg, mesh)``) and ``slot_outputs`` through the same expert-parallel
+    code; what ``fn`` returns comes back to the host whole. The results equal the one-device ones up to float
+    rounding (the selected experts exactly, but for near-ties of the router scores)."""
     check_supported(config)
     reduce = _without_params if fn is None else fn
-    step = jax.jit(lambda v, t, iv: reduce(forward(config, v, t, iv)))
+    step = jax.jit(lambda v, t, iv: reduce(forward(config, v, t, iv, mesh)))
     variables = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+    if mesh is not None:
+        variables = place_variables(variables, mesh)
     done = 0
     for index, batch in enumerate(batches):
         tokens = np.asarray(batch)
@@ -229,7 +317,9 @@ def stream(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batc
         if tokens.size and (tokens.min() < 0 or tokens.max() >= config.model.vocab_size):
             raise ValueError(f"batch {index}: token ids must lie in [0, model.vocab_size={config.model.vocab_size}), "
                              f"got min {tokens.min()} and max {tokens.max()}")
-        out = jax.device_get(step(variables, tokens.astype(np.int32), intervention))
+        tokens = tokens.astype(np.int32)
+        out = jax.device_get(step(variables, tokens if mesh is None else place_batch(tokens, mesh, index),
+                                  intervention))
         done += tokens.size
         if progress is not None:
             progress(done)
@@ -238,12 +328,12 @@ def stream(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batc
 
 def capture(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any],
             callback: Callable[[int, Any], None], fn: Callable[[Capture], Any] | None = None, *,
-            intervention: Any = None, progress: Callable[[int], None] | None = None) -> int:
+            intervention: Any = None, progress: Callable[[int], None] | None = None, mesh: Any = None) -> int:
     """``stream`` with a callback: ``callback(batch index, fn(capture) as numpy)`` per batch; returns the number of
     batches."""
     count = 0
     for count, result in enumerate(stream(config, variables, batches, fn, intervention=intervention,
-                                          progress=progress), start=1):
+                                          progress=progress, mesh=mesh), start=1):
         callback(count - 1, result)
     return count
 
@@ -292,7 +382,7 @@ def routing_arrays(config: ml_collections.ConfigDict, with_scores: bool = False)
 def record(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any],
            out: str | pathlib.Path, *, with_scores: bool = False, eos_id: int | None = None, split_rows: bool = True,
            metadata: Mapping[str, Any] | None = None, overwrite: bool = False, intervention: Any = None,
-           progress: Callable[[int], None] | None = None) -> pathlib.Path:
+           progress: Callable[[int], None] | None = None, mesh: Any = None) -> pathlib.Path:
     """Writes the routing trace of the model over ``batches`` (token ids [B, S], the model's inputs) to the
     directory ``out`` (``moejax.posthoc.trace``'s format, streamed by ``TraceWriter``; ``read_trace(out)`` opens it).
 
@@ -303,7 +393,7 @@ def record(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batc
     ``split_rows``, at every row start. ``intervention`` (``moejax.moe.intervention.Intervention``): the routing
     as the model routes under it (masked experts absent, forced ones present). Returns the trace directory (no
     batches: an empty trace). The writer is opened before the first batch runs, so an existing trace at ``out`` is
-    refused (unless ``overwrite``) before any work."""
+    refused (unless ``overwrite``) before any work. ``mesh``: the forward on a device mesh (``stream``)."""
     layers = check_supported(config)
     info = {"source": "moejax.posthoc.record", "router": config.model.moe.router.kind, "eos_id": eos_id,
             "split_rows": split_rows, **dict(metadata or {})}
@@ -311,7 +401,7 @@ def record(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batc
                          metadata=info, overwrite=overwrite)
     ended_with_eos = False
     for arrays in stream(config, variables, batches, routing_arrays(config, with_scores), intervention=intervention,
-                         progress=progress):
+                         progress=progress, mesh=mesh):
         tokens = np.asarray(arrays["tokens"])
         writer.append(arrays["experts"], arrays["weights"], tokens.reshape(-1), scores=arrays.get("scores"),
                       doc_starts=doc_starts(tokens, eos_id, split_rows, after_eos=ended_with_eos))

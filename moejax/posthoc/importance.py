@@ -272,19 +272,21 @@ def _batch_arrays(config: ml_collections.ConfigDict, needs: set[str]) -> Callabl
 
 def from_forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any],
                  criterion: str | Sequence[str] = "frequency", *, intervention: Any = None,
-                 progress: Callable[[int], None] | None = None) -> np.ndarray | dict[str, np.ndarray]:
+                 progress: Callable[[int], None] | None = None, mesh: Any = None
+                 ) -> np.ndarray | dict[str, np.ndarray]:
     """[L, E] float64 importance of every routed expert at every MoE layer (rows in the order of
     ``moejax.model.moe_layers(config.model)``) over ``batches`` (token ids [B, S], the model's inputs), by
     ``criterion`` (one of ``CRITERIA``; see the module docstring for the formulas). A sequence of criteria gives
     ``{criterion: [L, E]}`` from one forward pass over the data. ``intervention``: the model routing under a
-    ``moejax.moe.intervention.Intervention`` (``capture.forward``)."""
+    ``moejax.moe.intervention.Intervention`` (``capture.forward``). ``mesh``: the forward sharded over a device mesh
+    (``capture.stream``; the same scores up to float rounding)."""
     names = _names(criterion)
     layers = capture.check_supported(config)
     num_experts = config.model.moe.num_experts
     needs = set().union(*(CRITERIA[name].needs for name in names))
     sums = _Sums(names, len(layers), num_experts)
     for arrays in capture.stream(config, variables, batches, _batch_arrays(config, needs), intervention=intervention,
-                                 progress=progress):
+                                 progress=progress, mesh=mesh):
         arrays = {key: np.asarray(value) if key == "experts" else np.asarray(value, np.float64)
                   for key, value in arrays.items()}
         for row in range(len(layers)):
@@ -293,11 +295,13 @@ def from_forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any]
 
 
 def expert_mean_outputs(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], *,
-                        progress: Callable[[int], None] | None = None) -> np.ndarray:
+                        progress: Callable[[int], None] | None = None, mesh: Any = None) -> np.ndarray:
     """[L, E, D] float64: each routed expert's mean output (before any gate weight) over every token of
     ``batches`` (each expert applied to all tokens' MoE inputs, routed to it or not), rows in the order of
     ``moejax.model.moe_layers``: HC-SMoE's expert representation (arXiv 2410.08589) for
-    ``moejax.posthoc.merge.hcsmoe``. One expert at a time per layer (``jax.lax.map``), so memory stays at [T, D]."""
+    ``moejax.posthoc.merge.hcsmoe``. One expert at a time per layer (``jax.lax.map``), so memory stays at [T, D].
+    ``mesh``: the forward on a device mesh (``capture.stream``); the expert loop is left to XLA's partitioner there,
+    which may gather one expert's weights at a time."""
     capture.check_supported(config)
     cfg = config.model.moe
     dtype = jnp.dtype(config.model.dtype)
@@ -312,7 +316,7 @@ def expert_mean_outputs(config: ml_collections.ConfigDict, variables: Mapping[st
         return jnp.stack(sums), jnp.asarray(c.tokens.size, jnp.int32)
 
     total, tokens = None, 0
-    for sums, count in capture.stream(config, variables, batches, fn, progress=progress):
+    for sums, count in capture.stream(config, variables, batches, fn, progress=progress, mesh=mesh):
         total = np.asarray(sums, np.float64) if total is None else total + sums
         tokens += int(count)
     if total is None:

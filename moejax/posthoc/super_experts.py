@@ -165,9 +165,10 @@ def _reduction(config: ml_collections.ConfigDict) -> Callable[[capture.Capture],
 
 
 def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], *,
-            intervention: Any = None, progress: Callable[[int], None] | None = None) -> Profile:
+            intervention: Any = None, progress: Callable[[int], None] | None = None, mesh: Any = None) -> Profile:
     """The super-expert profile of the model over ``batches`` (token ids [B, S], the model's inputs);
-    ``intervention``: under a routing intervention (``capture.forward``)."""
+    ``intervention``: under a routing intervention (``capture.forward``); ``mesh``: the forward sharded over a
+    device mesh (``capture.stream``)."""
     layers = capture.check_supported(config)
     num_layers, num_experts = len(layers), config.model.moe.num_experts
     best = np.full((num_layers, num_experts), -np.inf)
@@ -180,7 +181,7 @@ def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], bat
     medians: list[np.ndarray] = []
     tokens = 0
     for arrays in capture.stream(config, variables, batches, _reduction(config), intervention=intervention,
-                                 progress=progress):
+                                 progress=progress, mesh=mesh):
         experts, peak, where = (np.asarray(arrays[key]) for key in ("experts", "peak", "channel"))
         for row in range(num_layers):
             valid = (experts[row] >= 0) & (experts[row] < num_experts)
@@ -246,19 +247,22 @@ def _sink_interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: An
 
 
 def attention_sinks(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], *,
-                    intervention: Any = None) -> np.ndarray:
+                    intervention: Any = None, mesh: Any = None) -> np.ndarray:
     """[L] float64: per MoE layer (``moejax.model.moe_layers`` order), the mean attention weight its block's queries
     give the first position of their row over ``batches`` (token ids [B, S]; see the module docstring), under
-    ``intervention`` when given. Compare a model with and without its super experts through ``sink_decay``."""
+    ``intervention`` when given; ``mesh``: the model sharded over a device mesh as ``capture.stream`` shards it.
+    Compare a model with and without its super experts through ``sink_decay``."""
     layers = capture.check_supported(config)
     cfg = config.model
     paths = model_lib.moe_layer_paths(cfg)
     apply_vars = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+    if mesh is not None:
+        apply_vars = capture.place_variables(apply_vars, mesh)
 
     def step(v: Any, tokens: jax.Array, iv: Any) -> jax.Array:
         extra = {} if iv is None else {"intervention": iv}
         with nn.intercept_methods(_sink_interceptor):
-            _, sown = model_lib.Transformer(cfg).apply(v, tokens, mutable=[capture.COLLECTION], **extra)
+            _, sown = model_lib.Transformer(cfg, mesh=mesh).apply(v, tokens, mutable=[capture.COLLECTION], **extra)
         rows = []
         for layer in layers:
             ffn_path, unit = paths[layer]
@@ -271,8 +275,10 @@ def attention_sinks(config: ml_collections.ConfigDict, variables: Mapping[str, A
 
     run = jax.jit(step)
     total = np.zeros((len(layers), 2), np.float64)
-    for batch in batches:
-        total += np.asarray(run(apply_vars, jnp.asarray(np.asarray(batch), jnp.int32), intervention), np.float64)
+    for index, batch in enumerate(batches):
+        tokens = np.asarray(batch).astype(np.int32)
+        tokens = tokens if mesh is None else capture.place_batch(tokens, mesh, index)
+        total += np.asarray(run(apply_vars, tokens, intervention), np.float64)
     if not total[:, 1].any():
         raise ValueError("attention_sinks: no batches (or rows of one token)")
     return total[:, 0] / total[:, 1]
@@ -320,10 +326,12 @@ def flag(max_output: np.ndarray, rule: str = "paper", percentile: float = 99.5, 
 
 def find(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], *,
          rule: str = "paper", percentile: float = 99.5, fraction: float = 0.1, top_n: int | None = None,
-         intervention: Any = None, progress: Callable[[int], None] | None = None) -> SuperExperts:
-    """Profiles the model over ``batches`` and flags its super experts by ``rule``."""
+         intervention: Any = None, progress: Callable[[int], None] | None = None, mesh: Any = None
+         ) -> SuperExperts:
+    """Profiles the model over ``batches`` (on ``mesh`` when given, ``profile``) and flags its super experts by
+    ``rule``."""
     _check_rule(rule, percentile, fraction, top_n)  # before the forward pass
-    found = profile(config, variables, batches, intervention=intervention, progress=progress)
+    found = profile(config, variables, batches, intervention=intervention, progress=progress, mesh=mesh)
     return classify(found, rule=rule, percentile=percentile, fraction=fraction, top_n=top_n)
 
 
