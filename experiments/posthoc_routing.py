@@ -12,8 +12,9 @@ the next ``--eval_tokens`` the *evaluation* set (every bits-per-byte figure), so
 bytes they are evaluated on (``CALIBRATION_SPLIT`` and ``EVAL_SPLIT``, both 'validation', stated on the page).
 
 1. Routing trace (``moejax.posthoc.record``, with router scores, eos = the tokenizer's) and its analyses
-   (``moejax.posthoc.analysis``): expert frequency per layer, inter-layer affinity, SRP/SCH against the segment
-   length, the summary numbers; SRP/SCH again on the trace with its positions shuffled (the same permutation at
+   (``moejax.posthoc.analysis``, ``moejax.posthoc.locality``): expert frequency per layer, inter-layer affinity,
+   SRP/SCH against the segment length (arXiv 2505.16056's, with bootstrap intervals, and the hindsight coverage
+   variants), the summary numbers; SRP/SCH again on the trace with its positions shuffled (the same permutation at
    every layer), the reference without any local consistency.
 2. Keyword experts (experiments/posthoc_keywords.py). With the byte tokenizer a keyword is several tokens, so the
    marker is an *event*, not a token id: a position is marked when its input byte belongs to a whole-word occurrence
@@ -133,14 +134,16 @@ def step_trace(cache: common.ResultCache, config: ml_collections.ConfigDict, var
                                        weights=np.asarray(trace.weights)[:, order], scores=None,
                                        token_ids=np.asarray(trace.token_ids)[order])
         summary = trace_report.summary(shuffled, cache_sizes=[2 * trace.top_k])
-        cache.put("shuffled", {"segment_lengths": summary["segment_lengths"], "srp_mean": summary["srp_mean"],
-                               "sch_2k_mean": [row[0] for row in summary["sch_mean"]],
-                               "seconds": time.perf_counter() - started})
+        cache.put("shuffled", {key: summary[key] for key in ("segment_lengths", "cache_multiples", "srp_model",
+                                                             "sch_model", "srp_coverage_mean", "sch_coverage_mean")}
+                  | {"seconds": time.perf_counter() - started})
         say(f"shuffled-order reference in {time.perf_counter() - started:.1f}s")
     if not all((out / f"{NAME}_{p}.png").exists() for p in ("frequency", "affinity", "local_consistency")):
         trace_report.plot_frequency(trace, path=out / f"{NAME}_frequency.png")
         trace_report.plot_affinity(trace, path=out / f"{NAME}_affinity.png")
-        trace_report.plot_local_consistency(trace, path=out / f"{NAME}_local_consistency.png")
+        analysed = (cache.get("analysis") or {}).get("summary") or {}
+        trace_report.plot_local_consistency(trace, path=out / f"{NAME}_local_consistency.png",
+                                            summary=analysed if "srp_model" in analysed else None)
         say("plots written")
     return trace
 

@@ -65,6 +65,71 @@ def _show_byte(i: int) -> str:
                                                                                         else f"\\x{i:02x}")
 
 
+def _interval_cell(value: Any, low: Any, high: Any) -> str:
+    return fixed(value, 3) + ("" if low is None or high is None else f" [{fixed(low, 3)}, {fixed(high, 3)}]")
+
+
+def consistency_lines(analysis: dict[str, Any], shuffled: dict[str, Any] | None) -> list[str]:
+    """The page's local routing consistency table: the whole-model SRP and SCH as arXiv 2505.16056's code computes
+    them (with bootstrap intervals), then the hindsight coverage variants, and the same on the shuffled trace. A
+    summary written before ``moejax.posthoc.locality`` (coverage only, keys srp_mean / srp_f1_mean / sch_mean) is
+    rendered as it was."""
+    lengths = analysis["segment_lengths"]
+    lines = ["### Local routing consistency", "",
+             "| segment length m | " + " | ".join(str(m) for m in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    if "srp_model" not in analysis:  # a summary of the earlier format
+        lines += ["| SRP (coverage: best fixed k-set of the segment) | " + " | ".join(
+                      fixed(v, 3) for v in analysis["srp_mean"]) + " |",
+                  "| SRP (F1, the paper's code) | " + " | ".join(fixed(v, 3) for v in analysis["srp_f1_mean"]) + " |"]
+        for ci, c in enumerate(analysis["cache_sizes"]):
+            lines.append(f"| SCH, cache of {c} experts | " + " | ".join(
+                fixed(row[ci], 3) for row in analysis["sch_mean"]) + " |")
+        if shuffled and "srp_mean" in shuffled and shuffled["segment_lengths"] == lengths:
+            lines += ["| SRP (coverage), tokens shuffled: no locality | " + " | ".join(
+                          fixed(v, 3) for v in shuffled["srp_mean"]) + " |",
+                      f"| SCH, cache of {2 * analysis['top_k']}, tokens shuffled | " + " | ".join(
+                          fixed(v, 3) for v in shuffled["sch_2k_mean"]) + " |"]
+        return lines + ["", "Means over the MoE layers (the plot's band: min-max over layers). SRP(m) = SCH(m, k). "
+                        "*Tokens shuffled*: the same trace with its positions permuted at random (the same "
+                        "permutation at every layer: the expert load and the per-token routing are kept, the order "
+                        "is not), so the segments hold unrelated tokens: what SRP/SCH are without any local "
+                        "consistency.", "",
+                        "![SRP and SCH against the segment length](posthoc_routing_local_consistency.png)", ""]
+    layers, experts, k = len(analysis["layers"]), analysis["num_experts"], analysis["top_k"]
+    level = analysis["bootstrap"]["confidence"]
+    lines.append(f"| SRP, whole model [{level:.0%} interval] | " + " | ".join(_interval_cell(*cell) for cell in zip(
+        analysis["srp_model"], analysis["srp_model_low"], analysis["srp_model_high"], strict=True)) + " |")
+    lines.append("| SRP, mean over the layers | " + " | ".join(fixed(v, 3) for v in analysis["srp_mean"]) + " |")
+    for ci, rho in enumerate(analysis["cache_multiples"]):
+        lines.append(f"| SCH, whole model, cache rho = {rho:g} ({rho * layers * k:g} of {layers * experts}) "
+                     f"[{level:.0%} interval] | " + " | ".join(_interval_cell(*cell) for cell in zip(
+                         *([row[ci] for row in analysis[key]] for key in ("sch_model", "sch_model_low",
+                                                                          "sch_model_high")), strict=True)) + " |")
+    lines.append("| coverage: best fixed k-set of a segment, mean over the layers | " + " | ".join(
+        fixed(v, 3) for v in analysis["srp_coverage_mean"]) + " |")
+    for ci, c in enumerate(analysis["cache_sizes"]):
+        lines.append(f"| coverage: best fixed {c} experts of a segment, mean over the layers | " + " | ".join(
+            fixed(row[ci], 3) for row in analysis["sch_coverage_mean"]) + " |")
+    if shuffled and "srp_model" in shuffled and shuffled["segment_lengths"] == lengths:
+        lines.append("| SRP, whole model, tokens shuffled: no locality | " + " | ".join(
+            fixed(v, 3) for v in shuffled["srp_model"]) + " |")
+        for ci, rho in enumerate(shuffled["cache_multiples"]):
+            lines.append(f"| SCH, whole model, rho = {rho:g}, tokens shuffled | " + " | ".join(
+                fixed(row[ci], 3) for row in shuffled["sch_model"]) + " |")
+        lines.append("| coverage: best fixed k-set, tokens shuffled | " + " | ".join(
+            fixed(v, 3) for v in shuffled["srp_coverage_mean"]) + " |")
+    return lines + [
+        "", "SRP and SCH as the authors of arXiv 2505.16056 compute them (`moejax.posthoc.locality`): SRP(m) the best "
+        "F1 of routing every window of m tokens to the experts that at least t of its tokens use (one threshold t for "
+        "the model, the layers' counts summed); SCH(m, rho) the hit rate of one cache of rho x (MoE layers x top-k) "
+        "(layer, expert) pairs that evicts the expert with the fewest uses in the next m tokens. Intervals: the "
+        f"documents resampled {analysis['bootstrap']['n_boot']} times (basic bootstrap). *Coverage*: the share of a "
+        "disjoint segment's routed slots that its best fixed expert set in hindsight covers. *Tokens shuffled*: the "
+        "same trace with its positions permuted at random (the same permutation at every layer: the expert load and "
+        "the per-token routing are kept, the order is not): the values without any local consistency.", "",
+        "![SRP and SCH against the segment length](posthoc_routing_local_consistency.png)", ""]
+
+
 def render_page(payload: dict[str, Any], findings: str) -> str:
     """The page of the JSON payload ({'info', 'summary'} and the cache's records, ``posthoc_routing.main``), with the
     hand-written findings."""
@@ -109,27 +174,8 @@ def render_page(payload: dict[str, Any], findings: str) -> str:
                   "Affinity is P(expert j at layer l+1 | expert i at layer l) with every selected (i, j) pair of a "
                   f"token counted (k x k = {analysis['top_k'] ** 2} pairs per token), so a row's mass is spread over "
                   f"at least {analysis['top_k']} experts and the top-1 affinity is at most about 1/{analysis['top_k']}"
-                  f" = {1 / analysis['top_k']:.3f} even for a perfectly predictable routing.", "",
-                  "### Local routing consistency", "",
-                  "| segment length m | " + " | ".join(str(m) for m in analysis["segment_lengths"]) + " |",
-                  "|---|" + "---:|" * len(analysis["segment_lengths"]),
-                  "| SRP (coverage: best fixed k-set of the segment) | " + " | ".join(
-                      fixed(v, 3) for v in analysis["srp_mean"]) + " |",
-                  "| SRP (F1, the paper's code) | " + " | ".join(fixed(v, 3) for v in analysis["srp_f1_mean"]) + " |"]
-        for ci, c in enumerate(analysis["cache_sizes"]):
-            lines.append(f"| SCH, cache of {c} experts | " + " | ".join(
-                fixed(row[ci], 3) for row in analysis["sch_mean"]) + " |")
-        shuffled = payload.get("shuffled")
-        if shuffled and shuffled["segment_lengths"] == analysis["segment_lengths"]:
-            lines += ["| SRP (coverage), tokens shuffled: no locality | " + " | ".join(
-                          fixed(v, 3) for v in shuffled["srp_mean"]) + " |",
-                      f"| SCH, cache of {2 * analysis['top_k']}, tokens shuffled | " + " | ".join(
-                          fixed(v, 3) for v in shuffled["sch_2k_mean"]) + " |"]
-        lines += ["", "Means over the MoE layers (the plot's band: min-max over layers). SRP(m) = SCH(m, k). "
-                  "*Tokens shuffled*: the same trace with its positions permuted at random (the same permutation "
-                  "at every layer: the expert load and the per-token routing are kept, the order is not), so the "
-                  "segments hold unrelated tokens: what SRP/SCH are without any local consistency.", "",
-                  "![SRP and SCH against the segment length](posthoc_routing_local_consistency.png)", ""]
+                  f" = {1 / analysis['top_k']:.3f} even for a perfectly predictable routing.", ""]
+        lines += consistency_lines(analysis, payload.get("shuffled"))
 
     kw_record = payload.get("keywords") or {}
     if kw_record:

@@ -2,9 +2,10 @@
 model code.
 
 * routing traces (``trace``: the format, a streaming writer and a memory-mapped reader) and their analyses
-  (``analysis``: expert load, router entropy, co-activation, inter-layer affinity, local routing consistency,
-  token/expert specialisation) and ``trace_report`` (the ``analyze`` command's summary and plots); numpy only,
-  matplotlib imported by the plot functions alone;
+  (``analysis``: expert load, router entropy, co-activation, inter-layer affinity, token/expert specialisation;
+  ``locality``: local routing consistency, SRP and SCH as arXiv 2505.16056 computes them, with bootstrap intervals)
+  and ``trace_report`` (the ``analyze`` command's summary and plots); numpy only, matplotlib imported by the plot
+  functions alone;
 * capture (``capture``): per MoE layer what a forward pass computes (residual stream before and after, MoE input,
   router logits, the layer's routing, MoE output, expert outputs of the routed slots), batch by batch under jit;
   ``record`` writes a routing trace from it;
@@ -18,10 +19,10 @@ model code.
     trace_report.summary(read_trace("traces/run1"))
     scores = moejax.posthoc.importance.from_forward(config, variables, batches, "reap")      # [L, E]
 """
-from moejax.posthoc import analysis, trace_report
+from moejax.posthoc import analysis, locality, trace_report
 from moejax.posthoc.trace import Trace, TraceWriter, read_trace, write_trace
 
-__all__ = ["Trace", "TraceWriter", "analysis", "read_trace", "trace_report", "write_trace"]
+__all__ = ["Trace", "TraceWriter", "analysis", "locality", "read_trace", "trace_report", "write_trace"]
 
 # The modules that need jax and the model load on first use: importing moejax.posthoc for traces and analyses stays
 # numpy only.

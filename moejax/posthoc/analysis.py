@@ -1,6 +1,6 @@
 """Analyses of a routing trace (``moejax.posthoc.trace.Trace``): expert load, router entropy, co-activation,
-inter-layer affinity, local routing consistency and token/expert specialisation (``trace_report.py`` turns them
-into the ``analyze`` command's JSON summary and plots).
+inter-layer affinity and token/expert specialisation (``trace_report.py`` turns them, with the local routing
+consistency of ``locality.py``, into the ``analyze`` command's JSON summary and plots).
 
 Every analysis takes a Trace and returns numpy arrays indexed by the trace's layer *position* ``l`` (the model's layer
 index is ``trace.layers[l]``). Null slots (expert ids outside ``[0, E)``; the routers' null id is ``>= E``) are left out
@@ -10,7 +10,10 @@ layer at a time in blocks of tokens, so memory stays bounded by a block, not the
     from moejax.posthoc import analysis, read_trace
     trace = read_trace("traces/run1")
     analysis.expert_frequency(trace)          # [L, E]
-    analysis.segment_cache_best_hit_rate(trace)
+
+Local routing consistency (SRP, SCH) lives in ``moejax.posthoc.locality``; the names it had here still work:
+``segment_cache_best_hit_rate`` and ``segment_routing_best_performance`` are ``locality.segment_cache_coverage`` and
+``locality.segment_routing_coverage``, ``segment_routing_f1`` is ``locality.segment_routing_performance``.
 """
 from __future__ import annotations
 
@@ -25,7 +28,19 @@ if TYPE_CHECKING:
     pass
 
 _BLOCK_ELEMENTS = 1 << 22  # [tokens, E] entries processed at once
-DEFAULT_LENGTHS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_LENGTHS = (1, 2, 4, 8, 16, 32, 64)  # the segment lengths of the coverage variants of SRP/SCH (locality.py)
+# names of local routing consistency that moved to locality.py: old name -> its name there
+_MOVED = {"segment_cache_best_hit_rate": "segment_cache_coverage",
+          "segment_routing_best_performance": "segment_routing_coverage",
+          "segment_routing_f1": "segment_routing_performance"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        from moejax.posthoc import locality
+
+        return getattr(locality, _MOVED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -199,130 +214,6 @@ def inter_layer_affinity(trace: Trace) -> np.ndarray:
     or are all 0 for an expert never selected at layer l. Consecutive positions of the trace, i.e. consecutive MoE
     layers (dense layers between them are skipped)."""
     return _normalise_rows(inter_layer_counts(trace))
-
-
-# -------------------------------------------------------------------------------------- local routing consistency
-
-def _windows(trace: Trace, length: int, stride: int) -> np.ndarray:
-    """[W] int64: the start positions of the windows of ``length`` consecutive tokens inside each document, at
-    ``stride`` from the document's start; a window that would cross the document's end is dropped."""
-    docs = trace.documents
-    per_doc = np.maximum((docs[:, 1] - docs[:, 0] - length) // stride + 1, 0)
-    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
-    return np.repeat(docs[:, 0], per_doc) + stride * (np.arange(per_doc.sum()) - first)
-
-
-def _window_counts(trace: Trace, layer: int, starts: np.ndarray, length: int) -> Iterator[np.ndarray]:
-    """Blocks of [w, E] int64: the routed slots of each expert inside each window [s, s + length) at one layer, the
-    windows of ``starts`` (sorted) in order. Disjoint windows count their tokens' slots directly; overlapping ones
-    difference prefix sums over the block's tokens."""
-    span, num_experts = _block_tokens(trace), trace.num_experts
-    disjoint = bool(np.all(np.diff(starts) >= length))
-    i = 0
-    while i < len(starts):
-        first = int(starts[i])
-        j = int(np.searchsorted(starts, first + span, side="left"))
-        local = starts[i:j] - first
-        experts = np.asarray(trace.experts[layer, first:int(starts[j - 1]) + length])
-        if disjoint:
-            inside = experts[(local[:, None] + np.arange(length)).ravel()]  # [w * length, k]
-            valid = _valid(inside, num_experts)
-            window = np.broadcast_to(np.repeat(np.arange(j - i), length)[:, None], inside.shape)
-            keys = window[valid].astype(np.int64) * num_experts + inside[valid]
-            yield np.bincount(keys, minlength=(j - i) * num_experts).reshape(j - i, num_experts)
-        else:  # prefix sums along the tokens, laid out [E, tokens] so that the sums run over contiguous memory
-            rows = experts.shape[0]
-            valid = _valid(experts, num_experts)
-            token = np.broadcast_to(np.arange(rows)[:, None], experts.shape)
-            keys = experts[valid].astype(np.int64) * (rows + 1) + token[valid] + 1
-            prefix = np.bincount(keys, minlength=num_experts * (rows + 1)).reshape(num_experts, rows + 1)
-            np.cumsum(prefix, axis=1, out=prefix)
-            yield (prefix[:, local + length] - prefix[:, local]).T
-        i = j
-
-
-def segment_cache_best_hit_rate(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS,
-                                cache_sizes: Sequence[int] | None = None) -> np.ndarray:
-    """[L, len(lengths), len(cache_sizes)] float64: the segment cache best hit rate SCH(m, c).
-
-    Each document is cut into segments of m consecutive tokens from its start (the last incomplete segment of a
-    document is dropped; segments never cross a document boundary). For a segment s and layer l let
-    c_s[e] = the routed slots of expert e in s (sum over its m tokens) and R_s = sum_e c_s[e]. A cache holding c
-    experts for the whole segment, chosen optimally in hindsight (the c most frequent experts of the segment), hits
-    H_s(c) = sum of the c largest c_s[e] slots; then
-        SCH_l(m, c) = mean over segments s with R_s > 0 of H_s(c) / R_s
-    (NaN when no segment has a routed slot, e.g. m longer than every document). SCH(m, c) = 1 for c >= E, and for
-    m = 1 whenever c >= the experts of one token. ``cache_sizes`` default: (k, 2k) with k = trace.top_k.
-
-    This is the per-segment (hindsight-optimal, static within a segment) form of arXiv 2505.16056's SCH; the
-    authors' code (github.com/ljcleo/moe-lrc, 41_sch_calc.py) simulates instead a cache updated at every token whose
-    priority is each expert's count over the next m tokens (a look-ahead window), which gives different numbers."""
-    lengths = int_list(lengths, "segment lengths")
-    sizes = int_list((trace.top_k, 2 * trace.top_k) if cache_sizes is None else cache_sizes, "cache sizes", 0)
-    columns = np.clip(np.asarray(sizes), 0, trace.num_experts)
-    out = np.full((trace.num_layers, len(lengths), len(sizes)), np.nan)
-    for mi, length in enumerate(lengths):
-        starts = _windows(trace, length, length)
-        for layer in range(trace.num_layers):
-            total, segments = np.zeros(len(sizes)), 0
-            for counts in _window_counts(trace, layer, starts, length):
-                slots = counts.sum(-1)
-                counts = counts[slots > 0]
-                cumulative = np.zeros((counts.shape[0], trace.num_experts + 1))
-                cumulative[:, 1:] = np.cumsum(-np.sort(-counts, axis=-1), axis=-1)  # hits of the c largest, c = 0..E
-                total += (cumulative[:, columns] / slots[slots > 0, None]).sum(0)
-                segments += counts.shape[0]
-            if segments:
-                out[layer, mi] = total / segments
-    return out
-
-
-def segment_routing_best_performance(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS) -> np.ndarray:
-    """[L, len(lengths)] float64: the segment routing best performance SRP(m) as coverage.
-
-    Segments as in ``segment_cache_best_hit_rate`` (m consecutive tokens from each document's start, never crossing a
-    document boundary, the incomplete last one dropped). A segment is given one fixed set of k experts
-    (k = trace.top_k), the best in hindsight: its k most frequent experts. SRP_l(m) = mean over segments s with
-    R_s > 0 of (routed slots of s whose expert is in that set) / R_s, i.e. SRP(m) = SCH(m, c=k). SRP(1) = 1 (one
-    token's experts are one set of at most k).
-
-    arXiv 2505.16056 scores a segment routing by F1 against the token routing instead (the authors' 30_srp_calc.py /
-    31_srp_refine.py): see ``segment_routing_f1``."""
-    return segment_cache_best_hit_rate(trace, lengths, [trace.top_k])[..., 0]
-
-
-def segment_routing_f1(trace: Trace, lengths: Sequence[int] = DEFAULT_LENGTHS, stride: int = 1) -> np.ndarray:
-    """[L, len(lengths)] float64: SRP(m) as arXiv 2505.16056's code computes it (github.com/ljcleo/moe-lrc,
-    30_srp_calc.py and 31_srp_refine.py): the best F1 of a threshold segment routing against the token routing.
-
-    Windows w of m consecutive tokens start every ``stride`` tokens from each document's start (stride 1: all
-    overlapping windows, as the authors; never crossing a document boundary). With c_w[e] = the routed slots of
-    expert e in window w, a segment routing with threshold t activates S_w(t) = {e : c_w[e] >= t} for each of the m
-    tokens of w. Summed over all windows of the layer:
-        matches M(t) = sum_w sum_{e in S_w(t)} c_w[e],   predictions P(t) = sum_w m |S_w(t)|,
-        activations A = sum_w sum_e c_w[e],             F1(t) = 2 M(t) / (P(t) + A),
-    and SRP_l(m) = max over t = 1 .. max c_w[e] of F1(t) (one threshold per layer and m). SRP(1) = 1 when no token
-    holds one expert in two slots. NaN when no window has a routed slot. (The authors also pool layers and add
-    bootstrap intervals; here each layer is reported.)"""
-    lengths = int_list(lengths, "segment lengths")
-    stride = int_list([stride], "stride")[0]
-    out = np.full((trace.num_layers, len(lengths)), np.nan)
-    for mi, length in enumerate(lengths):
-        starts = _windows(trace, length, stride)
-        for layer in range(trace.num_layers):
-            histogram = np.zeros(1, np.int64)  # histogram[c]: (window, expert) pairs with c_w[e] = c
-            for counts in _window_counts(trace, layer, starts, length):
-                block = np.bincount(counts.ravel())
-                size = max(len(histogram), len(block))
-                histogram = np.pad(histogram, (0, size - len(histogram))) + np.pad(block, (0, size - len(block)))
-            values = np.arange(len(histogram))
-            activations = float((values * histogram).sum())
-            if activations == 0:
-                continue
-            matches = np.cumsum((values * histogram)[::-1])[::-1][1:].astype(np.float64)  # t = 1 .. max
-            predictions = length * np.cumsum(histogram[::-1])[::-1][1:].astype(np.float64)
-            out[layer, mi] = float(np.max(2 * matches / (predictions + activations)))
-    return out
 
 
 # ------------------------------------------------------------------------------------- token/expert specialisation

@@ -124,9 +124,10 @@ def naive_sch(trace, layer, length, cache):
 
 
 def naive_f1(trace, layer, length, stride):
+    """The authors' SRP: each token's set of experts (an expert in two slots of one token counts once)."""
     matches, predictions, activations = collections.Counter(), collections.Counter(), 0
     for window in naive_windows(trace, length, stride):
-        counts = collections.Counter(e for n in window for e in real(trace, layer, n))
+        counts = collections.Counter(e for n in window for e in set(real(trace, layer, n)))
         activations += sum(counts.values())
         for t in range(1, length * trace.top_k + 1):
             chosen = [c for c in counts.values() if c >= t]
@@ -265,7 +266,7 @@ def test_coactivation(trace):
 
 
 def test_an_expert_twice_in_one_token():
-    """Co-activation counts each token's set of experts; affinity counts every slot combination."""
+    """Co-activation and SRP count each token's set of experts; affinity counts every slot combination."""
     t = random_trace()
     t.experts[:, 3:9] = [[2, 2], [2, E], [5, 5], [2, 2], [1, 2], [E, E]]
     for got, expected in zip(analysis.coactivation(t), naive_coactivation(t), strict=True):
@@ -421,8 +422,9 @@ def test_summary(trace):
     assert summary["cache_sizes"] == [K, 2 * K] and summary["segment_lengths"] == [1, 4, 80]
     np.testing.assert_allclose(summary["router_entropy"], analysis.router_entropy(trace))
     assert summary["router_entropy_max"] == pytest.approx(math.log(E))
-    np.testing.assert_allclose(np.array(summary["srp"], float)[:, :2],
+    np.testing.assert_allclose(np.array(summary["srp_coverage"], float)[:, :2],
                                analysis.segment_routing_best_performance(trace, [1, 4]))
+    np.testing.assert_allclose(np.array(summary["srp"], float)[:, :2], analysis.segment_routing_f1(trace, [1, 4]))
     assert summary["srp_mean"][0] == pytest.approx(1.0) and summary["srp_mean"][2] is None
     assert np.array(summary["sch"], dtype=object).shape == (3, 3, 2)
     counts, _ = naive_counts(trace)
@@ -448,7 +450,8 @@ def test_plots_return_figures_and_write_pngs(tmp_path):
         trace_report.plot_affinity(random_trace(layers=1))
     fig = trace_report.plot_local_consistency(deep, lengths=[1, 2, 4, 80], path=tmp_path / "lrc.png")
     srp_axis, sch_axis = fig.axes[:2]
-    assert [line.get_label() for line in sch_axis.get_lines()] == ["cache of 2 experts", "cache of 4 experts"]
-    np.testing.assert_allclose(srp_axis.get_lines()[0].get_ydata()[:3],
+    assert [line.get_label() for line in sch_axis.get_lines()][2:] == [
+        "coverage: best fixed 2 experts, layer mean", "coverage: best fixed 4 experts, layer mean"]
+    np.testing.assert_allclose(srp_axis.get_lines()[1].get_ydata()[:3],
                                analysis.segment_routing_best_performance(deep, [1, 2, 4]).mean(0))
     assert (tmp_path / "lrc.png").exists()
