@@ -13,12 +13,14 @@ import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
+import ml_collections
 import numpy as np
 
 from moejax.hf import io, tensors
 from moejax.hf.config import HFConfigError
 from moejax.hf.families import config_from_hf, config_to_hf, family
 from moejax.hf.io import CheckpointError
+from moejax.moe import expert_map
 
 if TYPE_CHECKING:
     from moejax.data.tokenizers import Tokenizer
@@ -171,6 +173,16 @@ def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, mode
     from moejax.data import tokenizers
 
     m = config.model if "model" in config else config
+    if expert_map.has_map(m.moe):  # bound experts written as copies of their merge (exact); removed ones refused
+        from moejax.posthoc import compress
+
+        wrapped = config if "model" in config else ml_collections.ConfigDict({"model": config})
+        try:
+            wrapped, variables = compress.unmapped(wrapped, variables)
+        except ValueError as e:
+            raise HFConfigError(f"model.moe.expert_map: {e}") from e
+        config = wrapped if "model" in config else wrapped.model
+        m = config.model if "model" in config else config
     hf_config = config_to_hf(m, model_type)
     fam = family(hf_config["model_type"])
     tokenizer = None

@@ -23,6 +23,7 @@ Statistics: each routed pass sows one ``RoutedStats`` record (moejax/moe/stats.p
 (C records with Chain-of-Experts): its layer index, tokens per expert, drops, overflow, router entropy, experts per
 token and the unweighted balance and z losses. ``stats.collect`` reads them; the objective weights the losses.
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +33,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from moejax import checks, moe
-from moejax.moe import dispatch, expert_parallel, experts, intervene, losses, pipeline, routers, stats
+from moejax.moe import dispatch, expert_map, expert_parallel, experts, intervene, losses, pipeline, routers, stats
 from moejax.moe import intervention as interventions
 
 DISPATCH_MODES = ("dropless", "capacity")
@@ -184,7 +185,8 @@ class MoE(nn.Module):
         batch, seq, d_model = x.shape
         tokens = x.reshape(batch * seq, d_model).astype(self.dtype)
         expert = experts.from_config(cfg)
-        weights = ExpertWeights(expert, cfg.num_experts, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
+        num_stored = expert_map.stored_count(cfg, layer if isinstance(layer, int) else None)
+        weights = ExpertWeights(expert, num_stored, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
                                 name=moe.EXPERTS)()
         weights = tuple(jnp.asarray(w, self.dtype) for w in weights)  # numpy params (load_checkpoint) too
         if self.is_mutable_collection("moe_state") or self.has_variable("moe_state", moe.ROUTER_BIAS):
@@ -207,8 +209,8 @@ class MoE(nn.Module):
 
         state, update = tokens, jnp.zeros_like(tokens)
         for kernel in kernels:
-            out = self._routed(state, kernel, expert, weights, bias, batch, layer, train=train, token_ids=ids,
-                               progress=progress, intervention=intervention)
+            out = self._routed(state, kernel, expert, weights, bias, batch, layer, num_stored, train=train,
+                               token_ids=ids, progress=progress, intervention=intervention)
             if shared is not None:
                 extra = shared(state)
                 if shared_gate is not None:
@@ -223,10 +225,12 @@ class MoE(nn.Module):
         return result.reshape(batch, seq, d_model).astype(self.dtype)
 
     def _routed(self, tokens: jax.Array, kernel: RouterKernel, expert: experts.Experts,
-                weights: experts.Weights, bias: jax.Array, batch: int, layer: int | jax.Array, *, train: bool,
-                token_ids: jax.Array | None, progress: jax.Array | None,
+                weights: experts.Weights, bias: jax.Array, batch: int, layer: int | jax.Array, num_stored: int, *,
+                train: bool, token_ids: jax.Array | None, progress: jax.Array | None,
                 intervention: interventions.Intervention | None = None) -> jax.Array:
-        """One pass of tokens [T, D] through router and routed experts; sows this pass's statistics."""
+        """One pass of tokens [T, D] through router and routed experts; sows this pass's statistics. The router
+        works on the E logical experts; with an expert map (moejax/moe/expert_map.py) the removed ones are masked
+        and the selected ids become stored ids before dispatch. The statistics count logical experts."""
         cfg = self.cfg
         num_experts = cfg.num_experts
         num_tokens = tokens.shape[0]
@@ -241,28 +245,40 @@ class MoE(nn.Module):
             rng=self.make_rng("routing") if train and spec.needs_rng else None,
             token_ids=token_ids if spec.needs_token_ids else None,
             progress=progress if spec.needs_progress else None)
-        route = spec.fn(kernel(router_in), cfg, ctx)
+        logits = kernel(router_in)
+        map_row = expert_map.layer_row(cfg, layer) if expert_map.has_map(cfg) else None
+        if map_row is not None:
+            logits, bias = expert_map.mask_removed(logits, ctx.bias, map_row, num_experts)
+            ctx = dataclasses.replace(ctx, bias=bias)
+        route = spec.fn(logits, cfg, ctx)
         if intervention is not None:
             route = intervene.apply(intervention, layer, route, cfg, bias=bias)
+        logical = route
+        if map_row is not None:
+            stored, stored_weights = expert_map.to_stored(route.experts, route.weights, map_row, num_experts,
+                                                          num_stored)
+            route = dataclasses.replace(route, experts=stored, weights=stored_weights)
         backend = experts.resolve_backend(cfg.gmm_backend)
         cap = None
         if cfg.dispatch == "capacity":
             factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
-            cap = dispatch.capacity(num_tokens, cfg.top_k, num_experts, factor)
+            cap = dispatch.capacity(num_tokens, cfg.top_k, num_stored, factor)
         if self.mesh is not None and self.mesh.size > 1:
             tensor = self.mesh.shape.get("tensor", 1)
             if tensor > 1 and expert.after_contraction:  # the layer sums the tensor shards' partial outputs
                 weights = tuple(w / tensor if name in expert.after_contraction else w
                                 for name, w in zip(expert.param_names, weights, strict=True))
-            out, dropped, overflow = expert_parallel.moe_ep(tokens, route, expert, weights, cfg, self.mesh,
+            out, dropped, overflow = expert_parallel.moe_ep(tokens, route, expert, weights,
+                                                            expert_map.with_num_experts(cfg, num_stored), self.mesh,
                                                             capacity=cap, backend=backend, compute_dtype=self.dtype)
         else:
-            tile = pipeline.tile_for(backend, cfg.gmm_tile, num_tokens * route.experts.shape[1], num_experts)
+            tile = pipeline.tile_for(backend, cfg.gmm_tile, num_tokens * route.experts.shape[1], num_stored)
             out, dropped = pipeline.routed_experts(tokens.astype(self.dtype), route, expert, weights,
-                                                   num_experts=num_experts, backend=backend,
+                                                   num_experts=num_stored, backend=backend,
                                                    kernel=cfg.dispatch_kernel, tile=tile, capacity=cap,
                                                    drop_policy=cfg.drop_policy)
             overflow = jnp.zeros((), jnp.int32)
+        route = logical
         valid = route.experts < num_experts
         balance, device_balance = losses.balance_losses(route, cfg, batch)
         self.sow("moe_aux", stats.STATS, stats.RoutedStats(
@@ -273,3 +289,4 @@ class MoE(nn.Module):
             router_entropy=losses.router_entropy(route.probs), balance_loss=balance,
             device_balance_loss=device_balance, z_loss=losses.z_loss(route.logits)))
         return out
+

@@ -133,10 +133,16 @@ def _check_keep(args: argparse.Namespace, config) -> None:
 
     num_layers, num_experts = len(model.moe_layers(config.model)), config.model.moe.num_experts
     if args.global_budget:
-        if args.keep < 1 or args.keep % num_layers or args.keep // num_layers > num_experts:
+        low = num_layers * min(config.model.moe.top_k, num_experts)
+        if not low <= args.keep <= num_layers * num_experts:
             raise cli.flag_error("keep", args.keep, f"with --global, the total number of routed experts over the "
-                                                 f"{num_layers} MoE layers: a multiple of {num_layers} (every layer "
-                                                 f"keeps the same number) up to {num_layers * num_experts}")
+                                                 f"{num_layers} MoE layers (each keeps at least top_k="
+                                                 f"{config.model.moe.top_k}): an integer in "
+                                                 f"[{low}, {num_layers * num_experts}]")
+        if args.format == "hf":
+            raise cli.flag_error("format", args.format, "--global keeps different numbers of experts per layer, "
+                                                        "which a transformers layout cannot hold: use "
+                                                        "--format=moejax")
     elif not 1 <= args.keep <= num_experts:
         raise cli.flag_error("keep", args.keep, f"routed experts kept per MoE layer: an integer in [1, {num_experts}]")
 
@@ -164,14 +170,18 @@ def run_prune(args: argparse.Namespace) -> pathlib.Path:
     config, variables = loaded["config"], loaded["variables"]
     layers = model.moe_layers(config.model)
     _check_keep(args, config)
-    steps.check_format(args, config, args.keep // len(layers) if args.global_budget else args.keep)
+    steps.check_format(args, config, config.model.moe.num_experts if args.global_budget else args.keep)
     opened = steps.open_data(args, loaded)
     if trace is None:
         scores = importance.from_forward(config, variables, opened["batches"], args.criterion,
                                          progress=steps.progress(opened, f"expert importance ({args.criterion})"))
     else:
         scores = importance.from_trace(trace, args.criterion, config=config)
-    keep = (prune.keep_global if args.global_budget else prune.keep_by_score)(scores, args.keep, layers)
+    if args.global_budget:
+        keep = prune.keep_global(scores, args.keep, layers, min_per_layer=min(config.model.moe.top_k,
+                                                                              config.model.moe.num_experts))
+    else:
+        keep = prune.keep_by_score(scores, args.keep, layers)
     new_config, new_variables = prune.prune(config, variables, keep)
     steps.say("kept experts: " + "; ".join(f"layer {layer}: {ids}" for layer, ids in keep.items()))
     _note_top_k(config, new_config)
@@ -194,7 +204,7 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
     if not 1 <= args.experts <= num_experts:
         raise cli.flag_error("experts", args.experts, f"routed experts per MoE layer after merging: an integer in "
                                                    f"[1, {num_experts}]")
-    steps.check_format(args, config, args.experts)
+    steps.check_format(args, config, num_experts)  # merges bind: the router keeps its E logical experts
     opened = steps.open_data(args, loaded)
     batches = opened["batches"]
     layers = model.moe_layers(config.model)
@@ -203,7 +213,16 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
         with tempfile.TemporaryDirectory() as scratch:
             trace_dir = args.trace or capture.record(config, variables, batches, pathlib.Path(scratch) / "trace",
                                                      progress=steps.progress(opened, "routing frequencies (MC-SMoE)"))
-            new_config, new_variables = merge.mcsmoe(config, variables, read_trace(trace_dir), args.experts)
+            logits = None
+            if args.similarity == "router_logits":
+                steps.say("router logits of the calibration tokens (MC-SMoE's similarity)")
+                logits = merge.router_logits(config, variables, batches)
+            new_config, new_variables = merge.mcsmoe(config, variables, read_trace(trace_dir), args.experts,
+                                                     align=args.align or "first", router_logits=logits,
+                                                     similarity=args.similarity,
+                                                     global_groups=not args.per_layer_groups)
+            what.update(align=args.align or "first", similarity=args.similarity,
+                        global_groups=not args.per_layer_groups)
     else:
         frequency = importance.from_forward(config, variables, batches, "frequency",
                                             progress=steps.progress(opened, "routing frequencies"))
@@ -212,13 +231,15 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
             outputs = importance.expert_mean_outputs(config, variables, batches,
                                                      progress=steps.progress(opened, "mean expert outputs (HC-SMoE)"))
             new_config, new_variables = merge.hcsmoe(config, variables, outputs, args.experts, linkage=args.linkage,
-                                                     frequencies=frequency, layers=layers)
+                                                     frequencies=frequency, layers=layers,
+                                                     align="none" if args.align is None else args.align)
             what["linkage"] = args.linkage
         else:  # MC-SMoE's groups, a plain average of each (no alignment, uniform weights)
             groups = {}
             for row, (layer, (params, _)) in enumerate(model.moe_layer_variables(config.model, variables).items()):
                 kernel = np.asarray(params[moe.ROUTER]["kernel"])[:, :num_experts]
-                groups[layer] = merge.mcsmoe_groups(kernel, frequency[row], args.experts)
+                groups[layer] = merge.mcsmoe_groups(merge.similarity_from_router_weights(kernel), frequency[row],
+                                                    args.experts)
             what["groups"] = {str(layer): value for layer, value in groups.items()}
             new_config, new_variables = merge.average(config, variables, groups)
     _note_top_k(config, new_config)
@@ -352,6 +373,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--linkage", default="average", help="hcsmoe: the hierarchical clustering linkage")
     p.add_argument("--trace", default=None, help="mcsmoe: take the routing frequencies from this trace instead of "
                                                  "recording one")
+    p.add_argument("--align", choices=("none", "first", "dominant"), default=None,
+                   help="neuron alignment before averaging: first (every expert to the layer's first, MC-SMoE's "
+                        "default), dominant (to the group's dominant), none (HC-SMoE's default)")
+    p.add_argument("--similarity", choices=("router_logits", "router_weight"), default="router_logits",
+                   help="mcsmoe: router_logits (cosine of the router-logit columns over the calibration tokens, the "
+                        "authors' default) or router_weight (the router kernel's columns, no data)")
+    p.add_argument("--per_layer_groups", action="store_true",
+                   help="mcsmoe: --experts groups in every layer (default: the authors' global assignment, --experts "
+                        "on average, uneven per layer)")
     _model_flags(p)
     p.set_defaults(run=run_merge)
 

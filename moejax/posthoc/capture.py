@@ -61,7 +61,7 @@ from flax import struct
 
 from moejax import console, moe
 from moejax import model as model_lib
-from moejax.moe import dispatch, expert_parallel, experts, pipeline, routers
+from moejax.moe import dispatch, expert_map, expert_parallel, experts, pipeline, routers
 from moejax.moe import layer as moe_layer
 from moejax.posthoc.trace import TraceWriter
 
@@ -153,6 +153,8 @@ def _route(config: ml_collections.ConfigDict, logits: jax.Array, state: Mapping[
         from moejax.moe import intervene
 
         bias = intervene.selection_bias(intervention, layer, bias)
+    if expert_map.has_map(cfg):  # removed logical experts masked as the layer masks them
+        logits, bias = expert_map.mask_removed(logits, bias, expert_map.layer_row(cfg, layer), cfg.num_experts)
     route = routers.route(logits, cfg, bias=bias, train=False, token_ids=token_ids if spec.needs_token_ids else None)
     if intervention is not None:
         route = intervene.apply(intervention, layer, route, cfg, bias=bias)
@@ -210,13 +212,25 @@ def slot_outputs(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.
     dtype = jnp.dtype(config.model.dtype)
     expert = experts.from_config(cfg)
     weights = tuple(jnp.asarray(layer.params[moe.EXPERTS][name], dtype) for name in expert.param_names)
-    route = layer.routing
+    route, num_stored = _stored_routing(config, layer)
     backend = experts.resolve_backend(cfg.gmm_backend)
-    tile = pipeline.tile_for(backend, cfg.gmm_tile, route.experts.size, cfg.num_experts)
-    plan = dispatch.dropless_plan(route, cfg.num_experts, tile)
+    tile = pipeline.tile_for(backend, cfg.gmm_tile, route.experts.size, num_stored)
+    plan = dispatch.dropless_plan(route, num_stored, tile)
     rows = dispatch.permute(layer.inputs.astype(dtype), plan.slot_row, plan.row_slot)
     rows = experts.grouped_apply(expert, rows, weights, plan, backend)
     return dispatch.append_zero_row(rows)[plan.slot_row]
+
+
+def _stored_routing(config: ml_collections.ConfigDict, layer: LayerCapture) -> tuple[routers.Routing, int]:
+    """The layer's routing with its slots' logical expert ids turned into stored ids (moejax/moe/expert_map.py;
+    one per slot, nothing combined), and the number of stored experts."""
+    cfg = config.model.moe
+    num_stored = layer.params[moe.EXPERTS][experts.from_config(cfg).param_names[0]].shape[0]
+    if not expert_map.has_map(cfg):
+        return layer.routing, num_stored
+    ids = expert_map.stored_ids(layer.routing.experts, expert_map.layer_row(cfg, layer.layer), cfg.num_experts,
+                                num_stored)
+    return layer.routing.replace(experts=ids), num_stored
 
 
 def _slot_outputs_on_mesh(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.Array:
@@ -231,11 +245,13 @@ def _slot_outputs_on_mesh(config: ml_collections.ConfigDict, layer: LayerCapture
     if tensor > 1 and expert.after_contraction:
         weights = tuple(w / tensor if name in expert.after_contraction else w
                         for name, w in zip(expert.param_names, weights, strict=True))
-    num_tokens, k = layer.routing.experts.shape
+    route, num_stored = _stored_routing(config, layer)
+    num_tokens, k = route.experts.shape
     rows = jnp.repeat(layer.inputs.astype(dtype), k, axis=0)  # [T * k, D]
     single = routers.Routing(weights=jnp.ones((num_tokens * k, 1), jnp.float32),
-                             experts=layer.routing.experts.reshape(-1, 1), probs=None, logits=None)
-    out, _, _ = expert_parallel.moe_ep(rows, single, expert, weights, cfg, mesh, capacity=None,
+                             experts=route.experts.reshape(-1, 1), probs=None, logits=None)
+    out, _, _ = expert_parallel.moe_ep(rows, single, expert, weights, expert_map.with_num_experts(cfg, num_stored),
+                                       mesh, capacity=None,
                                        backend=experts.resolve_backend(cfg.gmm_backend), compute_dtype=dtype)
     return out.astype(dtype).reshape(num_tokens, k, -1)
 

@@ -119,11 +119,25 @@ def save_model(args: argparse.Namespace, opened: dict[str, Any], config, variabl
         for name in TOKENIZER_FILES:
             if (opened["path"] / name).is_file():
                 shutil.copy(opened["path"] / name, out / name)
+        stored = stored_experts(config)
         write_json(out / "posthoc.json", {**provenance(args, opened), "format": args.format,
-                                           "num_experts": config.model.moe.num_experts,
+                                           "num_experts": config.model.moe.num_experts, "stored_experts": stored,
                                            "top_k": config.model.moe.top_k, **what})
-    say(f"wrote the {args.format} model ({config.model.moe.num_experts} routed experts per MoE layer) to {out}")
+    counts = sorted(set(stored.values()))
+    detail = (f"{config.model.moe.num_experts} routed experts per MoE layer" if counts == [
+        config.model.moe.num_experts] else f"{config.model.moe.num_experts} logical experts per MoE layer bound to "
+        f"{counts[0]}-{counts[-1]} stored experts" if len(counts) > 1 else f"{config.model.moe.num_experts} logical "
+        f"experts per MoE layer bound to {counts[0]} stored experts")
+    say(f"wrote the {args.format} model ({detail}) to {out}")
     return out
+
+
+def stored_experts(config) -> dict[str, int]:
+    """``{MoE layer: stored routed experts}`` (moejax/moe/expert_map.py), as JSON keys."""
+    from moejax import model
+    from moejax.moe import expert_map
+
+    return {str(layer): expert_map.stored_count(config.model.moe, layer) for layer in model.moe_layers(config.model)}
 
 
 def check_format(args: argparse.Namespace, config, num_experts: int) -> None:

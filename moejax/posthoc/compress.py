@@ -9,9 +9,14 @@ weights unless the map gives merged ones), and which old expert stands for it wh
 (``moejax.model.moe_layer_paths``: unrolled or scanned), and returns the new config (``compressed_config``: the
 expert count, top_k, group-limited routing and device groups rewritten, validated). AdaMoE's null-expert columns
 after the E real ones are kept whole; shared experts and everything outside the MoE layers are the same arrays.
-The stacked layout holds one expert count per model (``model.moe.num_experts``): every MoE layer keeps the same
-number of experts. Routers whose expert ids are computed from E (``RouterSpec.ids_depend_on_num_experts``) are
-refused.
+``compress`` resizes the router: every MoE layer keeps the same number of logical experts (one
+``model.moe.num_experts`` per model). Routers whose expert ids are computed from E
+(``RouterSpec.ids_depend_on_num_experts``) are refused.
+
+``bind(config, variables, bindings)`` keeps the router as it was (every kernel column, bias, selection bias and
+group) and rewrites the layer's expert map (``moejax/moe/expert_map.py``): each logical expert points at one stored
+expert (several may share one: merged experts bound to their merge) or is removed (-1); each layer may store a
+different number of experts. ``logical_experts`` reads a layer's weights per logical expert through its map.
 """
 from __future__ import annotations
 
@@ -29,16 +34,30 @@ import numpy as np
 
 from moejax import checks, moe
 from moejax import model as model_lib
+from moejax.moe import expert_map, routers
+from moejax.moe import experts as experts_lib
 from moejax.moe import layer as moe_layer
-from moejax.moe import routers
 
 Variables = dict[str, Any]  # {'params': ..., 'moe_state': ...}
 
 
 def expert_weights(params: Mapping[str, Any], expert: int) -> dict[str, np.ndarray]:
-    """One routed expert's weights ``{name: array without the expert axis}`` (numpy) from a MoE layer's params
-    (``moejax.model.moe_layer_variables``)."""
+    """One stored routed expert's weights ``{name: array without the expert axis}`` (numpy) from a MoE layer's
+    params (``moejax.model.moe_layer_variables``); ``logical_experts`` reads through the layer's expert map."""
     return {name: np.asarray(value[expert]) for name, value in params[moe.EXPERTS].items()}
+
+
+def logical_experts(config: ml_collections.ConfigDict, layer: int, params: Mapping[str, Any]
+                    ) -> dict[str, np.ndarray]:
+    """``{name: [E, ...]}`` numpy: the weights of each logical expert of MoE layer ``layer`` (its stored expert
+    through the expert map; zeros for a removed one)."""
+    row = expert_map.row(config.model.moe, layer)
+    out = {}
+    for name, value in params[moe.EXPERTS].items():
+        value = np.asarray(value)
+        out[name] = np.where((row >= 0).reshape((-1,) + (1,) * (value.ndim - 1)), value[np.maximum(row, 0)], 0
+                             ).astype(value.dtype)
+    return out
 
 
 Column = tuple[np.ndarray, np.ndarray]  # (old expert ids [g] int64, weights [g] float64 summing to 1)
@@ -217,6 +236,9 @@ def compress(config: ml_collections.ConfigDict, variables: Variables, maps: Mapp
     layers). The inputs are not modified; arrays outside the routers, routed experts and router biases are shared
     with them. A 'moe_aux' collection (statistics sown by ``init``) is left out: it describes the old experts."""
     layers = check_layers(config, maps, "the expert maps")
+    if expert_map.has_map(config.model.moe):
+        raise ValueError("the model has expert maps (model.moe.expert_map): resizing its router would need the maps "
+                         "resized too; remove or bind logical experts with compress.bind instead")
     for layer in layers:
         reps = maps[layer].representatives
         if len(reps) != len(maps[layer].columns) or any(b <= a for a, b in zip(reps, reps[1:], strict=False)):
@@ -248,3 +270,105 @@ def _stack_trees(trees: Sequence[Any]) -> Any:
     if isinstance(trees[0], Mapping):
         return {key: _stack_trees([t[key] for t in trees]) for key in trees[0]}
     return _stack(trees)
+
+
+# ----------------------------------------------------------------------------------------------- binding
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """One MoE layer after merging or uneven pruning, its router untouched.
+
+    row:     [E] ints: logical expert i -> stored expert row[i] in 0..S-1 (every one of them used), or -1 when
+             logical expert i is removed.
+    experts: the S stored experts' weights ``{name: [S, ...]}`` (the names of the model's expert kind).
+    """
+
+    row: np.ndarray
+    experts: Mapping[str, Any]
+
+
+def _pad(value: Any, size: int) -> Any:
+    """value [S, ...] with zero experts appended up to ``size`` (the stacked shape of scanned layers)."""
+    missing = size - value.shape[0]
+    if not missing:
+        return value
+    zeros = np.zeros((missing,) + tuple(value.shape[1:]), np.asarray(value).dtype)
+    return np.concatenate([np.asarray(value), zeros]) if _is_numpy(value) else jnp.concatenate(
+        [value, jnp.asarray(zeros)])
+
+
+def bind(config: ml_collections.ConfigDict, variables: Variables, bindings: Mapping[int, Binding]
+         ) -> tuple[ml_collections.ConfigDict, Variables]:
+    """(new config, new variables) with every MoE layer's expert map and stored experts from ``bindings`` (keys:
+    the model's MoE layers); the routers, their biases, the selection bias and shared experts are the same arrays.
+    The new config's ``model.moe.expert_map`` holds the rows (``()`` where a layer is the identity); scanned layers
+    store the most experts any of them needs, zeros past a layer's own count. A 'moe_aux' collection is left
+    out. ValueError when a row removes experts of a router whose ids are computed from E (hash routing)."""
+    layers = check_layers(config, bindings, "the bindings")
+    cfg = config.model.moe
+    names = set(experts_names(config))
+    sites_layers = set(model_lib.moe_layers(config.model))
+    old_rows = list(expert_map.rows(cfg))
+    rows = old_rows or [tuple(range(cfg.num_experts)) if i in sites_layers else ()
+                        for i in range(config.model.num_layers)]
+    for layer in layers:
+        binding = bindings[layer]
+        row = expert_map.check_row(np.asarray(binding.row).reshape(-1).tolist(), cfg.num_experts,
+                                   f"the binding of MoE layer {layer}")
+        if (row < 0).any() and routers.spec(cfg.router.kind).ids_depend_on_num_experts:
+            raise ValueError(f"model.moe.router.kind={cfg.router.kind!r} computes its expert ids from the token "
+                             f"(RouterSpec.ids_depend_on_num_experts): it cannot avoid removed experts")
+        if set(binding.experts) != names:
+            raise ValueError(f"MoE layer {layer}: the stored experts hold {sorted(binding.experts)}, the model's "
+                             f"expert kind {sorted(names)}")
+        stored = int(row.max()) + 1
+        for name, value in binding.experts.items():
+            _check_length(layer, f"stored experts/{name}", value.shape[0], stored)
+        rows[layer] = tuple(int(v) for v in row)
+    identity = all(not values or values == tuple(range(cfg.num_experts)) for values in rows)
+    new_config = copy.deepcopy(config)
+    new_config.model.moe.expert_map = () if identity else tuple(rows)
+    try:
+        model_lib.validate(new_config.model)
+    except checks.ConfigError as e:
+        raise checks.ConfigError(f"the expert maps leave an invalid config: {e}") from e
+    new = flax.core.unfreeze(variables)
+    new.pop("moe_aux", None)
+    sites = model_lib.moe_layer_paths(config.model)
+    widest = expert_map.stored_count(new_config.model.moe, None)
+    for path in {site.path for site in sites.values()}:
+        on_path = sorted((layer for layer in layers if sites[layer].path == path),
+                         key=lambda layer: sites[layer].unit or 0)
+        target = functools.reduce(operator.getitem, path, new["params"])[moe.EXPERTS]
+        for name in names:
+            old = target[name]
+            values = [bindings[layer].experts[name] for layer in on_path]
+            values = [_like(np.asarray(v).astype(old.dtype), old) for v in values]
+            if sites[on_path[0]].unit is None:
+                target[name] = values[0]
+            else:
+                target[name] = _stack([_pad(v, widest) for v in values])
+    return new_config, new
+
+
+def experts_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The routed experts' parameter names of the model's expert kind."""
+    return tuple(experts_lib.from_config(config.model.moe).param_names)
+
+
+def unmapped(config: ml_collections.ConfigDict, variables: Variables) -> tuple[ml_collections.ConfigDict, Variables]:
+    """The same model without expert maps: every logical expert stored, bound experts as copies of their merge
+    (exact). ValueError naming the layer when a map removes logical experts (a plain layout cannot leave them out
+    of the router). A model without maps is returned as it is."""
+    if not expert_map.has_map(config.model.moe):
+        return config, variables
+    bindings = {}
+    for layer, (params, _) in model_lib.moe_layer_variables(config.model, variables).items():
+        row = expert_map.row(config.model.moe, layer)
+        if (row < 0).any():
+            raise ValueError(f"model.moe.expert_map[{layer}] removes logical experts "
+                             f"{np.flatnonzero(row < 0).tolist()}: a layout without expert maps cannot leave them "
+                             f"out of the router (prune every layer to the same count to slice the router instead)")
+        bindings[layer] = Binding(np.arange(config.model.moe.num_experts), logical_experts(config, layer, params))
+    return bind(config, variables, bindings)

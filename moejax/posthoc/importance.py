@@ -50,6 +50,7 @@ import numpy as np
 
 from moejax import model as model_lib
 from moejax import moe
+from moejax.moe import expert_map
 from moejax.moe import experts as experts_lib
 from moejax.posthoc import capture
 from moejax.posthoc.trace import Trace
@@ -312,7 +313,9 @@ def expert_mean_outputs(config: ml_collections.ConfigDict, variables: Mapping[st
         for layer in c.layers:
             x = layer.inputs.astype(dtype)
             weights = tuple(jnp.asarray(layer.params[moe.EXPERTS][name], dtype) for name in expert.param_names)
-            sums.append(jax.lax.map(lambda w, x=x: expert.apply_one(x, *w).astype(jnp.float32).sum(0), weights))
+            stored = jax.lax.map(lambda w, x=x: expert.apply_one(x, *w).astype(jnp.float32).sum(0), weights)
+            row = expert_map.row(cfg, layer.layer)  # per logical expert (its stored expert's; 0 when removed)
+            sums.append(jnp.where(jnp.asarray(row >= 0)[:, None], stored[np.maximum(row, 0)], 0.0))
         return jnp.stack(sums), jnp.asarray(c.tokens.size, jnp.int32)
 
     total, tokens = None, 0

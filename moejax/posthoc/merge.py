@@ -33,6 +33,7 @@ import scipy.optimize
 
 from moejax import model as model_lib
 from moejax import moe
+from moejax.moe import expert_map
 from moejax.moe import experts as experts_lib
 from moejax.posthoc import compress, importance
 from moejax.posthoc.trace import Trace
@@ -137,26 +138,70 @@ def merge_group(experts_weights: Sequence[ExpertWeights], frequencies: Sequence[
 
 # --------------------------------------------------------------------------------------------- grouping rules
 
-def mcsmoe_groups(router_columns: np.ndarray, frequencies: np.ndarray, num_experts: int) -> list[list[int]]:
-    """MC-SMoE's groups of one layer: the ``num_experts`` most frequent experts (ties to the lower id) are dominant;
-    every other expert joins the dominant whose router column (router_columns [D, E]) has the highest cosine
-    similarity with its own (ties to the lower dominant id). Returns one list per dominant expert in increasing id
-    order, the dominant first, then its members in increasing id."""
-    columns = np.asarray(router_columns, np.float64)
+def similarity_from_logits(router_logits: np.ndarray) -> np.ndarray:
+    """[E, E] MC-SMoE's 'router-logits' similarity of one layer: (cos(l_i, l_j) + 1) / 2 between the columns of
+    the router logits [T, E] over calibration tokens (the authors' ``SIMILARITY_MAPPING_FUNCTION['cosine']``)."""
+    logits = np.asarray(router_logits, np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"router logits of one layer must be [T, E], got shape {logits.shape}")
+    return _cosine01(logits)
+
+
+def similarity_from_router_weights(router_kernel: np.ndarray) -> np.ndarray:
+    """[E, E] MC-SMoE's 'router-weight' similarity: (cos + 1) / 2 between the router kernel's columns [D, E]."""
+    return _cosine01(np.asarray(router_kernel, np.float64))
+
+
+def _cosine01(columns: np.ndarray) -> np.ndarray:
+    norms = np.maximum(np.linalg.norm(columns, axis=0), 1e-7)  # torch's cosine_similarity eps (FP32_EPS)
+    unit = columns / norms
+    return (unit.T @ unit + 1) / 2
+
+
+def mcsmoe_group_counts(frequencies: Mapping[int, np.ndarray], average: int) -> dict[int, int]:
+    """MC-SMoE's global group counts (the authors' ``_assign_num_groups_per_layer``): each layer's usage
+    frequencies (summing to 1) with its most used expert set to 1.0 (every layer keeps a group), pooled over the
+    layers and sorted; the threshold is the value at position ``average * L`` (``average * L - 1`` when ``average``
+    is E); a layer keeps as many groups as it has experts above the threshold. Ties at the threshold give fewer
+    groups than ``average * L`` in total, as in the authors' code."""
+    layers = sorted(frequencies)
+    usage = {layer: _normalised(frequencies[layer], len(frequencies[layer])) for layer in layers}
+    num_experts = len(usage[layers[0]])
+    if not 1 <= average <= num_experts:
+        raise ValueError(f"num_experts={average} (the average number of groups per layer) must be in [1, "
+                         f"E={num_experts}]")
+    modified = {}
+    for layer in layers:
+        row = usage[layer].copy()
+        row[int(np.argmax(row))] = 1.0
+        modified[layer] = row
+    pooled = np.sort(np.concatenate([modified[layer] for layer in layers]))[::-1]
+    total = average * len(layers) - (1 if average == num_experts else 0)
+    threshold = pooled[total]
+    if threshold == 1.0:
+        raise ValueError(f"num_experts={average}: too many groups for the global assignment (the threshold reaches "
+                         f"the layers' forced most-used experts)")
+    return {layer: int((modified[layer] > threshold).sum()) for layer in layers}
+
+
+def mcsmoe_groups(similarity: np.ndarray, frequencies: np.ndarray, num_groups: int) -> list[list[int]]:
+    """MC-SMoE's groups of one layer (the authors' ``group_experts_globally_from_dominant_experts``, step 2): the
+    ``num_groups`` most used experts are dominant (ties to the lower id); every other expert, taken in decreasing
+    usage, joins the dominant it is most similar to (``similarity`` [E, E]; ties to the more used dominant).
+    Returns one list per group ordered by its lowest member, members in increasing id."""
+    similarity = np.asarray(similarity, np.float64)
     frequencies = np.asarray(frequencies, np.float64).reshape(-1)
-    total = columns.shape[1]
-    if frequencies.shape != (total,):
-        raise ValueError(f"frequencies must be [E] = [{total}], got shape {frequencies.shape}")
-    if not 1 <= num_experts <= total:
-        raise ValueError(f"num_experts={num_experts} must be in [1, E={total}]")
-    dominant = sorted(int(e) for e in np.argsort(-frequencies, kind="stable")[:num_experts])
-    unit = columns / np.maximum(np.linalg.norm(columns, axis=0, keepdims=True), 1e-30)
-    similarity = unit.T @ unit[:, dominant]  # [E, n]
-    groups = {d: [d] for d in dominant}
-    for e in range(total):
-        if e not in groups:
-            groups[dominant[int(np.argmax(similarity[e]))]].append(e)
-    return [groups[d] for d in dominant]
+    total = frequencies.shape[0]
+    if similarity.shape != (total, total):
+        raise ValueError(f"similarity must be [E, E] = [{total}, {total}], got shape {similarity.shape}")
+    if not 1 <= num_groups <= total:
+        raise ValueError(f"num_groups={num_groups} must be in [1, E={total}]")
+    order = np.argsort(-frequencies, kind="stable")
+    cores = order[:num_groups]
+    groups = {int(c): [int(c)] for c in cores}
+    for e in order[num_groups:]:
+        groups[int(cores[int(np.argmax(similarity[e, cores]))])].append(int(e))
+    return sorted((sorted(members) for members in groups.values()), key=lambda members: members[0])
 
 
 def hcsmoe_groups(expert_outputs: np.ndarray, num_experts: int, linkage: str = "average",
@@ -182,112 +227,220 @@ def hcsmoe_groups(expert_outputs: np.ndarray, num_experts: int, linkage: str = "
 
 # ------------------------------------------------------------------------------------------------ whole models
 
-def _per_layer(config: ml_collections.ConfigDict, values: np.ndarray | None, what: str,
+ALIGN = ("none", "first", "dominant")
+
+
+def _per_layer(config: ml_collections.ConfigDict, values: Any, what: str,
                layers: Sequence[int] | None) -> dict[int, np.ndarray] | None:
-    """Rows [L, ...] of a per-layer array keyed by model MoE layer (rows in the order of ``layers``, default the
-    model's MoE layers)."""
+    """Rows of a per-layer array keyed by model MoE layer: a mapping ``{layer: array}``, or an array [L, ...]
+    whose rows are in the order of ``layers`` (default the model's MoE layers)."""
     if values is None:
         return None
-    values = np.asarray(values)
-    order = model_lib.moe_layers(config.model) if layers is None else [int(layer) for layer in layers]
-    if values.shape[0] != len(order):
-        raise ValueError(f"{what} has {values.shape[0]} layers, expected {len(order)} (layers {order})")
-    by_layer = dict(zip(order, values, strict=True))
+    if isinstance(values, Mapping):
+        by_layer = {int(layer): np.asarray(value) for layer, value in values.items()}
+    else:
+        values = np.asarray(values)
+        order = model_lib.moe_layers(config.model) if layers is None else [int(layer) for layer in layers]
+        if values.shape[0] != len(order):
+            raise ValueError(f"{what} has {values.shape[0]} layers, expected {len(order)} (layers {order})")
+        by_layer = dict(zip(order, values, strict=True))
     compress.check_layers(config, by_layer, what)
     return by_layer
 
 
-def _merged_experts(params: Mapping[str, Any], groups: Sequence[Sequence[int]], frequencies: np.ndarray | None,
-                    dominants: Sequence[int], expert_kind: ExpertKind, align: bool) -> dict[str, np.ndarray]:
-    """The stacked [n, ...] weights of the merged experts of one layer."""
+def _kept(config: ml_collections.ConfigDict, layer: int) -> set[int]:
+    """The logical experts of a layer that its expert map has not removed."""
+    return set(np.flatnonzero(expert_map.row(config.model.moe, layer) >= 0).tolist())
+
+
+def _check_groups(config: ml_collections.ConfigDict, layer: int, groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Disjoint non-empty groups of live logical ids, ordered by their lowest member, members sorted."""
+    num_real = config.model.moe.num_experts
+    ordered = sorted((sorted(int(e) for e in members) for members in groups),
+                     key=lambda members: members[0] if members else -1)
+    flat = [e for members in ordered for e in members]
+    if not ordered or any(not members for members in ordered) or len(set(flat)) != len(flat) or \
+            min(flat) < 0 or max(flat) >= num_real:
+        raise ValueError(f"groups[{layer}] = {[list(g) for g in groups]}: must be non-empty, disjoint groups of "
+                         f"expert ids in [0, {num_real})")
+    removed = sorted(set(flat) - _kept(config, layer))
+    if removed:
+        raise ValueError(f"groups[{layer}] names logical experts {removed}, which the model's expert map already "
+                         f"removes (model.moe.expert_map[{layer}])")
+    return ordered
+
+
+def _bound(config: ml_collections.ConfigDict, variables: compress.Variables,
+           merged: Mapping[int, tuple[list[list[int]], dict[str, np.ndarray]]]
+           ) -> tuple[ml_collections.ConfigDict, compress.Variables]:
+    """Binds every group member to its merged expert: ``merged[layer] = (groups, stored {name: [n, ...]})``;
+    logical experts in no group are removed. The router stays as it was."""
+    bindings = {}
+    for layer, (groups, stored) in merged.items():
+        row = np.full(config.model.moe.num_experts, -1, np.int64)
+        for j, members in enumerate(groups):
+            row[members] = j
+        bindings[layer] = compress.Binding(row, stored)
+    return compress.bind(config, variables, bindings)
+
+
+def _merged_experts(logical: Mapping[str, np.ndarray], groups: Sequence[Sequence[int]],
+                    frequencies: np.ndarray | None, dominants: Sequence[int], expert_kind: ExpertKind,
+                    align: str) -> dict[str, np.ndarray]:
+    """The stacked [n, ...] weights of the merged experts of one layer from its logical experts' weights
+    ``{name: [E, ...]}``: ``align`` 'dominant' aligns each member to its group's dominant, 'first' every expert
+    to the layer's first live expert (done by the caller), 'none' nothing."""
     merged = []
     for members, dominant in zip(groups, dominants, strict=True):
-        weights = [compress.expert_weights(params, e) for e in members]
+        weights = [{name: value[e] for name, value in logical.items()} for e in members]
         freq = None if frequencies is None else frequencies[list(members)]
-        merged.append(merge_group(weights, freq, members.index(dominant), expert_kind, align))
+        merged.append(merge_group(weights, freq, members.index(dominant), expert_kind, align == "dominant"))
     return {name: np.stack([m[name] for m in merged]) for name in merged[0]}
 
 
-def _columns(groups: Sequence[Sequence[int]], frequencies: np.ndarray | None) -> tuple[compress.Column, ...]:
-    return tuple((np.asarray(members, np.int64), _normalised(None if frequencies is None else
-                                                             frequencies[list(members)], len(members)))
-                 for members in groups)
+def _aligned_to_first(logical: dict[str, np.ndarray], live: Sequence[int], expert_kind: ExpertKind
+                      ) -> dict[str, np.ndarray]:
+    """Every live expert's neurons aligned to the first live expert's (MC-SMoE's weight-matching permutation
+    step, the authors' ``align_switch_permutation_for_all_experts_by_weight_matching``)."""
+    out = {name: value.copy() for name, value in logical.items()}
+    anchor = {name: value[live[0]] for name, value in logical.items()}
+    for e in live[1:]:
+        member = {name: value[e] for name, value in logical.items()}
+        aligned = permute_expert(member, align_permutation(anchor, member, expert_kind), expert_kind)
+        for name in out:
+            out[name][e] = aligned[name]
+    return out
+
+
+def _check_align(align: Any) -> str:
+    if align is True:
+        return "dominant"
+    if align is False:
+        return "none"
+    if align not in ALIGN:
+        raise ValueError(f"align={align!r}: allowed are {ALIGN} (or True = 'dominant', False = 'none')")
+    return align
+
+
+def router_logits(config: ml_collections.ConfigDict, variables: compress.Variables, batches: Any
+                  ) -> dict[int, np.ndarray]:
+    """``{MoE layer: [T, E] float32}`` the router logits of every calibration token (``moejax.posthoc.capture``),
+    for ``mcsmoe``'s router-logit similarity."""
+    from moejax.posthoc import capture
+
+    num_real = config.model.moe.num_experts
+    parts: dict[int, list[np.ndarray]] = {}
+    for captured in capture.stream(config, variables, batches, lambda c: {
+            layer.layer: layer.logits[:, :num_real] for layer in c.layers}):
+        for layer, logits in captured.items():
+            parts.setdefault(int(layer), []).append(np.asarray(logits, np.float32))
+    return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
 
 
 def mcsmoe(config: ml_collections.ConfigDict, variables: compress.Variables, trace: Trace, num_experts: int,
-           align: bool = True) -> tuple[ml_collections.ConfigDict, compress.Variables]:
-    """MC-SMoE merging to ``num_experts`` routed experts per MoE layer.
+           align: str | bool = "first", *, router_logits: Any = None, similarity: str | None = None,
+           global_groups: bool = True) -> tuple[ml_collections.ConfigDict, compress.Variables]:
+    """MC-SMoE merging (Li et al. 2023, arXiv 2310.01334) as the authors' code runs it
+    (UNITES-Lab/MC-SMoE ``merging/grouping_mixtral.py``): ``num_experts`` merged experts per MoE layer on average.
 
-    trace: a routing trace of the model (``moejax.posthoc.trace``) covering its MoE layers; the routing frequencies
-    (routed slots per expert) pick the dominant experts and weigh the average. Grouping: ``mcsmoe_groups`` on the
-    columns of the layer's router kernel (the map whose outputs are the router logits, a data-free stand-in for
-    the paper's router-logit similarity over calibration tokens). Merging: ``merge_group`` (members aligned to the
-    dominant expert unless ``align=False``, frequency-weighted average). Router: each merged expert keeps its
-    dominant expert's router column (kernel column, router/bias and moe_state router_bias entries), MC-SMoE's
-    choice, so routing picks among the merged experts as it picked among the dominant ones.
+    1. Usage: the routing frequencies of the trace (routed slots per logical expert), per layer summing to 1.
+    2. Group counts: ``global_groups`` (the authors' default): ``mcsmoe_group_counts``, uneven per layer; False:
+       ``num_experts`` in every layer.
+    3. Similarity: ``similarity='router_logits'`` (the authors' default; ``router_logits`` {layer: [T, E]} or
+       [L, T, E] over calibration tokens, see ``merge.router_logits``) or 'router_weight' (the router kernel's
+       columns, no data). Default: 'router_logits' when router_logits is given, else an error naming both.
+    4. Groups: ``mcsmoe_groups`` (the most used experts dominant, the others join the most similar).
+    5. Alignment: 'first' (every expert's neurons matched to the layer's first expert by weight matching, the
+       authors' permutation step), 'dominant' (to its group's dominant expert), 'none' (the authors' Mixtral script).
+    6. Merge: the usage-weighted average of each group (``merge_group``), bound: every member points at the merged
+       expert and the router is unchanged (``compress.bind``; each layer may store a different number of experts).
     """
+    align = _check_align(align)
+    if similarity is None:
+        if router_logits is None:
+            raise ValueError("mcsmoe needs router_logits= (the calibration tokens' router logits, "
+                             "merge.router_logits(config, variables, batches)) for the authors' router-logit "
+                             "similarity, or similarity='router_weight' (the router kernel's columns)")
+        similarity = "router_logits"
+    if similarity not in ("router_logits", "router_weight"):
+        raise ValueError(f"similarity={similarity!r}: allowed are 'router_logits', 'router_weight'")
+    logits = _per_layer(config, router_logits, "router_logits", trace.layers if not isinstance(
+        router_logits, Mapping) and router_logits is not None else None) if similarity == "router_logits" else None
+    if similarity == "router_logits" and logits is None:
+        raise ValueError("similarity='router_logits' needs router_logits= (merge.router_logits)")
     counts = importance.from_trace(trace, "frequency", config=config)  # rows: the model's MoE layers
-    expert_kind = config.model.moe.expert_kind
+    layer_vars = model_lib.moe_layer_variables(config.model, variables)
+    frequencies = {layer: np.asarray(counts[row], np.float64) for row, layer in enumerate(layer_vars)}
+    if global_groups:
+        group_counts = mcsmoe_group_counts(frequencies, num_experts)
+    else:
+        group_counts = {layer: num_experts for layer in layer_vars}
     num_real = config.model.moe.num_experts
-    maps = {}
-    for row, (layer, (params, _)) in enumerate(model_lib.moe_layer_variables(config.model, variables).items()):
-        frequencies = counts[row]
-        kernel = np.asarray(params[moe.ROUTER]["kernel"])[:, :num_real]
-        groups = mcsmoe_groups(kernel, frequencies, num_experts)
-        dominants = [members[0] for members in groups]
-        groups = [sorted(members) for members in groups]
-        maps[layer] = compress.ExpertMap(compress.singletons(dominants), tuple(dominants),
-                                         _merged_experts(params, groups, frequencies, dominants, expert_kind, align))
-    return compress.compress(config, variables, maps)
+    expert_kind = config.model.moe.expert_kind
+    merged = {}
+    for layer, (params, _) in layer_vars.items():
+        live = sorted(_kept(config, layer))
+        usage = frequencies[layer].copy()
+        if similarity == "router_logits":
+            sim = similarity_from_logits(np.asarray(logits[layer])[:, :num_real])
+        else:
+            sim = similarity_from_router_weights(np.asarray(params[moe.ROUTER]["kernel"])[:, :num_real])
+        n = min(group_counts[layer], len(live))
+        sub = mcsmoe_groups(sim[np.ix_(live, live)], usage[live], n)
+        groups = [sorted(live[i] for i in members) for members in sub]
+        dominants = [max(members, key=lambda e: (usage[e], -e)) for members in groups]
+        logical = compress.logical_experts(config, layer, params)
+        if align == "first":
+            logical = _aligned_to_first(logical, live, expert_kind)
+        merged[layer] = (groups, _merged_experts(logical, groups, usage, dominants, expert_kind, align))
+    return _bound(config, variables, merged)
 
 
 def hcsmoe(config: ml_collections.ConfigDict, variables: compress.Variables, expert_outputs: np.ndarray,
            num_experts: int, linkage: str = "average", frequencies: np.ndarray | None = None,
-           metric: str = "euclidean", align: bool = False, layers: Sequence[int] | None = None
+           metric: str = "euclidean", align: str | bool = "none", layers: Sequence[int] | None = None
            ) -> tuple[ml_collections.ConfigDict, compress.Variables]:
-    """HC-SMoE merging to ``num_experts`` routed experts per MoE layer.
+    """HC-SMoE merging (Chen et al. 2024, arXiv 2410.08589) to ``num_experts`` merged experts per MoE layer.
 
-    expert_outputs: [L, E, D] each expert's mean output over a calibration set (computed by the caller), rows in
-    the order of ``layers`` (default: the model's MoE layers, moejax.model.moe_layers). Clustering:
-    ``hcsmoe_groups`` (``linkage`` 'average' as in the paper, or 'single', 'complete', 'ward', ...; ``metric`` any
-    scipy distance). Merging: per cluster the average of its members' weights, weighted by ``frequencies`` [L, E]
-    (e.g. ``importance.from_trace(trace, 'frequency')`` rows) when given, else uniform; with ``align=True`` the members
-    are first neuron-aligned to the cluster's most frequent member (lowest id on ties). Router: a cluster's router
-    column (kernel column, router/bias and moe_state router_bias entries) is the same weighted average of its
-    members' columns (the choice made here; MC-SMoE instead keeps one member's column).
+    expert_outputs: [L, E, D] each expert's mean output over a calibration set (``importance.expert_mean_outputs``),
+    rows in the order of ``layers`` (default: the model's MoE layers). Clustering: ``hcsmoe_groups`` (``linkage``
+    'average', the paper's choice; ``metric`` any scipy distance). Merging: per cluster the average of its members'
+    weights, weighted by ``frequencies`` [L, E] (``importance.from_trace(trace, 'frequency')`` rows) when given,
+    else uniform; ``align`` as in ``mcsmoe`` ('dominant': to the cluster's most frequent member). Bound: every
+    member points at its cluster's merged expert; the router is unchanged (``compress.bind``).
     """
+    align = _check_align(align)
     outputs = _per_layer(config, expert_outputs, "expert_outputs", layers)
     freqs = _per_layer(config, frequencies, "frequencies", layers)
-    maps = {}
+    expert_kind = config.model.moe.expert_kind
+    merged = {}
     for layer, (params, _) in model_lib.moe_layer_variables(config.model, variables).items():
-        groups = hcsmoe_groups(outputs[layer], num_experts, linkage, metric)
+        live = sorted(_kept(config, layer))
+        sub = hcsmoe_groups(np.asarray(outputs[layer])[live], min(num_experts, len(live)), linkage, metric)
+        groups = [sorted(live[i] for i in members) for members in sub]
         layer_freqs = None if freqs is None else np.asarray(freqs[layer], np.float64)
-        columns = _columns(groups, layer_freqs)
-        merged = None
-        if align:
-            dominants = [members[int(np.argmax(layer_freqs[members]))] if layer_freqs is not None else members[0]
-                         for members in groups]
-            merged = _merged_experts(params, groups, layer_freqs, dominants, config.model.moe.expert_kind, True)
-        maps[layer] = compress.ExpertMap(columns, tuple(members[0] for members in groups), merged)
-    return compress.compress(config, variables, maps)
+        dominants = [members[int(np.argmax(layer_freqs[members]))] if layer_freqs is not None else members[0]
+                     for members in groups]
+        logical = compress.logical_experts(config, layer, params)
+        if align == "first":
+            logical = _aligned_to_first(logical, live, expert_kind)
+        merged[layer] = (groups, _merged_experts(logical, groups, layer_freqs, dominants, expert_kind, align))
+    return _bound(config, variables, merged)
 
 
 def average(config: ml_collections.ConfigDict, variables: compress.Variables,
             groups: Mapping[int, Sequence[Sequence[int]]]) -> tuple[ml_collections.ConfigDict, compress.Variables]:
-    """Plain averages of given groups: ``groups[layer]`` lists disjoint groups of expert ids for every MoE layer
-    (the same number of groups in each); new expert = the mean of its group's weights, router column the mean of
-    their router columns. Experts in no group are dropped; groups of one expert are copies (exact), so singleton
-    groups of the kept experts are pruning. New experts are ordered by their group's lowest id."""
+    """Plain averages of given groups: ``groups[layer]`` lists disjoint groups of logical expert ids for every MoE
+    layer (any number per layer); each group's merged expert is the mean of its members' weights and every member
+    is bound to it (the router unchanged). Logical experts in no group are removed; a group of one is a copy
+    (exact)."""
     layers = compress.check_layers(config, groups, "groups")
-    num_real = config.model.moe.num_experts
-    maps = {}
-    for layer in layers:
-        layer_groups = sorted((sorted(int(e) for e in members) for members in groups[layer]),
-                              key=lambda members: members[0] if members else -1)
-        flat = [e for members in layer_groups for e in members]
-        if not layer_groups or any(not members for members in layer_groups) or len(set(flat)) != len(flat) or \
-                min(flat) < 0 or max(flat) >= num_real:
-            raise ValueError(f"groups[{layer}] = {[list(g) for g in groups[layer]]}: must be non-empty, disjoint "
-                             f"groups of expert ids in [0, {num_real})")
-        maps[layer] = compress.ExpertMap(_columns(layer_groups, None), tuple(members[0] for members in layer_groups))
-    return compress.compress(config, variables, maps)
+    merged = {}
+    for layer, (params, _) in model_lib.moe_layer_variables(config.model, variables).items():
+        if layer not in layers:
+            continue
+        layer_groups = _check_groups(config, layer, groups[layer])
+        logical = compress.logical_experts(config, layer, params)
+        merged[layer] = (layer_groups, _merged_experts(logical, layer_groups, None, [m[0] for m in layer_groups],
+                                                       config.model.moe.expert_kind, "none"))
+    return _bound(config, variables, merged)

@@ -26,11 +26,15 @@ kept experts' selection scores, as it does for probabilities.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
+from moejax import model as model_lib
+from moejax import moe
+from moejax.moe import expert_map
 from moejax.posthoc import compress
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -56,17 +60,33 @@ def keep_by_score(scores: np.ndarray, n: int, layers: Sequence[int] | None = Non
     return {layer: sorted(int(e) for e in order[row, :n]) for row, layer in enumerate(rows)}
 
 
-def keep_global(scores: np.ndarray, total: int, layers: Sequence[int] | None = None) -> dict[int, list[int]]:
-    """A budget of ``total`` experts over all L layers. A truly global selection (the ``total`` best experts of the
-    whole model, compared across layers) gives the layers unequal counts, which the stacked expert layout (one
-    ``model.moe.num_experts`` per model) cannot hold; so this keeps, in every layer, the top ``total // L`` experts
-    (``keep_by_score``), and raises ValueError when ``total`` is not a multiple of L rather than spend less than the
-    budget silently."""
-    num_layers = np.asarray(scores).shape[0]
-    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1 or total % num_layers:
-        raise ValueError(f"total={total!r} experts over {num_layers} layers: every MoE layer keeps the same number of "
-                         f"experts, so the budget must be a positive multiple of {num_layers}")
-    return keep_by_score(scores, int(total) // num_layers, layers)
+def keep_global(scores: np.ndarray, total: int, layers: Sequence[int] | None = None, min_per_layer: int = 1
+                ) -> dict[int, list[int]]:
+    """A budget of ``total`` experts over all L layers, selected globally: every layer's ``min_per_layer`` best
+    experts, then the best remaining experts of the whole model by score (compared across layers as given: pass
+    scores on a common scale), ties to the earlier layer and the lower id. The layers then keep different numbers
+    of experts (``prune`` stores them through the expert maps). ``{layer: [ids]}`` sorted by id."""
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [L, E], got shape {scores.shape}")
+    num_layers, num_experts = scores.shape
+    if isinstance(min_per_layer, bool) or not 1 <= int(min_per_layer) <= num_experts:
+        raise ValueError(f"min_per_layer={min_per_layer!r}: must be an integer in [1, E={num_experts}]")
+    low, high = num_layers * int(min_per_layer), num_layers * num_experts
+    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or not low <= total <= high:
+        raise ValueError(f"total={total!r} experts over {num_layers} layers: must be an integer in [{low}, {high}] "
+                         f"(min_per_layer={min_per_layer} in every layer, at most all experts)")
+    rows = list(range(num_layers)) if layers is None else [int(layer) for layer in np.asarray(layers).reshape(-1)]
+    if len(rows) != num_layers:
+        raise ValueError(f"layers names {len(rows)} layers but scores has {num_layers} rows")
+    chosen = np.zeros(scores.shape, bool)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    for row in range(num_layers):
+        chosen[row, order[row, :min_per_layer]] = True
+    flat = np.argsort(-np.where(chosen, -np.inf, scores).reshape(-1), kind="stable")
+    for index in flat[:total - low]:
+        chosen.reshape(-1)[index] = True
+    return {layer: np.flatnonzero(chosen[row]).tolist() for row, layer in enumerate(rows)}
 
 
 # ------------------------------------------------------------------------------------------------------ prune
@@ -94,8 +114,37 @@ def prune(config: ml_collections.ConfigDict, variables: compress.Variables, keep
                              f"{num_experts}), at least one")
         kept[layer] = sorted(ids)
     counts = {layer: len(ids) for layer, ids in kept.items()}
-    if len(set(counts.values())) != 1:
-        raise ValueError(f"every MoE layer must keep the same number of experts (the layers' experts are stacked and "
-                         f"model.moe.num_experts is one number per model); keep gives {counts}")
-    maps = {layer: compress.ExpertMap(compress.singletons(ids), tuple(ids)) for layer, ids in kept.items()}
-    return compress.compress(config, variables, maps)
+    if len(set(counts.values())) == 1 and not expert_map.has_map(config.model.moe):
+        maps = {layer: compress.ExpertMap(compress.singletons(ids), tuple(ids)) for layer, ids in kept.items()}
+        return compress.compress(config, variables, maps)
+    return _remove(config, variables, kept)
+
+
+def _remove(config: ml_collections.ConfigDict, variables: compress.Variables, kept: Mapping[int, list[int]]
+            ) -> tuple[ml_collections.ConfigDict, compress.Variables]:
+    """Pruning through the expert maps (uneven counts, or a model that already has maps): the router keeps its E
+    logical experts, the ones not kept are removed (-1), and each layer stores only the experts its kept logical
+    experts reach. top_k is clamped to the fewest logical experts a layer keeps (+ null experts)."""
+    cfg = config.model.moe
+    bindings = {}
+    for layer, (params, _) in model_lib.moe_layer_variables(config.model, variables).items():
+        old = expert_map.row(cfg, layer)
+        ids = kept[layer]
+        gone = [i for i in ids if old[i] < 0]
+        if gone:
+            raise ValueError(f"keep[{layer}] = {ids}: logical experts {gone} are already removed by the model's "
+                             f"expert map (model.moe.expert_map[{layer}])")
+        used = sorted({int(old[i]) for i in ids})
+        row = np.full(cfg.num_experts, -1, np.int64)
+        for i in ids:
+            row[i] = used.index(int(old[i]))
+        bindings[layer] = compress.Binding(row, {name: value[np.asarray(used)] if not isinstance(value, np.ndarray)
+                                                 else np.asarray(value)[used]
+                                                 for name, value in params[moe.EXPERTS].items()})
+    fewest = min(len(ids) for ids in kept.values())
+    if cfg.top_k > fewest + cfg.num_null_experts:
+        config = copy.deepcopy(config)
+        config.model.moe.top_k = fewest + cfg.num_null_experts
+        for field in ("k_start", "eval_top_k"):
+            config.model.moe.router[field] = min(config.model.moe.router[field], config.model.moe.top_k)
+    return compress.bind(config, variables, bindings)

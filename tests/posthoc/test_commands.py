@@ -107,8 +107,14 @@ def test_merge_writes_a_loadable_model(release, method, tmp_path):
     out = tmp_path / "merged"
     cli.main(["merge", *release[1], "--method", method, "--experts", "3", "--out", str(out)])
     new_config, new_variables = moejax.load(out)
-    assert new_config.model.moe.num_experts == 3
-    assert json.loads((out / "posthoc.json").read_text())["method"] == method
+    # merges bind: the router keeps its 4 logical experts, each MoE layer stores the merged ones
+    assert new_config.model.moe.num_experts == 4
+    saved = json.loads((out / "posthoc.json").read_text())
+    assert saved["method"] == method
+    for layer, (params, _) in model.moe_layer_variables(new_config.model, new_variables).items():
+        stored = params["experts"]["wo"].shape[0]
+        assert saved["stored_experts"][str(layer)] == stored == max(new_config.model.moe.expert_map[layer]) + 1
+        assert stored == 3 or method == "mcsmoe"  # MC-SMoE: 3 on average, uneven per layer
     logits = jax.jit(model.Transformer(new_config.model).apply)(new_variables, jnp.zeros((1, 8), jnp.int32))
     assert np.isfinite(np.asarray(logits)).all()
 
@@ -158,7 +164,8 @@ def test_compressed_exports_run_in_transformers(release, tmp_path, command, extr
     tokens = (np.arange(24, dtype=np.int32)[None] * 7) % 256
     ours = np.asarray(model.Transformer(config.model).apply(variables, jnp.asarray(tokens)))
     theirs_model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
-    assert theirs_model.config.num_local_experts == config.model.moe.num_experts < 4
+    # pruning slices the router; merging binds, written as copies of the merged experts
+    assert theirs_model.config.num_local_experts == config.model.moe.num_experts == (4 if command == "merge" else 3)
     with torch.no_grad():
         theirs = theirs_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
@@ -217,7 +224,8 @@ def test_prune_says_what_it_allows_and_that_it_lowers_top_k(release, tmp_path, c
     cli.main(["prune", *release[1], "--criterion", "frequency", "--keep", "1", "--out", str(tmp_path / "pruned")])
     assert "top_k lowered from 2 to 1" in capsys.readouterr().err
     cli.main(["merge", *release[1], "--method", "average", "--experts", "1", "--out", str(tmp_path / "merged")])
-    assert "top_k lowered from 2 to 1" in capsys.readouterr().err
+    said = capsys.readouterr().err  # merging binds: top_k stays, both slots reach the one merged expert
+    assert "top_k lowered" not in said and "bound to 1 stored experts" in said
 
 
 @pytest.mark.parametrize("argv,status,message", [
