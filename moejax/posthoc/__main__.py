@@ -86,7 +86,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         trace = read_trace(args.trace)
     except FileNotFoundError as e:
         raise cli.flag_error("trace", args.trace, str(e)) from e
-    lengths = steps.int_list("lengths", args.lengths) if args.lengths else list(analysis.DEFAULT_LENGTHS)
+    lengths = steps.int_list("lengths", args.lengths) if args.lengths else None  # None: the authors' 4,16,64,256
     sizes = steps.int_list("cache_sizes", args.cache_sizes, minimum=0) if args.cache_sizes else None
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     if trace.num_layers > 1:
         trace_report.plot_affinity(trace, path=out / affinity_png)
         written.append(affinity_png)
-    trace_report.plot_local_consistency(trace, lengths, sizes, path=out / consistency_png)
+    trace_report.plot_local_consistency(trace, lengths, sizes, path=out / consistency_png, summary=summary)
     written.append(consistency_png)
     steps.say(f"wrote {', '.join(written)} to {out}")
     return result
@@ -341,8 +341,8 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("analyze", help="analyses of a routing trace: JSON and PNG plots")
     p.add_argument("--trace", required=True, help="a trace directory (python -m moejax.posthoc trace)")
     p.add_argument("--out", required=True, help="the directory for analysis.json and the plots")
-    p.add_argument("--lengths", default="", help="segment lengths for SRP/SCH, comma-separated (default "
-                                                 "1,2,4,...,64)")
+    p.add_argument("--lengths", default="", help="segment lengths for SRP/SCH, comma-separated (default the "
+                                                 "authors' 4,16,64,256)")
     p.add_argument("--cache_sizes", default="", help="cache sizes for SCH, comma-separated (default k,2k)")
     p.set_defaults(run=run_analyze)
 
