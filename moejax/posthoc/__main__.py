@@ -242,6 +242,13 @@ def run_merge(args: argparse.Namespace) -> pathlib.Path:
                                                     args.experts)
             what["groups"] = {str(layer): value for layer, value in groups.items()}
             new_config, new_variables = merge.average(config, variables, groups)
+    if args.low_rank:  # MC-SMoE's compress stage on the merged experts (moejax/posthoc/lowrank.py)
+        from moejax.posthoc import lowrank
+
+        new_config, new_variables, what["compress"] = lowrank.compress_experts(
+            new_config, new_variables, rank=args.low_rank, density=args.sparse_density)
+        steps.say(f"compressed the stored experts to rank {args.low_rank} + {args.sparse_density:g} of the "
+                  f"remainder's rows: {what['compress']['ratio']:.1%} of their parameters in factored form")
     _note_top_k(config, new_config)
     return steps.save_model(args, opened, new_config, new_variables, what)
 
@@ -379,6 +386,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity", choices=("router_logits", "router_weight"), default="router_logits",
                    help="mcsmoe: router_logits (cosine of the router-logit columns over the calibration tokens, the "
                         "authors' default) or router_weight (the router kernel's columns, no data)")
+    p.add_argument("--low_rank", type=int, default=0,
+                   help="MC-SMoE's compress stage: each merged expert matrix becomes rank --low_rank (the authors "
+                        "use 32) + a structured-sparse remainder (0: off)")
+    p.add_argument("--sparse_density", type=float, default=0.1,
+                   help="the compress stage: the fraction of the remainder's rows kept (the authors' 0.10)")
     p.add_argument("--per_layer_groups", action="store_true",
                    help="mcsmoe: --experts groups in every layer (default: the authors' global assignment, --experts "
                         "on average, uneven per layer)")

@@ -119,6 +119,18 @@ def test_merge_writes_a_loadable_model(release, method, tmp_path):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_merge_with_the_compress_stage(release, tmp_path):
+    out = tmp_path / "compressed"
+    cli.main(["merge", *release[1], "--method", "mcsmoe", "--experts", "2", "--align", "none", "--low_rank", "2",
+              "--sparse_density", "0.25", "--out", str(out)])
+    saved = json.loads((out / "posthoc.json").read_text())
+    assert saved["align"] == "none" and saved["similarity"] == "router_logits" and saved["global_groups"]
+    assert 0 < saved["compress"]["ratio"] < 1
+    new_config, new_variables = moejax.load(out)
+    logits = jax.jit(model.Transformer(new_config.model).apply)(new_variables, jnp.zeros((1, 8), jnp.int32))
+    assert np.isfinite(np.asarray(logits)).all()
+
+
 def test_super_experts(release, tmp_path):
     result = cli.main(["super-experts", *release[1], "--out", str(tmp_path), "--rule", "top_n", "--top_n", "2"])
     saved = json.loads((tmp_path / "super_experts.json").read_text())

@@ -297,3 +297,45 @@ def test_capture_and_importance_of_a_mapped_model_match_its_copies_model(on_mesh
     frequency = importance.from_forward(pruned_config, pruned, batches, "frequency", mesh=mesh)
     for row, layer in enumerate((1, 2)):
         assert frequency[row][np.setdiff1d(np.arange(8), keep[layer])].sum() == 0
+
+
+# -------------------------------------------------------------------------- MC-SMoE's compress stage
+
+
+def authors_losparse(weight_torch, rank, density):
+    """The authors' low_rank_decomposition + one 'row'/'mean' structured prune of the remainder, in numpy, on a
+    torch-layout [out, in] matrix (importance |S|)."""
+    u, s, vh = np.linalg.svd(weight_torch, full_matrices=False)
+    left = u @ np.sqrt(np.diag(s)[:, :rank])
+    right = np.sqrt(np.diag(s)[:rank, :]) @ vh
+    sparse = weight_torch - left @ right
+    rows = np.abs(sparse).mean(axis=1, keepdims=True).repeat(sparse.shape[1], axis=1)
+    threshold = np.sort(rows[:, 0])[::-1][int(np.ceil(density * sparse.shape[0])) - 1]
+    return left @ right + sparse * (rows >= threshold)
+
+
+def test_compress_stage_equals_the_authors_decomposition_and_keeps_the_map():
+    from moejax.posthoc import lowrank
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 24))  # moejax layout [in, out]
+    got, count = lowrank.low_rank_plus_sparse(w, 3, 0.25)
+    np.testing.assert_allclose(got, authors_losparse(w.T, 3, 0.25).T, rtol=1e-10, atol=1e-10)
+    assert count == 3 * (16 + 24) + 6 * 16
+    np.testing.assert_allclose(lowrank.low_rank_plus_sparse(w, 3, 1.0)[0], w, atol=1e-10)  # all of S kept
+    full_rank = lowrank.low_rank_plus_sparse(w, 16, 0.0)[0]
+    np.testing.assert_allclose(full_rank, w, atol=1e-9)  # rank min(in, out): the low-rank part is W
+
+    config, variables = random_model(num_layers=4, moe_every=2, scan=True)
+    rows = {0: np.array([0, 0, 1, 1, 2, 2, 3, 3]), 2: np.array([0, 1, 0, 1, 0, 1, 0, 1])}
+    bound_config, bound = compress.bind(config, variables, representatives_binding(config, variables, rows))
+    new_config, new_variables, report = lowrank.compress_experts(bound_config, bound, rank=2, density=0.5)
+    assert new_config.model.moe.expert_map == bound_config.model.moe.expert_map
+    assert 0 < report["ratio"] < 1
+    old = model.moe_layer_variables(bound_config.model, bound)
+    new = model.moe_layer_variables(new_config.model, new_variables)
+    for layer in (0, 2):
+        for j in range(rows[layer].max() + 1):
+            np.testing.assert_allclose(np.asarray(new[layer][0][moe.EXPERTS]["wo"][j]), lowrank.low_rank_plus_sparse(
+                np.asarray(old[layer][0][moe.EXPERTS]["wo"][j]), 2, 0.5)[0], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(model.Transformer(new_config.model).apply(new_variables, TOKENS))).all()
