@@ -163,7 +163,8 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """The validation data of a checkpoint: --data, --max_tokens, --batch_size, --seq_len, --data_dir (checked by
     ``check_data_flags``)."""
     parser.add_argument("--data", default=None, help="stdlib | text:<glob> | tfds:<name> (default: the checkpoint "
-                                                     "config's data.name); its validation split")
+                                                     "config's data.name); evaluate reads its validation "
+                                                     "split, the post-hoc commands the --calibration_split one")
     parser.add_argument("--max_tokens", type=int, default=0, help="this many tokens, rounded up to whole batches "
                                                                   "(0: the config's data.eval_batches batches)")
     parser.add_argument("--batch_size", type=int, default=0, help="rows per batch (0: the config's)")

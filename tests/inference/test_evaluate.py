@@ -193,7 +193,7 @@ def test_a_bpe_run_reads_another_corpus_with_its_own_tokenizer(bpe_release, tmp_
                             f"--out={tmp_path / 'e.json'}"])
     assert result["tokenizer"] == f"hf:{workdir}"
     run_config, variables = moejax.load(workdir)
-    _, inputs, tok = capture.calibration_batches(run_config, workdir, **flags)
+    _, inputs, tok = capture.calibration_batches(run_config, workdir, split="validation", **flags)
     assert tok.spec == f"hf:{workdir}"
     text = "".join(path.read_text() for path in other.glob("*.py"))
     for row in np.concatenate(inputs):
