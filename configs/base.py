@@ -109,6 +109,9 @@ def moe_config() -> ml_collections.ConfigDict:
     # Aux-loss-free balancing: after each train step b += bias_update_rate * sign(mean_load - load).
     # 0 disables the update (the bias stays 0).
     moe.bias_update_rate = 0.0
+    # Expert maps (moejax/moe/expert_map.py): () or one row per model layer, each () or E ints sending logical
+    # expert i to a stored expert (-1: removed). Written by post-hoc merging and non-uniform pruning.
+    moe.expert_map = ()
 
     router = ml_collections.ConfigDict()
     # Router kind, a key of moejax.moe.routers.ROUTERS.
@@ -154,10 +157,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     # Where a new run's weights come from (a workdir's newest checkpoint always wins: resume): '' = the model's own
-    # initialisation; 'hf:<dir>' = a transformers checkpoint directory (moejax.hf: config.json + *.safetensors).
-    # With 'hf:<dir>' the run's model section is the checkpoint's (moejax.hf.read_config), except the fields of
-    # FIELD_ROLES's 'compute' role below (dtypes, remat, dispatch, kernels, router-loss coefficients), which keep
-    # this config's values; data.tokenizer left at 'bytes' becomes 'hf:<dir>'. See configs/finetune.py.
+    # initialisation; 'hf:<dir>' = a transformers checkpoint directory (moejax.hf: config.json + *.safetensors);
+    # 'run:<dir>[@<step>]' = a moejax run directory (a run's workdir, or a model python -m moejax.posthoc --out wrote):
+    # the params and moe_state of its newest checkpoint (or of <step>), with a fresh optimizer state from step 0.
+    # The run's model section is then the source's (its config.json), except the fields of FIELD_ROLES's 'compute'
+    # role below (dtypes, remat, dispatch, kernels, router-loss coefficients), which keep this config's values;
+    # data.tokenizer left at 'bytes' becomes the source's tokenizer ('hf:<dir>' when <dir> has a tokenizer.json);
+    # set otherwise, it must be the same tokenizer for 'run:'. See configs/finetune.py.
     config.init_from = ""
 
     model = ml_collections.ConfigDict()
@@ -291,6 +297,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.log_every = 10
     train.eval_every = 50
     config.train = train
+
+    distill = ml_collections.ConfigDict()
+    # Knowledge distillation from a frozen teacher (MC-SMoE's recovery of a pruned or merged model, arXiv
+    # 2310.01334): the objective becomes ce_weight * CE + weight * KL(p_T || q_T) + the router losses, with
+    # p_T = softmax(teacher logits / temperature) and q_T = softmax(student logits / temperature) at each position
+    # (no T^2 factor, as the authors' code). The teacher runs its forward pass on the same batch in the same step
+    # (eval mode, no gradient, no optimizer state, not saved in checkpoints). teacher: '' (off) | 'run:<dir>[@<step>]'
+    # (a moejax run directory: a run's workdir or a post-hoc --out model) | 'hf:<dir>' (a transformers checkpoint
+    # directory); it must share the run's tokenizer and model.vocab_size, and is computed with this config's
+    # 'compute' fields (FIELD_ROLES). reduction of the KL over positions: 'token' (the mean, as the CE) |
+    # 'batchmean' (the sum over positions / batch size: torch's KLDivLoss(reduction='batchmean') of the authors'
+    # code, train.seq_len times 'token'). The defaults of weight and temperature are the authors' (kd_lambda 0.2,
+    # kd_temperature 2.0, mlm_lambda 1.0). These fields have no FIELD_ROLES role: a run resumes with the same ones.
+    distill.teacher = ""
+    distill.weight = 0.2
+    distill.temperature = 2.0
+    distill.ce_weight = 1.0
+    distill.reduction = "token"
+    config.distill = distill
 
     checkpoint = ml_collections.ConfigDict()
     # Save every every_steps steps (0: only at the end and on SIGTERM); keep the newest `keep`.

@@ -29,7 +29,7 @@ MAY_DIFFER = base.fields_with("resume")
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the whole config; raises ConfigError naming the field, value and what is allowed."""
     checks.positive_int("seed", config.seed, minimum=0)
-    initialise.hf_dir(config)
+    initialise.init_source(config)
     model.validate(config.model)
 
     d = config.data
@@ -48,6 +48,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.positive_int("train.eval_every", t.eval_every, minimum=0)
     optim.validate(t)
     objectives.validate(config)
+    initialise.teacher_model(config)  # a readable teacher of the student's vocabulary, or none
     upcycle.validate(config)
     checks.positive_int("checkpoint.every_steps", config.checkpoint.every_steps, minimum=0)
     checks.positive_int("checkpoint.keep", config.checkpoint.keep)

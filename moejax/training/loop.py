@@ -3,9 +3,10 @@
 
 ``train_and_evaluate`` reads top to bottom: validate the config, check the workdir, load the data, build the mesh,
 take the first state (moejax/training/initialise.py: the newest good checkpoint, else a fresh, upcycled or
-``init_from`` model; when that fails, what the run had created in the workdir is removed, so a run that never
-started leaves no workdir behind), compile the train step, run it with periodic logging, evaluation and
-checkpoints, then write the summary.
+``init_from`` model) and the distillation teacher if any (its variables are an argument of the train step, never
+saved; when either fails, what the run had created in the workdir is removed, so a run that never started leaves no
+workdir behind), compile the train step, run it with periodic logging, evaluation and checkpoints, then write the
+summary.
 
 Workdir contents:
 
@@ -44,6 +45,7 @@ incompatible run, raises ``checkpoint.WorkdirError`` (``WorkdirPathError`` for t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -158,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     check_workdir_path(workdir)
     check_workdir_config(config, workdir)
     fingerprint, train_iter, local_eval = _open_data(config)
+    initialise.check_tokenizers(config)
 
     mesh = make_mesh(config)
     global_batch = _batch_placer(config, mesh)
@@ -169,10 +172,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         _write_config(config, workdir)
         manager = checkpoint.open_manager(workdir, config.checkpoint.keep)
         start, abstract_state, shardings = _first_state(config, workdir, module, tx, mesh, manager, init_key)
+        teacher = initialise.load_teacher(config, mesh)
     state, start_step = start.state, int(start.state.step)
     if start.data_state is not None:
         train_iter.set_state(start.data_state)
     say(start.message)
+    if teacher is not None:
+        say(teacher.message)
     counts = model.param_counts(abstract_state.params, config.model)
     for note in expert_parallel.placement_notes(config):
         say(f"note: {note}")
@@ -181,12 +187,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         f"{num_layers} MoE layers; mesh {dict(mesh.shape)}")
 
     replicated = NamedSharding(mesh, P())
-    empty_train = jax.device_put(metrics.metrics_collection(True, num_layers, config.model.moe.num_experts).empty(),
-                                 replicated)
-    step_fn = jax.jit(lambda s, m, b: train_step(s, m, b, objective=objectives.from_config(config, module, train_key),
-                                                 tx=tx, hooks=hooks.from_config(config)),
-                      in_shardings=(shardings, replicated, batch_sharding(mesh)),
-                      out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+    empty_train = jax.device_put(metrics.metrics_collection(True, num_layers, config.model.moe.num_experts,
+                                                            distill=teacher is not None).empty(), replicated)
+    objective = objectives.from_config(config, module, train_key, None if teacher is None else teacher.module)
+    step = functools.partial(train_step, objective=objective, tx=tx, hooks=hooks.from_config(config))
+    in_shardings = (shardings, replicated, batch_sharding(mesh))
+    if teacher is None:
+        step_fn, step_args = jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, replicated, replicated),
+                                     donate_argnums=0), ()
+    else:  # the teacher's variables: an argument of every step, so they are neither constants nor state
+        step_fn = jax.jit(lambda s, m, b, t: step(s, m, b, teacher=t), in_shardings=(*in_shardings, teacher.shardings),
+                          out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+        step_args = (teacher.variables,)
     evaluator = evaluate.Evaluator(config, mesh=mesh, shardings=(
         {"params": shardings.params, "moe_state": shardings.moe_state}, replicated, batch_sharding(mesh)))
 
@@ -199,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             say(f"eval at step {start_step} (before training): loss {scalars['loss']:.4f}")
         state, stopped, compile_seconds = _train(config, workdir, state, step_fn, evaluator, train_iter,
                                                  global_batch, eval_data, empty_train, writer,
-                                                 progress, manager, resume_command)
+                                                 progress, manager, resume_command, step_args)
         if stopped is not None:
             return {"preempted": True, "step": stopped[0], "signal": stopped[1]}
         scalars = _evaluate(evaluator, state, eval_data)
@@ -250,11 +262,11 @@ class _StopRequest:
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: TrainState, step_fn: Any,
            evaluator: evaluate.Evaluator, train_iter: Any, global_batch: Any, eval_data: EvalSet, empty_train: Any,
            writer: Any,
-           progress: metrics.Progress, manager: Any,
-           resume_command: str | None = None) -> tuple[TrainState, tuple[int, str] | None, float]:
+           progress: metrics.Progress, manager: Any, resume_command: str | None = None,
+           step_args: tuple = ()) -> tuple[TrainState, tuple[int, str] | None, float]:
     """The steps from state.step to train.steps with logging, evaluation and checkpoints. Returns the state,
     (the step saved, the signal's name) when a signal stopped the run (None when it finished) and the compile
-    seconds."""
+    seconds. step_args: the step's arguments after the batch (the distillation teacher's variables)."""
     total, start_step, compile_seconds = config.train.steps, int(state.step), 0.0
     if start_step >= total:
         return state, None, compile_seconds
@@ -264,7 +276,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: Trai
         batch = global_batch(next(train_iter))
         say("compiling train step...")
         compile_start = time.perf_counter()
-        step_fn = step_fn.lower(state, empty_train, batch).compile()
+        step_fn = step_fn.lower(state, empty_train, batch, *step_args).compile()
         compile_seconds = time.perf_counter() - compile_start
         say(f"compiled train step in {compile_seconds:.1f}s")
         progress.restart_clock()
@@ -273,7 +285,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: Trai
         for step in range(start_step, total):
             if step > start_step:
                 batch = global_batch(next(train_iter))
-            state, train_metrics, health = step_fn(state, train_metrics, batch)
+            state, train_metrics, health = step_fn(state, train_metrics, batch, *step_args)
             done = stop.steps = step + 1
             progress.pending.append((done, health))
             log_now = done % config.train.log_every == 0 or done == total
@@ -286,7 +298,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: Trai
                 writer.write("train", done, scalars)
                 rate = progress.rate()
                 tokens = rate * config.train.batch_size * config.train.seq_len
-                say(f"step {done}/{total} | loss {scalars['loss']:.4f} | {rate:.2f} steps/s | "
+                kd = f" | kd {scalars['kd_loss']:.4f}" if "kd_loss" in scalars else ""
+                say(f"step {done}/{total} | loss {scalars['loss']:.4f}{kd} | {rate:.2f} steps/s | "
                     f"{tokens:,.0f} tokens/s | ETA {duration((total - done) / max(rate, 1e-9))}")
             if config.train.eval_every and done % config.train.eval_every == 0 and done < total:
                 progress.sync()
@@ -343,7 +356,8 @@ def _first_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, modul
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
     ctx = initialise.InitContext(
         config, workdir, fresh=lambda: jax.jit(init, out_shardings=shardings)(init_key),
-        place=jax.jit(lambda p, ms: initialise.new_state(p, ms, tx), out_shardings=shardings), mesh=mesh)
+        place=jax.jit(lambda p, ms: initialise.new_state(p, ms, tx), out_shardings=shardings), mesh=mesh,
+        abstract=abstract_state)
     return initialise.initial_state(ctx, manager, target), abstract_state, shardings
 
 

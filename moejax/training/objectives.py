@@ -5,6 +5,10 @@ and returns the value to minimise with a ``Report`` (the task loss to log, the w
 * ``cross_entropy_loss``: next-token cross-entropy + the router losses.
 * ``consistency_loss`` (THOR, arXiv 2110.04260): the batch runs twice with independent routing draws;
   CE_1 + CE_2 + coef * symmetric KL(p_1, p_2) + both passes' router losses; the reported loss is (CE_1 + CE_2) / 2.
+* ``distillation_loss`` (MC-SMoE's recovery, arXiv 2310.01334): ce_weight * CE + weight * KL(p_T || q_T) + the
+  router losses, p_T = softmax(teacher logits / T) and q_T = softmax(student logits / T) (``distillation_kl``); the
+  teacher's logits come from its forward pass on the same inputs (eval mode, under stop_gradient); the reported loss
+  is the CE, and ``Report.kd_loss`` the unweighted KL.
 
 Adding an objective: a function ``loss(forward, targets, key) -> (value, Report)`` and a line in ``from_config``.
 The router losses' coefficients (``model.moe.balance_coef``, ``device_balance_coef``, ``z_loss_coef``,
@@ -33,6 +37,7 @@ class Report:
     loss: jax.Array  # [] the task loss to log
     aux_loss: jax.Array  # [] the weighted router losses
     moe_aux: Any  # the 'moe_aux' collection of the (first) forward pass
+    kd_loss: jax.Array | None = None  # [] distillation: the unweighted KL to the teacher (None without a teacher)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -67,6 +72,27 @@ def consistency_kl(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
     return 0.5 * jnp.mean(sym)
 
 
+DISTILL_REDUCTIONS = ("token", "batchmean")
+
+
+def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float,
+                    reduction: str = "token", mask: jax.Array | None = None) -> jax.Array:
+    """KL(p_T || q_T) per position, p_T = softmax(teacher_logits / T), q_T = softmax(student_logits / T), reduced:
+    the authors' ``nn.KLDivLoss(reduction='batchmean')(log_softmax(student / T), softmax(teacher / T))`` (no T^2
+    factor). reduction: 'token' (the mean over the positions mask keeps, as the cross-entropy is) or 'batchmean'
+    (their sum divided by the batch size B, torch's 'batchmean' on [B, S, V]: S times 'token' without a mask).
+    logits: [B, S, V]; mask: [B, S] (1 = the position counts), None for all positions."""
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    p = jnp.exp(log_p)
+    kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)  # [B, S]; 0 log 0 = 0 as torch's kl_div
+    weights = jnp.ones(kl.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    total = jnp.sum(kl * weights)
+    if reduction == "batchmean":
+        return total / kl.shape[0]
+    return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def cross_entropy_loss(forward: Forward, targets: jax.Array, key: jax.Array, *,
                        moe_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, Report]:
     logits, moe_aux = forward(key)
@@ -84,9 +110,26 @@ def consistency_loss(forward: Forward, targets: jax.Array, key: jax.Array, *, mo
     return value, Report((task + task_2) / 2, aux, moe_aux)
 
 
+def distillation_loss(forward: Forward, targets: jax.Array, key: jax.Array, *, teacher_logits: jax.Array,
+                      moe_cfg: ml_collections.ConfigDict, weight: float, temperature: float, ce_weight: float = 1.0,
+                      reduction: str = "token") -> tuple[jax.Array, Report]:
+    logits, moe_aux = forward(key)
+    task, aux = cross_entropy(logits, targets), router_losses(moe_aux, moe_cfg)
+    kd = distillation_kl(logits, teacher_logits, temperature, reduction)
+    return ce_weight * task + weight * kd + aux, Report(task, aux, moe_aux, kd)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     t = config.train
     checks.number("train.consistency_coef", t.consistency_coef)
+    d = config.distill
+    checks.number("distill.weight", d.weight)
+    checks.number("distill.ce_weight", d.ce_weight)
+    checks.number("distill.temperature", d.temperature, strict=True)
+    checks.choice("distill.reduction", d.reduction, DISTILL_REDUCTIONS)
+    if d.teacher and t.consistency_coef:
+        checks.fail("distill.teacher", d.teacher, f"distillation cannot be combined with THOR's consistency loss "
+                                                  f"(train.consistency_coef={t.consistency_coef!r}): set one of them")
     kind = config.model.moe.router.kind
     if t.consistency_coef and not routers.spec(kind).needs_rng:
         random_kinds = sorted(k for k, s in routers.ROUTERS.items() if s.needs_rng)
@@ -106,11 +149,19 @@ class Objective:
     module: model.Transformer
     train_key: jax.Array
     total_steps: int
-    loss: Callable[[Forward, jax.Array, jax.Array], tuple[jax.Array, Report]]
+    loss: Callable[..., tuple[jax.Array, Report]]
+    teacher: model.Transformer | None = None  # distillation: the teacher's module (its variables are an argument)
 
-    def __call__(self, params: Any, moe_state: Any, batch: jax.Array, step: jax.Array) -> tuple[jax.Array, Report]:
+    def __call__(self, params: Any, moe_state: Any, batch: jax.Array, step: jax.Array,
+                 teacher: Any = None) -> tuple[jax.Array, Report]:
+        """teacher: the teacher's variables {'params', 'moe_state'} when the objective distills."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
         progress = step.astype(jnp.float32) / self.total_steps
+        extra = {}
+        if self.teacher is not None:
+            if teacher is None:
+                raise ValueError("this objective distills: pass the teacher's variables")
+            extra["teacher_logits"] = jax.lax.stop_gradient(self.teacher.apply(teacher, inputs, train=False))
 
         def forward(key: jax.Array) -> tuple[jax.Array, dict]:
             jitter_key, routing_key = jax.random.split(key)
@@ -119,11 +170,21 @@ class Objective:
                                             rngs={"jitter": jitter_key, "routing": routing_key})
             return logits, aux.get("moe_aux", {})
 
-        return self.loss(forward, targets, jax.random.fold_in(self.train_key, step))
+        return self.loss(forward, targets, jax.random.fold_in(self.train_key, step), **extra)
 
 
-def from_config(config: ml_collections.ConfigDict, module: model.Transformer, train_key: jax.Array) -> Objective:
+def from_config(config: ml_collections.ConfigDict, module: model.Transformer, train_key: jax.Array,
+                teacher: model.Transformer | None = None) -> Objective:
+    """The config's objective; with distill.teacher set, teacher is the teacher's module
+    (moejax.training.initialise.load_teacher)."""
     moe_cfg = config.model.moe
+    d = config.get("distill")
+    if d is not None and d.teacher:
+        if teacher is None:
+            raise ValueError(f"distill.teacher={d.teacher!r}: from_config needs the teacher's module")
+        loss = functools.partial(distillation_loss, moe_cfg=moe_cfg, weight=d.weight, temperature=d.temperature,
+                                 ce_weight=d.ce_weight, reduction=d.reduction)
+        return Objective(module, train_key, config.train.steps, loss, teacher)
     if config.train.consistency_coef:
         loss = functools.partial(consistency_loss, moe_cfg=moe_cfg, coef=config.train.consistency_coef)
     else:

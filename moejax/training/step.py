@@ -35,9 +35,13 @@ def layer_outputs(collected: dict[stats.ModulePath, stats.RoutedStats]) -> dict[
 
 def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Array, *,
                objective: objectives.Objective, tx: optax.GradientTransformation,
-               hooks: Sequence[hooks_lib.Hook] = ()) -> tuple[TrainState, clu_metrics.Collection, jax.Array]:
-    """One update on batch [B, S + 1]: the new state, metrics merged with this step's, [loss, grad_norm]."""
-    grads, report = jax.grad(lambda p: objective(p, state.moe_state, batch, state.step), has_aux=True)(state.params)
+               hooks: Sequence[hooks_lib.Hook] = (), teacher: Any = None
+               ) -> tuple[TrainState, clu_metrics.Collection, jax.Array]:
+    """One update on batch [B, S + 1]: the new state, metrics merged with this step's, [loss, grad_norm].
+    teacher: a distilling objective's teacher variables (an argument, not part of the state: never updated)."""
+    extra = {} if teacher is None else {"teacher": teacher}
+    grads, report = jax.grad(lambda p: objective(p, state.moe_state, batch, state.step, **extra),
+                             has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -45,8 +49,9 @@ def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Ar
     collected = stats.collect(report.moe_aux)
     for hook in hooks:
         new_state = hook(new_state, collected)
+    kd = {} if report.kd_loss is None else {"kd_loss": report.kd_loss}
     step_metrics = type(metrics).single_from_model_output(loss=report.loss, aux_loss=report.aux_loss,
-                                                          grad_norm=grad_norm, **layer_outputs(collected))
+                                                          grad_norm=grad_norm, **kd, **layer_outputs(collected))
     return new_state, metrics.merge(step_metrics), jnp.stack([report.loss, grad_norm])
 
 
