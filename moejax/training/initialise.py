@@ -39,6 +39,7 @@ import numpy as np
 from moejax import checks, hf, loading, model, parallel, upcycle
 from moejax.configs import base
 from moejax.data import tokenizers
+from moejax.moe import expert_map
 from moejax.training import checkpoint
 from moejax.training.checkpoint import WorkdirError
 from moejax.training.step import TrainState
@@ -102,10 +103,18 @@ def from_run(ctx: InitContext) -> Start:
     what = f"the checkpoint at step {meta['step']} in {source.path}"
     params = fitted(state["params"], target.params, what, "params")
     moe_state = fitted(state.get("moe_state") or {}, target.moe_state, what, "moe_state")
-    moe = ctx.config.model.moe
     return Start(ctx.place(params, moe_state),
-                 f"initialised a new run in {ctx.workdir} from {what} ({moe.num_experts} routed experts per MoE "
-                 f"layer, top-{moe.top_k}; data.tokenizer={ctx.config.data.tokenizer!r})", evaluate_first=True)
+                 f"initialised a new run in {ctx.workdir} from {what} ({experts(ctx.config.model)}, "
+                 f"top-{ctx.config.model.moe.top_k}; data.tokenizer={ctx.config.data.tokenizer!r})",
+                 evaluate_first=True)
+
+
+def experts(model_cfg: ml_collections.ConfigDict) -> str:
+    """'8 routed experts per MoE layer', with the stored experts of each MoE layer under an expert map."""
+    described = f"{model_cfg.moe.num_experts} routed experts per MoE layer"
+    if not expert_map.has_map(model_cfg.moe):
+        return described
+    return f"{described}, stored {[expert_map.stored_count(model_cfg.moe, i) for i in model.moe_layers(model_cfg)]}"
 
 
 INIT_SOURCES: dict[str, Callable[[InitContext], Start]] = {"fresh": fresh, "upcycle": upcycled, "hf": from_hf,
@@ -372,7 +381,7 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: Any) -> Teacher | None
     variables = jax.device_put(variables, shardings)
     d = config.distill
     return Teacher(module, variables, shardings,
-                   f"distilling from {what} ({model_cfg.moe.num_experts} routed experts per MoE layer): "
+                   f"distilling from {what} ({experts(model_cfg)}): "
                    f"{d.ce_weight:g} * CE + {d.weight:g} * KL(teacher || student) at temperature {d.temperature:g} "
                    f"({d.reduction} reduction)")
 
