@@ -11,9 +11,9 @@ layer at a time in blocks of tokens, so memory stays bounded by a block, not the
     trace = read_trace("traces/run1")
     analysis.expert_frequency(trace)          # [L, E]
 
-Local routing consistency (SRP, SCH) lives in ``moejax.posthoc.locality``; the names it had here still work:
-``segment_cache_best_hit_rate`` and ``segment_routing_best_performance`` are ``locality.segment_cache_coverage`` and
-``locality.segment_routing_coverage``, ``segment_routing_f1`` is ``locality.segment_routing_performance``.
+Local routing consistency (SRP, SCH) lives in ``moejax.posthoc.locality`` (the earlier
+``segment_cache_best_hit_rate`` and ``segment_routing_best_performance`` are its ``segment_cache_coverage`` and
+``segment_routing_coverage``, ``segment_routing_f1`` its ``segment_routing_performance``).
 """
 from __future__ import annotations
 
@@ -29,20 +29,6 @@ if TYPE_CHECKING:
 
 _BLOCK_ELEMENTS = 1 << 22  # [tokens, E] entries processed at once
 DEFAULT_LENGTHS = (1, 2, 4, 8, 16, 32, 64)  # the segment lengths of the coverage variants of SRP/SCH (locality.py)
-# names of local routing consistency that moved to locality.py: old name -> its name there
-_MOVED = {"segment_cache_best_hit_rate": "segment_cache_coverage",
-          "segment_routing_best_performance": "segment_routing_coverage",
-          "segment_routing_f1": "segment_routing_performance"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from moejax.posthoc import locality
-
-        return getattr(locality, _MOVED[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # --------------------------------------------------------------------------------------------------------- helpers
 
 def _block_tokens(trace: Trace) -> int:

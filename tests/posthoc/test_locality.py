@@ -376,14 +376,9 @@ def test_bootstrap_defaults_and_refusals(trace):
 
 # ------------------------------------------------------------------------------- coverage variants and the summary
 
-def test_coverage_variants_keep_their_old_names(trace):
-    assert analysis.segment_cache_best_hit_rate is locality.segment_cache_coverage
-    assert analysis.segment_routing_best_performance is locality.segment_routing_coverage
-    assert analysis.segment_routing_f1 is locality.segment_routing_performance
+def test_routing_coverage_is_cache_coverage_at_k(trace):
     np.testing.assert_allclose(locality.segment_routing_coverage(trace, [1, 4]),
                                locality.segment_cache_coverage(trace, [1, 4], [K])[..., 0])
-    with pytest.raises(AttributeError):
-        analysis.no_such_analysis  # noqa: B018
 
 
 def test_summary_headline_is_the_authors(trace):
