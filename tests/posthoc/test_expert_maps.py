@@ -339,3 +339,15 @@ def test_compress_stage_equals_the_authors_decomposition_and_keeps_the_map():
             np.testing.assert_allclose(np.asarray(new[layer][0][moe.EXPERTS]["wo"][j]), lowrank.low_rank_plus_sparse(
                 np.asarray(old[layer][0][moe.EXPERTS]["wo"][j]), 2, 0.5)[0], rtol=1e-5, atol=1e-6)
     assert np.isfinite(np.asarray(model.Transformer(new_config.model).apply(new_variables, TOKENS))).all()
+
+
+def test_groups_of_one_are_the_identity_and_overlapping_groups_are_refused():
+    config, variables = random_model(num_layers=3, first_dense=1, num_shared=1)
+    apply = model.Transformer(config.model).apply
+    singletons = {1: [[e] for e in range(8)], 2: [[e] for e in range(8)]}
+    new_config, new_variables = merge.average(config, variables, singletons)
+    assert new_config.model.moe.expert_map == ()  # the identity everywhere: no map is written
+    np.testing.assert_array_equal(np.asarray(model.Transformer(new_config.model).apply(new_variables, TOKENS)),
+                                  np.asarray(apply(variables, TOKENS)))
+    with pytest.raises(ValueError, match="disjoint"):
+        merge.average(config, variables, {1: [[0, 1], [1, 2]], 2: [[0], [1]]})

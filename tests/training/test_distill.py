@@ -345,3 +345,30 @@ def test_main_distils_a_pruned_model_from_its_source(source, pruned, env, tmp_pa
 
     again = main_run(student, corpus, env, *flags)  # the same command: the finished run, its config unchanged
     assert "holds a finished run of this config" in again
+
+
+def test_a_merged_model_with_uneven_stored_experts_trains_on_a_mesh_and_resumes(source, env, tmp_path):
+    """A model with expert maps (merged experts bound, uneven stored counts per layer) trains expert-parallel from
+    its own arrays, resumes, and keeps its map; the stored experts change, the bindings do not."""
+    from moejax.moe import expert_map
+    from moejax.posthoc import merge
+
+    workdir, corpus = source
+    config, variables = moejax.load(workdir)
+    groups = {0: [[0, 1], [2, 3], [4, 5], [6, 7]], 1: [[0, 1, 2, 3], [4, 5, 6], [7]]}
+    merged_config, merged = merge.average(config, variables, groups)
+    merged_dir = checkpoint.save_variables(tmp_path / "merged", merged_config, merged)
+    student = tmp_path / "student"
+    mesh = ["--config.mesh.data=2", "--config.mesh.expert=2", "--config.train.warmup_steps=1"]
+    devices = {**env, "XLA_FLAGS": env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
+    main_run(student, corpus, devices, f"--config.init_from=run:{merged_dir}", "--config.train.steps=2", *mesh)
+    out = main_run(student, corpus, devices, f"--config.init_from=run:{merged_dir}", "--config.train.steps=4", *mesh)
+    assert "resum" in out.lower()
+    trained_config, trained = moejax.load(student)
+    assert expert_map.rows(trained_config.model.moe) == expert_map.rows(merged_config.model.moe)
+    stored = model.moe_layer_variables(trained_config.model, trained)
+    assert [p["experts"]["wo"].shape[0] for p, _ in stored.values()] == [4, 3]
+    before = model.moe_layer_variables(merged_config.model, merged)
+    assert not np.allclose(np.asarray(stored[0][0]["experts"]["wo"]), np.asarray(before[0][0]["experts"]["wo"]))
+    records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4]
