@@ -11,6 +11,9 @@ pruning, merging and super experts.
     python -m moejax.posthoc super-experts --checkpoint=DIR --out=DIR [--rule=paper|percentile|top_n]
     python -m moejax.posthoc steer         --checkpoint=DIR --marker=TEXT [--experts=top2-npmi]
                                            [--mode=reinforce|dampen|silence] --out=FILE.json
+    python -m moejax.posthoc offload       --trace=TRACE_DIR --out=DIR [--policy=lru,lfu,score,belady]
+                                           [--cache_experts=N,...] [--prefetch=none|affinity|pregated|oracle]
+                                           [--device=h100-sxm|FILE.json|key=value,...]
 
 Every subcommand that runs the model opens ``--checkpoint`` with ``moejax.load`` (a moejax workdir, ``--step`` for
 another checkpoint than the newest, or a transformers directory) and reads calibration data shaped like
@@ -316,6 +319,15 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_offload(args: argparse.Namespace) -> dict[str, Any]:
+    from moejax.posthoc import capture, offload
+
+    try:
+        return offload.command(args, steps.say, capture.progress_bar)
+    except offload.ArgumentError as e:
+        raise cli.flag_error(e.name, e.value, e.why) from e
+
+
 # ------------------------------------------------------------------------------------------------------ parser
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -333,7 +345,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from moejax.posthoc import importance, super_experts
+    from moejax.posthoc import importance, offload, super_experts
 
     top = cli.ArgumentParser(prog="python -m moejax.posthoc", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -419,6 +431,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=2.0, help="the routing-weight factor (reinforce > 1, dampen < 1)")
     p.add_argument("--out", required=True, help="the JSON file to write")
     p.set_defaults(run=run_steer)
+
+    p = commands.add_parser("offload", help="simulate expert offloading (caches, prefetching) over a routing trace")
+    offload.add_flags(p)
+    p.set_defaults(run=run_offload)
     return top
 
 
