@@ -112,6 +112,9 @@ def moe_config() -> ml_collections.ConfigDict:
     # Expert maps (moejax/moe/expert_map.py): () or one row per model layer, each () or E ints sending logical
     # expert i to a stored expert (-1: removed). Written by post-hoc merging and non-uniform pruning.
     moe.expert_map = ()
+    # Expert placement with replicas (moejax/moe/placement.py): () or one row per model layer, each () or P ints,
+    # the stored expert each physical slot holds. Written by moejax.posthoc.placement (e.g. DeepSeek's EPLB plan).
+    moe.expert_placement = ()
 
     router = ml_collections.ConfigDict()
     # Router kind, a key of moejax.moe.routers.ROUTERS.

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from moejax import attention, checks, kv_cache, moe
 from moejax.attention import Attention, RMSNorm, rotary  # noqa: F401  (model.Attention, model.RMSNorm, ...)
 from moejax.layout import attention_window, is_moe_layer, layer_type, moe_layers  # model.moe_layers, ...
-from moejax.moe import expert_map
+from moejax.moe import expert_map, placement
 from moejax.moe import layer as moe_layer
 from moejax.moe.intervention import Intervention
 
@@ -114,6 +114,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if moe_layers(cfg):
         moe_layer.validate(cfg.moe)
         expert_map.validate(cfg, moe_layers(cfg))
+        placement.validate(cfg, moe_layers(cfg), {i: expert_map.stored_count(cfg.moe, i) for i in moe_layers(cfg)})
 
 
 def _validate_layer_lists(cfg: ml_collections.ConfigDict) -> None:

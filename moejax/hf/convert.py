@@ -20,7 +20,7 @@ from moejax.hf import io, tensors
 from moejax.hf.config import HFConfigError
 from moejax.hf.families import config_from_hf, config_to_hf, family
 from moejax.hf.io import CheckpointError
-from moejax.moe import expert_map
+from moejax.moe import expert_map, placement
 
 if TYPE_CHECKING:
     from moejax.data.tokenizers import Tokenizer
@@ -173,12 +173,14 @@ def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, mode
     from moejax.data import tokenizers
 
     m = config.model if "model" in config else config
-    if expert_map.has_map(m.moe):  # bound experts written as copies of their merge (exact); removed ones refused
+    if expert_map.has_map(m.moe) or placement.has_placement(m.moe):
+        # replicas dropped; bound experts written as copies of their merge (exact); removed ones refused
         from moejax.posthoc import compress
+        from moejax.posthoc import placement as plan
 
         wrapped = config if "model" in config else ml_collections.ConfigDict({"model": config})
         try:
-            wrapped, variables = compress.unmapped(wrapped, variables)
+            wrapped, variables = compress.unmapped(*plan.unplaced(wrapped, variables))
         except ValueError as e:
             raise HFConfigError(f"model.moe.expert_map: {e}") from e
         config = wrapped if "model" in config else wrapped.model

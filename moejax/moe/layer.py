@@ -33,7 +33,18 @@ import ml_collections
 from jax.sharding import Mesh
 
 from moejax import checks, moe
-from moejax.moe import dispatch, expert_map, expert_parallel, experts, intervene, losses, pipeline, routers, stats
+from moejax.moe import (
+    dispatch,
+    expert_map,
+    expert_parallel,
+    experts,
+    intervene,
+    losses,
+    pipeline,
+    placement,
+    routers,
+    stats,
+)
 from moejax.moe import intervention as interventions
 
 DISPATCH_MODES = ("dropless", "capacity")
@@ -186,7 +197,8 @@ class MoE(nn.Module):
         tokens = x.reshape(batch * seq, d_model).astype(self.dtype)
         expert = experts.from_config(cfg)
         num_stored = expert_map.stored_count(cfg, layer if isinstance(layer, int) else None)
-        weights = ExpertWeights(expert, num_stored, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
+        num_weights = placement.physical_count(cfg) or num_stored  # replicas: the physical slots
+        weights = ExpertWeights(expert, num_weights, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
                                 name=moe.EXPERTS)()
         weights = tuple(jnp.asarray(w, self.dtype) for w in weights)  # numpy params (load_checkpoint) too
         if self.is_mutable_collection("moe_state") or self.has_variable("moe_state", moe.ROUTER_BIAS):
@@ -258,23 +270,29 @@ class MoE(nn.Module):
             stored, stored_weights = expert_map.to_stored(route.experts, route.weights, map_row, num_experts,
                                                           num_stored)
             route = dataclasses.replace(route, experts=stored, weights=stored_weights)
+        num_weights = num_stored
+        if placement.has_placement(cfg):  # stored -> physical: a replica per token
+            num_weights = placement.physical_count(cfg)
+            replicas, counts = placement.layer_tables(cfg, layer, num_stored)
+            route = dataclasses.replace(route, experts=placement.to_physical(route.experts, replicas, counts,
+                                                                             num_stored, num_weights))
         backend = experts.resolve_backend(cfg.gmm_backend)
         cap = None
         if cfg.dispatch == "capacity":
             factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
-            cap = dispatch.capacity(num_tokens, cfg.top_k, num_stored, factor)
+            cap = dispatch.capacity(num_tokens, cfg.top_k, num_stored, factor)  # per expert, not per replica
         if self.mesh is not None and self.mesh.size > 1:
             tensor = self.mesh.shape.get("tensor", 1)
             if tensor > 1 and expert.after_contraction:  # the layer sums the tensor shards' partial outputs
                 weights = tuple(w / tensor if name in expert.after_contraction else w
                                 for name, w in zip(expert.param_names, weights, strict=True))
             out, dropped, overflow = expert_parallel.moe_ep(tokens, route, expert, weights,
-                                                            expert_map.with_num_experts(cfg, num_stored), self.mesh,
+                                                            expert_map.with_num_experts(cfg, num_weights), self.mesh,
                                                             capacity=cap, backend=backend, compute_dtype=self.dtype)
         else:
-            tile = pipeline.tile_for(backend, cfg.gmm_tile, num_tokens * route.experts.shape[1], num_stored)
+            tile = pipeline.tile_for(backend, cfg.gmm_tile, num_tokens * route.experts.shape[1], num_weights)
             out, dropped = pipeline.routed_experts(tokens.astype(self.dtype), route, expert, weights,
-                                                   num_experts=num_stored, backend=backend,
+                                                   num_experts=num_weights, backend=backend,
                                                    kernel=cfg.dispatch_kernel, tile=tile, capacity=cap,
                                                    drop_policy=cfg.drop_policy)
             overflow = jnp.zeros((), jnp.int32)

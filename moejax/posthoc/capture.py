@@ -61,7 +61,7 @@ from flax import struct
 
 from moejax import console, moe
 from moejax import model as model_lib
-from moejax.moe import dispatch, expert_map, expert_parallel, experts, pipeline, routers
+from moejax.moe import dispatch, expert_map, expert_parallel, experts, pipeline, placement, routers
 from moejax.moe import layer as moe_layer
 from moejax.posthoc.trace import TraceWriter
 
@@ -222,15 +222,19 @@ def slot_outputs(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.
 
 
 def _stored_routing(config: ml_collections.ConfigDict, layer: LayerCapture) -> tuple[routers.Routing, int]:
-    """The layer's routing with its slots' logical expert ids turned into stored ids (moejax/moe/expert_map.py;
-    one per slot, nothing combined), and the number of stored experts."""
+    """The layer's routing with its slots' logical expert ids turned into the ids of the weights' expert axis
+    (stored ids through the expert map, one per slot, nothing combined; physical slots through a placement), and
+    that axis' length."""
     cfg = config.model.moe
-    num_stored = layer.params[moe.EXPERTS][experts.from_config(cfg).param_names[0]].shape[0]
-    if not expert_map.has_map(cfg):
-        return layer.routing, num_stored
-    ids = expert_map.stored_ids(layer.routing.experts, expert_map.layer_row(cfg, layer.layer), cfg.num_experts,
-                                num_stored)
-    return layer.routing.replace(experts=ids), num_stored
+    num_weights = layer.params[moe.EXPERTS][experts.from_config(cfg).param_names[0]].shape[0]
+    num_stored = expert_map.stored_count(cfg, None if config.model.scan_layers else layer.layer)
+    ids = layer.routing.experts
+    if expert_map.has_map(cfg):
+        ids = expert_map.stored_ids(ids, expert_map.layer_row(cfg, layer.layer), cfg.num_experts, num_stored)
+    if placement.has_placement(cfg):  # replicas are copies: any replica gives the slot's output
+        replicas, counts = placement.layer_tables(cfg, layer.layer, num_stored)
+        ids = placement.to_physical(ids, replicas, counts, num_stored, num_weights)
+    return layer.routing.replace(experts=ids), num_weights
 
 
 def _slot_outputs_on_mesh(config: ml_collections.ConfigDict, layer: LayerCapture) -> jax.Array:

@@ -34,7 +34,7 @@ import numpy as np
 
 from moejax import checks, moe
 from moejax import model as model_lib
-from moejax.moe import expert_map, routers
+from moejax.moe import expert_map, placement, routers
 from moejax.moe import experts as experts_lib
 from moejax.moe import layer as moe_layer
 
@@ -236,6 +236,7 @@ def compress(config: ml_collections.ConfigDict, variables: Variables, maps: Mapp
     layers). The inputs are not modified; arrays outside the routers, routed experts and router biases are shared
     with them. A 'moe_aux' collection (statistics sown by ``init``) is left out: it describes the old experts."""
     layers = check_layers(config, maps, "the expert maps")
+    _refuse_placement(config)
     if expert_map.has_map(config.model.moe):
         raise ValueError("the model has expert maps (model.moe.expert_map): resizing its router would need the maps "
                          "resized too; remove or bind logical experts with compress.bind instead")
@@ -288,6 +289,12 @@ class Binding:
     experts: Mapping[str, Any]
 
 
+def _refuse_placement(config: ml_collections.ConfigDict) -> None:
+    if placement.has_placement(config.model.moe):
+        raise ValueError("the model has an expert placement (model.moe.expert_placement: replicas of its stored "
+                         "experts): take it out first with moejax.posthoc.placement.unplaced, place again after")
+
+
 def _pad(value: Any, size: int) -> Any:
     """value [S, ...] with zero experts appended up to ``size`` (the stacked shape of scanned layers)."""
     missing = size - value.shape[0]
@@ -307,6 +314,7 @@ def bind(config: ml_collections.ConfigDict, variables: Variables, bindings: Mapp
     out. ValueError when a row removes experts of a router whose ids are computed from E (hash routing)."""
     layers = check_layers(config, bindings, "the bindings")
     cfg = config.model.moe
+    _refuse_placement(config)
     names = set(experts_names(config))
     sites_layers = set(model_lib.moe_layers(config.model))
     old_rows = list(expert_map.rows(cfg))
