@@ -203,7 +203,9 @@ def expert_size(model_config, bits: int = 16) -> tuple[float, float]:
 def _first(predictions: np.ndarray, p: int) -> np.ndarray:
     """The first p valid ids of each row (-1 padded), order kept."""
     order = np.argsort(predictions < 0, axis=-1, kind="stable")
-    return np.take_along_axis(predictions, order, -1)[..., :p]
+    out = np.take_along_axis(predictions, order, -1)[..., :p]
+    pad = p - out.shape[-1]
+    return np.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, pad)], constant_values=-1) if pad > 0 else out
 
 
 def part(trace: Trace, start: int, end: int) -> Trace:
