@@ -10,7 +10,14 @@ import math
 
 import pytest
 
-from experiments import bench_expert_parallel, bench_generate, bench_hf_load, bench_moe_layer, gpu_check
+from experiments import (
+    bench_expert_parallel,
+    bench_generate,
+    bench_hf_load,
+    bench_moe_layer,
+    bench_placement,
+    gpu_check,
+)
 
 pytestmark = pytest.mark.xdist_group("benchmarks")
 
@@ -137,3 +144,13 @@ def test_gpu_check_dry(tmp_path):
     assert [(r["model"], r["batch"]) for r in rows] == [("tiny", b) for b in bench_generate.SMOKE["batches"]]
     for row in rows:
         assert_positive(row, "prefill_tok_s", "decode_tok_s", "nocache_tok_s")
+
+
+def test_bench_placement_smoke(capsys):
+    result = bench_placement.main(["--smoke"])
+    assert printed_json(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert_positive(result, "step_seconds_before", "step_seconds_after", "tokens")
+    before, after = result["max_over_mean_before"], result["max_over_mean_after"]
+    assert len(before) == len(after) == 2 and all(a < b for a, b in zip(after, before, strict=True))
+    assert all(p >= 1.0 for p in result["predicted_after"])
+    assert result["cluster"]["global"] < result["cluster"]["no_plan"]
