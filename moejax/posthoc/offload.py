@@ -244,7 +244,7 @@ def affinity_predictions(trace: Trace, affinity: np.ndarray, p: int, block: int 
         for start in range(0, trace.num_tokens, block):
             ids = policies.clean(np.asarray(trace.experts[layer, start:start + block]), num_experts)
             onehot = np.zeros((len(ids), num_experts + 1))
-            np.add.at(onehot, (np.arange(len(ids))[:, None], np.where(ids < 0, num_experts, ids)), 1.0)
+            onehot[np.arange(len(ids))[:, None], np.where(ids < 0, num_experts, ids)] = 1.0  # ids distinct per row
             score = onehot[:, :num_experts] @ affinity[layer]
             best = np.argsort(-score, axis=1, kind="stable")[:, :p]
             out[layer, start:start + block] = np.where(np.take_along_axis(score, best, 1) > 0, best, -1)
