@@ -136,10 +136,12 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int = 1
 # ------------------------------------------------------------------------------------------------ model side
 
 
-def expert_loads(config: ml_collections.ConfigDict, trace: Trace) -> np.ndarray:
+def expert_loads(config: ml_collections.ConfigDict, trace: Trace | np.ndarray) -> np.ndarray:
     """[L, S] routed slots per stored expert (the logical experts' counts summed through the expert map; S the
-    widest layer's count, zeros past a layer's own), rows in the model's MoE layer order."""
-    counts = importance.from_trace(trace, "frequency", config=config)
+    widest layer's count, zeros past a layer's own), rows in the model's MoE layer order. ``trace``: a routing trace
+    of the model, or its logical counts [L, E] (``importance.from_forward(..., 'frequency')``)."""
+    counts = np.asarray(trace) if isinstance(trace, np.ndarray) else importance.from_trace(trace, "frequency",
+                                                                                            config=config)
     layers = model_lib.moe_layers(config.model)
     width = max(expert_map.stored_count(config.model.moe, layer) for layer in layers)
     out = np.zeros((len(layers), width))

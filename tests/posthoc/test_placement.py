@@ -122,3 +122,23 @@ def test_bad_placements_are_named():
         from moejax.posthoc import prune
         placed_config, placed = placement.place(*random_model(), np.tile(np.arange(8), (2, 1)))
         prune.prune(placed_config, placed, {0: [0, 1], 1: [2, 3]})
+
+
+def test_place_command_writes_a_placed_model_that_computes_the_same(release, tmp_path):
+    import json
+
+    import moejax
+    from moejax.posthoc import __main__ as cli
+
+    out = tmp_path / "placed"
+    result = cli.main(["place", *release[1], "--devices", "2", "--redundant", "2", "--out", str(out)])
+    config, variables = moejax.load(out)
+    source_config, source = moejax.load(release[0])
+    assert config.model.moe.expert_placement and json.loads((out / "placement.json").read_text())["devices"] == 2
+    tokens = jnp.asarray(np.arange(16, dtype=np.int32)[None] % config.model.vocab_size)
+    np.testing.assert_allclose(np.asarray(model.Transformer(config.model).apply(variables, tokens)),
+                               np.asarray(model.Transformer(source_config.model).apply(source, tokens)),
+                               rtol=1e-6, atol=1e-6)
+    assert max(result["max_over_mean_after"]) <= max(result["max_over_mean_before"]) + 1e-9
+    with pytest.raises(ValueError, match="--redundant=1"):
+        cli.main(["place", *release[1], "--devices", "2", "--redundant", "1", "--out", str(tmp_path / "x")])
