@@ -206,6 +206,15 @@ def test_score_policy_with_router_scores_matches_the_brute_force_simulation():
         assert_same(result, brute_force(trace, "score", capacity, score_source="score", stream="corpus"))
 
 
+@pytest.mark.parametrize("policy", ["lfu", "score"])
+def test_aging_over_a_long_stream_matches_the_brute_force_simulation(policy):
+    """Past 333 tokens at decay 0.5 the stored values are rescaled (increment > 1e100); scaling by powers of two
+    keeps them exactly 2^t times the brute force's, so the evictions agree exactly."""
+    trace = random_trace(tokens=800, seed=5, docs=1)
+    result = offload.simulate(trace, policy, 3, stream="corpus", decay=0.5)
+    assert_same(result, brute_force(trace, policy, 3, stream="corpus", decay=0.5))
+
+
 @pytest.mark.parametrize("kind", ["oracle", "pregated", "affinity"])
 @pytest.mark.parametrize("policy", offload.POLICIES)
 def test_prefetching_matches_the_brute_force_simulation(policy, kind):
@@ -443,3 +452,10 @@ def test_the_command_writes_json_and_the_plot(tmp_path, capsys):
     with pytest.raises(cli_lib.UsageError, match="--expert_bytes=0.0: the bytes of one expert are unknown"):
         cli.main(base[:-2])
     assert not (tmp_path / "bad").exists()
+    # the expert's size from a moejax workdir's config.json: a GLU expert of D x F = 64 x 48 at 8 bits
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": {"d_model": 64, "moe": {"expert_ffn": 48}}}))
+    report = cli.main(base[:-2] + ["--checkpoint", str(tmp_path / "run"), "--expert_bits", "8", "--policy", "lru",
+                                   "--cache_experts", "4", "--first_tokens", "50", "--no_overlap"])
+    assert report["costs"]["expert_bytes"] == 3 * 64 * 48 and report["costs"]["expert_flops"] == 2 * 3 * 64 * 48
+    assert not report["costs"]["overlap"] and report["num_tokens"] == 50
