@@ -354,6 +354,11 @@ def mcsmoe(config: ml_collections.ConfigDict, variables: compress.Variables, tra
        authors' permutation step), 'dominant' (to its group's dominant expert), 'none' (the authors' Mixtral script).
     6. Merge: the usage-weighted average of each group (``merge_group``), bound: every member points at the merged
        expert and the router is unchanged (``compress.bind``; each layer may store a different number of experts).
+
+    Departures that can change results (docs/methods.md, MC-SMoE): usage counts the model's own routed slots (its
+    selection bias and group limits included; the authors count the top-2 of the raw logits); a group never routed
+    to is averaged uniformly (the authors' epsilon denominator gives it zeros); every MoE layer is merged; the
+    compress stage and the distillation are separate steps (``moejax.posthoc.lowrank``, ``distill.*``).
     """
     align = _check_align(align)
     if similarity is None:
@@ -408,6 +413,10 @@ def hcsmoe(config: ml_collections.ConfigDict, variables: compress.Variables, exp
     weights, weighted by ``frequencies`` [L, E] (``importance.from_trace(trace, 'frequency')`` rows) when given,
     else uniform; ``align`` as in ``mcsmoe`` ('dominant': to the cluster's most frequent member). Bound: every
     member points at its cluster's merged expert; the router is unchanged (``compress.bind``).
+
+    Departures that can change results (docs/methods.md, HC-SMoE): scipy's hierarchical clustering (the authors'
+    released scripts run K-means through a misspelt flag); usage over all k slots (the authors count the top-2);
+    top_k is kept when fewer clusters than k remain (the authors lower it).
     """
     align = _check_align(align)
     outputs = _per_layer(config, expert_outputs, "expert_outputs", layers)
