@@ -328,6 +328,9 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=1.0,
                         help="sample from the most likely tokens that reach this probability (1: all)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    parser.add_argument("--draft", default=None, help="speculative decoding (greedy) with this smaller model as the "
+                                                      "draft: a moejax workdir or transformers directory")
+    parser.add_argument("--gamma", type=int, default=4, help="--draft: tokens the draft proposes per round")
     return parser
 
 
@@ -410,6 +413,10 @@ def main(argv: list[str] | None = None) -> np.ndarray:
         cli.warn(f"--max_new_tokens={args.max_new_tokens} after a prompt of {len(ids)} tokens runs to "
                  f"{len(ids) + args.max_new_tokens} tokens, past the {trained[0]} the model was trained on "
                  f"({trained[1]}); the text may degrade beyond them")
+    if args.draft is not None:
+        from moejax import speculative
+
+        return speculative.command(args, config, opened.variables, ids, tokenizer)
     loaded = time.perf_counter()
     printer = _Printer(tokenizer, sys.stdout)
     sys.stdout.write(args.prompt)
