@@ -12,9 +12,14 @@ and every calibration seed s:
 * pruning by every criterion of ``moejax.posthoc.importance.CRITERIA`` (``frequency``, ``soft_count``, ``reap``,
   ``easy_ep``): ``importance.from_forward`` on the calibration set, ``prune.keep_by_score`` (the n best experts of
   every layer), ``prune.prune``;
-* merging: ``merge.mcsmoe`` with the routing trace of the calibration set (``moejax.posthoc.record``) and
+* merging: ``merge.mcsmoe`` with the routing trace of the calibration set (``moejax.posthoc.record``) and its
+  tokens' router logits (``merge.router_logits``: the authors' router-logit similarity; their global group counts,
+  uneven per layer, averaging n per layer; neurons aligned to each layer's first expert, ``align='first'``) and
   ``merge.hcsmoe`` with ``importance.expert_mean_outputs`` (average linkage, frequency-weighted, as the
-  ``python -m moejax.posthoc merge`` command does);
+  ``python -m moejax.posthoc merge`` command does). Merges keep the router's E logical experts and bind each group
+  member to its merged expert (``moejax.moe.expert_map``); every result records the routed experts each MoE layer
+  stores, S_l (``expert_map.stored_count``), their sum and the model's parameter count, so methods are compared at
+  equal stored experts;
 * then ``moejax.evaluate.Evaluator`` (one per compressed config, compiled once) on the run's validation windows
   (``moejax.data.checkpoint_windows``: ``data.eval_batches`` of the run unless ``--eval_batches``): bits per byte.
 
@@ -124,6 +129,15 @@ def calibration_stats(cache: common.ResultCache, config: ml_collections.ConfigDi
         done.append(f"mean outputs {seconds['means']:.1f}s")
     if done:
         np.savez(path, **stored)
+    if "mcsmoe" in methods and not any(key.startswith("router_logits_") for key in stored):
+        from moejax.posthoc import merge
+
+        t0 = time.perf_counter()
+        for layer, logits in merge.router_logits(config, variables, batches).items():
+            stored[f"router_logits_{layer}"] = logits
+        stored["seconds_logits"] = seconds["logits"] = time.perf_counter() - t0
+        np.savez(path, **stored)
+        done.append(f"router logits {seconds['logits']:.1f}s")
     marker = trace_dir / "complete"
     if "mcsmoe" in methods and not marker.exists():
         t0 = time.perf_counter()
@@ -135,11 +149,14 @@ def calibration_stats(cache: common.ResultCache, config: ml_collections.ConfigDi
         done.append(f"trace {seconds['trace']:.1f}s")
     if done:
         say(f"calibration seed {seed}: {sum(b.size for b in batches):,} tokens, " + ", ".join(done))
-    total = sum(float(stored[key]) for key in ("seconds_scores", "seconds_means", "seconds_trace") if key in stored)
+    total = sum(float(stored[key]) for key in ("seconds_scores", "seconds_means", "seconds_trace", "seconds_logits")
+                if key in stored)
     if "seconds" in stored:  # written by the first version of this script: all three at once
         total = float(stored["seconds"])
     return {"scores": {c: stored[f"score_{c}"] for c in PRUNE_METHODS if f"score_{c}" in stored},
             "mean_outputs": stored.get("mean_outputs"),
+            "router_logits": {int(key.rsplit("_", 1)[1]): stored[key] for key in stored
+                              if key.startswith("router_logits_")} or None,
             "trace": read_trace(trace_dir) if marker.exists() else None, "seconds": total}
 
 
@@ -154,11 +171,21 @@ def compress(method: str, kept: int, config: ml_collections.ConfigDict, variable
         keep = prune.keep_by_score(stats["scores"][method], kept, layers=layers)
         return prune.prune(config, variables, keep)
     if method == "mcsmoe":
-        return merge.mcsmoe(config, variables, stats["trace"], kept)
+        return merge.mcsmoe(config, variables, stats["trace"], kept, router_logits=stats["router_logits"])
     if method == "hcsmoe":
         return merge.hcsmoe(config, variables, stats["mean_outputs"], kept, linkage="average",
                             frequencies=stats["scores"]["frequency"], layers=layers)
     raise ValueError(f"unknown method {method!r}: allowed are {METHODS}")
+
+
+def stored_experts(config: ml_collections.ConfigDict) -> list[int]:
+    """The routed experts each MoE layer of a (compressed) model stores, S_l
+    (``moejax.moe.expert_map.stored_count``): a merged model binds several logical experts to one stored expert,
+    so its S_l counts the merged experts, not the router's E logical ones."""
+    from moejax import model
+    from moejax.moe import expert_map
+
+    return [expert_map.stored_count(config.model.moe, layer) for layer in model.moe_layers(config.model)]
 
 
 def kept_count(num_experts: int, fraction: float) -> int:
@@ -274,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": _command(argv), "checkpoint": str(checkpoint), "checkpoint_name": checkpoint.name,
             "step": steps[-1] if steps else None, "params": common.parameter_count(variables),
             "moe_layers": len(model.moe_layers(cfg)), "num_experts": num_experts, "num_shared": cfg.moe.num_shared,
-            "expert_ffn": cfg.moe.expert_ffn, "top_k": cfg.moe.top_k,
+            "expert_ffn": cfg.moe.expert_ffn, "top_k": cfg.moe.top_k, "tokenizer": config.data.tokenizer,
+            "d_model": cfg.d_model, "vocab_size": cfg.vocab_size,
             "router": f"{cfg.moe.router.kind}, {cfg.moe.router.score}, softmax_before_topk="
                       f"{cfg.moe.router.softmax_before_topk}, norm_topk_prob={cfg.moe.router.norm_topk_prob}",
             "methods": methods, "fractions": fractions, "seeds": args.seeds, "calib_batches": args.calib_batches,
@@ -313,12 +341,15 @@ def main(argv: list[str] | None = None) -> int:
             value = bits_per_byte(new_config, new_variables)
             t2 = time.perf_counter()
             done += 1
+            stored = stored_experts(new_config)
             results[cell_key(method, k, seed)] = {"method": method, "kept": k, "seed": seed, "bits_per_byte": value,
+                                                  "stored_per_layer": stored, "stored_total": sum(stored),
+                                                  "params": common.parameter_count(new_variables),
                                                   "compress_seconds": t1 - t0, "eval_seconds": t2 - t1,
                                                   "seconds": t2 - t0}
             cache.save()
             say(f"[{done}/{total}] {method} kept {k}/{num_experts} seed {seed}: {value:.4f} bits/byte "
-                f"(compress {t1 - t0:.1f}s, evaluate {t2 - t1:.1f}s)")
+                f"(compress {t1 - t0:.1f}s, evaluate {t2 - t1:.1f}s; stored experts per layer {stored})")
     extra = cache.section("meta_extra")
     extra["command"] = meta["command"]
     if calib_seconds:

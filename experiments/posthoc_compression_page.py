@@ -78,7 +78,7 @@ def render_page(payload: dict[str, Any], findings: str) -> str:
     lines += ["## Setup", "",
               f"* Model: `{s['checkpoint']}` (step {s['step']}): {s['params']:,} parameters, {s['moe_layers']} MoE "
               f"layers, {s['num_shared']} shared + {s['num_experts']} routed experts of width {s['expert_ffn']}, "
-              f"top-{s['top_k']}, router `{s['router']}`, byte tokenizer; "
+              f"top-{s['top_k']}, router `{s['router']}`, tokenizer `{s.get('tokenizer', 'bytes')}`; "
               f"uncompressed validation {fmt(s['baseline'], 4)} bits/byte.",
               f"* Data: {common.splits_text(s.get('calibration_split', 'train'), s.get('eval_split', 'validation'))}",
               f"* Validation: `moejax.evaluate.evaluate` on {s['eval_batches']} batches of {s['eval_shape'][0]} x "
@@ -92,9 +92,11 @@ def render_page(payload: dict[str, Any], findings: str) -> str:
               "* Pruning: `moejax.posthoc.importance` (`frequency`, `soft_count`, `reap`, `easy_ep`, one forward "
               "pass), `prune.keep_by_score` (the n best experts of every layer), `prune.prune`. Merging: "
               "`merge.mcsmoe` (dominant experts by frequency from the calibration trace, `moejax.posthoc.record`; "
-              "neurons aligned by weight matching; frequency-weighted average; the dominant's router column) and "
-              "`merge.hcsmoe` (average-linkage clustering of `importance.expert_mean_outputs`, frequency-weighted "
-              "average of the weights and of the router columns).",
+              "the authors' global group counts, uneven per layer; router-logit similarity over the calibration "
+              "tokens, `merge.router_logits`; neurons aligned to each layer's first expert; frequency-weighted "
+              "average) and `merge.hcsmoe` (average-linkage clustering of `importance.expert_mean_outputs`, "
+              "frequency-weighted average). Merges keep the router and bind each member to its merged expert "
+              "(`moejax.moe.expert_map`); each result records the routed experts stored per layer.",
               f"* Machine: {s['machine']}. Mean time per compression result (compress + evaluate, including "
               f"recompilation for a new expert count): {fmt(s['seconds_per_result'], 1)} s over "
               f"{s['results_done']} results; calibration statistics (importance pass, mean outputs, trace): "

@@ -5,18 +5,21 @@ the results page ``experiments/results/posthoc_routing.md``.
         [--eval_tokens 32768] [--keywords def,return,self,import] [--random_draws 5] [--betas 0,0.25,0.5,1.0]
         [--alpha 0.1] [--weak_rank 2] [--data_dir DIR] [--out experiments/results] [--render_only] [--no_release]
 
-Data: the validation split of the run's corpus (``moejax.data.checkpoint_windows``: windows of the run's batch
-shape, read with the checkpoint's tokenizer), cut in two disjoint consecutive parts: the first ``--max_tokens``
-tokens (rounded up to whole batches) are the *trace* (routing analyses, and where the keyword experts are chosen),
-the next ``--eval_tokens`` the *evaluation* set (every bits-per-byte figure), so the experts are never chosen on the
-bytes they are evaluated on (``CALIBRATION_SPLIT`` and ``EVAL_SPLIT``, both 'validation', stated on the page).
+Data: the run's corpus read with the checkpoint's tokenizer, in the run's batch shape. The trace (routing analyses,
+and where the keyword experts are chosen) is the first ``--max_tokens`` tokens (rounded up to whole batches) of the
+TRAINING split's iterator (``moejax.posthoc.capture.calibration_batches``, split='train', seed 1000); every
+bits-per-byte figure comes from the first ``--eval_tokens`` tokens of the run's VALIDATION windows
+(``moejax.data.checkpoint_windows``), so the experts are never chosen on the text they are evaluated on
+(``CALIBRATION_SPLIT`` and ``EVAL_SPLIT``, stated on the page).
 
 1. Routing trace (``moejax.posthoc.record``, with router scores, eos = the tokenizer's) and its analyses
    (``moejax.posthoc.analysis``, ``moejax.posthoc.locality``): expert frequency per layer, inter-layer affinity,
    SRP/SCH against the segment length (arXiv 2505.16056's, with bootstrap intervals, and the hindsight coverage
    variants), the summary numbers; SRP/SCH again on the trace with its positions shuffled (the same permutation at
    every layer), the reference without any local consistency.
-2. Keyword experts (experiments/posthoc_keywords.py). With the byte tokenizer a keyword is several tokens, so the
+2. Keyword experts (experiments/posthoc_keywords.py). With a subword tokenizer (BPE) a keyword's marker is the
+   set of token ids whose text is the keyword with or without surrounding whitespace (``keyword_ids``). With the
+   byte tokenizer a keyword is several tokens, so the
    marker is an *event*, not a token id: a position is marked when its input byte belongs to a whole-word occurrence
    of the keyword (the regex ``(?<![A-Za-z0-9_])kw(?![A-Za-z0-9_])`` inside a batch row; every byte of the
    occurrence is marked). The trace's token ids are replaced by one synthetic id (the vocabulary size) at the marked
@@ -78,9 +81,10 @@ KEYWORDS = ("def", "return", "self", "import")
 BETAS = (0.0, 0.25, 0.5, 1.0)
 PROMPTS = ("def fibonacci(n):\n", "class Stack:\n    def __init__(self):\n")
 RANDOM_SEED = 2024
-# The trace (calibration: routing analyses, the keyword experts) is the first part of the validation windows, the
-# evaluation the next part: one split, two disjoint parts.
-CALIBRATION_SPLIT, EVAL_SPLIT = "validation", "validation"
+# The trace (calibration: routing analyses, the keyword experts) comes from the training split's iterator
+# (``capture.calibration_batches``, seed CALIBRATION_SEED), every evaluated figure from the validation split.
+CALIBRATION_SPLIT, EVAL_SPLIT = "train", "validation"
+CALIBRATION_SEED = 1000
 PLACEHOLDER = "(to be written after a run)"  # the findings of a new page
 say = common.speaker(NAME)
 
@@ -89,16 +93,20 @@ say = common.speaker(NAME)
 
 def load_data(config: ml_collections.ConfigDict, checkpoint: pathlib.Path, max_tokens: int, eval_tokens: int,
               data_dir: str | None) -> tuple[ml_collections.ConfigDict, list[np.ndarray], list[np.ndarray], Any]:
-    """(data config, trace inputs [B, S] list, evaluation windows [B, S + 1] list, tokenizer): the run's validation
-    windows (``moejax.data.checkpoint_windows``), the first max_tokens tokens' batches for the trace and the next
-    eval_tokens tokens' for the evaluation, each rounded up to whole batches."""
+    """(data config, trace inputs [B, S] list, evaluation windows [B, S + 1] list, tokenizer): the trace is the
+    first max_tokens tokens' batches of the training split's iterator (``capture.calibration_batches``,
+    split='train', seed CALIBRATION_SEED), the evaluation the run's validation windows
+    (``moejax.data.checkpoint_windows``) of eval_tokens tokens, each rounded up to whole batches."""
     from moejax import data
+    from moejax.posthoc import capture
 
     per_batch = config.train.batch_size * config.train.seq_len
     n_trace, n_eval = max(1, math.ceil(max_tokens / per_batch)), max(1, math.ceil(eval_tokens / per_batch))
-    config, windows, tokenizer = data.checkpoint_windows(config, checkpoint, max_tokens=(n_trace + n_eval) * per_batch,
+    _, inputs, _ = capture.calibration_batches(config, checkpoint, split=CALIBRATION_SPLIT, seed=CALIBRATION_SEED,
+                                               max_tokens=n_trace * per_batch, data_dir=data_dir)
+    config, windows, tokenizer = data.checkpoint_windows(config, checkpoint, max_tokens=n_eval * per_batch,
                                                          data_dir=data_dir)
-    return config, [w[:, :-1] for w in windows[:n_trace]], windows[n_trace:], tokenizer
+    return config, inputs, windows, tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -113,7 +121,7 @@ def step_trace(cache: common.ResultCache, config: ml_collections.ConfigDict, var
     if record is None or not (trace_dir / "manifest.json").exists():
         started = time.perf_counter()
         total = sum(int(b.size) for b in inputs)
-        say(f"recording the routing trace of {total:,} validation tokens ({len(inputs)} batches of "
+        say(f"recording the routing trace of {total:,} {CALIBRATION_SPLIT} tokens ({len(inputs)} batches of "
             f"{inputs[0].shape[0]} x {inputs[0].shape[1]})")
         capture.record(config, variables, inputs, trace_dir, with_scores=True, eos_id=tokenizer.eos_id,
                        overwrite=True, metadata={"calibration_split": CALIBRATION_SPLIT, "batches": len(inputs)},
@@ -165,15 +173,16 @@ def same_layer_sets(chosen: dict[int, list[int]], num_experts: int, draws: int, 
 
 def step_silencing(cache: common.ResultCache, config: ml_collections.ConfigDict, variables: dict[str, Any],
                    windows: list[np.ndarray], keywords_record: dict[str, Any], random_draws: int,
-                   reinforce: float = 2.0) -> dict[str, Any]:
+                   reinforce: float = 2.0, bytes_table: np.ndarray | None = None) -> dict[str, Any]:
     """The cached 'silencing' record, completed: bits per byte (``keyword_bits``) of the model, with each keyword's
     top-1 and top-2 experts silenced, with the random controls silenced, and with the top-2 reinforced."""
     from moejax import evaluate, model
     from moejax.moe import intervention as iv_lib
 
     keywords = [kw for kw, r in keywords_record.items() if r.get("occurrences")]
-    masks = {kw: [posthoc_keywords.keyword_mask(w, kw)[:, 1:] for w in windows] for kw in keywords}
-    evaluator = evaluate.Evaluator(config)
+    masks = {kw: [posthoc_keywords.keyword_mask(w, kw, keywords_record[kw].get("token_ids"))[:, 1:]
+                  for w in windows] for kw in keywords}
+    evaluator = evaluate.Evaluator(config, bytes_table=bytes_table)
     record = cache.section("silencing")
 
     def run(key: str, chosen: dict[int, list[int]] | None, scale: float | None = None) -> None:
@@ -185,7 +194,7 @@ def step_silencing(cache: common.ResultCache, config: ml_collections.ConfigDict,
             iv = iv_lib.mask_experts(config, chosen)
         else:
             iv = iv_lib.scale_experts(config, {layer: {e: scale for e in ids} for layer, ids in chosen.items()})
-        result = posthoc_keywords.keyword_bits(evaluator, variables, windows, masks, iv)
+        result = posthoc_keywords.keyword_bits(evaluator, variables, windows, masks, iv, bytes_table)
         record[key] = {"experts": None if chosen is None else {str(k): v for k, v in chosen.items()},
                        "scale": scale, **result}
         cache.save()
@@ -269,7 +278,7 @@ def step_release(cache: common.ResultCache, data_dir: str | None) -> dict[str, A
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a moejax workdir (moejax.load; not needed with --render_only)")
-    parser.add_argument("--max_tokens", type=int, default=65536, help="validation tokens of the trace")
+    parser.add_argument("--max_tokens", type=int, default=65536, help="training tokens of the trace")
     parser.add_argument("--eval_tokens", type=int, default=32768, help="validation tokens evaluated (after the "
                                                                        "trace's)")
     parser.add_argument("--keywords", default=",".join(KEYWORDS))
@@ -311,26 +320,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                + (f" --eval_tokens={args.eval_tokens}" if args.eval_tokens != 32768 else ""))
 
     import moejax
-    from moejax import model
+    from moejax import evaluate, model
     from moejax.training import checkpoint as checkpoint_lib
 
     config, variables = moejax.load(checkpoint)
     data_config, inputs, windows, tokenizer = load_data(config, checkpoint, args.max_tokens, args.eval_tokens,
                                                         args.data_dir)
     cache.put("started", cache.get("started") or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    bytes_table = evaluate.text_bytes_table(tokenizer, config.model.vocab_size)
     trace = step_trace(cache, config, variables, inputs, tokenizer, out)
     keywords_record = posthoc_keywords.step_keywords(cache, trace, keywords, inputs[0].shape[1],
-                                                     config.model.vocab_size, say)
-    step_silencing(cache, config, variables, windows, keywords_record, args.random_draws, args.reinforce)
-    posthoc_scmoe.step_scmoe(cache, config, variables, windows, betas, args.alpha, args.weak_rank, say)
+                                                     config.model.vocab_size, say, tokenizer)
+    step_silencing(cache, config, variables, windows, keywords_record, args.random_draws, args.reinforce,
+                   bytes_table)
+    posthoc_scmoe.step_scmoe(cache, config, variables, windows, betas, args.alpha, args.weak_rank, say, bytes_table)
     posthoc_scmoe.step_samples(cache, config, variables, tokenizer, PROMPTS, args.alpha, args.weak_rank, args.max_new,
                                say)
     if not args.no_release:
         step_release(cache, args.data_dir)
 
     summary = page.summarise(cache.data, keywords)
-    summary["keyword_eval_bytes"] = {kw: int(sum(posthoc_keywords.keyword_mask(w, kw)[:, 1:].sum() for w in windows))
-                                     for kw in keywords}
+    summary["keyword_eval_bytes"] = {
+        kw: int(sum(posthoc_keywords.keyword_mask(w, kw, (keywords_record.get(kw) or {}).get("token_ids"))[:, 1:]
+                    .sum() for w in windows)) for kw in keywords}
     if summary["silencing_table"]:
         page.plot_silencing(summary, out / f"{NAME}_silencing.png")
     if cache.get("scmoe"):
@@ -349,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "command": command, "checkpoint": str(checkpoint),
             "step": max(checkpoint_lib.checkpoint_steps(checkpoint)), "params": common.parameter_count(variables),
             "moe_layers": len(model.moe_layers(cfg)), "shared": cfg.moe.num_shared, "experts": cfg.moe.num_experts,
-            "top_k": cfg.moe.top_k, "router": cfg.moe.router.kind, "run_val_bpb": run_summary.get("val_bits_per_byte"),
+            "top_k": cfg.moe.top_k, "router": cfg.moe.router.kind, "tokenizer": data_config.data.tokenizer,
+            "run_val_bpb": run_summary.get("val_bits_per_byte"),
             "data": data_config.data.name, "batch_size": inputs[0].shape[0], "seq_len": inputs[0].shape[1],
             "calibration_split": CALIBRATION_SPLIT, "eval_split": EVAL_SPLIT,
             "trace_tokens": sum(int(b.size) for b in inputs), "eval_tokens": sum(int(w[:, 1:].size) for w in windows),

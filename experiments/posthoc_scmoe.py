@@ -17,11 +17,13 @@ from experiments.posthoc_common import ResultCache
 
 def step_scmoe(cache: ResultCache, config: ml_collections.ConfigDict, variables: dict[str, Any],
                windows: list[np.ndarray], betas: Sequence[float], alpha: float, weak_rank: int,
-               say: Callable[[str], None]) -> dict[str, Any]:
+               say: Callable[[str], None], bytes_table: np.ndarray | None = None) -> dict[str, Any]:
     """The cached 'scmoe' record of these settings, else the sweep over the evaluation windows: per beta the bits
     per byte on the plausible head (where the true byte is in it), of the unmasked contrast, and the greedy
     accuracy; the head's mean size and the weak routing's bits per byte. The weak expert's weight is the authors'
-    choice for the model's router (``rank_weight_for``), stored in the settings."""
+    choice for the model's router (``rank_weight_for``), stored in the settings. ``bytes_table``: text bytes per
+    token id (``moejax.evaluate.text_bytes_table``) that turn bits per token into bits per byte; None: one byte per
+    token (the byte tokenizer)."""
     from moejax.moe import intervention as iv_lib
 
     record = cache.get("scmoe")
@@ -39,6 +41,8 @@ def step_scmoe(cache: ResultCache, config: ml_collections.ConfigDict, variables:
     module = model.Transformer(config.model)
     weak_iv = iv_lib.rank_only(config, weak_rank)
     contrasts = [SelfContrast(rank=weak_rank, alpha=alpha, beta=float(b)) for b in betas]
+    table = jnp.ones((config.model.vocab_size,), jnp.float32) if bytes_table is None else jnp.asarray(
+        bytes_table, jnp.float32)
 
     def stats(v, batch, iv):
         inputs, targets = batch[:, :-1], batch[:, 1:, None]
@@ -46,7 +50,9 @@ def step_scmoe(cache: ResultCache, config: ml_collections.ConfigDict, variables:
         weak = module.apply(v, inputs, intervention=iv).astype(jnp.float32)
         plausible = strong >= jnp.log(jnp.float32(alpha)) + strong.max(-1, keepdims=True)
         inside = jnp.take_along_axis(plausible, targets, -1)[..., 0]
-        out = {"inside": inside.sum(), "head_size": plausible.sum(),
+        nbytes = table[targets[..., 0]]
+        out = {"inside": inside.sum(), "head_size": plausible.sum(), "bytes": nbytes.sum(),
+               "inside_bytes": jnp.where(inside, nbytes, 0.0).sum(),
                "weak_nll": -jnp.take_along_axis(jax.nn.log_softmax(weak), targets, -1).sum()}
         for c in contrasts:
             masked = jax.nn.log_softmax(c.combine(strong, weak), axis=-1)
@@ -66,17 +72,18 @@ def step_scmoe(cache: ResultCache, config: ml_collections.ConfigDict, variables:
         totals = result if totals is None else jax.tree.map(lambda a, b: a + b, totals, result)
     tokens = sum(int(w[:, 1:].size) for w in windows)
     inside = int(totals["inside"])
+    text_bytes, inside_bytes = float(totals["bytes"]), float(totals["inside_bytes"])
     ln2 = math.log(2)
     rows = []
     for c in contrasts:
         t = totals[str(c.beta)]
         rows.append({"beta": c.beta, "outside_fraction": 1 - inside / tokens,
-                     "masked_bits_per_byte_inside": float(t["masked_nll"]) / (inside * ln2),
-                     "raw_bits_per_byte": float(t["raw_nll"]) / (tokens * ln2),
+                     "masked_bits_per_byte_inside": float(t["masked_nll"]) / (inside_bytes * ln2),
+                     "raw_bits_per_byte": float(t["raw_nll"]) / (text_bytes * ln2),
                      "greedy_accuracy": float(t["correct"]) / tokens})
-    record = cache.put("scmoe", {"settings": want, "rows": rows, "tokens": tokens,
+    record = cache.put("scmoe", {"settings": want, "rows": rows, "tokens": tokens, "bytes": text_bytes,
                                  "mean_head_size": float(totals["head_size"]) / tokens,
-                                 "weak_bits_per_byte": float(totals["weak_nll"]) / (tokens * ln2),
+                                 "weak_bits_per_byte": float(totals["weak_nll"]) / (text_bytes * ln2),
                                  "seconds": time.perf_counter() - started})
     say(f"SCMoE sweep: {tokens:,} positions, true byte outside the head at {1 - inside / tokens:.2%}; " + "; ".join(
         f"beta {r['beta']}: {r['masked_bits_per_byte_inside']:.4f} (head) {r['raw_bits_per_byte']:.4f} (unmasked)"
