@@ -15,6 +15,7 @@ pruning, merging and super experts.
     python -m moejax.posthoc offload       --trace=TRACE_DIR --out=DIR [--policy=lru,lfu,score,belady]
                                            [--cache_experts=N,...] [--prefetch=none|affinity|pregated|oracle]
                                            [--device=h100-sxm|FILE.json|key=value,...]
+    python -m moejax.posthoc quantise      --checkpoint=DIR --method=rtn|gptq --bits=4 --out=DIR [--rules=...]
 
 Every subcommand that runs the model opens ``--checkpoint`` with ``moejax.load`` (a moejax workdir, ``--step`` for
 another checkpoint than the newest, or a transformers directory) and reads calibration data shaped like
@@ -320,6 +321,12 @@ def run_steer(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_quantise(args: argparse.Namespace) -> dict[str, Any]:
+    from moejax.quant import command
+
+    return command.run(args)
+
+
 def run_offload(args: argparse.Namespace) -> dict[str, Any]:
     from moejax.posthoc import capture, offload
 
@@ -441,6 +448,14 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("offload", help="simulate expert offloading (caches, prefetching) over a routing trace")
     offload.add_flags(p)
     p.set_defaults(run=run_offload)
+
+    from moejax.quant import command as quantise
+
+    p = commands.add_parser("quantise", help="quantise the weights (RTN or GPTQ), write the model and its metrics")
+    _data_flags(p)
+    quantise.add_flags(p)
+    _model_flags(p)
+    p.set_defaults(run=run_quantise)
     return top
 
 

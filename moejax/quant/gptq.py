@@ -163,11 +163,25 @@ def _expert_hidden(expert: Any, x: np.ndarray, weights: Mapping[str, np.ndarray]
     return _glu_hidden(x, w["wi_0"], w["wi_1"], expert.activation)
 
 
-def layer_stats(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], layer: int,
-                progress: Callable[[int], None] | None = None) -> _LayerStats:
-    """The calibration sums of MoE layer ``layer`` over ``batches`` (token ids [B, S]) with ``variables``."""
+def calibration_step(config: ml_collections.ConfigDict) -> Callable[[Any, Any], dict]:
+    """A jitted forward (``moejax.posthoc.capture.forward``) giving every MoE layer's inputs [L, T, D] (float32) and
+    selected experts [L, T, k]: compiled once per batch shape and used for every layer's pass (only the variables
+    change between them)."""
     from moejax.posthoc import capture
 
+    def fn(variables: Any, tokens: Any) -> dict:
+        c = capture.forward(config, variables, tokens)
+        return {"inputs": jnp.stack([layer.inputs.astype(jnp.float32) for layer in c.layers]),
+                "experts": jnp.stack([layer.routing.experts for layer in c.layers])}
+
+    return jax.jit(fn)
+
+
+def layer_stats(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], layer: int,
+                progress: Callable[[int], None] | None = None, step: Callable[[Any, Any], dict] | None = None
+                ) -> _LayerStats:
+    """The calibration sums of MoE layer ``layer`` over ``batches`` (token ids [B, S]) with ``variables``; ``step``:
+    a ``calibration_step`` to reuse."""
     cfg = config.model
     row = model_lib.moe_layers(cfg).index(layer)
     params, _ = model_lib.moe_layer_variables(cfg, variables)[layer]
@@ -179,13 +193,16 @@ def layer_stats(config: ml_collections.ConfigDict, variables: Mapping[str, Any],
     stats = _LayerStats(num_stored, cfg.d_model, weights["wi_0"].shape[-1],
                         0 if shared is None else int(np.shape(shared["wi_0"])[-1]))
 
-    def fn(c: Any) -> dict:
-        layer_capture = c.layers[row]
-        return {"inputs": layer_capture.inputs.astype(jnp.float32), "experts": layer_capture.routing.experts}
-
-    for arrays in capture.stream(config, variables, batches, fn, progress=progress):
-        x = np.asarray(arrays["inputs"], np.float32)
-        ids = np.asarray(arrays["experts"])
+    step = calibration_step(config) if step is None else step
+    apply_vars = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+    done = 0
+    for batch in batches:
+        arrays = step(apply_vars, jnp.asarray(batch, jnp.int32))
+        x = np.asarray(arrays["inputs"][row], np.float32)
+        ids = np.asarray(arrays["experts"][row])
+        done += int(np.size(batch))
+        if progress is not None:
+            progress(done)
         stats.tokens += x.shape[0]
         stats.all_xx += (x.T @ x).astype(np.float64)
         if shared is not None:
@@ -234,6 +251,10 @@ def quantize(config: ml_collections.ConfigDict, variables: Mapping[str, Any], ru
 
         assignment = mixed.with_expert_bits(assignment, expert_bits)
     moe_layers = set(model_lib.moe_layers(config.model))
+    from moejax.posthoc import capture
+
+    capture.check_supported(config)
+    step = calibration_step(config)
 
     def in_gptq(matrix: Matrix, layer: int) -> bool:
         return matrix.target in GPTQ_TARGETS and layer in moe_layers
@@ -254,7 +275,7 @@ def quantize(config: ml_collections.ConfigDict, variables: Mapping[str, Any], ru
         if progress is not None:
             progress(f"GPTQ layer {layer}: calibration pass")
         stats = layer_stats(config, variables, batches, layer,
-                            progress=None if batch_progress is None else batch_progress())
+                            progress=None if batch_progress is None else batch_progress(), step=step)
         rtn_experts = sorted(int(e) for e in np.nonzero(stats.counts < min_tokens)[0])
         losses: dict[str, float] = {}
 

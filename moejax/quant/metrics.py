@@ -73,9 +73,14 @@ def routing(config: ml_collections.ConfigDict, original: Mapping[str, Any], quan
     changes = np.zeros(len(layers))
     kl = np.zeros(len(layers))
     tokens = 0
-    pairs = zip(capture.stream(config, original, batches, _routing_arrays, progress=progress),
-                capture.stream(config, quantised, batches, _routing_arrays), strict=True)
-    for a, b in pairs:
+    step = jax.jit(lambda v, t: _routing_arrays(capture.forward(config, v, t)))  # one program for both models
+    original, quantised = ({key: v[key] for key in ("params", "moe_state") if v.get(key) is not None}
+                           for v in (original, quantised))
+    for batch in batches:
+        tokens_in = jnp.asarray(batch, jnp.int32)
+        a, b = (jax.device_get(step(v, tokens_in)) for v in (original, quantised))
+        if progress is not None:
+            progress(tokens + int(np.size(batch)))
         count = a["experts"].shape[1]
         tokens += count
         for row in range(len(layers)):
