@@ -151,8 +151,36 @@ def moe_config() -> ml_collections.ConfigDict:
     router.frozen = False
     # A learned bias in the router's linear map, logits = x @ W + b (GPT-OSS): router/bias [E] float32, zeros at init.
     router.bias = False
+    # kind='sparsemixer' (PhiMoE): at each slot, the experts whose logit lies more than 2 * jitter_eps (relative to
+    # max(|logit|, the selected one's)) below the selected expert's leave the softmax its weight comes from
+    # (PhiMoE's router_jitter_noise).
+    router.jitter_eps = 0.01
     moe.router = router
     return moe
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """The ``model.lora`` section: LoRA adapters (arXiv 2106.09685) on the weights its rules pick (moejax/adapters/,
+    docs/adapters.md). With targets set, training updates the adapters only (the base weights stay frozen)."""
+    lora = ml_collections.ConfigDict()
+    # Regexes (re.search) over parameter paths such as layers_0/attn/q/kernel, layers_1/ffn/experts/wi_0,
+    # layers_1/ffn/shared/wo, layers_1/ffn/router/kernel, lm_head/kernel (blocks/block_0/... with scan_layers).
+    # Matrices only (attention projections, dense and shared GLUs, routers, the shared-expert gate, routed experts,
+    # the LM head); every rule must pick one. () = no adapters: the model as it is.
+    lora.targets = ()
+    # Rank r, and alpha: the adapter adds (alpha / r) * x A B to x W (alpha / sqrt(r) with rslora, arXiv 2312.03732).
+    lora.rank = 8
+    lora.alpha = 8.0
+    lora.rslora = False
+    # Dropout on the adapter's input x (training only; not on routed-expert adapters).
+    lora.dropout = 0.0
+    # A's initialisation (B starts at zero): 'kaiming_uniform' (PEFT's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)))
+    # | 'gaussian' (N(0, 1/r^2), PEFT's init_lora_weights='gaussian').
+    lora.init = "kaiming_uniform"
+    # Routed experts: 'per_expert' (A [E, in, r], B [E, r, out], one adapter per expert) | 'shared' (one A [in, r],
+    # B [r, out] that every expert adds).
+    lora.experts = "per_expert"
+    return lora
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -179,6 +207,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.num_kv_heads = 0
     model.rope_theta = 10000.0
     model.norm_eps = 1e-6
+    # The norm before attention, before the FFN and on the final output: 'rms' (RMSNorm, a scale) | 'layernorm'
+    # (LayerNorm, a scale and a bias: PhiMoE). The query/key norms and MLA's latent norms stay RMSNorm.
+    model.norm = "rms"
+    # A learned bias on the output head (PhiMoE's lm_head_bias); needs tie_embeddings=False.
+    model.lm_head_bias = False
     # RMSNorm on each head's queries and keys before the rotary embedding (Qwen3, OLMoE).
     model.qk_norm = False
     # Where qk_norm normalises: 'head' (each head's Dh features: Qwen3) | 'proj' (the whole q and k projections
@@ -207,9 +240,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Rotary layout: False rotates the two halves of the rotary dims (HF's rotate_half); True rotates interleaved
     # pairs (x0, x1), (x2, x3), ... (DeepSeek-V3's rope_interleave).
     model.rope_interleave = False
+    # The fraction of each grouped-query head the rotary embedding turns: its first int(Dh * partial_rotary_factor)
+    # dims (an even number; the two halves of those rotate), the rest pass unrotated (GLM-4.5: 0.5). 'gqa' only.
+    model.partial_rotary_factor = 1.0
     rope_scaling = ml_collections.ConfigDict()
-    # 'none' | 'yarn' (YaRN frequency interpolation with attention scaling: DeepSeek-V3, GPT-OSS). With 'yarn':
-    # factor >= 1, beta_fast and beta_slow > 0, mscale and mscale_all_dim >= 0.
+    # 'none' | 'yarn' (YaRN frequency interpolation with attention scaling: DeepSeek-V3, GPT-OSS) | 'longrope'
+    # (LongRoPE: PhiMoE). With 'yarn': factor >= 1, beta_fast and beta_slow > 0, mscale and mscale_all_dim >= 0.
     rope_scaling.kind = "none"
     rope_scaling.factor = 1.0
     rope_scaling.original_max_position_embeddings = 4096
@@ -222,6 +258,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rope_scaling.mscale_all_dim = 0.0
     # Round the correction range to whole dimensions (HF's 'truncate', default True; GPT-OSS: False).
     rope_scaling.truncate = True
+    # kind='longrope': inv_freq_i = 1 / (f_i * rope_theta^(2i / R)) over the R rotary dims, with cos and sin times an
+    # mscale; f and the mscale are short_factor (R/2 numbers) and short_mscale while the sequence (its largest
+    # position + 1) is at most original_max_position_embeddings, long_factor and long_mscale beyond.
+    rope_scaling.short_factor = ()
+    rope_scaling.long_factor = ()
+    rope_scaling.short_mscale = 1.0
+    rope_scaling.long_mscale = 1.0
     model.rope_scaling = rope_scaling
     mla = ml_collections.ConfigDict()
     # Multi-head Latent Attention (DeepSeek-V2/V3): q through an optional low-rank q_lora_rank (0: a full
@@ -249,6 +292,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.scan_layers = False
     model.remat = False
     model.moe = moe_config()
+    model.lora = lora_config()
     config.model = model
 
     data = ml_collections.ConfigDict()

@@ -1,7 +1,8 @@
 """Attention variants and rotary embeddings of the decoder (``config.model`` = cfg): grouped-query attention
 (``Attention``, cfg.attention='gqa') and DeepSeek's Multi-head Latent Attention (``MLAttention``, 'mla'), the causal
-attention core they share (sliding window, attention sinks), RMSNorm, and the rotary embedding with its YaRN
-frequency interpolation.
+attention core they share (sliding window, attention sinks), the norms (RMSNorm; LayerNorm for ``model.norm``), and
+the rotary embedding with its YaRN frequency interpolation and LongRoPE factors, on every head dim or on the first
+``partial_rotary_factor`` of them.
 
 Parameter trees (under ``layers_{i}/attn``; Dh = cfg.head_dim or d_model // num_heads, KV = num_kv_heads or H):
 
@@ -26,37 +27,59 @@ import ml_collections
 import numpy as np
 
 from moejax import checks, kv_cache
+from moejax.adapters import lora
 
 ATTENTION_KINDS = ("gqa", "mla")
 LAYER_TYPES = ("full", "sliding")
 QK_NORM_SCOPES = ("head", "proj")
-ROPE_SCALINGS = ("none", "yarn")
+ROPE_SCALINGS = ("none", "yarn", "longrope")
+NORM_KINDS = ("rms", "layernorm")
 MLA_NORM_EPS = 1e-6  # the latent RMSNorms' epsilon (the released DeepSeek-V2/V3 code fixes it, whatever rms_norm_eps)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Checks the attention fields of the ``model`` section (errors name the field, its value and what is allowed)."""
-    for field in ("qkv_bias", "o_bias", "qk_norm", "attention_sinks", "rope_interleave"):
+    for field in ("qkv_bias", "o_bias", "qk_norm", "attention_sinks", "rope_interleave", "lm_head_bias"):
         if not isinstance(cfg[field], bool):
             checks.fail(f"model.{field}", cfg[field], "must be True or False")
     checks.choice("model.attention", cfg.attention, ATTENTION_KINDS)
     checks.choice("model.qk_norm_scope", cfg.qk_norm_scope, QK_NORM_SCOPES)
+    checks.choice("model.norm", cfg.norm, NORM_KINDS)
+    if cfg.lm_head_bias and cfg.tie_embeddings:
+        checks.fail("model.lm_head_bias", cfg.lm_head_bias, "the output head tied to the embedding has no bias: "
+                                                            "set model.tie_embeddings=False")
     checks.positive_int("model.head_dim", cfg.head_dim, minimum=0)
     checks.number("model.clip_qkv", cfg.clip_qkv)
+    factor = cfg.partial_rotary_factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        checks.fail("model.partial_rotary_factor", factor, "must be a number in (0, 1]")
     _validate_rope_scaling(cfg.rope_scaling)
     if cfg.attention == "mla":
         _validate_mla(cfg)
-        return
-    if not cfg.head_dim and cfg.d_model % cfg.num_heads:
-        checks.fail("model.num_heads", cfg.num_heads, f"must divide model.d_model={cfg.d_model} (or set "
-                                                      "model.head_dim)")
-    if head_dim(cfg) % 2:
-        checks.fail("model.head_dim", cfg.head_dim, f"the head width {head_dim(cfg)} must be even for the rotary "
-                                                    "embedding")
+    else:
+        if not cfg.head_dim and cfg.d_model % cfg.num_heads:
+            checks.fail("model.num_heads", cfg.num_heads, f"must divide model.d_model={cfg.d_model} (or set "
+                                                          "model.head_dim)")
+        if head_dim(cfg) % 2:
+            checks.fail("model.head_dim", cfg.head_dim, f"the head width {head_dim(cfg)} must be even for the "
+                                                        "rotary embedding")
+        if rotary_dims(cfg) < 2 or rotary_dims(cfg) % 2:
+            checks.fail("model.partial_rotary_factor", factor, f"int(head width {head_dim(cfg)} * {factor}) = "
+                                                               f"{rotary_dims(cfg)} rotary dims must be even and >= 2")
+    if cfg.rope_scaling.kind == "longrope":
+        pairs = (cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else rotary_dims(cfg)) // 2
+        for field in ("short_factor", "long_factor"):
+            value = cfg.rope_scaling[field]
+            if not isinstance(value, (tuple, list)) or len(value) != pairs or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
+                checks.fail(f"model.rope_scaling.{field}", value, f"must be {pairs} positive numbers (one per "
+                                                                  f"rotary pair)")
 
 
 def _validate_rope_scaling(rs: ml_collections.ConfigDict) -> None:
     checks.choice("model.rope_scaling.kind", rs.kind, ROPE_SCALINGS)
+    if rs.kind == "longrope":
+        _validate_longrope(rs)
     if rs.kind != "yarn":
         return
     checks.number("model.rope_scaling.factor", rs.factor, minimum=1.0)
@@ -69,6 +92,12 @@ def _validate_rope_scaling(rs: ml_collections.ConfigDict) -> None:
         checks.fail("model.rope_scaling.truncate", rs.truncate, "must be True or False")
 
 
+def _validate_longrope(rs: ml_collections.ConfigDict) -> None:
+    checks.positive_int("model.rope_scaling.original_max_position_embeddings", rs.original_max_position_embeddings)
+    for field in ("short_mscale", "long_mscale"):
+        checks.number(f"model.rope_scaling.{field}", rs[field], strict=True)
+
+
 def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
     mla = cfg.mla
     checks.positive_int("model.mla.q_lora_rank", mla.q_lora_rank, minimum=0)
@@ -78,7 +107,8 @@ def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
     if mla.qk_rope_head_dim % 2:
         checks.fail("model.mla.qk_rope_head_dim", mla.qk_rope_head_dim, "must be even (rotary pairs)")
     why = "not an option with model.attention='mla' (DeepSeek's latent attention)"
-    for field, off in (("qkv_bias", False), ("qk_norm", False), ("clip_qkv", 0.0), ("head_dim", 0)):
+    for field, off in (("qkv_bias", False), ("qk_norm", False), ("clip_qkv", 0.0), ("head_dim", 0),
+                       ("partial_rotary_factor", 1.0)):
         if cfg[field] != off:
             checks.fail(f"model.{field}", cfg[field], f"{why}: must be {off!r}")
     if cfg.num_kv_heads not in (0, cfg.num_heads):
@@ -96,6 +126,30 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in float32 (torch's nn.LayerNorm: the biased
+    variance; PhiMoE's norms)."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale + bias).astype(self.dtype)
+
+
+def norm(cfg: ml_collections.ConfigDict, dtype: Any, name: str) -> nn.Module:
+    """The norm of ``model.norm`` ('rms': RMSNorm with a scale; 'layernorm': LayerNorm with a scale and a bias)
+    before attention, before the FFN and on the final output; eps ``model.norm_eps``."""
+    cls = LayerNorm if cfg.norm == "layernorm" else RMSNorm
+    return cls(cfg.norm_eps, dtype, name=name)
 
 
 # ----------------------------------------------------------------------------------------------- rotary
@@ -146,14 +200,40 @@ def yarn_parameters(dim: int, theta: float, rs: ml_collections.ConfigDict) -> tu
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def rope_parameters(cfg: ml_collections.ConfigDict, dim: int) -> tuple[jax.Array | np.ndarray, float]:
-    """(inv_freq [dim // 2], attention factor) of ``model.rope_scaling`` for ``dim`` rotary dims."""
+def longrope_parameters(dim: int, theta: float, rs: ml_collections.ConfigDict, length: int | jax.Array | None = None
+                        ) -> tuple[jax.Array | np.ndarray, float | jax.Array]:
+    """LongRoPE (Phi-3.5) for ``dim`` rotary dims: (inv_freq [dim // 2], attention factor). inv_freq_i =
+    1 / (f_i * theta^(2i / dim)) and the factor multiplying cos and sin is an mscale: f and the mscale are
+    ``short_factor`` / ``short_mscale`` while ``length`` (the largest position + 1; a traced scalar when decoding with
+    a cache; None: short) is at most ``original_max_position_embeddings``, else ``long_factor`` / ``long_mscale``.
+    rs: ``model.rope_scaling``."""
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    base = np.float32(theta) ** exponents
+
+    def pick(which: str) -> tuple[np.ndarray, float]:
+        factors = np.asarray(rs[f"{which}_factor"], np.float32)
+        return (np.float32(1.0) / (factors * base)).astype(np.float32), float(rs[f"{which}_mscale"])
+
+    short, long = pick("short"), pick("long")
+    if length is None or isinstance(length, int):
+        return long if length is not None and length > rs.original_max_position_embeddings else short
+    beyond = length > rs.original_max_position_embeddings
+    return (jnp.where(beyond, jnp.asarray(long[0]), jnp.asarray(short[0])),
+            jnp.where(beyond, jnp.float32(long[1]), jnp.float32(short[1])))
+
+
+def rope_parameters(cfg: ml_collections.ConfigDict, dim: int, length: int | jax.Array | None = None
+                    ) -> tuple[jax.Array | np.ndarray, float | jax.Array]:
+    """(inv_freq [dim // 2], attention factor) of ``model.rope_scaling`` for ``dim`` rotary dims; ``length`` (the
+    sequence's largest position + 1) picks LongRoPE's short or long factors."""
     if cfg.rope_scaling.kind == "yarn":
         return yarn_parameters(dim, cfg.rope_theta, cfg.rope_scaling)
+    if cfg.rope_scaling.kind == "longrope":
+        return longrope_parameters(dim, cfg.rope_theta, cfg.rope_scaling, length)
     return default_inv_freq(cfg.rope_theta, dim), 1.0
 
 
-def apply_rope(x: jax.Array, inv_freq: jax.Array | np.ndarray, attention_factor: float = 1.0,
+def apply_rope(x: jax.Array, inv_freq: jax.Array | np.ndarray, attention_factor: float | jax.Array = 1.0,
                interleave: bool = False, positions: jax.Array | None = None) -> jax.Array:
     """Rotary embedding of x [B, S, N, R] (R = 2 * len(inv_freq)) at ``positions`` [S] or [B, S] (default 0..S-1).
 
@@ -166,7 +246,7 @@ def apply_rope(x: jax.Array, inv_freq: jax.Array | np.ndarray, attention_factor:
     pos = jnp.arange(seq, dtype=jnp.float32) if positions is None else positions.astype(jnp.float32)
     angles = jnp.atleast_2d(pos)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [1 or B, S, R/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-    if attention_factor != 1.0:
+    if not (isinstance(attention_factor, (int, float)) and attention_factor == 1.0):
         sin, cos = sin * attention_factor, cos * attention_factor
     if interleave:
         x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
@@ -185,8 +265,23 @@ def rope(cfg: ml_collections.ConfigDict, x: jax.Array, positions: jax.Array | No
     ``positions`` [B, S] (default 0..S-1)."""
     if cfg.rope_scaling.kind == "none" and not cfg.rope_interleave and positions is None:
         return rotary(x, cfg.rope_theta)
-    inv_freq, factor = rope_parameters(cfg, x.shape[-1])
+    length = x.shape[1] if positions is None else jnp.max(positions) + 1
+    inv_freq, factor = rope_parameters(cfg, x.shape[-1], length)
     return apply_rope(x, inv_freq, factor, interleave=cfg.rope_interleave, positions=positions)
+
+
+def rotary_dims(cfg: ml_collections.ConfigDict) -> int:
+    """The dims of each grouped-query head that the rotary embedding turns: int(Dh * partial_rotary_factor)."""
+    return int(head_dim(cfg) * cfg.partial_rotary_factor)
+
+
+def rope_heads(cfg: ml_collections.ConfigDict, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """``rope`` on the first ``rotary_dims`` dims of each head of x [B, S, N, Dh] (half layout within them, as
+    transformers' GLM-4.5); the other dims pass unrotated."""
+    dims = rotary_dims(cfg)
+    if dims == x.shape[-1]:
+        return rope(cfg, x, positions)
+    return jnp.concatenate([rope(cfg, x[..., :dims], positions), x[..., dims:]], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------- core
@@ -249,7 +344,8 @@ def head_dim(cfg: ml_collections.ConfigDict) -> int:
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings; grouped-query when num_kv_heads < num_heads. Optional: biases
     on the q/k/v and output projections, RMSNorm of queries and keys per head or over the whole projection,
-    clamping of q/k/v, attention sinks, a sliding window (``window``)."""
+    clamping of q/k/v, a rotary embedding on part of each head (``partial_rotary_factor``), attention sinks, a
+    sliding window (``window``)."""
 
     cfg: ml_collections.ConfigDict
     dtype: Any
@@ -264,11 +360,11 @@ class Attention(nn.Module):
         dh = head_dim(cfg)
         kv_heads = cfg.num_kv_heads or cfg.num_heads
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                     kernel_init=self.kernel_init)
+                     kernel_init=self.kernel_init, lora=lora.spec(cfg))
         qkv = dict(dense, use_bias=cfg.qkv_bias)
-        q = nn.DenseGeneral((cfg.num_heads, dh), name="q", **qkv)(x)
-        k = nn.DenseGeneral((kv_heads, dh), name="k", **qkv)(x)
-        v = nn.DenseGeneral((kv_heads, dh), name="v", **qkv)(x)
+        q = lora.DenseGeneral((cfg.num_heads, dh), name="q", **qkv)(x)
+        k = lora.DenseGeneral((kv_heads, dh), name="k", **qkv)(x)
+        v = lora.DenseGeneral((kv_heads, dh), name="v", **qkv)(x)
         if cfg.qk_norm and cfg.qk_norm_scope == "proj":  # OLMoE: over the whole projection, then split into heads
             q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
             k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
@@ -278,14 +374,14 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
         positions = None if cache is None else cache.positions(x.shape[1])
-        q, k = rope(cfg, q, positions), rope(cfg, k, positions)
+        q, k = rope_heads(cfg, q, positions), rope_heads(cfg, k, positions)
         if cache is None:
             out = attend(q, k, v, window=self.window, sinks=_sinks(self, cfg))
         else:
             k, slots = kv_cache.Slots(self.window, name="cached_key")(k, cache)
             v, _ = kv_cache.Slots(self.window, name="cached_value")(v, cache)
             out = kv_cache.attend(q, k, v, cache.visible(x.shape[1], self.window, slots), sinks=_sinks(self, cfg))
-        return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dict(dense, use_bias=cfg.o_bias))(out)
+        return lora.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dict(dense, use_bias=cfg.o_bias))(out)
 
 
 # ----------------------------------------------------------------------------------------------- MLA
@@ -315,18 +411,18 @@ class MLAttention(nn.Module):
     def setup(self) -> None:
         cfg, mla = self.cfg, self.cfg.mla
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                     kernel_init=self.kernel_init)
+                     kernel_init=self.kernel_init, lora=lora.spec(cfg))
         qk = mla.qk_nope_head_dim + mla.qk_rope_head_dim
         if mla.q_lora_rank:
-            self.q_a = nn.DenseGeneral(mla.q_lora_rank, **dense)
+            self.q_a = lora.DenseGeneral(mla.q_lora_rank, **dense)
             self.q_a_norm = RMSNorm(MLA_NORM_EPS, self.dtype)
-            self.q_b = nn.DenseGeneral((cfg.num_heads, qk), **dense)
+            self.q_b = lora.DenseGeneral((cfg.num_heads, qk), **dense)
         else:
-            self.q = nn.DenseGeneral((cfg.num_heads, qk), **dense)
-        self.kv_a = nn.DenseGeneral(mla.kv_lora_rank + mla.qk_rope_head_dim, **dense)
+            self.q = lora.DenseGeneral((cfg.num_heads, qk), **dense)
+        self.kv_a = lora.DenseGeneral(mla.kv_lora_rank + mla.qk_rope_head_dim, **dense)
         self.kv_a_norm = RMSNorm(MLA_NORM_EPS, self.dtype)
-        self.kv_b = nn.DenseGeneral((cfg.num_heads, mla.qk_nope_head_dim + mla.v_head_dim), **dense)
-        self.o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), **dict(dense, use_bias=cfg.o_bias))
+        self.kv_b = lora.DenseGeneral((cfg.num_heads, mla.qk_nope_head_dim + mla.v_head_dim), **dense)
+        self.o = lora.DenseGeneral(cfg.d_model, axis=(-2, -1), **dict(dense, use_bias=cfg.o_bias))
         self.cached_c_kv, self.cached_k_rot = kv_cache.Slots(self.window), kv_cache.Slots(self.window)  # decoding
         if cfg.attention_sinks:
             self.sinks = self.param("sinks", nn.initializers.zeros, (cfg.num_heads,), jnp.float32)
@@ -368,7 +464,7 @@ class MLAttention(nn.Module):
         (c_kv, slots), (k_rot, _) = self.cached_c_kv(c_kv, cache), self.cached_k_rot(k_rot, cache)
         if self.is_initializing():  # kv_b's kernel exists once kv_b has run
             self.expand(c_kv, k_rot)
-        kv_b = jnp.asarray(self.variables["params"]["kv_b"]["kernel"], self.dtype)
+        kv_b = lora.effective_kernel(self.variables["params"]["kv_b"], "kernel", lora.spec(self.cfg)).astype(self.dtype)
         out = kv_cache.attend_latent(self.queries(x, positions), c_kv, k_rot, kv_b,
                                      cache.visible(x.shape[1], self.window, slots),
                                      nope_dim=self.cfg.mla.qk_nope_head_dim,

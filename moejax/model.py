@@ -4,14 +4,17 @@ GLU FFN that is dense or MoE by layer pattern, final norm, LM head.
 Parameter tree (``config.model`` = cfg):
 
     embed/embedding              [V, D]
-    layers_{i}/attn_norm/scale   [D]                 (scan_layers: blocks/..., stacked on a leading axis)
+    layers_{i}/attn_norm/scale   [D]                 (scan_layers: blocks/..., stacked on a leading axis; with
+                                                     norm='layernorm' every norm also has a bias [D])
     layers_{i}/attn/...          cfg.attention 'gqa': {q,k,v}/kernel [D, H, Dh] / [D, KV, Dh], o/kernel [H, Dh, D],
                                  optional biases, q_norm / k_norm, sinks; 'mla': the latent projections (the
                                  trees are listed in moejax/attention.py)
     layers_{i}/ffn_norm/scale    [D]
     layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe/layer.py
     final_norm/scale             [D]
-    lm_head/kernel               [D, V]              (absent with tie_embeddings)
+    lm_head/kernel               [D, V]              (absent with tie_embeddings; lm_head/bias [V] with lm_head_bias)
+    .../<weight>_lora_a, _lora_b                     LoRA adapters beside the weights model.lora picks
+                                                     (moejax/adapters/lora.py)
 
 Which layers are MoE and each layer's attention kind come from moejax/layout.py (re-exported here:
 ``model.moe_layers``, ``model.is_moe_layer``, ...); ``moe_layer_paths`` says where each MoE layer's variables live.
@@ -26,6 +29,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from moejax import attention, checks, kv_cache, moe
+from moejax.adapters import lora
 from moejax.attention import Attention, RMSNorm, rotary  # noqa: F401  (model.Attention, model.RMSNorm, ...)
 from moejax.layout import attention_window, is_moe_layer, layer_type, moe_layers  # model.moe_layers, ...
 from moejax.moe import expert_map, placement
@@ -115,6 +119,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         moe_layer.validate(cfg.moe)
         expert_map.validate(cfg, moe_layers(cfg))
         placement.validate(cfg, moe_layers(cfg), {i: expert_map.stored_count(cfg.moe, i) for i in moe_layers(cfg)})
+    lora.validate_fields(cfg)
+    if lora.spec(cfg) is not None:  # every rule must pick a weight of the base model (traced, nothing allocated)
+        base = lora.without_adapters(cfg)
+        shapes = jax.eval_shape(lambda: Transformer(base).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+        lora.validate_targets(cfg, lora.adaptable_paths(shapes["params"], cfg))
 
 
 def _validate_layer_lists(cfg: ml_collections.ConfigDict) -> None:
@@ -155,16 +164,17 @@ class Block(nn.Module):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
+        adapters = lora.spec(cfg)
         attn = attention.make(cfg, dtype, init, self.window, name="attn")
-        x = x + attn(RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x), cache)
-        h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
+        x = x + attn(attention.norm(cfg, dtype, "attn_norm")(x), cache)
+        h = attention.norm(cfg, dtype, "ffn_norm")(x)
         if self.use_moe:
-            ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, name="ffn")
+            ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, adapters, name="ffn")
             h = ffn(h, train=train, token_ids=token_ids, progress=progress, layer=layer, intervention=intervention)
             if cfg.moe.chain_residual == "inner":  # Chain-of-Experts as released: x_C replaces the stream
                 return h
         else:
-            h = moe_layer.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, name="ffn")(h)
+            h = moe_layer.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, adapters, name="ffn")(h)
         return x + h
 
 
@@ -221,7 +231,7 @@ class Transformer(nn.Module):
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
             scanned = nn.scan(unit, variable_axes={"params": 0, "moe_state": 0, "moe_aux": 0, kv_cache.COLLECTION: 0},
-                              split_rngs={"params": True, "jitter": True, "routing": True},
+                              split_rngs={"params": True, "jitter": True, "routing": True, "dropout": True},
                               in_axes=(nn.broadcast,) * 5, length=units)
             first = jnp.asarray(cfg.first_dense_layers, jnp.int32)
             window = attention_window(cfg, cfg.first_dense_layers) if units else 0
@@ -231,11 +241,12 @@ class Transformer(nn.Module):
             for i in range(cfg.num_layers):
                 x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
                           name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention)
-        x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
+        x = attention.norm(cfg, dtype, "final_norm")(x)
         if cfg.tie_embeddings:
             return embed.attend(x).astype(jnp.float32)
-        return nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                        kernel_init=nn.initializers.normal(cfg.init_std), name="lm_head")(x).astype(jnp.float32)
+        return lora.Dense(cfg.vocab_size, use_bias=cfg.lm_head_bias, dtype=dtype,
+                          param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=nn.initializers.normal(cfg.init_std),
+                          lora=lora.spec(cfg), name="lm_head")(x).astype(jnp.float32)
 
 
 def param_counts(params: Any, cfg: ml_collections.ConfigDict) -> dict[str, int]:

@@ -116,6 +116,33 @@ def glu(x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, activatio
 
 Weights = tuple[jax.Array, ...]  # an expert kind's parameters in ``param_names`` order, each [E, ...]
 GroupedMatmul = Callable[[jax.Array, jax.Array], jax.Array]  # lhs [M, K], rhs [E, K, N] -> [M, N] by row groups
+Linear = Callable[[jax.Array, str], jax.Array]  # (h, matrix name) -> h @ W[name] (+ its bias) for h's expert
+
+
+def one_linear(expert, weights: Weights) -> Linear:
+    """``linear`` of one expert's weights (no expert axis, in ``param_names`` order): h @ W + b."""
+    named = dict(zip(expert.param_names, weights, strict=True))
+
+    def linear(h: jax.Array, name: str) -> jax.Array:
+        out = h @ named[name]
+        bias = expert.biases.get(name)
+        return out if bias is None else out + named[bias]
+
+    return linear
+
+
+def ragged_linear(expert, weights: Weights, rows: jax.Array, matmul: GroupedMatmul) -> Linear:
+    """``linear`` of the stacked weights [E, ...] on the expert-sorted rows [R, D] through a grouped matmul; a bias
+    [E, N] comes from the same grouped matmul of a column of ones with the biases as [E, 1, N] matrices."""
+    named = dict(zip(expert.param_names, weights, strict=True))
+    ones = jnp.ones((rows.shape[0], 1), rows.dtype) if expert.biases else None
+
+    def linear(h: jax.Array, name: str) -> jax.Array:
+        out = matmul(h, named[name])
+        bias = expert.biases.get(name)
+        return out if bias is None else out + matmul(ones, named[bias][:, None, :])
+
+    return linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +150,9 @@ class GLUExperts:
     """E GLU experts: expert e maps x [m, D] to (act(x @ wi_0[e]) * (x @ wi_1[e])) @ wo[e].
 
     Parameters: wi_0, wi_1 [E, D, F], wo [E, F, D]. Frozen and hashable: a static argument of custom VJPs.
+    ``matrices``: the parameters used as linear maps (``forward`` runs each product through ``linear``, so that a
+    wrapper kind such as LoRA's moejax/adapters/lora.py ``AdaptedExperts`` can add to it); ``biases``: the bias
+    added after each matrix.
     ``zero_init``: the parameters initialised to zeros (biases; the others take the layer's kernel initialiser).
     ``after_contraction``: the parameters added after the contraction over the hidden width F (an output bias),
     which a layer that splits F over devices and sums the partial outputs must count once.
@@ -144,15 +174,21 @@ class GLUExperts:
         return {"wi_0": (num_experts, d_model, hidden), "wi_1": (num_experts, d_model, hidden),
                 "wo": (num_experts, hidden, d_model)}
 
+    matrices = ("wi_0", "wi_1", "wo")
+    biases = {}  # matrix name -> the bias added after it
+
+    def forward(self, x: jax.Array, linear: Linear) -> jax.Array:
+        """The expert's map with every product by a matrix (and its bias) through ``linear(h, name)``."""
+        act = ACTIVATIONS[self.activation]
+        return linear(act(linear(x, "wi_0")) * linear(x, "wi_1"), "wo")
+
     def apply_one(self, x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array) -> jax.Array:
         """One expert's weights (no expert axis) on x [m, D] -> [m, D]: the dense reference."""
-        return glu(x, wi_0, wi_1, wo, self.activation)
+        return self.forward(x, one_linear(self, (wi_0, wi_1, wo)))
 
     def apply_ragged(self, rows: jax.Array, weights: Weights, matmul: GroupedMatmul) -> jax.Array:
         """Every expert on its consecutive group of rows [R, D] through a grouped matmul."""
-        wi_0, wi_1, wo = weights
-        act = ACTIVATIONS[self.activation]
-        return matmul(act(matmul(rows, wi_0)) * matmul(rows, wi_1), wo)
+        return self.forward(rows, ragged_linear(self, weights, rows, matmul))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,25 +225,28 @@ class GPTOSSExperts:
         up = jnp.clip(up, -self.limit, self.limit)
         return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
 
+    matrices = ("wi_0", "wi_1", "wo")
+    biases = {"wi_0": "bi_0", "wi_1": "bi_1", "wo": "bo"}
+
+    def forward(self, x: jax.Array, linear: Linear) -> jax.Array:
+        """The expert's map with every product by a matrix (and its bias) through ``linear(h, name)``."""
+        return linear(self.gate(linear(x, "wi_0"), linear(x, "wi_1")), "wo")
+
     def apply_one(self, x: jax.Array, wi_0: jax.Array, wi_1: jax.Array, wo: jax.Array, bi_0: jax.Array,
                   bi_1: jax.Array, bo: jax.Array) -> jax.Array:
         """One expert's weights (no expert axis) on x [m, D] -> [m, D]: the dense reference."""
-        return self.gate(x @ wi_0 + bi_0, x @ wi_1 + bi_1) @ wo + bo
+        return self.forward(x, one_linear(self, (wi_0, wi_1, wo, bi_0, bi_1, bo)))
 
     def apply_ragged(self, rows: jax.Array, weights: Weights, matmul: GroupedMatmul) -> jax.Array:
         """Every expert on its consecutive group of rows [R, D] through a grouped matmul; each row's biases come
         from the same grouped matmul of a column of ones with the biases as [E, 1, N] matrices."""
-        wi_0, wi_1, wo, bi_0, bi_1, bo = weights
-        ones = jnp.ones((rows.shape[0], 1), rows.dtype)
-        hidden = self.gate(matmul(rows, wi_0) + matmul(ones, bi_0[:, None, :]),
-                           matmul(rows, wi_1) + matmul(ones, bi_1[:, None, :]))
-        return matmul(hidden, wo) + matmul(ones, bo[:, None, :])
+        return self.forward(rows, ragged_linear(self, weights, rows, matmul))
 
 
 Experts = GLUExperts | GPTOSSExperts
 
 # model.moe.expert_kind -> class. A new kind: a frozen dataclass with from_config, param_names, param_axes,
-# param_shapes, zero_init, after_contraction, apply_one and apply_ragged, and one line here.
+# param_shapes, zero_init, after_contraction, matrices, biases, forward, apply_one and apply_ragged, and one line here.
 EXPERT_KINDS: dict[str, type[Experts]] = {"glu": GLUExperts, "gpt_oss": GPTOSSExperts}
 
 

@@ -33,6 +33,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from moejax import checks, moe
+from moejax.adapters import lora as lora_lib
 from moejax.moe import (
     dispatch,
     expert_map,
@@ -102,13 +103,15 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
 
 
 class GLU(nn.Module):
-    """Dense GLU MLP (act(x @ wi_0) * (x @ wi_1)) @ wo; used for shared experts and dense layers."""
+    """Dense GLU MLP (act(x @ wi_0) * (x @ wi_1)) @ wo; used for shared experts and dense layers. ``lora``: LoRA
+    adapters on the matrices its rules pick (moejax/adapters/lora.py)."""
 
     hidden: int
     activation: str = "silu"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    lora: lora_lib.LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -116,13 +119,23 @@ class GLU(nn.Module):
         wi_0 = self.param("wi_0", self.kernel_init, (d, self.hidden), self.param_dtype)
         wi_1 = self.param("wi_1", self.kernel_init, (d, self.hidden), self.param_dtype)
         wo = self.param("wo", self.kernel_init, (self.hidden, d), self.param_dtype)
-        wi_0, wi_1, wo = (w.astype(self.dtype) for w in (wi_0, wi_1, wo))
-        return experts.glu(x.astype(self.dtype), wi_0, wi_1, wo, self.activation)
+        named = {name: w.astype(self.dtype) for name, w in zip(("wi_0", "wi_1", "wo"), (wi_0, wi_1, wo), strict=True)}
+
+        def linear(h: jax.Array, name: str) -> jax.Array:  # h @ W, plus the adapter's term where one is picked
+            out = h @ named[name]
+            term = lora_lib.adapter_term(self, self.lora, name, h, named[name].shape, 1, self.dtype,
+                                         self.param_dtype)
+            return out if term is None else out + term.astype(out.dtype)
+
+        act = experts.ACTIVATIONS[self.activation]
+        x = x.astype(self.dtype)
+        return linear(act(linear(x, "wi_0")) * linear(x, "wi_1"), "wo")
 
 
 class ExpertWeights(nn.Module):
     """The routed experts' stacked parameters of an expert kind, in its ``param_names`` order (its ``zero_init``
-    parameters zeros, the others from kernel_init)."""
+    parameters zeros, the others from kernel_init); then, for the matrices ``adapted`` names, their LoRA adapters
+    (moejax/adapters/lora.py ``expert_adapters``: the order of ``AdaptedExperts``)."""
 
     expert: experts.Experts
     num_experts: int
@@ -130,26 +143,37 @@ class ExpertWeights(nn.Module):
     hidden: int
     param_dtype: Any = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    lora: lora_lib.LoraSpec | None = None
+    adapted: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self) -> experts.Weights:
         shapes = self.expert.param_shapes(self.num_experts, self.d_model, self.hidden)
-        return tuple(self.param(name, nn.initializers.zeros if name in self.expert.zero_init else self.kernel_init,
-                                shapes[name], self.param_dtype) for name in self.expert.param_names)
+        weights = tuple(self.param(name, nn.initializers.zeros if name in self.expert.zero_init else self.kernel_init,
+                                   shapes[name], self.param_dtype) for name in self.expert.param_names)
+        if not self.adapted:
+            return weights
+        return weights + lora_lib.expert_adapters(self, self.lora, self.expert, self.adapted, self.num_experts,
+                                                  shapes, self.param_dtype)
 
 
 class RouterKernel(nn.Module):
-    """The router's linear map x [T, D] -> logits [T, n] in float32, plus a learned bias [n] with ``use_bias``.
-    (A frozen router, SMoE-Dropout's, is an optimizer partition: moejax/training/optim.py.)"""
+    """The router's linear map x [T, D] -> logits [T, n] in float32, plus a learned bias [n] with ``use_bias`` and
+    a LoRA term where ``lora`` picks the kernel. (A frozen router, SMoE-Dropout's, is an optimizer partition:
+    moejax/training/optim.py.)"""
 
     features: int
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
     use_bias: bool = False
+    lora: lora_lib.LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         logits = jnp.dot(x.astype(jnp.float32), kernel)
+        term = lora_lib.adapter_term(self, self.lora, "kernel", x, kernel.shape, 1, jnp.float32, jnp.float32)
+        if term is not None:
+            logits = logits + term
         if self.use_bias:
             logits = logits + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return logits
@@ -181,6 +205,7 @@ class MoE(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
     mesh: Mesh | None = None  # more than one device: the routed experts run under shard_map (expert_parallel.py)
+    lora: lora_lib.LoraSpec | None = None  # LoRA adapters on the weights its rules pick (moejax/adapters/lora.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, token_ids: jax.Array | None = None,
@@ -198,9 +223,12 @@ class MoE(nn.Module):
         expert = experts.from_config(cfg)
         num_stored = expert_map.stored_count(cfg, layer if isinstance(layer, int) else None)
         num_weights = placement.physical_count(cfg) or num_stored  # replicas: the physical slots
+        adapted = lora_lib.expert_targets(self.lora, (*self.path, moe.EXPERTS), expert)
         weights = ExpertWeights(expert, num_weights, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
-                                name=moe.EXPERTS)()
+                                self.lora, adapted, name=moe.EXPERTS)()
         weights = tuple(jnp.asarray(w, self.dtype) for w in weights)  # numpy params (load_checkpoint) too
+        if adapted:  # LoRA on the routed slots, inside the grouped matmul
+            expert = lora_lib.AdaptedExperts(expert, adapted, self.lora.scaling)
         if self.is_mutable_collection("moe_state") or self.has_variable("moe_state", moe.ROUTER_BIAS):
             bias = self.variable("moe_state", moe.ROUTER_BIAS, jnp.zeros, (cfg.num_experts,), jnp.float32).value
         else:
@@ -208,15 +236,15 @@ class MoE(nn.Module):
         shared = shared_gate = None
         if cfg.num_shared > 0:
             shared = GLU(cfg.shared_ffn or cfg.num_shared * cfg.expert_ffn, cfg.activation, self.dtype,
-                         self.param_dtype, self.kernel_init, name=moe.SHARED)
+                         self.param_dtype, self.kernel_init, self.lora, name=moe.SHARED)
             if cfg.shared_gate:
-                shared_gate = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
-                                       kernel_init=self.kernel_init, name=moe.SHARED_GATE)
+                shared_gate = lora_lib.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
+                                             kernel_init=self.kernel_init, lora=self.lora, name=moe.SHARED_GATE)
         width = cfg.num_experts + cfg.num_null_experts
-        kernels = [RouterKernel(width, self.kernel_init, cfg.router.bias, name=moe.ROUTER)]
+        kernels = [RouterKernel(width, self.kernel_init, cfg.router.bias, self.lora, name=moe.ROUTER)]
         for c in range(1, cfg.chain_iterations):
             kernels.append(kernels[0] if cfg.chain_shared_router else
-                           RouterKernel(width, self.kernel_init, cfg.router.bias, name=f"{moe.ROUTER}_{c}"))
+                           RouterKernel(width, self.kernel_init, cfg.router.bias, self.lora, name=f"{moe.ROUTER}_{c}"))
         ids = None if token_ids is None else token_ids.reshape(-1)
 
         state, update = tokens, jnp.zeros_like(tokens)

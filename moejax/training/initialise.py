@@ -7,7 +7,9 @@ without one starts from the source its config names (``INIT_SOURCES``):
 * ``hf`` (``init_from='hf:<dir>'``): the weights of a transformers checkpoint (moejax.hf.load), placed with the
   run's shardings. ``resolve(config)`` first makes the run's config that checkpoint's model: ``config.model`` from
   its config.json except ``RUN_FIELDS`` (how the model is computed and trained, kept from the run's config), and
-  ``data.tokenizer`` 'bytes' (the default) becomes 'hf:<dir>', the checkpoint's own tokenizer.
+  ``data.tokenizer`` 'bytes' (the default) becomes 'hf:<dir>', the checkpoint's own tokenizer. A run whose
+  ``model.lora`` names targets keeps its ``model.lora`` (LoRA fine-tuning of the release): the release's weights get
+  freshly initialised adapters (``with_adapters``); so does a ``run`` source without adapters.
 * ``run`` (``init_from='run:<dir>[@<step>]'``): the params and moe_state of a moejax run directory's newest
   checkpoint (or that of step): a run of ``python -m moejax.main``, or a model ``python -m moejax.posthoc prune|merge
   --out`` wrote. A fresh optimizer state, step 0. ``resolve`` makes the run's model that directory's config.json
@@ -37,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from moejax import checks, hf, loading, model, parallel, upcycle
+from moejax.adapters import lora
 from moejax.configs import base
 from moejax.data import tokenizers
 from moejax.moe import expert_map
@@ -87,11 +90,27 @@ def upcycled(ctx: InitContext) -> Start:
                  evaluate_first=True)
 
 
+def fresh_adapters(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The LoRA adapters of config's model at their initialisation (seed config.seed), without the base weights
+    (their initialisers are never run: only the adapters leave the jitted init)."""
+    module = model.Transformer(config.model)
+    init = jax.jit(lambda key: lora.split(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])[1])
+    return init(jax.random.key(config.seed))
+
+
+def with_adapters(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """params of a base model (a release, a run without adapters) with config's fresh LoRA adapters added; params
+    as they are when config has no adapters or params has them already."""
+    if lora.spec(config.model) is None or lora.split(params)[1]:
+        return params
+    return lora.join(params, fresh_adapters(config))
+
+
 def from_hf(ctx: InitContext) -> Start:
     directory = hf_dir(ctx.config)
     _, variables = hf.load(directory, mesh=ctx.mesh, dtype=ctx.config.model.param_dtype)
     model_type = json.loads((directory / "config.json").read_text())["model_type"]
-    return Start(ctx.place(variables["params"], variables["moe_state"]),
+    return Start(ctx.place(with_adapters(ctx.config, variables["params"]), variables["moe_state"]),
                  f"initialised a new run in {ctx.workdir} from the {model_type} checkpoint in {directory} "
                  f"(data.tokenizer={ctx.config.data.tokenizer!r})", evaluate_first=True)
 
@@ -101,7 +120,13 @@ def from_run(ctx: InitContext) -> Start:
     state, meta = checkpoint.load_checkpoint(source.path, source.step)
     target = ctx.abstract if ctx.abstract is not None else jax.eval_shape(ctx.fresh)
     what = f"the checkpoint at step {meta['step']} in {source.path}"
-    params = fitted(state["params"], target.params, what, "params")
+    saved, target_params = state["params"], target.params
+    adding = lora.spec(ctx.config.model) is not None and not lora.split(saved)[1]
+    if adding:  # a base model under the run's new adapters
+        target_params = lora.split(target_params)[0]
+    params = fitted(saved, target_params, what, "params")
+    if adding:
+        params = with_adapters(ctx.config, params)
     moe_state = fitted(state.get("moe_state") or {}, target.moe_state, what, "moe_state")
     return Start(ctx.place(params, moe_state),
                  f"initialised a new run in {ctx.workdir} from {what} ({experts(ctx.config.model)}, "
@@ -275,6 +300,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if source is None or _RESOLVED.get(id(config)) is config:
         return config
     released = source_model(source, config)
+    if lora.spec(config.model) is not None:  # the run's adapters on the source's model (else the source's own)
+        released.lora = copy.deepcopy(config.model.lora)
     resolved = copy.deepcopy(config)
     with resolved.unlocked():
         resolved.model = released

@@ -5,16 +5,22 @@ parameter of rank >= 2 (not on norm scales), linear warm-up from 0 to ``train.le
 Frozen parameters are an optimizer partition by logical axis name: with ``model.moe.router.frozen`` (SMoE-Dropout)
 every router kernel (logical axes ending in 'router') gets ``optax.set_to_zero`` and keeps its initialisation;
 clipping and AdamW see the other parameters only.
+
+With LoRA adapters (``model.lora.targets``, moejax/adapters/lora.py) the partition trains the adapters only: the
+optimizer holds state for them alone, and the returned ``Partitioned`` names them (``trainable``) so that the train
+step stops the gradient of the frozen base (moejax/training/step.py).
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import optax
 
 from moejax import checks, parallel
+from moejax.adapters import lora
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -64,12 +70,30 @@ def frozen_labels(params: Any) -> Any:
                         parallel.param_logical_axes(params), is_leaf=lambda x: isinstance(x, tuple))
 
 
+class Partitioned(NamedTuple):
+    """An optax GradientTransformation that updates the parameters ``trainable(params)`` marks True only (the
+    others get zero updates and no state); the train step stops the gradient of the others."""
+
+    init: Callable[..., Any]
+    update: Callable[..., Any]
+    trainable: Callable[[Any], Any]  # params -> a tree of bools like params
+
+
+def adapter_labels(params: Any) -> Any:
+    """'trained' for every LoRA adapter, 'frozen' for the rest (the base model)."""
+    return jax.tree.map(lambda keep: "trained" if keep else "frozen", lora.trainable(params))
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW (weight decay on rank >= 2 parameters) after global-norm clipping; frozen routers left out."""
+    """AdamW (weight decay on rank >= 2 parameters) after global-norm clipping; frozen routers left out; with LoRA
+    adapters, everything but the adapters left out."""
     t = config.train
     adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip else adamw
+    if lora.spec(config.model) is not None:
+        partition = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, adapter_labels)
+        return Partitioned(partition.init, partition.update, lora.trainable)
     if config.model.moe.router.frozen:
         return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, frozen_labels)
     return tx

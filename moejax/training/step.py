@@ -38,9 +38,18 @@ def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Ar
                hooks: Sequence[hooks_lib.Hook] = (), teacher: Any = None
                ) -> tuple[TrainState, clu_metrics.Collection, jax.Array]:
     """One update on batch [B, S + 1]: the new state, metrics merged with this step's, [loss, grad_norm].
-    teacher: a distilling objective's teacher variables (an argument, not part of the state: never updated)."""
+    teacher: a distilling objective's teacher variables (an argument, not part of the state: never updated). A tx
+    with ``trainable`` (optim.Partitioned: LoRA) gets zero gradients for the other parameters, whose backward pass
+    is never computed."""
     extra = {} if teacher is None else {"teacher": teacher}
-    grads, report = jax.grad(lambda p: objective(p, state.moe_state, batch, state.step, **extra),
+    trainable = getattr(tx, "trainable", None)
+
+    def frozen(p: Any) -> Any:
+        if trainable is None:
+            return p
+        return jax.tree.map(lambda keep, x: x if keep else jax.lax.stop_gradient(x), trainable(p), p)
+
+    grads, report = jax.grad(lambda p: objective(frozen(p), state.moe_state, batch, state.step, **extra),
                              has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
