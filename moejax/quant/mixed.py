@@ -14,7 +14,8 @@ weighs the same), err_{l,e}(b) the expert's relative squared round-to-nearest er
 without it the model 4^-b, the variance of a uniform rounding step halving per bit) and n the expert's parameter
 count. ``allocate`` solves it greedily: every expert starts at the fewest bits; the upgrade to an expert's next
 width that removes the most weighted error per added bit is applied while the budget allows (a multiple-choice
-knapsack's greedy). 16 among the choices keeps an expert unquantised.
+knapsack's greedy); an upgrade that removes no weighted error is not made (an expert of importance 0 keeps the
+fewest bits, and the budget need not be spent). 16 among the choices keeps an expert unquantised.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def allocate(importance: np.ndarray, choices: Sequence[int], budget: float, *, e
             c = level[row, e]
             if c + 1 < len(bits):
                 gain = weights[row, e] * (errors[row, e, c] - errors[row, e, c + 1])
-                heapq.heappush(heap, (-gain / ((bits[c + 1] - bits[c]) * sizes[row, e]), row, e, c))
+                if gain > 0:  # no bits for nothing: an expert of zero importance keeps the fewest
+                        heapq.heappush(heap, (-gain / ((bits[c + 1] - bits[c]) * sizes[row, e]), row, e, c))
 
         for row, e in group:
             push(row, e)
@@ -162,8 +164,11 @@ def with_expert_bits(assignment: Mapping[str, tuple[Matrix, Sequence[Any]]], exp
                 if chosen[b].kind != "int":
                     raise ValueError(f"expert_bits: {name} has format {chosen[b].name}; per-expert bits replace an "
                                      f"int format (int<b> or int<b>/g<G>)")
-                value = int(row[e])
-                check_choices([value], f"expert_bits[{layer}][{e}]")
+                value = row[e]
+                if value != KEEP_BITS and value not in formats.INT_BITS:
+                    raise ValueError(f"expert_bits[{layer}][{e}]={value!r} is invalid: int bits in 2..8, or "
+                                     f"{KEEP_BITS} (kept)")
+                value = int(value)
                 chosen[b] = None if value == KEEP_BITS else formats.int_format(value, chosen[b].tile[0])
         out[name] = (matrix, chosen)
     return out
