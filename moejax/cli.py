@@ -153,10 +153,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} ({self.prog} --help shows the usage)")
 
 
+COMPILE_CACHE_ENV = "MOEJAX_COMPILE_CACHE"  # the default --compile_cache; 'off' turns it off
+
+
+def default_compile_cache() -> str:
+    """$MOEJAX_COMPILE_CACHE, else ~/.cache/moejax/jax (a per-user directory)."""
+    return os.environ.get(COMPILE_CACHE_ENV) or str(pathlib.Path.home() / ".cache" / "moejax" / "jax")
+
+
+def enable_compile_cache(directory: str | None) -> str | None:
+    """JAX's persistent compilation cache in ``directory`` (None, '' or 'off': leave it off): a later command with
+    the same shapes loads its compiled programs instead of compiling them again. Returns the directory in use."""
+    if not directory or directory == "off":
+        return None
+    import jax
+
+    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return str(directory)
+
+
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint (a workdir or a transformers directory, required) and --step; ``open_checkpoint`` reads them."""
+    """--checkpoint (a workdir or a transformers directory, required), --step and --compile_cache;
+    ``open_checkpoint`` reads them."""
     parser.add_argument("--checkpoint", required=True, help="a moejax workdir or a transformers checkpoint directory")
     parser.add_argument("--step", type=int, default=None, help="a workdir's checkpoint step (default: the newest)")
+    parser.add_argument("--compile_cache", default=default_compile_cache(),
+                        help=f"JAX's persistent compilation cache: a second call with the same shapes skips "
+                             f"compiling ('off': none; default from ${COMPILE_CACHE_ENV})")
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -234,11 +259,13 @@ def check_checkpoint(args: argparse.Namespace) -> list[int] | None:
 
 def open_checkpoint(args: argparse.Namespace) -> Checkpoint:
     """The checkpoint of --checkpoint (a moejax workdir, at --step or its newest checkpoint, or a transformers
-    directory): ``check_checkpoint``, then ``moejax.load``; RunError when a workdir has no checkpoint yet."""
+    directory): ``check_checkpoint``, the compilation cache of --compile_cache (``enable_compile_cache``), then
+    ``moejax.load``; RunError when a workdir has no checkpoint yet."""
     from moejax.loading import load
     from moejax.training.checkpoint import WorkdirError
 
     steps = check_checkpoint(args)
+    enable_compile_cache(getattr(args, "compile_cache", None))
     path = pathlib.Path(args.checkpoint)
     try:
         config, variables = load(path, step=args.step)

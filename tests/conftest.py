@@ -15,6 +15,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["MOEJAX_COMPILE_CACHE"] = "off"  # commands run in-process: no persistent cache unless a test asks
 
 import jax
 import pytest

@@ -511,3 +511,21 @@ def test_load_fills_fields_an_older_config_json_lacks(finished, tmp_path):
     config, _ = moejax.load(workdir)
     assert config.model.moe.router.eval_top_k == 0 and config.upcycle.granularity == 1
     assert config.model.d_model == 32
+
+
+def test_the_commands_keep_their_compiled_programs_in_the_compile_cache(bpe_release, env, tmp_path):
+    """--compile_cache (on by default, a per-user directory) fills the directory given; 'off' writes nothing."""
+    directory = bpe_release[0]
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "moejax.generate", f"--checkpoint={directory}", "--prompt=def",
+               "--max_new_tokens=3"]
+    subprocess.run([*command, f"--compile_cache={cache}"], cwd=REPO, env=env, check=True, capture_output=True)
+    assert cache.is_dir() and any(cache.iterdir())
+    home = tmp_path / "home"
+    quiet = {**env, "HOME": str(home), "MOEJAX_COMPILE_CACHE": ""}  # the default: ~/.cache/moejax/jax
+    subprocess.run(command, cwd=REPO, env=quiet, check=True, capture_output=True)
+    assert any((home / ".cache" / "moejax" / "jax").iterdir())
+    subprocess.run([*command, "--compile_cache=off"], cwd=REPO, env={**quiet, "HOME": str(tmp_path / "h2")},
+                   check=True, capture_output=True)
+    assert not (tmp_path / "h2" / ".cache").exists()
+    assert cli.default_compile_cache() == "off"  # the test session's

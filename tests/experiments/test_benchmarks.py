@@ -1,4 +1,5 @@
-"""Every benchmark in experiments/ in its smoke mode, and experiments/gpu_check.py --dry: each runs in this process
+"""Every benchmark in experiments/ in its smoke mode (but bench_compile_cache, whose calls are fresh processes of
+tens of seconds each: tests/test_cli.py checks what the cache does), and experiments/gpu_check.py --dry: each runs in this process
 through its main(argv), and the JSON it prints (or writes) must hold its keys, with finite positive figures where a
 figure must be positive. A refactor that breaks a benchmark fails here, not on the next person who runs it.
 
