@@ -1,7 +1,8 @@
 """Every benchmark in experiments/ in its smoke mode (but bench_compile_cache, whose calls are fresh processes of
-tens of seconds each: tests/test_cli.py checks what the cache does), and experiments/gpu_check.py --dry: each runs in this process
-through its main(argv), and the JSON it prints (or writes) must hold its keys, with finite positive figures where a
-figure must be positive. A refactor that breaks a benchmark fails here, not on the next person who runs it.
+tens of seconds each: tests/test_cli.py checks what the cache does), and experiments/gpu_check.py --dry: each runs
+in this process through its main(argv), and the JSON it prints (or writes) must hold its keys, with finite positive
+figures where a figure must be positive. A refactor that breaks a benchmark fails here, not on the next person who
+runs it.
 
 One pytest-xdist worker runs them in order, so that gpu_check's decode part finds the programs that the
 bench_generate smoke test compiled (moejax.generate keeps them by config and settings).
