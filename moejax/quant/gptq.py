@@ -149,17 +149,34 @@ class _LayerStats:
         self.tokens = 0
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# numpy versions of moejax.moe.experts.ACTIVATIONS (jax.nn.gelu's default is the tanh approximation): the hidden
+# activations of every expert's own rows, whose count varies, without a compiled program per count
+_NUMPY_ACTIVATIONS = {"silu": lambda x: x * _sigmoid(x), "relu": lambda x: np.maximum(x, 0.0),
+                      "gelu": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))}
+
+
+def _activation(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    if name in _NUMPY_ACTIVATIONS:
+        return _NUMPY_ACTIVATIONS[name]
+    act = experts_lib.ACTIVATIONS[name]
+    return lambda x: np.asarray(act(jnp.asarray(x)), np.float32)
+
+
 def _glu_hidden(x: np.ndarray, wi_0: np.ndarray, wi_1: np.ndarray, activation: str) -> np.ndarray:
-    act = experts_lib.ACTIVATIONS[activation]
-    return np.asarray(act(jnp.asarray(x @ wi_0)) * (x @ wi_1), np.float32)
+    return (_activation(activation)(x @ wi_0) * (x @ wi_1)).astype(np.float32)
 
 
 def _expert_hidden(expert: Any, x: np.ndarray, weights: Mapping[str, np.ndarray], e: int) -> np.ndarray:
     """Stored expert e's hidden activations (wo's input) on rows x [m, D]."""
     w = {name: np.asarray(value[e], np.float32) for name, value in weights.items()}
-    if isinstance(expert, experts_lib.GPTOSSExperts):
-        return np.asarray(expert.gate(jnp.asarray(x @ w["wi_0"] + w["bi_0"]), jnp.asarray(x @ w["wi_1"] + w["bi_1"])),
-                          np.float32)
+    if isinstance(expert, experts_lib.GPTOSSExperts):  # GPTOSSExperts.gate in numpy
+        gate = np.minimum(x @ w["wi_0"] + w["bi_0"], expert.limit)
+        up = np.clip(x @ w["wi_1"] + w["bi_1"], -expert.limit, expert.limit)
+        return ((up + 1) * (gate * _sigmoid(gate * expert.alpha))).astype(np.float32)
     return _glu_hidden(x, w["wi_0"], w["wi_1"], expert.activation)
 
 
@@ -194,7 +211,7 @@ def layer_stats(config: ml_collections.ConfigDict, variables: Mapping[str, Any],
                         0 if shared is None else int(np.shape(shared["wi_0"])[-1]))
 
     step = calibration_step(config) if step is None else step
-    apply_vars = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
+    apply_vars = transform.on_device(variables)
     done = 0
     for batch in batches:
         arrays = step(apply_vars, jnp.asarray(batch, jnp.int32))

@@ -74,8 +74,7 @@ def routing(config: ml_collections.ConfigDict, original: Mapping[str, Any], quan
     kl = np.zeros(len(layers))
     tokens = 0
     step = jax.jit(lambda v, t: _routing_arrays(capture.forward(config, v, t)))  # one program for both models
-    original, quantised = ({key: v[key] for key in ("params", "moe_state") if v.get(key) is not None}
-                           for v in (original, quantised))
+    original, quantised = transform.on_device(original), transform.on_device(quantised)
     for batch in batches:
         tokens_in = jnp.asarray(batch, jnp.int32)
         a, b = (jax.device_get(step(v, tokens_in)) for v in (original, quantised))
@@ -151,8 +150,8 @@ def evaluation(config: ml_collections.ConfigDict, original: Mapping[str, Any], q
     batches = list(batches)
     evaluator = evaluate.Evaluator(config, bytes_table=bytes_table)
     keys = ("loss", "perplexity", "bits_per_byte", "tokens")
-    base = evaluator(original, batches, with_load=False)
-    new = evaluator(quantised, batches, with_load=False)
+    base = evaluator(transform.on_device(original), batches, with_load=False)  # one compiled step for both
+    new = evaluator(transform.on_device(quantised), batches, with_load=False)
     base, new = ({key: float(r[key]) for key in keys} for r in (base, new))
     return {"original": base, "quantised": new, "delta_loss": new["loss"] - base["loss"],
             "delta_bits_per_byte": new["bits_per_byte"] - base["bits_per_byte"]}

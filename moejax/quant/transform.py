@@ -156,6 +156,16 @@ def materialise(params: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dic
     return set_paths(params, new)
 
 
+def on_device(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """{'params', 'moe_state'} as committed arrays on the default device: trees mixing numpy arrays (the quantised
+    weights) and device arrays (the others) in different places would each compile a jitted forward anew."""
+    import jax
+
+    device = jax.devices()[0]
+    return {key: jax.device_put(variables[key], device) for key in ("params", "moe_state")
+            if variables.get(key) is not None}
+
+
 # ------------------------------------------------------------------------------------------------ on disk
 
 

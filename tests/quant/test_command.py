@@ -1,0 +1,79 @@
+"""python -m moejax.posthoc quantise: the model, its compact form and the metrics it writes, and flags named before
+anything loads."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import moejax
+from moejax import cli as moejax_cli
+from moejax.posthoc import __main__ as cli
+from moejax.quant import transform
+
+TEXT = "def add(a, b):\n    return a + b\n\n\nclass Box:\n    def __init__(self):\n        self.items = []\n"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(checkpoint dir, data flags): a 2-layer Mixtral-layout model (4 experts, top-2, bytes) and a text corpus read
+    in one batch of 4 x 32 tokens."""
+    from moejax import hf
+    from tests import helpers_hf
+
+    root = tmp_path_factory.mktemp("quantise_release")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"f{i}.py").write_text(TEXT.replace("add", f"add_{i}") * (6 + i))
+    config, variables = helpers_hf.random_mixtral(vocab_size=256, num_layers=2)
+    directory = hf.save(config, variables, root / "release")
+    flags = ["--checkpoint", str(directory), "--data", f"text:{corpus}/*.py", "--data_dir", str(root / "data"),
+             "--batch_size", "4", "--seq_len", "32", "--max_tokens", "128"]
+    return directory, flags
+
+
+def test_gptq_with_mixed_bits_writes_the_model_its_compact_form_and_metrics(release, tmp_path):
+    out = tmp_path / "quantised"
+    result = cli.main(["quantise", *release[1], "--method=gptq", "--rules=experts=int4/g8;attention=fp8/8x8",
+                       "--mixed_bits=2,4,8", "--budget=4", "--min_tokens=40", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "posthoc.json",
+                                                     "quantise_metrics.json", "quantised.safetensors"]
+    assert json.loads((out / "quantise_metrics.json").read_text()) == json.loads(json.dumps(result))
+    what = json.loads((out / "posthoc.json").read_text())
+    assert what["operation"] == "quantise" and what["method"] == "gptq" and what["tensors"] == "quantised.safetensors"
+    bits = np.array([what["mixed"]["expert_bits"][layer] for layer in ("0", "1")])
+    assert bits.mean() <= 4 and set(bits.ravel()) <= {2, 4, 8}
+    for layer, info in what["gptq"]["layers"].items():
+        assert sum(info["tokens"]) == 128 * 2 and info["rtn_experts"] == [e for e, n in enumerate(info["tokens"])
+                                                                           if n < 40], layer
+    metrics = result["metrics"]
+    assert set(metrics) == {"bytes", "weights", "routing", "evaluation"}
+    assert len(metrics["routing"]["flips"]) == 2 and all(0 <= f <= 1 for f in metrics["routing"]["flips"])
+    assert metrics["bytes"]["quantised"] < metrics["bytes"]["original"]
+    assert np.isfinite(metrics["evaluation"]["delta_bits_per_byte"])
+    # the saved weights are exactly the compact form dequantised onto the original model
+    _, original = moejax.load(release[0])
+    _, saved = moejax.load(out)
+    rebuilt = transform.materialise(original["params"], transform.load_tensors(out / "quantised.safetensors"))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), saved["params"],
+                                     rebuilt))
+    assert not np.array_equal(np.asarray(saved["params"]["layers_0"]["ffn"]["experts"]["wi_0"]),
+                              np.asarray(original["params"]["layers_0"]["ffn"]["experts"]["wi_0"]))
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--method=awq"], r"--method='awq': allowed are rtn, gptq"),
+    (["--bits=9"], r"--bits=9: int bits in 2..8"),
+    (["--targets=experts,mlp"], r"--targets='experts,mlp': comma-separated among attention, experts"),
+    (["--rules=experts=int4;router=fp4"], r"--rules=.*rules\[1\].format='fp4' is not a weight format"),
+    (["--budget=3"], r"--budget=3.0: needs --mixed_bits"),
+    (["--mixed_bits=2,4", "--budget=1"], r"--budget=1.0: with --mixed_bits"),
+    (["--mixed_bits=1,4", "--budget=3"], r"--mixed_bits='1,4'"),
+    (["--mixed_bits=2,4", "--budget=3", "--criterion=size"], r"--criterion='size'"),
+    (["--min_tokens=0"], r"--min_tokens=0"),
+    (["--rules=experts=int4@9"], r"--rules=.*matches no quantisable matrix")])
+def test_bad_flags_are_named(release, tmp_path, flags, match):
+    with pytest.raises(moejax_cli.UsageError, match=match):
+        cli.main(["quantise", *release[1], *flags, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
