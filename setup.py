@@ -7,7 +7,7 @@ setup(
     description="Mixture-of-Experts research codebase in JAX/Flax",
     python_requires=">=3.11",
     packages=["moejax", "moejax.data", "moejax.hf", "moejax.moe", "moejax.posthoc", "moejax.training", "moejax.kernels",
-              "moejax.configs"],
+              "moejax.quant", "moejax.configs"],
     package_dir={"moejax": "moejax", "moejax.configs": "configs"},
     install_requires=[
         "jax>=0.7",
