@@ -283,6 +283,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.first_dense_layers = 0
     model.moe_every = 1
     model.tie_embeddings = False
+    # DeepSeek-V3's multi-token prediction (arXiv 2412.19437, section 2.2): D sequential modules, depth k predicting
+    # the token k + 1 ahead from the previous depth's hidden state and the embedding of the token k ahead, sharing
+    # the embedding and the output head; trained with mtp_loss_weight / D times the sum of their cross-entropies
+    # (DeepSeek-V3: D = 1, weight 0.3, then 0.1). 0 modules: none. Inference ignores them (speculation aside).
+    model.mtp_depth = 0
+    model.mtp_loss_weight = 0.3
     # Std of the normal initialiser of every weight matrix (DeepSeekMoE: 0.006).
     model.init_std = 0.02
     # Compute dtype of activations and matmuls: 'float32' | 'bfloat16'. Parameters stay in param_dtype.

@@ -103,6 +103,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for field in ("dtype", "param_dtype"):
         checks.choice(f"model.{field}", cfg[field], ["float32", "bfloat16"])
     checks.number("model.init_std", cfg.init_std, strict=True)
+    checks.positive_int("model.mtp_depth", cfg.get("mtp_depth", 0), minimum=0)
+    checks.number("model.mtp_loss_weight", cfg.get("mtp_loss_weight", 0.0))
     checks.number("model.rope_theta", cfg.rope_theta, strict=True)
     attention.validate(cfg)
     _validate_layer_lists(cfg)
@@ -199,6 +201,34 @@ class Unit(nn.Module):
         return (x, first_layer + width), None
 
 
+MTP_COLLECTION = "mtp"  # training with model.mtp_depth > 0 sows each depth's logits [B, S, V] here
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction module of DeepSeek-V3 (arXiv 2412.19437, section 2.2): h' = eh_proj([enorm(e);
+    hnorm(h)]) of the embedding e of the token k positions ahead and the previous depth's hidden state h, then one
+    transformer block (a MoE block when the model has MoE layers, its statistics under the layer index
+    ``layer``). Returns (the block's output, the next depth's input; the same after the module's own final norm,
+    which the model's output head reads)."""
+
+    cfg: ml_collections.ConfigDict
+    mesh: Mesh | None
+    layer: int
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, embedded: jax.Array, token_ids: jax.Array, train: bool,
+                 progress: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        joined = jnp.concatenate([attention.norm(cfg, dtype, "enorm")(embedded),
+                                  attention.norm(cfg, dtype, "hnorm")(hidden)], axis=-1)
+        x = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                     kernel_init=nn.initializers.normal(cfg.init_std), name="eh_proj")(joined)
+        x = Block(cfg, use_moe=cfg.moe_every > 0, mesh=self.mesh, name="block")(x, train, token_ids, progress,
+                                                                                   self.layer)
+        return x, attention.norm(cfg, dtype, "norm")(x)
+
+
 class Transformer(nn.Module):
     """tokens [B, S] int32 -> logits [B, S, V] float32. ``cfg`` is the ``model`` config section.
 
@@ -241,12 +271,22 @@ class Transformer(nn.Module):
             for i in range(cfg.num_layers):
                 x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
                           name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention)
+        hidden = x  # the last block's output: the first MTP module's input
         x = attention.norm(cfg, dtype, "final_norm")(x)
         if cfg.tie_embeddings:
-            return embed.attend(x).astype(jnp.float32)
-        return lora.Dense(cfg.vocab_size, use_bias=cfg.lm_head_bias, dtype=dtype,
-                          param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=nn.initializers.normal(cfg.init_std),
-                          lora=lora.spec(cfg), name="lm_head")(x).astype(jnp.float32)
+            head = embed.attend
+        else:
+            head = lora.Dense(cfg.vocab_size, use_bias=cfg.lm_head_bias, dtype=dtype,
+                              param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=nn.initializers.normal(cfg.init_std),
+                              lora=lora.spec(cfg), name="lm_head")
+        logits = head(x).astype(jnp.float32)
+        if cfg.get("mtp_depth", 0) and (train or self.is_initializing()) and cache is None:
+            for k in range(1, cfg.mtp_depth + 1):  # DeepSeek-V3's multi-token prediction (docs/methods.md)
+                shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # the token k ahead of each position
+                hidden, normed = MTPModule(cfg, self.mesh, cfg.num_layers + k - 1, name=f"mtp_{k}")(
+                    hidden, embed(shifted), shifted, train, progress)
+                self.sow(MTP_COLLECTION, "logits", head(normed).astype(jnp.float32))
+        return logits
 
 
 def param_counts(params: Any, cfg: ml_collections.ConfigDict) -> dict[str, int]:

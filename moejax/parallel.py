@@ -58,6 +58,7 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("q_b", "kernel"): ("latent", "heads", "head_dim"),
     ("kv_a", "kernel"): ("embed", "latent"),
     ("kv_b", "kernel"): ("latent", "heads", "head_dim"),
+    ("eh_proj", "kernel"): (None, "embed"),  # multi-token prediction: [embedding; hidden] -> hidden
     # the routed experts' parameters ('experts/<name>') come from their kind's param_axes (moejax/moe/experts.py)
     ("wi_0",): ("embed", "mlp"),  # dense GLU and fused shared experts
     ("wi_1",): ("embed", "mlp"),

@@ -188,7 +188,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     replicated = NamedSharding(mesh, P())
     empty_train = jax.device_put(metrics.metrics_collection(True, num_layers, config.model.moe.num_experts,
-                                                            distill=teacher is not None).empty(), replicated)
+                                                            distill=teacher is not None,
+                                                            mtp_depth=config.model.get("mtp_depth", 0)).empty(),
+                                 replicated)
     objective = objectives.from_config(config, module, train_key, None if teacher is None else teacher.module)
     step = functools.partial(train_step, objective=objective, tx=tx, hooks=hooks.from_config(config))
     in_shardings = (shardings, replicated, batch_sharding(mesh))
@@ -299,6 +301,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, state: Trai
                 rate = progress.rate()
                 tokens = rate * config.train.batch_size * config.train.seq_len
                 kd = f" | kd {scalars['kd_loss']:.4f}" if "kd_loss" in scalars else ""
+                kd += "".join(f" | mtp_{name[9:]} {value:.4f}" for name, value in scalars.items()
+                              if name.startswith("mtp_loss_"))
                 say(f"step {done}/{total} | loss {scalars['loss']:.4f}{kd} | {rate:.2f} steps/s | "
                     f"{tokens:,.0f} tokens/s | ETA {duration((total - done) / max(rate, 1e-9))}")
             if config.train.eval_every and done % config.train.eval_every == 0 and done < total:

@@ -68,10 +68,12 @@ def layer_metric(num_layers: int, num_experts: int) -> type[clu_metrics.Metric]:
 
 
 def metrics_collection(train: bool, num_layers: int = 0, num_experts: int = 0,
-                       distill: bool = False) -> type[clu_metrics.Collection]:
-    """clu metrics of the train step (loss, aux_loss, grad_norm; with distill also kd_loss, the unweighted KL to the
+                       distill: bool = False, mtp_depth: int = 0) -> type[clu_metrics.Collection]:
+    """clu metrics of the train step (loss, aux_loss, grad_norm; mtp_loss_k per multi-token-prediction depth; with
+    distill also kd_loss, the unweighted KL to the
     teacher) or of evaluation (loss), with the MoE layers' ``layers`` metric when num_layers > 0."""
     names = ["loss"] + (["aux_loss", "grad_norm"] if train else []) + (["kd_loss"] if train and distill else [])
+    names += [f"mtp_loss_{k}" for k in range(1, mtp_depth + 1)] if train else []
     fields: dict[str, Any] = {name: clu_metrics.Average.from_output(name) for name in names}
     if num_layers:
         fields["layers"] = layer_metric(num_layers, num_experts)

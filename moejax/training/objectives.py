@@ -38,6 +38,7 @@ class Report:
     aux_loss: jax.Array  # [] the weighted router losses
     moe_aux: Any  # the 'moe_aux' collection of the (first) forward pass
     kd_loss: jax.Array | None = None  # [] distillation: the unweighted KL to the teacher (None without a teacher)
+    mtp_loss: jax.Array | None = None  # [D] multi-token prediction: each depth's cross-entropy (None without MTP)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -91,6 +92,17 @@ def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, temper
     if reduction == "batchmean":
         return total / kl.shape[0]
     return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def mtp_cross_entropy(logits: jax.Array, targets: jax.Array, depth: int) -> jax.Array:
+    """Multi-token prediction's loss at ``depth`` k (DeepSeek-V3, section 2.2): the logits at position i predict
+    targets[i + k] (the token k + 1 after input i); the last k positions have none and are left out."""
+    seq = targets.shape[1]
+    if depth >= seq:
+        return jnp.zeros((), jnp.float32)
+    log_probs = jax.nn.log_softmax(logits[:, :seq - depth].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, targets[:, depth:, None], axis=-1)[..., 0]
+    return -picked.mean()
 
 
 def cross_entropy_loss(forward: Forward, targets: jax.Array, key: jax.Array, *,
@@ -163,14 +175,23 @@ class Objective:
                 raise ValueError("this objective distills: pass the teacher's variables")
             extra["teacher_logits"] = jax.lax.stop_gradient(self.teacher.apply(teacher, inputs, train=False))
 
+        depth = self.module.cfg.get("mtp_depth", 0)
+        mtp_logits: list = []  # the first forward pass's multi-token-prediction logits, one [B, S, V] per depth
+
         def forward(key: jax.Array) -> tuple[jax.Array, dict]:
             jitter_key, routing_key = jax.random.split(key)
             logits, aux = self.module.apply({"params": params, "moe_state": moe_state}, inputs, train=True,
-                                            progress=progress, mutable=["moe_aux"],
+                                            progress=progress, mutable=["moe_aux", model.MTP_COLLECTION],
                                             rngs={"jitter": jitter_key, "routing": routing_key})
+            if depth and not mtp_logits:
+                mtp_logits.extend(aux[model.MTP_COLLECTION]["logits"])
             return logits, aux.get("moe_aux", {})
 
-        return self.loss(forward, targets, jax.random.fold_in(self.train_key, step), **extra)
+        value, report = self.loss(forward, targets, jax.random.fold_in(self.train_key, step), **extra)
+        if not depth:
+            return value, report
+        per_depth = jnp.stack([mtp_cross_entropy(logits, targets, k) for k, logits in enumerate(mtp_logits, 1)])
+        return value + self.module.cfg.mtp_loss_weight * per_depth.mean(), report.replace(mtp_loss=per_depth)
 
 
 def from_config(config: ml_collections.ConfigDict, module: model.Transformer, train_key: jax.Array,

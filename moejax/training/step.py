@@ -29,7 +29,8 @@ class TrainState:
 def layer_outputs(collected: dict[stats.ModulePath, stats.RoutedStats]) -> dict[str, Any]:
     """The model outputs the metrics collections read from a forward pass's ``stats.collect``: ``layer_stats`` (a
     RoutedStats stacked [L] in layer order), absent for a dense model."""
-    per_layer = stats.by_layer(collected)
+    per_layer = stats.by_layer({path: record for path, record in collected.items()
+                                if not (path and str(path[0]).startswith("mtp_"))})  # the MTP modules' own
     return {} if per_layer is None else {"layer_stats": per_layer}
 
 
@@ -59,6 +60,8 @@ def train_step(state: TrainState, metrics: clu_metrics.Collection, batch: jax.Ar
     for hook in hooks:
         new_state = hook(new_state, collected)
     kd = {} if report.kd_loss is None else {"kd_loss": report.kd_loss}
+    if report.mtp_loss is not None:
+        kd.update({f"mtp_loss_{k}": value for k, value in enumerate(report.mtp_loss, 1)})
     step_metrics = type(metrics).single_from_model_output(loss=report.loss, aux_loss=report.aux_loss,
                                                           grad_norm=grad_norm, **kd, **layer_outputs(collected))
     return new_state, metrics.merge(step_metrics), jnp.stack([report.loss, grad_norm])
