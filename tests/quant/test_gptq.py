@@ -145,3 +145,24 @@ def test_bad_gptq_arguments_are_named():
             gptq.quantize(config, variables, [rules.Rule("experts", "int4")], batches, **kwargs)
     with pytest.raises(ValueError, match="Hessian of shape"):
         gptq.solve(np.zeros((4, 2), np.float32), np.eye(3), formats.parse("int4"))
+
+
+def test_hidden_activations_match_the_expert_kinds():
+    """wo's calibration inputs are computed in numpy: the same as the expert kinds' jax functions."""
+    import jax.numpy as jnp
+
+    from moejax.moe import experts
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5, 6)).astype(np.float32)
+    weights = {"wi_0": rng.normal(size=(2, 6, 3)), "wi_1": rng.normal(size=(2, 6, 3)), "bi_0": rng.normal(size=(2, 3)),
+               "bi_1": rng.normal(size=(2, 3))}
+    weights = {k: (3 * v).astype(np.float32) for k, v in weights.items()}  # past the GPT-OSS clamp of 7
+    kind = experts.GPTOSSExperts()
+    w = {k: v[1] for k, v in weights.items()}
+    expected = kind.gate(jnp.asarray(x @ w["wi_0"] + w["bi_0"]), jnp.asarray(x @ w["wi_1"] + w["bi_1"]))
+    np.testing.assert_allclose(gptq._expert_hidden(kind, x, weights, 1), expected, rtol=1e-5, atol=1e-5)
+    for name in ("silu", "gelu", "relu"):
+        glu = experts.GLUExperts(name)
+        expected = experts.ACTIVATIONS[name](jnp.asarray(x @ w["wi_0"])) * (x @ w["wi_1"])
+        np.testing.assert_allclose(gptq._expert_hidden(glu, x, weights, 1), expected, rtol=1e-5, atol=1e-5)
