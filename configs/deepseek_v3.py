@@ -17,6 +17,10 @@ Presets (``--config=configs/deepseek_v3.py:<preset>``):
   --config.model.moe.balance_scope and --config.model.moe.bias_update_rate; MaxVio is logged per layer. Choices: 64
   routed experts of width 176 with top-8 (V3's 256 / top-8 scaled down), 5 layers so that 4 stay MoE after the
   dense first layer (V3 has 3 dense of 61), dense FFN 704, multi-head attention instead of MLA.
+* ``small_mtp``: ``small`` with DeepSeek-V3's multi-token prediction (section 2.2): one MTP module (depth D = 1)
+  predicting the token after next, trained with weight lambda = 0.3 (the paper's first 10T tokens; 0.1 after);
+  ``--config.model.mtp_depth`` and ``--config.model.mtp_loss_weight`` change them. The loss of each depth is logged
+  as ``mtp_loss_k``.
 * ``671b``: DeepSeek-V3 exactly as its released config.json gives it (``moejax.hf.read_config`` of that directory
   equals this preset's ``model`` field by field; tests/test_released_presets.py): d_model 7168, 61 layers (3
   dense), 128 heads of MLA (q-LoRA 1536, kv-LoRA 512, 128 + 64 query/key dims, values of 128, YaRN x40 from 4096),
@@ -31,7 +35,7 @@ Presets (``--config=configs/deepseek_v3.py:<preset>``):
 import ml_collections
 from moejax.configs import base
 
-PRESETS: tuple[str, ...] = ("small", "671b")
+PRESETS: tuple[str, ...] = ("small", "small_mtp", "671b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,11 +45,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     moe.update(num_shared=1, dispatch="dropless")
     moe.router.update(score="sigmoid", softmax_before_topk=True, norm_topk_prob=True, routed_scaling_factor=2.5,
                       num_groups=8, topk_groups=4, group_score="top2_sum")
-    if preset == "small":
+    if preset in ("small", "small_mtp"):
         model.update(d_model=256, num_layers=5, num_heads=4, ffn_dim=704, first_dense_layers=1)
         moe.update(num_experts=64, top_k=8, expert_ffn=176, balance_loss="deepseek", balance_coef=1e-4,
                    balance_scope="sequence", bias_update_rate=1e-3)
         moe.router.group_mask_fill = 0.0
+        if preset == "small_mtp":  # section 2.2: one MTP module, lambda 0.3 (0.1 for the last 4.8T tokens)
+            model.update(mtp_depth=1, mtp_loss_weight=0.3)
     else:  # "671b"
         model.update(vocab_size=129280, d_model=7168, num_layers=61, num_heads=128, ffn_dim=18432,
                      first_dense_layers=3, attention="mla", rope_interleave=True, norm_eps=1e-6,
