@@ -40,18 +40,10 @@ from jax.experimental import io_callback
 from jax.sharding import Mesh
 
 from moejax import checks, cli, kv_cache, model
+from moejax.kv_cache import decode_config  # noqa: F401  (generate.decode_config, as before)
 from moejax.sampling import sample, sampling_problem
 
 CHUNK_SECONDS = 0.1  # the decoding time between two chances for Ctrl-C (and other signals) to stop it
-
-
-def decode_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The ``model`` section of config (a full config or its model section) as decoding runs it: dropless MoE
-    dispatch, no rematerialisation."""
-    cfg = ml_collections.ConfigDict((config.model if "model" in config else config).to_dict())
-    cfg.remat = False
-    cfg.moe.dispatch = "dropless"
-    return cfg
 
 
 def _right_align(prompts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 COLLECTION = "cache"
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -148,3 +149,12 @@ def bytes_per_token(cache_tree) -> int:
 def total_bytes(cache_tree) -> int:
     """The cache's bytes, every layer and row."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(cache_tree))
+
+
+def decode_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``model`` section of config (a full config or its model section) as decoding runs it: dropless MoE
+    dispatch, no rematerialisation."""
+    cfg = ml_collections.ConfigDict((config.model if "model" in config else config).to_dict())
+    cfg.remat = False
+    cfg.moe.dispatch = "dropless"
+    return cfg

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from moejax import checks, kv_cache, model
-from moejax.generate import decode_config
+from moejax.kv_cache import decode_config
 
 
 def _check(cfg: ml_collections.ConfigDict, length: int, field: str) -> None:

@@ -30,9 +30,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=1e-2, help="dume: the ridge regularisation")
     parser.add_argument("--domain_tokens", type=int, default=0, help="tokens per domain (0: as many as the "
                                                                      "config's evaluation batches)")
-    parser.add_argument("--batch_size", type=int, default=0)
-    parser.add_argument("--seq_len", type=int, default=0)
-    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--batch_size", type=int, default=0, help="rows per calibration batch (0: the config's)")
+    parser.add_argument("--seq_len", type=int, default=0, help="tokens per row (0: the config's)")
+    parser.add_argument("--data_dir", default=None, help="where the prepared corpora are cached (data.dir)")
     parser.add_argument("--out", required=True, help="the new model's directory (must not exist, or be empty)")
 
 
