@@ -6,8 +6,8 @@ setup(
     version="0.1.0",
     description="Mixture-of-Experts research codebase in JAX/Flax",
     python_requires=">=3.11",
-    packages=["moejax", "moejax.data", "moejax.hf", "moejax.moe", "moejax.posthoc", "moejax.training", "moejax.kernels",
-              "moejax.quant", "moejax.configs"],
+    packages=["moejax", "moejax.adapters", "moejax.data", "moejax.hf", "moejax.hf.families", "moejax.moe",
+              "moejax.posthoc", "moejax.training", "moejax.kernels", "moejax.quant", "moejax.configs"],
     package_dir={"moejax": "moejax", "moejax.configs": "configs"},
     install_requires=[
         "jax>=0.7",
