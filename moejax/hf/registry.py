@@ -4,7 +4,8 @@ moejax/hf/families/ registers; and the config mapping through them.
 ``config_from_hf`` maps a config.json onto configs/base.py's defaults with its family's ``from_hf``, then reports
 the fields nothing read (less the family's ``ignored`` and config.GENERIC_IGNORED); ``config_to_hf`` writes a moejax
 model section as one family, or as the first that can express it, trying the families newest first (in reverse
-order of registration). Every field one side cannot represent raises ``HFConfigError`` naming it.
+order of registration). Every field one side cannot represent raises ``HFConfigError`` naming it; so does a model
+field of ``OPT_IN_FIELDS`` away from its default, for every family that does not list it in ``expresses``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ class Family:
     ignored: frozenset[str] = frozenset()
     # checkpoint layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction modules) are skipped
     extra_layers_note: str | None = None
+    # the OPT_IN_FIELDS whose non-default values this family's to_hf writes
+    expresses: frozenset[str] = frozenset()
+
+
+# Model fields that only some families express, with the value every other family has: a family must name such a
+# field in Family.expresses to be given a model whose value differs (the others would drop it from their config.json
+# and write a model transformers computes differently).
+OPT_IN_FIELDS: dict[str, Any] = {"norm": "rms", "lm_head_bias": False, "partial_rotary_factor": 1.0}
+
+
+def _check_opt_in(fam: Family, m: ml_collections.ConfigDict, s: Saving) -> None:
+    for field, default in OPT_IN_FIELDS.items():
+        if field not in fam.expresses:
+            s.need(field, m[field] == default, f"{fam.model_type} has no such option (only {default!r})")
 
 
 FAMILIES: dict[str, Family] = {}  # by model_type, in order of registration
@@ -72,10 +87,13 @@ def config_to_hf(m: ml_collections.ConfigDict, model_type: str | None = None) ->
     """The config.json of a moejax model section, as ``model_type`` (default: the first family, newest first, that
     can express it). Raises HFConfigError naming the field that the family cannot express."""
     if model_type is not None:
-        return family(model_type).to_hf(m, Saving(m, model_type))
+        fam = family(model_type)
+        _check_opt_in(fam, m, Saving(m, model_type))
+        return fam.to_hf(m, Saving(m, model_type))
     reasons = []
     for fam in reversed(FAMILIES.values()):
         try:
+            _check_opt_in(fam, m, Saving(m, fam.model_type))
             return fam.to_hf(m, Saving(m, fam.model_type))
         except HFConfigError as e:
             reasons.append(f"  {fam.model_type}: {e}")
