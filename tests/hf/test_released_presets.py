@@ -13,6 +13,7 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+from moejax.configs import phimoe
 
 from moejax import hf, model
 from tests.helpers_configs import load
@@ -119,6 +120,44 @@ def _gpt_oss(layers, experts):
 GPT_OSS_20B = _gpt_oss(24, 32)  # openai/gpt-oss-20b
 GPT_OSS_120B = _gpt_oss(36, 128)  # openai/gpt-oss-120b
 
+# microsoft/Phi-3.5-MoE-instruct. Every scalar field as a published listing of the hub's config.json gives it
+# (architecture, token ids, transformers_version 4.43.3, the rope_scaling keys and both mscales) and as transformers'
+# PhimoeConfig documents its checkpoint; the auto_map entries as the hub's remote code names its classes. The two
+# 64-value LongRoPE factor lists were not among the sources available here: configs/phimoe.py's STANDIN_FACTORS (1.0
+# each) stand in for them on both sides, so the comparison covers every other field.
+PHI_3_5_MOE = {
+    "_name_or_path": "Phi-3.5-MoE-instruct", "architectures": ["PhiMoEForCausalLM"], "attention_bias": True,
+    "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_phimoe.PhiMoEConfig",
+                 "AutoModelForCausalLM": "modeling_phimoe.PhiMoEForCausalLM"},
+    "bos_token_id": 1, "eos_token_id": 32000, "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": 4096,
+    "initializer_range": 0.02, "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True,
+    "max_position_embeddings": 131072, "model_type": "phimoe", "num_attention_heads": 32, "num_experts_per_tok": 2,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 16,
+    "original_max_position_embeddings": 4096, "output_router_logits": False, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"long_factor": list(phimoe.STANDIN_FACTORS), "long_mscale": 1.243163121016122,
+                     "original_max_position_embeddings": 4096, "short_factor": list(phimoe.STANDIN_FACTORS),
+                     "short_mscale": 1.243163121016122, "type": "longrope"},
+    "rope_theta": 10000.0, "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.01, "sliding_window": 131072,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.43.3", "use_cache": True,
+    "vocab_size": 32064,
+}
+
+# zai-org/GLM-4.5-Air, as transformers 4.54.1 prints the Glm4MoeConfig it reads from the hub's config.json (a
+# Megatron-conversion log of ZhipuAI/GLM-4.5-Air); the values transformers' Glm4MoeConfig defaults to agree
+# (hidden_size, moe_intermediate_size, n_routed_experts, num_key_value_heads, vocab_size, ...).
+GLM_4_5_AIR = {
+    "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": [151329, 151336, 151338], "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 10944, "max_position_embeddings": 131072,
+    "model_type": "glm4_moe", "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96, "num_experts_per_tok": 8,
+    "num_hidden_layers": 46, "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "pad_token_id": 151329,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+    "routed_scaling_factor": 1.0, "tie_word_embeddings": False, "topk_group": 1, "torch_dtype": "bfloat16",
+    "transformers_version": "4.54.1", "use_cache": True, "use_qk_norm": False, "vocab_size": 151552,
+}
+
 # name: (config file, preset, published config.json)
 RELEASED = {
     "mixtral_8x7b": ("mixtral", "8x7b", MIXTRAL_8X7B),
@@ -128,6 +167,8 @@ RELEASED = {
     "deepseek_v3_671b": ("deepseek_v3", "671b", DEEPSEEK_V3),
     "gpt_oss_20b": ("gpt_oss", "20b", GPT_OSS_20B),
     "gpt_oss_120b": ("gpt_oss", "120b", GPT_OSS_120B),
+    "phi_3_5_moe": ("phimoe", "3_5_moe", PHI_3_5_MOE),
+    "glm_4_5_air": ("glm4_moe", "air", GLM_4_5_AIR),
 }
 
 # name: (published total, published activated, the unit of their last published digit, whether the activated count
@@ -135,7 +176,9 @@ RELEASED = {
 # model card (30.5B, 3.3B); OLMoE, arXiv 2409.02060 (6.9B, 1.3B); DeepSeek-V2, arXiv 2405.04434, and the
 # DeepSeek-V2-Lite model card (15.7B, 2.4B); DeepSeek-V3, arXiv 2412.19437 (671B, 37B, without the 14B
 # multi-token-prediction module, which moejax skips); the gpt-oss model card, arXiv 2508.10925 (20.91B / 3.61B and
-# 116.83B / 5.13B, "active" there counting the unembedding but not the embedding).
+# 116.83B / 5.13B, "active" there counting the unembedding but not the embedding); the Phi-3.5-MoE-instruct model
+# card (41.9B, 6.6B active "when using 2 experts"); the GLM-4.5-Air model card and arXiv 2508.06471 (106B, 12B
+# active, without the multi-token-prediction layer, which moejax skips).
 PUBLISHED = {
     "mixtral_8x7b": (46.7e9, 12.9e9, 0.1e9, True),
     "qwen3_30b_a3b": (30.5e9, 3.3e9, 0.1e9, True),
@@ -144,6 +187,8 @@ PUBLISHED = {
     "deepseek_v3_671b": (671e9, 37e9, 1e9, False),
     "gpt_oss_20b": (20.91e9, 3.61e9, 0.01e9, False),
     "gpt_oss_120b": (116.83e9, 5.13e9, 0.01e9, False),
+    "phi_3_5_moe": (41.9e9, 6.6e9, 0.1e9, True),
+    "glm_4_5_air": (106e9, 12e9, 1e9, False),
 }
 
 
@@ -191,7 +236,8 @@ def test_comparison_catches_a_wrong_field(tmp_path):
 
 
 @pytest.mark.parametrize("file,family", [("mixtral", "mixtral"), ("qwen3_moe", "qwen3_moe"), ("olmoe", "olmoe"),
-                                         ("deepseek_v2_lite", "deepseek_v2"), ("gpt_oss", "gpt_oss")])
+                                         ("deepseek_v2_lite", "deepseek_v2"), ("gpt_oss", "gpt_oss"),
+                                         ("phimoe", "phimoe"), ("glm4_moe", "glm4_moe")])
 def test_small_default_is_a_model_of_the_released_family(file, family):
     """The trainable default preset is the same architecture at a small width: moejax.hf.save can write it as its
     family (configs/deepseek_v3.py's small recipe has multi-head attention instead of MLA, so it is not one)."""

@@ -95,6 +95,31 @@ CASES: dict[str, tuple[str, dict, str | None]] = {
                                        attention_bias=False, sliding_window=8, swiglu_alpha=1.0,
                                        layer_types=["full_attention", "full_attention"],
                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), None),
+    "phimoe_a": ("PhimoeConfig", dict(COMMON, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
+                                      attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), None),
+    # LongRoPE within its short regime (12 positions <= 16), a sliding window, a wide SparseMixer threshold, the
+    # hub's rope fields (rope_theta, rope_scaling with 'type')
+    "phimoe_b": ("PhimoeConfig", dict(COMMON, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=3,
+                                      intermediate_size=24, rms_norm_eps=1e-5, router_jitter_noise=0.3,
+                                      sliding_window=4,
+                                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                       "short_factor": [1.0, 1.1, 1.7, 2.5],
+                                                       "long_factor": [1.5, 3.0, 6.0, 9.0], "short_mscale": 1.2,
+                                                       "long_mscale": 1.3, "original_max_position_embeddings": 16}),
+                 "legacy_rope"),
+    # half of each 16-wide head rotated (transformers' default), groups, q/k/v biases, a first dense layer, a
+    # multi-token-prediction layer after the last
+    "glm4_moe_a": ("Glm4MoeConfig", dict(COMMON, head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                                         num_hidden_layers=3, n_group=2, topk_group=1, norm_topk_prob=True,
+                                         routed_scaling_factor=2.5, attention_bias=True, rms_norm_eps=1e-5),
+                   "mtp_layer"),
+    "glm4_moe_b": ("Glm4MoeConfig", dict(COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         n_shared_experts=2, first_k_dense_replace=0, n_group=1, topk_group=1,
+                                         norm_topk_prob=False, use_qk_norm=True, attention_bias=False,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                          "partial_rotary_factor": 1.0}), None),
 }
 
 
@@ -164,8 +189,8 @@ def _legacy_rope(directory: pathlib.Path) -> None:
 
 
 def _mtp_layer(directory: pathlib.Path) -> None:
-    """A DeepSeek-V3 multi-token-prediction layer after the last one (as the released checkpoint has): layer
-    num_hidden_layers with its extra enorm / hnorm / eh_proj tensors. moejax skips it with a note."""
+    """A multi-token-prediction layer after the last one (as the released DeepSeek-V3 and GLM-4.5 checkpoints have):
+    layer num_hidden_layers with its extra enorm / hnorm / eh_proj tensors. moejax skips it with a note."""
     from safetensors.numpy import load_file, save_file
 
     raw = json.loads((directory / "config.json").read_text())
