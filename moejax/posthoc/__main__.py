@@ -12,6 +12,7 @@ pruning, merging and super experts.
     python -m moejax.posthoc steer         --checkpoint=DIR --marker=TEXT [--experts=top2-npmi]
                                            [--mode=reinforce|dampen|silence] --out=FILE.json
     python -m moejax.posthoc assemble      --sources=DIR,DIR --recipe=dume|btx|flexolmo [--domains=C,C] --out=DIR
+    python -m moejax.posthoc merge-adapter --checkpoint=DIR --out=DIR [--format=moejax|hf] [--peft=DIR]
     python -m moejax.posthoc place         --checkpoint=DIR --devices=N [--redundant=R] [--trace=TRACE_DIR] --out=DIR
     python -m moejax.posthoc offload       --trace=TRACE_DIR --out=DIR [--policy=lru,lfu,score,belady]
                                            [--cache_experts=N,...] [--prefetch=none|affinity|pregated|oracle]
@@ -354,6 +355,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from moejax.adapters import command as adapter_command
     from moejax.posthoc import command_assemble, command_place, importance, offload, super_experts
 
     top = cli.ArgumentParser(prog="python -m moejax.posthoc", description=__doc__.split("\n\n")[0])
@@ -444,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("assemble", help="an MoE from several dense models (DUME, BTX, FlexOlmo), write it")
     command_assemble.add_flags(p)
     p.set_defaults(run=command_assemble.run)
+    p = commands.add_parser("merge-adapter", help="merge a model's LoRA adapters into its base weights, write it")
+    adapter_command.add_flags(p)
+    p.set_defaults(run=adapter_command.run)
     p = commands.add_parser("place", help="plan replicas and device placement of the experts (EPLB), write the model")
     _data_flags(p)
     command_place.add_flags(p)

@@ -256,7 +256,7 @@ def test_usage_errors_are_one_line_and_status_2(release, argv, status, message, 
 
 def test_every_flag_has_help():
     subcommands = cli.parser()._subparsers._group_actions[0].choices
-    assert sorted(subcommands) == ["analyze", "assemble", "importance", "merge", "offload", "place", "prune",
-                                   "quantise", "steer", "super-experts", "trace"]
+    assert sorted(subcommands) == ["analyze", "assemble", "importance", "merge", "merge-adapter", "offload", "place",
+                                   "prune", "quantise", "steer", "super-experts", "trace"]
     assert [(name, action.dest) for name, sub in subcommands.items() for action in sub._actions
             if not action.help] == []
