@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from moejax import checks, generate, model
+from moejax import checks, generate, model, parallel
 from moejax.adapters import lora, merging
 from moejax.moe import layer
 from moejax.training import initialise, optim
@@ -126,6 +127,32 @@ def test_routed_expert_adapters_against_a_loop_over_experts(backend, mode):
     want = jax.jit(jax.grad(lambda a: loss(a, dense)))(adapters)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_expert_parallel_adapters_match_one_device():
+    """On a mesh of 2 data x 2 expert x 2 tensor devices the routed experts' adapters shard as their weights do (A
+    keeps the input axes, B the output axes) and give the single-device outputs and gradients."""
+    cfg = helpers_configs.moe("mixtral")
+    spec = lora.LoraSpec(("experts/(wi_0|wo)",), rank=3, alpha=6.0)
+    x = jax.random.normal(jax.random.key(0), (8, 4, 16))
+    one = layer.MoE(cfg, kernel_init=nn.initializers.normal(0.4), lora=spec)
+    params = randomised(jax.jit(one.init)(jax.random.key(1), x)["params"], scale=0.5)
+    mesh = helpers_moe.mesh_of((2, 1, 2, 2))
+    sharded = layer.MoE(cfg, kernel_init=nn.initializers.normal(0.4), lora=spec, mesh=mesh)
+    specs = jax.tree.map(lambda s: s.spec, parallel.param_shardings(params, mesh))["experts"]
+    assert specs["wi_0_lora_a"] == P("expert", "fsdp", None) and specs["wi_0_lora_b"] == P("expert", None, "tensor")
+    assert specs["wo_lora_a"] == P("expert", "tensor", None) and specs["wo_lora_b"] == P("expert", None, "fsdp")
+
+    def loss(p, x, module):
+        y = module.apply({"params": p}, x)
+        return jnp.sum(jnp.cos(y)), y
+
+    (_, want), g_want = jax.jit(jax.value_and_grad(lambda p: loss(p, x, one), has_aux=True))(params)
+    xs = jax.device_put(x, helpers_moe.token_sharding(mesh))
+    (_, got), g_got = jax.jit(jax.value_and_grad(lambda p: loss(p, xs, sharded), has_aux=True))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("init", ["kaiming_uniform", "gaussian"])
