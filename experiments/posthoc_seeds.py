@@ -109,15 +109,18 @@ def _p(value: float | None) -> str:
     return "–" if value is None else (f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}")
 
 
-def n_sentence(n: int) -> str:
-    """What n training seeds can and cannot show (the same sentence on both pages)."""
+def n_sentence(n: int, family: int) -> str:
+    """What n training seeds can and cannot show (the same sentence on both pages); family: the page's claims."""
     from scipy import stats
 
     t = float(stats.t.ppf(0.975, n - 1)) if n >= 2 else None
+    t_holm = float(stats.t.isf(FAMILY_ALPHA / (2 * family), n - 1)) if n >= 2 and family else None
     return (f"**What {n} training seeds can and cannot show.** With n = {n} the t-interval uses t = "
             f"{fixed(t, 2)} on {n - 1} degrees of freedom, so an effect is resolved only when it is large against "
-            "how much it varies between training seeds, and Holm over the page's family then demands a far smaller "
-            "p than 0.05. A resolved verdict says that the effect has the same sign on these small models across "
+            f"how much it varies between training seeds; Holm over the page's {family} claims then needs p < "
+            f"{FAMILY_ALPHA / max(family, 1):.2g} for the first claim it rejects, i.e. |mean| / (sd / sqrt(n)) above "
+            f"{fixed(t_holm, 1)}: the per-seed differences must agree almost exactly. A resolved verdict says "
+            "that the effect has the same sign on these small models across "
             "training seeds and calibration sets; it says nothing about larger models, other corpora, longer "
             "training or fine-tuning after compression. 'Not resolved' is not evidence of no effect: at n = "
             f"{n} a real difference of moderate size is usually not resolved. The spread over training seeds "
@@ -265,7 +268,7 @@ def render_compression(payload: dict[str, Any], findings: str) -> str:
         f"* Cost: {fixed(s['seconds_per_result'], 1)} s per compression result (compress + evaluate, compilation "
         f"included, persistent XLA cache), {fixed(s['calib_seconds'], 1)} s of calibration statistics per set; "
         "study wall time per checkpoint: " + ", ".join(f"{fixed(w, 0)} s" for w in s["wall_seconds"]) + ".", "",
-        n_sentence(n), ""]
+        n_sentence(n, len(s["claims"])), ""]
     lines += ["## Validation bits per byte", "", "![bits/byte vs fraction kept](posthoc_compression.png)", "",
               f"Mean over {n} training seeds ± std over training seeds (each seed's value: the mean over its "
               f"{s['calib_sets']} calibration sets); in brackets the change from each seed's uncompressed model. "
@@ -525,7 +528,7 @@ def render_routing(payload: dict[str, Any], findings: str) -> str:
         f"authors' weight for this router), plausibility alpha = {info['alpha']}; betas {s['betas']}.",
         f"* Statistics: {ROUTING_STATS_TEXT}",
         "* Cost per checkpoint: " + "; ".join(f"seed {k}: {v}" for k, v in s["times"].items()) + ".", "",
-        n_sentence(n), ""]
+        n_sentence(n, len(s["claims"])), ""]
     lines += [f"## Claims, Holm over {len(s['claims'])}", "",
               "| claim | mean | 95% interval | per training seed | p | Holm p | verdict |",
               "|---|---|---|---|---|---|---|"]
@@ -545,9 +548,14 @@ def render_routing(payload: dict[str, Any], findings: str) -> str:
                         f"[{fixed(lo, 3)}, {fixed(hi, 3)}]" for k, (lo, hi) in c["srp_interval"].items())
         lines.append(f"| {m} | {_cell(c['srp'])} | {per} | {_cell(c['srp_shuffled'])} | {_cell(c['sch'])} | "
                      f"{_cell(c['sch_shuffled'])} |")
+    lines += ["", f"SRP needs a window of m tokens inside one sequence; the traced rows are {info['seq_len']} tokens, "
+              "so it is missing for longer m."]
     if s["balance"]:
         lines += ["", "Expert load of the trace (mean over MoE layers, then mean ± std over training seeds): "
                   + "; ".join(f"{k} {_cell(v, 3)}" for k, v in s["balance"].items()) + "."]
+    lines += ["", f"Expert frequency and inter-layer affinity of training seed {s['seeds'][0]}'s trace:", "",
+              "![expert frequency](posthoc_routing_frequency.png) "
+              "![inter-layer affinity](posthoc_routing_affinity.png)"]
     lines += ["", "## Keyword experts: silencing and reinforcing", "", "![silencing](posthoc_routing_silencing.png)",
               "", "Change in bits/byte (on the keyword's tokens, and overall) when the keyword's top-2 experts are "
               "silenced, beside the random controls' mean change; mean ± std over training seeds.", "",
