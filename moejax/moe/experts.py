@@ -274,34 +274,49 @@ def tiled_apply(expert: Experts, tiles: jax.Array, weights: Weights, tile_expert
 
 
 def _tiled_apply_fwd(expert, tiles, weights, tile_expert, used_tiles):
+    # symbolic zeros: the primals come wrapped, and a weight that nothing differentiates (a frozen base under LoRA)
+    # is marked in the residuals' structure (a 1-tuple) so that the backward pass computes no gradient for it
+    tiles, tile_expert, used_tiles = tiles.value, tile_expert.value, used_tiles.value
+    marked = tuple(w.value if w.perturbed else (w.value,) for w in weights)
+    weights = tuple(w.value for w in weights)
     out = tiled_apply(expert, tiles, weights, tile_expert, used_tiles)
-    return out, (tiles, weights, tile_expert, used_tiles)
+    return out, (tiles, marked, tile_expert, used_tiles)
 
 
 def _tiled_apply_bwd(expert, res, grad_out):
-    tiles, weights, tile_expert, used_tiles = res
+    tiles, marked, tile_expert, used_tiles = res
+    live = tuple(not isinstance(w, tuple) for w in marked)
+    weights = tuple(w if keep else w[0] for w, keep in zip(marked, live, strict=True))
+    trained = tuple(w for w, keep in zip(weights, live, strict=True) if keep)
 
     def tile_grads(i):
         e = tile_expert[i]
-        _, vjp = jax.vjp(expert.apply_one, tiles[i], *(w[e] for w in weights))
+        per_expert = tuple(w[e] for w in weights)
+
+        def apply(x, *grads_of):  # apply_one with the weights that get a gradient as arguments
+            given = iter(grads_of)
+            return expert.apply_one(x, *(next(given) if keep else w
+                                         for w, keep in zip(per_expert, live, strict=True)))
+
+        _, vjp = jax.vjp(apply, tiles[i], *(w for w, keep in zip(per_expert, live, strict=True) if keep))
         return e, vjp(grad_out[i])
 
-    def accumulate(i, grads, e, tile, live=True):
+    def accumulate(i, grads, e, tile, live_tile=True):
         grad_tiles, *grad_w = grads
-        d_x, *d_w = (jnp.where(live, d, 0) for d in tile)
+        d_x, *d_w = (jnp.where(live_tile, d, 0) for d in tile)
         grad_w = (g.at[e].add(d.astype(jnp.float32)) for g, d in zip(grad_w, d_w, strict=True))
         return (grad_tiles.at[i].set(d_x), *grad_w)
 
     # The first tile runs outside the loop so that the carry takes the types (inside shard_map: the varying
     # axes) that jax.vjp gives the per-tile gradients; it counts only when some tile is used.
-    zeros = (jnp.zeros_like(tiles), *(jnp.zeros(w.shape, jnp.float32) for w in weights))
-    first = accumulate(0, zeros, *tile_grads(0), live=used_tiles > 0)
+    zeros = (jnp.zeros_like(tiles), *(jnp.zeros(w.shape, jnp.float32) for w in trained))
+    first = accumulate(0, zeros, *tile_grads(0), live_tile=used_tiles > 0)
     grad_tiles, *grad_w = jax.lax.fori_loop(1, used_tiles, lambda i, g: accumulate(i, g, *tile_grads(i)), first)
-    grad_w = tuple(vma.sum_to_type(g.astype(w.dtype), w) for g, w in zip(grad_w, weights, strict=True))
-    return vma.sum_to_type(grad_tiles, tiles), grad_w, None, None
+    given = iter(vma.sum_to_type(g.astype(w.dtype), w) for g, w in zip(grad_w, trained, strict=True))
+    return vma.sum_to_type(grad_tiles, tiles), tuple(next(given) if keep else None for keep in live), None, None
 
 
-tiled_apply.defvjp(_tiled_apply_fwd, _tiled_apply_bwd)
+tiled_apply.defvjp(_tiled_apply_fwd, _tiled_apply_bwd, symbolic_zeros=True)
 
 
 def grouped_apply(expert: Experts, rows: jax.Array, weights: Weights, plan: Plan, backend: str) -> jax.Array:

@@ -15,6 +15,9 @@ Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width
       shared/wi_1          [D, Fs]                Fs = shared_ffn, or num_shared * F when shared_ffn is 0
       shared/wo            [Fs, D]
       shared_gate/kernel   [D, 1]                 when shared_gate (Qwen2-MoE's sigmoid gate on the shared MLP)
+      .../<w>_lora_a, _lora_b                     LoRA adapters of the weights ``lora`` picks (moejax/adapters/
+                                                  lora.py): experts/<w>_lora_a [E, in, r], experts/<w>_lora_b
+                                                  [E, r, out] (or <w>_shared_lora_a [in, r], ... shared by all)
     moe_state:
       router_bias          [E]                    selection-only bias (aux-loss-free balancing), zeros at init;
                                                   applying without a 'moe_state' collection uses zeros

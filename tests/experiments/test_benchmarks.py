@@ -16,6 +16,7 @@ from experiments import (
     bench_expert_parallel,
     bench_generate,
     bench_hf_load,
+    bench_lora,
     bench_moe_layer,
     bench_placement,
     gpu_check,
@@ -101,6 +102,24 @@ def test_bench_hf_load_smoke(capsys):
     assert_positive(row, "checkpoint_bytes", "write_seconds", "load_seconds", "rss_before", "peak_rss", "rss_after",
                     "variables_bytes", "largest_parameter_bytes", "num_parameters")
     assert row["peak_rss"] >= row["rss_before"] and row["param_dtype"] == "bfloat16"
+
+
+def test_bench_lora_smoke(capsys):
+    """Full fine-tuning against LoRA in one run: the adapters train a fraction of the parameters, the optimizer
+    state and the train state shrink, the base stays what it is (the same parameters plus the adapters)."""
+    result = bench_lora.main(["--smoke"])
+    assert printed_json(capsys.readouterr().out) == json.loads(json.dumps(result))
+    full, adapted = result["full"], result["lora"]
+    for row in (full, adapted):
+        assert_positive(row, "parameters", "trained_parameters", "parameter_bytes", "optimizer_state_bytes",
+                        "state_bytes", "step_peak_bytes", "step_temp_bytes", "step_argument_bytes", "step_total_bytes",
+                        "step_seconds")
+        assert row["state_bytes"] == row["parameter_bytes"] + row["optimizer_state_bytes"]
+    assert full["trained_parameters"] == full["parameters"]
+    assert adapted["parameters"] - full["parameters"] == adapted["trained_parameters"]  # the adapters alone
+    ratios = result["lora_over_full"]
+    assert ratios["trained_parameters"] < 0.2 and ratios["optimizer_state_bytes"] < 0.2 and ratios["state_bytes"] < 1
+    assert ratios["step_temp_bytes"] < 1 and ratios["step_total_bytes"] < 1
 
 
 def test_gpu_check_dry(tmp_path):
