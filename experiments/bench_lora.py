@@ -13,7 +13,7 @@ For each: parameters trained, the train state's bytes (parameters + optimizer st
 compiled step (its reported peak, temporaries, arguments, and the total of its buffers: arguments + outputs not
 aliased to them + temporaries), the device's peak bytes in use where the platform reports one
 (accelerators; each way then runs in its own subprocess so that the peaks do not mix), and the median seconds per
-step. --smoke: two layers, a batch of 2 x 32 tokens, one timed step (the test suite runs it).
+step. --smoke: one layer of 8 experts, a batch of 2 x 32 tokens, one timed step (the test suite runs it).
 
     python -m experiments.bench_lora [--batch 8] [--seq 256] [--rank 8] [--repeats 3] [--smoke]
 """
@@ -45,7 +45,8 @@ def bench_config(variant: str, rank: int, batch: int, seq: int, smoke: bool):
     """The preset's config for one way of fine-tuning."""
     config = qwen3_moe.get_config("small")
     if smoke:
-        config.model.num_layers = 2
+        config.model.num_layers = 1
+        config.model.moe.update(num_experts=8, top_k=min(config.model.moe.top_k, 2))
     config.train.update(batch_size=batch, seq_len=seq, warmup_steps=0, weight_decay=0.0)
     if variant == "lora":
         config.model.lora.update(targets=TARGETS, rank=rank, alpha=2.0 * rank)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for variant in VARIANTS}
     full, adapted = rows["full"], rows["lora"]
     result = {
-        "model": "configs/qwen3_moe.py:small" + (" (2 layers)" if args.smoke else ""),
+        "model": "configs/qwen3_moe.py:small" + (" (1 layer, 8 experts)" if args.smoke else ""),
         "device": jax.devices()[0].device_kind, "tokens_per_step": args.batch * args.seq, "rank": args.rank,
         "targets": list(TARGETS), **rows,
         "lora_over_full": {key: adapted[key] / full[key] for key in ("trained_parameters", "state_bytes",

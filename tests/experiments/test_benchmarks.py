@@ -170,7 +170,8 @@ def test_gpu_check_dry(tmp_path):
 def test_bench_placement_smoke(capsys):
     result = bench_placement.main(["--smoke"])
     assert printed_json(capsys.readouterr().out) == json.loads(json.dumps(result))
-    assert_positive(result, "step_seconds_before", "step_seconds_after", "tokens")
+    assert_positive(result, "tokens")
+    assert result["step_seconds_before"] is None and result["step_seconds_after"] is None  # smoke: no timing
     before, after = result["max_over_mean_before"], result["max_over_mean_after"]
     assert len(before) == len(after) == 2 and all(a < b for a, b in zip(after, before, strict=True))
     assert all(p >= 1.0 for p in result["predicted_after"])

@@ -310,7 +310,7 @@ BAD_CONFIGS = [
     ({"model.vocab_size": 128}, "model.vocab_size=128", ">= 256"),
     ({"model.moe.top_k": 9}, "model.moe.top_k=9", "<= model.moe.num_experts=8"),
     ({"model.moe.expert_kind": "mlp"}, "model.moe.expert_kind='mlp'", "'glu'"),
-    ({"train.consistency_coef": 1.0}, "train.consistency_coef=1.0", "['thor']"),
+    ({"train.consistency_coef": 1.0}, "train.consistency_coef=1.0", "'thor']"),
 ]
 
 
