@@ -64,9 +64,9 @@ def test_dume_router_is_the_ridge_solution_and_separates_the_domains(sources):
         rows, targets = [], []
         for source, batches in enumerate(domains):  # the inputs each domain gives with its expert forced
             forced = intervention.force_experts(config, {layer_: [source] for layer_ in (0, 1)})
-            for batch in batches:
-                c = capture.forward(config, variables, jnp.asarray(batch, jnp.int32), forced)
-                x = np.asarray(c.layers[layer].inputs, np.float64)
+            for inputs in capture.stream(config, variables, batches, lambda c, layer=layer: c.layers[layer].inputs,
+                                         intervention=forced):
+                x = np.asarray(inputs, np.float64)
                 rows.append(np.concatenate([x, np.ones((len(x), 1))], 1))
                 targets.append(np.eye(3)[np.full(len(x), source)])
         xb, y = np.concatenate(rows), np.concatenate(targets)
@@ -86,8 +86,8 @@ def test_flexolmo_router_rows_are_the_domains_mean_inputs(sources):
     domains = [domain_batches(0, 128, 1), domain_batches(128, 256, 2), domain_batches(0, 256, 3)]
     config, variables = assemble.assemble(sources, "flexolmo", domains)
     forced = intervention.force_experts(config, {0: [1], 1: [1]})
-    x = np.concatenate([np.asarray(capture.forward(config, variables, jnp.asarray(b, jnp.int32), forced)
-                                   .layers[0].inputs, np.float64) for b in domains[1]])
+    x = np.concatenate([np.asarray(inputs, np.float64) for inputs in capture.stream(
+        config, variables, domains[1], lambda c: c.layers[0].inputs, intervention=forced)])
     mean = x.mean(0)
     kernel = variables["params"]["layers_0"]["ffn"][moe.ROUTER]["kernel"]
     np.testing.assert_allclose(kernel[:, 1], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-5)

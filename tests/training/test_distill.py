@@ -347,9 +347,10 @@ def test_main_distils_a_pruned_model_from_its_source(source, pruned, env, tmp_pa
     assert "holds a finished run of this config" in again
 
 
-def test_a_merged_model_with_uneven_stored_experts_trains_on_a_mesh_and_resumes(source, env, tmp_path):
+def test_a_merged_model_with_uneven_stored_experts_trains_on_a_mesh_and_resumes(source, tmp_path, capsys):
     """A model with expert maps (merged experts bound, uneven stored counts per layer) trains expert-parallel from
-    its own arrays, resumes, and keeps its map; the stored experts change, the bindings do not."""
+    its own arrays (the session's 8 host devices: data=4 x expert=2), resumes, and keeps its map; the stored
+    experts change, the bindings do not."""
     from moejax.moe import expert_map
     from moejax.posthoc import merge
 
@@ -359,11 +360,11 @@ def test_a_merged_model_with_uneven_stored_experts_trains_on_a_mesh_and_resumes(
     merged_config, merged = merge.average(config, variables, groups)
     merged_dir = checkpoint.save_variables(tmp_path / "merged", merged_config, merged)
     student = tmp_path / "student"
-    mesh = ["--config.mesh.data=2", "--config.mesh.expert=2", "--config.train.warmup_steps=1"]
-    devices = {**env, "XLA_FLAGS": env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
-    main_run(student, corpus, devices, f"--config.init_from=run:{merged_dir}", "--config.train.steps=2", *mesh)
-    out = main_run(student, corpus, devices, f"--config.init_from=run:{merged_dir}", "--config.train.steps=4", *mesh)
-    assert "resum" in out.lower()
+    fields = {"mesh.data": 4, "mesh.expert": 2, "train.warmup_steps": 1, "train.log_every": 2,
+              "train.eval_every": 0, "checkpoint.every_steps": 2}
+    loop.run(tiny(corpus, init_from=f"run:{merged_dir}", **{**fields, "train.steps": 2}), student)
+    loop.run(tiny(corpus, init_from=f"run:{merged_dir}", **{**fields, "train.steps": 4}), student)
+    assert "resum" in capsys.readouterr().out.lower()
     trained_config, trained = moejax.load(student)
     assert expert_map.rows(trained_config.model.moe) == expert_map.rows(merged_config.model.moe)
     stored = model.moe_layer_variables(trained_config.model, trained)

@@ -4,8 +4,6 @@ References: the depth-1 logits recomposed by hand from the model's parameters (n
 shared head; the block through its own module), the loss against a numpy loop over positions, and a run of
 ``python -m moejax.main`` that logs the loss per depth."""
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,6 @@ from moejax.configs import base
 
 from moejax import model
 from moejax.training import objectives
-from tests.helpers_configs import REPO
 
 
 def tiny(depth=2, scan=False):
@@ -34,10 +31,10 @@ def rms(x, scale, eps):
 
 
 def test_scanned_models_predict_every_depth_too():
-    config, module, variables = tiny(depth=3, scan=True)
+    config, module, variables = tiny(depth=2, scan=True)
     tokens = jnp.zeros((2, 8), jnp.int32)
     _, aux = module.apply(variables, tokens, train=True, mutable=["moe_aux", model.MTP_COLLECTION])
-    assert [x.shape for x in aux[model.MTP_COLLECTION]["logits"]] == [(2, 8, 64)] * 3
+    assert [x.shape for x in aux[model.MTP_COLLECTION]["logits"]] == [(2, 8, 64)] * 2
     assert model.MTP_COLLECTION not in module.apply(variables, tokens, mutable=[model.MTP_COLLECTION])[1]  # eval
 
 
@@ -102,16 +99,17 @@ def test_the_loss_per_depth_is_a_numpy_loop_and_the_objective_adds_it():
                                          + 0.3 * float(report.mtp_loss.mean()), rel=1e-5, abs=1e-5)
 
 
-def test_main_trains_with_mtp_and_logs_each_depth(stdlib_corpus, env, tmp_path):
+def test_the_training_loop_trains_with_mtp_and_logs_each_depth(stdlib_corpus, tmp_path, capsys):
+    from moejax.training import loop
+    from tests import helpers_configs
+
+    config = helpers_configs.tiny(stdlib_corpus.parent / "cache", {
+        "data.name": f"text:{stdlib_corpus}/*.py", "model.mtp_depth": 2, "train.steps": 2,
+        "train.warmup_steps": 1, "train.log_every": 2, "train.eval_every": 0, "checkpoint.every_steps": 2})
     workdir = tmp_path / "run"
-    args = [sys.executable, "-m", "moejax.main", f"--config={REPO / 'tests' / 'helpers_train.py'}",
-            f"--config.data.name=text:{stdlib_corpus}/*.py", f"--config.data.dir={stdlib_corpus.parent / 'cache'}",
-            "--config.model.mtp_depth=2", "--config.train.steps=2", "--config.train.warmup_steps=1",
-            "--config.train.log_every=2", "--config.train.eval_every=0", "--config.checkpoint.every_steps=2",
-            f"--workdir={workdir}"]
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert " | mtp_1 " in result.stdout and " | mtp_2 " in result.stdout
+    loop.run(config, workdir)
+    out = capsys.readouterr().out
+    assert " | mtp_1 " in out and " | mtp_2 " in out
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert all(np.isfinite(r["mtp_loss_1"]) and np.isfinite(r["mtp_loss_2"]) for r in train)
+    assert train and all(np.isfinite(r["mtp_loss_1"]) and np.isfinite(r["mtp_loss_2"]) for r in train)
