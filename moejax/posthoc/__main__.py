@@ -330,10 +330,10 @@ def run_quantise(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_offload(args: argparse.Namespace) -> dict[str, Any]:
-    from moejax.posthoc import capture, offload
+    from moejax.posthoc import capture, command_offload, offload
 
     try:
-        return offload.command(args, steps.say, capture.progress_bar)
+        return command_offload.command(args, steps.say, capture.progress_bar)
     except offload.ArgumentError as e:
         raise cli.flag_error(e.name, e.value, e.why) from e
 
@@ -356,7 +356,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from moejax.adapters import command as adapter_command
-    from moejax.posthoc import command_assemble, command_place, importance, offload, super_experts
+    from moejax.posthoc import command_assemble, command_offload, command_place, importance, super_experts
 
     top = cli.ArgumentParser(prog="python -m moejax.posthoc", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -455,7 +455,7 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.set_defaults(run=command_place.run)
     p = commands.add_parser("offload", help="simulate expert offloading (caches, prefetching) over a routing trace")
-    offload.add_flags(p)
+    command_offload.add_flags(p)
     p.set_defaults(run=run_offload)
 
     from moejax.quant import command as quantise

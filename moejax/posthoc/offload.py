@@ -39,8 +39,6 @@ pessimistic. The device numbers of the presets (``DEVICES``) are nominal datashe
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +48,17 @@ import numpy as np
 
 from moejax.posthoc import analysis
 from moejax.posthoc import offload_policies as policies
+from moejax.posthoc.offload_costs import (  # noqa: F401  (offload.Costs, ... as before)
+    _DEVICE_HELP,
+    DEVICES,
+    EXPERT_FIELDS,
+    ArgumentError,
+    Costs,
+    Device,
+    costs_json,
+    expert_size,
+    parse_device,
+)
 from moejax.posthoc.trace import Trace
 
 if TYPE_CHECKING:
@@ -58,144 +67,6 @@ if TYPE_CHECKING:
 POLICIES = policies.POLICIES
 PREFETCH = ("none", "affinity", "pregated", "oracle")
 STREAMS = ("document", "corpus")
-
-
-class ArgumentError(ValueError):
-    """A bad argument: its name (the command line's flag), its value and what is allowed."""
-
-    def __init__(self, name: str, value: Any, why: str):
-        self.name, self.value, self.why = name, value, why
-        super().__init__(f"{name}={value!r}: {why}")
-
-
-# ---------------------------------------------------------------------------------------------- devices, costs
-
-@dataclasses.dataclass(frozen=True)
-class Device:
-    """An accelerator behind a host link. host_bandwidth_gbs: host-to-device GB/s (1e9 bytes/s, one direction);
-    memory_gb: device memory (1e9 bytes); tflops: dense 16-bit matmul TFLOP/s; hbm_bandwidth_gbs: device memory
-    GB/s (0: no memory-bound term)."""
-
-    name: str
-    host_bandwidth_gbs: float
-    memory_gb: float
-    tflops: float
-    hbm_bandwidth_gbs: float = 0.0
-
-
-# Nominal datasheet numbers (dense BF16 tensor TFLOP/s without sparsity; the host link's nominal rate per direction:
-# PCIe 4.0 x16 32 GB/s, PCIe 5.0 x16 64 GB/s, GH200's NVLink-C2C 450 GB/s); measured rates are lower.
-DEVICES = {
-    "a100-80gb": Device("a100-80gb", 32.0, 80.0, 312.0, 2039.0),
-    "h100-pcie": Device("h100-pcie", 64.0, 80.0, 756.0, 2000.0),
-    "h100-sxm": Device("h100-sxm", 64.0, 80.0, 989.0, 3350.0),
-    "h200": Device("h200", 64.0, 141.0, 989.0, 4800.0),
-    "gh200": Device("gh200", 450.0, 96.0, 989.0, 4000.0),
-    "rtx-4090": Device("rtx-4090", 32.0, 24.0, 165.0, 1008.0),
-}
-EXPERT_FIELDS = ("expert_bytes", "expert_flops")  # what a device spec may also give about the experts
-_DEVICE_HELP = (f"a preset ({', '.join(DEVICES)}), a JSON file or object, or key=value pairs separated by commas "
-                f"(optionally after a preset); keys: {', '.join(f.name for f in dataclasses.fields(Device))}, "
-                f"{', '.join(EXPERT_FIELDS)}")
-
-
-def parse_device(spec: str | Mapping[str, Any]) -> tuple[Device, dict[str, float]]:
-    """(Device, the expert fields it gives) of a preset name, a JSON file, a JSON object (text or mapping), or
-    'preset,key=value,...' / 'key=value,...'. ArgumentError('device', ...) says what is wrong."""
-    fields: dict[str, Any] = {}
-    if isinstance(spec, Mapping):
-        fields = dict(spec)
-    elif spec.strip().startswith("{") or spec.endswith(".json"):
-        try:
-            fields = json.loads(pathlib.Path(spec).read_text() if spec.endswith(".json") else spec)
-        except (OSError, ValueError) as e:
-            raise ArgumentError("device", spec, f"cannot read the JSON ({e}); give {_DEVICE_HELP}") from e
-        if not isinstance(fields, dict):
-            raise ArgumentError("device", spec, f"the JSON is not an object; give {_DEVICE_HELP}")
-    else:
-        for i, part in enumerate(p.strip() for p in spec.split(",")):
-            if "=" in part:
-                key, value = part.split("=", 1)
-                fields[key.strip()] = value.strip()
-            elif i == 0 and part in DEVICES:
-                fields = dataclasses.asdict(DEVICES[part])
-            else:
-                raise ArgumentError("device", spec, f"{part!r} is neither a preset nor key=value; give "
-                                                    f"{_DEVICE_HELP}")
-    if "preset" in fields:
-        base = fields.pop("preset")
-        if base not in DEVICES:
-            raise ArgumentError("device", spec, f"unknown preset {base!r}; give {_DEVICE_HELP}")
-        fields = {**dataclasses.asdict(DEVICES[base]), **fields}
-    known = [f.name for f in dataclasses.fields(Device)] + list(EXPERT_FIELDS)
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise ArgumentError("device", spec, f"unknown keys {unknown}; give {_DEVICE_HELP}")
-    values = {}
-    for key, value in fields.items():
-        if key == "name":
-            continue
-        try:
-            values[key] = float(value)
-        except (TypeError, ValueError):
-            values[key] = math.nan
-        low = 0.0 if key in ("hbm_bandwidth_gbs", "expert_flops") else None
-        if not math.isfinite(values[key]) or (values[key] < 0 if low == 0.0 else values[key] <= 0):
-            raise ArgumentError("device", spec, f"{key}={value!r} must be a number {'>=' if low == 0.0 else '>'} 0")
-    missing = [name for name in ("host_bandwidth_gbs", "memory_gb", "tflops") if name not in values]
-    if missing:
-        raise ArgumentError("device", spec, f"missing {', '.join(missing)}; give {_DEVICE_HELP}")
-    device = Device(str(fields.get("name", "custom")), values["host_bandwidth_gbs"], values["memory_gb"],
-                    values["tflops"], values.get("hbm_bandwidth_gbs", 0.0))
-    return device, {key: values[key] for key in EXPERT_FIELDS if key in values}
-
-
-@dataclasses.dataclass(frozen=True)
-class Costs:
-    """The cost model (module docstring): a device, the bytes B of one expert's weights at ``expert_bits`` bits and
-    its FLOPs per token (None: 2 per weight), and whether transfers overlap compute."""
-
-    device: Device
-    expert_bytes: float
-    expert_flops: float | None = None
-    expert_bits: int = 16
-    overlap: bool = True
-
-    def __post_init__(self) -> None:
-        if not (self.expert_bytes > 0 and math.isfinite(self.expert_bytes)):
-            raise ArgumentError("expert_bytes", self.expert_bytes, "must be a number > 0 (bytes of one expert)")
-
-    @property
-    def flops(self) -> float:
-        return 2 * self.expert_bytes * 8 / self.expert_bits if self.expert_flops is None else self.expert_flops
-
-    @property
-    def compute_s(self) -> float:
-        """Seconds of one expert on one token: max(FLOPs / FLOP/s, bytes / device memory bandwidth)."""
-        memory = self.expert_bytes / (self.device.hbm_bandwidth_gbs * 1e9) if self.device.hbm_bandwidth_gbs else 0.0
-        return max(self.flops / (self.device.tflops * 1e12), memory)
-
-    @property
-    def transfer_s(self) -> float:
-        """Seconds to move one expert (full precision) from host to device."""
-        return self.expert_bytes / (self.device.host_bandwidth_gbs * 1e9)
-
-    def latency(self, active: np.ndarray, moved: np.ndarray) -> np.ndarray:
-        """[n] seconds per token from active [L, n] (experts computed) and moved [L, n] (experts transferred)."""
-        compute = np.asarray(active, np.float64) * self.compute_s
-        transfer = np.asarray(moved, np.float64) * self.transfer_s
-        return (np.maximum(compute, transfer) if self.overlap else compute + transfer).sum(0)
-
-
-def expert_size(model_config, bits: int = 16) -> tuple[float, float]:
-    """(bytes, FLOPs per token) of one routed expert of a moejax model config section (``config.model``) with its
-    weights at ``bits`` bits: the expert kind's parameters (moejax/moe/experts.py) of one expert, 2 FLOPs each."""
-    from moejax.moe import experts
-
-    kind = experts.EXPERT_KINDS[model_config.moe.expert_kind].from_config(model_config.moe)
-    shapes = kind.param_shapes(1, model_config.d_model, model_config.moe.expert_ffn)
-    params = sum(math.prod(shape) for shape in shapes.values())
-    return params * bits / 8, 2.0 * params
 
 
 # ------------------------------------------------------------------------------------------------ trace inputs
@@ -427,17 +298,6 @@ def summary(result: Result, costs: Costs | None = None) -> dict[str, Any]:
     return out
 
 
-def costs_json(costs: Costs) -> dict[str, Any]:
-    return {"device": dataclasses.asdict(costs.device), "expert_bytes": costs.expert_bytes,
-            "expert_flops": costs.flops, "expert_bits": costs.expert_bits, "overlap": costs.overlap,
-            "expert_compute_s": costs.compute_s, "expert_transfer_s": costs.transfer_s,
-            "formula": ("step[l,t] = " + ("max(compute, transfer)" if costs.overlap else "compute + transfer")
-                        + "; compute = experts demanded * max(expert_flops / (tflops * 1e12), expert_bytes / "
-                          "(hbm_bandwidth_gbs * 1e9)); transfer = (experts loaded + prefetched, low precision as "
-                          "low_bits / expert_bits) * expert_bytes / (host_bandwidth_gbs * 1e9); latency[t] = "
-                          "sum over MoE layers")}
-
-
 # ------------------------------------------------------------------------------------------------------- plot
 
 def plot_hit_rate(summaries: Sequence[Mapping[str, Any]], path: str | os.PathLike | None = None) -> Figure:
@@ -465,184 +325,3 @@ def plot_hit_rate(summaries: Sequence[Mapping[str, Any]], path: str | os.PathLik
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-OUTPUTS = ("offload.json", "hit_rate.png")  # what the command writes into --out
-
-
-def add_flags(parser) -> None:
-    """The flags of ``python -m moejax.posthoc offload`` (docs/serving.md)."""
-    parser.add_argument("--trace", required=True, help="a trace directory (python -m moejax.posthoc trace)")
-    parser.add_argument("--out", required=True, help=f"the directory for {' and '.join(OUTPUTS)}")
-    parser.add_argument("--policy", default="lru,lfu,score,belady",
-                        help=f"comma-separated, of {', '.join(POLICIES)} (belady: offline MIN, the bound)")
-    parser.add_argument("--cache_experts", default="", help="experts cached per MoE layer, comma-separated, each in "
-                                                            "[top_k, E] (default top_k, 2 top_k, 4 top_k, ... and E)")
-    parser.add_argument("--global_cache", action="store_true",
-                        help="one cache of cache_experts * L experts shared by the MoE layers")
-    parser.add_argument("--stream", default="document", help="document: empty caches at every document start; "
-                                                             "corpus: one stream in corpus order")
-    parser.add_argument("--prefetch", default="none", help=f"comma-separated, of {', '.join(PREFETCH)}")
-    parser.add_argument("--prefetch_experts", type=int, default=0, help="experts prefetched per token and layer "
-                                                                        "(0: top_k)")
-    parser.add_argument("--predictions", default="", help="pregated: a .npy [L, N, q] of predicted next-layer "
-                                                          "experts (row l: for layer l + 1), N the trace's tokens")
-    parser.add_argument("--calibration_trace", default="", help="affinity: estimate it on this trace (default: "
-                                                                "the first --calibration_fraction of --trace)")
-    parser.add_argument("--calibration_fraction", type=float, default=None,
-                        help="the first fraction of the trace's tokens (cut at a document start) kept out of every "
-                             "simulation, for the affinity (default 0.2 with affinity and no --calibration_trace, "
-                             "else 0)")
-    parser.add_argument("--first_tokens", type=int, default=0, help="simulate the first N tokens only (0: all)")
-    parser.add_argument("--decay", type=float, default=1.0, help="lfu and score: aging factor per token in (0, 1]")
-    parser.add_argument("--score_source", default="weight", help="score: accumulate the gate weight (weight) or "
-                                                                 "the router score (score: traced --with_scores)")
-    parser.add_argument("--low_precision_threshold", type=float, default=0.0,
-                        help="a miss of gate weight below it loads a low-precision copy (HOBBIT; 0: off)")
-    parser.add_argument("--low_precision_bits", type=int, default=4, help="bits of the low-precision copies")
-    parser.add_argument("--expert_bits", type=int, default=16, help="bits per weight of the experts")
-    parser.add_argument("--device", default="h100-sxm", help=_DEVICE_HELP + " (nominal datasheet numbers)")
-    parser.add_argument("--expert_bytes", type=float, default=0.0,
-                        help="bytes of one expert (0: the device spec's, else --checkpoint's config, else the "
-                             "trace's checkpoint)")
-    parser.add_argument("--expert_flops", type=float, default=0.0, help="FLOPs of one expert per token (0: 2 per "
-                                                                        "weight)")
-    parser.add_argument("--checkpoint", default="", help="a moejax workdir or transformers directory whose config "
-                                                         "gives the expert size")
-    parser.add_argument("--no_overlap", action="store_true", help="transfers do not overlap compute (the sum, not "
-                                                                  "the max)")
-
-
-def _list(name: str, value: str, allowed: Sequence[str]) -> list[str]:
-    values = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in values if v not in allowed]
-    if bad or not values:
-        raise ArgumentError(name, value, f"comma-separated, allowed are {', '.join(allowed)}")
-    return list(dict.fromkeys(values))
-
-
-def _model_config(path: str):
-    directory = pathlib.Path(path)
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ArgumentError("checkpoint", path, f"cannot read its config.json ({e}): give a moejax workdir or a "
-                                                "transformers directory, or --expert_bytes") from e
-    if "model_type" in raw:
-        from moejax import hf
-
-        return hf.read_config(raw).model
-    from moejax.loading import config_from_json
-
-    return config_from_json(raw).model
-
-
-def _costs(args, trace: Trace) -> tuple[Costs, str]:
-    device, given = parse_device(args.device)
-    expert_bytes, flops, source = args.expert_bytes or given.get("expert_bytes"), None, "--expert_bytes"
-    if not args.expert_bytes and expert_bytes:
-        source = "--device"
-    checkpoint = args.checkpoint or trace.metadata.get("checkpoint") or ""
-    if not expert_bytes and checkpoint and (args.checkpoint or pathlib.Path(checkpoint).is_dir()):
-        expert_bytes, flops = expert_size(_model_config(checkpoint), args.expert_bits)
-        source = f"the config of {checkpoint}"
-    if not expert_bytes:
-        raise ArgumentError("expert_bytes", args.expert_bytes, "the bytes of one expert are unknown: give "
-                                                               "--expert_bytes, expert_bytes in --device, or "
-                                                               "--checkpoint")
-    flops = args.expert_flops or given.get("expert_flops") or flops
-    return Costs(device, float(expert_bytes), flops, args.expert_bits, not args.no_overlap), source
-
-
-def command(args, say: Callable[[str], None], progress_bar: Callable[[int, str], Callable[[int], None]]
-            ) -> dict[str, Any]:
-    """Runs the command of ``args`` (``add_flags``): every --policy x --prefetch x --cache_experts, then writes
-    offload.json and hit_rate.png to --out. ArgumentError names a bad flag."""
-    from moejax.posthoc.trace import read_trace
-
-    def open_trace(flag: str, path: str) -> Trace:
-        try:
-            return read_trace(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ArgumentError(flag, path, str(e)) from e
-
-    trace = open_trace("trace", args.trace)
-    names = _list("policy", args.policy, POLICIES)
-    prefetches = _list("prefetch", args.prefetch, PREFETCH)
-    top_k, num_experts = min(trace.top_k, trace.num_experts), trace.num_experts
-    if args.cache_experts:
-        try:
-            sizes = sorted({int(v) for v in args.cache_experts.split(",") if v.strip()})
-        except ValueError:
-            sizes = []
-        if not sizes:
-            raise ArgumentError("cache_experts", args.cache_experts, f"comma-separated integers in [top_k, E] = "
-                                                                     f"[{top_k}, {num_experts}]")
-    else:
-        sizes = sorted({min(top_k << i, num_experts) for i in range(num_experts.bit_length() + 1)})
-    fraction = args.calibration_fraction
-    if fraction is None:
-        fraction = 0.2 if "affinity" in prefetches and not args.calibration_trace else 0.0
-    calibration, evaluation, cut = split_calibration(trace, fraction)
-    if args.first_tokens > 0:
-        evaluation = part(evaluation, 0, min(args.first_tokens, evaluation.num_tokens))
-    affinity = None
-    if "affinity" in prefetches:
-        source_trace = open_trace("calibration_trace", args.calibration_trace) if args.calibration_trace else (
-            calibration)
-        if (source_trace.num_layers, source_trace.num_experts) != (trace.num_layers, num_experts):
-            raise ArgumentError("calibration_trace", args.calibration_trace, f"has {source_trace.num_layers} MoE "
-                                f"layers of {source_trace.num_experts} experts, --trace {trace.num_layers} of "
-                                f"{num_experts}")
-        if not source_trace.num_tokens:
-            raise ArgumentError("calibration_fraction", fraction, "leaves no calibration tokens for the affinity")
-        affinity = analysis.inter_layer_affinity(source_trace)
-    predictions = None
-    if "pregated" in prefetches:
-        if not args.predictions:
-            raise ArgumentError("predictions", args.predictions, "--prefetch=pregated needs the predicted experts "
-                                                                 "(a .npy [L, N, q]; docs/serving.md)")
-        try:
-            predictions = np.load(args.predictions, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise ArgumentError("predictions", args.predictions, f"cannot read it as .npy: {e}") from e
-        if predictions.ndim != 3 or predictions.shape[1] != trace.num_tokens:
-            check_predictions(predictions, trace, 1)  # raises, naming --predictions
-        predictions = predictions[:, cut:cut + evaluation.num_tokens]
-    options = dict(stream=args.stream, global_cache=args.global_cache, decay=args.decay,
-                   score_source=args.score_source, low_precision_threshold=args.low_precision_threshold,
-                   low_precision_bits=args.low_precision_bits, expert_bits=args.expert_bits)
-    runs = [(name, size, pre) for pre in prefetches for name in names for size in sizes]
-    p = args.prefetch_experts or top_k
-    for name, size, pre in runs:  # every argument checked before the first run
-        check_options(evaluation, name, size, pre, p, args.stream, args.decay, args.score_source,
-                      args.low_precision_threshold, args.low_precision_bits, args.expert_bits)
-    costs, source = _costs(args, trace)
-    say(f"simulating {len(runs)} expert caches over {evaluation.num_tokens:,} tokens of {args.trace} "
-        f"({trace.num_layers} MoE layers, {num_experts} experts, top-{trace.top_k}"
-        + (f"; the first {cut:,} tokens estimate the affinity" if cut else "") + f"); expert bytes from {source}")
-    show = progress_bar(len(runs) * evaluation.num_tokens, "tokens")
-    summaries = []
-    for i, (name, size, pre) in enumerate(runs):
-        offset = i * evaluation.num_tokens
-        result = simulate(evaluation, name, size, prefetch=pre, prefetch_experts=p, predictions=predictions,
-                          affinity=affinity, progress=lambda done, offset=offset: show(offset + done), **options)
-        summaries.append(summary(result, costs))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"trace": str(args.trace), "num_tokens": evaluation.num_tokens, "calibration_tokens": cut,
-              "calibration_trace": args.calibration_trace or None, "expert_bytes_source": source,
-              "costs": costs_json(costs), "runs": summaries}
-    (out / OUTPUTS[0]).write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    plot_hit_rate(summaries, path=out / OUTPUTS[1])
-    for s in summaries:
-        if not s["fits_device_memory"]:
-            say(f"note: {s['cache_experts']} experts x {len(s['layers'])} layers ({s['cache_bytes'] / 1e9:.3g} GB) "
-                f"exceed the device's {costs.device.memory_gb:g} GB")
-            break
-    best = max(summaries, key=lambda s: s["hit_rate_overall"] or 0.0)
-    say(f"best hit rate {best['hit_rate_overall']:.4f} ({best['policy']}, {best['cache_experts']} experts, prefetch "
-        f"{best['prefetch']}); wrote {', '.join(OUTPUTS)} to {out}")
-    return report
