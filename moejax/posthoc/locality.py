@@ -16,11 +16,7 @@ commit 7b3ca46, ``src/30_srp_calc.py``, ``31_srp_refine.py``, ``41_sch_calc.py``
   intervals (documents resampled with replacement, 1000 resamples, the basic interval 2 * estimate - percentile at
   95%).
 
-Beside them, the earlier hindsight-optimal variants under their own names, so that results computed with them can be
-reproduced: ``segment_cache_coverage`` (the c most frequent experts of each disjoint segment) and
-``segment_routing_coverage`` (the same with c = k). ``moejax.posthoc.analysis`` still answers to their former names
-(``segment_cache_best_hit_rate``, ``segment_routing_best_performance``; ``segment_routing_f1`` is
-``segment_routing_performance``).
+The earlier hindsight-optimal variants are ``moejax.posthoc.locality_coverage``.
 
 Every metric reads the trace a layer at a time, takes each token's *set* of real experts (null slots, ids outside
 ``[0, E)``, left out; an expert in two slots of one token counts once, as the authors' top-k mask) and never lets a
@@ -40,8 +36,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from moejax.posthoc.analysis import DEFAULT_LENGTHS as COVERAGE_LENGTHS
 from moejax.posthoc.analysis import _block_tokens, _distinct, _valid, int_list
+from moejax.posthoc.bootstrap import _basic_interval, _check_bootstrap, _resample_weights
 from moejax.posthoc.trace import Trace
 
 SEGMENT_LENGTHS = (4, 16, 64, 256)  # the authors' config.json "seg_lengths"
@@ -52,10 +48,9 @@ _SIMULATION_ELEMENTS = 1 << 22  # rows x experts of the cache simulations held a
 _STAMP_BITS = 32  # a cache priority is (look-ahead uses) << 32 | (access stamp), the authors' prop
 _NEVER = np.iinfo(np.int64).max
 
-__all__ = ["CACHE_MULTIPLES", "CONFIDENCE", "COVERAGE_LENGTHS", "NUM_BOOTSTRAP", "SEGMENT_LENGTHS", "Estimate",
-           "Pooled", "cache_hit_rate_interval", "model_cache_hit_rate", "model_routing_performance",
-           "routing_performance_interval", "segment_cache_coverage", "segment_cache_hit_rate",
-           "segment_routing_coverage", "segment_routing_performance"]
+__all__ = ["CACHE_MULTIPLES", "CONFIDENCE", "NUM_BOOTSTRAP", "SEGMENT_LENGTHS", "Estimate", "Pooled",
+           "cache_hit_rate_interval", "model_cache_hit_rate", "model_routing_performance",
+           "routing_performance_interval", "segment_cache_hit_rate", "segment_routing_performance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,39 +123,6 @@ def _first_uses(experts: np.ndarray) -> np.ndarray:
     for j in range(1, experts.shape[1]):
         experts[(experts[:, j:j + 1] == experts[:, :j]).any(1), j] = -1
     return experts
-
-
-# ----------------------------------------------------------------------------------------------------- bootstrap
-
-def _resample_weights(rng: np.random.Generator, size: int, n_boot: int) -> np.ndarray:
-    """[n_boot, size] float64: how often each of ``size`` units is drawn in each of n_boot resamples of ``size``
-    draws with replacement (the authors' ``bs_weight``)."""
-    weights = np.zeros((n_boot, size))
-    for start in range(0, n_boot, 64):
-        end = min(start + 64, n_boot)
-        draws = rng.integers(0, size, size=(end - start, size)) if size else np.zeros((end - start, 0), np.int64)
-        keys = (np.arange(end - start)[:, None] * size + draws).ravel()
-        weights[start:end] = np.bincount(keys, minlength=(end - start) * size).reshape(end - start, size)
-    return weights
-
-
-def _basic_interval(value: np.ndarray, replicates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """(lower, upper) as the authors compute them: with the n_boot replicates sorted q[0] <= ... <= q[n_boot - 1] and
-    lo = round(n_boot (1 - confidence) / 2), hi = n_boot - lo (capped at n_boot - 1),
-    lower = 2 value - q[hi] and upper = 2 value - q[lo] (the basic, or reverse-percentile, bootstrap interval)."""
-    n_boot = replicates.shape[0]
-    if n_boot == 0:
-        return np.full(np.shape(value), np.nan), np.full(np.shape(value), np.nan)
-    low = round(n_boot * ((1 - confidence) / 2))
-    high = min(n_boot - low, n_boot - 1)
-    ordered = np.sort(replicates, axis=0)
-    return 2 * value - ordered[high], 2 * value - ordered[low]
-
-
-def _check_bootstrap(n_boot: int, confidence: float) -> int:
-    if int(n_boot) < 1 or not 0 < confidence < 1:
-        raise ValueError(f"the bootstrap needs n_boot >= 1 and 0 < confidence < 1, got {n_boot} and {confidence}")
-    return int(n_boot)
 
 
 # -------------------------------------------------------------------------------------------------------- SRP
@@ -463,48 +425,3 @@ def cache_hit_rate_interval(trace: Trace, lengths: Sequence[int] = SEGMENT_LENGT
             *(_rate_interval(rng, rates[:, g], n_boot, confidence) for g in range(rates.shape[1])), strict=True))))
     layers, model = estimates
     return Pooled(layers=layers, model=Estimate(model.value[0], model.lower[0], model.upper[0]))
-
-
-# ------------------------------------------------------------------------------- hindsight coverage (the earlier)
-
-def segment_cache_coverage(trace: Trace, lengths: Sequence[int] = COVERAGE_LENGTHS,
-                           cache_sizes: Sequence[int] | None = None) -> np.ndarray:
-    """[L, len(lengths), len(cache_sizes)] float64: the share of a segment's routed slots that the best fixed set of
-    c experts in hindsight covers (moejax's earlier reading of SCH; ``analysis.segment_cache_best_hit_rate``).
-
-    Each document is cut into segments of m consecutive tokens from its start (the last incomplete segment of a
-    document is dropped; segments never cross a document boundary). For a segment s and layer l let
-    c_s[e] = the routed slots of expert e in s (sum over its m tokens) and R_s = sum_e c_s[e]. A cache holding c
-    experts for the whole segment, chosen optimally in hindsight (the c most frequent experts of the segment), hits
-    H_s(c) = sum of the c largest c_s[e] slots; then
-        coverage_l(m, c) = mean over segments s with R_s > 0 of H_s(c) / R_s
-    (NaN when no segment has a routed slot, e.g. m longer than every document). 1 for c >= E, and for m = 1 whenever
-    c >= the experts of one token. ``cache_sizes`` default: (k, 2k) with k = trace.top_k. Unlike
-    ``segment_cache_hit_rate`` (the authors' SCH) the set is static within a segment and slots are counted (an expert
-    in two slots of one token twice)."""
-    lengths = int_list(lengths, "segment lengths")
-    sizes = int_list((trace.top_k, 2 * trace.top_k) if cache_sizes is None else cache_sizes, "cache sizes", 0)
-    columns = np.clip(np.asarray(sizes), 0, trace.num_experts)
-    out = np.full((trace.num_layers, len(lengths), len(sizes)), np.nan)
-    for mi, length in enumerate(lengths):
-        starts = _windows(trace, length, length)
-        for layer in range(trace.num_layers):
-            total, segments = np.zeros(len(sizes)), 0
-            for counts in _window_counts(trace, layer, starts, length):
-                slots = counts.sum(-1)
-                counts = counts[slots > 0]
-                cumulative = np.zeros((counts.shape[0], trace.num_experts + 1))
-                cumulative[:, 1:] = np.cumsum(-np.sort(-counts, axis=-1), axis=-1)  # hits of the c largest, c = 0..E
-                total += (cumulative[:, columns] / slots[slots > 0, None]).sum(0)
-                segments += counts.shape[0]
-            if segments:
-                out[layer, mi] = total / segments
-    return out
-
-
-def segment_routing_coverage(trace: Trace, lengths: Sequence[int] = COVERAGE_LENGTHS) -> np.ndarray:
-    """[L, len(lengths)] float64: ``segment_cache_coverage`` with c = k (k = trace.top_k): the share of a disjoint
-    segment's routed slots that its k most frequent experts cover, averaged over the segments (moejax's earlier
-    reading of SRP; ``analysis.segment_routing_best_performance``). 1 for m = 1. The authors' SRP is an F1 over
-    every window: ``segment_routing_performance``."""
-    return segment_cache_coverage(trace, lengths, [trace.top_k])[..., 0]

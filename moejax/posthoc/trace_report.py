@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moejax.posthoc import analysis, locality
+from moejax.posthoc import analysis, locality, locality_coverage
 from moejax.posthoc.trace import Trace
 
 if TYPE_CHECKING:
@@ -55,8 +55,8 @@ def _local_consistency(trace: Trace, lengths: Sequence[int] | None, cache_sizes:
     srp = locality.routing_performance_interval(trace, lengths, n_boot=n_boot, confidence=confidence, seed=seed)
     sch = locality.cache_hit_rate_interval(trace, lengths, multiples, n_boot=n_boot, confidence=confidence,
                                            seed=seed)
-    srp_coverage = locality.segment_routing_coverage(trace, lengths)
-    sch_coverage = locality.segment_cache_coverage(trace, lengths, sizes)
+    srp_coverage = locality_coverage.segment_routing_coverage(trace, lengths)
+    sch_coverage = locality_coverage.segment_cache_coverage(trace, lengths, sizes)
     return {
         "segment_lengths": lengths, "cache_multiples": multiples,
         "bootstrap": {"n_boot": n_boot, "confidence": confidence, "seed": seed, "unit": "document",

@@ -9,7 +9,16 @@ import statistics
 import numpy as np
 import pytest
 
-from moejax.posthoc import Trace, TraceWriter, analysis, locality, read_trace, trace_report, write_trace
+from moejax.posthoc import (
+    Trace,
+    TraceWriter,
+    analysis,
+    locality,
+    locality_coverage,
+    read_trace,
+    trace_report,
+    write_trace,
+)
 from tests import reference as ref
 
 E, K = 8, 2
@@ -187,8 +196,8 @@ def test_writer_in_chunks_reads_back_identical(trace, tmp_path):
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["num_tokens"] == 200 and manifest["num_documents"] == 4 and manifest["layers"] == [1, 3, 5]
     # the analyses of the memory-mapped trace are those of the in-memory one
-    np.testing.assert_array_equal(locality.segment_cache_coverage(back, [3]),
-                                  locality.segment_cache_coverage(trace, [3]))
+    np.testing.assert_array_equal(locality_coverage.segment_cache_coverage(back, [3]),
+                                  locality_coverage.segment_cache_coverage(trace, [3]))
 
 
 def test_write_trace_without_scores_and_empty(tmp_path):
@@ -288,8 +297,8 @@ def test_inter_layer_affinity(trace):
 @pytest.mark.parametrize("length", [1, 2, 3, 5, 16, 60])
 def test_segment_cache_and_routing_best(trace, length):
     caches = [0, 1, 2, 3, 8, 10]
-    sch = locality.segment_cache_coverage(trace, [length], caches)
-    srp = locality.segment_routing_coverage(trace, [length])
+    sch = locality_coverage.segment_cache_coverage(trace, [length], caches)
+    srp = locality_coverage.segment_routing_coverage(trace, [length])
     assert sch.shape == (3, 1, 6) and srp.shape == (3, 1)
     for layer in range(trace.num_layers):
         for ci, cache in enumerate(caches):
@@ -302,7 +311,7 @@ def test_segment_cache_and_routing_best(trace, length):
 
 
 def test_segments_longer_than_every_document_are_nan(trace):
-    np.testing.assert_array_equal(np.isnan(locality.segment_cache_coverage(trace, [4, 80])[:, :, 0]),
+    np.testing.assert_array_equal(np.isnan(locality_coverage.segment_cache_coverage(trace, [4, 80])[:, :, 0]),
                                   [[False, True]] * 3)
     assert np.isnan(locality.segment_routing_performance(trace, [80])).all()
 
@@ -322,7 +331,7 @@ def test_small_blocks_give_the_same_numbers(trace, monkeypatch):
     functions = {
         "frequency": analysis.expert_frequency, "mass": analysis.gate_mass, "entropy": analysis.router_entropy,
         "coactivation": lambda t: analysis.coactivation(t)[1], "affinity": analysis.inter_layer_affinity,
-        "sch": lambda t: locality.segment_cache_coverage(t, [1, 3, 8, 40], [1, 2, 5]),
+        "sch": lambda t: locality_coverage.segment_cache_coverage(t, [1, 3, 8, 40], [1, 2, 5]),
         "f1": lambda t: locality.segment_routing_performance(t, [1, 3, 8], stride=1),
         "npmi": lambda t: analysis.npmi(t, 1),
     }
@@ -391,7 +400,7 @@ def test_one_expert_takes_everything():
     assert analysis.router_entropy(t)[1] == pytest.approx(0.0)
     t.scores[1] = 1.0 / E
     assert analysis.router_entropy(t)[1] == pytest.approx(math.log(E))
-    np.testing.assert_allclose(locality.segment_cache_coverage(t, [1, 4, 50], [1])[1], 1.0)
+    np.testing.assert_allclose(locality_coverage.segment_cache_coverage(t, [1, 4, 50], [1])[1], 1.0)
     np.testing.assert_allclose(locality.segment_routing_performance(t, [1, 4, 50])[1], 1.0)
     affinity = analysis.inter_layer_affinity(t)
     np.testing.assert_allclose(affinity[0][:, 3], affinity[0].sum(-1))  # every row goes to expert 3
@@ -408,7 +417,7 @@ def test_null_slots_are_ignored(trace):
                    scores=trace.scores, token_ids=trace.token_ids, layers=trace.layers, num_experts=E,
                    doc_starts=trace.doc_starts)
     for f in (analysis.expert_frequency, analysis.gate_mass, lambda t: analysis.coactivation(t)[0],
-              analysis.inter_layer_affinity, lambda t: locality.segment_cache_coverage(t, [1, 5], [1, 3]),
+              analysis.inter_layer_affinity, lambda t: locality_coverage.segment_cache_coverage(t, [1, 5], [1, 3]),
               lambda t: locality.segment_routing_performance(t, [1, 5]), lambda t: analysis.npmi(t, 0),
               lambda t: analysis.top_tokens_per_expert(t, 0, 3)[1]):
         np.testing.assert_allclose(f(padded), f(trace))
@@ -423,7 +432,7 @@ def test_summary(trace):
     np.testing.assert_allclose(summary["router_entropy"], analysis.router_entropy(trace))
     assert summary["router_entropy_max"] == pytest.approx(math.log(E))
     np.testing.assert_allclose(np.array(summary["srp_coverage"], float)[:, :2],
-                               locality.segment_routing_coverage(trace, [1, 4]))
+                               locality_coverage.segment_routing_coverage(trace, [1, 4]))
     np.testing.assert_allclose(np.array(summary["srp"], float)[:, :2],
                                locality.segment_routing_performance(trace, [1, 4]))
     assert summary["srp_mean"][0] == pytest.approx(1.0) and summary["srp_mean"][2] is None
@@ -454,5 +463,5 @@ def test_plots_return_figures_and_write_pngs(tmp_path):
     assert [line.get_label() for line in sch_axis.get_lines()][2:] == [
         "coverage: best fixed 2 experts, layer mean", "coverage: best fixed 4 experts, layer mean"]
     np.testing.assert_allclose(srp_axis.get_lines()[1].get_ydata()[:3],
-                               locality.segment_routing_coverage(deep, [1, 2, 4]).mean(0))
+                               locality_coverage.segment_routing_coverage(deep, [1, 2, 4]).mean(0))
     assert (tmp_path / "lrc.png").exists()

@@ -7,7 +7,7 @@ the hindsight coverage variants under their old and new names."""
 import numpy as np
 import pytest
 
-from moejax.posthoc import Trace, analysis, locality, trace_report
+from moejax.posthoc import Trace, analysis, locality, locality_coverage, trace_report
 
 E, K = 8, 2
 Estimate = locality.Estimate
@@ -377,8 +377,8 @@ def test_bootstrap_defaults_and_refusals(trace):
 # ------------------------------------------------------------------------------- coverage variants and the summary
 
 def test_routing_coverage_is_cache_coverage_at_k(trace):
-    np.testing.assert_allclose(locality.segment_routing_coverage(trace, [1, 4]),
-                               locality.segment_cache_coverage(trace, [1, 4], [K])[..., 0])
+    np.testing.assert_allclose(locality_coverage.segment_routing_coverage(trace, [1, 4]),
+                               locality_coverage.segment_cache_coverage(trace, [1, 4], [K])[..., 0])
 
 
 def test_summary_headline_is_the_authors(trace):
@@ -389,8 +389,8 @@ def test_summary_headline_is_the_authors(trace):
     sch = locality.cache_hit_rate_interval(trace, [2, 8], [1, 2], n_boot=20, seed=5)
     for key, expected in (("srp", srp.layers.value), ("srp_model", srp.model.value), ("srp_model_low", srp.model.lower),
                           ("sch", sch.layers.value), ("sch_model", sch.model.value), ("sch_high", sch.layers.upper),
-                          ("srp_coverage", locality.segment_routing_coverage(trace, [2, 8])),
-                          ("sch_coverage", locality.segment_cache_coverage(trace, [2, 8]))):
+                          ("srp_coverage", locality_coverage.segment_routing_coverage(trace, [2, 8])),
+                          ("sch_coverage", locality_coverage.segment_cache_coverage(trace, [2, 8]))):
         np.testing.assert_allclose(np.array(s[key], float), expected, err_msg=key)
     fig = trace_report.plot_local_consistency(trace, [2, 8], n_boot=20, seed=5, summary=s)
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), srp.model.value)
