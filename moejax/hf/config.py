@@ -230,6 +230,31 @@ def read_router(m: ml_collections.ConfigDict, **fields: Any) -> None:
     m.moe.router.update(kind="topk", **fields)
 
 
+def read_grouped_sigmoid_router(hf: HFConfig, m: ml_collections.ConfigDict) -> None:
+    """DeepSeek-V3's router as its config.json gives it (also GLM-4.5's): a sigmoid, group-limited top-k with the
+    groups scored by their two best and the others masked to -inf, renormalised and scaled; the MTP-layer counts read
+    (their layers are skipped on load)."""
+    groups = int(hf.get("n_group") or 1)
+    read_router(m, score="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), num_groups=groups,
+                topk_groups=int(hf.get("topk_group") or 1) if groups > 1 else 1, group_score="top2_sum",
+                group_mask_fill=float("-inf"))
+    hf.used.update({"topk_group", "num_nextn_predict_layers", "num_mtp_layers"})
+
+
+def write_grouped_sigmoid_router(m: ml_collections.ConfigDict, s: Saving, name: str) -> dict[str, Any]:
+    """The config.json fields of ``read_grouped_sigmoid_router``'s router, after Saving checks naming ``name`` (the
+    family) for what it cannot express."""
+    r = m.moe.router
+    s.need("moe.router.score", r.score == "sigmoid", f"{name}'s router is a sigmoid")
+    if r.num_groups > 1:
+        s.need("moe.router.group_score", r.group_score == "top2_sum", f"{name} scores a group by its two best")
+        s.need("moe.router.group_mask_fill", r.group_mask_fill == float("-inf"),
+               f"{name} masks the other groups with -inf")
+    return dict(n_group=r.num_groups, topk_group=r.topk_groups if r.num_groups > 1 else 1,
+                norm_topk_prob=bool(r.norm_topk_prob), num_nextn_predict_layers=0)
+
+
 def topk_renormalised(m: ml_collections.ConfigDict) -> bool:
     r = m.moe.router
     return r.score == "softmax" and (r.norm_topk_prob or not r.softmax_before_topk)

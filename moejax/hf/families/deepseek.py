@@ -103,25 +103,12 @@ def from_v3(hf: HFConfig, m: ml_collections.ConfigDict) -> None:
     m.rope_interleave = bool(hf.get("rope_interleave", True))
     hf.expect("scoring_func", lambda v: v == "sigmoid", "transformers' DeepSeek-V3 router is a sigmoid", "sigmoid")
     hf.expect("topk_method", lambda v: v == "noaux_tc", "transformers' DeepSeek-V3 routes by 'noaux_tc'", "noaux_tc")
-    groups = int(hf.get("n_group") or 1)
-    config.read_router(m, score="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), num_groups=groups,
-                       topk_groups=int(hf.get("topk_group") or 1) if groups > 1 else 1, group_score="top2_sum",
-                       group_mask_fill=float("-inf"))
-    hf.used.update({"topk_group", "num_nextn_predict_layers", "num_mtp_layers"})
+    config.read_grouped_sigmoid_router(hf, m)
 
 
 def to_v3(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
     out = _to_hf(m, s, "DeepseekV3ForCausalLM")
-    r = m.moe.router
-    s.need("moe.router.score", r.score == "sigmoid", "DeepSeek-V3's router is a sigmoid")
-    if r.num_groups > 1:
-        s.need("moe.router.group_score", r.group_score == "top2_sum", "DeepSeek-V3 scores a group by its two best")
-        s.need("moe.router.group_mask_fill", r.group_mask_fill == float("-inf"),
-               "DeepSeek-V3 masks the other groups with -inf")
-    out.update(rope_interleave=bool(m.rope_interleave), n_group=r.num_groups,
-               topk_group=r.topk_groups if r.num_groups > 1 else 1, norm_topk_prob=bool(r.norm_topk_prob),
-               num_nextn_predict_layers=0)
+    out.update(rope_interleave=bool(m.rope_interleave), **config.write_grouped_sigmoid_router(m, s, "DeepSeek-V3"))
     return out
 
 

@@ -50,12 +50,7 @@ def from_hf(hf: HFConfig, m: ml_collections.ConfigDict) -> None:
                                  "transformers' GLM-4.5 always has a shared expert block of n_shared_experts * "
                                  "moe_intermediate_size", 1)
     m.first_dense_layers = int(hf.get("first_k_dense_replace", 1))
-    groups = int(hf.get("n_group") or 1)
-    config.read_router(m, score="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                       routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), num_groups=groups,
-                       topk_groups=int(hf.get("topk_group") or 1) if groups > 1 else 1, group_score="top2_sum",
-                       group_mask_fill=float("-inf"))
-    hf.used.update({"topk_group", "num_nextn_predict_layers", "num_mtp_layers"})
+    config.read_grouped_sigmoid_router(hf, m)
 
 
 def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
@@ -65,11 +60,7 @@ def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
     s.need("o_bias", not m.o_bias, "GLM-4.5's output projection has no bias")
     s.need("qk_norm", not m.qk_norm or m.qk_norm_scope == "head", "GLM-4.5 normalises each head's queries and keys")
     r = m.moe.router
-    s.need("moe.router.score", r.score == "sigmoid", "GLM-4.5's router is a sigmoid")
-    if r.num_groups > 1:
-        s.need("moe.router.group_score", r.group_score == "top2_sum", "GLM-4.5 scores a group by its two best")
-        s.need("moe.router.group_mask_fill", r.group_mask_fill == float("-inf"),
-               "GLM-4.5 masks the other groups with -inf")
+    router_fields = config.write_grouped_sigmoid_router(m, s, "GLM-4.5")
     s.need("moe.router.bias", not r.bias, "GLM-4.5's router has no bias")
     s.need("moe.expert_kind", m.moe.expert_kind == "glu", "GLM-4.5's experts are GLUs")
     s.need("moe.num_shared", m.moe.num_shared >= 1, "GLM-4.5 always has shared experts")
@@ -82,9 +73,7 @@ def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
                use_qk_norm=bool(m.qk_norm), intermediate_size=m.ffn_dim, moe_intermediate_size=m.moe.expert_ffn,
                n_routed_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
                n_shared_experts=m.moe.num_shared, first_k_dense_replace=m.first_dense_layers,
-               routed_scaling_factor=r.routed_scaling_factor, n_group=r.num_groups,
-               topk_group=r.topk_groups if r.num_groups > 1 else 1, norm_topk_prob=bool(r.norm_topk_prob),
-               num_nextn_predict_layers=0)
+               routed_scaling_factor=r.routed_scaling_factor, **router_fields)
     return out
 
 
