@@ -2,7 +2,8 @@
 table and the config.json fields it ignores, registered in moejax.hf.registry when the module is imported.
 
 MODULES is the order of registration: the order ``SUPPORTED`` lists the families in (config_to_hf tries them in
-reverse). A new family is a module here, its name in MODULES and its case in tests/hf/golden/make_hf_goldens.py.
+reverse). A new family is a module here, its name in MODULES and its golden cases in tests/hf/golden/make_hf_goldens.py
+or a sibling ``cases_*.py`` module there.
 """
 import importlib
 

@@ -123,6 +123,22 @@ CASES: dict[str, tuple[str, dict, str | None]] = {
 }
 
 
+def _more_cases() -> None:
+    """Cases kept in sibling modules ``cases_*.py`` (each defines ``CASES`` in the same form, and may define ``POST``
+    functions): a family round adds its own module instead of growing this one."""
+    import importlib.util
+
+    for path in sorted(ROOT.glob("cases_*.py")):
+        spec = importlib.util.spec_from_file_location(f"_golden_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        clash = set(module.CASES) & set(CASES)
+        if clash:
+            raise SystemExit(f"{path.name} redefines cases {sorted(clash)}")
+        CASES.update(module.CASES)
+        POST.update(getattr(module, "POST", {}))
+
+
 def family(case: str) -> str:
     return case.rsplit("_", 1)[0]
 
@@ -210,6 +226,7 @@ def _mtp_layer(directory: pathlib.Path) -> None:
 
 
 POST = {"legacy_rope": _legacy_rope, "mtp_layer": _mtp_layer}
+_more_cases()
 
 
 def write(case: str, root: pathlib.Path = ROOT) -> pathlib.Path:
