@@ -151,7 +151,7 @@ class GLUExperts:
 
     Parameters: wi_0, wi_1 [E, D, F], wo [E, F, D]. Frozen and hashable: a static argument of custom VJPs.
     ``matrices``: the parameters used as linear maps (``forward`` runs each product through ``linear``, so that a
-    wrapper kind such as LoRA's moejax/adapters/lora.py ``AdaptedExperts`` can add to it); ``biases``: the bias
+    wrapper kind such as LoRA's moejax/adapters/expert_lora.py ``AdaptedExperts`` can add to it); ``biases``: the bias
     added after each matrix.
     ``zero_init``: the parameters initialised to zeros (biases; the others take the layer's kernel initialiser).
     ``after_contraction``: the parameters added after the contraction over the hidden width F (an output bias),

@@ -36,6 +36,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from moejax import checks, moe
+from moejax.adapters import expert_lora
 from moejax.adapters import lora as lora_lib
 from moejax.moe import (
     dispatch,
@@ -138,7 +139,7 @@ class GLU(nn.Module):
 class ExpertWeights(nn.Module):
     """The routed experts' stacked parameters of an expert kind, in its ``param_names`` order (its ``zero_init``
     parameters zeros, the others from kernel_init); then, for the matrices ``adapted`` names, their LoRA adapters
-    (moejax/adapters/lora.py ``expert_adapters``: the order of ``AdaptedExperts``)."""
+    (moejax/adapters/expert_lora.py ``expert_adapters``: the order of ``AdaptedExperts``)."""
 
     expert: experts.Experts
     num_experts: int
@@ -156,7 +157,7 @@ class ExpertWeights(nn.Module):
                                    shapes[name], self.param_dtype) for name in self.expert.param_names)
         if not self.adapted:
             return weights
-        return weights + lora_lib.expert_adapters(self, self.lora, self.expert, self.adapted, self.num_experts,
+        return weights + expert_lora.expert_adapters(self, self.lora, self.expert, self.adapted, self.num_experts,
                                                   shapes, self.param_dtype)
 
 
@@ -226,12 +227,12 @@ class MoE(nn.Module):
         expert = experts.from_config(cfg)
         num_stored = expert_map.stored_count(cfg, layer if isinstance(layer, int) else None)
         num_weights = placement.physical_count(cfg) or num_stored  # replicas: the physical slots
-        adapted = lora_lib.expert_targets(self.lora, (*self.path, moe.EXPERTS), expert)
+        adapted = expert_lora.expert_targets(self.lora, (*self.path, moe.EXPERTS), expert)
         weights = ExpertWeights(expert, num_weights, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
                                 self.lora, adapted, name=moe.EXPERTS)()
         weights = tuple(jnp.asarray(w, self.dtype) for w in weights)  # numpy params (load_checkpoint) too
         if adapted:  # LoRA on the routed slots, inside the grouped matmul
-            expert = lora_lib.AdaptedExperts(expert, adapted, self.lora.scaling)
+            expert = expert_lora.AdaptedExperts(expert, adapted, self.lora.scaling)
         if self.is_mutable_collection("moe_state") or self.has_variable("moe_state", moe.ROUTER_BIAS):
             bias = self.variable("moe_state", moe.ROUTER_BIAS, jnp.zeros, (cfg.num_experts,), jnp.float32).value
         else:
