@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 
-from moejax.hf import io, tensors
+from moejax.hf import io, mtp, quantised, tensors
 from moejax.hf.config import HFConfigError
 from moejax.hf.families import config_from_hf, config_to_hf, family
 from moejax.hf.io import CheckpointError
@@ -131,6 +132,11 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
                             f"{quantization.get('quant_method')!r} cannot be represented in moejax: it dequantises "
                             f"{' and '.join(repr(q) for q in QUANT_METHODS)} checkpoints on load")
     checkpoint = tensors.Tensors(io.Checkpoint(directory), quantization)
+    if config.model.get("mtp_depth", 0) and not mtp.present(checkpoint.ckpt.keys(), config.model.num_layers):
+        # transformers saves these families without their multi-token-prediction layers (it has no MTP modules)
+        print(f"moejax.hf: {directory} has no layer {config.model.num_layers} for num_nextn_predict_layers="
+              f"{config.model.mtp_depth}: loaded without multi-token-prediction modules", file=sys.stderr)
+        config.model.mtp_depth = 0
     abstract = abstract_variables(config.model)
     sources = tensors.sources(config.model, checkpoint, family(model_type), abstract)
 
@@ -157,7 +163,7 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
 
 
 def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, model_type: str | None = None,
-         max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
+         max_shard_bytes: int = MAX_SHARD_BYTES, quantisation: str | None = None) -> pathlib.Path:
     """Writes config.json and model.safetensors (shards with an index past max_shard_bytes) that
     transformers.AutoModelForCausalLM.from_pretrained(out_dir) loads as the same model, and the tokenizer of a
     full config's ``data.tokenizer`` (tokenizer.json and tokenizer_config.json; none for 'bytes').
@@ -166,12 +172,19 @@ def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, mode
     that can express the model, newest first). Per-expert tensors are written in the hub layout
     (experts.{j}.w1/w2/w3 for Mixtral, experts.{j}.gate_proj/up_proj/down_proj elsewhere; GPT-OSS's packed
     interleaved gate_up_proj with biases); each tensor keeps its parameter's dtype. Parameters are fetched to the
-    host one at a time. A 'bpe:' tokenizer is the one built for the config's corpus (moejax.data.tokenizers.
-    for_config, which builds it first when it is missing). Raises HFConfigError for a model the family cannot
+    host one at a time. quantisation: 'fp8' (DeepSeek-V3's FP8 with 128x128 block scales; 'fp8/<b0>x<b1>' for
+    other blocks) or 'mxfp4' (GPT-OSS's MXFP4 routed experts): the tensors moejax/hf/quantised.py names are written
+    quantised, with config.json's quantization_config; ``load`` reads them back dequantised. A 'bpe:' tokenizer is
+    the one built for the config's corpus (moejax.data.tokenizers.for_config, which builds it first when it is
+    missing). Raises HFConfigError for a model the family cannot
     express or a tokenizer with more ids than model.vocab_size; nothing is written then.
     """
     from moejax.data import tokenizers
 
+    try:
+        scheme = quantised.parse(quantisation)
+    except ValueError as e:
+        raise HFConfigError(str(e)) from e
     m = config.model if "model" in config else config
     if expert_map.has_map(m.moe) or placement.has_placement(m.moe):
         # replicas dropped; bound experts written as copies of their merge (exact); removed ones refused
@@ -187,6 +200,7 @@ def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, mode
         m = config.model if "model" in config else config
     hf_config = config_to_hf(m, model_type)
     fam = family(hf_config["model_type"])
+    quantised.check(scheme, hf_config["model_type"])
     tokenizer = None
     if "model" in config and tokenizers.spec_of(config) != "bytes":
         tokenizer = tokenizers.for_config(config)
@@ -205,7 +219,10 @@ def save(config, variables: dict[str, Any], out_dir: str | pathlib.Path, *, mode
                       | {f"{tensors.keypath(k)} {list(got[k])} (expected {list(expected[k])})"
                          for k in expected.keys() & got.keys() if expected[k] != got[k]})
         raise HFConfigError("the variables do not match the model of the config: " + "; ".join(diff[:12]))
-    entries = tensors.entries(flat, fam)
+    writer = None if scheme is None else quantised.Writer(scheme)
+    entries = tensors.entries(flat, fam, None if writer is None else writer.entry, model=m)
+    if writer is not None:
+        hf_config["quantization_config"] = writer.config()
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

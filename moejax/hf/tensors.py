@@ -251,11 +251,16 @@ def _host(array: Any) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def entries(flat: dict[tuple[str, ...], Any], fam: Family) -> list[io.Entry]:
+def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | None = None) -> list[io.Entry]:
     """The checkpoint tensors (io.Entry: name, shape, dtype, a function computing it) of the flattened variables
     {'params', 'moe_state'}; a tensor made from several parameters (GPT-OSS's packed gate_up_proj) comes once both
-    are seen. Each parameter is fetched to the host when a tensor needs it (the last two kept)."""
+    are seen. Each parameter is fetched to the host when a tensor needs it (the last two kept). ``quantise(keys,
+    entry, kind)`` (moejax/hf/quantised.py) gives the entries that store each tensor instead of it."""
     cache: dict[tuple[str, ...], np.ndarray] = {}
+    out: list[io.Entry] = []
+
+    def add(keys: tuple[str, ...], entry: io.Entry, kind: str) -> None:
+        out.extend([entry] if quantise is None else quantise(keys, entry, kind))
 
     def fetch(keys: tuple[str, ...]) -> np.ndarray:
         if keys not in cache:
@@ -264,7 +269,6 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family) -> list[io.Entry]:
             cache[keys] = _host(flat[keys])
         return cache[keys]
 
-    out: list[io.Entry] = []
     packed: dict[str, dict[str, tuple[str, ...]]] = {}
     for keys, leaf in flat.items():
         found = rule_for(keys[1:], fam)
@@ -283,15 +287,15 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family) -> list[io.Entry]:
             if len(parts) == 2:
                 name, pair = rule.hf.format(i=i), (parts["even"], parts["odd"])
                 shape = rules.hf_shape("even", tuple(leaf.shape))
-                out.append((name, shape, dtype, lambda pair=pair: rules.to_hf(
-                    "even", [fetch(pair[0]), fetch(pair[1])])))
+                add(pair[0], (name, shape, dtype, lambda pair=pair: rules.to_hf(
+                    "even", [fetch(pair[0]), fetch(pair[1])])), "even")
             continue
         if rule.per_expert:
             one = rules.hf_shape(rule.kind, tuple(leaf.shape[1:]))
             for j in range(leaf.shape[0]):
-                out.append((rule.hf.format(i=i, j=j), one, dtype, lambda keys=keys, j=j, kind=rule.kind:
-                            rules.to_hf(kind, [fetch(keys)[j]])))
+                add(keys, (rule.hf.format(i=i, j=j), one, dtype, lambda keys=keys, j=j, kind=rule.kind:
+                           rules.to_hf(kind, [fetch(keys)[j]])), rule.kind)
             continue
-        out.append((rule.hf.format(i=i), rules.hf_shape(rule.kind, tuple(leaf.shape)), dtype,
-                    lambda keys=keys, kind=rule.kind: rules.to_hf(kind, [fetch(keys)])))
+        add(keys, (rule.hf.format(i=i), rules.hf_shape(rule.kind, tuple(leaf.shape)), dtype,
+                   lambda keys=keys, kind=rule.kind: rules.to_hf(kind, [fetch(keys)])), rule.kind)
     return out

@@ -72,7 +72,8 @@ class Matrix:
         return w.reshape(self.batch, self.k, self.n)
 
 
-def _target(keys: tuple[str, ...]) -> str | None:
+def target(keys: tuple[str, ...]) -> str | None:
+    """The target group (``TARGETS``) of a parameter path inside params, or None for a weight never quantised."""
     leaf, parent = keys[-1], keys[-2] if len(keys) > 1 else ""
     if keys == ("lm_head", "kernel"):
         return "lm_head"
@@ -118,20 +119,20 @@ def matrices(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> li
     cfg = config.model
     out = []
     for keys, value in _flatten(params):
-        target = _target(keys)
-        if target is None:
+        group = target(keys)
+        if group is None:
             continue
         layers, scanned = _block_layers(cfg, keys)
         shape = tuple(int(d) for d in np.shape(value))
-        batch_ndim = int(scanned) + int(target == "experts")
-        inputs = INPUT_AXES.get(keys[-2], 1) if target == "attention" else 1
+        batch_ndim = int(scanned) + int(group == "experts")
+        inputs = INPUT_AXES.get(keys[-2], 1) if group == "attention" else 1
         k = math.prod(shape[batch_ndim:batch_ndim + inputs])
         n = math.prod(shape[batch_ndim + inputs:])
-        experts_per = shape[batch_ndim - 1] if target == "experts" else 1
+        experts_per = shape[batch_ndim - 1] if group == "experts" else 1
         flat_layers = tuple(layer for layer in layers for _ in range(experts_per))
-        flat_experts = tuple(e for _ in layers for e in range(experts_per)) if target == "experts" else \
+        flat_experts = tuple(e for _ in layers for e in range(experts_per)) if group == "experts" else \
             (-1,) * len(flat_layers)
-        out.append(Matrix(keys, target, shape, batch_ndim, k, n, flat_layers, flat_experts))
+        out.append(Matrix(keys, group, shape, batch_ndim, k, n, flat_layers, flat_experts))
     return out
 
 
