@@ -1,0 +1,18 @@
+"""Golden cases of dots.llm1, ERNIE 4.5 MoE, MiniMax-M2, LongCat-Flash and FlexOlmo (make_hf_goldens.py loads this
+module beside its own CASES): the same form, case name -> (transformers config class, fields, post-processing)."""
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+              num_hidden_layers=2, rms_norm_eps=1e-6, max_position_embeddings=64)
+
+CASES = {
+    # a first dense layer, groups, q/k/v/o biases, 8-wide heads, the last layer sliding over 4 positions
+    "dots1_a": ("Dots1Config", dict(COMMON, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                                    moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                                    n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                    attention_bias=True, head_dim=8, sliding_window=4, max_window_layers=2,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 500.0}), None),
+    # every layer MoE, no groups, unnormalised weights, two shared experts, no window
+    "dots1_b": ("Dots1Config", dict(COMMON, n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
+                                    n_shared_experts=2, first_k_dense_replace=0, norm_topk_prob=False,
+                                    sliding_window=None), None),
+}

