@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax import checks, moe, parallel
+from moejax.adapters import mixture as mixture_lib
 from moejax.moe import experts as moe_experts
 
 INITS = ("kaiming_uniform", "gaussian")
@@ -70,6 +71,7 @@ class LoraSpec:
     dropout: float = 0.0
     init: str = "kaiming_uniform"
     experts: str = "per_expert"
+    mixture: mixture_lib.MixtureSpec | None = None  # LoRA experts and a router per picked weight (mixture.py)
 
     @property
     def scaling(self) -> float:
@@ -92,7 +94,7 @@ def spec(model_cfg: ml_collections.ConfigDict) -> LoraSpec | None:
     if lora is None or not lora.targets:
         return None
     return LoraSpec(tuple(lora.targets), int(lora.rank), float(lora.alpha), bool(lora.rslora), float(lora.dropout),
-                    str(lora.init), str(lora.experts))
+                    str(lora.init), str(lora.experts), mixture_lib.spec(lora))
 
 
 def without_adapters(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -133,6 +135,7 @@ def validate_fields(model_cfg: ml_collections.ConfigDict) -> None:
         checks.fail("model.lora.dropout", lora.dropout, "must be a number in [0, 1)")
     checks.choice("model.lora.init", lora.init, INITS)
     checks.choice("model.lora.experts", lora.experts, EXPERT_MODES)
+    mixture_lib.validate(model_cfg)
 
 
 def adaptable_paths(params: Any, model_cfg: ml_collections.ConfigDict) -> list[str]:
@@ -167,6 +170,9 @@ def validate_targets(model_cfg: ml_collections.ConfigDict, adaptable: Sequence[s
     if routed and len(model_cfg.moe.expert_placement):
         checks.fail("model.lora.targets", tuple(lora.targets), f"picks routed experts (e.g. {routed[0]}) of a model "
                     f"with model.moe.expert_placement, whose replicas would train apart: unplace the experts first")
+    if routed and lora.mixture is not None:
+        checks.fail("model.lora.targets", tuple(lora.targets), f"picks routed experts (e.g. {routed[0]}) while "
+                    f"model.lora.mixture gives each picked weight LoRA experts: pick dense weights only")
     routers = [p for p in picked if moe.is_router(p.split("/")[-2])]
     if routers and model_cfg.moe.router.frozen:
         checks.fail("model.lora.targets", tuple(lora.targets), f"picks a router ({routers[0]}) while "
@@ -201,7 +207,7 @@ def is_adapter(keys: Sequence[Any]) -> bool:
     """Whether the parameter at path keys (strings or jax key entries) is an adapter's A or B."""
     last = keys[-1] if keys else ""
     name = str(getattr(last, "key", getattr(last, "name", last)))
-    return name.endswith((A_SUFFIX, B_SUFFIX))
+    return name.endswith((A_SUFFIX, B_SUFFIX, mixture_lib.ROUTER_SUFFIX))
 
 
 def adapter_names(name: str, shared: bool = False) -> tuple[str, str]:
@@ -278,6 +284,10 @@ def adapter_term(module: nn.Module, lora: LoraSpec | None, name: str, x: jax.Arr
     and B in module; None when no rule picks module.path/name. x [..., in...] -> [..., out...] in dtype."""
     if lora is None or not lora.picks((*module.path, name)):
         return None
+    if lora.mixture is not None:
+        return mixture_lib.term(module, lora.mixture, rank=lora.rank, scaling=lora.scaling, dropout=lora.dropout,
+                                name=name, x=x, kernel_shape=kernel_shape, n_in=n_in, dtype=dtype,
+                                param_dtype=param_dtype, a_init=functools.partial(a_init, lora))
     in_shape, out_shape = tuple(kernel_shape[:n_in]), tuple(kernel_shape[n_in:])
     a_name, b_name = adapter_names(name)
     a = module.param(a_name, a_init(lora, math.prod(in_shape)), (*in_shape, lora.rank), param_dtype)
@@ -345,6 +355,10 @@ def _register_axes() -> None:
         a_axes, b_axes = _adapter_axes(table[suffix], n_in)
         for adapter, axes in zip(adapter_names(suffix[-1]), (a_axes, b_axes), strict=True):
             table.setdefault((*suffix[:-1], adapter), axes)
+        stem = suffix[-1] + mixture_lib.STEM  # mixtures: A [E, in..., r], B [E, r, out...], router [in..., E]
+        for adapter, axes in zip(adapter_names(stem), (a_axes, b_axes), strict=True):
+            table.setdefault((*suffix[:-1], adapter), (None, *axes))
+        table.setdefault((*suffix[:-1], suffix[-1] + mixture_lib.ROUTER_SUFFIX), (*a_axes[:-1], None))
     for kind in moe_experts.EXPERT_KINDS.values():
         for name in kind.matrices:
             lead, d_in, d_out = kind.param_axes[name]

@@ -72,6 +72,9 @@ def merge(config: ml_collections.ConfigDict, variables: Mapping[str, Any]
     spec = lora.spec(model_cfg)
     if spec is None:
         return new_config, dict(variables)
+    if spec.mixture is not None:
+        raise ValueError(f"model.lora.mixture={spec.mixture} routes each token to its own mix of LoRA experts, "
+                         f"which no single weight computes: a mixture cannot be merged")
     params = _merge_module(variables["params"], (), spec)
     model_cfg.lora.targets = ()
     return new_config, {**variables, "params": params}

@@ -118,6 +118,8 @@ def save(config: ml_collections.ConfigDict, variables: Mapping[str, Any], out_di
     m = _model(config)
     if lora.spec(m) is None:
         raise AdapterError("the model has no adapters (model.lora.targets is empty)")
+    if lora.spec(m).mixture is not None:
+        raise AdapterError("model.lora.mixture: PEFT's LoRA format has no LoRA experts or router")
     fam = _family(m, model_type)
     entries: list[io.Entry] = []
     modules = []

@@ -256,7 +256,7 @@ class MoE(nn.Module):
             out = self._routed(state, kernel, expert, weights, bias, batch, layer, num_stored, train=train,
                                token_ids=ids, progress=progress, intervention=intervention)
             if shared is not None:
-                extra = shared(state)
+                extra = shared(state.reshape(batch, seq, d_model)).reshape(state.shape)  # [B, S, D]: per sequence
                 if shared_gate is not None:
                     extra = extra * jax.nn.sigmoid(shared_gate(state.astype(jnp.float32))).astype(extra.dtype)
                 out = out + extra
