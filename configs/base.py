@@ -180,27 +180,6 @@ def lora_config() -> ml_collections.ConfigDict:
     # Routed experts: 'per_expert' (A [E, in, r], B [E, r, out], one adapter per expert) | 'shared' (one A [in, r],
     # B [r, out] that every expert adds).
     lora.experts = "per_expert"
-    # Mixtures of LoRA experts (moejax/adapters/mixture.py, docs/adapters.md): every picked weight gains E LoRA
-    # experts (rank, alpha, dropout as above) and a router over them, in place of its one adapter. Dense weights only.
-    mixture = ml_collections.ConfigDict()
-    # E experts per picked weight; 0 = plain LoRA. LoRAMoE (arXiv 2312.09979) uses 6 on LLaMA's FFN.
-    mixture.num_experts = 0
-    # MoLA (arXiv 2402.08562): E per model layer, one count per layer (e.g. (2, 2, 4, 4, 6, 6, 8, 8): more experts in
-    # higher layers); overrides num_experts. () = num_experts everywhere. Needs model.scan_layers=False.
-    mixture.per_layer = ()
-    # 0: every expert weighted by the router's softmax (LoRAMoE); k: the k best, weights renormalised (MoLA: 2).
-    mixture.top_k = 0
-    # The router's balance loss: 'loramoe' (LoRAMoE's localized balancing constraint over two expert groups, needs
-    # task_type >= 0 and even expert counts) | 'switch' (Switch's E * sum_i f_i P_i) | 'none'.
-    mixture.balance = "loramoe"
-    # Its coefficient (LoRAMoE's blc_weight), summed over every adapted weight; 0 = no loss.
-    mixture.balance_coef = 0.0
-    # LoRAMoE's blc_alpha: importance 1 + alpha for the expert group of the sample's type, 1 - alpha for the other.
-    mixture.blc_alpha = 0.0
-    # The type of the training data for 'loramoe': 1 = the first half of the experts' group (the paper's world
-    # knowledge), 0 = the second half; -1 = no localized constraint (the authors' code without task types).
-    mixture.task_type = -1
-    lora.mixture = mixture
     return lora
 
 
@@ -231,6 +210,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The norm before attention, before the FFN and on the final output: 'rms' (RMSNorm, a scale) | 'layernorm'
     # (LayerNorm, a scale and a bias: PhiMoE). The query/key norms and MLA's latent norms stay RMSNorm.
     model.norm = "rms"
+    # Each block's norms: 'pre' (x + f(norm(x)): attn_norm, ffn_norm) | 'post' (OLMo 2, arXiv 2501.00656:
+    # x + norm(f(x)), post_attn_norm / post_ffn_norm on the attention / FFN output; f reads the raw stream).
+    model.norm_position = "pre"
     # A learned bias on the output head (PhiMoE's lm_head_bias); needs tie_embeddings=False.
     model.lm_head_bias = False
     # RMSNorm on each head's queries and keys before the rotary embedding (Qwen3, OLMoE).
@@ -266,7 +248,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.partial_rotary_factor = 1.0
     rope_scaling = ml_collections.ConfigDict()
     # 'none' | 'yarn' (YaRN frequency interpolation with attention scaling: DeepSeek-V3, GPT-OSS) | 'longrope'
-    # (LongRoPE: PhiMoE). With 'yarn': factor >= 1, beta_fast and beta_slow > 0, mscale and mscale_all_dim >= 0.
+    # (LongRoPE: PhiMoE) | 'llama3' (Llama 3.1's frequency-band scaling) | 'linear' (position interpolation: every
+    # frequency divided by factor). With 'yarn': factor >= 1, beta_fast and beta_slow > 0, mscale and
+    # mscale_all_dim >= 0.
     rope_scaling.kind = "none"
     rope_scaling.factor = 1.0
     rope_scaling.original_max_position_embeddings = 4096
@@ -286,6 +270,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rope_scaling.long_factor = ()
     rope_scaling.short_mscale = 1.0
     rope_scaling.long_mscale = 1.0
+    # kind='llama3': frequencies of wavelength > original_max_position_embeddings / low_freq_factor are divided by
+    # factor, those of wavelength < original / high_freq_factor kept, the band between interpolated smoothly.
+    rope_scaling.low_freq_factor = 1.0
+    rope_scaling.high_freq_factor = 4.0
     model.rope_scaling = rope_scaling
     mla = ml_collections.ConfigDict()
     # Multi-head Latent Attention (DeepSeek-V2/V3): q through an optional low-rank q_lora_rank (0: a full

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import checks, kv_cache
+from moejax import checks, kv_cache, rope_kinds
 from moejax.adapters import lora
 
 ATTENTION_KINDS = ("gqa", "mla")
 LAYER_TYPES = ("full", "sliding")
 QK_NORM_SCOPES = ("head", "proj")
-ROPE_SCALINGS = ("none", "yarn", "longrope")
+ROPE_SCALINGS = ("none", "yarn", "longrope", *rope_kinds.KINDS)
 NORM_KINDS = ("rms", "layernorm")
 MLA_NORM_EPS = 1e-6  # the latent RMSNorms' epsilon (the released DeepSeek-V2/V3 code fixes it, whatever rms_norm_eps)
 
@@ -80,6 +80,8 @@ def _validate_rope_scaling(rs: ml_collections.ConfigDict) -> None:
     checks.choice("model.rope_scaling.kind", rs.kind, ROPE_SCALINGS)
     if rs.kind == "longrope":
         _validate_longrope(rs)
+    if rs.kind in rope_kinds.KINDS:
+        rope_kinds.validate(rs)
     if rs.kind != "yarn":
         return
     checks.number("model.rope_scaling.factor", rs.factor, minimum=1.0)
@@ -230,6 +232,8 @@ def rope_parameters(cfg: ml_collections.ConfigDict, dim: int, length: int | jax.
         return yarn_parameters(dim, cfg.rope_theta, cfg.rope_scaling)
     if cfg.rope_scaling.kind == "longrope":
         return longrope_parameters(dim, cfg.rope_theta, cfg.rope_scaling, length)
+    if cfg.rope_scaling.kind in rope_kinds.KINDS:  # 'llama3', 'linear' (moejax/rope_kinds.py)
+        return rope_kinds.inv_freq(dim, cfg.rope_theta, cfg.rope_scaling), 1.0
     return default_inv_freq(cfg.rope_theta, dim), 1.0
 
 

@@ -9,7 +9,7 @@ Parameter tree (``config.model`` = cfg):
     layers_{i}/attn/...          cfg.attention 'gqa': {q,k,v}/kernel [D, H, Dh] / [D, KV, Dh], o/kernel [H, Dh, D],
                                  optional biases, q_norm / k_norm, sinks; 'mla': the latent projections (the
                                  trees are listed in moejax/attention.py)
-    layers_{i}/ffn_norm/scale    [D]
+    layers_{i}/ffn_norm/scale    [D]                 (norm_position='post': post_attn_norm / post_ffn_norm instead)
     layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe/layer.py
     final_norm/scale             [D]
     lm_head/kernel               [D, V]              (absent with tie_embeddings; lm_head/bias [V] with lm_head_bias)
@@ -36,6 +36,7 @@ from moejax.moe import expert_map, placement
 from moejax.moe import layer as moe_layer
 from moejax.moe.intervention import Intervention
 
+NORM_POSITIONS = ("pre", "post")  # model.norm_position
 
 class MoELayerPath(NamedTuple):
     """Where one MoE layer's variables live: ``path``, the keys of its 'ffn' module (the MoE tree of
@@ -107,6 +108,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     checks.number("model.mtp_loss_weight", cfg.get("mtp_loss_weight", 0.0))
     checks.number("model.rope_theta", cfg.rope_theta, strict=True)
     attention.validate(cfg)
+    checks.choice("model.norm_position", cfg.get("norm_position", "pre"), NORM_POSITIONS)
     _validate_layer_lists(cfg)
     if cfg.scan_layers and cfg.moe_every > 1 and (cfg.num_layers - cfg.first_dense_layers) % cfg.moe_every:
         checks.fail("model.scan_layers", cfg.scan_layers,
@@ -149,7 +151,8 @@ def _validate_layer_lists(cfg: ml_collections.ConfigDict) -> None:
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + ffn(norm(x)); the FFN is the MoE layer when ``use_moe``."""
+    """x + attn(norm(x)), then x + ffn(norm(x)); the FFN is the MoE layer when ``use_moe``. With
+    ``model.norm_position='post'``: x + post_attn_norm(attn(x)), then x + post_ffn_norm(ffn(x)) (OLMo 2)."""
 
     cfg: ml_collections.ConfigDict
     use_moe: bool
@@ -168,8 +171,12 @@ class Block(nn.Module):
         init = nn.initializers.normal(cfg.init_std)
         adapters = lora.spec(cfg)
         attn = attention.make(cfg, dtype, init, self.window, name="attn")
-        x = x + attn(attention.norm(cfg, dtype, "attn_norm")(x), cache)
-        h = attention.norm(cfg, dtype, "ffn_norm")(x)
+        post = cfg.get("norm_position", "pre") == "post"  # OLMo 2: x + norm(f(x)) (model.norm_position)
+        if post:
+            x = x + attention.norm(cfg, dtype, "post_attn_norm")(attn(x, cache))
+        else:
+            x = x + attn(attention.norm(cfg, dtype, "attn_norm")(x), cache)
+        h = x if post else attention.norm(cfg, dtype, "ffn_norm")(x)
         if self.use_moe:
             ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, adapters, name="ffn")
             h = ffn(h, train=train, token_ids=token_ids, progress=progress, layer=layer, intervention=intervention)
@@ -177,7 +184,7 @@ class Block(nn.Module):
                 return h
         else:
             h = moe_layer.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, adapters, name="ffn")(h)
-        return x + h
+        return x + (attention.norm(cfg, dtype, "post_ffn_norm")(h) if post else h)
 
 
 class Unit(nn.Module):

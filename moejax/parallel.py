@@ -46,7 +46,8 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("lm_head", "kernel"): ("embed", "vocab"),
     ("scale",): ("norm",),  # RMSNorm scales (also the per-head q_norm / k_norm)
     # LayerNorm biases (model.norm='layernorm'), the multi-token-prediction modules' norms included
-    **{(name, "bias"): ("norm",) for name in ("attn_norm", "ffn_norm", "final_norm", "enorm", "hnorm", "norm")},
+    **{(name, "bias"): ("norm",) for name in ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "final_norm",
+                                              "enorm", "hnorm", "norm")},
     ("lm_head", "bias"): ("vocab",),  # model.lm_head_bias
     ("q", "kernel"): ("embed", "heads", "head_dim"),
     ("k", "kernel"): ("embed", "kv_heads", "head_dim"),

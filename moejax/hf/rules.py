@@ -11,6 +11,9 @@ tensor name (``{i}`` the layer, ``{j}`` the expert of a per-expert tensor) and t
 * ``even``/``odd``  the gate / up halves of GPT-OSS's interleaved packed ``gate_up_proj`` [E, D, 2F] (and bias)
 * ``zeros``     no checkpoint tensor: the MoE layer's selection bias of a family without one (must stay 0 to save)
 
+A rule with ``fused`` reads its rows of a tensor several parameters share along its first axis (``fused_rules``:
+Phi-3's qkv_proj and gate_up_proj), split on load and concatenated on save.
+
 Per-expert tensors (``experts.{j}.w1.weight``) are stacked into the [E, ...] parameter as they are read; GPT-OSS
 stores its experts stacked already. A rule applies only where the model config has the parameter (q/bias only
 with qkv_bias, the dense GLU only in dense layers, ...).
@@ -31,6 +34,10 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 class Rule:
     hf: str  # checkpoint name; {i} = layer, {j} = expert (per-expert tensors)
     kind: str = "copy"  # copy | reshape | linear | linear2 | even | odd | zeros
+    # A checkpoint tensor several parameters share (Phi-3's qkv_proj, gate_up_proj): the moejax paths inside the
+    # layer whose checkpoint tensors (each by its own rule's kind) are concatenated along the first axis, in this
+    # order, this rule's among them; () = a tensor of its own.
+    fused: tuple[str, ...] = ()
 
     @property
     def per_expert(self) -> bool:
@@ -131,3 +138,9 @@ def moe_rules(mlp: str, experts: tuple[str, str, str] = ("gate_proj", "up_proj",
 
 
 DENSE_RULES = glu_rules("ffn", "model.layers.{i}.mlp")
+
+
+def fused_rules(hf: str, paths: tuple[str, ...], kind: str = "linear") -> dict[str, Rule]:
+    """The rules of the parameters ``paths`` (inside the layer) whose checkpoint tensors are the consecutive row
+    blocks of one tensor ``hf`` (e.g. q, k, v of Phi-3's ``qkv_proj``), each in the layout ``kind``."""
+    return {path: Rule(hf, kind, tuple(paths)) for path in paths}

@@ -148,8 +148,16 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
     used: set[str] = set()
     missing, misshaped, unknown = [], [], []
     num_experts = config_model.moe.num_experts
+    leaves = flatten(abstract)
+    checked: dict[str, bool] = {}  # fused tensors: checked once for the parameters that share them
 
     def check(key: str, shape: tuple[int, ...], what: str) -> bool:
+        if key in checked:
+            return checked[key]
+        checked[key] = _check(key, shape, what)
+        return checked[key]
+
+    def _check(key: str, shape: tuple[int, ...], what: str) -> bool:
         found = tensors.shape(key)
         if found is None:
             missing.append(f"{key} (expected shape {list(shape)}, for {what})")
@@ -160,7 +168,7 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
             return False
         return True
 
-    for keys, leaf in flatten(abstract).items():
+    for keys, leaf in leaves.items():
         shape, dtype = tuple(leaf.shape), leaf.dtype
         what = f"moejax parameter {keypath(keys)} {list(shape)}"
         found = rule_for(keys[1:], fam)
@@ -168,6 +176,15 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
             unknown.append(what)
             continue
         rule, i = found
+        if rule.fused:
+            blocks = _fused_blocks(rule, fam, {p: leaves.get((*keys[:2], *p.split("/"))) for p in rule.fused})
+            own = rule.fused.index(keypath(keys[2:]))
+            name, offset = rule.hf.format(i=i), sum(b[0] for b in blocks[:own])
+            if check(name, (sum(b[0] for b in blocks), *blocks[0][1:]), f"moejax parameters {', '.join(rule.fused)}"
+                                                                        f" of layers_{i}"):
+                found_sources[keys] = Source(shape, dtype, _rows(tensors, name, rule.kind, shape, dtype,
+                                                                 slice(offset, offset + blocks[own][0])))
+            continue
         if rule.kind == "zeros":
             found_sources[keys] = Source(shape, dtype, lambda index, shape=shape: np.zeros(shape)[index])
             continue
@@ -228,6 +245,27 @@ def _whole(tensors: Tensors, name: str, kind: str, shape: tuple[int, ...], dtype
     return read
 
 
+def _fused_blocks(rule: Rule, fam: Family, parts: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The checkpoint shape of each part of a fused tensor (rule.fused order), from the parts' moejax leaves."""
+    missing = [path for path, leaf in parts.items() if leaf is None]
+    if missing:
+        raise HFConfigError(f"{fam.model_type} stores {', '.join(rule.fused)} as one tensor {rule.hf}, and the model "
+                            f"lacks {', '.join(missing)}")
+    return [rules.hf_shape(fam.layer_rules[path].kind, tuple(parts[path].shape)) for path in rule.fused]
+
+
+def _rows(tensors: Tensors, name: str, kind: str, shape: tuple[int, ...], dtype: Any, rows: slice):
+    whole: list[np.ndarray] = []  # this parameter's rows of the fused tensor (Source.done drops them)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not whole:
+            whole.append(rules.to_moejax(kind, tensors.read(name, None, dtype)[rows], shape))
+        return whole[0][index]
+
+    read.clear = whole.clear
+    return read
+
+
 def _per_expert(tensors: Tensors, names: list[str], kind: str, one: tuple[int, ...], dtype: Any):
     def read(index: tuple[slice, ...]) -> np.ndarray:
         experts = range(len(names))[index[0]]
@@ -280,6 +318,17 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | 
             if np.any(_host(leaf)):
                 raise HFConfigError(f"moejax {keypath(keys)} is not zero, and {fam.model_type} has no selection "
                                     f"bias: the saved model would route differently")
+            continue
+        if rule.fused:  # one checkpoint tensor of several parameters' rows, once all of them are seen
+            parts = packed.setdefault(rule.hf.format(i=i), {})
+            parts[keypath(keys[2:])] = keys
+            if len(parts) == len(rule.fused):
+                ordered = [parts[path] for path in rule.fused]
+                kinds = [fam.layer_rules[path].kind for path in rule.fused]
+                blocks = [rules.hf_shape(k, tuple(flat[p].shape)) for k, p in zip(kinds, ordered, strict=True)]
+                out.append((rule.hf.format(i=i), (sum(b[0] for b in blocks), *blocks[0][1:]), dtype,
+                            lambda ordered=ordered, kinds=kinds: np.concatenate(
+                                [rules.to_hf(k, [fetch(p)]) for k, p in zip(kinds, ordered, strict=True)], axis=0)))
             continue
         if rule.kind in ("even", "odd"):
             parts = packed.setdefault(rule.hf.format(i=i), {})
