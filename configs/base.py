@@ -180,6 +180,27 @@ def lora_config() -> ml_collections.ConfigDict:
     # Routed experts: 'per_expert' (A [E, in, r], B [E, r, out], one adapter per expert) | 'shared' (one A [in, r],
     # B [r, out] that every expert adds).
     lora.experts = "per_expert"
+    # Mixtures of LoRA experts (moejax/adapters/mixture.py, docs/adapters.md): every picked weight gains E LoRA
+    # experts (rank, alpha, dropout as above) and a router over them, in place of its one adapter. Dense weights only.
+    mixture = ml_collections.ConfigDict()
+    # E experts per picked weight; 0 = plain LoRA. LoRAMoE (arXiv 2312.09979) uses 6 on LLaMA's FFN.
+    mixture.num_experts = 0
+    # MoLA (arXiv 2402.08562): E per model layer, one count per layer (e.g. (2, 2, 4, 4, 6, 6, 8, 8): more experts in
+    # higher layers); overrides num_experts. () = num_experts everywhere. Needs model.scan_layers=False.
+    mixture.per_layer = ()
+    # 0: every expert weighted by the router's softmax (LoRAMoE); k: the k best, weights renormalised (MoLA: 2).
+    mixture.top_k = 0
+    # The router's balance loss: 'loramoe' (LoRAMoE's localized balancing constraint over two expert groups, needs
+    # task_type >= 0 and even expert counts) | 'switch' (Switch's E * sum_i f_i P_i) | 'none'.
+    mixture.balance = "loramoe"
+    # Its coefficient (LoRAMoE's blc_weight), summed over every adapted weight; 0 = no loss.
+    mixture.balance_coef = 0.0
+    # LoRAMoE's blc_alpha: importance 1 + alpha for the expert group of the sample's type, 1 - alpha for the other.
+    mixture.blc_alpha = 0.0
+    # The type of the training data for 'loramoe': 1 = the first half of the experts' group (the paper's world
+    # knowledge), 0 = the second half; -1 = no localized constraint (the authors' code without task types).
+    mixture.task_type = -1
+    lora.mixture = mixture
     return lora
 
 

@@ -27,6 +27,7 @@ import ml_collections
 from flax import struct
 
 from moejax import checks, model
+from moejax.adapters import mixture as lora_mixture
 from moejax.moe import routers, stats
 
 Forward = Callable[[jax.Array], tuple[jax.Array, dict]]  # key -> (logits [B, S, V], 'moe_aux' collection)
@@ -188,6 +189,8 @@ class Objective:
             return logits, aux.get("moe_aux", {})
 
         value, report = self.loss(forward, targets, jax.random.fold_in(self.train_key, step), **extra)
+        adapters = lora_mixture.weighted_losses(report.moe_aux, self.module.cfg)  # LoRA experts' balance losses
+        value, report = value + adapters, report.replace(aux_loss=report.aux_loss + adapters)
         if not depth:
             return value, report
         per_depth = jnp.stack([mtp_cross_entropy(logits, targets, k) for k, logits in enumerate(mtp_logits, 1)])
