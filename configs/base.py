@@ -400,6 +400,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     distill.reduction = "token"
     config.distill = distill
 
+    quant = ml_collections.ConfigDict()
+    # Quantisation-aware training (moejax/quant/qat.py, docs/quantisation.md): every training step's forward pass
+    # runs on fake-quantised weights, the gradient reaches the full-precision weights through a straight-through
+    # estimator. rules: '' (off) | 'TARGET=FORMAT[@LAYERS];...' as python -m moejax.posthoc quantise --rules, with
+    # TARGET in attention, experts, shared, router, dense, lm_head or re:<regex> over parameter paths and FORMAT
+    # int<b> (per output channel), int<b>/g<G> (groups of G inputs), ternary ({-1, 0, 1} times the matrix's mean
+    # |w|: MoTE's routed experts, arXiv 2506.14435, with 'experts=ternary') or none. ste: 'identity' (the gradient
+    # passes unchanged) | 'clipped' (zero where the grid clips the weight). Checkpoints keep the full-precision
+    # weights; posthoc quantise with the same rules gives the weights the training forward used.
+    quant.rules = ""
+    quant.ste = "identity"
+    config.quant = quant
+
     checkpoint = ml_collections.ConfigDict()
     # Save every every_steps steps (0: only at the end and on SIGTERM); keep the newest `keep`.
     checkpoint.every_steps = 50

@@ -13,6 +13,9 @@ int<b>     integers |q| <= Q,  K x 1 (per output channel);       amax / Q (float
 fp8        FP8 E4M3 (+-448)    128 x 128 (fp8/<gk>x<gn>)        amax / 448 (float32; DeepSeek-V3's ``scale_inv``)
 mxfp4      FP4 E2M1 (+-6)      32 x 1                           2^ceil(log2(amax / 6)), exponent in [-126, 127], stored
                                                                 as E8M0 (a biased byte)
+ternary    {-1, 0, 1}          K x N (the whole matrix)          max(mean |w|, 1e-5) (float32): BitNet b1.58's absmean
+                                                                (arXiv 2402.17764), as MoTE (arXiv 2506.14435) trains
+                                                                its routed experts
 ========== =================== ================================ =====================================================
 
 Rounding: integers round half to even (``np.round``), FP8 and FP4 by the float cast (round to nearest, ties to
@@ -25,11 +28,11 @@ MXFP4 exponent is the smallest that keeps the group's largest magnitude within 6
 saturate a group's largest values instead. ``moejax.hf.quant.quantize_mxfp4`` rounds exact ties toward the smaller
 magnitude; here they go to the even code, as the E2M1 cast does.
 
-The functions take numpy or jax.numpy (``xp``): the same float32 operations for the GPTQ loop (jax) and the
-round-to-nearest transform (numpy). XLA's float32 division may differ from IEEE division in the last bit, so a scale
-may differ by one unit in the last place between the two and a value on a rounding boundary may take the neighbouring
-grid point; what is stored is the grid and the scales, so the compact form and the fake-quantised weights agree
-exactly either way.
+The functions take numpy or jax.numpy (``xp``): the same float32 operations for the GPTQ loop and quantisation-aware
+training (jax) and the round-to-nearest transform (numpy), which agree bit for bit (``_divide`` keeps XLA from
+turning divisions into multiplications by a reciprocal), but for the ternary scale: XLA may sum mean |w| in another
+order, so it may differ by one unit in the last place. What is stored is the grid and the scales, so the compact
+form and the fake-quantised weights agree exactly either way.
 """
 from __future__ import annotations
 
@@ -45,14 +48,17 @@ FP4_MAX = 6.0  # the largest float4_e2m1fn
 MXFP4_GROUP = 32
 FP8_BLOCK = 128
 INT_BITS = range(2, 9)
+TERNARY_EPS = 1e-5  # BitNet b1.58's floor on the absmean scale
 FORMAT_HELP = ("int<b> (b in 2..8, per output channel), int<b>/g<G> (groups of G inputs), fp8 (E4M3, 128x128 blocks), "
-               "fp8/<gk>x<gn>, mxfp4 (E2M1, E8M0 scales per 32 inputs), none")
+               "fp8/<gk>x<gn>, mxfp4 (E2M1, E8M0 scales per 32 inputs), ternary ({-1, 0, 1} times the matrix's mean "
+               "|w|), none")
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """A weight format: ``kind`` 'int' | 'fp8' | 'mxfp4', the code ``bits``, and the scale ``tile`` (gk, gn): gk
-    inputs by gn outputs per scale, gk = 0 for every input (per output channel)."""
+    """A weight format: ``kind`` 'int' | 'fp8' | 'mxfp4' | 'ternary', the code ``bits``, and the scale ``tile`` (gk,
+    gn): gk inputs by gn outputs per scale, gk = 0 for every input (per output channel), gn = 0 for every output
+    (ternary: one scale per matrix)."""
 
     kind: str
     bits: int
@@ -64,17 +70,18 @@ class Format:
             return f"int{self.bits}" + (f"/g{self.tile[0]}" if self.tile[0] else "")
         if self.kind == "fp8":
             return "fp8" if self.tile == (FP8_BLOCK, FP8_BLOCK) else f"fp8/{self.tile[0]}x{self.tile[1]}"
-        return "mxfp4"
+        return self.kind
 
     @property
     def qmax(self) -> float:
         """The grid's largest magnitude."""
-        return {"int": float(2 ** (self.bits - 1) - 1), "fp8": FP8_MAX, "mxfp4": FP4_MAX}[self.kind]
+        return {"int": float(2 ** (self.bits - 1) - 1), "fp8": FP8_MAX, "mxfp4": FP4_MAX, "ternary": 1.0}[self.kind]
 
-    def tile_for(self, k: int) -> tuple[int, int]:
-        """(gk, gn) for K inputs: gk = K for a per-channel format (a tile never exceeds K)."""
+    def tile_for(self, k: int, n: int = 1) -> tuple[int, int]:
+        """(gk, gn) for K inputs and N outputs: gk = K for a per-channel format (a tile never exceeds K), gn = N for
+        a per-matrix one."""
         gk, gn = self.tile
-        return (min(gk, k) if gk else k), gn
+        return (min(gk, k) if gk else k), (gn or n)
 
     def scale(self, amax: Any, xp: Any = np) -> Any:
         """The float32 scale of a tile from its largest magnitude (amax >= 0): 1 for a tile of zeros."""
@@ -83,13 +90,13 @@ class Format:
             exponent = _ceil_log2(amax / xp.float32(FP4_MAX), xp)
             exponent = xp.where(amax > 0, xp.clip(exponent, -126, 127), 0)  # no subnormal scale (XLA flushes them)
             return xp.ldexp(xp.ones_like(amax), exponent.astype(xp.int32))
-        scale = amax / xp.float32(self.qmax)
+        scale = _divide(amax, xp.float32(self.qmax), xp)
         return xp.where(amax > 0, scale, xp.float32(1.0)).astype(xp.float32)
 
     def grid(self, x: Any, xp: Any = np) -> Any:
         """x (already divided by its scale) rounded onto the grid, as float32."""
         x = xp.asarray(x, xp.float32)
-        if self.kind == "int":
+        if self.kind in ("int", "ternary"):
             return xp.clip(xp.round(x), -self.qmax, self.qmax)
         dtype = _fp8(xp) if self.kind == "fp8" else _fp4(xp)
         return xp.clip(x, -self.qmax, self.qmax).astype(dtype).astype(xp.float32)
@@ -97,7 +104,7 @@ class Format:
     def bits_per_weight(self, k: int, n: int) -> float:
         """Stored bits per weight of a [K, N] matrix: the codes (int<b> with b <= 4 in a nibble, otherwise a byte)
         and the scales (float32, or one byte for MXFP4's E8M0) spread over the matrix."""
-        gk, gn = self.tile_for(k)
+        gk, gn = self.tile_for(k, n)
         scales = -(-k // gk) * -(-n // gn)
         return self.storage_bits + scales * (8 if self.kind == "mxfp4" else 32) / (k * n)
 
@@ -105,6 +112,13 @@ class Format:
     def storage_bits(self) -> int:
         """Bits per stored code: 4 for codes of 4 bits or fewer (two per byte), else 8."""
         return 4 if self.bits <= 4 else 8
+
+
+def _divide(a: Any, b: Any, xp: Any) -> Any:
+    """a / b as IEEE float32 division under XLA too: XLA turns a division by a broadcast (a scalar, a repeated scale)
+    into a multiplication by its reciprocal, one unit in the last place off; ``a * 0 + b`` is an array of a's shape
+    it leaves alone (so jax's fake quantisation, QAT's forward, equals numpy's bit for bit)."""
+    return a / b if xp is np else a / (a * 0 + b)
 
 
 def _ceil_log2(x: Any, xp: Any) -> Any:
@@ -127,6 +141,8 @@ def parse(text: Any, field: str = "format") -> Format | None:
     value = str(text).strip().lower() if isinstance(text, str) else None
     if value == "none":
         return None
+    if value == "ternary":
+        return Format("ternary", 2, (0, 0))
     match = re.fullmatch(r"int(\d+)(?:/g(\d+))?", value or "")
     if match:
         bits, group = int(match.group(1)), int(match.group(2) or 0)
@@ -159,7 +175,7 @@ def _pad(x: np.ndarray, k: int, n: int, xp: Any = np) -> Any:
 def tile_amax(w: Any, fmt: Format, xp: Any = np) -> Any:
     """The largest magnitude of every scale tile of w [B, K, N]: [B, ceil(K / gk), ceil(N / gn)]."""
     b, k, n = w.shape
-    gk, gn = fmt.tile_for(k)
+    gk, gn = fmt.tile_for(k, n)
     rows, cols = -(-k // gk), -(-n // gn)
     tiles = _pad(xp.abs(xp.asarray(w, xp.float32)), rows * gk, cols * gn, xp).reshape(b, rows, gk, cols, gn)
     return tiles.max(axis=(2, 4))
@@ -167,15 +183,21 @@ def tile_amax(w: Any, fmt: Format, xp: Any = np) -> Any:
 
 def expand(scales: Any, fmt: Format, k: int, n: int, xp: Any = np) -> Any:
     """Scales [B, Gk, Gn] repeated over their tiles: [B, K, N]."""
-    gk, gn = fmt.tile_for(k)
+    if fmt.kind == "ternary":
+        return xp.broadcast_to(scales, (scales.shape[0], k, n))
+    gk, gn = fmt.tile_for(k, n)
     return xp.repeat(xp.repeat(scales, gk, axis=1), gn, axis=2)[:, :k, :n]
 
 
 def quantize(w: Any, fmt: Format, xp: Any = np) -> tuple[Any, Any]:
     """w [B, K, N] -> (grid values [B, K, N] float32, scales [B, Gk, Gn] float32), rounded to nearest."""
     w = xp.asarray(w, xp.float32)
-    scales = fmt.scale(tile_amax(w, fmt, xp), xp)
-    return fmt.grid(w / expand(scales, fmt, w.shape[1], w.shape[2], xp), xp), scales
+    if fmt.kind == "ternary":  # BitNet b1.58: W / max(mean |W|, eps), rounded and clipped to {-1, 0, 1}
+        total = xp.sum(xp.abs(w), axis=(1, 2), keepdims=True, dtype=xp.float32)
+        scales = xp.maximum(_divide(total, xp.float32(w.shape[1] * w.shape[2]), xp), xp.float32(TERNARY_EPS))
+    else:
+        scales = fmt.scale(tile_amax(w, fmt, xp), xp)
+    return fmt.grid(_divide(w, expand(scales, fmt, w.shape[1], w.shape[2], xp), xp), xp), scales
 
 
 def dequantize(grid: Any, scales: Any, fmt: Format, dtype: Any = np.float32, xp: Any = np) -> Any:
@@ -209,7 +231,7 @@ def pack(grid: np.ndarray, scales: np.ndarray, fmt: Format) -> dict[str, np.ndar
     """The stored arrays of a quantised [B, K, N] stack (grid values and scales from ``quantize``):
 
     * int<b>: 'codes' int8 [B, K, N] (b > 4), or 'packed' uint8 (b <= 4: the codes' two's-complement nibbles in C
-      order, two per byte, low first); 'scales' float32 [B, Gk, Gn];
+      order, two per byte, low first); 'scales' float32 [B, Gk, Gn]; ternary as int2 with 'scales' [B, 1, 1];
     * fp8: 'weight' uint8 [B, N, K] (float8_e4m3fn bytes, DeepSeek-V3's [out, in] layout) and 'scale_inv' float32
       [B, Gn, Gk];
     * mxfp4: 'blocks' uint8 [B, N, ceil(K/32), 16] and 'scales' uint8 [B, N, ceil(K/32)] (E8M0: exponent + 127),
@@ -217,7 +239,7 @@ def pack(grid: np.ndarray, scales: np.ndarray, fmt: Format) -> dict[str, np.ndar
     """
     grid = np.asarray(grid, np.float32)
     scales = np.asarray(scales, np.float32)
-    if fmt.kind == "int":
+    if fmt.kind in ("int", "ternary"):
         codes = grid.astype(np.int8)
         if fmt.bits <= 4:
             return {"packed": _nibbles(codes.view(np.uint8) & 0x0F), "scales": scales}
@@ -238,7 +260,7 @@ def pack(grid: np.ndarray, scales: np.ndarray, fmt: Format) -> dict[str, np.ndar
 def unpack(arrays: dict[str, np.ndarray], fmt: Format, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """``pack``'s arrays back to (grid values [B, K, N] float32, scales [B, Gk, Gn] float32), exactly."""
     b, k, n = shape
-    if fmt.kind == "int":
+    if fmt.kind in ("int", "ternary"):
         if fmt.bits <= 4:
             nibbles = _from_nibbles(arrays["packed"], b * k * n).astype(np.int8)
             codes = np.where(nibbles >= 8, nibbles - 16, nibbles).astype(np.int8)

@@ -267,6 +267,10 @@ def quantize(config: ml_collections.ConfigDict, variables: Mapping[str, Any], ru
         from moejax.quant import mixed
 
         assignment = mixed.with_expert_bits(assignment, expert_bits)
+    for name, (_, chosen) in assignment.items():
+        if any(fmt is not None and fmt.kind == "ternary" for fmt in chosen):
+            raise ValueError(f"GPTQ has no ternary solver ({name} is ternary): round ternary weights to nearest "
+                             "(method rtn)")
     moe_layers = set(model_lib.moe_layers(config.model))
     from moejax.posthoc import capture
 

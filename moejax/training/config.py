@@ -19,6 +19,7 @@ from moejax import checks, data, model, upcycle
 from moejax.configs import base
 from moejax.moe import expert_parallel
 from moejax.parallel import TOKEN_AXES, mesh_shape
+from moejax.quant import qat
 from moejax.training import initialise, objectives, optim
 from moejax.training.checkpoint import WorkdirError
 
@@ -48,6 +49,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.positive_int("train.eval_every", t.eval_every, minimum=0)
     optim.validate(t)
     objectives.validate(config)
+    qat.validate(config)
     initialise.teacher_model(config)  # a readable teacher of the student's vocabulary, or none
     upcycle.validate(config)
     checks.positive_int("checkpoint.every_steps", config.checkpoint.every_steps, minimum=0)

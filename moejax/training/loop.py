@@ -68,6 +68,7 @@ from moejax.console import duration, say
 from moejax.data import tokenizers
 from moejax.moe import expert_parallel
 from moejax.parallel import batch_sharding, make_mesh, state_shardings
+from moejax.quant import qat
 from moejax.training import checkpoint, hooks, initialise, metrics, objectives, optim
 from moejax.training.checkpoint import WorkdirPathError
 from moejax.training.config import check_workdir_config, validate
@@ -203,6 +204,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         step_args = (teacher.variables,)
     evaluator = evaluate.Evaluator(config, mesh=mesh, shardings=(
         {"params": shardings.params, "moe_state": shardings.moe_state}, replicated, batch_sharding(mesh)))
+    if objective.quantise is not None:  # QAT: validation on the weights the training forward uses
+        qat.validate(config, abstract_state.params)
+        evaluator = qat.QuantisedEvaluator(evaluator, objective.quantise, shardings.params)
 
     writer = metrics.MetricWriter(workdir, start_step)
     progress = metrics.Progress(config, start_step)

@@ -29,6 +29,7 @@ from flax import struct
 from moejax import checks, model
 from moejax.adapters import mixture as lora_mixture
 from moejax.moe import routers, stats
+from moejax.quant import qat
 
 Forward = Callable[[jax.Array], tuple[jax.Array, dict]]  # key -> (logits [B, S, V], 'moe_aux' collection)
 
@@ -164,11 +165,14 @@ class Objective:
     total_steps: int
     loss: Callable[..., tuple[jax.Array, Report]]
     teacher: model.Transformer | None = None  # distillation: the teacher's module (its variables are an argument)
+    quantise: Callable[[Any], Any] | None = None  # QAT: params -> fake-quantised params (moejax.quant.qat)
 
     def __call__(self, params: Any, moe_state: Any, batch: jax.Array, step: jax.Array,
                  teacher: Any = None) -> tuple[jax.Array, Report]:
         """teacher: the teacher's variables {'params', 'moe_state'} when the objective distills."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
+        if self.quantise is not None:
+            params = self.quantise(params)
         progress = step.astype(jnp.float32) / self.total_steps
         extra = {}
         if self.teacher is not None:
@@ -200,7 +204,12 @@ class Objective:
 def from_config(config: ml_collections.ConfigDict, module: model.Transformer, train_key: jax.Array,
                 teacher: model.Transformer | None = None) -> Objective:
     """The config's objective; with distill.teacher set, teacher is the teacher's module
-    (moejax.training.initialise.load_teacher)."""
+    (moejax.training.initialise.load_teacher). With quant.rules set, the forward runs on fake-quantised weights."""
+    return dataclasses.replace(_objective(config, module, train_key, teacher), quantise=qat.from_config(config))
+
+
+def _objective(config: ml_collections.ConfigDict, module: model.Transformer, train_key: jax.Array,
+               teacher: model.Transformer | None) -> Objective:
     moe_cfg = config.model.moe
     d = config.get("distill")
     if d is not None and d.teacher:

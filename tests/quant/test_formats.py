@@ -1,5 +1,6 @@
 """Weight formats against numpy references written from their definitions, and against the dequantisers that read
 DeepSeek-V3's FP8 and GPT-OSS's MXFP4 checkpoints (moejax/hf/quant.py)."""
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -99,7 +100,7 @@ def test_mxfp4_ties_go_to_the_even_code_and_partial_groups_pad():
     assert np.array_equal(hf_quant.dequantize_mxfp4(packed["blocks"], packed["scales"])[:, :40], grid)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int4/g8", "int3/g5", "int2", "fp8", "fp8/4x2", "mxfp4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int4/g8", "int3/g5", "int2", "fp8", "fp8/4x2", "mxfp4", "ternary"])
 def test_the_compact_form_dequantises_exactly(name):
     fmt = formats.parse(name)
     w = _weights((3, 21, 7), seed=1)  # odd sizes: nibble padding, partial tiles
@@ -114,16 +115,29 @@ def test_the_compact_form_dequantises_exactly(name):
         assert arrays["packed"].nbytes == -(-w.size // 2)
 
 
-@pytest.mark.parametrize("name", ["int4/g8", "fp8/8x4", "mxfp4"])
+@pytest.mark.parametrize("name", ["int8", "int4/g8", "fp8/8x4", "mxfp4", "ternary"])
 def test_jax_and_numpy_round_alike(name):
-    """The GPTQ loop rounds with jax.numpy, the transform with numpy: the same grid (scales may differ in the last
-    bit, XLA's division not being IEEE's)."""
+    """The GPTQ loop and QAT round with jax.numpy (compiled), the transform with numpy: the same grid and scales,
+    bit for bit, but for the ternary mean |w|, whose float32 sum XLA may order differently (a scale one unit in the
+    last place off)."""
     fmt = formats.parse(name)
     w = _weights((2, 64, 16), seed=2)
     grid, scales = formats.quantize(w, fmt)
-    grid_j, scales_j = formats.quantize(jnp.asarray(w), fmt, xp=jnp)
-    np.testing.assert_allclose(np.asarray(scales_j), scales, rtol=2e-7)
-    assert np.mean(np.asarray(grid_j) != grid) < 1e-3
+    grid_j, scales_j = jax.jit(lambda x: formats.quantize(x, fmt, xp=jnp))(jnp.asarray(w))
+    if fmt.kind == "ternary":
+        np.testing.assert_allclose(np.asarray(scales_j), scales, rtol=2e-7)
+        assert np.mean(np.asarray(grid_j) != grid) < 1e-3
+    else:
+        assert np.array_equal(np.asarray(scales_j), scales) and np.array_equal(np.asarray(grid_j), grid)
+
+
+def test_ternary_is_bitnet_absmean():
+    w = _weights((3, 16, 8), seed=3)
+    grid, scales = formats.quantize(w, formats.parse("ternary"))
+    gamma = np.maximum(np.abs(w.astype(np.float64)).mean(axis=(1, 2)), 1e-5)
+    np.testing.assert_allclose(scales[:, 0, 0], gamma, rtol=1e-6)
+    np.testing.assert_array_equal(grid, np.clip(np.round(w / gamma[:, None, None]), -1, 1))
+    assert set(np.unique(grid)) == {-1.0, 0.0, 1.0} and scales.shape == (3, 1, 1)
 
 
 def test_bits_per_weight_counts_codes_and_scales():
