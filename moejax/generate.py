@@ -41,6 +41,7 @@ from jax.sharding import Mesh
 
 from moejax import checks, cli, kv_cache, model
 from moejax.kv_cache import decode_config  # noqa: F401  (generate.decode_config, as before)
+from moejax.quant import decode as quant_decode
 from moejax.sampling import sample, sampling_problem
 
 CHUNK_SECONDS = 0.1  # the decoding time between two chances for Ctrl-C (and other signals) to stop it
@@ -120,7 +121,7 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
              eos_id: int | None = None, prompt_lengths: Any = None, mesh: Mesh | None = None,
              stream: Callable[[np.ndarray], None] | None = None, intervention: Any = None,
-             contrast: SelfContrast | None = None) -> np.ndarray:
+             contrast: SelfContrast | None = None, quantise: str | None = None) -> np.ndarray:
     """prompts [B, P] int -> tokens [B, P + max_new_tokens] int32.
 
     Without ``prompt_lengths`` every row is a full prompt of P tokens: the output row is the prompt, then the new
@@ -132,7 +133,9 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     is padded to a multiple of its token shards). ``stream`` is called on the host with each step's new tokens
     [B'] (B' >= B rows: padding rows last) as they are decoded, in order. ``intervention``: a routing
     intervention record (moejax/moe/intervention.py) applied to every forward pass. ``contrast``: self-contrast
-    decoding (``SelfContrast``; its weak routing also carries the intervention).
+    decoding (``SelfContrast``; its weak routing also carries the intervention). ``quantise``: weight-only
+    quantised decoding ('int8', 'int4', 'int4/g32', ...: moejax/quant/decode.py), the weights held as int codes and
+    scales and dequantised inside each step; variables may also hold them already (``quant.decode.quantise``).
     """
     cfg = decode_config(config)
     prompts = np.asarray(prompts)
@@ -148,6 +151,8 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     if temperature > 0 and rng is None:
         checks.fail("rng", None, "sampling (temperature > 0) needs a jax.random key")
     strong, weak = _routings(cfg, intervention, contrast)
+    if quantise is not None:
+        variables = _quantised(config, variables, quantise, mesh)
     lengths = _prompt_lengths(prompts, prompt_lengths)
     batch, width = prompts.shape
     aligned = _right_align(prompts, lengths)
@@ -182,6 +187,19 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     cols = np.arange(out.shape[1])[None, :]
     moved = np.take_along_axis(out, np.minimum(cols + shift, out.shape[1] - 1), axis=1)
     return np.where(cols + shift < out.shape[1], moved, pad).astype(np.int32)
+
+
+def _quantised(config: ml_collections.ConfigDict, variables: dict[str, Any], spec: str, mesh: Mesh | None
+               ) -> dict[str, Any]:
+    """variables with the weights as int codes and scales (quant_decode.quantise); ConfigError naming quantise."""
+    if mesh is not None:
+        checks.fail("quantise", spec, "quantised decoding runs on one device (mesh=None)")
+    try:
+        quant_decode.parse(spec)
+    except ValueError:
+        checks.fail("quantise", spec, f"allowed are {quant_decode.SPEC_HELP}")
+    whole = config if "model" in config else ml_collections.ConfigDict({"model": config})
+    return quant_decode.quantise(whole, variables, spec)
 
 
 class _CtrlC:
@@ -259,7 +277,8 @@ def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings) -> t
         def forward(cache_vars, tokens, index, routing):
             cache = kv_cache.Cache(length, jnp.asarray(index, jnp.int32), start)
             extra = {} if routing is None else {"intervention": routing}
-            logits, mutated = module.apply({**variables, **cache_vars}, tokens, cache=cache,
+            weights = quant_decode.materialise(variables)  # int codes dequantised inside the step (if any)
+            logits, mutated = module.apply({**weights, **cache_vars}, tokens, cache=cache,
                                            mutable=[kv_cache.COLLECTION], **extra)
             return logits[:, -1], mutated
 
@@ -320,6 +339,8 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=1.0,
                         help="sample from the most likely tokens that reach this probability (1: all)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    parser.add_argument("--quantise", default="none", help="weight-only quantised decoding: int8, int4, int4/g<G> "
+                                                           "(int codes dequantised inside each step), or none")
     parser.add_argument("--draft", default=None, help="speculative decoding (greedy) with this smaller model as the "
                                                       "draft: a moejax workdir or transformers directory")
     parser.add_argument("--gamma", type=int, default=4, help="--draft: tokens the draft proposes per round")
@@ -337,6 +358,14 @@ def _check_flags(args: Any, vocab: int | None = None) -> None:
     problem = sampling_problem(args.max_new_tokens, args.temperature, args.top_k, args.top_p, vocab)
     if problem:
         raise cli.flag_error(*problem)
+    if args.quantise != "none":
+        try:
+            quant_decode.parse(args.quantise)
+        except ValueError:
+            raise cli.flag_error("quantise", args.quantise, f"allowed are {quant_decode.SPEC_HELP}, or none") from None
+        if args.draft is not None or getattr(args, "speculative", None):
+            raise cli.flag_error("quantise", args.quantise, "quantised decoding does not combine with speculative "
+                                                            "decoding (--draft, --speculative)")
 
 
 def _trained_length(opened: cli.Checkpoint) -> tuple[int, str] | None:
@@ -415,7 +444,8 @@ def main(argv: list[str] | None = None) -> np.ndarray:
     try:
         tokens = generate(config, opened.variables, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          rng=jax.random.key(args.seed), eos_id=tokenizer.eos_id, stream=printer)
+                          rng=jax.random.key(args.seed), eos_id=tokenizer.eos_id, stream=printer,
+                          quantise=None if args.quantise == "none" else args.quantise)
     except KeyboardInterrupt:
         print()
         raise KeyboardInterrupt(f"stopped by Ctrl-C: {printer.statistics(started, loaded)}") from None

@@ -218,6 +218,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the new model's directory (must not exist, or be empty)")
     parser.add_argument("--format", choices=FORMATS, default="moejax",
                         help="moejax: a workdir (moejax.load); hf: a transformers directory (moejax.hf.save)")
+    parser.add_argument("--hf_quantisation", default="none",
+                        help="with --format=hf: none, fp8 (DeepSeek-V3's FP8 with 128x128 block scales), "
+                             "fp8/<b0>x<b1> or mxfp4 (GPT-OSS's MXFP4 experts); see moejax/hf/quantised.py")
 
 
 def parser() -> argparse.ArgumentParser:

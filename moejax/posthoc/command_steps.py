@@ -113,7 +113,7 @@ def save_model(args: argparse.Namespace, opened: dict[str, Any], config, variabl
     out = pathlib.Path(args.out)
     with cli.removed_on_failure(out):
         if args.format == "hf":
-            hf.save(config, variables, out)
+            hf.save(config, variables, out, quantisation=getattr(args, "hf_quantisation", None))
         else:
             checkpoint.save_variables(out, config, variables)
         for name in TOKENIZER_FILES:
@@ -143,6 +143,18 @@ def stored_experts(config) -> dict[str, int]:
 def check_format(args: argparse.Namespace, config, num_experts: int) -> None:
     """--format=hf: refuse, before any work, a model with num_experts routed experts per layer that no released
     family expresses (HFConfigError says why)."""
+    quantisation = getattr(args, "hf_quantisation", "none")
+    if quantisation not in (None, "none"):
+        from moejax.hf import quantised
+
+        if args.format != "hf":
+            raise cli.flag_error("hf_quantisation", quantisation, "needs --format=hf (a moejax workdir is written "
+                                                                  "unquantised; see posthoc quantise --compact)")
+        try:
+            scheme = quantised.parse(quantisation, "hf_quantisation")
+        except ValueError as e:
+            raise cli.flag_error("hf_quantisation", quantisation, f"allowed are {quantised.SCHEME_HELP}, or "
+                                                                  "none") from e
     if args.format == "hf":
         import copy
 
@@ -151,4 +163,9 @@ def check_format(args: argparse.Namespace, config, num_experts: int) -> None:
         preview = copy.deepcopy(config)
         preview.model.moe.num_experts = num_experts
         preview.model.moe.top_k = min(preview.model.moe.top_k, num_experts + preview.model.moe.num_null_experts)
-        hf.config_to_hf(preview.model)
+        hf_config = hf.config_to_hf(preview.model)
+        if quantisation not in (None, "none"):
+            try:
+                quantised.check(scheme, hf_config["model_type"])
+            except hf.HFConfigError as e:
+                raise cli.flag_error("hf_quantisation", quantisation, str(e)) from e

@@ -1,0 +1,147 @@
+"""Weight-only quantised decoding: the model's matrices held as int8 or packed int4 codes with float32 scales, and
+dequantised inside the jitted forward pass, layer by layer, as the decode loop runs.
+
+    variables_q = quant.decode.quantise(config, variables, "int4/g32")   # QuantisedWeight leaves
+    tokens = moejax.generate.generate(config, variables_q, prompts, max_new_tokens=64)
+    # the same: generate(config, variables, prompts, max_new_tokens=64, quantise="int4/g32")
+    # the CLI: python -m moejax.generate --checkpoint=DIR --quantise=int8
+
+``quantise`` rounds to nearest (``moejax.quant.transform.quantize``, so the codes are those of ``python -m
+moejax.posthoc quantise --method=rtn``) the targets ``DEFAULT_TARGETS`` (attention, routed and shared experts, dense
+MLPs; the routers, embeddings, norms and the output head stay as they are) and replaces each quantised parameter
+with a ``QuantisedWeight``: int<b> codes (b > 4: one int8 per weight; b <= 4: two's-complement nibbles, two per
+byte, ``moejax.quant.formats.pack``'s layout) and the float32 scales per output channel or group of inputs.
+``materialise`` (called by ``moejax.generate`` on the variables inside its jitted prefill and decode step) computes
+``codes * scale`` in float32 and casts to the parameter's dtype, the operations ``formats.dequantize`` does in
+numpy, so the weights the model sees are exactly the fake-quantised ones and the tokens are those of generating
+with the fake-quantised model. The parameters held between steps are the codes and scales: about a quarter (int8) or
+an eighth (int4) of float32 weights for the quantised matrices. XLA does not hoist the dequantisation out of the
+decode loop (an int8 -> float conversion grows its operand, which its loop-invariant code motion leaves in place),
+so every step dequantises the weights it reads: decoding trades compute for memory (experiments/
+bench_quant_decode.py measures both).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.quant import formats, transform
+from moejax.quant import rules as rules_lib
+
+DEFAULT_TARGETS = ("attention", "experts", "shared", "dense")
+SPEC_HELP = "int<b> (b in 2..8, a scale per output channel) or int<b>/g<G> (a scale per G inputs), e.g. int8, int4/g32"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantisedWeight:
+    """One parameter as int codes and float32 scales: ``codes`` int8 [B, K, N] (bits > 4) or uint8 [ceil(B K N /
+    2)] (bits <= 4, two codes per byte, the first in the low nibble), ``scales`` [B, ceil(K / G), N] (G = group, or
+    K per output channel); ``shape`` and ``dtype`` those of the parameter, [B, K, N] its ``Matrix`` view."""
+
+    codes: Any
+    scales: Any
+    bits: int
+    group: int
+    view: tuple[int, int, int]
+    shape: tuple[int, ...]
+    dtype: str
+
+    def dequantise(self) -> jax.Array:
+        """codes * scales in float32, cast to dtype, in the parameter's shape (jax.numpy)."""
+        b, k, n = self.view
+        if self.bits <= 4:
+            packed = jnp.asarray(self.codes)
+            nibbles = jnp.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[:b * k * n].astype(jnp.int8)
+            grid = jnp.where(nibbles >= 8, nibbles - 16, nibbles).reshape(b, k, n).astype(jnp.float32)
+        else:
+            grid = jnp.asarray(self.codes).astype(jnp.float32)
+        gk = min(self.group, k) if self.group else k
+        scales = jnp.asarray(self.scales, jnp.float32)
+        if k % gk == 0:  # each scale over its whole group, without repeating the scales
+            w = (grid.reshape(b, k // gk, gk, n) * scales[:, :, None, :]).reshape(b, k, n)
+        else:
+            w = grid * jnp.repeat(scales, gk, axis=1)[:, :k]
+        return w.astype(self.dtype).reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.asarray(self.codes).nbytes + np.asarray(self.scales).nbytes)
+
+
+jax.tree_util.register_dataclass(QuantisedWeight, data_fields=["codes", "scales"],
+                                 meta_fields=["bits", "group", "view", "shape", "dtype"])
+
+
+def parse(spec: Any, field: str = "quantise") -> formats.Format:
+    """The int format of a decoding spec; ValueError naming field, the value and what is allowed."""
+    try:
+        fmt = formats.parse(spec, field) if isinstance(spec, str) else None
+    except ValueError:
+        fmt = None
+    if fmt is None or fmt.kind != "int":
+        raise ValueError(f"{field}={spec!r} is not a weight-only decoding format: allowed are {SPEC_HELP}")
+    return fmt
+
+
+def _is_weight(x: Any) -> bool:
+    return isinstance(x, QuantisedWeight)
+
+
+def is_quantised(variables: Mapping[str, Any]) -> bool:
+    """Whether any parameter is a QuantisedWeight."""
+    return any(_is_weight(leaf) for leaf in jax.tree.leaves(variables.get("params", {}), is_leaf=_is_weight))
+
+
+def materialise(variables: Any) -> Any:
+    """variables with every QuantisedWeight dequantised (jax.numpy: call it inside the jitted computation)."""
+    return jax.tree.map(lambda x: x.dequantise() if _is_weight(x) else x, variables, is_leaf=_is_weight)
+
+
+def _weight(tensor: transform.Tensor) -> QuantisedWeight | None:
+    """The QuantisedWeight of a compact tensor quantised whole in one int format (else None)."""
+    matrix = tensor.matrix
+    if len(tensor.parts) != 1 or len(tensor.parts[0].index) != matrix.batch or tensor.parts[0].format.kind != "int":
+        return None
+    part = tensor.parts[0]
+    fmt = part.format
+    codes = part.arrays["packed"] if fmt.bits <= 4 else part.arrays["codes"]
+    return QuantisedWeight(jnp.asarray(codes), jnp.asarray(part.arrays["scales"]), fmt.bits, fmt.tile[0],
+                           (matrix.batch, matrix.k, matrix.n), tuple(matrix.shape), tensor.dtype)
+
+
+def from_tensors(params: Mapping[str, Any], tensors: Mapping[str, transform.Tensor]) -> dict[str, Any]:
+    """params with each compact tensor (``transform.quantize``, ``transform.load_tensors``) in place: a
+    QuantisedWeight where it is quantised whole in one int format, else its dequantised values."""
+    whole = {name: w for name, w in ((name, _weight(t)) for name, t in tensors.items()) if w is not None}
+    rest = {name: t for name, t in tensors.items() if name not in whole}
+    out = transform.materialise(params, rest) if rest else dict(params)
+    return transform.set_paths(out, {tensors[name].matrix.path: w for name, w in whole.items()})
+
+
+def quantise(config: Any, variables: Mapping[str, Any], spec: str = "int8",
+             targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, Any]:
+    """variables with the ``targets`` matrices as QuantisedWeight (round to nearest in the int format ``spec``).
+    ValueError naming 'quantise' for another format, 'targets' for a target the model lacks entirely."""
+    fmt = parse(spec)
+    present = {m.target for m in rules_lib.matrices(config, variables["params"])}
+    bad = [t for t in targets if t not in rules_lib.TARGETS]
+    chosen = [t for t in targets if t in present]
+    if bad or not chosen:
+        raise ValueError(f"targets={list(targets)!r}: allowed are {', '.join(rules_lib.TARGETS)}, at least one of "
+                         f"which the model has (it has {', '.join(sorted(present))})")
+    params = jax.tree.map(np.asarray, variables["params"])
+    _, tensors = transform.quantize(config, {**variables, "params": params},
+                                    [rules_lib.Rule(t, fmt.name) for t in chosen])
+    return {**variables, "params": from_tensors(variables["params"], tensors)}
+
+
+def param_bytes(variables: Mapping[str, Any]) -> int:
+    """Bytes of the parameters as held: a QuantisedWeight's codes and scales, every other array's own."""
+    leaves = jax.tree.leaves(variables.get("params", {}), is_leaf=_is_weight)
+    return int(sum(leaf.nbytes if _is_weight(leaf) else np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
+                   for leaf in leaves))
