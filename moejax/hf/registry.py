@@ -34,6 +34,9 @@ class Family:
     ignored: frozenset[str] = frozenset()
     # checkpoint layers past num_hidden_layers (DeepSeek-V3's multi-token-prediction modules) are skipped
     extra_layers_note: str | None = None
+    # checkpoint tensors outside the layers that transformers skips too (ERNIE 4.5's mtp_* weights): the names
+    # starting with one of these are skipped on load with a note naming them
+    skipped_prefixes: tuple[str, ...] = ()
     # the OPT_IN_FIELDS whose non-default values this family's to_hf writes
     expresses: frozenset[str] = frozenset()
 

@@ -10,6 +10,7 @@ tensor name (``{i}`` the layer, ``{j}`` the expert of a per-expert tensor) and t
 * ``linear2``   the same for kernels with two input axes (the attention output [H, Dh, D])
 * ``even``/``odd``  the gate / up halves of GPT-OSS's interleaved packed ``gate_up_proj`` [E, D, 2F] (and bias)
 * ``zeros``     no checkpoint tensor: the MoE layer's selection bias of a family without one (must stay 0 to save)
+* ``row``       a [1, ...] tensor <-> the array without its leading axis (ERNIE 4.5's selection bias [1, E])
 
 A rule with ``fused`` reads its rows of a tensor several parameters share along its first axis (``fused_rules``:
 Phi-3's qkv_proj and gate_up_proj), split on load and concatenated on save.
@@ -33,7 +34,7 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 @dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # checkpoint name; {i} = layer, {j} = expert (per-expert tensors)
-    kind: str = "copy"  # copy | reshape | linear | linear2 | even | odd | zeros
+    kind: str = "copy"  # copy | reshape | linear | linear2 | even | odd | zeros | row
     # A checkpoint tensor several parameters share (Phi-3's qkv_proj, gate_up_proj): the moejax paths inside the
     # layer whose checkpoint tensors (each by its own rule's kind) are concatenated along the first axis, in this
     # order, this rule's among them; () = a tensor of its own.
@@ -50,6 +51,8 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape)
     if kind == "reshape":
         return (math.prod(shape),)
+    if kind == "row":
+        return (1, *shape)
     if kind in ("linear", "linear2"):
         n_in = 1 if kind == "linear" else 2
         return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
@@ -62,7 +65,7 @@ def to_moejax(kind: str, array: Any, shape: tuple[int, ...]) -> Any:
     """A checkpoint array (numpy) in the layout of a moejax array of ``shape``."""
     if kind == "copy":
         return array
-    if kind == "reshape":
+    if kind in ("reshape", "row"):
         return array.reshape(shape)
     if kind in ("linear", "linear2"):
         return array.T.reshape(shape)
@@ -85,6 +88,8 @@ def to_hf(kind: str, arrays: list[Any]) -> Any:
         return array
     if kind == "reshape":
         return array.reshape(-1)
+    if kind == "row":
+        return array[None]
     if kind in ("linear", "linear2"):
         n_in = 1 if kind == "linear" else 2
         return array.reshape(math.prod(array.shape[:n_in]), -1).T

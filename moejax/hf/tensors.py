@@ -199,10 +199,13 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
             stacked = len(keys) > 3 and keys[-2] == "experts"
             found_sources[keys] = Source(shape, dtype, _whole(tensors, name, rule.kind, shape, dtype, stacked))
 
-    skipped_layers = set()
+    skipped_layers, skipped_tensors = set(), []
     extra = []
     for key in tensors.ckpt.keys():
         if key in used or key.endswith(SKIPPED_SUFFIXES):
+            continue
+        if fam.skipped_prefixes and key.startswith(fam.skipped_prefixes):
+            skipped_tensors.append(key)
             continue
         match = rules.LAYER_KEY.match(key)
         if match and int(match.group(1)) >= config_model.num_layers and fam.extra_layers_note:
@@ -217,6 +220,9 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
         print(f"moejax.hf: skipped checkpoint layers {sorted(skipped_layers)} past num_hidden_layers="
               f"{config_model.num_layers} ({fam.model_type} {fam.extra_layers_note}; moejax has no such layers)",
               file=sys.stderr)
+    if skipped_tensors:
+        print(f"moejax.hf: skipped {len(skipped_tensors)} checkpoint tensors transformers' {fam.model_type} skips "
+              f"too ({', '.join(sorted(skipped_tensors)[:3])}, ...): moejax has no such parameters", file=sys.stderr)
     problems = []
     for title, items in (("missing tensors", missing), ("mis-shaped tensors", misshaped),
                          ("tensors the model has no parameter for", sorted(extra)),

@@ -7,6 +7,7 @@ load on 8 forced host devices gives the unsharded logits; the config mappings an
 against numpy transcriptions of the transformers code they follow.
 """
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 
 from moejax import generate, hf, model, parallel
+from moejax.hf import io
 from tests.helpers_configs import load
 from tests.helpers_hf import golden_dir
 
-FAMILY_CASES = ["dots1_a", "dots1_b"]
+FAMILY_CASES = ["dots1_a", "dots1_b", "ernie4_5_moe_a", "ernie4_5_moe_b"]
 
 
 def counts(cfg) -> dict[str, int]:
@@ -89,6 +91,73 @@ def test_dots1_layer_types_round_trip(tmp_path):
     assert out["layer_types"] == ["full_attention"] * 2 and out["sliding_window"] is None
 
 
+
+# ----------------------------------------------------------------------------------------------- ERNIE 4.5 MoE
+
+
+@pytest.mark.parametrize("fields,moe_layers", [
+    (dict(moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1), [1, 2]),
+    (dict(moe_layer_start_index=0, moe_layer_end_index=-1, moe_layer_interval=2), [1, 3, 5]),
+    (dict(moe_layer_start_index=2, moe_layer_end_index=4, moe_layer_interval=2), [3]),
+    (dict(moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=3), [2]),
+    (dict(moe_layer_start_index=6, moe_layer_end_index=-1, moe_layer_interval=1), []),
+])
+def test_ernie_moe_layer_range_is_transformers(fields, moe_layers):
+    """transformers' rule, layer i MoE when (i + 1) % interval == 0 and start <= i <= end (end -1: the last layer),
+    against moejax's layer pattern, and back: the saved fields give the same layers."""
+    raw = dict(json.loads((golden_dir("ernie4_5_moe_a") / "config.json").read_text()), num_hidden_layers=6, **fields)
+    m = hf.families.config_from_hf(raw)[0].model
+    end = 5 if fields["moe_layer_end_index"] == -1 else fields["moe_layer_end_index"]
+    want = [i for i in range(6) if (i + 1) % fields["moe_layer_interval"] == 0
+            and fields["moe_layer_start_index"] <= i <= end]
+    assert want == moe_layers and model.moe_layers(m) == moe_layers
+    out = hf.families.config_to_hf(m, "ernie4_5_moe")
+    assert model.moe_layers(hf.families.config_from_hf(dict(raw, **{k: out[k] for k in fields}))[0].model) == want
+
+
+def test_ernie_refusals_and_defaults():
+    raw = json.loads((golden_dir("ernie4_5_moe_b") / "config.json").read_text())
+    with pytest.raises(hf.HFConfigError, match="use_bias=True"):
+        hf.families.config_from_hf(dict(raw, use_bias=True))
+    with pytest.raises(hf.HFConfigError, match="moe_norm_min=0.01"):
+        hf.families.config_from_hf(dict(raw, moe_norm_min=0.01))
+    defaults = {k: v for k, v in raw.items() if k not in ("tie_word_embeddings", "rope_parameters")}
+    m = hf.families.config_from_hf(defaults)[0].model
+    assert m.tie_embeddings and m.rope_theta == 500000.0 and m.rope_interleave  # Ernie4_5_MoeConfig's defaults
+    m = hf.families.config_from_hf(raw)[0].model
+    m.first_dense_layers = 0  # MoE at layers 0, 2: (i + 1) % 2 != 0
+    with pytest.raises(hf.HFConfigError, match="model.first_dense_layers=0 cannot be saved as ernie4_5_moe"):
+        hf.families.config_to_hf(m, "ernie4_5_moe")
+    m.first_dense_layers, m.dense_layers = 1, (1,)  # a dense layer before a MoE one
+    with pytest.raises(hf.HFConfigError, match="model.dense_layers=.* cannot be saved as ernie4_5_moe"):
+        hf.families.config_to_hf(m, "ernie4_5_moe")
+
+
+def test_ernie_mtp_weights_are_skipped_with_a_note(tmp_path, capsys):
+    """The released checkpoints carry a multi-token-prediction block (model.mtp_*) that transformers skips."""
+    directory = tmp_path / "ernie"
+    shutil.copytree(golden_dir("ernie4_5_moe_a"), directory)
+    ckpt = io.Checkpoint(directory)
+    tensors = {key: np.array(ckpt.array(key)) for key in ckpt.keys()}
+    del ckpt
+    tensors["model.mtp_emb_norm.0.weight"] = np.ones(32, np.float32)
+    tensors["model.mtp_linear_proj.0.weight"] = np.ones((32, 64), np.float32)
+    (directory / io.SINGLE_FILE).unlink()
+    io.write_checkpoint(directory, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()], 1 << 30)
+    golden = np.load(directory / "golden.npz")
+    config, variables = hf.load(directory)
+    assert "skipped 2 checkpoint tensors transformers' ernie4_5_moe skips too" in capsys.readouterr().err
+    assert np.abs(logits_of(config, variables, golden["tokens"]) - golden["logits"]).max() <= 1e-4
+
+
+def test_row_rule_is_the_leading_unit_axis():
+    from moejax.hf import rules
+
+    bias = np.arange(6, dtype=np.float32)
+    assert rules.hf_shape("row", (6,)) == (1, 6)
+    np.testing.assert_array_equal(rules.to_hf("row", [bias]), bias[None])
+    np.testing.assert_array_equal(rules.to_moejax("row", bias[None], (6,)), bias)
+
 # rednote-hilab/dots.llm1.base (and .inst): the hub config.json as other projects transcribe it (configs/dots1.py)
 DOTS1_LLM1 = {
     "architectures": ["Dots1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -101,22 +170,37 @@ DOTS1_LLM1 = {
     "topk_group": None, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
     "vocab_size": 152064,
 }
-# name -> (config file, preset, config.json, published (total, activated with the embedding), tolerance)
+# baidu/ERNIE-4.5-21B-A3B-PT: transformers' Ernie4_5_MoeConfig defaults (its docstring's model), with the fields of
+# ERNIE's own trainer the hub file carries (configs/ernie4_5_moe.py)
+ERNIE_21B_A3B = {
+    "architectures": ["Ernie4_5_MoeForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2560, "intermediate_size": 12288, "max_position_embeddings": 131072,
+    "model_type": "ernie4_5_moe", "moe_capacity": [64, 64, 64], "moe_intermediate_size": 1536, "moe_k": 6,
+    "moe_layer_end_index": 27, "moe_layer_interval": 1, "moe_layer_start_index": 1, "moe_num_experts": 64,
+    "moe_num_shared_experts": 2, "moe_use_aux_free": True, "num_attention_heads": 20, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "num_nextn_predict_layers": 1, "pad_token_id": 0, "rms_norm_eps": 1e-05,
+    "rope_theta": 500000, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_bias": False,
+    "use_cache": False, "vocab_size": 103424,
+}
+# name -> (config file, preset, config.json, published (total, activated), tolerance, activated counts the
+# input embedding)
 RELEASED = {
-    "dots1_llm1": ("dots1", "llm1", DOTS1_LLM1, (142e9, 14e9), 1e9),
+    "dots1_llm1": ("dots1", "llm1", DOTS1_LLM1, (142e9, 14e9), 1e9, True),
+    "ernie4_5_moe_21b_a3b": ("ernie4_5_moe", "21b_a3b", ERNIE_21B_A3B, (21e9, 3e9), 1e9, False),
 }
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_preset_equals_read_config_and_the_published_size(name, tmp_path):
-    file, preset, raw, (total, activated), unit = RELEASED[name]
+    file, preset, raw, (total, activated), unit, with_embedding = RELEASED[name]
     got = load(file, preset).model
     assert got.to_dict() == read(tmp_path, raw).to_dict()
     model.validate(got)
     n = counts(got)
+    n["activated"] -= 0 if with_embedding else got.vocab_size * got.d_model
     assert abs(n["total"] - total) < unit and abs(n["activated"] - activated) < unit, n
 
 
-@pytest.mark.parametrize("file,family", [("dots1", "dots1")])
+@pytest.mark.parametrize("file,family", [("dots1", "dots1"), ("ernie4_5_moe", "ernie4_5_moe")])
 def test_small_default_is_a_model_of_the_released_family(file, family):
     assert hf.families.config_to_hf(load(file).model, family)["model_type"] == family

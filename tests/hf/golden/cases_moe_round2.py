@@ -16,3 +16,18 @@ CASES = {
                                     n_shared_experts=2, first_k_dense_replace=0, norm_topk_prob=False,
                                     sliding_window=None), None),
 }
+CASES.update({
+    # MoE layers 1 and 2 of 4 (moe_layer_end_index 2: the last layer dense), two shared experts, tied embeddings,
+    # the selection bias of transformers' own init drawn at random like every buffer
+    "ernie4_5_moe_a": ("Ernie4_5_MoeConfig", dict(COMMON, num_hidden_layers=4, moe_num_experts=8, moe_k=2,
+                                                  moe_intermediate_size=16, moe_num_shared_experts=2,
+                                                  moe_layer_start_index=1, moe_layer_end_index=2,
+                                                  moe_layer_interval=1, tie_word_embeddings=True), None),
+    # every second layer MoE (layers 1 and 3), no shared expert, untied, 4 of 8 heads' width per KV head
+    "ernie4_5_moe_b": ("Ernie4_5_MoeConfig", dict(COMMON, num_hidden_layers=4, moe_num_experts=6, moe_k=3,
+                                                  moe_intermediate_size=16, moe_num_shared_experts=0,
+                                                  moe_layer_start_index=0, moe_layer_interval=2,
+                                                  tie_word_embeddings=False,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 800.0}),
+                       None),
+})
