@@ -29,8 +29,9 @@ Presets (``--config=configs/deepseek_v3.py:<preset>``):
   input embedding, 37.6B with it as moejax.model.param_counts counts). The released config.json names no training
   recipe, so the balance fields are configs/base.py's (as read_config gives them); the paper's are
   --config.model.moe.bias_update_rate=1e-3 --config.model.moe.balance_loss=deepseek
-  --config.model.moe.balance_coef=1e-4 --config.model.moe.balance_scope=sequence. The checkpoint's
-  multi-token-prediction layer is skipped on load.
+  --config.model.moe.balance_coef=1e-4 --config.model.moe.balance_scope=sequence. One multi-token-prediction
+  module (num_nextn_predict_layers 1; mtp_depth 1, the checkpoint's layer 61, 14B parameters besides the 671B),
+  trained with configs/base.py's mtp_loss_weight 0.3 (the paper's first 10T tokens).
 """
 import ml_collections
 from moejax.configs import base
@@ -55,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:  # "671b"
         model.update(vocab_size=129280, d_model=7168, num_layers=61, num_heads=128, ffn_dim=18432,
                      first_dense_layers=3, attention="mla", rope_interleave=True, norm_eps=1e-6,
-                     tie_embeddings=False, dtype="bfloat16", param_dtype="bfloat16")
+                     tie_embeddings=False, dtype="bfloat16", param_dtype="bfloat16", mtp_depth=1)
         model.mla.update(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                          v_head_dim=128)
         model.rope_scaling.update(kind="yarn", factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,

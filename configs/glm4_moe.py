@@ -16,8 +16,8 @@ Presets (``--config=configs/glm4_moe.py:<preset>``):
   equals this preset's ``model`` field by field; tests/hf/test_released_presets.py): d_model 4096, 46 layers (the
   first dense, FFN 10944), 96 query / 8 KV heads of 128, 1 shared + 128 routed experts of 1408, top-8, one group,
   routed_scaling_factor 1, vocabulary 151552, RMSNorm eps 1e-5, bfloat16; 106.9B parameters, 12.8B activated per
-  token without the input embedding (published: 106B and 12B). Its multi-token-prediction layer (layer 46 of the
-  checkpoint) is skipped by moejax.hf.load.
+  token without the input embedding (published: 106B and 12B), not counting its one multi-token-prediction
+  module (mtp_depth 1: layer 46 of the checkpoint), which moejax.hf.load reads.
 """
 import ml_collections
 from moejax.configs import base
@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    balance_scope="sequence", bias_update_rate=1e-3)
     else:  # "air"
         model.update(vocab_size=151552, d_model=4096, num_layers=46, num_heads=96, num_kv_heads=8, head_dim=128,
-                     ffn_dim=10944, rope_theta=1e6, norm_eps=1e-5, dtype="bfloat16", param_dtype="bfloat16")
+                     ffn_dim=10944, rope_theta=1e6, norm_eps=1e-5, dtype="bfloat16", param_dtype="bfloat16",
+                     mtp_depth=1)
         moe.update(num_experts=128, expert_ffn=1408)
     return config

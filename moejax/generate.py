@@ -341,9 +341,11 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
     parser.add_argument("--quantise", default="none", help="weight-only quantised decoding: int8, int4, int4/g<G> "
                                                            "(int codes dequantised inside each step), or none")
-    parser.add_argument("--draft", default=None, help="speculative decoding (greedy) with this smaller model as the "
+    parser.add_argument("--draft", default=None, help="speculative decoding with this smaller model as the "
                                                       "draft: a moejax workdir or transformers directory")
-    parser.add_argument("--gamma", type=int, default=4, help="--draft: tokens the draft proposes per round")
+    parser.add_argument("--speculative", default=None, choices=["mtp"],
+                        help="mtp: self-speculative decoding, the model's multi-token-prediction module drafting")
+    parser.add_argument("--gamma", type=int, default=4, help="--draft / --speculative: tokens proposed per round")
     return parser
 
 
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:
         cli.warn(f"--max_new_tokens={args.max_new_tokens} after a prompt of {len(ids)} tokens runs to "
                  f"{len(ids) + args.max_new_tokens} tokens, past the {trained[0]} the model was trained on "
                  f"({trained[1]}); the text may degrade beyond them")
-    if args.draft is not None:
+    if args.draft is not None or args.speculative is not None:
         from moejax import speculative
 
         return speculative.command(args, config, opened.variables, ids, tokenizer)

@@ -38,6 +38,7 @@ from moejax.moe.intervention import Intervention
 
 NORM_POSITIONS = ("pre", "post")  # model.norm_position
 
+
 class MoELayerPath(NamedTuple):
     """Where one MoE layer's variables live: ``path``, the keys of its 'ffn' module (the MoE tree of
     moejax/moe/layer.py) in every collection ('params', 'moe_state'), and ``unit``, its index on the leading axis
@@ -209,6 +210,7 @@ class Unit(nn.Module):
 
 
 MTP_COLLECTION = "mtp"  # training with model.mtp_depth > 0 sows each depth's logits [B, S, V] here
+HIDDEN_COLLECTION = "hidden"  # the last block's output [B, S, D] (before the final norm), sown as 'last'
 
 
 class MTPModule(nn.Module):
@@ -224,7 +226,8 @@ class MTPModule(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, embedded: jax.Array, token_ids: jax.Array, train: bool,
-                 progress: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+                 progress: jax.Array | None, cache: kv_cache.Cache | None = None) -> tuple[jax.Array, jax.Array]:
+        """cache: decoding with the block's own KV cache (self-speculative drafting: moejax/speculative_mtp.py)."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         joined = jnp.concatenate([attention.norm(cfg, dtype, "enorm")(embedded),
@@ -232,7 +235,7 @@ class MTPModule(nn.Module):
         x = nn.Dense(cfg.d_model, use_bias=False, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                      kernel_init=nn.initializers.normal(cfg.init_std), name="eh_proj")(joined)
         x = Block(cfg, use_moe=cfg.moe_every > 0, mesh=self.mesh, name="block")(x, train, token_ids, progress,
-                                                                                   self.layer)
+                                                                                   self.layer, cache)
         return x, attention.norm(cfg, dtype, "norm")(x)
 
 
@@ -279,6 +282,8 @@ class Transformer(nn.Module):
                 x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
                           name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention)
         hidden = x  # the last block's output: the first MTP module's input
+        if not self.is_initializing():  # kept only when applied with mutable=[HIDDEN_COLLECTION]
+            self.sow(HIDDEN_COLLECTION, "last", hidden)
         x = attention.norm(cfg, dtype, "final_norm")(x)
         if cfg.tie_embeddings:
             head = embed.attend

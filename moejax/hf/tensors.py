@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moejax.hf import io, quant, rules
+from moejax.hf import io, mtp, quant, rules
 from moejax.hf.config import HFConfigError
 from moejax.hf.io import CheckpointError
 from moejax.hf.registry import Family
@@ -46,8 +46,11 @@ def unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
     return tree
 
 
-def rule_for(keys: tuple[str, ...], fam: Family) -> tuple[Rule, int | None] | None:
-    """The rule of parameter path keys (collection excluded), and its layer index."""
+def rule_for(keys: tuple[str, ...], fam: Family, num_layers: int = 0) -> tuple[Rule, int | None] | None:
+    """The rule of parameter path keys (collection excluded), and its layer index (a multi-token-prediction module
+    ``mtp_k``'s is num_layers + k - 1: moejax/hf/mtp.py)."""
+    if mtp.depth_of(keys[0]) is not None:
+        return mtp.rule_for(keys, fam.layer_rules, num_layers)
     if keys[0].startswith("layers_"):
         rule = fam.layer_rules.get(keypath(keys[1:]))
         return None if rule is None else (rule, int(keys[0][len("layers_"):]))
@@ -171,7 +174,7 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
     for keys, leaf in leaves.items():
         shape, dtype = tuple(leaf.shape), leaf.dtype
         what = f"moejax parameter {keypath(keys)} {list(shape)}"
-        found = rule_for(keys[1:], fam)
+        found = rule_for(keys[1:], fam, config_model.num_layers)
         if found is None:
             unknown.append(what)
             continue
@@ -199,6 +202,9 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
             stacked = len(keys) > 3 and keys[-2] == "experts"
             found_sources[keys] = Source(shape, dtype, _whole(tensors, name, rule.kind, shape, dtype, stacked))
 
+    if config_model.get("mtp_depth", 0):
+        used |= mtp.check_copies(tensors, config_model.num_layers, config_model.mtp_depth,
+                                 config_model.tie_embeddings)
     skipped_layers, skipped_tensors = set(), []
     extra = []
     for key in tensors.ckpt.keys():
@@ -295,11 +301,14 @@ def _host(array: Any) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | None = None) -> list[io.Entry]:
+def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | None = None,
+            model: Any = None) -> list[io.Entry]:
     """The checkpoint tensors (io.Entry: name, shape, dtype, a function computing it) of the flattened variables
     {'params', 'moe_state'}; a tensor made from several parameters (GPT-OSS's packed gate_up_proj) comes once both
     are seen. Each parameter is fetched to the host when a tensor needs it (the last two kept). ``quantise(keys,
-    entry, kind)`` (moejax/hf/quantised.py) gives the entries that store each tensor instead of it."""
+    entry, kind)`` (moejax/hf/quantised.py) gives the entries that store each tensor instead of it. model: the model
+    section, for its multi-token-prediction modules (their layer indices and embedding / head copies: mtp.py)."""
+    num_layers, depth = (0, 0) if model is None else (model.num_layers, model.get("mtp_depth", 0))
     cache: dict[tuple[str, ...], np.ndarray] = {}
     out: list[io.Entry] = []
 
@@ -315,7 +324,7 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | 
 
     packed: dict[str, dict[str, tuple[str, ...]]] = {}
     for keys, leaf in flat.items():
-        found = rule_for(keys[1:], fam)
+        found = rule_for(keys[1:], fam, num_layers)
         if found is None:
             raise HFConfigError(f"moejax parameter {keypath(keys)} has no place in a {fam.model_type} checkpoint")
         rule, i = found
@@ -353,4 +362,6 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | 
             continue
         add(keys, (rule.hf.format(i=i), rules.hf_shape(rule.kind, tuple(leaf.shape)), dtype,
                    lambda keys=keys, kind=rule.kind: rules.to_hf(kind, [fetch(keys)])), rule.kind)
+    if depth:
+        out.extend(mtp.copy_entries(flat, num_layers, depth, model.tie_embeddings, fetch))
     return out

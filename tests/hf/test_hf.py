@@ -87,12 +87,9 @@ def test_export_then_import_is_identical(case, tmp_path):
     out = hf.save(config, variables, tmp_path / "out")
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == json.loads((directory / "config.json").read_text())["model_type"]
-    # the hub layout: the same tensor names as transformers' save_pretrained (less the multi-token-prediction layers
-    # of DeepSeek-V3 and GLM-4.5, past num_hidden_layers)
-    layers = config.model.num_layers
-    original = {k for k in io.Checkpoint(directory).keys()
-                if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= layers)}
-    assert set(io.Checkpoint(out).keys()) == original
+    # the hub layout: the same tensor names as transformers' save_pretrained (and the multi-token-prediction layers
+    # of DeepSeek-V3 and GLM-4.5, past num_hidden_layers, as the released checkpoints have them)
+    assert set(io.Checkpoint(out).keys()) == set(io.Checkpoint(directory).keys())
     config2, variables2 = hf.load(out)
     assert config2.model.to_dict() == config.model.to_dict()
     a, b = flat(variables), flat(variables2)
@@ -178,7 +175,8 @@ def test_sharded_load_matches_unsharded(case, monkeypatch):
         assert all(rows.stop - rows.start == experts // 4 for rows in stacked)
     else:
         per_expert = [k for k in keys if ".experts." in k]
-        assert len(per_expert) == len(set(per_expert)) == 3 * experts * (config.model.num_layers - 1)
+        moe_layers = config.model.num_layers - 1 + config.model.mtp_depth  # the MTP module's block is MoE too
+        assert len(per_expert) == len(set(per_expert)) == 3 * experts * moe_layers
     batch = jax.device_put(jnp.asarray(tokens, jnp.int32), parallel.batch_sharding(mesh))
     logits = np.asarray(jax.jit(model.Transformer(config.model, mesh).apply)(sharded, batch))
     np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=0)
@@ -437,11 +435,11 @@ def test_fp8_weight_without_scale_is_named(tmp_path):
         hf.load(directory)
 
 
-def test_mtp_layers_are_skipped_with_a_note(capsys):
-    directory = golden_dir("deepseek_v3_a")
-    hf.load(directory)
-    assert "skipped checkpoint layers [3] past num_hidden_layers=3 (deepseek_v3 multi-token-prediction" \
-        in capsys.readouterr().err
+def test_mtp_layers_load_into_the_mtp_module():
+    """(their outputs and round trips: tests/hf/test_hf_mtp.py)"""
+    config, variables = hf.load(golden_dir("deepseek_v3_a"))
+    assert config.model.mtp_depth == 1 and set(variables["params"]["mtp_1"]) == {"enorm", "hnorm", "eh_proj",
+                                                                                 "block", "norm"}
 
 
 def test_save_refuses_what_the_family_cannot_express(tmp_path):

@@ -262,7 +262,8 @@ def hub_tensors(raw: dict, family: str, seed: int = 0, extra_layers: int = 0) ->
             shapes.update({prefix + "gate_proj.weight": (width, d), prefix + "up_proj.weight": (width, d),
                            prefix + "down_proj.weight": (d, width)})
         if i >= raw["num_hidden_layers"]:  # a multi-token-prediction layer's own tensors
-            shapes.update({p + "enorm.weight": (d,), p + "hnorm.weight": (d,), p + "eh_proj.weight": (d, 2 * d)})
+            shapes.update({p + "enorm.weight": (d,), p + "hnorm.weight": (d,), p + "eh_proj.weight": (d, 2 * d),
+                           p + "shared_head.norm.weight": (d,)})
     tensors = {}
     for name, shape in sorted(shapes.items()):
         noise = rng.standard_normal(shape)
@@ -275,6 +276,9 @@ def hub_tensors(raw: dict, family: str, seed: int = 0, extra_layers: int = 0) ->
         else:
             value = noise * shape[-1] ** -0.5
         tensors[name] = value.astype(np.float32)
+    for i in range(raw["num_hidden_layers"], raw["num_hidden_layers"] + extra_layers):  # the MTP layers' copies
+        tensors[f"model.layers.{i}.shared_head.head.weight"] = tensors["lm_head.weight"].copy()
+        tensors[f"model.layers.{i}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].copy()
     return tensors
 
 
@@ -365,8 +369,7 @@ def test_export_then_import_is_identical(name, checkpoints, tmp_path):
     out = hf.save(config, variables, tmp_path / "out")
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == family and hf.families.config_to_hf(config.model)["model_type"] == family
-    layers = raw["num_hidden_layers"]
-    assert set(io.Checkpoint(out).keys()) == {k for k in tensors if not k.startswith(f"model.layers.{layers}.")}
+    assert set(io.Checkpoint(out).keys()) == set(tensors)  # the MTP layers of glm4_moe_air included
     config2, variables2 = hf.load(out)
     assert config2.model.to_dict() == config.model.to_dict()
     a, b = flat(variables), flat(variables2)
@@ -429,10 +432,9 @@ def test_glm4_moe_config_mapping(capsys):
         hf.read_config({**raw, "n_shared_experts": 0})
 
 
-def test_glm4_moe_mtp_layers_are_skipped_with_a_note(checkpoints, capsys):
-    hf.load(checkpoints["glm4_moe_air"][0])
-    assert "skipped checkpoint layers [3] past num_hidden_layers=3 (glm4_moe multi-token-prediction" \
-        in capsys.readouterr().err
+def test_glm4_moe_mtp_layers_load(checkpoints):
+    config, variables = hf.load(checkpoints["glm4_moe_air"][0])
+    assert config.model.mtp_depth == 1 and "mtp_1" in variables["params"]
 
 
 def test_other_families_refuse_the_new_options(checkpoints, tmp_path):

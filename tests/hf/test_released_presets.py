@@ -248,6 +248,7 @@ def counts(cfg, scan=True):
     """moejax.model.param_counts of the model of cfg, from jax.eval_shape of its init (nothing allocated). With scan,
     the layers are counted through nn.scan (the same parameters, stacked; one layer traced instead of 61)."""
     cfg = cfg.copy_and_resolve_references()
+    cfg.mtp_depth = 0  # the published counts leave the multi-token-prediction modules out
     if scan:
         cfg.scan_layers, cfg.layer_types = True, ()  # sliding and full layers hold the same parameters
     shapes = jax.eval_shape(lambda: model.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))

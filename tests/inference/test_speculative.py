@@ -61,5 +61,8 @@ def test_the_generate_command_decodes_with_a_draft(bpe_release, capsys):
     want = generate.main([f"--checkpoint={directory}", "--prompt=def f(x):", "--max_new_tokens=6"])
     np.testing.assert_array_equal(tokens, want)
     assert "acceptance 1.00" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--temperature=0.5"):
-        generate.main([f"--checkpoint={directory}", f"--draft={directory}", "--temperature=0.5", "--seed=1"])
+    sampled = generate.main([f"--checkpoint={directory}", f"--draft={directory}", "--prompt=def f(x):",
+                             "--max_new_tokens=3", "--gamma=2", "--temperature=0.5", "--seed=1"])
+    assert sampled.shape == (1, tokens.shape[1] - 3)
+    with pytest.raises(ValueError, match="--speculative='mtp': needs a model with multi-token-prediction modules"):
+        generate.main([f"--checkpoint={directory}", "--speculative=mtp", "--max_new_tokens=3"])

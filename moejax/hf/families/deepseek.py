@@ -2,14 +2,14 @@
 Latent Attention; dense layers before ``first_k_dense_replace``, then MoE with ungated shared experts. V2 routes by a
 softmax (``greedy`` or ``group_limited_greedy``) and rotates interleaved pairs; V3 by a sigmoid with a selection bias
 (``e_score_correction_bias``) and group-limited top-k (``noaux_tc``). V3's multi-token-prediction layers, past
-``num_hidden_layers``, are skipped on load."""
+``num_hidden_layers``, load into moejax's MTP modules (model.mtp_depth; moejax/hf/mtp.py)."""
 from __future__ import annotations
 
 from typing import Any
 
 import ml_collections
 
-from moejax.hf import config
+from moejax.hf import config, mtp
 from moejax.hf.config import HFConfig, Saving
 from moejax.hf.registry import Family, register
 from moejax.hf.rules import DENSE_RULES, MLA_RULES, NORM_RULES, Rule, glu_rules, moe_rules
@@ -104,11 +104,13 @@ def from_v3(hf: HFConfig, m: ml_collections.ConfigDict) -> None:
     hf.expect("scoring_func", lambda v: v == "sigmoid", "transformers' DeepSeek-V3 router is a sigmoid", "sigmoid")
     hf.expect("topk_method", lambda v: v == "noaux_tc", "transformers' DeepSeek-V3 routes by 'noaux_tc'", "noaux_tc")
     config.read_grouped_sigmoid_router(hf, m)
+    mtp.read(hf, m)
 
 
 def to_v3(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
     out = _to_hf(m, s, "DeepseekV3ForCausalLM")
     out.update(rope_interleave=bool(m.rope_interleave), **config.write_grouped_sigmoid_router(m, s, "DeepSeek-V3"))
+    out.update(mtp.write(m))
     return out
 
 
@@ -119,4 +121,4 @@ TRAINING_ONLY = frozenset({"ep_size", "seq_aux", "aux_loss_alpha"})  # fields of
 register(Family("deepseek_v2", from_v2, to_v2, V2_RULES, TRAINING_ONLY | {"n_group", "topk_group"}))
 register(Family("deepseek_v3", from_v3, to_v3,
                 {**V2_RULES, "ffn/router_bias": Rule("model.layers.{i}.mlp.gate.e_score_correction_bias")},
-                TRAINING_ONLY, extra_layers_note="multi-token-prediction layers"))
+                TRAINING_ONLY, expresses=frozenset({"mtp_depth"})))

@@ -4,14 +4,14 @@ projection has none), an optional per-head query/key RMSNorm (``use_qk_norm``) a
 then MoE with ungated shared experts and DeepSeek-V3's router: a sigmoid with a selection bias
 (``e_score_correction_bias``), group-limited top-k (groups scored by their two best), ``norm_topk_prob`` and
 ``routed_scaling_factor``. The multi-token-prediction layers (``num_nextn_predict_layers``), past
-``num_hidden_layers``, are skipped on load, as DeepSeek-V3's are."""
+``num_hidden_layers``, load into moejax's MTP modules as DeepSeek-V3's do (moejax/hf/mtp.py)."""
 from __future__ import annotations
 
 from typing import Any
 
 import ml_collections
 
-from moejax.hf import config
+from moejax.hf import config, mtp
 from moejax.hf.config import HFConfig, Saving
 from moejax.hf.registry import Family, register
 from moejax.hf.rules import DENSE_RULES, GQA_RULES, NORM_RULES, Rule, glu_rules, moe_rules
@@ -51,6 +51,7 @@ def from_hf(hf: HFConfig, m: ml_collections.ConfigDict) -> None:
                                  "moe_intermediate_size", 1)
     m.first_dense_layers = int(hf.get("first_k_dense_replace", 1))
     config.read_grouped_sigmoid_router(hf, m)
+    mtp.read(hf, m)
 
 
 def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
@@ -74,6 +75,7 @@ def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
                n_routed_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
                n_shared_experts=m.moe.num_shared, first_k_dense_replace=m.first_dense_layers,
                routed_scaling_factor=r.routed_scaling_factor, **router_fields)
+    out.update(mtp.write(m))
     return out
 
 
@@ -81,5 +83,5 @@ LAYER_RULES = {**NORM_RULES, **GQA_RULES, **DENSE_RULES, **moe_rules("mlp"),
                **glu_rules("ffn/shared", "model.layers.{i}.mlp.shared_experts"),
                "ffn/router_bias": Rule("model.layers.{i}.mlp.gate.e_score_correction_bias")}
 
-register(Family("glm4_moe", from_hf, to_hf, LAYER_RULES, extra_layers_note="multi-token-prediction layers",
-                expresses=frozenset({"partial_rotary_factor"})))
+register(Family("glm4_moe", from_hf, to_hf, LAYER_RULES,
+                expresses=frozenset({"partial_rotary_factor", "mtp_depth"})))

@@ -206,7 +206,9 @@ def _legacy_rope(directory: pathlib.Path) -> None:
 
 def _mtp_layer(directory: pathlib.Path) -> None:
     """A multi-token-prediction layer after the last one (as the released DeepSeek-V3 and GLM-4.5 checkpoints have):
-    layer num_hidden_layers with its extra enorm / hnorm / eh_proj tensors. moejax skips it with a note."""
+    layer num_hidden_layers, a decoder block (the last layer's, its weights perturbed) with the MTP tensors enorm,
+    hnorm, eh_proj, shared_head.norm and the copies shared_head.head (of lm_head) and embed_tokens. transformers
+    ignores it (the goldens are the main model's); moejax loads it into its MTP module."""
     from safetensors.numpy import load_file, save_file
 
     raw = json.loads((directory / "config.json").read_text())
@@ -217,9 +219,16 @@ def _mtp_layer(directory: pathlib.Path) -> None:
         tensors[f"model.layers.{layers}." + key[len(last):]] = tensors[key].copy()
     width = raw["hidden_size"]
     rng = np.random.RandomState(7)
-    tensors[f"model.layers.{layers}.enorm.weight"] = np.ones(width, np.float32)
-    tensors[f"model.layers.{layers}.hnorm.weight"] = np.ones(width, np.float32)
-    tensors[f"model.layers.{layers}.eh_proj.weight"] = rng.randn(width, 2 * width).astype(np.float32)
+    for key in [k for k in tensors if k.startswith(f"model.layers.{layers}.")]:
+        noise = rng.randn(*tensors[key].shape).astype(np.float32)
+        tensors[key] = tensors[key] + np.float32(0.1) * noise * np.abs(tensors[key]).mean()
+    mtp = f"model.layers.{layers}."
+    tensors[mtp + "enorm.weight"] = (1 + 0.2 * rng.randn(width)).astype(np.float32)
+    tensors[mtp + "hnorm.weight"] = (1 + 0.2 * rng.randn(width)).astype(np.float32)
+    tensors[mtp + "eh_proj.weight"] = (rng.randn(width, 2 * width) / np.sqrt(2 * width)).astype(np.float32)
+    tensors[mtp + "shared_head.norm.weight"] = (1 + 0.2 * rng.randn(width)).astype(np.float32)
+    tensors[mtp + "shared_head.head.weight"] = tensors["lm_head.weight"].copy()
+    tensors[mtp + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].copy()
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     raw["num_nextn_predict_layers"] = 1
     (directory / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
