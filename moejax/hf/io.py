@@ -88,8 +88,8 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-    """The safetensors tensors of a directory: one model.safetensors, shards listed by model.safetensors.index.json,
-    or (without an index) every *.safetensors file in it."""
+    """The safetensors tensors of a directory: shards listed by model.safetensors.index.json, else one
+    model.safetensors, else every *.safetensors file in it."""
 
     def __init__(self, directory: str | pathlib.Path):
         self.directory = pathlib.Path(directory)
@@ -100,9 +100,10 @@ class Checkpoint:
             except (OSError, ValueError, KeyError) as e:
                 raise CheckpointError(f"cannot read the weight map of {index}: {e}") from e
             names = sorted(set(weight_map.values()))
-        else:
+        else:  # model.safetensors alone where it exists (other safetensors files beside it are not weights)
             weight_map = None
-            names = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            names = [SINGLE_FILE] if (self.directory / SINGLE_FILE).is_file() else sorted(
+                p.name for p in self.directory.glob("*.safetensors"))
         if not names:
             raise CheckpointError(f"{self.directory} holds no *.safetensors file")
         self.files: dict[str, SafetensorsFile] = {}

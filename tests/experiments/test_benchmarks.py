@@ -19,6 +19,7 @@ from experiments import (
     bench_lora,
     bench_moe_layer,
     bench_placement,
+    bench_quant_decode,
     gpu_check,
 )
 
@@ -176,3 +177,15 @@ def test_bench_placement_smoke(capsys):
     assert len(before) == len(after) == 2 and all(a < b for a, b in zip(after, before, strict=True))
     assert all(p >= 1.0 for p in result["predicted_after"])
     assert result["cluster"]["global"] < result["cluster"]["no_plan"]
+
+
+def test_bench_quant_decode_smoke(capsys, tmp_path):
+    result = bench_quant_decode.main(["--smoke", "--json", str(tmp_path / "quant.json")])
+    assert printed_json(capsys.readouterr().out) == json.loads((tmp_path / "quant.json").read_text())
+    assert set(result) == {"machine", "load", "settings", "rows"}
+    assert [r["scheme"] for r in result["rows"]] == ["none", "int4/g32"]
+    for row in result["rows"]:
+        assert set(row) == {"scheme", "param_bytes", "memory_ratio", "batch", "prefill_tok_s", "decode_tok_s",
+                            "speed_ratio"}
+        assert_positive(row, "param_bytes", "memory_ratio", "prefill_tok_s", "decode_tok_s", "speed_ratio")
+    assert result["rows"][0]["memory_ratio"] == 1.0 and result["rows"][1]["memory_ratio"] < 0.25

@@ -72,8 +72,29 @@ def test_gptq_with_mixed_bits_writes_the_model_its_compact_form_and_metrics(rele
     (["--mixed_bits=1,4", "--budget=3"], r"--mixed_bits='1,4'"),
     (["--mixed_bits=2,4", "--budget=3", "--criterion=size"], r"--criterion='size'"),
     (["--min_tokens=0"], r"--min_tokens=0"),
-    (["--rules=experts=int4@9"], r"--rules=.*matches no quantisable matrix")])
+    (["--rules=experts=int4@9"], r"--rules=.*matches no quantisable matrix"),
+    (["--hf_quantisation=fp8"], r"--hf_quantisation='fp8': needs --format=hf"),
+    (["--format=hf", "--hf_quantisation=int4"], r"--hf_quantisation='int4': allowed are fp8"),
+    (["--format=hf", "--hf_quantisation=mxfp4"], r"--hf_quantisation='mxfp4': .*for the gpt_oss family only")])
 def test_bad_flags_are_named(release, tmp_path, flags, match):
     with pytest.raises(moejax_cli.UsageError, match=match):
         cli.main(["quantise", *release[1], *flags, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_export_writes_fp8_blocks(release, tmp_path):
+    """--format=hf --hf_quantisation=fp8/16x16: a DeepSeek-V3-style FP8 checkpoint of the quantised model."""
+    from moejax import hf
+    from moejax.hf import io
+
+    out = tmp_path / "fp8"
+    cli.main(["quantise", *release[1], "--bits=8", "--targets=experts", "--format=hf",
+              "--hf_quantisation=fp8/16x16", "--out", str(out)])
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [16, 16]
+    ckpt = io.Checkpoint(out)
+    assert str(ckpt.dtype("model.layers.1.block_sparse_moe.experts.3.w1.weight")) == "float8_e4m3fn"
+    _, saved = hf.load(out)
+    _, original = moejax.load(release[0])
+    a = np.asarray(saved["params"]["layers_1"]["ffn"]["experts"]["wi_0"])
+    b = np.asarray(original["params"]["layers_1"]["ffn"]["experts"]["wi_0"])
+    assert 0 < np.abs(a - b).max() < 0.1 * np.abs(b).max()
