@@ -52,6 +52,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                                                                      "Hessian diagonal")
     parser.add_argument("--blocksize", type=int, default=128, help="gptq: columns per lazy update block")
     parser.add_argument("--metrics", default=None, help=f"the metrics JSON (default <out>/{METRICS_FILE})")
+    parser.add_argument("--mesh", default="", help="run the calibration and routing passes on a device mesh, e.g. "
+                                                   "data=2,expert=4 (axis=size among data, fsdp, expert, tensor; "
+                                                   "default one device)")
 
 
 def _rules(args: argparse.Namespace) -> list[Any]:
@@ -75,6 +78,34 @@ def _rules(args: argparse.Namespace) -> list[Any]:
         if isinstance(e, cli.UsageError):
             raise
         raise cli.flag_error("rules", args.rules, str(e)) from e
+
+
+def mesh_of(text: str) -> Any:
+    """The device mesh of --mesh (axis=size,...; the axes moejax.parallel.MESH_AXES, the sizes' product the number
+    of devices), or None for ''."""
+    import jax
+
+    from moejax import parallel
+
+    if not text:
+        return None
+    sizes = dict.fromkeys(parallel.MESH_AXES, 1)
+    try:
+        for item in text.split(","):
+            axis, size = item.split("=")
+            if axis.strip() not in sizes or int(size) < 1:
+                raise ValueError(item)
+            sizes[axis.strip()] = int(size)
+    except ValueError:
+        raise cli.flag_error("mesh", text, f"comma-separated axis=size with axes among {', '.join(parallel.MESH_AXES)}"
+                                           " and sizes >= 1, e.g. data=2,expert=4") from None
+    count = 1
+    for size in sizes.values():
+        count *= size
+    if count != jax.device_count():
+        raise cli.flag_error("mesh", text, f"the axis sizes multiply to {count}, not the {jax.device_count()} devices")
+    return jax.make_mesh(tuple(sizes[a] for a in parallel.MESH_AXES), parallel.MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES))
 
 
 def _check(args: argparse.Namespace) -> tuple[list[Any], list[int] | None]:
@@ -116,6 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from moejax.quant import gptq, metrics, mixed, rules, transform
 
     rule_list, choices = _check(args)
+    mesh = mesh_of(args.mesh)
     out = pathlib.Path(args.out)
     steps.check_out_dir("out", out)
     metrics_path = pathlib.Path(args.metrics) if args.metrics else out / METRICS_FILE
@@ -148,7 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     expert_bits = None
     if choices is not None:
         scores = importance.from_forward(config, variables, batches, args.criterion,
-                                         progress=steps.progress(opened, f"expert importance ({args.criterion})"))
+                                         progress=steps.progress(opened, f"expert importance ({args.criterion})"),
+                                         mesh=mesh)
         expert_bits = mixed.from_importance(config, variables, scores, choices, args.budget,
                                             group_size=min(group), per_layer=args.per_layer_budget)
         what["mixed"] = {"choices": choices, "budget": args.budget, "criterion": args.criterion,
@@ -161,7 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         new, tensors, report = gptq.quantize(config, variables, rule_list, batches, expert_bits=expert_bits,
                                              min_tokens=args.min_tokens, percdamp=args.percdamp,
                                              blocksize=args.blocksize, progress=steps.say,
-                                             batch_progress=lambda: steps.progress(opened, "calibration pass"))
+                                             batch_progress=lambda: steps.progress(opened, "calibration pass"),
+                                             mesh=mesh)
         what["gptq"] = {"min_tokens": args.min_tokens, "percdamp": args.percdamp, "blocksize": args.blocksize,
                         "layers": {layer: {"tokens": r["tokens"], "rtn_experts": r["rtn_experts"]}
                                    for layer, r in report["layers"].items()}}
@@ -169,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps.say("metrics: routing against the original on the calibration batches, loss on the evaluation windows")
     result = metrics.compare(config, variables, new, tensors, calibration=batches, evaluation_batches=evaluation,
                              bytes_table=evaluate.text_bytes_table(opened["tokenizer"], config.model.vocab_size),
-                             progress=steps.progress(opened, "routing of both models"))
+                             progress=steps.progress(opened, "routing of both models"), mesh=mesh)
     result = {**steps.provenance(args, opened), **what, "metrics": result}
     with cli.removed_on_failure(out):
         steps.save_model(args, opened, config, new, {**what, "tensors": TENSORS_FILE, "metrics": str(metrics_path)})

@@ -180,14 +180,15 @@ def _expert_hidden(expert: Any, x: np.ndarray, weights: Mapping[str, np.ndarray]
     return _glu_hidden(x, w["wi_0"], w["wi_1"], expert.activation)
 
 
-def calibration_step(config: ml_collections.ConfigDict) -> Callable[[Any, Any], dict]:
+def calibration_step(config: ml_collections.ConfigDict, mesh: Any = None) -> Callable[[Any, Any], dict]:
     """A jitted forward (``moejax.posthoc.capture.forward``) giving every MoE layer's inputs [L, T, D] (float32) and
     selected experts [L, T, k]: compiled once per batch shape and used for every layer's pass (only the variables
-    change between them)."""
+    change between them). ``mesh``: the forward on this device mesh (expert-parallel MoE layers; the variables and
+    tokens placed by ``capture.place_variables`` / ``place_batch``)."""
     from moejax.posthoc import capture
 
     def fn(variables: Any, tokens: Any) -> dict:
-        c = capture.forward(config, variables, tokens)
+        c = capture.forward(config, variables, tokens, mesh=mesh)
         return {"inputs": jnp.stack([layer.inputs.astype(jnp.float32) for layer in c.layers]),
                 "experts": jnp.stack([layer.routing.experts for layer in c.layers])}
 
@@ -195,10 +196,12 @@ def calibration_step(config: ml_collections.ConfigDict) -> Callable[[Any, Any], 
 
 
 def layer_stats(config: ml_collections.ConfigDict, variables: Mapping[str, Any], batches: Iterable[Any], layer: int,
-                progress: Callable[[int], None] | None = None, step: Callable[[Any, Any], dict] | None = None
-                ) -> _LayerStats:
+                progress: Callable[[int], None] | None = None, step: Callable[[Any, Any], dict] | None = None,
+                mesh: Any = None) -> _LayerStats:
     """The calibration sums of MoE layer ``layer`` over ``batches`` (token ids [B, S]) with ``variables``; ``step``:
-    a ``calibration_step`` to reuse."""
+    a ``calibration_step`` to reuse (of the same ``mesh``: the forward on that device mesh)."""
+    from moejax.posthoc import capture
+
     cfg = config.model
     row = model_lib.moe_layers(cfg).index(layer)
     params, _ = model_lib.moe_layer_variables(cfg, variables)[layer]
@@ -210,11 +213,12 @@ def layer_stats(config: ml_collections.ConfigDict, variables: Mapping[str, Any],
     stats = _LayerStats(num_stored, cfg.d_model, weights["wi_0"].shape[-1],
                         0 if shared is None else int(np.shape(shared["wi_0"])[-1]))
 
-    step = calibration_step(config) if step is None else step
-    apply_vars = transform.on_device(variables)
+    step = calibration_step(config, mesh) if step is None else step
+    apply_vars = transform.on_device(variables) if mesh is None else capture.place_variables(variables, mesh)
     done = 0
-    for batch in batches:
-        arrays = step(apply_vars, jnp.asarray(batch, jnp.int32))
+    for index, batch in enumerate(batches):
+        tokens = np.asarray(batch, np.int32)
+        arrays = step(apply_vars, jnp.asarray(tokens) if mesh is None else capture.place_batch(tokens, mesh, index))
         x = np.asarray(arrays["inputs"][row], np.float32)
         ids = np.asarray(arrays["experts"][row])
         done += int(np.size(batch))
@@ -247,13 +251,15 @@ def _hessian(xx: np.ndarray, count: int) -> np.ndarray:
 def quantize(config: ml_collections.ConfigDict, variables: Mapping[str, Any], rules: Sequence[Rule],
              batches: Sequence[Any], *, expert_bits: Mapping[int, Sequence[int]] | None = None,
              min_tokens: int = DEFAULT_MIN_TOKENS, percdamp: float = 0.01, blocksize: int = 128,
-             progress: Callable[[str], None] | None = None, batch_progress: Callable[[], Any] | None = None
-             ) -> tuple[dict[str, Any], dict[str, transform.Tensor], dict[str, Any]]:
+             progress: Callable[[str], None] | None = None, batch_progress: Callable[[], Any] | None = None,
+             mesh: Any = None) -> tuple[dict[str, Any], dict[str, transform.Tensor], dict[str, Any]]:
     """GPTQ on the MoE layers' matrices the rules match (routed experts, shared experts, router), round to nearest
     on the others: (new variables, ``{matrix: Tensor}``, a report ``{'layers': {layer: {'tokens': [per stored
     expert], 'rtn_experts': [...], 'loss': {matrix: GPTQ loss}}}}``). ``batches``: calibration token ids [B, S] (a
     sequence: every MoE layer passes over it). ``progress(what)`` names each step; ``batch_progress()`` gives a
-    fresh per-batch progress callback for each pass (or None)."""
+    fresh per-batch progress callback for each pass (or None). ``mesh``: the calibration passes run on this device
+    mesh (``moejax.parallel.make_mesh``; the routed experts split over 'expert'); the statistics then equal the
+    one-device ones up to float rounding."""
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
         raise ValueError(f"min_tokens={min_tokens!r} is invalid: an integer >= 1 (experts routed fewer tokens are "
                          "rounded to nearest)")
@@ -275,7 +281,7 @@ def quantize(config: ml_collections.ConfigDict, variables: Mapping[str, Any], ru
     from moejax.posthoc import capture
 
     capture.check_supported(config)
-    step = calibration_step(config)
+    step = calibration_step(config, mesh)
 
     def in_gptq(matrix: Matrix, layer: int) -> bool:
         return matrix.target in GPTQ_TARGETS and layer in moe_layers
@@ -296,7 +302,7 @@ def quantize(config: ml_collections.ConfigDict, variables: Mapping[str, Any], ru
         if progress is not None:
             progress(f"GPTQ layer {layer}: calibration pass")
         stats = layer_stats(config, variables, batches, layer,
-                            progress=None if batch_progress is None else batch_progress(), step=step)
+                            progress=None if batch_progress is None else batch_progress(), step=step, mesh=mesh)
         rtn_experts = sorted(int(e) for e in np.nonzero(stats.counts < min_tokens)[0])
         losses: dict[str, float] = {}
 

@@ -62,9 +62,11 @@ def _routing_arrays(c: Any) -> dict[str, jax.Array]:
 
 
 def routing(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
-            batches: Sequence[Any], progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+            batches: Sequence[Any], progress: Callable[[int], None] | None = None, mesh: Any = None
+            ) -> dict[str, Any]:
     """Per MoE layer (``moe_layers`` order) the routing flips, slot changes and router KL of quantised against
-    original over batches (token ids [B, S]); see the module docstring."""
+    original over batches (token ids [B, S]); see the module docstring. ``mesh``: both models run on this device
+    mesh (``moejax.posthoc.capture``'s placement: the routed experts split over 'expert')."""
     from moejax.posthoc import capture
 
     layers = model_lib.moe_layers(config.model)
@@ -73,10 +75,12 @@ def routing(config: ml_collections.ConfigDict, original: Mapping[str, Any], quan
     changes = np.zeros(len(layers))
     kl = np.zeros(len(layers))
     tokens = 0
-    step = jax.jit(lambda v, t: _routing_arrays(capture.forward(config, v, t)))  # one program for both models
-    original, quantised = transform.on_device(original), transform.on_device(quantised)
-    for batch in batches:
-        tokens_in = jnp.asarray(batch, jnp.int32)
+    step = jax.jit(lambda v, t: _routing_arrays(capture.forward(config, v, t, mesh=mesh)))  # one for both models
+    place = transform.on_device if mesh is None else lambda v: capture.place_variables(v, mesh)
+    original, quantised = place(original), place(quantised)
+    for index, batch in enumerate(batches):
+        tokens_in = (jnp.asarray(batch, jnp.int32) if mesh is None
+                     else capture.place_batch(np.asarray(batch, np.int32), mesh, index))
         a, b = (jax.device_get(step(v, tokens_in)) for v in (original, quantised))
         if progress is not None:
             progress(tokens + int(np.size(batch)))
@@ -160,13 +164,13 @@ def evaluation(config: ml_collections.ConfigDict, original: Mapping[str, Any], q
 def compare(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
             tensors: Mapping[str, transform.Tensor], *, calibration: Sequence[Any] | None = None,
             evaluation_batches: Iterable[Any] | None = None, bytes_table: np.ndarray | None = None,
-            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Every metric above: 'bytes', 'weights', and with the batches 'routing' (calibration token ids [B, S]) and
-    'evaluation' (evaluation windows [B, S + 1])."""
+            progress: Callable[[int], None] | None = None, mesh: Any = None) -> dict[str, Any]:
+    """Every metric above: 'bytes', 'weights', and with the batches 'routing' (calibration token ids [B, S]; on
+    ``mesh`` when given) and 'evaluation' (evaluation windows [B, S + 1], on one device)."""
     out: dict[str, Any] = {"bytes": model_bytes(original, tensors),
                            "weights": weight_errors(config, original, quantised, tensors)}
     if calibration is not None:
-        out["routing"] = routing(config, original, quantised, calibration, progress=progress)
+        out["routing"] = routing(config, original, quantised, calibration, progress=progress, mesh=mesh)
     if evaluation_batches is not None:
         out["evaluation"] = evaluation(config, original, quantised, evaluation_batches, bytes_table)
     return out

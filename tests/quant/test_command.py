@@ -98,3 +98,31 @@ def test_hf_export_writes_fp8_blocks(release, tmp_path):
     a = np.asarray(saved["params"]["layers_1"]["ffn"]["experts"]["wi_0"])
     b = np.asarray(original["params"]["layers_1"]["ffn"]["experts"]["wi_0"])
     assert 0 < np.abs(a - b).max() < 0.1 * np.abs(b).max()
+
+
+def test_gptq_and_routing_metrics_on_an_expert_parallel_mesh_equal_one_device(release, tmp_path):
+    """--mesh=data=2,expert=4 on the suite's 8 forced host devices: the GPTQ calibration passes and the routing
+    metrics run expert-parallel (the experts split over 'expert'); the codes, scales and metrics equal one
+    device's."""
+    assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+    flags = [*release[1], "--batch_size", "8", "--max_tokens", "256", "--method=gptq", "--bits=4", "--group_size=8",
+             "--targets=experts", "--min_tokens=8"]
+    one = cli.main(["quantise", *flags, "--out", str(tmp_path / "one")])
+    mesh = cli.main(["quantise", *flags, "--mesh=data=2,expert=4", "--out", str(tmp_path / "mesh")])
+    a = transform.load_tensors(tmp_path / "one" / "quantised.safetensors")
+    b = transform.load_tensors(tmp_path / "mesh" / "quantised.safetensors")
+    assert a.keys() == b.keys() and len(a) == 6
+    codes = same = 0
+    for name in a:
+        (pa,), (pb,) = a[name].parts, b[name].parts
+        np.testing.assert_allclose(pb.arrays["scales"], pa.arrays["scales"], rtol=1e-5, err_msg=name)
+        codes += pa.arrays["packed"].size
+        same += int((pa.arrays["packed"] == pb.arrays["packed"]).sum())
+    assert same / codes >= 0.999, same / codes  # float rounding of the Hessians may move a code on a boundary
+    ra, rb = one["metrics"]["routing"], mesh["metrics"]["routing"]
+    assert ra["tokens"] == rb["tokens"] == 256
+    np.testing.assert_allclose(rb["flips"], ra["flips"], atol=1 / 256)
+    np.testing.assert_allclose(rb["kl"], ra["kl"], rtol=1e-3, atol=1e-7)
+    assert one["gptq"]["layers"] == mesh["gptq"]["layers"]  # tokens per expert: the same routing
+    with pytest.raises(moejax_cli.UsageError, match=r"--mesh='data=3,expert=4': the axis sizes multiply to 12"):
+        cli.main(["quantise", *flags, "--mesh=data=3,expert=4", "--out", str(tmp_path / "bad")])
