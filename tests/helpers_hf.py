@@ -79,3 +79,19 @@ def flat(variables) -> dict:
     """{'params/.../name': numpy array} of a variables tree."""
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+def release_with_tokenizer(case: str, target: pathlib.Path, corpus: pathlib.Path) -> pathlib.Path:
+    """A copy of a golden fixture (no golden.npz) with a BPE tokenizer trained on the corpus's files, of at most its
+    vocabulary (characters outside the alphabet are '<unk>'; eos '</s>', id 1): a release a run can fine-tune."""
+    import shutil
+
+    directory = pathlib.Path(shutil.copytree(golden_dir(case), target))
+    (directory / "golden.npz").unlink()
+    vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator([p.read_text() for p in sorted(corpus.iterdir())], trainers.BpeTrainer(
+        vocab_size=vocab, limit_alphabet=vocab - 8, special_tokens=["<unk>", "</s>"], show_progress=False))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    return directory

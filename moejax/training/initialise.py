@@ -10,6 +10,8 @@ without one starts from the source its config names (``INIT_SOURCES``):
   ``data.tokenizer`` 'bytes' (the default) becomes 'hf:<dir>', the checkpoint's own tokenizer. A run whose
   ``model.lora`` names targets keeps its ``model.lora`` (LoRA fine-tuning of the release): the release's weights get
   freshly initialised adapters (``with_adapters``); so does a ``run`` source without adapters.
+* ``upcycle_hf`` (``init_from='upcycle:hf:<dir>'``): the MoE model upcycled from a released dense checkpoint
+  (moejax/upcycle_hf.py: the release's model in the run's MoE layout, moejax/upcycle.py's recipes);
 * ``run`` (``init_from='run:<dir>[@<step>]'``): the params and moe_state of a moejax run directory's newest
   checkpoint (or that of step): a run of ``python -m moejax.main``, or a model ``python -m moejax.posthoc prune|merge
   --out`` wrote. A fresh optimizer state, step 0. ``resolve`` makes the run's model that directory's config.json
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import hf, model, parallel, upcycle
+from moejax import hf, model, parallel, upcycle, upcycle_hf
 from moejax.adapters import lora
 from moejax.moe import expert_map
 from moejax.training import checkpoint
@@ -157,13 +159,20 @@ def experts(model_cfg: ml_collections.ConfigDict) -> str:
     return f"{described}, stored {[expert_map.stored_count(model_cfg.moe, i) for i in model.moe_layers(model_cfg)]}"
 
 
+def upcycled_hf(ctx: InitContext) -> Start:
+    """init_from='upcycle:hf:<dir>': the run's MoE upcycled from a released dense checkpoint (moejax/upcycle_hf.py)."""
+    state, message = upcycle_hf.start(ctx, init_source(ctx.config).path)
+    return Start(state, message, evaluate_first=True)
+
+
 INIT_SOURCES: dict[str, Callable[[InitContext], Start]] = {"fresh": fresh, "upcycle": upcycled, "hf": from_hf,
-                                                           "run": from_run}
+                                                           "run": from_run, "upcycle_hf": upcycled_hf}
 
 
 def source_name(config: ml_collections.ConfigDict) -> str:
     if config.init_from:
-        return init_source(config).kind
+        source = init_source(config)
+        return "upcycle_hf" if source.upcycle else source.kind
     return "upcycle" if config.upcycle.enabled else "fresh"
 
 

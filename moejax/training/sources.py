@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from moejax import checks, hf, loading
+from moejax import checks, hf, loading, upcycle_hf
 from moejax.adapters import lora
 from moejax.configs import base
 from moejax.data import tokenizers
@@ -32,7 +32,7 @@ SOURCES_ALLOWED = ("'hf:<dir>', a transformers checkpoint directory (config.json
                    "*.safetensors), or 'run:<dir>[@<step>]', a moejax run directory (config.json and checkpoints/: a "
                    "run of python -m moejax.main or a model python -m moejax.posthoc --out wrote; its newest "
                    "checkpoint, or that of <step>)")
-INIT_FROM_ALLOWED = "'' (the model's own initialisation) or " + SOURCES_ALLOWED
+INIT_FROM_ALLOWED = "'' (the model's own initialisation) or " + SOURCES_ALLOWED + ", or " + upcycle_hf.ALLOWED
 TEACHER_ALLOWED = "'' (no distillation) or " + SOURCES_ALLOWED
 # model fields that keep the run config's values under init_from (configs/base.py FIELD_ROLES 'compute'), relative
 # to config.model. A distillation teacher is computed with them too.
@@ -49,6 +49,7 @@ class Source:
     kind: str
     path: pathlib.Path
     step: int | None = None
+    upcycle: bool = False  # init_from='upcycle:hf:<dir>': the dense checkpoint upcycled (moejax/upcycle_hf.py)
 
     def fail(self, why: str) -> None:
         checks.fail(self.field, self.value, why)
@@ -59,6 +60,11 @@ def parse_source(field: str, value: Any, allowed: str) -> Source | None:
     allowed when it is not a readable transformers checkpoint directory or moejax run directory (with that step)."""
     if value == "":
         return None
+    if field == "init_from" and upcycle_hf.named(value):  # 'upcycle:hf:<dir>': read as 'hf:<dir>', then upcycled
+        directory = pathlib.Path(value[len(upcycle_hf.PREFIX):]).expanduser()
+        if not hf.is_hf_dir(directory):
+            checks.fail(field, value, f"{directory} is not a transformers checkpoint directory; allowed: {allowed}")
+        return Source(field, value, "hf", directory, upcycle=True)
     if isinstance(value, str) and value.startswith("hf:") and value[3:]:
         directory = pathlib.Path(value[3:]).expanduser()
         if not hf.is_hf_dir(directory):
@@ -174,6 +180,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if source is None or _RESOLVED.get(id(config)) is config:
         return config
     released = source_model(source, config)
+    if source.upcycle:  # the release's model in the run's MoE layout
+        released = upcycle_hf.moe_model(released, config, source.path)
     if lora.spec(config.model) is not None:  # the run's adapters on the source's model (else the source's own)
         released.lora = copy.deepcopy(config.model.lora)
     resolved = copy.deepcopy(config)
@@ -188,7 +196,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             if not (directory / "tokenizer.json").is_file():
                 checks.fail("init_from", config.init_from, f"{directory} has no tokenizer.json; set data.tokenizer "
                                                            f"to the model's tokenizer ('hf:<dir or tokenizer.json>')")
-            resolved.data.tokenizer = f"hf:{config.init_from[3:]}"
+            resolved.data.tokenizer = f"hf:{config.init_from.removeprefix('upcycle:')[3:]}"
     _RESOLVED[id(resolved)] = resolved
     return resolved
 

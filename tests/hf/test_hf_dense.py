@@ -4,7 +4,6 @@ sliding windows, LongRoPE and Llama 3.1's rotary scaling under a KV cache); a sh
 on 8 devices; the config mapping's defaults and refusals; which family a dense moejax model saves as; and a
 ``python -m moejax.main`` fine-tune (in process) of 2 steps from a golden fixture."""
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import moejax
 from moejax import generate, hf, model, parallel
 from moejax.hf import io
 from moejax.training import loop
-from tests.helpers_hf import flat, golden_dir
+from tests.helpers_hf import flat, golden_dir, release_with_tokenizer
 
 
 def logits_of(config, variables, tokens, mesh=None) -> np.ndarray:
@@ -149,21 +148,6 @@ def test_saving_refuses_what_a_dense_family_cannot_express(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- fine-tuning
-
-
-def release_with_tokenizer(case: str, target, corpus):
-    """A copy of a golden fixture with a character-level BPE tokenizer of at most its vocabulary (eos '</s>')."""
-    from tokenizers import Tokenizer, models, trainers
-
-    directory = shutil.copytree(golden_dir(case), target)
-    (directory / "golden.npz").unlink()
-    vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.train_from_iterator([p.read_text() for p in sorted(corpus.iterdir())], trainers.BpeTrainer(
-        vocab_size=vocab, limit_alphabet=vocab - 8, special_tokens=["<unk>", "</s>"], show_progress=False))
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    return directory
 
 
 def test_main_fine_tunes_a_dense_release_from_its_golden_fixture(stdlib_corpus, tmp_path):

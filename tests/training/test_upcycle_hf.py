@@ -5,7 +5,6 @@ weights; one copy's slices under zero routers, top_k = m, routed_scaling_factor 
 not; the run's model takes the release's shapes and the run's MoE layout; bad sources and layouts are named; and
 ``python -m moejax.main`` (in process) upcycles olmo2_a and trains 2 steps."""
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +13,10 @@ import pytest
 from moejax.configs import base
 
 import moejax
-from moejax import checks, hf, model, upcycle, upcycle_hf
-from tests.helpers_hf import golden_dir
+from moejax import checks, data, hf, model, upcycle, upcycle_hf
+from moejax.training import loop
+from tests.helpers_hf import golden_dir, release_with_tokenizer
+from tests.reference import cross_entropy
 
 TOL = 1e-4
 
@@ -111,3 +112,52 @@ def test_bad_sources_and_layouts_are_named(case, change, field, match):
         node[name] = value
     with pytest.raises(checks.ConfigError, match=match):
         upcycle_hf.moe_model(hf.read_config(directory).model, config, directory)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def run_config(init_from, corpus, **upcycle_fields):
+    config = upcycling_config(norm_topk_prob=True)
+    config.init_from = init_from
+    config.upcycle.update(upcycle_fields)
+    config.data.update(name=f"text:{corpus}/*.py", dir=str(corpus.parent / "cache"), eval_batches=1)
+    config.train.update(steps=2, batch_size=8, seq_len=16, warmup_steps=1, log_every=1, eval_every=0)
+    config.checkpoint.every_steps = 2
+    return config
+
+
+def test_main_upcycles_a_dense_release_and_trains(stdlib_corpus, tmp_path):
+    """init_from='upcycle:hf:<olmo2_a with a tokenizer>', whole copies with renormalised top-2: the run's model is
+    the release's in 4-expert MoE layers; its step-0 evaluation is the release's own loss on the same batch (the
+    dense model evaluated here), then 2 steps train."""
+    directory = release_with_tokenizer("olmo2_a", tmp_path / "release", stdlib_corpus)
+    config = run_config(f"upcycle:hf:{directory}", stdlib_corpus)
+    workdir = tmp_path / "run"
+    loop.run(config, workdir)
+    trained_config, trained = moejax.load(workdir)
+    m = trained_config.model
+    assert (m.norm_position, m.moe.num_experts, m.moe.expert_ffn, model.moe_layers(m)) == ("post", 4, 48, [0, 1])
+    assert trained_config.data.tokenizer == f"hf:{directory}"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["loss"] for r in records if r["kind"] == "eval"}
+    assert sorted(evals) == [0, 2]
+    dense_config, variables = hf.load(directory)
+    dense_config.data.update(trained_config.data.to_dict())
+    dense_config.train.update(trained_config.train.to_dict())
+    apply = jax.jit(model.Transformer(dense_config.model).apply)
+    (batch,) = list(data.eval_batches(dense_config))
+    dense_loss = cross_entropy(apply(variables, jnp.asarray(batch[:, :-1])), batch[:, 1:])
+    assert abs(evals[0] - float(dense_loss)) < 1e-4
+    assert trained["params"]["layers_0"]["ffn"]["experts"]["wi_0"].shape == (4, 32, 48)
+
+
+def test_bad_upcycling_sources_are_refused_by_name(stdlib_corpus, tmp_path):
+    with pytest.raises(checks.ConfigError, match=r"init_from='upcycle:hf:.*/missing' is invalid: .*missing is not a "
+                                                 r"transformers checkpoint directory"):
+        loop.run(run_config(f"upcycle:hf:{tmp_path / 'missing'}", stdlib_corpus), tmp_path / "a")
+    with pytest.raises(checks.ConfigError, match=r"cannot be combined with upcycle.enabled=True"):
+        loop.run(run_config(f"upcycle:hf:{golden_dir('llama_a')}", stdlib_corpus, enabled=True), tmp_path / "b")
+    with pytest.raises(checks.ConfigError, match=r"holds a mixtral model with MoE layers"):
+        loop.run(run_config(f"upcycle:hf:{golden_dir('mixtral_a')}", stdlib_corpus), tmp_path / "c")
+    assert not any((tmp_path / name).exists() for name in "abc")
