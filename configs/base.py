@@ -215,7 +215,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The run's model section is then the source's (its config.json), except the fields of FIELD_ROLES's 'compute'
     # role below (dtypes, remat, dispatch, kernels, router-loss coefficients), which keep this config's values;
     # data.tokenizer left at 'bytes' becomes the source's tokenizer ('hf:<dir>' when <dir> has a tokenizer.json);
-    # set otherwise, it must be the same tokenizer for 'run:'. See configs/finetune.py.
+    # set otherwise, it must be the same tokenizer for 'run:'. See configs/finetune.py. 'upcycle:hf:<dir>' = a dense
+    # transformers checkpoint upcycled into this config's MoE layout (moejax/upcycle_hf.py; upcycle.enabled=False).
     config.init_from = ""
 
     model = ml_collections.ConfigDict()
