@@ -17,7 +17,8 @@ scaling * (x A_e) B_e per row of expert e), never on every expert for every toke
 
 Dropout on the adapter's input draws its masks from the 'dropout' rng stream, else from the 'routing' stream that
 every training forward pass carries (moejax/training/objectives.py); evaluation and decoding pass neither, so they
-run without dropout. Routed-expert adapters have no dropout (the grouped matmul has no per-row stream).
+run without dropout. Routed-expert adapters draw one mask per routed slot and adapted matrix, which the slot's row
+carries through the grouped matmul (moejax/adapters/expert_lora.py ``slot_dropout``; one device only).
 
 The base weights stay frozen in training: the optimizer holds state for the adapters only (``trainable``,
 moejax/training/optim.py), and the train step stops the gradient of every other parameter.
@@ -164,9 +165,6 @@ def validate_targets(model_cfg: ml_collections.ConfigDict, adaptable: Sequence[s
                         f"routers, shared-expert gate, routed experts, LM head); this model's are: {shown}")
     picked = [path for path in adaptable if lora.picks(path.split("/"))]
     routed = [p for p in picked if p.split("/")[-2] == moe.EXPERTS]
-    if routed and lora.dropout:
-        checks.fail("model.lora.dropout", lora.dropout, f"routed-expert adapters (e.g. {routed[0]}) run inside the "
-                                                        f"grouped matmul without dropout: 0 with such targets")
     if routed and len(model_cfg.moe.expert_placement):
         checks.fail("model.lora.targets", tuple(lora.targets), f"picks routed experts (e.g. {routed[0]}) of a model "
                     f"with model.moe.expert_placement, whose replicas would train apart: unplace the experts first")

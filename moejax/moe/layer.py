@@ -313,7 +313,12 @@ class MoE(nn.Module):
         if cfg.dispatch == "capacity":
             factor = cfg.capacity_factor if train or cfg.eval_capacity_factor is None else cfg.eval_capacity_factor
             cap = dispatch.capacity(num_tokens, cfg.top_k, num_stored, factor)  # per expert, not per replica
+        expert, slot_inputs = expert_lora.slot_dropout(self, self.lora, expert, route.experts.size, tokens.shape[-1],
+                                                       cfg.expert_ffn, self.dtype)
         if self.mesh is not None and self.mesh.size > 1:
+            if slot_inputs is not None:
+                raise ValueError(f"model.lora.dropout={self.lora.dropout} on routed-expert adapters runs on one "
+                                 f"device only: set it to 0 on a mesh of {self.mesh.size} devices")
             tensor = self.mesh.shape.get("tensor", 1)
             if tensor > 1 and expert.after_contraction:  # the layer sums the tensor shards' partial outputs
                 weights = tuple(w / tensor if name in expert.after_contraction else w
@@ -326,7 +331,7 @@ class MoE(nn.Module):
             out, dropped = pipeline.routed_experts(tokens.astype(self.dtype), route, expert, weights,
                                                    num_experts=num_weights, backend=backend,
                                                    kernel=cfg.dispatch_kernel, tile=tile, capacity=cap,
-                                                   drop_policy=cfg.drop_policy)
+                                                   drop_policy=cfg.drop_policy, slot_inputs=slot_inputs)
             overflow = jnp.zeros((), jnp.int32)
         route = logical
         valid = route.experts < num_experts

@@ -1,6 +1,7 @@
 """Dispatch -> compute -> combine: the routed experts on one device's tokens, shared by the single-device MoE layer
 and by each device of the expert-parallel layer (moejax/moe/expert_parallel.py)."""
 import jax
+import jax.numpy as jnp
 
 from moejax.moe import dispatch, experts
 from moejax.moe.routers import Routing
@@ -31,12 +32,15 @@ def tile_for(backend: str, gmm_tile: int, num_slots: int, num_experts: int) -> i
 
 def routed_experts(tokens: jax.Array, route: Routing, expert: experts.GLUExperts, weights: experts.Weights, *,
                    num_experts: int, backend: str, kernel: str, tile: int, capacity: int | None = None,
-                   drop_policy: str = "position") -> tuple[jax.Array, jax.Array]:
+                   drop_policy: str = "position", slot_inputs: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
     """y_t = sum_j route.weights[t, j] * expert_{route.experts[t, j]}(tokens[t]) -> (y [T, D], dropped []).
 
     Slots with an id >= num_experts are null. capacity: slots each expert keeps (``drop_policy`` decides which),
     None for dropless; dropped counts the slots over capacity. tile: rows per tile of a dropless plan
-    (``tile_for``). backend: a resolved gmm backend; kernel: ``model.moe.dispatch_kernel``.
+    (``tile_for``). backend: a resolved gmm backend; kernel: ``model.moe.dispatch_kernel``. slot_inputs: [T*k, M]
+    columns each routed slot's row carries after its token (the dropout masks of routed-expert adapters,
+    moejax/adapters/expert_lora.py); the expert keeps the rows' width and only the first D columns are combined.
     """
     if capacity is not None:
         plan = dispatch.capacity_plan(route, num_experts, capacity, drop_policy)
@@ -44,5 +48,8 @@ def routed_experts(tokens: jax.Array, route: Routing, expert: experts.GLUExperts
         plan = dispatch.dropless_plan(route, num_experts, tile)
     permute, unpermute_combine = kernel_ops(kernel)
     rows = permute(tokens, plan.slot_row, plan.row_slot)
-    rows = experts.grouped_apply(expert, rows, weights, plan, backend)
+    if slot_inputs is not None:
+        extra = dispatch.append_zero_row(jax.lax.stop_gradient(slot_inputs))[plan.row_slot]
+        rows = jnp.concatenate([rows, extra.astype(rows.dtype)], axis=-1)
+    rows = experts.grouped_apply(expert, rows, weights, plan, backend)[:, :tokens.shape[-1]]
     return unpermute_combine(rows, route.weights, plan.slot_row, plan.row_slot), plan.dropped
