@@ -353,6 +353,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # byte-level BPE trained once on the corpus's training split and cached in data.dir; '<|endoftext|>' separates
     # documents). model.vocab_size must be at least the tokenizer's vocabulary.
     data.tokenizer = "bytes"
+    # Staged data mixing (moejax/data/mixing.py; Innovator, arXiv 2507.18671): mix = corpora trained on beside name;
+    # mix_stages = ((until_step, w_0, w_1, ...), ...): until until_step a batch holds rows of (name, *mix) in the
+    # ratio of the weights (largest-remainder rounding); the last stage lasts to the end. Needs a tokenizer shared by
+    # every corpus ('bytes' or 'hf:'). Evaluation reads name's validation split.
+    data.mix = ()
+    data.mix_stages = ()
     config.data = data
 
     train = ml_collections.ConfigDict()
@@ -377,6 +383,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # THOR's consistency regulariser: > 0 runs each batch twice with independent random routings and adds
     # consistency_coef * 1/2 [KL(p1||p2) + KL(p2||p1)] to CE_1 + CE_2 (needs a random router, e.g. kind='thor').
     train.consistency_coef = 0.0
+    # Routing warm-up (moejax/training/staging.py; Innovator, arXiv 2507.18671): the first router_warmup_steps
+    # optimizer steps of a run train the MoE routers alone (every other parameter frozen); 0 = off.
+    train.router_warmup_steps = 0
     # Console progress every log_every steps; validation every eval_every steps (0: only at the end).
     train.log_every = 10
     train.eval_every = 50

@@ -14,13 +14,21 @@ Presets:
   here the function is preserved exactly, and only training makes the copies diverge).
 * ``fine``: Innovator's recipe without its domain stages: the FFN cut into m = 4 slices of 176, 8 copies of each
   (32 routed experts), top-4, and a shared expert that takes the whole dense FFN (num_shared 4 x 176 = 704).
+* ``innovator``: ``fine`` with Innovator's staged training (docs/methods.md#innovators-staged-upcycling): the
+  dense stage trains on the general corpus (``stdlib``, whose build leaves test files out); the MoE run's first
+  ``train.router_warmup_steps`` = 20 steps train the routers alone on the domain corpus (this Python's standard-library
+  test files, ``data.mix``), then every parameter trains on general and domain data 1:1 (``data.mix_stages``).
+  Evaluation reads the general corpus; evaluate the domain with ``python -m moejax.evaluate --data=<the mix corpus>``.
 
 Point upcycle.dense_checkpoint at the workdir of any finished dense run of the same shapes to skip the dense stage.
 """
+import sysconfig
+
 import ml_collections
 from moejax.configs import base
 
-PRESETS: tuple[str, ...] = ("coarse", "fine")
+PRESETS: tuple[str, ...] = ("coarse", "fine", "innovator")
+ROUTER_WARMUP_STEPS = 20  # innovator: the routing warm-up, then general and domain data 1:1
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,8 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.upcycle.granularity = 1
         moe.update(num_experts=8, top_k=2, expert_ffn=704)
         moe.router.update(score="softmax", norm_topk_prob=True)
-    else:  # "fine"
+    else:  # "fine", "innovator"
         config.upcycle.granularity = 4
         moe.update(num_experts=32, top_k=4, expert_ffn=176, num_shared=4)
         moe.router.update(score="softmax", norm_topk_prob=False)
+    if preset == "innovator":
+        domain = f"text:{sysconfig.get_paths()['stdlib']}/test/test_*.py"
+        config.data.update(name="stdlib", mix=(domain,),
+                           mix_stages=((ROUTER_WARMUP_STEPS, 0.0, 1.0), (config.train.steps, 1.0, 1.0)))
+        config.train.router_warmup_steps = ROUTER_WARMUP_STEPS
     return config

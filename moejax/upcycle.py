@@ -60,12 +60,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def dense_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The dense model an upcycling config starts from: the same config with every layer dense (FFN ffn_dim),
-    trained for upcycle.dense_steps steps."""
+    trained for upcycle.dense_steps steps on data.name alone (no routing warm-up, no data.mix stages)."""
     dense = ml_collections.ConfigDict(config.to_dict())  # to_dict copies: the config itself stays as it is
     dense.model.moe_every = 0
     dense.upcycle.enabled = False
     dense.train.steps = config.upcycle.dense_steps
     dense.train.warmup_steps = min(config.train.warmup_steps, config.upcycle.dense_steps)
+    dense.train.router_warmup_steps = 0  # the MoE run's stages (Innovator): the dense model trains plainly
+    dense.data.mix, dense.data.mix_stages = (), ()
     return dense
 
 

@@ -42,7 +42,8 @@ in tokens).
 """
 from moejax.data import tokenizers
 from moejax.data.corpora import NAMES_ALLOWED, SEPARATOR, VOCAB_SIZE, parse_name
-from moejax.data.iterators import TrainIterator, checkpoint_windows, eval_batches, train_iterator
+from moejax.data.iterators import TrainIterator, checkpoint_windows, eval_batches
+from moejax.data.mixing import train_iterator  # iterators.train_iterator, or mixed corpora (data.mix)
 from moejax.data.streams import corpus_fingerprint
 
 __all__ = ["NAMES_ALLOWED", "SEPARATOR", "VOCAB_SIZE", "TrainIterator", "checkpoint_windows", "corpus_fingerprint",

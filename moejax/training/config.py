@@ -17,10 +17,11 @@ from flax import traverse_util
 
 from moejax import checks, data, model, upcycle
 from moejax.configs import base
+from moejax.data import mixing
 from moejax.moe import expert_parallel
 from moejax.parallel import TOKEN_AXES, mesh_shape
 from moejax.quant import qat
-from moejax.training import initialise, objectives, optim
+from moejax.training import initialise, objectives, optim, staging
 from moejax.training.checkpoint import WorkdirError
 
 # Fields that may differ between a workdir's config.json and the config resuming it (configs/base.py FIELD_ROLES).
@@ -52,6 +53,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     qat.validate(config)
     initialise.teacher_model(config)  # a readable teacher of the student's vocabulary, or none
     upcycle.validate(config)
+    staging.validate(config)
+    mixing.validate(config)
     checks.positive_int("checkpoint.every_steps", config.checkpoint.every_steps, minimum=0)
     checks.positive_int("checkpoint.keep", config.checkpoint.keep)
 

@@ -9,6 +9,8 @@ clipping and AdamW see the other parameters only.
 With LoRA adapters (``model.lora.targets``, moejax/adapters/lora.py) the partition trains the adapters only: the
 optimizer holds state for them alone, and the returned ``Partitioned`` names them (``trainable``) so that the train
 step stops the gradient of the frozen base (moejax/training/step.py).
+
+With ``train.router_warmup_steps`` the first steps train the routers alone (moejax/training/staging.py).
 """
 from __future__ import annotations
 
@@ -91,6 +93,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip else adamw
+    if t.get("router_warmup_steps", 0):  # Innovator's routing warm-up (moejax/training/staging.py)
+        from moejax.training import staging
+
+        staging.validate(config)
+        tx = staging.router_warmup(tx, t.router_warmup_steps)
     if lora.spec(config.model) is not None:
         partition = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, adapter_labels)
         return Partitioned(partition.init, partition.update, lora.trainable)
