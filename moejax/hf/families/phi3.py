@@ -64,7 +64,8 @@ def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
         out["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
         rope["partial_rotary_factor"] = m.partial_rotary_factor
     out.update(partial_rotary_factor=m.partial_rotary_factor, sliding_window=dense_common.write_windows(m)[0],
-               resid_pdrop=0.0, embd_pdrop=0.0)
+               resid_pdrop=0.0, embd_pdrop=0.0,
+               pad_token_id=None)  # Phi3Config's default padding row 32000 is past a smaller vocabulary
     return out
 
 
