@@ -19,7 +19,7 @@ from moejax.hf import io
 from tests.helpers_configs import load
 from tests.helpers_hf import golden_dir
 
-FAMILY_CASES = ["dots1_a", "dots1_b", "ernie4_5_moe_a", "ernie4_5_moe_b"]
+FAMILY_CASES = ["dots1_a", "dots1_b", "ernie4_5_moe_a", "ernie4_5_moe_b", "minimax_m2_a", "minimax_m2_b"]
 
 
 def counts(cfg) -> dict[str, int]:
@@ -158,6 +158,43 @@ def test_row_rule_is_the_leading_unit_axis():
     np.testing.assert_array_equal(rules.to_hf("row", [bias]), bias[None])
     np.testing.assert_array_equal(rules.to_moejax("row", bias[None], (6,)), bias)
 
+
+# ----------------------------------------------------------------------------------------------- MiniMax-M2
+
+
+def test_minimax_m2_rotary_fraction_as_transformers_reads_it():
+    """rope_parameters' partial_rotary_factor wins over the legacy rotary_dim, which wins over nothing (1.0): the
+    order of transformers' MiniMaxM2Config (a setdefault from rotary_dim); saving writes rotary_dim."""
+    raw = json.loads((golden_dir("minimax_m2_b") / "config.json").read_text())
+    assert raw["rotary_dim"] == 4 and "rope_parameters" not in raw
+    m = hf.families.config_from_hf(raw)[0].model
+    assert m.partial_rotary_factor == 0.5 and m.qk_norm_scope == "proj"
+    params = {"rope_type": "default", "rope_theta": 10.0, "partial_rotary_factor": 0.25}
+    assert hf.families.config_from_hf(dict(raw, rope_parameters=params))[0].model.partial_rotary_factor == 0.25
+    bare = {k: v for k, v in raw.items() if k != "rotary_dim"}
+    assert hf.families.config_from_hf(bare)[0].model.partial_rotary_factor == 1.0
+    assert hf.families.config_to_hf(m, "minimax_m2")["rotary_dim"] == 4
+    m.partial_rotary_factor = 0.3  # 2.4 of 8 dims
+    with pytest.raises(hf.HFConfigError, match="model.partial_rotary_factor=0.3 cannot be saved as minimax_m2"):
+        hf.families.config_to_hf(m, "minimax_m2")
+
+
+@pytest.mark.parametrize("field,value", [("qk_norm_type", "per_head"), ("use_qk_norm", False),
+                                         ("scoring_func", "softmax"), ("use_routing_bias", False),
+                                         ("shared_intermediate_size", 512), ("router_jitter_noise", 0.1),
+                                         ("attention_bias", True)])
+def test_minimax_m2_refuses_what_transformers_does_not_compute(field, value):
+    raw = json.loads((golden_dir("minimax_m2_a") / "config.json").read_text())
+    with pytest.raises(hf.HFConfigError, match=f"{field}={value!r}"):
+        hf.families.config_from_hf(dict(raw, **{field: value}))
+
+
+def test_minimax_m2_released_fields_are_known(tmp_path, capsys):
+    """Every field of the released config.json is mapped, checked or known to change nothing (no 'do not know'
+    note), and its FP8 quantization_config is accepted."""
+    read(tmp_path, MINIMAX_M2)
+    assert "does not know" not in capsys.readouterr().err
+
 # rednote-hilab/dots.llm1.base (and .inst): the hub config.json as other projects transcribe it (configs/dots1.py)
 DOTS1_LLM1 = {
     "architectures": ["Dots1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -182,11 +219,27 @@ ERNIE_21B_A3B = {
     "rope_theta": 500000, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_bias": False,
     "use_cache": False, "vocab_size": 103424,
 }
+# MiniMaxAI/MiniMax-M2: the hub config.json as other projects transcribe it (configs/minimax_m2.py)
+MINIMAX_M2 = {
+    "architectures": ["MiniMaxM2ForCausalLM"], "attention_dropout": 0.0, "attn_type_list": [1] * 62,
+    "bos_token_id": 200034, "eos_token_id": 200020, "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072,
+    "initializer_range": 0.02, "intermediate_size": 1536, "max_position_embeddings": 196608,
+    "model_type": "minimax_m2", "mtp_transformer_layers": 1, "num_attention_heads": 48, "num_experts_per_tok": 8,
+    "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256, "num_mtp_modules": 3,
+    "output_router_logits": False, "qk_norm_type": "per_layer", "rms_norm_eps": 1e-06, "rope_theta": 5000000,
+    "rotary_dim": 64, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "scoring_func": "sigmoid",
+    "shared_intermediate_size": 0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_mtp": True, "use_qk_norm": True, "use_routing_bias": True, "vocab_size": 200064,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "float8_e4m3fn", "quant_method": "fp8",
+                            "weight_block_size": [128, 128],
+                            "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]},
+}
 # name -> (config file, preset, config.json, published (total, activated), tolerance, activated counts the
 # input embedding)
 RELEASED = {
     "dots1_llm1": ("dots1", "llm1", DOTS1_LLM1, (142e9, 14e9), 1e9, True),
     "ernie4_5_moe_21b_a3b": ("ernie4_5_moe", "21b_a3b", ERNIE_21B_A3B, (21e9, 3e9), 1e9, False),
+    "minimax_m2": ("minimax_m2", "m2", MINIMAX_M2, (230e9, 10e9), 1.5e9, False),
 }
 
 
@@ -201,6 +254,7 @@ def test_released_preset_equals_read_config_and_the_published_size(name, tmp_pat
     assert abs(n["total"] - total) < unit and abs(n["activated"] - activated) < unit, n
 
 
-@pytest.mark.parametrize("file,family", [("dots1", "dots1"), ("ernie4_5_moe", "ernie4_5_moe")])
+@pytest.mark.parametrize("file,family", [("dots1", "dots1"), ("ernie4_5_moe", "ernie4_5_moe"),
+                                         ("minimax_m2", "minimax_m2")])
 def test_small_default_is_a_model_of_the_released_family(file, family):
     assert hf.families.config_to_hf(load(file).model, family)["model_type"] == family

@@ -31,3 +31,29 @@ CASES.update({
                                                   rope_parameters={"rope_type": "default", "rope_theta": 800.0}),
                        None),
 })
+CASES.update({
+    # half of each 16-wide head rotated, the q/k RMSNorm over all heads, a selection bias, top-2 of 8
+    "minimax_m2_a": ("MiniMaxM2Config", dict(COMMON, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                                             intermediate_size=16,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
+                                                              "partial_rotary_factor": 0.5}), None),
+    # the released config's legacy rotary_dim (24 of 32-wide... here 4 of 8), three layers, top-3 of 6, tied embeddings
+    "minimax_m2_b": ("MiniMaxM2Config", dict(COMMON, head_dim=8, num_hidden_layers=3, num_local_experts=6,
+                                             num_experts_per_tok=3, intermediate_size=24, tie_word_embeddings=True,
+                                             rotary_dim=4), "rotary_dim"),
+})
+
+
+def _rotary_dim(directory) -> None:
+    """config.json as the released MiniMax-M2 writes its partial rotary embedding: a top-level rotary_dim (of
+    head_dim) and rope_theta, no rope_parameters."""
+    import json
+
+    raw = json.loads((directory / "config.json").read_text())
+    params = raw.pop("rope_parameters")
+    raw["rope_theta"] = params["rope_theta"]
+    raw["rotary_dim"] = int(raw["head_dim"] * params["partial_rotary_factor"])
+    (directory / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+POST = {"rotary_dim": _rotary_dim}
