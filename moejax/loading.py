@@ -52,7 +52,9 @@ def load(path: str | pathlib.Path, step: int | None = None) -> tuple[ml_collecti
         raise WorkdirError(f"{workdir} has no checkpoint yet (nothing in {workdir / 'checkpoints'}); a run saves "
                            f"one every checkpoint.every_steps steps, at the end and when stopped by a signal")
     state, _ = checkpoint.load_checkpoint(workdir, step)
-    variables = {"params": jax.tree.map(jnp.asarray, state["params"]),
+    from moejax.quant import compact  # a compact quantised workdir: codes and scales dequantised here
+
+    variables = {"params": jax.tree.map(jnp.asarray, compact.expand(workdir, state["params"])),
                  "moe_state": jax.tree.map(jnp.asarray, state.get("moe_state") or {})}
     return config, variables
 

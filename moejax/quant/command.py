@@ -8,7 +8,9 @@ and the metrics against the original.
 
 Writes to --out the quantised model (fake-quantised weights in the parameters' dtype: a moejax workdir, or with
 --format=hf a transformers directory), ``quantised.safetensors`` (the compact form: codes and scales,
-``moejax.quant.transform.save_tensors``), ``posthoc.json`` (what was done) and the metrics JSON (default
+``moejax.quant.transform.save_tensors``; with --compact the workdir's checkpoint holds the codes and scales in place
+of the quantised floats, and ``quantised.json`` their layout: moejax/quant/compact.py), ``posthoc.json`` (what was
+done) and the metrics JSON (default
 ``<out>/quantise_metrics.json``): loss and bits per byte of both models on the evaluation windows, routing flips and
 router KL per MoE layer on the calibration batches, per-expert weight errors, model bytes.
 """
@@ -52,6 +54,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                                                                      "Hessian diagonal")
     parser.add_argument("--blocksize", type=int, default=128, help="gptq: columns per lazy update block")
     parser.add_argument("--metrics", default=None, help=f"the metrics JSON (default <out>/{METRICS_FILE})")
+    parser.add_argument("--compact", action="store_true",
+                        help="a moejax workdir whose checkpoint stores the quantised matrices as codes and scales "
+                             "(moejax/quant/compact.py) instead of fake-quantised floats; moejax.load dequantises")
     parser.add_argument("--mesh", default="", help="run the calibration and routing passes on a device mesh, e.g. "
                                                    "data=2,expert=4 (axis=size among data, fsdp, expert, tensor; "
                                                    "default one device)")
@@ -148,6 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rule_list, choices = _check(args)
     mesh = mesh_of(args.mesh)
+    if args.compact and args.format != "moejax":
+        raise cli.flag_error("compact", True, "stores a moejax workdir (--format=moejax); a transformers directory "
+                                              "takes --hf_quantisation")
     out = pathlib.Path(args.out)
     steps.check_out_dir("out", out)
     metrics_path = pathlib.Path(args.metrics) if args.metrics else out / METRICS_FILE
@@ -206,8 +214,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              progress=steps.progress(opened, "routing of both models"), mesh=mesh)
     result = {**steps.provenance(args, opened), **what, "metrics": result}
     with cli.removed_on_failure(out):
-        steps.save_model(args, opened, config, new, {**what, "tensors": TENSORS_FILE, "metrics": str(metrics_path)})
-        transform.save_tensors(tensors, out / TENSORS_FILE, metadata={"method": args.method, "rules": what["rules"]})
+        if args.compact:  # the codes and scales in the checkpoint itself (no separate compact file)
+            from moejax.quant import compact
+
+            params, layout = compact.to_tree(new["params"], tensors)
+            steps.save_model(args, opened, config, {**new, "params": params},
+                             {**what, "tensors": compact.LAYOUT_FILE, "metrics": str(metrics_path)})
+            compact.write_layout(out, layout)
+        else:
+            steps.save_model(args, opened, config, new, {**what, "tensors": TENSORS_FILE,
+                                                          "metrics": str(metrics_path)})
+            transform.save_tensors(tensors, out / TENSORS_FILE, metadata={"method": args.method,
+                                                                          "rules": what["rules"]})
         steps.write_json(metrics_path, result)
     ev, size = result["metrics"]["evaluation"], result["metrics"]["bytes"]
     flips = result["metrics"]["routing"]["flips"]

@@ -145,3 +145,25 @@ def param_bytes(variables: Mapping[str, Any]) -> int:
     leaves = jax.tree.leaves(variables.get("params", {}), is_leaf=_is_weight)
     return int(sum(leaf.nbytes if _is_weight(leaf) else np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
                    for leaf in leaves))
+
+
+def load(path: Any) -> tuple[Any, dict[str, Any]]:
+    """(config, variables) of a compact quantised workdir (``python -m moejax.posthoc quantise --compact``) with the
+    int matrices kept as QuantisedWeight (codes and scales, as stored) for ``moejax.generate``; the other quantised
+    formats dequantised. ValueError for a workdir that is not compact."""
+    import json
+    import pathlib
+
+    from moejax import loading
+    from moejax.quant import compact
+    from moejax.training import checkpoint
+
+    layout = compact.read_layout(path)
+    if layout is None:
+        raise ValueError(f"{path} is not a compact quantised workdir (no {compact.LAYOUT_FILE}; python -m "
+                         f"moejax.posthoc quantise --compact writes one)")
+    config = loading.config_from_json(json.loads((pathlib.Path(path) / "config.json").read_text()))
+    state, _ = checkpoint.load_checkpoint(path)
+    params, tensors = compact.from_tree(state["params"], layout)
+    return config, {"params": jax.tree.map(jnp.asarray, from_tensors(params, tensors)),
+                    "moe_state": jax.tree.map(jnp.asarray, state.get("moe_state") or {})}

@@ -126,3 +126,36 @@ def test_gptq_and_routing_metrics_on_an_expert_parallel_mesh_equal_one_device(re
     assert one["gptq"]["layers"] == mesh["gptq"]["layers"]  # tokens per expert: the same routing
     with pytest.raises(moejax_cli.UsageError, match=r"--mesh='data=3,expert=4': the axis sizes multiply to 12"):
         cli.main(["quantise", *flags, "--mesh=data=3,expert=4", "--out", str(tmp_path / "bad")])
+
+
+def test_compact_workdir_stores_codes_and_reloads_the_same_model(release, tmp_path):
+    """--compact: the checkpoint holds int8 / packed int4 codes and scales (and the float slices no rule quantised);
+    moejax.load gives exactly the fake-quantised params of the ordinary workdir, in less disk; quant.decode.load
+    keeps the int codes for decoding, with the same tokens."""
+    from moejax import generate
+    from moejax.quant import compact, decode
+    from moejax.training import checkpoint
+
+    rules = "--rules=experts=int4/g8@1;attention=int8"  # layer 0's experts kept: stored as float slices
+    cli.main(["quantise", *release[1], rules, "--out", str(tmp_path / "plain")])
+    result = cli.main(["quantise", *release[1], rules, "--compact", "--out", str(tmp_path / "compact")])
+    assert (tmp_path / "compact" / compact.LAYOUT_FILE).is_file()
+    assert not (tmp_path / "compact" / "quantised.safetensors").exists()
+    state, _ = checkpoint.load_checkpoint(tmp_path / "compact")
+    stored = state["params"]["layers_1"]["ffn"]["experts"]["wi_0"]
+    assert stored["part0"]["packed"].dtype == np.uint8 and stored["part0"]["packed"].size == 4 * 32 * 16 // 2
+    assert state["params"]["layers_0"]["attn"]["q"]["kernel"]["part0"]["codes"].dtype == np.int8
+    config, plain = moejax.load(tmp_path / "plain")
+    _, loaded = moejax.load(tmp_path / "compact")
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), plain["params"],
+                                     loaded["params"]))
+    # the arrays stored: the compact form's bytes the metrics count (codes, scales and the rest as stored)
+    stored_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(state["params"]))
+    assert stored_bytes == result["metrics"]["bytes"]["quantised"] < 0.8 * result["metrics"]["bytes"]["original"]
+    _, held = decode.load(tmp_path / "compact")
+    assert isinstance(held["params"]["layers_1"]["ffn"]["experts"]["wo"], decode.QuantisedWeight)
+    prompts = np.arange(1, 7, dtype=np.int32).reshape(1, 6)
+    np.testing.assert_array_equal(generate.generate(config, held, prompts, max_new_tokens=5),
+                                  generate.generate(config, plain, prompts, max_new_tokens=5))
+    with pytest.raises(moejax_cli.UsageError, match=r"--compact=True: stores a moejax workdir"):
+        cli.main(["quantise", *release[1], "--compact", "--format=hf", "--out", str(tmp_path / "bad")])
