@@ -283,7 +283,8 @@ def adapter_term(module: nn.Module, lora: LoraSpec | None, name: str, x: jax.Arr
     if lora is None or not lora.picks((*module.path, name)):
         return None
     if lora.mixture is not None:
-        return mixture_lib.term(module, lora.mixture, rank=lora.rank, scaling=lora.scaling, dropout=lora.dropout,
+        return mixture_lib.term(module, lora.mixture, rank=lora.rank, alpha=lora.alpha, rslora=lora.rslora,
+                                dropout=lora.dropout,
                                 name=name, x=x, kernel_shape=kernel_shape, n_in=n_in, dtype=dtype,
                                 param_dtype=param_dtype, a_init=functools.partial(a_init, lora))
     in_shape, out_shape = tuple(kernel_shape[:n_in]), tuple(kernel_shape[n_in:])

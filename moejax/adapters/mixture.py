@@ -55,6 +55,7 @@ class MixtureSpec:
     balance_coef: float = 0.0
     blc_alpha: float = 0.0
     task_type: int = -1
+    ranks: tuple[int, ...] = ()  # rank-heterogeneous experts: expert e's rank; () = model.lora.rank for all
 
     def experts_at(self, layer: int | None) -> int:
         """E at a model layer (``per_layer`` when set; layer None: outside the numbered layers)."""
@@ -79,7 +80,8 @@ def spec(lora: ml_collections.ConfigDict) -> MixtureSpec | None:
     if mix is None or not (mix.num_experts or len(mix.per_layer)):
         return None
     return MixtureSpec(int(mix.num_experts), tuple(int(n) for n in mix.per_layer), int(mix.top_k), str(mix.balance),
-                       float(mix.balance_coef), float(mix.blc_alpha), int(mix.task_type))
+                       float(mix.balance_coef), float(mix.blc_alpha), int(mix.task_type),
+                       tuple(int(r) for r in mix.get("ranks", ())))
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
@@ -116,6 +118,16 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     if mix.balance == "loramoe" and any(n % 2 for n in counts):
         checks.fail(f"{p}.balance", mix.balance, f"'loramoe' splits each layer's experts into two equal groups: "
                                                  f"every expert count must be even (got {counts})")
+    ranks = mix.get("ranks", ())
+    if isinstance(ranks, str) or not isinstance(ranks, (tuple, list)):
+        checks.fail(f"{p}.ranks", ranks, "must be a tuple of one rank per expert, or ()")
+    if len(ranks):
+        if len(per_layer) or len(ranks) != mix.num_experts:
+            checks.fail(f"{p}.ranks", tuple(ranks), f"must hold one rank per expert (num_experts={mix.num_experts}), "
+                                                    f"with per_layer=()")
+        for i, r in enumerate(ranks):
+            if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+                checks.fail(f"{p}.ranks[{i}]", r, "must be an int >= 1")
     if not (isinstance(mix.task_type, int) and not isinstance(mix.task_type, bool) and mix.task_type >= -1):
         checks.fail(f"{p}.task_type", mix.task_type, "must be -1 (no localized constraint) or a task type >= 0 "
                                                      "(1: the first group's, 0: the second group's)")
@@ -158,13 +170,22 @@ def _letters(n_in: int, n_out: int) -> tuple[str, str]:
     return "".join(free[:n_in]), "".join(free[n_in:n_in + n_out])
 
 
-def term(module: nn.Module, mix: MixtureSpec, *, rank: int, scaling: float, dropout: float, name: str,
+def expert_scaling(mix: MixtureSpec, rank: int, alpha: float, rslora: bool, num_experts: int) -> jax.Array:
+    """[E] each expert's alpha / r_e (alpha / sqrt(r_e) with rslora); r_e = ``mix.ranks[e]`` or rank."""
+    ranks = jnp.asarray(mix.ranks or (rank,) * num_experts, jnp.float32)
+    return alpha / (jnp.sqrt(ranks) if rslora else ranks)
+
+
+def term(module: nn.Module, mix: MixtureSpec, *, rank: int, alpha: float, rslora: bool, dropout: float, name: str,
          x: jax.Array, kernel_shape: Sequence[int], n_in: int, dtype: Any, param_dtype: Any,
          a_init: Callable[[int], nn.initializers.Initializer]) -> jax.Array:
-    """scaling * sum_e g_e (drop_e(x) A_e) B_e for the weight ``name`` [in..., out...] of module, declaring A, B and
-    the router in module and sowing the routing's statistics. x [..., in...] -> [..., out...] in dtype; a_init(fan_in):
-    A's initialiser (moejax/adapters/lora.py)."""
+    """sum_e g_e s_e (drop_e(x) A_e) B_e for the weight ``name`` [in..., out...] of module (s_e: ``expert_scaling``),
+    declaring A, B and the router in module and sowing the routing's statistics. x [..., in...] -> [..., out...] in
+    dtype; a_init(fan_in): A's initialiser (moejax/adapters/lora.py). Rank-heterogeneous experts (``mix.ranks``)
+    hold A [E, in..., max r], B [E, max r, out...] whose components past r_e are masked out."""
     num_experts = mix.experts_at(layer_index(module.path))
+    if mix.ranks:
+        rank = max(mix.ranks)
     in_shape, out_shape = tuple(kernel_shape[:n_in]), tuple(kernel_shape[n_in:])
     fan_in = math.prod(in_shape)
     a = module.param(f"{name}{STEM}_lora_a", a_init(fan_in), (num_experts, *in_shape, rank), param_dtype)
@@ -189,9 +210,12 @@ def term(module: nn.Module, mix: MixtureSpec, *, rank: int, scaling: float, drop
             h = jnp.einsum(f"t{ins},e{ins}r->ter", x, jnp.asarray(a, dtype))
     else:
         h = jnp.einsum(f"t{ins},e{ins}r->ter", x, jnp.asarray(a, dtype))
-    out = jnp.einsum(f"ter,er{outs}->t{outs}", h * gates[..., None].astype(dtype), jnp.asarray(b, dtype))
+    weight = gates * expert_scaling(mix, rank, alpha, rslora, num_experts)[None]  # [T, E]: g_e s_e
+    if mix.ranks:  # expert e uses its first r_e rank components only
+        h = h * (jnp.arange(rank)[None] < jnp.asarray(mix.ranks)[:, None]).astype(dtype)[None]
+    out = jnp.einsum(f"ter,er{outs}->t{outs}", h * weight[..., None].astype(dtype), jnp.asarray(b, dtype))
     _sow(module, mix, name, route, gates, lead, num_experts)
-    return (scaling * out).reshape(*lead, *out_shape)
+    return out.reshape(*lead, *out_shape)
 
 
 def _sow(module: nn.Module, mix: MixtureSpec, name: str, route: routers.Routing, gates: jax.Array,

@@ -29,14 +29,21 @@ from moejax.moe import experts as experts_lib
 from moejax.posthoc import compress
 
 
+def svd_factors(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(L [out, r], R [r, in]) of a matrix W [out, in] (the torch layout) with L R its best rank-r approximation:
+    W = U diag(s) V^T, L = U_r diag(sqrt(s_r)), R = diag(sqrt(s_r)) V_r^T (float64; r capped at min(out, in))."""
+    w = np.asarray(weight, np.float64)
+    rank = min(int(rank), *w.shape)
+    u, s, vh = np.linalg.svd(w, full_matrices=False)
+    return u[:, :rank] * np.sqrt(s[:rank]), np.sqrt(s[:rank])[:, None] * vh[:rank]
+
+
 def low_rank_plus_sparse(weight: np.ndarray, rank: int, density: float) -> tuple[np.ndarray, int]:
     """(W' [in, out], parameters of the factored form) for one matrix in moejax's layout [in, out]."""
     w = np.asarray(weight, np.float64).T  # the authors' [out, in]
     out_dim, in_dim = w.shape
     rank = min(int(rank), out_dim, in_dim)
-    u, s, vh = np.linalg.svd(w, full_matrices=False)
-    left = u[:, :rank] * np.sqrt(s[:rank])
-    right = np.sqrt(s[:rank])[:, None] * vh[:rank]
+    left, right = svd_factors(w, rank)
     low = left @ right
     sparse = w - low
     kept = math.ceil(density * out_dim)
