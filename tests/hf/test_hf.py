@@ -395,7 +395,7 @@ def test_hub_layout_config(capsys):
     assert m.rope_scaling.to_dict() == dict(kind="yarn", factor=40.0, original_max_position_embeddings=4096,
                                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
                                             truncate=True, short_factor=(), long_factor=(), short_mscale=1.0,
-                                            long_mscale=1.0)
+                                            long_mscale=1.0, low_freq_factor=1.0, high_freq_factor=4.0)
     assert m.rope_interleave
     # mscale_all_dim without mscale: transformers' cos/sin factor is mscale(factor); moejax's mscale 0 says so
     legacy = {**DEEPSEEK_V3_HUB["rope_scaling"]}
