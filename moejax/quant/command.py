@@ -1,10 +1,11 @@
 """``python -m moejax.posthoc quantise``: quantise a checkpoint's weights, write the quantised model, its compact form
 and the metrics against the original.
 
-    python -m moejax.posthoc quantise --checkpoint=DIR --method=rtn|gptq --bits=4 [--group_size=128]
+    python -m moejax.posthoc quantise --checkpoint=DIR --method=rtn|gptq|eaquant --bits=4 [--group_size=128]
                                       [--targets=experts,shared] [--rules='experts=int4/g128;attention=fp8']
                                       [--mixed_bits=2,4,8 --budget=4 --criterion=soft_count]
-                                      [--min_tokens=32 --percdamp=0.01] --out=DIR [--metrics=FILE]
+                                      [--min_tokens=32 --percdamp=0.01] [--alpha=0.6 --balance=2 --no_smoothing]
+                                      --out=DIR [--metrics=FILE]
 
 Writes to --out the quantised model (fake-quantised weights in the parameters' dtype: a moejax workdir, or with
 --format=hf a transformers directory), ``quantised.safetensors`` (the compact form: codes and scales,
@@ -22,7 +23,7 @@ from typing import Any
 
 from moejax import cli
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "eaquant")
 METRICS_FILE = "quantise_metrics.json"
 TENSORS_FILE = "quantised.safetensors"
 
@@ -32,8 +33,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     from moejax.posthoc import importance
     from moejax.quant import formats, gptq, rules
 
-    parser.add_argument("--method", default="rtn", help=f"{' | '.join(METHODS)}: round to nearest, or GPTQ on the MoE "
-                                                        "layers' matrices (routed experts on their own tokens)")
+    parser.add_argument("--method", default="rtn", help=f"{' | '.join(METHODS)}: round to nearest, GPTQ on the MoE "
+                                                        "layers' matrices (routed experts on their own tokens), or "
+                                                        "EAQuant (expert-aware smoothing, router alignment, clipping)")
     parser.add_argument("--bits", type=int, default=4, help="int bits (2..8) of the --targets weights (symmetric)")
     parser.add_argument("--group_size", type=int, default=0, help="inputs per scale (0: one scale per output channel)")
     parser.add_argument("--targets", default="experts,shared",
@@ -53,6 +55,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--percdamp", type=float, default=0.01, help="gptq: the damping, a fraction of the mean "
                                                                      "Hessian diagonal")
     parser.add_argument("--blocksize", type=int, default=128, help="gptq: columns per lazy update block")
+    parser.add_argument("--alpha", type=float, default=0.6, help="eaquant: the smoothing strength in [0, 1]")
+    parser.add_argument("--balance", type=float, default=2.0, help="eaquant: an expert's calibration tokens at most "
+                                                                    "balance x the mean tokens per expert")
+    parser.add_argument("--no_smoothing", action="store_true", help="eaquant: skip the smoothing aggregation")
     parser.add_argument("--metrics", default=None, help=f"the metrics JSON (default <out>/{METRICS_FILE})")
     parser.add_argument("--compact", action="store_true",
                         help="a moejax workdir whose checkpoint stores the quantised matrices as codes and scales "
@@ -140,6 +146,10 @@ def _check(args: argparse.Namespace) -> tuple[list[Any], list[int] | None]:
         raise cli.flag_error("percdamp", args.percdamp, "a number > 0")
     if args.blocksize < 1:
         raise cli.flag_error("blocksize", args.blocksize, "an integer >= 1")
+    if not 0 <= args.alpha <= 1:
+        raise cli.flag_error("alpha", args.alpha, "the smoothing strength, a number in [0, 1]")
+    if not args.balance > 0:
+        raise cli.flag_error("balance", args.balance, "a number > 0")
     return rules, choices
 
 
@@ -149,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from moejax import evaluate
     from moejax.posthoc import command_steps as steps
     from moejax.posthoc import importance
-    from moejax.quant import gptq, metrics, mixed, rules, transform
+    from moejax.quant import eaquant, gptq, metrics, mixed, rules, transform
 
     rule_list, choices = _check(args)
     mesh = mesh_of(args.mesh)
@@ -198,6 +208,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == "rtn":
         steps.say("rounding to nearest")
         new, tensors = transform.quantize(config, variables, rule_list, expert_bits=expert_bits)
+    elif args.method == "eaquant":
+        new, tensors, report = eaquant.quantize(config, variables, rule_list, batches, expert_bits=expert_bits,
+                                                alpha=args.alpha, balance=args.balance,
+                                                smoothing=not args.no_smoothing, progress=steps.say,
+                                                batch_progress=lambda: steps.progress(opened, "calibration pass"))
+        variables = report.pop("smoothed")  # the reference of the metrics: the same function, smoothed weights
+        what["eaquant"] = {"alpha": args.alpha, "balance": args.balance, **report}
     else:
         new, tensors, report = gptq.quantize(config, variables, rule_list, batches, expert_bits=expert_bits,
                                              min_tokens=args.min_tokens, percdamp=args.percdamp,

@@ -91,14 +91,16 @@ def test_training_forward_runs_on_the_quantised_weights():
     batch = jnp.asarray(np.random.default_rng(2).integers(0, config.model.vocab_size, (2, 9)), jnp.int32)
     module = model.Transformer(config.model)
     key, step = jax.random.key(0), jnp.zeros((), jnp.int32)
-    qat_loss, _ = objectives.from_config(config, module, key)(variables["params"], variables["moe_state"], batch,
-                                                              step)
+    with_qat = objectives.from_config(config, module, key)
+    qat_objective = jax.jit(lambda *args: with_qat(*args))
+    qat_loss, _ = qat_objective(variables["params"], variables["moe_state"], batch, step)
     plain = config.copy_and_resolve_references()
     plain.quant.rules = ""
     quantised = _numpy_quantised(config, variables["params"], refs.get)
-    plain_loss, _ = objectives.from_config(plain, module, key)(quantised, variables["moe_state"], batch, step)
-    full_loss, _ = objectives.from_config(plain, module, key)(variables["params"], variables["moe_state"], batch,
-                                                              step)
+    without = objectives.from_config(plain, module, key)
+    plain_objective = jax.jit(lambda *args: without(*args))
+    plain_loss, _ = plain_objective(quantised, variables["moe_state"], batch, step)
+    full_loss, _ = plain_objective(variables["params"], variables["moe_state"], batch, step)
     np.testing.assert_allclose(qat_loss, plain_loss, rtol=2e-5)
     assert abs(float(full_loss) - float(qat_loss)) > 1e-3  # the quantisation changes the loss
     # the shared experts and the router stay in full precision
@@ -136,8 +138,8 @@ def test_a_qat_run_trains_and_its_posthoc_quantisation_is_its_forward(stdlib_cor
 
     rule_text = "experts=int4/g8;attention=int8"
     config = helpers_configs.tiny(stdlib_corpus.parent / "cache", {
-        "data.name": f"text:{stdlib_corpus}/*.py", "train.steps": 24, "train.log_every": 4,
-        "train.eval_every": 0, "checkpoint.every_steps": 24, "quant.rules": rule_text})
+        "data.name": f"text:{stdlib_corpus}/*.py", "train.steps": 16, "train.log_every": 4,
+        "train.eval_every": 0, "checkpoint.every_steps": 16, "quant.rules": rule_text})
     workdir = tmp_path / "run"
     loop.run(config, workdir)
     train = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
@@ -152,13 +154,10 @@ def test_a_qat_run_trains_and_its_posthoc_quantisation_is_its_forward(stdlib_cor
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), forward,
                                      deployed["params"]))
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 12)), jnp.int32)
-    module = model.Transformer(trained_config.model)
+    apply = jax.jit(model.Transformer(trained_config.model).apply)
     np.testing.assert_array_equal(
-        np.asarray(module.apply({**trained, "params": forward}, tokens)),
-        np.asarray(module.apply({**deployed, "params": jax.tree.map(jnp.asarray, deployed["params"])}, tokens)))
-    summary = json.loads((workdir / "summary.json").read_text())
-    metrics = json.loads((out / "quantise_metrics.json").read_text())["metrics"]["evaluation"]
-    assert np.isfinite(summary["final_eval"]["loss"] if "final_eval" in summary else metrics["quantised"]["loss"])
+        np.asarray(apply({**trained, "params": forward}, tokens)),
+        np.asarray(apply({**deployed, "params": jax.tree.map(jnp.asarray, deployed["params"])}, tokens)))
 
 
 def test_posthoc_ternary_rounding_is_the_qat_forward_up_to_the_scale_sum():
