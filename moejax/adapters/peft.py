@@ -292,6 +292,4 @@ def load(config: ml_collections.ConfigDict, directory: str | pathlib.Path, *, mo
     adapted = sorted(found)
     if spec is None or [k for k in shapes if spec.picks(k)] != [k for k in shapes if k in found]:
         m.lora.targets = _targets(adapted)
-    if m.lora.dropout and any(k[-2] == moe.EXPERTS for k in found):
-        m.lora.dropout = 0.0  # moejax's routed-expert adapters have no dropout (training only: values unchanged)
     return new_config, tensors.unflatten(adapters)
