@@ -11,10 +11,14 @@ codes and scales for the quantised matrices; the routers, embeddings, norms and 
 per batch size, prefill and decode tokens/s of ``moejax.generate`` (greedy, ``--new_tokens`` new tokens; compile
 excluded by a warm-up call; prefill = until the first new tokens reach the host through ``stream``, decode = the
 rest of the call; the best of ``--repeats``). The ratios
-are against the unquantised row of the same run. The machine's load average is recorded before and after.
+are against the unquantised row of the same run. The machine's load average is recorded before and after. Also
+XLA's memory plan of a one-token forward pass with the weights as held (``step_plan``): on CPU the dequantised
+weights of every layer are temporaries live at once, so the step's peak is not lower than with float weights; what
+is lower is what stays resident between steps.
 
 The figures end as one JSON object on stdout (and in --json PATH): {'machine', 'load', 'settings', 'rows':
-[{'scheme', 'param_bytes', 'memory_ratio', 'batch', 'prefill_tok_s', 'decode_tok_s', 'speed_ratio'}]}. --smoke:
+[{'scheme', 'param_bytes', 'memory_ratio', 'batch', 'prefill_tok_s', 'decode_tok_s', 'speed_ratio',
+'step_argument_bytes', 'step_temp_bytes'}]}. --smoke:
 the tiny model cut to one MoE layer, int4/g32 against none, 4 prompt tokens, 3 new, batch 1, one repeat (the test
 suite runs it).
 """
@@ -38,10 +42,25 @@ from moejax.quant import decode
 SMOKE = dict(model="tiny", schemes=["none", "int4/g32"], new_tokens=3, prompt=4, batches=[1], repeats=1)
 
 
+def step_plan(config, held) -> dict:
+    """XLA's memory plan of one jitted one-token forward pass (no cache) with these weights, dequantisation
+    included: the arguments' bytes (the weights as held) and the temporaries' (None where the backend does not
+    report them)."""
+    module = model.Transformer(config.model)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    compiled = jax.jit(lambda v, t: module.apply(decode.materialise(v), t)).lower(held, tokens).compile()
+    plan = compiled.memory_analysis()
+    if plan is None:
+        return {"argument_bytes": None, "temp_bytes": None}
+    return {"argument_bytes": int(plan.argument_size_in_bytes), "temp_bytes": int(plan.temp_size_in_bytes)}
+
+
 def bench(config, variables, scheme: str, batches: list[int], prompt: int, new: int, repeats: int) -> list[dict]:
     held = variables if scheme == "none" else decode.quantise(config, variables, scheme)
     held = jax.block_until_ready(held)
     size = decode.param_bytes(held)
+    plan = step_plan(config, held)
+    print(f"  {scheme}: one-token forward's memory plan {plan}", flush=True)
     rows = []
     for batch in batches:
         prompts = np.asarray(jax.random.randint(jax.random.key(batch), (batch, prompt), 1, config.model.vocab_size))
@@ -62,7 +81,8 @@ def bench(config, variables, scheme: str, batches: list[int], prompt: int, new: 
         prefill_s = min(t[0] for t in timings)
         decode_s = max(min(t[1] for t in timings), 1e-9)
         rows.append(dict(scheme=scheme, param_bytes=size, batch=batch, prefill_tok_s=batch * prompt / prefill_s,
-                         decode_tok_s=batch * (new - 1) / decode_s))
+                         decode_tok_s=batch * (new - 1) / decode_s, step_argument_bytes=plan["argument_bytes"],
+                         step_temp_bytes=plan["temp_bytes"]))
         print(f"  {scheme} batch {batch}: {size / 2**20:,.1f} MiB of parameters, prefill "
               f"{rows[-1]['prefill_tok_s']:,.0f} tok/s, decode {rows[-1]['decode_tok_s']:,.1f} tok/s", flush=True)
     return rows
@@ -110,11 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
         r["memory_ratio"] = r["param_bytes"] / base[r["batch"]]["param_bytes"]
         r["speed_ratio"] = r["decode_tok_s"] / base[r["batch"]]["decode_tok_s"]
     load_after = os.getloadavg()
-    print("\n| scheme | parameters | vs float32 | batch | prefill tok/s | decode tok/s | vs float32 |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| scheme | parameters | vs float32 | step temporaries | batch | prefill tok/s | decode tok/s | vs f32 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['scheme']} | {r['param_bytes'] / 2**20:,.1f} MiB | {r['memory_ratio']:.3f} | {r['batch']} | "
-              f"{r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | {r['speed_ratio']:.2f} |")
+        temp = "n/a" if r["step_temp_bytes"] is None else f"{r['step_temp_bytes'] / 2**20:,.1f} MiB"
+        print(f"| {r['scheme']} | {r['param_bytes'] / 2**20:,.1f} MiB | {r['memory_ratio']:.3f} | {temp} | "
+              f"{r['batch']} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:,.1f} | {r['speed_ratio']:.2f} |")
     settings = {name: getattr(args, name) for name in ("model", "schemes", "prompt", "new_tokens", "batches",
                                                        "repeats", "smoke")}
     result = {"machine": machine, "load": {"before": list(load_before), "after": list(load_after)},

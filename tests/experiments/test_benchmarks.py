@@ -186,6 +186,6 @@ def test_bench_quant_decode_smoke(capsys, tmp_path):
     assert [r["scheme"] for r in result["rows"]] == ["none", "int4/g32"]
     for row in result["rows"]:
         assert set(row) == {"scheme", "param_bytes", "memory_ratio", "batch", "prefill_tok_s", "decode_tok_s",
-                            "speed_ratio"}
+                            "speed_ratio", "step_argument_bytes", "step_temp_bytes"}
         assert_positive(row, "param_bytes", "memory_ratio", "prefill_tok_s", "decode_tok_s", "speed_ratio")
     assert result["rows"][0]["memory_ratio"] == 1.0 and result["rows"][1]["memory_ratio"] < 0.25
