@@ -16,7 +16,8 @@ start as LoRA's A, B and the authors' router (kaiming-uniform, torch nn.Linear's
 its base until it trains.
 
 Every adapted linear sows one ``stats.RoutedStats`` record per call under ``'moe_aux'/<module>/<name>_lora_stats``
-(the MoE layers' ``stats`` collector does not read them; ``collect`` here does): tokens per expert, router entropy
+and its routing under ``<name>_lora_routing`` (routing traces: moejax/adapters/mixture_trace.py); the MoE layers'
+``stats`` collector reads neither, ``collect`` here reads the records: tokens per expert, router entropy
 and the unweighted balance loss of ``balance``: 'loramoe' (the localized balancing constraint, ``loramoe_balance``)
 or 'switch' (moejax/moe/losses.py ``expert_balance_loss``); ``weighted_losses`` is what the objective adds.
 """
@@ -41,6 +42,7 @@ BALANCES = ("loramoe", "switch", "none")
 STEM = "_moe"  # <name>_moe_lora_a, <name>_moe_lora_b: the experts' A and B
 ROUTER_SUFFIX = "_moe_lora_router"
 STATS_SUFFIX = "_lora_stats"
+ROUTING_SUFFIX = "_lora_routing"  # (experts [T, k], weights [T, k], probs [T, E]) per call: traces (mixture_trace.py)
 _LAYER = re.compile(r"^layers_(\d+)$")
 
 
@@ -228,6 +230,7 @@ def _sow(module: nn.Module, mix: MixtureSpec, name: str, route: routers.Routing,
     elif mix.balance == "switch":
         balance = losses.expert_balance_loss(route.probs[None], route.experts[None])
     layer = layer_index(module.path)
+    module.sow("moe_aux", name + ROUTING_SUFFIX, (route.experts, route.weights, route.probs))
     module.sow("moe_aux", name + STATS_SUFFIX, stats.RoutedStats(
         layer=jnp.asarray(-1 if layer is None else layer, jnp.int32),
         tokens_per_expert=jnp.sum(jax.nn.one_hot(route.experts, num_experts), axis=(0, 1)),

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from moejax import checks, model
-from moejax.adapters import conversion, lora, mixture
+from moejax.adapters import conversion, lora, mixture, mixture_trace
 from moejax.moe import layer
+from moejax.posthoc import analysis
 from tests import helpers_configs, helpers_steps
 
 
@@ -198,3 +199,33 @@ def test_rank_heterogeneous_experts_against_a_numpy_loop():
     for e, rank in enumerate((1, 3)):
         want += g[:, e:e + 1] * (6.0 / rank) * (h @ p["wo_moe_lora_a"][e][:, :rank]) @ p["wo_moe_lora_b"][e][:rank]
     np.testing.assert_allclose(np.asarray(y).reshape(10, 16), want, rtol=1e-4, atol=1e-5)
+
+
+def test_routing_trace_and_posthoc_analyses():
+    """The trace of a MoLA GLU's 'wi_0' router holds numpy's top-2 of softmax(x W_r) and its renormalised weights;
+    the post-hoc gate mass and expert frequency read it; a 2-layer model's trace has one row per layer."""
+    mix = mixture.MixtureSpec(num_experts=4, top_k=2, balance="none")
+    spec = lora.LoraSpec(("wi_0", "wo"), rank=2, alpha=4.0, mixture=mix)
+    module = layer.GLU(24, kernel_init=nn.initializers.normal(0.3), lora=spec)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    params = randomised(module.init(jax.random.key(1), x)["params"])
+    _, aux = module.apply({"params": params}, x, mutable=["moe_aux"])
+    trace = mixture_trace.from_aux([aux["moe_aux"]], np.arange(10), "wi_0")
+    probs = softmax(np.asarray(x, np.float64).reshape(10, 16) @ np.asarray(params["wi_0_moe_lora_router"], np.float64))
+    top = np.argsort(-probs, axis=1)[:, :2]
+    np.testing.assert_array_equal(np.sort(trace.experts[0], 1), np.sort(top, 1))
+    chosen = np.take_along_axis(probs, top, 1)
+    np.testing.assert_allclose(np.sort(trace.weights[0], 1), np.sort(chosen / chosen.sum(1, keepdims=True), 1),
+                               rtol=1e-5)
+    mass = np.zeros(4)
+    np.add.at(mass, top.reshape(-1), (chosen / chosen.sum(1, keepdims=True)).reshape(-1))
+    np.testing.assert_allclose(analysis.gate_mass(trace)[0], mass / mass.sum(), rtol=1e-5)
+    assert analysis.expert_frequency(trace).shape == (1, 4)
+
+    config = tiny_dense(per_layer=(2, 4), top_k=2, balance="none")
+    variables = model.Transformer(config.model).init(jax.random.key(1), np.zeros((1, 8), np.int32))
+    batches = [np.asarray(jax.random.randint(jax.random.key(i), (2, 8), 0, 100)) for i in range(2)]
+    full = mixture_trace.record(config, {"params": variables["params"]}, batches, "wo")
+    assert full.layers.tolist() == [0, 1] and full.num_experts == 4 and full.num_tokens == 32
+    assert full.experts[0].max() < 2 and full.scores is None
+    np.testing.assert_allclose(analysis.expert_frequency(full).sum(1), 1.0)
