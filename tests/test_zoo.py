@@ -1,5 +1,6 @@
 """The method zoo: each paper config's defining property against an independent reference, and each config trains
-20 steps through ``python -m moejax.main`` on CPU (at a reduced width so the suite stays fast)."""
+20 steps on CPU at a reduced width: one through ``python -m moejax.main`` itself, the others through the function it
+calls after parsing its flags, all in one tests/zoo_runner.py process (so the suite stays fast)."""
 import json
 import os
 import subprocess
@@ -362,35 +363,65 @@ def test_chain_of_experts_inner_residual_replaces_the_residual_stream():
                                atol=1e-6)
 
 
-SMALL = ["--config.model.d_model=64", "--config.model.num_layers=2", "--config.model.num_heads=4",
-         "--config.model.ffn_dim=64",
-         "--config.model.moe.expert_ffn=32", "--config.train.steps=20", "--config.train.warmup_steps=5",
-         "--config.train.batch_size=8",
-         "--config.train.seq_len=32", "--config.train.eval_every=0", "--config.train.log_every=10",
-         "--config.data.eval_batches=1", "--config.checkpoint.every_steps=0"]
+# The short training of every zoo config, at a reduced width (the same for all: --config.<field> overrides).
+SMALL = {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4, "model.ffn_dim": 64,
+         "model.moe.expert_ffn": 32, "train.steps": 20, "train.warmup_steps": 5, "train.batch_size": 8,
+         "train.seq_len": 32, "train.eval_every": 0, "train.log_every": 10, "data.eval_batches": 1,
+         "checkpoint.every_steps": 0}
+# This one trains through the command line itself; the others through tests/zoo_runner.py (the function the command
+# calls after parsing its flags), all of them in one process so that they share one interpreter and jax import.
+THROUGH_THE_COMMAND = "deepseekmoe"
+
+
+def zoo_overrides(name: str, data_dir) -> dict:
+    overrides = {**SMALL, "data.dir": str(data_dir)}
+    if load(name).model.num_kv_heads:
+        overrides["model.num_kv_heads"] = 2
+    if load(name).model.layer_types:  # one attention kind per layer (GPT-OSS): the first two for the 2 layers here
+        overrides["model.layer_types"] = tuple(load(name).model.layer_types[:2])
+    if name == "upcycling":  # whole copies of the 64-wide dense FFN, after 6 dense steps
+        overrides.update({"model.moe.expert_ffn": 64, "upcycle.dense_steps": 6})
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def zoo_workdirs(data_dir, tmp_path_factory):
+    """The zoo's short trainings (all but THROUGH_THE_COMMAND) run by one tests/zoo_runner.py process on one
+    device; each test below reads its config's workdir."""
+    root = tmp_path_factory.mktemp("zoo")
+    names = [name for name in ZOO if name != THROUGH_THE_COMMAND]
+    spec = [{"name": name, "config": str(CONFIGS / f"{name}.py"), "overrides": zoo_overrides(name, data_dir),
+             "workdir": str(root / name)} for name in names]
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, XLA_FLAGS=helpers_env.xla_flags())  # one device
+    result = subprocess.run([sys.executable, "-m", "tests.zoo_runner", str(root / "spec.json")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=3000)
+    return {name: root / name for name in names}, result
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_zoo_config_trains_20_steps_through_main(name, data_dir, tmp_path):
-    overrides = list(SMALL)
-    if load(name).model.num_kv_heads:
-        overrides.append("--config.model.num_kv_heads=2")
-    if load(name).model.layer_types:  # one attention kind per layer (GPT-OSS): the first two for the 2 layers here
-        overrides.append(f"--config.model.layer_types={tuple(load(name).model.layer_types[:2])}")
-    if name == "upcycling":  # whole copies of the 64-wide dense FFN, after 6 dense steps
-        overrides += ["--config.model.moe.expert_ffn=64", "--config.upcycle.dense_steps=6"]
-    command = [sys.executable, "-m", "moejax.main", f"--config={CONFIGS / f'{name}.py'}",
-               f"--config.data.dir={data_dir}", f"--workdir={tmp_path / name}", *overrides]
-    env = dict(os.environ, XLA_FLAGS=helpers_env.xla_flags())  # one device
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / name / "summary.json").read_text())
+def test_zoo_config_trains_20_steps_through_main(name, data_dir, tmp_path, request):
+    if name == THROUGH_THE_COMMAND:
+        overrides = [f"--config.{field}={value}" for field, value in zoo_overrides(name, data_dir).items()]
+        command = [sys.executable, "-m", "moejax.main", f"--config={CONFIGS / f'{name}.py'}",
+                   f"--workdir={tmp_path / name}", *overrides]
+        env = dict(os.environ, XLA_FLAGS=helpers_env.xla_flags())  # one device
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        workdir = tmp_path / name
+    else:
+        workdirs, result = request.getfixturevalue("zoo_workdirs")
+        workdir = workdirs[name]
+        error = workdir / "error.txt"
+        assert not error.exists(), error.read_text()[-3000:]
+        assert result.returncode == 0 or (workdir / "summary.json").exists(), result.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 20 and np.isfinite(summary["val_loss"]) and summary["val_loss"] < 5.55
     assert all("maxvio" in layer for layer in summary["moe_layers"].values())
     if name == "upcycling":  # the dense stage ran first; renormalised top-2 over copies computes the dense function
-        dense = json.loads((tmp_path / name / "dense" / "summary.json").read_text())
+        dense = json.loads((workdir / "dense" / "summary.json").read_text())
         assert dense["steps"] == 6 and not dense["moe_layers"]
-        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         step0 = [r for r in records if r["kind"] == "eval" and r["step"] == 0]
         assert len(step0) == 1
         np.testing.assert_allclose(step0[0]["loss"], dense["val_loss"], rtol=1e-5)
