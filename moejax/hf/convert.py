@@ -44,12 +44,24 @@ def is_hf_dir(path: str | pathlib.Path) -> bool:
 
 def read_config(path: str | pathlib.Path | dict[str, Any], dtype: str | None = None):
     """The moejax config (configs/base.py defaults, ``model`` from config.json) of a transformers directory or
-    config dict, without reading weights."""
+    config dict, without reading weights (a directory's tensor names are read: multi-token-prediction layers that
+    config.json counts and the weights lack are left out, as ``load`` leaves them out)."""
     raw = path if isinstance(path, dict) else _read_json(pathlib.Path(path) / "config.json")
     config, _ = config_from_hf(raw)
     if dtype is not None:
         config.model.param_dtype = config.model.dtype = dtype
+    if not isinstance(path, dict) and is_hf_dir(path):
+        _without_absent_mtp(config, io.Checkpoint(pathlib.Path(path)).keys(), pathlib.Path(path))
     return config
+
+
+def _without_absent_mtp(config, keys, directory: pathlib.Path) -> None:
+    """mtp_depth 0 when config.json counts multi-token-prediction layers that the weights lack (transformers saves
+    DeepSeek-V3 and GLM-4.5 without them: it has no MTP modules)."""
+    if config.model.get("mtp_depth", 0) and not mtp.present(keys, config.model.num_layers):
+        print(f"moejax.hf: {directory} has no layer {config.model.num_layers} for num_nextn_predict_layers="
+              f"{config.model.mtp_depth}: loaded without multi-token-prediction modules", file=sys.stderr)
+        config.model.mtp_depth = 0
 
 
 def _read_json(file: pathlib.Path) -> dict[str, Any]:
@@ -132,11 +144,7 @@ def load(path: str | pathlib.Path, *, mesh=None, dtype: str | None = None):
                             f"{quantization.get('quant_method')!r} cannot be represented in moejax: it dequantises "
                             f"{' and '.join(repr(q) for q in QUANT_METHODS)} checkpoints on load")
     checkpoint = tensors.Tensors(io.Checkpoint(directory), quantization)
-    if config.model.get("mtp_depth", 0) and not mtp.present(checkpoint.ckpt.keys(), config.model.num_layers):
-        # transformers saves these families without their multi-token-prediction layers (it has no MTP modules)
-        print(f"moejax.hf: {directory} has no layer {config.model.num_layers} for num_nextn_predict_layers="
-              f"{config.model.mtp_depth}: loaded without multi-token-prediction modules", file=sys.stderr)
-        config.model.mtp_depth = 0
+    _without_absent_mtp(config, checkpoint.ckpt.keys(), directory)
     abstract = abstract_variables(config.model)
     sources = tensors.sources(config.model, checkpoint, family(model_type), abstract)
 

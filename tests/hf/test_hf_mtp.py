@@ -149,6 +149,8 @@ def test_a_checkpoint_without_its_mtp_layer_loads_without_it(tmp_path, capsys):
     config, variables = hf.load(directory)
     assert config.model.mtp_depth == 0 and "mtp_1" not in variables["params"]
     assert "has no layer 3 for num_nextn_predict_layers=1" in capsys.readouterr().err
+    assert hf.read_config(directory).model.mtp_depth == 0  # what init_from='hf:<dir>' builds its model from
+    assert hf.read_config(GOLDEN / "glm4_moe_a").model.mtp_depth == 1
 
 
 def test_other_families_refuse_mtp_modules(loaded, tmp_path):
