@@ -1,7 +1,7 @@
 """Attention variants and rotary embeddings of the decoder (``config.model`` = cfg): grouped-query attention
 (``Attention``, cfg.attention='gqa') and DeepSeek's Multi-head Latent Attention (``MLAttention``, 'mla'), the causal
 attention core they share (sliding window, attention sinks), the norms (RMSNorm; LayerNorm for ``model.norm``), and
-the rotary embedding with its YaRN frequency interpolation and LongRoPE factors, on every head dim or on the first
+the rotary embedding (moejax/rotary.py, its names re-exported here) on every head dim or on the first
 ``partial_rotary_factor`` of them.
 
 Parameter trees (under ``layers_{i}/attn``; Dh = cfg.head_dim or d_model // num_heads, KV = num_kv_heads or H):
@@ -17,22 +17,31 @@ Parameter trees (under ``layers_{i}/attn``; Dh = cfg.head_dim or d_model // num_
             o/bias [D] (o_bias), sinks [H] (attention_sinks)
             with Dn, Dr, Dv, rq, rkv = mla.qk_nope_head_dim, qk_rope_head_dim, v_head_dim, q_lora_rank, kv_lora_rank
 """
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from moejax import checks, kv_cache, rope_kinds
+from moejax import checks, kv_cache
 from moejax.adapters import lora
+from moejax.rotary import (  # noqa: F401  (attention.rope, attention.yarn_parameters, ... as before)
+    ROPE_SCALINGS,
+    apply_rope,
+    default_inv_freq,
+    longrope_parameters,
+    rope,
+    rope_parameters,
+    rotary,
+    validate_scaling,
+    yarn_get_mscale,
+    yarn_parameters,
+)
 
 ATTENTION_KINDS = ("gqa", "mla")
 LAYER_TYPES = ("full", "sliding")
 QK_NORM_SCOPES = ("head", "proj")
-ROPE_SCALINGS = ("none", "yarn", "longrope", *rope_kinds.KINDS)
 NORM_KINDS = ("rms", "layernorm")
 MLA_NORM_EPS = 1e-6  # the latent RMSNorms' epsilon (the released DeepSeek-V2/V3 code fixes it, whatever rms_norm_eps)
 
@@ -53,7 +62,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     factor = cfg.partial_rotary_factor
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
         checks.fail("model.partial_rotary_factor", factor, "must be a number in (0, 1]")
-    _validate_rope_scaling(cfg.rope_scaling)
+    validate_scaling(cfg.rope_scaling)
     if cfg.attention == "mla":
         _validate_mla(cfg)
     else:
@@ -74,30 +83,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                     isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
                 checks.fail(f"model.rope_scaling.{field}", value, f"must be {pairs} positive numbers (one per "
                                                                   f"rotary pair)")
-
-
-def _validate_rope_scaling(rs: ml_collections.ConfigDict) -> None:
-    checks.choice("model.rope_scaling.kind", rs.kind, ROPE_SCALINGS)
-    if rs.kind == "longrope":
-        _validate_longrope(rs)
-    if rs.kind in rope_kinds.KINDS:
-        rope_kinds.validate(rs)
-    if rs.kind != "yarn":
-        return
-    checks.number("model.rope_scaling.factor", rs.factor, minimum=1.0)
-    checks.positive_int("model.rope_scaling.original_max_position_embeddings", rs.original_max_position_embeddings)
-    for field in ("beta_fast", "beta_slow"):
-        checks.number(f"model.rope_scaling.{field}", rs[field], strict=True)
-    for field in ("mscale", "mscale_all_dim"):
-        checks.number(f"model.rope_scaling.{field}", rs[field])
-    if not isinstance(rs.truncate, bool):
-        checks.fail("model.rope_scaling.truncate", rs.truncate, "must be True or False")
-
-
-def _validate_longrope(rs: ml_collections.ConfigDict) -> None:
-    checks.positive_int("model.rope_scaling.original_max_position_embeddings", rs.original_max_position_embeddings)
-    for field in ("short_mscale", "long_mscale"):
-        checks.number(f"model.rope_scaling.{field}", rs[field], strict=True)
 
 
 def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
@@ -155,123 +140,6 @@ def norm(cfg: ml_collections.ConfigDict, dtype: Any, name: str) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- rotary
-
-
-def default_inv_freq(theta: float, dim: int) -> jax.Array:
-    """The rotary frequencies theta^(-2i/dim), i < dim/2: [dim // 2] float32."""
-    half = dim // 2
-    return theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-
-
-def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention temperature 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
-
-
-def yarn_parameters(dim: int, theta: float, rs: ml_collections.ConfigDict) -> tuple[np.ndarray, float]:
-    """YaRN (Peng et al., 2023) for ``dim`` rotary dims: (inv_freq [dim // 2] float32, attention factor).
-
-    The frequencies interpolate between the original ones (extrapolation, fast dimensions) and the ones divided by
-    rs.factor (interpolation, slow dimensions) along a linear ramp over the correction range of dimensions that
-    turn between beta_fast and beta_slow times within original_max_position_embeddings (rounded outwards to whole
-    dimensions with rs.truncate). The attention factor multiplies cos and sin: mscale(factor, rs.mscale) /
-    mscale(factor, rs.mscale_all_dim) when both are non-zero, else mscale(factor). rs: ``model.rope_scaling``.
-    """
-    factor, base = rs.factor, theta
-    if rs.mscale and rs.mscale_all_dim:
-        attention_factor = yarn_get_mscale(factor, rs.mscale) / yarn_get_mscale(factor, rs.mscale_all_dim)
-    else:
-        attention_factor = yarn_get_mscale(factor)
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
-    if rs.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # no zero-width ramp
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
-    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
-    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
-    extrapolation_factor = 1 - ramp
-    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
-    return inv_freq.astype(np.float32), float(attention_factor)
-
-
-def longrope_parameters(dim: int, theta: float, rs: ml_collections.ConfigDict, length: int | jax.Array | None = None
-                        ) -> tuple[jax.Array | np.ndarray, float | jax.Array]:
-    """LongRoPE (Phi-3.5) for ``dim`` rotary dims: (inv_freq [dim // 2], attention factor). inv_freq_i =
-    1 / (f_i * theta^(2i / dim)) and the factor multiplying cos and sin is an mscale: f and the mscale are
-    ``short_factor`` / ``short_mscale`` while ``length`` (the largest position + 1; a traced scalar when decoding with
-    a cache; None: short) is at most ``original_max_position_embeddings``, else ``long_factor`` / ``long_mscale``.
-    rs: ``model.rope_scaling``."""
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    base = np.float32(theta) ** exponents
-
-    def pick(which: str) -> tuple[np.ndarray, float]:
-        factors = np.asarray(rs[f"{which}_factor"], np.float32)
-        return (np.float32(1.0) / (factors * base)).astype(np.float32), float(rs[f"{which}_mscale"])
-
-    short, long = pick("short"), pick("long")
-    if length is None or isinstance(length, int):
-        return long if length is not None and length > rs.original_max_position_embeddings else short
-    beyond = length > rs.original_max_position_embeddings
-    return (jnp.where(beyond, jnp.asarray(long[0]), jnp.asarray(short[0])),
-            jnp.where(beyond, jnp.float32(long[1]), jnp.float32(short[1])))
-
-
-def rope_parameters(cfg: ml_collections.ConfigDict, dim: int, length: int | jax.Array | None = None
-                    ) -> tuple[jax.Array | np.ndarray, float | jax.Array]:
-    """(inv_freq [dim // 2], attention factor) of ``model.rope_scaling`` for ``dim`` rotary dims; ``length`` (the
-    sequence's largest position + 1) picks LongRoPE's short or long factors."""
-    if cfg.rope_scaling.kind == "yarn":
-        return yarn_parameters(dim, cfg.rope_theta, cfg.rope_scaling)
-    if cfg.rope_scaling.kind == "longrope":
-        return longrope_parameters(dim, cfg.rope_theta, cfg.rope_scaling, length)
-    if cfg.rope_scaling.kind in rope_kinds.KINDS:  # 'llama3', 'linear' (moejax/rope_kinds.py)
-        return rope_kinds.inv_freq(dim, cfg.rope_theta, cfg.rope_scaling), 1.0
-    return default_inv_freq(cfg.rope_theta, dim), 1.0
-
-
-def apply_rope(x: jax.Array, inv_freq: jax.Array | np.ndarray, attention_factor: float | jax.Array = 1.0,
-               interleave: bool = False, positions: jax.Array | None = None) -> jax.Array:
-    """Rotary embedding of x [B, S, N, R] (R = 2 * len(inv_freq)) at ``positions`` [S] or [B, S] (default 0..S-1).
-
-    Half layout (interleave False): dims (i, i + R/2) form the pairs rotated by inv_freq[i]. Interleaved layout:
-    dims (2i, 2i + 1) form them; the output is then in the half layout (the pairs' first members, then their
-    second members), as in the released DeepSeek-V3 code: queries and keys get the same permutation, which leaves
-    their dot products unchanged. cos and sin are multiplied by attention_factor (YaRN).
-    """
-    seq, half = x.shape[1], x.shape[-1] // 2
-    pos = jnp.arange(seq, dtype=jnp.float32) if positions is None else positions.astype(jnp.float32)
-    angles = jnp.atleast_2d(pos)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [1 or B, S, R/2]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-    if not (isinstance(attention_factor, (int, float)) and attention_factor == 1.0):
-        sin, cos = sin * attention_factor, cos * attention_factor
-    if interleave:
-        x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
-    else:
-        x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def rotary(x: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (half-split form) of x: [B, S, N, H] at positions 0..S-1."""
-    return apply_rope(x, default_inv_freq(theta, x.shape[-1]))
-
-
-def rope(cfg: ml_collections.ConfigDict, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """x [B, S, N, R] rotated as the config says (layout ``rope_interleave``, scaling ``rope_scaling``), at
-    ``positions`` [B, S] (default 0..S-1)."""
-    if cfg.rope_scaling.kind == "none" and not cfg.rope_interleave and positions is None:
-        return rotary(x, cfg.rope_theta)
-    length = x.shape[1] if positions is None else jnp.max(positions) + 1
-    inv_freq, factor = rope_parameters(cfg, x.shape[-1], length)
-    return apply_rope(x, inv_freq, factor, interleave=cfg.rope_interleave, positions=positions)
 
 
 def rotary_dims(cfg: ml_collections.ConfigDict) -> int:
