@@ -19,7 +19,8 @@ from moejax.hf import io
 from tests.helpers_configs import load
 from tests.helpers_hf import golden_dir
 
-FAMILY_CASES = ["dots1_a", "dots1_b", "ernie4_5_moe_a", "ernie4_5_moe_b", "minimax_m2_a", "minimax_m2_b"]
+FAMILY_CASES = ["dots1_a", "dots1_b", "ernie4_5_moe_a", "ernie4_5_moe_b", "minimax_m2_a", "minimax_m2_b",
+                "flex_olmo_a", "flex_olmo_b"]
 
 
 def counts(cfg) -> dict[str, int]:
@@ -195,6 +196,25 @@ def test_minimax_m2_released_fields_are_known(tmp_path, capsys):
     read(tmp_path, MINIMAX_M2)
     assert "does not know" not in capsys.readouterr().err
 
+
+# ----------------------------------------------------------------------------------------------- FlexOlmo
+
+
+def test_flex_olmo_config_mapping_and_refusals():
+    raw = json.loads((golden_dir("flex_olmo_b") / "config.json").read_text())
+    m = hf.families.config_from_hf(raw)[0].model
+    assert (m.norm_position, m.qk_norm_scope, m.qkv_bias, m.o_bias) == ("post", "proj", True, True)
+    assert m.moe.router.norm_topk_prob and m.moe.num_experts == 8 and m.moe.top_k == 3 and m.tie_embeddings
+    m.norm_position = "pre"
+    with pytest.raises(hf.HFConfigError, match="model.norm_position='pre' cannot be saved as flex_olmo"):
+        hf.families.config_to_hf(m, "flex_olmo")
+    m.norm_position, m.moe.num_shared = "post", 1
+    with pytest.raises(hf.HFConfigError, match="model.moe.num_shared=1 cannot be saved as flex_olmo"):
+        hf.families.config_to_hf(m, "flex_olmo")
+    # OLMoE's moejax model (pre-norm) is not a FlexOlmo one: the family inferred on save stays olmoe
+    olmoe = hf.families.config_from_hf(json.loads((golden_dir("olmoe_a") / "config.json").read_text()))[0].model
+    assert hf.families.config_to_hf(olmoe)["model_type"] == "olmoe"
+
 # rednote-hilab/dots.llm1.base (and .inst): the hub config.json as other projects transcribe it (configs/dots1.py)
 DOTS1_LLM1 = {
     "architectures": ["Dots1ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -234,27 +254,41 @@ MINIMAX_M2 = {
                             "weight_block_size": [128, 128],
                             "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]},
 }
+# allenai/FlexOlmo-7x7B-1T: transformers' FlexOlmoConfig defaults as save_pretrained writes them (configs/flex_olmo.py)
+FLEX_OLMO_7X7B = {
+    "architectures": ["FlexOlmoForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "flex_olmo", "norm_topk_prob": False,
+    "num_attention_heads": 32, "num_experts": 7, "num_experts_per_tok": 5, "num_hidden_layers": 32,
+    "num_key_value_heads": 32, "output_router_logits": False, "pad_token_id": 100277, "rms_norm_eps": 1e-06,
+    "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}, "router_aux_loss_coef": 0.01,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 100352,
+}
 # name -> (config file, preset, config.json, published (total, activated), tolerance, activated counts the
 # input embedding)
 RELEASED = {
     "dots1_llm1": ("dots1", "llm1", DOTS1_LLM1, (142e9, 14e9), 1e9, True),
     "ernie4_5_moe_21b_a3b": ("ernie4_5_moe", "21b_a3b", ERNIE_21B_A3B, (21e9, 3e9), 1e9, False),
     "minimax_m2": ("minimax_m2", "m2", MINIMAX_M2, (230e9, 10e9), 1.5e9, False),
+    "flex_olmo_7x7b": ("flex_olmo", "7x7b", FLEX_OLMO_7X7B, None, 0, True),  # no published count at hand
 }
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_preset_equals_read_config_and_the_published_size(name, tmp_path):
-    file, preset, raw, (total, activated), unit, with_embedding = RELEASED[name]
+    file, preset, raw, published, unit, with_embedding = RELEASED[name]
     got = load(file, preset).model
     assert got.to_dict() == read(tmp_path, raw).to_dict()
     model.validate(got)
+    if published is None:
+        return
+    total, activated = published
     n = counts(got)
     n["activated"] -= 0 if with_embedding else got.vocab_size * got.d_model
     assert abs(n["total"] - total) < unit and abs(n["activated"] - activated) < unit, n
 
 
 @pytest.mark.parametrize("file,family", [("dots1", "dots1"), ("ernie4_5_moe", "ernie4_5_moe"),
-                                         ("minimax_m2", "minimax_m2")])
+                                         ("minimax_m2", "minimax_m2"), ("flex_olmo", "flex_olmo")])
 def test_small_default_is_a_model_of_the_released_family(file, family):
     assert hf.families.config_to_hf(load(file).model, family)["model_type"] == family

@@ -57,3 +57,15 @@ def _rotary_dim(directory) -> None:
 
 
 POST = {"rotary_dim": _rotary_dim}
+CASES.update({
+    # OLMo 2's post-norm block with OLMoE's MoE: unnormalised top-2 of 6 (pad_token_id unset: FlexOlmoConfig's
+    # default lies past the tiny vocabulary)
+    "flex_olmo_a": ("FlexOlmoConfig", dict(COMMON, num_experts=6, num_experts_per_tok=2, intermediate_size=16,
+                                           norm_topk_prob=False, rms_norm_eps=1e-6, pad_token_id=None,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 500.0}), None),
+    # q/k/v/o biases, renormalised top-3 of 8, multi-head attention, tied embeddings, three layers
+    "flex_olmo_b": ("FlexOlmoConfig", dict(COMMON, num_experts=8, num_experts_per_tok=3, intermediate_size=16,
+                                           num_hidden_layers=3, num_key_value_heads=4, norm_topk_prob=True,
+                                           pad_token_id=None,
+                                           attention_bias=True, tie_word_embeddings=True), None),
+})
