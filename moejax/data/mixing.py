@@ -53,8 +53,9 @@ def validate(config: Any) -> None:
     for i, stage in enumerate(stages):
         where = f"stage {i} ({stage!r})"
         if not isinstance(stage, (tuple, list)) or len(stage) != 1 + width:
-            checks.fail("data.mix_stages", d.mix_stages, f"{where}: each stage is (until_step, w_0, ..., "
-                                                         f"w_{width - 1}): {1 + width} numbers")
+            names = ", ".join(f"w_{i}" for i in range(width))
+            checks.fail("data.mix_stages", d.mix_stages, f"{where}: each stage is (until_step, {names}), the "
+                                                         f"weights of data.name and data.mix: {1 + width} numbers")
         until, *weights = stage
         if isinstance(until, bool) or not isinstance(until, int) or until <= previous:
             checks.fail("data.mix_stages", d.mix_stages, f"{where}: until_step must be an integer above the "
