@@ -11,7 +11,9 @@ batch [B, S] (T = B * S tokens, row-major):
 
 * ``h_before`` [T, D]: the residual stream entering the block's FFN part, x after ``x + attn(norm(x))``: the input
   of the block's ``ffn_norm`` (so no reconstruction: the exact array the model normalises);
-* ``inputs``   [T, D]: the MoE layer's input, the ``ffn_norm`` output (model dtype);
+* ``inputs``   [T, D]: the MoE layer's input, the ``ffn_norm`` output (model dtype). A post-norm block
+  (``model.norm_position='post'``, OLMo 2 / FlexOlmo: x + post_ffn_norm(moe(x))) has no ``ffn_norm``: its MoE
+  reads the stream itself, so ``inputs`` equals ``h_before`` and ``h_after`` is ``h_before + post_ffn_norm(output)``;
 * ``logits``   [T, E + m] float32: the router logits, the ``RouterKernel`` output;
 * ``routing``: ``moejax.moe.routers.route`` on those logits with the layer's ``moe_state`` router_bias (zeros when the
   variables have none), ``train=False`` and the input token ids where the router needs them: the function and
@@ -111,6 +113,9 @@ def _interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: nn.modu
         module.sow(COLLECTION, PREFIX + "logits", out)
     elif isinstance(module, moe_layer.MoE):
         module.sow(COLLECTION, PREFIX + "output", out)
+        if isinstance(module.parent, model_lib.Block) and _post_norm(module.parent.cfg):
+            module.sow(COLLECTION, PREFIX + "h_before", args[0])  # no ffn_norm: the MoE reads the stream itself
+            module.sow(COLLECTION, PREFIX + "inputs", args[0])
     elif module.name == moe.SHARED and isinstance(module.parent, moe_layer.MoE):
         module.sow(COLLECTION, PREFIX + "shared", out)
     elif isinstance(module, model_lib.Block) and module.use_moe:
@@ -119,6 +124,10 @@ def _interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: nn.modu
         module.sow(COLLECTION, PREFIX + "h_before", args[0])
         module.sow(COLLECTION, PREFIX + "inputs", out)
     return out
+
+
+def _post_norm(cfg: ml_collections.ConfigDict) -> bool:
+    return cfg.get("norm_position", "pre") == "post"
 
 
 def check_supported(config: ml_collections.ConfigDict) -> list[int]:
@@ -189,9 +198,10 @@ def forward(config: ml_collections.ConfigDict, variables: Mapping[str, Any], tok
             return value.reshape(-1, value.shape[-1])
 
         params, state = layer_vars[layer]
+        norm_path = ffn_path if _post_norm(cfg) else (*block, "ffn_norm")  # where the MoE input was sown
         router_logits = take((*ffn_path, moe.ROUTER), "logits")
         captured.append(LayerCapture(
-            h_before=take((*block, "ffn_norm"), "h_before"), inputs=take((*block, "ffn_norm"), "inputs"),
+            h_before=take(norm_path, "h_before"), inputs=take(norm_path, "inputs"),
             logits=router_logits, routing=_route(config, router_logits, state, ids, layer, intervention),
             output=take(ffn_path, "output"),
             h_after=take(block, "h_after"), params=params, state=state, layer=layer,

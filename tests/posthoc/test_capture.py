@@ -273,3 +273,28 @@ def test_a_scaled_up_expert_is_the_super_expert():
     figure = super_experts.plot(found)
     assert len(figure.axes) == 3  # heatmap, its colour bar, the residual ratios
     assert found.to_json()["super_experts"] == [[layer, expert]]
+
+
+def test_a_post_norm_moe_layer_is_captured_from_the_stream_it_reads():
+    """FlexOlmo's post-norm blocks (x + post_ffn_norm(moe(x)), no ffn_norm): the MoE input is the residual stream,
+    the logits are that input times the router kernel and the block output adds the RMSNorm of the MoE output, each
+    recomputed in numpy from the transformers golden checkpoint's own tensors."""
+    from moejax import hf
+    from tests.helpers_hf import golden_dir
+
+    config, variables = hf.load(golden_dir("flex_olmo_a"))
+    assert config.model.norm_position == "post"
+    tokens = batches(count=1)[0] % config.model.vocab_size
+    got = next(iter(capture.stream(config, variables, [tokens])))
+    params = variables["params"]
+    for layer in got.layers:
+        block = params[f"layers_{layer.layer}"]
+        before, inputs = np.asarray(layer.h_before, np.float64), np.asarray(layer.inputs, np.float64)
+        np.testing.assert_array_equal(inputs, before)
+        kernel = np.asarray(block["ffn"]["router"]["kernel"], np.float64)
+        np.testing.assert_allclose(np.asarray(layer.logits), inputs @ kernel, rtol=1e-4, atol=1e-5)
+        output = np.asarray(layer.output, np.float64)
+        normed = output / np.sqrt((output ** 2).mean(-1, keepdims=True) + config.model.norm_eps)
+        scale = np.asarray(block["post_ffn_norm"]["scale"], np.float64)
+        np.testing.assert_allclose(np.asarray(layer.h_after, np.float64), before + normed * scale, rtol=1e-4,
+                                   atol=1e-5)
