@@ -16,7 +16,7 @@ Per training seed of ``SEEDS_PREREGISTERED`` (fixed before any run):
    each source alone; their parameter average; DUME (ridge-regression router, no training) and FlexOlmo-style
    domain-embedding routers (no training) from ``moejax.posthoc.assemble`` with each source's domain as its
    calibration data (training split); BTX (a fresh router, then the whole MoE trained on the mixture for
-   ``post_steps``); sparse upcycling of source 'lib' (two copies of its FFN, top-2 renormalised, trained on the
+   ``post_steps``); sparse upcycling of source 'lib' (four copies of its FFN, top-2 renormalised, trained on the
    mixture for the same ``post_steps``) and, as the sparse-upcycling paper's baseline, the same source trained
    densely on the mixture for those steps.
 
@@ -52,9 +52,13 @@ BUDGET = {"d_model": 64, "num_layers": 2, "num_heads": 2, "ffn_dim": 256, "batch
           "base_steps": 300, "branch_steps": 200, "post_steps": 80, "base_lr": 3e-3, "branch_lr": 1e-3,
           "post_lr": 1e-3, "eval_tokens": 16384, "calib_tokens": 8192, "val_fraction": 0.05}
 # Sparse upcycling and dense continued training start from the first domain's source ('lib').
+# Sparse upcycling: 4 copies of the source's FFN, top-2 (renormalised), so that a token activates two FFNs as in the
+# BTX row (top-2 of its two experts) while the router chooses between copies (with 2 copies and top-2 every copy would
+# see every token, and the copies would stay equal).
+UPCYCLED_EXPERTS = 4
 LABELS = {"base": "base (mixture, before branching)", "average": "parameter average", "dume": "DUME (ridge router)",
           "flexolmo": "FlexOlmo-style (domain embeddings)", "btx": "BTX (router + MoE trained)",
-          "upcycled": "sparse upcycling of source 0", "dense_continued": "source 0 continued densely"}
+          "upcycled": "sparse upcycling of source 0 (4 copies, top-2)", "dense_continued": "source 0 continued densely"}
 
 
 def rows(names) -> list[str]:
@@ -195,7 +199,7 @@ def study_seed(seed: int, workdir: pathlib.Path, budget: dict[str, Any], named: 
     first = sources[next(iter(named))]
     post = {"btx": run_config(b, seed, mixture, b["post_steps"], b["post_lr"], data_dir, init_from=f"run:{btx_init}"),
             "upcycled": run_config(b, seed, mixture, b["post_steps"], b["post_lr"], data_dir,
-                                   model__moe_every=1, model__moe__num_experts=2, model__moe__top_k=2,
+                                   model__moe_every=1, model__moe__num_experts=UPCYCLED_EXPERTS, model__moe__top_k=2,
                                    model__moe__expert_ffn=b["ffn_dim"], model__moe__router__norm_topk_prob=True,
                                    upcycle__enabled=True, upcycle__dense_checkpoint=str(first),
                                    upcycle__granularity=1),
