@@ -152,7 +152,7 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
         checks.fail("rng", None, "sampling (temperature > 0) needs a jax.random key")
     strong, weak = _routings(cfg, intervention, contrast)
     if quantise is not None:
-        variables = _quantised(config, variables, quantise, mesh)
+        variables = quant_decode.prepare(config, variables, quantise, mesh)
     lengths = _prompt_lengths(prompts, prompt_lengths)
     batch, width = prompts.shape
     aligned = _right_align(prompts, lengths)
@@ -187,19 +187,6 @@ def generate(config: ml_collections.ConfigDict, variables: dict[str, Any], promp
     cols = np.arange(out.shape[1])[None, :]
     moved = np.take_along_axis(out, np.minimum(cols + shift, out.shape[1] - 1), axis=1)
     return np.where(cols + shift < out.shape[1], moved, pad).astype(np.int32)
-
-
-def _quantised(config: ml_collections.ConfigDict, variables: dict[str, Any], spec: str, mesh: Mesh | None
-               ) -> dict[str, Any]:
-    """variables with the weights as int codes and scales (quant_decode.quantise); ConfigError naming quantise."""
-    if mesh is not None:
-        checks.fail("quantise", spec, "quantised decoding runs on one device (mesh=None)")
-    try:
-        quant_decode.parse(spec)
-    except ValueError:
-        checks.fail("quantise", spec, f"allowed are {quant_decode.SPEC_HELP}")
-    whole = config if "model" in config else ml_collections.ConfigDict({"model": config})
-    return quant_decode.quantise(whole, variables, spec)
 
 
 class _CtrlC:
@@ -360,14 +347,7 @@ def _check_flags(args: Any, vocab: int | None = None) -> None:
     problem = sampling_problem(args.max_new_tokens, args.temperature, args.top_k, args.top_p, vocab)
     if problem:
         raise cli.flag_error(*problem)
-    if args.quantise != "none":
-        try:
-            quant_decode.parse(args.quantise)
-        except ValueError:
-            raise cli.flag_error("quantise", args.quantise, f"allowed are {quant_decode.SPEC_HELP}, or none") from None
-        if args.draft is not None or getattr(args, "speculative", None):
-            raise cli.flag_error("quantise", args.quantise, "quantised decoding does not combine with speculative "
-                                                            "decoding (--draft, --speculative)")
+    quant_decode.check_flag(args)
 
 
 def _trained_length(opened: cli.Checkpoint) -> tuple[int, str] | None:

@@ -140,6 +140,38 @@ def quantise(config: Any, variables: Mapping[str, Any], spec: str = "int8",
     return {**variables, "params": from_tensors(variables["params"], tensors)}
 
 
+def prepare(config: Any, variables: Mapping[str, Any], spec: str, mesh: Any = None) -> dict[str, Any]:
+    """``moejax.generate``'s ``quantise=``: variables with the weights as int codes and scales (``quantise``, on the
+    default targets); ConfigError naming 'quantise' for a bad spec or a mesh."""
+    import ml_collections
+
+    from moejax import checks
+
+    if mesh is not None:
+        checks.fail("quantise", spec, "quantised decoding runs on one device (mesh=None)")
+    try:
+        parse(spec)
+    except ValueError:
+        checks.fail("quantise", spec, f"allowed are {SPEC_HELP}")
+    whole = config if "model" in config else ml_collections.ConfigDict({"model": config})
+    return quantise(whole, variables, spec)
+
+
+def check_flag(args: Any) -> None:
+    """UsageError for ``python -m moejax.generate``'s --quantise: a bad spec, or speculative decoding beside it."""
+    from moejax import cli
+
+    if args.quantise == "none":
+        return
+    try:
+        parse(args.quantise)
+    except ValueError:
+        raise cli.flag_error("quantise", args.quantise, f"allowed are {SPEC_HELP}, or none") from None
+    if args.draft is not None or getattr(args, "speculative", None):
+        raise cli.flag_error("quantise", args.quantise, "quantised decoding does not combine with speculative "
+                                                        "decoding (--draft, --speculative)")
+
+
 def param_bytes(variables: Mapping[str, Any]) -> int:
     """Bytes of the parameters as held: a QuantisedWeight's codes and scales, every other array's own."""
     leaves = jax.tree.leaves(variables.get("params", {}), is_leaf=_is_weight)
