@@ -224,7 +224,7 @@ CLAIMS = (
                                     "model trained as long"),
     ("dume", "best_source", "DUME and FlexOlmo: the assembled MoE beats each expert alone on the mixture"),
     ("flexolmo", "best_source", "FlexOlmo: the assembled MoE beats each expert alone on the mixture"),
-    ("dume", "btx", "DUME: training-free DUME is on par with BTX (a resolved difference either way departs)"),
+    ("dume", "btx", "DUME: training-free DUME outperforms its baselines, BTX's trained router among them"),
 )
 
 
