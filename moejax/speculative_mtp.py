@@ -61,9 +61,10 @@ def variables_of(variables: dict[str, Any]) -> dict[str, Any]:
 
 
 def build(cfg: ml_collections.ConfigDict, length: int, gamma: int, sampling: tuple[float, int, float]):
-    """The jitted drafting round: propose(mtp_vars, cache, rows_hidden [B, R, D], rows_tokens [B, R], first slot,
-    last kept row r, rng) -> (proposals [B, gamma], q [B, gamma, V] or None, cache). Row t of the rows is slot
-    first + t; sampling: (temperature, top_k, top_p) of the proposals (accept.picker)."""
+    """The jitted drafting round: propose(mtp_vars, cache, rows_hidden [B, R, D], earlier [B, R - 1], new [B], first
+    slot, last kept row r, rng) -> (proposals [B, gamma], q [B, gamma, V] or None, cache). Row t of the rows is slot
+    first + t and reads the token after it: earlier[:, t] for t < r, new for t = r (later rows are padding);
+    sampling: (temperature, top_k, top_p) of the proposals (accept.picker)."""
     module = MTPDraft(cfg)
     pick = accept.picker(*sampling)
 
@@ -73,7 +74,8 @@ def build(cfg: ml_collections.ConfigDict, length: int, gamma: int, sampling: tup
                                               mutable=[kv_cache.COLLECTION])
         return logits, out, mutated
 
-    def propose(variables, cache, rows_hidden, rows_tokens, first, last, rng):
+    def propose(variables, cache, rows_hidden, earlier, new, first, last, rng):
+        rows_tokens = jnp.concatenate([earlier, new[:, None]], axis=1).at[:, last].set(new)
         logits, out, cache = run(variables, cache, rows_hidden, rows_tokens, first)
         keys = jax.random.split(rng, gamma)
         token, dist = pick(logits[:, last], keys[0])
@@ -105,16 +107,16 @@ class Drafter:
 
     def start(self, prompts: jax.Array, token: jax.Array, hidden: jax.Array) -> None:
         self.cache: dict[str, Any] = {}
-        self.rows = (hidden, jnp.concatenate([prompts[:, 1:], token[:, None]], axis=1), 0, prompts.shape[1] - 1)
+        self.rows = (hidden, prompts[:, 1:], 0, prompts.shape[1] - 1)
 
     def propose(self, token: jax.Array, index: int, rng: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        hidden, tokens, first, last = self.rows
-        proposals, q, self.cache = self.propose_fn(self.variables, self.cache, hidden, tokens,
-                                                   jnp.asarray(first, jnp.int32), jnp.asarray(last, jnp.int32), rng)
+        hidden, earlier, first, last = self.rows
+        proposals, q, self.cache = self.propose_fn(self.variables, self.cache, hidden, earlier, token, first, last,
+                                                   rng)
         return proposals, q
 
     def after(self, hidden: jax.Array, proposals: jax.Array, new: jax.Array, n: int, index: int) -> None:
         """The verified rows of the round: slots index .. index + n (hidden of the target's pass over [token,
-        proposals]), each with the token after it (proposals 1..n, then the new token); the rest padding."""
-        tokens = jnp.concatenate([proposals, new[:, None]], axis=1).at[:, n].set(new)
-        self.rows = (hidden, tokens, index, n)
+        proposals]), each with the token after it (proposals 1..n, then the new token, which propose receives);
+        the rest padding."""
+        self.rows = (hidden, proposals, index, n)
