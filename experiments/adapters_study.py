@@ -10,10 +10,11 @@ DeepSeekMoE runs of experiments/posthoc_pages.py, trained on the standard librar
 
 1. The new domain: the standard library's test files (``text:<stdlib>/test/test_*.py``), which the pre-training
    corpus excludes; its validation split is its own held-out files (``data.val_fraction``).
-2. Four fine-tunings from the base (``init_from='run:<base>'``), each ``steps`` steps of the same batches (the
+2. Fine-tunings from the base (``init_from='run:<base>'``), each ``steps`` steps of the same batches (the
    fine-tuning seed is the base's): full fine-tuning, LoRA on the attention projections, LoRA on the experts (every
    routed expert its own adapter, and the shared expert), and LoRAMoE (E LoRA experts and a router on each matrix
-   of the shared expert, with the localized balancing constraint; moejax/adapters/mixture.py).
+   of the shared expert, with the localized balancing constraint; moejax/adapters/mixture.py); a fifth arm, plain
+   LoRA on the shared expert (LoRAMoE's own baseline), was added after the first four had run.
 3. Every model, the base too, scored on both domains' validation windows (the same windows for every row of a
    seed): the new domain's loss (learning) and the pre-training corpus's (forgetting).
 
@@ -46,11 +47,12 @@ DEFAULT_BASES = "runs/posthoc_pages/seed{seed}"
 # rate for the adapters (the base is frozen), a tenth of the pre-training peak for full fine-tuning.
 BUDGET = {"steps": 30, "batch_size": 8, "seq_len": 128, "full_lr": 1e-3, "lora_lr": 3e-3, "rank": 8,
           "alpha": 16.0, "loramoe_experts": 4, "blc_alpha": 0.1, "blc_weight": 1e-4, "eval_tokens": 8192}
-ARMS = ("full", "lora_attn", "lora_experts", "loramoe")
+ARMS = ("full", "lora_attn", "lora_experts", "loramoe", "lora_shared")
 LABELS = {"base": "base (before fine-tuning)", "full": "full fine-tuning",
           "lora_attn": "LoRA on attention (q, k, v, o)",
           "lora_experts": "LoRA on the experts (routed, per expert, and shared)",
-          "loramoe": "LoRAMoE on the shared expert"}
+          "loramoe": "LoRAMoE on the shared expert",
+          "lora_shared": "LoRA on the shared expert (added after the first four arms had run)"}
 METRICS = {"new": "new domain", "old": "pre-training corpus"}
 
 
@@ -69,6 +71,8 @@ def arm_fields(arm: str, budget: dict[str, Any]) -> dict[str, Any]:
         return {**lora, "model.lora.targets": ("attn/(q|k|v|o)/kernel",)}
     if arm == "lora_experts":
         return {**lora, "model.lora.targets": ("ffn/experts/(wi_0|wi_1|wo)", "ffn/shared/(wi_0|wi_1|wo)")}
+    if arm == "lora_shared":  # LoRAMoE's own baseline: plain LoRA on the same matrices
+        return {**lora, "model.lora.targets": ("ffn/shared/(wi_0|wi_1|wo)",)}
     if arm == "loramoe":
         return {**lora, "model.lora.targets": ("ffn/shared/(wi_0|wi_1|wo)",),
                 "model.lora.mixture.num_experts": budget["loramoe_experts"],
@@ -164,8 +168,10 @@ CLAIMS = (
      "LoRA forgets less (reproduced)", "LoRA forgets more (contradicted)"),
     ("loramoe", "full", "old", "LoRAMoE (arXiv 2312.09979): LoRAMoE keeps the base's knowledge that full "
      "fine-tuning loses", "LoRAMoE forgets less (reproduced)", "LoRAMoE forgets more (contradicted)"),
-    ("loramoe", "lora_experts", "new", "LoRAMoE: LoRAMoE learns the downstream data better than plain LoRA",
-     "LoRAMoE better (reproduced)", "LoRAMoE worse (contradicted)"),
+    ("loramoe", "lora_shared", "new", "LoRAMoE: LoRAMoE learns the downstream data better than plain LoRA on the "
+     "same matrices", "LoRAMoE better (reproduced)", "LoRAMoE worse (contradicted)"),
+    ("loramoe", "lora_experts", "new", "LoRAMoE against plain LoRA on every expert (not the paper's comparison: "
+     "15x the trained parameters)", "LoRAMoE better", "LoRAMoE worse"),
 )
 
 
