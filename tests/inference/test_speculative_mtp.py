@@ -78,8 +78,12 @@ def test_a_model_without_mtp_modules_is_refused():
 
 
 def test_the_generate_command_decodes_with_the_mtp_module(capsys):
+    """The command's tokens are generate_mtp's (which equal plain greedy decoding: above, tests/hf/test_hf_mtp.py)."""
+    from moejax import hf
+
     directory = str(GOLDEN / "glm4_moe_a")
     tokens = generate.main([f"--checkpoint={directory}", "--speculative=mtp", "--gamma=2", "--max_new_tokens=5"])
-    want = generate.main([f"--checkpoint={directory}", "--max_new_tokens=5"])
-    np.testing.assert_array_equal(tokens, want)
     assert "target passes, acceptance" in capsys.readouterr().err
+    config, variables = hf.load(directory)
+    want, _ = speculative.generate_mtp(config, variables, tokens[:, :-5], max_new_tokens=5, gamma=2)
+    np.testing.assert_array_equal(tokens, want)
