@@ -172,7 +172,7 @@ def lora_config() -> ml_collections.ConfigDict:
     lora.rank = 8
     lora.alpha = 8.0
     lora.rslora = False
-    # Dropout on the adapter's input x (training only; not on routed-expert adapters).
+    # Dropout on the adapter's input x (training only; routed-expert adapters: one mask per routed slot, one device).
     lora.dropout = 0.0
     # A's initialisation (B starts at zero): 'kaiming_uniform' (PEFT's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)))
     # | 'gaussian' (N(0, 1/r^2), PEFT's init_lora_weights='gaussian').
@@ -200,6 +200,10 @@ def lora_config() -> ml_collections.ConfigDict:
     # The type of the training data for 'loramoe': 1 = the first half of the experts' group (the paper's world
     # knowledge), 0 = the second half; -1 = no localized constraint (the authors' code without task types).
     mixture.task_type = -1
+    # Rank-heterogeneous experts (FlexMoRE-style): one rank per expert, e.g. (4, 8, 16, 32), each with scaling
+    # alpha / r_e; () = model.lora.rank for every expert. Needs per_layer=(). Trained experts convert to such
+    # adapters by SVD (moejax/adapters/conversion.py).
+    mixture.ranks = ()
     lora.mixture = mixture
     return lora
 
