@@ -84,7 +84,7 @@ def config_catalogue() -> list[tuple[str, str, list[str], str | None]]:
     """(file name, first docstring line, presets, default preset) of every config file, read without running it."""
     entries = []
     for path in sorted(configs_dir().glob("*.py")):
-        if path.name in ("__init__.py", "base.py"):
+        if path.name in ("__init__.py", "base.py") or path.name.startswith("base_"):  # base.py and its sections
             continue
         try:
             tree = ast.parse(path.read_text())

@@ -12,7 +12,9 @@ from tests import helpers_train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-CONFIG_NAMES = sorted(path.stem for path in CONFIGS.glob("*.py") if path.name != "__init__.py")
+# The config files (base.py's sections, base_*.py, are parts of base.py, not configs).
+CONFIG_NAMES = sorted(path.stem for path in CONFIGS.glob("*.py")
+                      if path.name != "__init__.py" and not path.name.startswith("base_"))
 
 # Router knobs of released models (model.moe.router fields), for the MoE-layer tests.
 ROUTERS = {
