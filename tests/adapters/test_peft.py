@@ -1,11 +1,14 @@
 """LoRA adapters in PEFT's format (moejax/adapters/peft.py) on the released families' golden models (tests/hf/golden):
 PEFT's key names and layouts (lora_A [r, in], lora_B [out, r]; scaling * B A is the change of the merged
 checkpoint tensor), adapter_config.json, save then load giving identical values and logits, and what PEFT cannot
-express refused by name. The live check (peft.PeftModel.from_pretrained against moejax's logits) runs where torch,
-transformers and peft are installed."""
+express refused by name; the golden fixtures of tests/adapters/golden (make_peft_goldens.py: adapters written by
+moejax, logits and a greedy continuation computed by peft.PeftModel) read back by moejax. The live check
+(peft.PeftModel.from_pretrained against moejax's logits) runs where torch, transformers and peft are installed."""
 import json
+import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -151,3 +154,43 @@ def test_live_peft_gives_moejax_logits(tmp_path):
         theirs = adapted_model(torch.tensor(tokens)).logits.float().numpy()
     ours = np.asarray(model.Transformer(config.model).apply(variables, tokens.astype(np.int32)))
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+PEFT_GOLDENS = pathlib.Path(__file__).resolve().parent / "golden"
+
+
+def greedy(config, variables, prompt, steps):
+    """Greedy continuation by the full forward pass on a fixed buffer (the model is causal)."""
+    apply = jax.jit(model.Transformer(config.model).apply)
+    width = prompt.shape[1]
+    ids = np.zeros((prompt.shape[0], width + steps), np.int32)
+    ids[:, :width] = prompt
+    for t in range(width, width + steps):
+        ids[:, t] = np.asarray(apply(variables, jnp.asarray(ids)))[:, t - 1].argmax(-1)
+    return ids[:, width:]
+
+
+@pytest.mark.parametrize("case,base", [("peft_mixtral", "mixtral_a"), ("peft_llama", "llama_a")])
+def test_peft_golden_logits_and_greedy(case, base):
+    """moejax reads the adapter directory (written by moejax, run by peft.PeftModel on the transformers base golden
+    in make_peft_goldens.py) onto the base golden: PEFT's logits within 1e-4, the same greedy continuation. Mixtral:
+    adapters on attention and on every routed expert's w1, w3, w2 (PEFT on transformers 5 runs them on the fused
+    expert parameters gate_up_proj and down_proj)."""
+    directory = PEFT_GOLDENS / case
+    if not (directory / "golden.npz").is_file():
+        pytest.skip(f"no fixture for {case}: run tests/adapters/golden/make_peft_goldens.py")
+    golden = np.load(directory / "golden.npz")
+    base_config, variables = hf.load(golden_dir(base))
+    config, adapters = peft.load(base_config, directory)
+    model.validate(config.model)
+    variables = {**variables, "params": lora.join(jax.tree.map(np.asarray, variables["params"]), adapters)}
+    logits = np.asarray(jax.jit(model.Transformer(config.model).apply)(variables, golden["tokens"].astype(np.int32)))
+    base_logits = np.asarray(jax.jit(model.Transformer(base_config.model).apply)(
+        {**variables, "params": lora.split(variables["params"])[0]}, golden["tokens"].astype(np.int32)))
+    assert np.abs(base_logits - golden["logits"]).max() > 1e-2  # the adapters change the logits
+    np.testing.assert_allclose(logits, golden["logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(greedy(config, variables, golden["prompt"], golden["greedy"].shape[1]),
+                                  golden["greedy"])
+    if case == "peft_mixtral":
+        assert config.model.lora.experts == "per_expert"
+        assert list(golden["target_parameters"]) == ["down_proj", "gate_up_proj"]
