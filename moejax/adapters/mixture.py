@@ -20,6 +20,10 @@ and its routing under ``<name>_lora_routing`` (routing traces: moejax/adapters/m
 ``stats`` collector reads neither, ``collect`` here reads the records: tokens per expert, router entropy
 and the unweighted balance loss of ``balance``: 'loramoe' (the localized balancing constraint, ``loramoe_balance``)
 or 'switch' (moejax/moe/losses.py ``expert_balance_loss``); ``weighted_losses`` is what the objective adds.
+
+A routing intervention (moejax/moe/intervention.py: mask, force, scale, top_k, rank) reaches a router through the
+variable collection ``lora_intervention`` (``<name>`` at the module's path: moejax/adapters/mixture_intervention.py
+builds it); the layer then applies it as the MoE layer does (``intervene.selection_bias``, ``intervene.apply``).
 """
 from __future__ import annotations
 
@@ -36,13 +40,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax import checks
-from moejax.moe import losses, routers, stats
+from moejax.moe import intervene, losses, routers, stats
 
 BALANCES = ("loramoe", "switch", "none")
 STEM = "_moe"  # <name>_moe_lora_a, <name>_moe_lora_b: the experts' A and B
 ROUTER_SUFFIX = "_moe_lora_router"
 STATS_SUFFIX = "_lora_stats"
 ROUTING_SUFFIX = "_lora_routing"  # (experts [T, k], weights [T, k], probs [T, E]) per call: traces (mixture_trace.py)
+INTERVENTION = "lora_intervention"  # variable collection of routing interventions (mixture_intervention.py)
 _LAYER = re.compile(r"^layers_(\d+)$")
 
 
@@ -198,7 +203,12 @@ def term(module: nn.Module, mix: MixtureSpec, *, rank: int, alpha: float, rslora
     lead = x.shape[:x.ndim - n_in]
     tokens = math.prod(lead)
     logits = jnp.tensordot(x.astype(jnp.float32), w_r, axes=n_in).reshape(tokens, num_experts)
-    route = routers.spec("topk").fn(logits, mix.router_config(num_experts), routers.RouterContext())
+    router_cfg = mix.router_config(num_experts)
+    iv = module.get_variable(INTERVENTION, name) if module.has_variable(INTERVENTION, name) else None
+    bias = None if iv is None else intervene.selection_bias(iv, 0, jnp.zeros((num_experts,), jnp.float32))
+    route = routers.spec("topk").fn(logits, router_cfg, routers.RouterContext(bias=bias))
+    if iv is not None:  # a routing intervention on this router (row 0 of a one-layer Intervention)
+        route = intervene.apply(iv, 0, route, router_cfg, bias=bias)
     gates = dense_gates(route, num_experts)  # [T, E]
     ins, outs = _letters(n_in, len(out_shape))
     x = x.astype(dtype).reshape(tokens, *in_shape)
