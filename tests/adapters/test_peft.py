@@ -174,8 +174,8 @@ def greedy(config, variables, prompt, steps):
 def test_peft_golden_logits_and_greedy(case, base):
     """moejax reads the adapter directory (written by moejax, run by peft.PeftModel on the transformers base golden
     in make_peft_goldens.py) onto the base golden: PEFT's logits within 1e-4, the same greedy continuation. Mixtral:
-    adapters on attention and on every routed expert's w1, w3, w2 (PEFT on transformers 5 runs them on the fused
-    expert parameters gate_up_proj and down_proj)."""
+    adapters on attention, the router and every routed expert's w1, w3, w2 (PEFT on transformers 5 runs them on the
+    router's bare gate.weight and the fused expert parameters gate_up_proj and down_proj)."""
     directory = PEFT_GOLDENS / case
     if not (directory / "golden.npz").is_file():
         pytest.skip(f"no fixture for {case}: run tests/adapters/golden/make_peft_goldens.py")
@@ -193,4 +193,4 @@ def test_peft_golden_logits_and_greedy(case, base):
                                   golden["greedy"])
     if case == "peft_mixtral":
         assert config.model.lora.experts == "per_expert"
-        assert list(golden["target_parameters"]) == ["down_proj", "gate_up_proj"]
+        assert list(golden["target_parameters"]) == ["down_proj", "gate.weight", "gate_up_proj"]

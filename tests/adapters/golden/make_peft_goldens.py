@@ -28,8 +28,9 @@ BASES = ROOT.parent.parent / "hf" / "golden"
 RANK, ALPHA, SCALE = 4, 8.0, 0.2
 # case -> (the base golden of tests/hf/golden, moejax's model.lora.targets, other model.lora fields)
 PEFT_CASES: dict[str, tuple[str, tuple[str, ...], dict]] = {
-    # attention and every routed expert's w1, w3, w2 (one adapter per expert)
-    "peft_mixtral": ("mixtral_a", ("attn/(q|k|v|o)/kernel", "experts/(wi_0|wi_1|wo)"), {"experts": "per_expert"}),
+    # attention, the router and every routed expert's w1, w3, w2 (one adapter per expert)
+    "peft_mixtral": ("mixtral_a", ("attn/(q|k|v|o)/kernel", "router/kernel", "experts/(wi_0|wi_1|wo)"),
+                     {"experts": "per_expert"}),
     # a dense model (its head tied to the embedding): attention and the MLP
     "peft_llama": ("llama_a", ("attn/(q|k|v|o)/kernel", "ffn/(wi_0|wi_1|wo)"), {}),
 }
@@ -64,7 +65,8 @@ def write_adapters(case: str, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
 def peft_model(case: str):
     """peft.PeftModel of the case (float32, eval mode) and the names of the modules PEFT wrapped (from transformers 5
     on, PEFT turns the per-expert adapters of the file into adapters on the fused expert parameters
-    ``experts.gate_up_proj`` and ``experts.down_proj``: its config's target_parameters)."""
+    ``experts.gate_up_proj`` and ``experts.down_proj``, and a router's onto its bare ``gate.weight``: its config's
+    target_parameters)."""
     import peft
     import torch
     import transformers
