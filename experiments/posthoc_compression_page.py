@@ -1,194 +1,243 @@
-"""The post-hoc compression page pooled over training seeds (``posthoc_compression.md``): its summary of the
-per-checkpoint results, its markdown and its plot. ``experiments.posthoc_seeds`` writes it."""
+"""The page of experiments/posthoc_compression.py: the summary of its cached results (``summarise``), the page
+rendered from its JSON (``render_page``, a function of the JSON alone) and the plot of bits per byte against the
+fraction of experts kept. The super-expert section's summary and plots: experiments/posthoc_super_experts.py.
+"""
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
 import numpy as np
 
 from experiments import posthoc_common as common
-from experiments import runner
-from experiments.posthoc_seeds import COMPRESSION_CLAIMS, LABELS, doc_link, training_lines
-from experiments.seed_stats import _interval, _p, decide, fixed, n_sentence, paired_over_seeds, pool
-from experiments.stats import FAMILY_ALPHA
+from experiments import posthoc_compression as study
+from experiments import posthoc_super_experts, runner
+from experiments.stats import mean_std, paired, t_interval
+
+MISSING = "—"
+fmt = functools.partial(common.fixed, missing=MISSING)
+COMPARED = [("mcsmoe", "frequency"), ("hcsmoe", "frequency"), ("mcsmoe", "hcsmoe"), ("reap", "frequency"),
+            ("easy_ep", "frequency"), ("soft_count", "frequency"), ("reap", "easy_ep")]  # (a, b): a - b per seed
 
 
-def compression_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The pooled compression results: per method and size the cell over training seeds, the stored experts, the
-    claims with their Holm verdicts, the per-run baselines and costs."""
-    done = [r for r in runs if r["compression"] and r["compression_cache"]]
-    if not done:
-        return {"runs": 0}
-    first = done[0]["compression"]["summary"]
-    methods, kept = first["methods"], [k for k in first["kept"] if k != first["num_experts"]]
-    values: dict[str, dict[int, dict[int, dict[int, float]]]] = {m: {k: {} for k in kept} for m in methods}
-    stored: dict[str, dict[int, list[int]]] = {m: {k: [] for k in kept} for m in methods}
-    baseline: dict[int, float] = {}
-    for r in done:
-        results = r["compression_cache"]["results"]
-        seed = int(r["seed"])
-        baseline[seed] = results.get("baseline", {}).get("bits_per_byte")
-        for key, rec in results.items():
-            if key.count("/") != 2 or rec.get("method") not in values or rec["kept"] not in values[rec["method"]]:
-                continue
-            values[rec["method"]][rec["kept"]].setdefault(seed, {})[int(rec["seed"])] = rec["bits_per_byte"]
-            if "stored_total" in rec:
-                stored[rec["method"]][rec["kept"]].append(rec["stored_total"])
-    cells = {m: {str(k): {**pool({s: list(v.values()) for s, v in values[m][k].items()}),
-                          "stored_total": sorted(set(stored[m][k])),
-                          "delta": pool({s: [x - baseline[s] for x in v.values()] for s, v in values[m][k].items()})}
-                 for k in kept} for m in methods}
-    claims = []
-    for k in kept:
-        for a, b in COMPRESSION_CLAIMS:
-            if a in values and b in values:
-                c = paired_over_seeds(values[a][k], values[b][k])
-                claims.append({"kept": k, "a": a, "b": b, **c, "lower": f"{LABELS[a]} better",
-                               "higher": f"{LABELS[a]} worse",
-                               "stored_a": sorted(set(stored[a][k])), "stored_b": sorted(set(stored[b][k]))})
-    decide(claims)
-    costs = [r["compression"]["summary"] for r in done]
-    return {"runs": len(done), "seeds": [int(r["seed"]) for r in done], "methods": methods, "kept": kept,
-            "fractions": [f for f, k in zip(first["fractions"], first["kept"], strict=True)
-                          if k != first["num_experts"]],
-            "num_experts": first["num_experts"], "moe_layers": first["moe_layers"], "d_model": first.get("d_model"),
-            "expert_ffn": first["expert_ffn"], "calib_sets": first["seeds"], "calib_tokens": first["calib_tokens"],
-            "calib_shape": first["calib_shape"], "eval_tokens": first["eval_tokens"], "eval_shape": first["eval_shape"],
-            "eval_batches": first["eval_batches"], "params": [c["params"] for c in costs],
-            "baseline": baseline, "baseline_pool": pool({s: [v] for s, v in baseline.items()}), "cells": cells,
-            "claims": claims,
-            "seconds_per_result": float(np.mean([c["seconds_per_result"] for c in costs if c["seconds_per_result"]])),
-            "calib_seconds": float(np.mean([c.get("calib_seconds") or 0 for c in costs])),
-            "wall_seconds": [c.get("wall_seconds") for c in costs],
-            "missing": {int(r["seed"]): r["compression"]["summary"]["missing"] for r in done}}
+def summarise(data: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The page's summary of the cache's data under the run's meta (its grid, model and machine): per method and
+    fraction the bits per byte over the seeds, the missing cells, the order of the methods, the paired differences
+    of COMPARED and of each merge against the best pruning at every fraction below 1, and the super experts."""
+    results = data["results"]
+    num_experts, seeds = meta["num_experts"], meta["seeds"]
+    fractions = meta["fractions"]
+    kept = [study.kept_count(num_experts, f) for f in fractions]
+    cells, missing = {}, []
+    for method in meta["methods"]:
+        cells[method] = []
+        for fraction, k in zip(fractions, kept, strict=True):
+            values, seconds = [], []
+            for seed in range(seeds):
+                record = results.get(study.cell_key(method, k, seed))
+                if record is None:
+                    missing.append(study.cell_key(method, k, seed))
+                else:
+                    values.append(record["bits_per_byte"])
+                    seconds.append(record["seconds"])
+            mean, std = mean_std(values)
+            cells[method].append({"fraction": fraction, "kept": k, "n": len(values), "values": values, "mean": mean,
+                                  "std": std, "seconds": float(np.mean(seconds)) if seconds else None})
+    order = {}
+    for i, k in enumerate(kept):
+        done = [(cells[m][i]["mean"], m) for m in meta["methods"] if cells[m][i]["n"]]
+        order[str(k)] = [m for _, m in sorted(done)]
+    comparisons = []
+    for i, k in enumerate(kept):
+        if k == num_experts:
+            continue
+        pruned = [(cells[m][i]["mean"], m) for m in study.PRUNE_METHODS if m in cells and cells[m][i]["n"]]
+        best_prune = min(pruned)[1] if pruned else None
+        per_seed = {m: {s: results[study.cell_key(m, k, s)] for s in range(seeds)
+                        if study.cell_key(m, k, s) in results} for m in cells}
+        for a, b in COMPARED + [(merge, best_prune) for merge in study.MERGE_METHODS if best_prune]:
+            if a in cells and b in cells:
+                diffs = paired(per_seed, a, b, "bits_per_byte")[1]
+                comparisons.append({"kept": k, "a": a, "b": b, "diffs": diffs, **t_interval(diffs)})
+    seconds = [r["seconds"] for key, r in results.items() if not key.startswith("super/") and key.count("/") == 2]
+    return {**meta, "kept": kept, "cells": cells, "missing": missing, "order": order, "comparisons": comparisons,
+            "seconds_per_result": mean_std(seconds)[0], "results_done": len(seconds),
+            "baseline": (results.get("baseline") or {}).get("bits_per_byte"),
+            **posthoc_super_experts.summarise(data)}
 
 
-def render_compression(payload: dict[str, Any], findings: str) -> str:
-    meta, s, runs = payload["meta"], payload["summary"], payload["runs"]
-    lines = ["# Post-hoc expert compression of the tiny DeepSeekMoE over training seeds: pruning and merging", "",
-             "Generated by `experiments/posthoc_pages.py` (pooled by `experiments/posthoc_seeds.py`; the text between "
-             "the findings markers is hand-written and kept by reruns).", "", f"Command: `{meta['command']}`", ""]
+def render_page(payload: dict[str, Any], findings: str) -> str:
+    """The page of the JSON payload {'summary', 'results'} (``write_outputs``), with the hand-written findings."""
+    s = payload["summary"]
+    lines = ["# Post-hoc expert compression of the tiny DeepSeekMoE: pruning, merging, super experts", "",
+             "Issue 17 items 4 and 5. Generated by `experiments/posthoc_compression.py` (the text between the "
+             "findings markers is hand-written and kept by reruns).", "",
+             f"Command: `{s['command']}`", ""]
     lines += [runner.FINDINGS_BEGIN, findings.strip("\n"), runner.FINDINGS_END, ""]
-    if not s.get("runs"):
-        return "\n".join(lines + ["No compression results yet."]) + "\n"
-    n = s["runs"]
-    param_per_expert = 3 * (s["d_model"] or 0) * s["expert_ffn"]
-    lines += ["## Setup", ""] + training_lines(runs, meta) + [
-        f"* Data: {common.splits_text('train', 'validation')} Validation: the first {s['eval_batches']} batches of "
-        f"{s['eval_shape'][0]} x {s['eval_shape'][1] - 1} predicted tokens of each run's validation windows "
-        f"({s['eval_tokens']:,} tokens), the same for every cell of a run. Calibration: {s['calib_sets']} sets per "
-        f"checkpoint, set c = the first {s['calib_tokens'] // (s['calib_shape'][0] * s['calib_shape'][1])} batches of "
-        f"{s['calib_shape'][0]} x {s['calib_shape'][1]} tokens of the training split's iterator with "
-        f"`config.seed = 1000 + c` ({s['calib_tokens']:,} tokens per set); every method of a set uses the same data.",
-        f"* Methods (per MoE layer n = round(f x {s['num_experts']}) experts kept, or n merged experts on average): "
-        f"pruning by {doc_link('frequency', 'frequency and soft count')}, {doc_link('reap', 'REAP')} and "
-        f"{doc_link('easy_ep', 'EASY-EP')} (`prune.keep_by_score`, the n best of every layer; "
-        f"{doc_link('prune', 'pruning')}); merging by {doc_link('mcsmoe', 'MC-SMoE')} (`merge.mcsmoe` with the "
-        "calibration tokens' router logits, `merge.router_logits`: the authors' router-logit similarity; their global "
-        "group counts, uneven per layer, n per layer on average; neurons aligned to each layer's first expert) and "
-        f"{doc_link('hcsmoe', 'HC-SMoE')} (`merge.hcsmoe`: average linkage on the experts' mean outputs, "
-        "frequency-weighted averages). Each link leads to the method's entry in docs/methods.md, whose **Departures** "
-        "list where moejax differs from the authors' code (e.g. usage counted over all k routed slots, not the top-1 "
-        "or top-2 of the raw logits; calibration on this corpus instead of the authors' data). Merges keep the "
-        "router's 63 logical experts and bind each group member to its merged expert (`moejax.moe.expert_map`). No "
-        "fine-tuning follows any compression.",
-        f"* Stored parameters: each MoE layer l stores S_l routed experts (`moejax.moe.expert_map.stored_count`); "
-        f"the page counts the total sum_l S_l, each stored expert {param_per_expert:,} parameters (wi_0, wi_1: "
-        f"{s['d_model']} x {s['expert_ffn']}, wo: {s['expert_ffn']} x {s['d_model']}). Pruning and HC-SMoE store n "
-        "in every layer; MC-SMoE stores uneven S_l with the same total (n x layers, fewer only on ties at its "
-        "threshold; the table lists the totals measured). Not counted: the router, which pruning shrinks to the kept "
-        f"columns and merging keeps whole ({s['num_experts']} x {s['d_model']} per layer), the expert map (integers) "
-        "and the shared expert and attention, which no method changes. So at equal stored experts a merged model has "
-        f"{s['moe_layers']} x ({s['num_experts']} − n) x {s['d_model']} more router parameters than a pruned one.",
-        f"* Statistics: {STATS_TEXT}",
-        f"* Cost: {fixed(s['seconds_per_result'], 1)} s per compression result (compress + evaluate, compilation "
-        f"included, persistent XLA cache), {fixed(s['calib_seconds'], 1)} s of calibration statistics per set; "
-        "study wall time per checkpoint: " + ", ".join(f"{fixed(w, 0)} s" for w in s["wall_seconds"]) + ".", "",
-        n_sentence(n, len(s["claims"])), ""]
-    lines += ["## Validation bits per byte", "", "![bits/byte vs fraction kept](posthoc_compression.png)", "",
-              f"Mean over {n} training seeds ± std over training seeds (each seed's value: the mean over its "
-              f"{s['calib_sets']} calibration sets); in brackets the change from each seed's uncompressed model. "
-              f"Uncompressed: {fixed(s['baseline_pool']['mean'], 4)} ± {fixed(s['baseline_pool']['std'], 4)} "
-              "(" + ", ".join(f"seed {k} {v:.4f}" for k, v in sorted(s["baseline"].items(), key=lambda kv: int(kv[0])))
-              + "). Stored routed experts in all layers: listed per cell.", ""]
-    header = "| method | " + " | ".join(f"{f:.0%} kept ({k} per layer)" for f, k in zip(s["fractions"], s["kept"],
-                                                                                        strict=True)) + " |"
+    lines += ["## Setup", "",
+              f"* Model: `{s['checkpoint']}` (step {s['step']}): {s['params']:,} parameters, {s['moe_layers']} MoE "
+              f"layers, {s['num_shared']} shared + {s['num_experts']} routed experts of width {s['expert_ffn']}, "
+              f"top-{s['top_k']}, router `{s['router']}`, tokenizer `{s.get('tokenizer', 'bytes')}`; "
+              f"uncompressed validation {fmt(s['baseline'], 4)} bits/byte.",
+              f"* Data: {common.splits_text(s.get('calibration_split', 'train'), s.get('eval_split', 'validation'))}",
+              f"* Validation: `moejax.evaluate.evaluate` on {s['eval_batches']} batches of {s['eval_shape'][0]} x "
+              f"{s['eval_shape'][1] - 1} predicted tokens of the run's validation split (`data.eval_batches`): "
+              f"{s['eval_tokens']:,} tokens = {s['eval_tokens']:,} bytes. The same batches for every cell, so "
+              "differences between methods are paired.",
+              f"* Calibration: per seed s in 0..{s['seeds'] - 1}, the first {s['calib_batches']} batches of "
+              f"{s['calib_shape'][0]} x {s['calib_shape'][1]} tokens of the TRAINING split's iterator with "
+              f"`config.seed = {study.CALIB_SEED_OFFSET} + s`: {s['calib_tokens']:,} tokens per seed. Every method "
+              "of a seed uses the same calibration set.",
+              "* Pruning: `moejax.posthoc.importance` (`frequency`, `soft_count`, `reap`, `easy_ep`, one forward "
+              "pass), `prune.keep_by_score` (the n best experts of every layer), `prune.prune`. Merging: "
+              "`merge.mcsmoe` (dominant experts by frequency from the calibration trace, `moejax.posthoc.record`; "
+              "the authors' global group counts, uneven per layer; router-logit similarity over the calibration "
+              "tokens, `merge.router_logits`; neurons aligned to each layer's first expert; frequency-weighted "
+              "average) and `merge.hcsmoe` (average-linkage clustering of `importance.expert_mean_outputs`, "
+              "frequency-weighted average). Merges keep the router and bind each member to its merged expert "
+              "(`moejax.moe.expert_map`); each result records the routed experts stored per layer.",
+              f"* Machine: {s['machine']}. Mean time per compression result (compress + evaluate, including "
+              f"recompilation for a new expert count): {fmt(s['seconds_per_result'], 1)} s over "
+              f"{s['results_done']} results; calibration statistics (importance pass, mean outputs, trace): "
+              f"{fmt(s.get('calib_seconds'), 1)} s per seed. Wall time of the whole experiment: "
+              f"{fmt(s.get('wall_seconds', None), 0)} s.", ""]
+    lines += ["## Bits per byte against the fraction of routed experts kept", "",
+              f"![bits/byte vs fraction kept]({study.NAME}.png)", "",
+              "Validation bits per byte, mean ± std (ddof 1) over the calibration seeds (n = seeds finished). At "
+              "100% every method returns the original model (all experts kept, groups of one), so that column is "
+              "the baseline up to float rounding.", ""]
+    header = "| method | " + " | ".join(f"{f:.0%} ({k})" for f, k in zip(s["fractions"], s["kept"], strict=True)) \
+        + " |"
     lines += [header, "|---|" + "---|" * len(s["kept"])]
-    for m in s["methods"]:
-        row = []
-        for k in s["kept"]:
-            c = s["cells"][m][str(k)]
-            if not c["n"]:
-                row.append("missing")
-                continue
-            row.append(f"{c['mean']:.4f} ± {fixed(c['std'], 4)} ({c['delta']['mean']:+.3f}); stored "
-                       + "/".join(str(t) for t in c["stored_total"]) + ("" if c["n"] == n else f"; n={c['n']}"))
-        lines.append(f"| {LABELS[m]} | " + " | ".join(row) + " |")
-    lines += ["", "Per training seed (mean over its calibration sets; seed " + " / ".join(str(x) for x in s["seeds"])
-              + "):", "", header, "|---|" + "---|" * len(s["kept"])]
-    for m in s["methods"]:
-        lines.append(f"| {LABELS[m]} | " + " | ".join(" / ".join(f"{v:.4f}" for v in s["cells"][m][str(k)][
-            "per_seed"].values()) or "missing" for k in s["kept"]) + " |")
-    lines += ["", f"## Claims: paired differences over training seeds, Holm over {len(s['claims'])} claims", "",
-              "a − b in bits/byte (negative: a better), per training seed averaged over its calibration sets; 95% "
-              f"t-interval over the training seeds; p: two-sided t-test; Holm: adjusted p over this page's "
-              f"{len(s['claims'])} claims at family-wise alpha {FAMILY_ALPHA}; calib. std: the std of a − b over "
-              "the calibration sets within a seed, averaged over seeds. Stored experts a / b: sums over layers.", "",
-              "| kept per layer | a | b | stored a / b | mean a − b | 95% interval | per training seed | calib. std | "
-              "p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in s["claims"]:
-        lines.append(f"| {c['kept']} | {LABELS[c['a']]} | {LABELS[c['b']]} | "
-                     f"{'/'.join(map(str, c['stored_a']))} / {'/'.join(map(str, c['stored_b']))} | "
-                     f"{fixed(c['mean'], 4)} | {_interval(c)} | "
-                     + " / ".join(f"{v:+.4f}" for v in c["per_seed"].values()) + f" | {fixed(c['calib_std'], 4)} | "
-                     f"{_p(c['p'])} | {_p(c['p_holm'])} | {c['verdict']} |")
-    missing = {k: v for k, v in s["missing"].items() if v}
-    lines += ["", "Missing cells: " + ("; ".join(f"seed {k}: {', '.join(v)}" for k, v in missing.items())
-                                       if missing else "none") + (
-        f". Training runs without compression results: {len(runs) - n}." if len(runs) > n else "."), "",
-              "## Super experts", "",
-              f"Not run in this pooled study ({doc_link('super', 'super experts')}): the 70-minute budget went to "
-              "three training seeds of the compression grid. The single-model result earlier on this page (byte "
-              "tokenizer, one training seed) is not carried over."]
+    for method in s["methods"]:
+        cells = []
+        for cell in s["cells"][method]:
+            if not cell["n"]:
+                cells.append("missing")
+            elif cell["std"] is None:
+                cells.append(f"{cell['mean']:.4f} (n={cell['n']})")
+            else:
+                cells.append(f"{cell['mean']:.4f} ± {cell['std']:.4f}" + ("" if cell["n"] == s["seeds"] else
+                                                                            f" (n={cell['n']})"))
+        lines.append(f"| {study.label(method)} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (seed 0 / 1 / 2 ...):", "", header.replace("| method |", "| method |"),
+              "|---|" + "---|" * len(s["kept"])]
+    for method in s["methods"]:
+        lines.append(f"| {study.label(method)} | " + " | ".join(
+            " / ".join(f"{v:.4f}" for v in cell["values"]) or "missing" for cell in s["cells"][method]) + " |")
+    lines += ["", "Ordering (best first, by the mean):", ""]
+    for k in s["kept"]:
+        if k != s["num_experts"] and s["order"].get(str(k)):
+            lines.append(f"* {k}/{s['num_experts']} kept: " + " < ".join(study.label(m) for m in s["order"][str(k)]))
+    lines += ["", "Paired differences (a − b, bits/byte; per seed the same calibration set; 95% t-interval over the "
+              "seeds, t with n − 1 degrees of freedom; negative = a better):", "",
+              "| kept | a | b | mean a − b | 95% interval | per seed |", "|---|---|---|---|---|---|"]
+    for c in s["comparisons"]:
+        interval = f"[{c['low']:+.4f}, {c['high']:+.4f}]" if c.get("low") is not None else MISSING
+        lines.append(f"| {c['kept']} | {study.label(c['a'])} | {study.label(c['b'])} | {fmt(c['mean'], 4)} | "
+                     f"{interval} | " + " / ".join(f"{d:+.4f}" for d in c["diffs"]) + " |")
+    if s["missing"]:
+        lines += ["", f"**Missing cells** ({len(s['missing'])}): " + ", ".join(f"`{m}`" for m in s["missing"])]
+    else:
+        lines += ["", "No cell is missing."]
+    lines += [""] + _render_super(s)
     return "\n".join(lines).rstrip() + "\n"
 
 
-STATS_TEXT = ("the training seed is the unit. A cell per training seed is the mean over its calibration sets; the "
-              "tables give mean ± std (ddof 1) over training seeds. A comparison a − b is paired within each training "
-              "seed at the same calibration set, averaged over the calibration sets (one difference per training "
-              "seed), then the 95% t-interval over training seeds (t with n − 1 degrees of freedom) and the "
-              "two-sided t-test p. The page's claims are fixed in code (`experiments/posthoc_seeds.py`) and "
-              "Holm-adjusted together (`experiments/stats.py`, family-wise alpha 0.05); a verdict word appears only "
-              "where Holm rejects, otherwise 'not resolved at n=3'. The calibration sets' own spread is reported "
-              "beside each claim.")
+def _render_super(s: dict[str, Any]) -> list[str]:
+    """The 'Super experts' section."""
+    sup = s.get("super")
+    lines = ["## Super experts", ""]
+    if sup is None:
+        return lines + ["Not run (missing)."]
+    p = sup["profile"]
+    lines += [f"![super-expert profile]({study.NAME}_super_experts.png)", "",
+              f"Profile: `super_experts.find` over the union of the {s['seeds']} calibration sets "
+              f"({p['num_tokens']:,} training tokens): a[l, e] = max over the tokens routed to expert e of layer l of "
+              f"max_d |f_e(x)_d| (its down-projection output before the gate weight), {len(p['layers'])} x "
+              f"{s['num_experts']} = {len(p['layers']) * s['num_experts']} values (the profile and the per-seed "
+              f"profiles took {sup['seconds']:.0f} s). Paper rule (a > P99.5 and "
+              f"a > max/10): threshold {p['threshold']:.3f}, flagged {p['super_experts']}. The largest values: "
+              + ", ".join(f"{v:.3f}" for v in sup["largest"]) + f"; the median expert's a: "
+              f"{sup['median_max_output']:.3f}.", "",
+              "| layer | expert | a = max abs output | channel | routed slots | layer median a | a / layer median | "
+              "a / median of all | flagged by | alone: silenced / zeroed bits/byte |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in sup["flagged"]:
+        lines.append(f"| {f['layer']} | {f['expert']} | {f['max_output']:.3f} | {f['channel']} | {f['routed']:,} | "
+                     f"{f['layer_median']:.3f} | {f['over_layer_median']:.2f} | {f['over_median']:.2f} | "
+                     f"{', '.join(f['rules'])} | {fmt(f['alone']['mask'], 4)} / {fmt(f['alone']['zero'], 4)} |")
+    lines += ["", "Per MoE layer: the largest a, the median a, and the residual stream's max |h_after| / median "
+              "|h_after| (massive activations):", "",
+              "| layer | max a | median a | max abs h_after | median abs h_after | max / median |",
+              "|---|---|---|---|---|---|"]
+    for i, layer in enumerate(p["layers"]):
+        ratio = p["residual_max_over_median"][i]
+        lines.append(f"| {layer} | {sup['per_layer_max'][i]:.3f} | {sup['per_layer_median'][i]:.3f} | "
+                     f"{p['residual_max'][i]:.3f} | {p['residual_median'][i]:.4f} | "
+                     f"{'inf' if ratio is None else f'{ratio:.1f}'} |")
+    lines += ["", "Stability over the calibration sets (paper rule; the top three): " + "; ".join(
+        f"seed {seed}: {v['paper']} (top 3 {v['top3']})" for seed, v in sup["per_seed"].items()), ""]
+    lines += [f"![super-expert ablation]({study.NAME}_super_ablation.png)", "",
+              f"Ablation, validation bits per byte (baseline {fmt(s['super_baseline'], 4)}, through the same function "
+              "as the ablations). Two ways to remove a set of experts: **silenced** = the routing intervention "
+              "`moejax.moe.intervention.mask_experts` (the experts are never selected; the next-ranked experts take "
+              "their slots, with their own softmax weights since this router does not renormalise); **zeroed** = "
+              "what the paper's released code does (`Super-Experts-Profilling`, `eval_utils.py`: the expert's "
+              "`down_proj` weight set to zero, the router unchanged, so the expert is still selected and its slot "
+              "contributes nothing). Random sets: the same number of experts drawn from those no rule flagged, "
+              "anywhere (random) or in the flagged experts' layers (same layers); mean ± std over the draws, "
+              f"min–max in brackets. {sup['evaluations']} evaluations of {fmt(sup['seconds_per_evaluation'], 1)} s "
+              "on average.", "",
+              "| set | experts | silenced: flagged | silenced: random | silenced: random, same layers | "
+              "zeroed: flagged | zeroed: random | zeroed: random, same layers |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def dist(values: list[float]) -> str:
+        if not values:
+            return "missing"
+        mean, std = mean_std(values)
+        return f"{mean:.4f} ± {std or 0:.4f} [{min(values):.4f}–{max(values):.4f}] (n={len(values)})"
+
+    for row in s["super_rows"]:
+        if not row["size"]:
+            lines.append(f"| {row['name']} | none flagged | | | | | | |")
+            continue
+        same = f" (the same set as {row['same_as']})" if row["same_as"] else ""
+        lines.append(f"| {row['name']} | {row['experts']}{same} | {fmt(row['mask']['target'], 4)} | "
+                     f"{dist(row['mask']['random'])} | {dist(row['mask']['random_same_layers'])} | "
+                     f"{fmt(row['zero']['target'], 4)} | {dist(row['zero']['random'])} | "
+                     f"{dist(row['zero']['random_same_layers'])} |")
+    return lines
 
 
-
-
-def plot_compression(s: dict[str, Any], path: pathlib.Path) -> None:
+def plot_curves(summary: dict[str, Any], path: pathlib.Path) -> None:
+    """Bits per byte against the fraction kept, one line per method (mean ± std over the calibration seeds)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    for i, m in enumerate(s["methods"]):
+    for i, method in enumerate(summary["methods"]):
         xs, ys, es = [], [], []
-        for f, k in zip(s["fractions"], s["kept"], strict=True):
-            c = s["cells"][m][str(k)]
-            if c["n"]:
-                xs.append(f)
-                ys.append(c["mean"])
-                es.append(c["std"] or 0.0)
+        for cell in summary["cells"][method]:
+            if cell["n"]:
+                xs.append(cell["fraction"])
+                ys.append(cell["mean"])
+                es.append(cell["std"] or 0.0)
         if xs:
-            ax.errorbar(np.asarray(xs) + (i - 2.5) * 0.004, ys, yerr=es, fmt="-o" if m in ("frequency", "soft_count",
-                        "reap", "easy_ep") else "--s", capsize=3, label=LABELS[m], color=f"C{i}", markersize=4)
-    ax.axhline(s["baseline_pool"]["mean"], color="gray", linestyle=":", linewidth=1, label="uncompressed")
-    ax.set_xlabel(f"fraction of the {s['num_experts']} routed experts kept (or merged experts) per MoE layer")
+            style = "-o" if method in study.PRUNE_METHODS else "--s"
+            ax.errorbar(np.asarray(xs) + (i - 2.5) * 0.004, ys, yerr=es, fmt=style, capsize=3,
+                        label=study.label(method), color=f"C{i}", markersize=4)
+    if summary.get("baseline") is not None:
+        ax.axhline(summary["baseline"], color="gray", linestyle=":", linewidth=1, label="uncompressed")
+    ax.set_xlabel(f"fraction of the {summary['num_experts']} routed experts kept per MoE layer")
     ax.set_ylabel("validation bits per byte")
     ax.invert_xaxis()
-    ax.set_xticks(s["fractions"], [f"{f:.0%}\n({k})" for f, k in zip(s["fractions"], s["kept"], strict=True)])
-    ax.set_title(f"mean ± std over {s['runs']} training seeds (each: mean over {s['calib_sets']} calibration sets)",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.set_xticks(summary["fractions"], [f"{f:.0%}\n({k})" for f, k in zip(summary["fractions"], summary["kept"],
+                                                                             strict=True)])
+    ax.set_title(f"post-hoc compression of {summary['checkpoint_name']} (mean ± std over "
+                 f"{summary['seeds']} calibration sets)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)

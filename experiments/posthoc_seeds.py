@@ -1,6 +1,6 @@
 """The two post-hoc results pages pooled over training seeds (``experiments.posthoc_pages``): the compression page
-(``posthoc_compression.md``, ``experiments.posthoc_compression_page``) and the routing page (``posthoc_routing.md``,
-``experiments.posthoc_routing_page``), each from the per-checkpoint caches of its study on every trained checkpoint.
+(``posthoc_compression.md``, ``experiments.posthoc_seeds_compression``) and the routing page (``posthoc_routing.md``,
+``experiments.posthoc_seeds_routing``), each from the per-checkpoint caches of its study on every trained checkpoint.
 This module holds what both share (the claims, method links, the runs and their setup lines) and writes them.
 
 Statistics (``experiments.seed_stats``: ``pool`` and ``paired_over_seeds``, re-exported here; tests/experiments/
@@ -102,8 +102,8 @@ def training_lines(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[str
 def write_pages(workdirs: Sequence[pathlib.Path], meta: dict[str, Any], out: pathlib.Path,
                 say: Callable[[str], None]) -> list[pathlib.Path]:
     """Both pages, their JSON and plots from the runs' per-checkpoint results; returns the pages' paths."""
-    from experiments.posthoc_compression_page import compression_summary, plot_compression, render_compression
-    from experiments.posthoc_routing_page import plot_routing, render_routing, routing_summary
+    from experiments.posthoc_seeds_compression import compression_summary, plot_compression, render_compression
+    from experiments.posthoc_seeds_routing import plot_routing, render_routing, routing_summary
 
     out.mkdir(parents=True, exist_ok=True)
     runs = _runs(list(workdirs))
@@ -141,8 +141,8 @@ def _with_runs(render: Callable[[dict[str, Any], str], str]) -> Callable[[dict[s
 
 def rerender_pages(out: pathlib.Path) -> list[pathlib.Path]:
     """Rewrites both pages from their JSON alone (no checkpoint)."""
-    from experiments.posthoc_compression_page import render_compression
-    from experiments.posthoc_routing_page import render_routing
+    from experiments.posthoc_seeds_compression import render_compression
+    from experiments.posthoc_seeds_routing import render_routing
 
     return [common.rerender(out, "posthoc_compression", _with_runs(render_compression), COMPRESSION_PLACEHOLDER),
             common.rerender(out, "posthoc_routing", _with_runs(render_routing), ROUTING_PLACEHOLDER)]
