@@ -16,3 +16,8 @@ ROUTER_BIAS = "router_bias"  # 'moe_state': the selection-only bias [E]
 def is_router(name: str) -> bool:
     """Whether a module name is a router (``router`` or Chain-of-Experts' ``router_{c}``)."""
     return name == ROUTER or (name.startswith(ROUTER + "_") and name[len(ROUTER) + 1:].isdigit())
+
+
+# The routers that sample in training (PhiMoE's SparseMixer, THOR) live in routers_sampling.py and register in
+# routers.ROUTERS when imported: importing any moejax.moe module registers them.
+from moejax.moe import routers_sampling  # noqa: E402, F401

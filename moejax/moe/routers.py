@@ -383,6 +383,3 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     if kind_checks is not None:
         kind_checks(cfg, prefix)
 
-
-# The sampling routers register on import (PhiMoE's SparseMixer, THOR): kept in their own module.
-from moejax.moe import routers_sampling  # noqa: E402, F401
