@@ -25,10 +25,7 @@ seeds (t-intervals, Holm over the page's claims) and is a function of its JSON (
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import platform
-import sys
 import sysconfig
 import time
 from typing import Any
@@ -313,18 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     seeds = {str(s): study_seed(s, base, workdir / f"seed{s}", budget, data, args.data_dir)
              for s, base in zip(seeds_run, bases, strict=True)}
-    previous = common.ResultCache(workdir).get("seconds") or 0.0
-    seconds = common.ResultCache(workdir).put("seconds", previous + time.perf_counter() - started)
-    payload = {"seeds": seeds, "budget": budget, "domain": data, "bases": [str(b) for b in bases],
-               "seconds": seconds,
-               "machine": f"{platform.machine()} ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)",
-               "command": " ".join([f"python -m experiments.{NAME}_study", *(sys.argv[1:] if argv is None
-                                                                            else argv)])}
-    out.mkdir(parents=True, exist_ok=True)
-    plot(payload, out / f"{NAME}.png")
-    common.write_page(out, NAME, payload, render, PLACEHOLDER)
-    say(f"wrote {out / NAME}.md in {time.perf_counter() - started:.0f}s")
-    return payload
+    payload = {"seeds": seeds, "budget": budget, "domain": data, "bases": [str(b) for b in bases]}
+    return common.finish_study(workdir, out, NAME, payload, render=render, placeholder=PLACEHOLDER, plot=plot, say=say,
+                               started=started, argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the post-hoc study pages (experiments/posthoc_routing.py, experiments/posthoc_compression.py) share: the
 result cache that makes a study resumable, strict JSON, progress lines, number formatting, random expert sets, and
-writing a page beside its JSON (and rewriting it from that JSON alone, ``--render_only``).
+writing a page beside its JSON (and rewriting it from that JSON alone, ``--render_only``); the other result studies
+(adapters, upcycling) use them too, with ``finish_study`` as their last step.
 
 A study's page is a function of its JSON: ``write_page`` writes the JSON, reads it back and renders the page from
 it, so ``rerender`` (the committed JSON, no checkpoint, nothing computed) writes the same page.
@@ -11,6 +12,8 @@ import json
 import math
 import os
 import pathlib
+import platform
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -117,3 +120,22 @@ def write_page(out_dir: pathlib.Path, name: str, payload: dict[str, Any], render
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"{name}.json", payload)
     return rerender(out_dir, name, render, placeholder)
+
+
+def finish_study(workdir: pathlib.Path, out: pathlib.Path, name: str, payload: dict[str, Any], *, render: Render,
+                 placeholder: str, plot: Callable[[dict[str, Any], pathlib.Path], None],
+                 say: Callable[[str], None], started: float, argv: list[str] | None) -> dict[str, Any]:
+    """A study's last step: adds to payload its seconds (summed over resumed runs in workdir's cache), the machine
+    and the command (``python -m experiments.<name>_study`` with argv, default sys.argv), draws ``<name>.png`` and
+    writes ``<name>.json`` and its page into out; returns payload."""
+    cache = ResultCache(workdir)
+    previous = cache.get("seconds") or 0.0
+    payload.update(seconds=cache.put("seconds", previous + time.perf_counter() - started),
+                   machine=f"{platform.machine()} ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)",
+                   command=" ".join([f"python -m experiments.{name}_study",
+                                     *(sys.argv[1:] if argv is None else argv)]))
+    out.mkdir(parents=True, exist_ok=True)
+    plot(payload, out / f"{name}.png")
+    write_page(out, name, payload, render, placeholder)
+    say(f"wrote {out / name}.md in {time.perf_counter() - started:.0f}s")
+    return payload

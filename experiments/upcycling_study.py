@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
-import sys
 import sysconfig
 import time
 from typing import Any
@@ -382,17 +380,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = {}
     for seed in SEEDS_PREREGISTERED[:args.seeds]:
         seeds[str(seed)] = study_seed(seed, workdir / f"seed{seed}", budget, named, args.data_dir)
-    previous = common.ResultCache(workdir).get("seconds") or 0.0
-    seconds = common.ResultCache(workdir).put("seconds", previous + time.perf_counter() - started)
-    payload = {"seeds": seeds, "budget": budget, "domains": named, "domain_order": list(named), "seconds": seconds,
-               "machine": f"{platform.machine()} ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)",
-               "command": " ".join([f"python -m experiments.{NAME}_study", *(sys.argv[1:] if argv is None
-                                                                            else argv)])}
-    out.mkdir(parents=True, exist_ok=True)
-    plot(payload, out / f"{NAME}.png")
-    common.write_page(out, NAME, payload, render, PLACEHOLDER)
-    say(f"wrote {out / NAME}.md in {time.perf_counter() - started:.0f}s")
-    return payload
+    payload = {"seeds": seeds, "budget": budget, "domains": named, "domain_order": list(named)}
+    return common.finish_study(workdir, out, NAME, payload, render=render, placeholder=PLACEHOLDER, plot=plot, say=say,
+                               started=started, argv=argv)
 
 
 if __name__ == "__main__":

@@ -255,6 +255,21 @@ def write_grouped_sigmoid_router(m: ml_collections.ConfigDict, s: Saving, name: 
                 norm_topk_prob=bool(r.norm_topk_prob), num_nextn_predict_layers=0)
 
 
+def write_deepseek_moe_layout(m: ml_collections.ConfigDict, s: Saving, name: str, *, shared_required: bool) -> None:
+    """Saving checks of DeepSeekMoE's layout, naming ``name`` (the family): an unbiased router, GLU experts, ungated
+    shared experts n_shared_experts * moe_intermediate_size wide (at least one where ``shared_required``), and every
+    layer from first_k_dense_replace on MoE."""
+    s.need("moe.router.bias", not m.moe.router.bias, f"{name}'s router has no bias")
+    s.need("moe.expert_kind", m.moe.expert_kind == "glu", f"{name}'s experts are GLUs")
+    if shared_required:
+        s.need("moe.num_shared", m.moe.num_shared >= 1, f"{name} always has shared experts")
+    s.need("moe.shared_gate", not m.moe.shared_gate, f"{name}'s shared experts are not gated")
+    s.need("moe.shared_ffn", m.moe.shared_ffn in (0, m.moe.num_shared * m.moe.expert_ffn),
+           f"{name}'s shared experts are n_shared_experts * moe_intermediate_size wide")
+    s.need("moe_every", m.moe_every == 1, f"{name}'s layers from first_k_dense_replace on are all MoE")
+    s.need("dense_layers", not m.dense_layers, f"{name}'s layers from first_k_dense_replace on are all MoE")
+
+
 def topk_renormalised(m: ml_collections.ConfigDict) -> bool:
     r = m.moe.router
     return r.score == "softmax" and (r.norm_topk_prob or not r.softmax_before_topk)

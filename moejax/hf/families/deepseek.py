@@ -49,13 +49,7 @@ def _to_hf(m: ml_collections.ConfigDict, s: Saving, architecture: str) -> dict[s
     s.need("attention", m.attention == "mla", "DeepSeek has Multi-head Latent Attention")
     config.write_no_extras(m, s)
     s.need("qk_norm", not m.qk_norm, "DeepSeek has no query/key norm")
-    s.need("moe.router.bias", not m.moe.router.bias, "DeepSeek's router has no bias")
-    s.need("moe.expert_kind", m.moe.expert_kind == "glu", "DeepSeek's experts are GLUs")
-    s.need("moe.shared_gate", not m.moe.shared_gate, "DeepSeek's shared experts are not gated")
-    s.need("moe.shared_ffn", m.moe.shared_ffn in (0, m.moe.num_shared * m.moe.expert_ffn),
-           "DeepSeek's shared experts are n_shared_experts * moe_intermediate_size wide")
-    s.need("moe_every", m.moe_every == 1, "DeepSeek's layers from first_k_dense_replace on are all MoE")
-    s.need("dense_layers", not m.dense_layers, "DeepSeek's layers from first_k_dense_replace on are all MoE")
+    config.write_deepseek_moe_layout(m, s, "DeepSeek", shared_required=False)
     mla = m.mla
     out.update(num_key_value_heads=m.num_heads, q_lora_rank=mla.q_lora_rank or None, kv_lora_rank=mla.kv_lora_rank,
                qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim,

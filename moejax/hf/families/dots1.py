@@ -66,14 +66,7 @@ def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
     s.need("o_bias", m.o_bias == m.qkv_bias, "dots.llm1 has one attention_bias for q, k, v and o")
     r = m.moe.router
     router_fields = config.write_grouped_sigmoid_router(m, s, "dots.llm1")
-    s.need("moe.router.bias", not r.bias, "dots.llm1's router has no bias")
-    s.need("moe.expert_kind", m.moe.expert_kind == "glu", "dots.llm1's experts are GLUs")
-    s.need("moe.num_shared", m.moe.num_shared >= 1, "dots.llm1 always has shared experts")
-    s.need("moe.shared_gate", not m.moe.shared_gate, "dots.llm1's shared experts are not gated")
-    s.need("moe.shared_ffn", m.moe.shared_ffn in (0, m.moe.num_shared * m.moe.expert_ffn),
-           "dots.llm1's shared experts are n_shared_experts * moe_intermediate_size wide")
-    s.need("moe_every", m.moe_every == 1, "dots.llm1's layers from first_k_dense_replace on are all MoE")
-    s.need("dense_layers", not m.dense_layers, "dots.llm1's layers from first_k_dense_replace on are all MoE")
+    config.write_deepseek_moe_layout(m, s, "dots.llm1", shared_required=True)
     write_layer_types(m, out)
     router_fields.pop("num_nextn_predict_layers")
     out.update(attention_bias=bool(m.qkv_bias), intermediate_size=m.ffn_dim, moe_intermediate_size=m.moe.expert_ffn,

@@ -62,14 +62,7 @@ def to_hf(m: ml_collections.ConfigDict, s: Saving) -> dict[str, Any]:
     s.need("qk_norm", not m.qk_norm or m.qk_norm_scope == "head", "GLM-4.5 normalises each head's queries and keys")
     r = m.moe.router
     router_fields = config.write_grouped_sigmoid_router(m, s, "GLM-4.5")
-    s.need("moe.router.bias", not r.bias, "GLM-4.5's router has no bias")
-    s.need("moe.expert_kind", m.moe.expert_kind == "glu", "GLM-4.5's experts are GLUs")
-    s.need("moe.num_shared", m.moe.num_shared >= 1, "GLM-4.5 always has shared experts")
-    s.need("moe.shared_gate", not m.moe.shared_gate, "GLM-4.5's shared experts are not gated")
-    s.need("moe.shared_ffn", m.moe.shared_ffn in (0, m.moe.num_shared * m.moe.expert_ffn),
-           "GLM-4.5's shared experts are n_shared_experts * moe_intermediate_size wide")
-    s.need("moe_every", m.moe_every == 1, "GLM-4.5's layers from first_k_dense_replace on are all MoE")
-    s.need("dense_layers", not m.dense_layers, "GLM-4.5's layers from first_k_dense_replace on are all MoE")
+    config.write_deepseek_moe_layout(m, s, "GLM-4.5", shared_required=True)
     out.update(partial_rotary_factor=m.partial_rotary_factor, attention_bias=bool(m.qkv_bias),
                use_qk_norm=bool(m.qk_norm), intermediate_size=m.ffn_dim, moe_intermediate_size=m.moe.expert_ffn,
                n_routed_experts=m.moe.num_experts, num_experts_per_tok=m.moe.top_k,
