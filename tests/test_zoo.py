@@ -399,6 +399,7 @@ def zoo_workdirs(data_dir, tmp_path_factory):
     return {name: root / name for name in names}, result
 
 
+@pytest.mark.xdist_group("zoo_runs")  # one worker: the module fixture's one process runs every config once
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_config_trains_20_steps_through_main(name, data_dir, tmp_path, request):
     if name == THROUGH_THE_COMMAND:
