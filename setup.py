@@ -32,7 +32,8 @@ setup(
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         "tf": ["tensorflow"],
         "notebooks": ["nbclient", "nbformat", "ipykernel"],
-        # tests/hf/golden/make_hf_goldens.py and the live transformers checks of tests/hf/test_hf.py
-        "hf": ["torch", "transformers"],
+        # tests/hf/golden/make_hf_goldens.py, make_quant_goldens.py (accelerate: transformers' FP8 loader),
+        # tests/adapters/golden/make_peft_goldens.py and the live transformers / PEFT checks
+        "hf": ["torch", "transformers", "accelerate", "peft"],
     },
 )
