@@ -277,13 +277,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def parse_budget(text: str) -> dict[str, Any]:
-    budget = dict(BUDGET)
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in BUDGET:
-            raise SystemExit(f"--budget: {key!r} is not one of {sorted(BUDGET)}")
-        budget[key] = type(BUDGET[key])(value)
-    return budget
+    return common.parse_fields(text, BUDGET)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

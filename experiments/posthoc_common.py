@@ -139,3 +139,15 @@ def finish_study(workdir: pathlib.Path, out: pathlib.Path, name: str, payload: d
     write_page(out, name, payload, render, placeholder)
     say(f"wrote {out / name}.md in {time.perf_counter() - started:.0f}s")
     return payload
+
+
+def parse_fields(text: str, defaults: dict[str, Any], flag: str = "--budget") -> dict[str, Any]:
+    """defaults with the comma-separated ``key=value`` overrides of text, each value of its default's type;
+    SystemExit naming the flag, the unknown key and the allowed ones."""
+    fields = dict(defaults)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"{flag}: unknown field {key!r}; allowed: {', '.join(sorted(defaults))}")
+        fields[key] = type(defaults[key])(value)
+    return fields

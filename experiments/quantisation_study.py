@@ -73,13 +73,7 @@ say = common.speaker(NAME)
 
 
 def parse_budget(text: str) -> dict[str, Any]:
-    budget = dict(BUDGET)
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, _, value = item.partition("=")
-        if key not in BUDGET:
-            raise SystemExit(f"--budget: unknown field {key!r}; allowed: {', '.join(BUDGET)}")
-        budget[key] = type(BUDGET[key])(value)
-    return budget
+    return common.parse_fields(text, BUDGET)
 
 
 def runs(budget: dict) -> list[tuple[str, str]]:

@@ -363,12 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.render_only:
         common.rerender(out, NAME, render, PLACEHOLDER)
         return {}
-    budget = dict(BUDGET)
-    for item in filter(None, args.budget.split(",")):
-        key, _, value = item.partition("=")
-        if key not in BUDGET:
-            raise SystemExit(f"--budget: {key!r} is not one of {sorted(BUDGET)}")
-        budget[key] = type(BUDGET[key])(value)
+    budget = common.parse_fields(args.budget, BUDGET)
     named = dict(item.split("=", 1) for item in args.domains.split(",")) if args.domains else domains()
     if len(named) != 2:
         raise SystemExit(f"--domains={args.domains!r}: needs two name=text:<glob> domains")
