@@ -3,6 +3,7 @@ router entropy and experts per token.
 
     python -m moejax.evaluate --checkpoint=<workdir | transformers dir> [--data=stdlib|text:<glob>|tfds:<name>]
         [--max_tokens=N] [--batch_size=B --seq_len=S] [--set model.moe.dispatch=dropless ...] [--out=eval.json]
+        [--quantise='experts=int4/g128;attention=int8' | --against=<original>]
 
 The data is the corpus's validation split, read by the same pipeline and tokenizer as training (the checkpoint's
 own: a workdir's ``data.tokenizer``/tokenizer.json, a transformers directory's tokenizer.json), in the run's batch
@@ -13,168 +14,81 @@ summed loss by the number of text bytes the predicted tokens stand for (1 per to
 that say how the experts are dispatched and in which dtype, never what the weights are. For example a model trained
 with capacity factor 1.0 evaluated dropless (``--set model.moe.dispatch=dropless``) or at another capacity factor
 (``--set model.moe.eval_capacity_factor=1.0``) separates what the training's capacity did to the weights from the
-tokens its evaluation drops. ``evaluate(config, variables, batches)`` is the library form. The JSON is written to
---out (default ``<workdir>/eval_<data>[_<set>].json``; a transformers directory needs --out) and the summary
-printed. Flags, errors and exit status as moejax/cli.py describes.
+tokens its evaluation drops. ``--quantise=RULES`` evaluates the checkpoint rounded to nearest under the rules
+(``TARGET=FORMAT[@LAYERS];...``, docs/quantisation.md) against the checkpoint, ``--against=DIR`` a quantised checkpoint
+against its original DIR: the quantised model's numbers, and under 'quantisation' both models' loss and bits per
+byte and their change, the routing flips and router KL per MoE layer on the evaluated tokens, per-expert weight
+errors and the bytes (``moejax.quant.metrics.against``). ``evaluate(config, variables, batches)`` is the library
+form (``quantise=``, ``against=``). The JSON is written to --out (default ``<workdir>/eval_<data>[_<set>].json``; a
+transformers directory needs --out) and the summary printed. Flags, errors and exit status as moejax/cli.py describes.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import checks, cli, console, model
+from moejax import cli, console
 from moejax.configs import base
+from moejax.evaluator import EVAL_FIELDS, Evaluator, apply_set, text_bytes_table  # re-exported
 from moejax.training import metrics as metrics_lib
-from moejax.training.step import TrainState, eval_step
 
-
-class Evaluator:
-    """The one evaluator: the loss, bits per byte and per-MoE-layer statistics of one model config on batches
-    [B, S + 1] (inputs [:, :-1], targets [:, 1:]), used by the training loop, ``python -m moejax.evaluate``,
-    steering and the post-hoc studies.
-
-    The eval step is built once per config (and compiled once per batch shape, by jax.jit's cache) and takes the
-    variables and the routing intervention as arguments: evaluating other weights of the same model, or the same
-    weights under many interventions, reuses one compiled program. ``overrides``: ``--set``-style assignments
-    (``FIELD=VALUE``, FIELD one of EVAL_FIELDS) applied to a copy of config. ``bytes_table``: text bytes per token id
-    (``text_bytes_table``; None: one byte per token), which turns nats per token into bits per byte.
-    ``mesh``: the model's device mesh (expert parallelism) and ``shardings``: the (variables, metrics, batch)
-    shardings on it with which the step is compiled (the training loop's); no intervention then."""
-
-    def __init__(self, config: ml_collections.ConfigDict, *, overrides: Iterable[str] = (),
-                 bytes_table: np.ndarray | None = None, mesh: Any = None,
-                 shardings: tuple[Any, Any, Any] | None = None):
-        overrides = list(overrides)
-        if overrides:
-            config = ml_collections.ConfigDict(config.to_dict())
-            for assignment in overrides:
-                apply_set(config, assignment)
-        self.config, self.bytes_table = config, bytes_table
-        cfg = config.model
-        self.module = model.Transformer(cfg, mesh=mesh)
-        self.empty = metrics_lib.metrics_collection(False, len(model.moe_layers(cfg)), cfg.moe.num_experts).empty()
-
-        def step(variables: dict[str, Any], values: Any, batch: jax.Array, intervention: Any) -> Any:
-            state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], opt_state=None,
-                               moe_state=variables.get("moe_state", {}))
-            return eval_step(state, values, batch, module=self.module, intervention=intervention)
-
-        def token_losses(variables: dict[str, Any], batch: jax.Array, intervention: Any) -> jax.Array:
-            extra = {} if intervention is None else {"intervention": intervention}
-            logits = self.module.apply(variables, batch[:, :-1], train=False, **extra).astype(jnp.float32)
-            log_probs = jax.nn.log_softmax(logits, axis=-1)
-            return -jnp.take_along_axis(log_probs, batch[:, 1:, None], axis=-1)[..., 0]
-
-        if shardings is None:
-            self._step = jax.jit(step)
-        else:
-            variables_sharding, metrics_sharding, batch_sharding = shardings
-            self._step = jax.jit(lambda v, m, b, iv: step(v, m, b, None),
-                                 in_shardings=(variables_sharding, metrics_sharding, batch_sharding, None),
-                                 out_shardings=metrics_sharding)
-        self._token_losses = jax.jit(token_losses)
-
-    def __call__(self, variables: dict[str, Any], batches: Iterable[Any], *, intervention: Any = None,
-                 bytes_per_token: float | None = None, with_load: bool = True,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """'loss' (nats per token), 'perplexity', 'bits_per_byte', 'tokens', 'text_bytes' and per MoE layer
-        'layers_{i}_{stat}' (moejax.moe.stats.LAYER_STATS), with 'expert_load' {'layers_{i}': fractions} when
-        with_load. The text bytes come from the bytes table on the host batches, or from bytes_per_token (the mean
-        over the batches, for batches that are not on this host). progress(tokens so far) after each batch."""
-        variables = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
-        variables.setdefault("moe_state", {})
-        values, tokens, text_bytes = self.empty, 0, 0.0
-        for batch in batches:
-            values = self._step(variables, values, batch if isinstance(batch, jax.Array) else
-                                jnp.asarray(batch, jnp.int32), intervention)
-            count = math.prod(batch.shape) - batch.shape[0]
-            tokens += count
-            if bytes_per_token is None and self.bytes_table is not None:
-                text_bytes += float(self.bytes_table[np.asarray(batch)[:, 1:]].sum())
-            elif bytes_per_token is None:
-                text_bytes += count
-            if progress:
-                progress(tokens)
-        if not tokens:
-            raise ValueError("evaluate: no batches (the data's validation split is empty)")
-        if bytes_per_token is not None:
-            text_bytes = bytes_per_token * tokens
-        result = metrics_lib.computed(values, with_load=with_load)
-        loss = result["loss"]
-        result.update(perplexity=math.exp(min(loss, 700.0)), bits_per_byte=loss * tokens / (text_bytes * math.log(2)),
-                      tokens=tokens, text_bytes=text_bytes)
-        return result
-
-    def token_losses(self, variables: dict[str, Any], batch: np.ndarray, intervention: Any = None) -> np.ndarray:
-        """Cross-entropy in nats at every target position of batch [B, S + 1]: [B, S] float64."""
-        variables = {key: variables[key] for key in ("params", "moe_state") if variables.get(key) is not None}
-        return np.asarray(self._token_losses(variables, jnp.asarray(batch, jnp.int32), intervention), np.float64)
+__all__ = ["EVAL_FIELDS", "Evaluator", "apply_set", "evaluate", "main", "text_bytes_table"]
 
 
 def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batches: Iterable[np.ndarray], *,
              bytes_table: np.ndarray | None = None, progress: Callable[[int], None] | None = None,
-             intervention: Any = None) -> dict[str, Any]:
+             intervention: Any = None, quantise: str | Sequence[Any] | None = None,
+             against: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None) -> dict[str, Any]:
     """``Evaluator(config, bytes_table=bytes_table)(variables, batches, ...)``: the function form, for one
-    evaluation; keep an Evaluator to evaluate the same model again without compiling again."""
-    return Evaluator(config, bytes_table=bytes_table)(variables, batches, intervention=intervention,
-                                                      progress=progress)
+    evaluation; keep an Evaluator to evaluate the same model again without compiling again.
+
+    A quantised model against its original: ``quantise`` (rules ``TARGET=FORMAT[@LAYERS];...`` or a list of
+    ``moejax.quant.Rule``) evaluates ``variables`` rounded to nearest under the rules, against ``variables``;
+    ``against`` (the original's variables) evaluates ``variables`` as the quantised model of that original
+    (``tensors``: its compact form ``{matrix: moejax.quant.Tensor}``, for the bytes). The result is the quantised
+    model's, with 'quantisation' holding the metrics of ``moejax.quant.metrics.against``: both models' loss and bits
+    per byte and their differences, routing flips and router KL per MoE layer on the evaluated tokens, per-expert
+    weight errors and (with the compact form) the model's bytes."""
+    if quantise is None and against is None:
+        return Evaluator(config, bytes_table=bytes_table)(variables, batches, intervention=intervention,
+                                                          progress=progress)
+    from moejax.quant import metrics, transform
+    from moejax.quant import rules as rules_lib
+
+    if quantise is not None and against is not None:
+        raise ValueError("evaluate: quantise= (rules applied to these variables) and against= (the original of "
+                         "quantised variables) exclude each other")
+    if intervention is not None:
+        raise ValueError("evaluate: an intervention is not applied to a quantised model's comparison (quantise=, "
+                         "against=); evaluate it without one")
+    what: dict[str, Any] = {}
+    if quantise is not None:
+        rule_list = rules_lib.parse(quantise, "quantise") if isinstance(quantise, str) else list(quantise)
+        original = variables
+        variables, tensors = transform.quantize(config, original, rule_list)
+        what["rules"] = [{"target": r.target, "format": r.format, "layers": r.layers} for r in rule_list]
+    else:
+        original = against
+        _check_same_model(original["params"], variables["params"])
+    result, comparison = metrics.against(config, original, variables, tensors, batches, bytes_table=bytes_table,
+                                         progress=progress)
+    result["quantisation"] = {**what, **comparison}
+    return result
 
 
-# Fields --set may change (configs/base.py FIELD_ROLES 'eval'): how the model computes, never what its weights are.
-EVAL_FIELDS = base.fields_with("eval")
-
-
-def apply_set(config: ml_collections.ConfigDict, assignment: str, *, validate: bool = True) -> None:
-    """Applies one ``--set FIELD=VALUE`` to config (in place): FIELD one of EVAL_FIELDS, VALUE parsed as the field's
-    type (a number for a float field or one that is None, 'None' to unset it). ConfigError naming the flag, the
-    value and what is allowed, also (with validate) when the result fails the model's checks."""
-    field, sep, text = assignment.partition("=")
-    field, text = field.strip(), text.strip()
-    if not sep or field not in EVAL_FIELDS:
-        raise checks.ConfigError(f"--set={assignment!r}: must be FIELD=VALUE with FIELD one of "
-                                 f"{', '.join(EVAL_FIELDS)}")
-    *path, name = field.split(".")
-    node = config
-    for part in path:
-        node = node[part]
-    current = node[name]
-    if text in ("None", "none") and current is not None:
-        raise checks.ConfigError(f"--set={assignment!r}: {field} cannot be None")
-    try:
-        if text in ("None", "none"):
-            value = None
-        elif isinstance(current, bool):
-            value = {"true": True, "false": False}[text.lower()]
-        elif isinstance(current, int):
-            value = int(text)
-        elif isinstance(current, float) or current is None:
-            value = float(text)
-        else:
-            value = text
-    except (KeyError, ValueError):
-        raise checks.ConfigError(f"--set={assignment!r}: {field} takes a {type(current).__name__}") from None
-    node[name] = value
-    if validate:
-        model.validate(config.model)
-
-
-def text_bytes_table(tokenizer: Any, vocab_size: int) -> np.ndarray | None:
-    """Text bytes per token id [vocab_size] float64 (ids past the tokenizer's vocabulary: 0); None for the byte
-    tokenizer (one byte per token)."""
-    if tokenizer is None or tokenizer.spec == "bytes":
-        return None
-    return np.asarray([tokenizer.token_bytes(i) if i < tokenizer.vocab_size else 0 for i in range(vocab_size)],
-                      np.float64)
+def _check_same_model(original: Any, quantised: Any) -> None:
+    shapes = [jax.tree.map(lambda x: tuple(np.shape(x)), p) for p in (original, quantised)]
+    if jax.tree.structure(shapes[0]) != jax.tree.structure(shapes[1]) or shapes[0] != shapes[1]:
+        raise ValueError("evaluate: against= holds another model than the evaluated one (their parameter trees or "
+                         "shapes differ): pass the original the quantised model was made from")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -183,17 +97,57 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     cli.add_data_flags(parser)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"evaluate with a field changed (repeatable); FIELD one of {', '.join(EVAL_FIELDS)}")
+    parser.add_argument("--quantise", default=None, metavar="RULES",
+                        help="evaluate the checkpoint rounded to nearest under RULES (TARGET=FORMAT[@LAYERS];..., "
+                             "docs/quantisation.md) against the checkpoint itself: loss and bits per byte change, "
+                             "routing flips and router KL per MoE layer, per-expert weight errors, bytes")
+    parser.add_argument("--against", default=None, metavar="DIR",
+                        help="the original (a workdir or a transformers directory) of the quantised --checkpoint: "
+                             "the same metrics, the checkpoint as the quantised model")
     parser.add_argument("--out", default=None, help="the JSON file to write (default: <workdir>/eval_<data>[_<set>]"
-                                                    ".json; required for a transformers directory)")
+                                                    "[_quantise_<rules> | _against].json; required for a transformers "
+                                                    "directory)")
     args = parser.parse_args(argv)
     cli.check_data_flags(args)
     for assignment in args.set:  # field and type checked before loading; the values against the model after
         apply_set(base.get_config(), assignment, validate=False)
+    _check_quantisation_flags(args)
     if args.out is None and cli.check_checkpoint(args) is None:
         raise cli.UsageError(f"--out is required for a transformers checkpoint directory ({args.checkpoint}): the "
                              f"evaluation of a workdir goes to <workdir>/eval_<data>.json, that of a transformers "
                              f"directory to the JSON file --out names")
     return args
+
+
+def _check_quantisation_flags(args: argparse.Namespace) -> None:
+    """--quantise's rules and --against's directory, before anything loads."""
+    from moejax.quant import rules as rules_lib
+
+    if args.quantise is not None and args.against is not None:
+        raise cli.flag_error("against", args.against, "--quantise quantises the checkpoint itself and compares it with "
+                                                      "itself; --against names the original of a quantised checkpoint: "
+                                                      "give one of them")
+    if args.quantise is not None:
+        try:
+            rules_lib.parse(args.quantise, "quantise")
+        except ValueError as e:
+            raise cli.flag_error("quantise", args.quantise, str(e)) from e
+    if args.against is not None:
+        try:
+            cli.check_checkpoint(argparse.Namespace(checkpoint=args.against, step=None))
+        except cli.UsageError as e:
+            raise cli.flag_error("against", args.against, str(e).replace("--checkpoint=", "the directory ")) from e
+
+
+def _open_against(args: argparse.Namespace, path: pathlib.Path) -> dict[str, Any]:
+    """--against's variables and, where the quantised checkpoint has one (``python -m moejax.posthoc quantise``'s
+    output), its compact form."""
+    from moejax.loading import load
+    from moejax.quant import transform
+
+    _, original = load(pathlib.Path(args.against))
+    stored = path / transform.TENSORS_FILE
+    return {"against": original, "tensors": transform.load_tensors(stored) if stored.is_file() else None}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -212,14 +166,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = len(batches) * per_batch
     print(f"evaluating {path} on {config.data.name} (validation split): {len(batches)} batches of "
           f"{config.train.batch_size} x {config.train.seq_len} tokens", file=sys.stderr)
-    result = evaluate(config, opened.variables, batches, progress=console.progress_bar(total),
-                      bytes_table=text_bytes_table(tokenizer, config.model.vocab_size))
+    compare = _open_against(args, path) if args.against else {"quantise": args.quantise}
+    try:
+        result = evaluate(config, opened.variables, batches, progress=console.progress_bar(total),
+                          bytes_table=text_bytes_table(tokenizer, config.model.vocab_size), **compare)
+    except ValueError as e:
+        if args.against is None:
+            raise
+        raise cli.flag_error("against", args.against, str(e)) from e
     result.update(checkpoint=str(path), data=config.data.name, tokenizer=tokenizer.spec,
                   batch_size=config.train.batch_size, seq_len=config.train.seq_len)
     if args.set:
         result["set"] = list(args.set)
+    if args.against:
+        result["against"] = str(args.against)
     _report(result)
     name = _slug(config.data.name) + "".join(f"_{_slug(assignment)}" for assignment in args.set)
+    name += f"_quantise_{_slug(args.quantise)}" if args.quantise else "_against" if args.against else ""
     out = pathlib.Path(args.out) if args.out else path / f"eval_{name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
@@ -240,6 +203,23 @@ def _report(result: dict[str, Any]) -> None:
             print(f"{layer:<10} {result[f'{layer}_max_over_mean_load']:>13.3f} "
                   f"{result[f'{layer}_router_entropy']:>15.3f} {result[f'{layer}_experts_per_token']:>14.3f} "
                   f"{result.get(f'{layer}_drop_fraction', 0.0):>8.4f}")
+    quantisation = result.get("quantisation")
+    if quantisation is None:
+        return
+    base = quantisation["original"]
+    print(f"original: loss {base['loss']:.4f} nats/token | {base['bits_per_byte']:.4f} bits/byte; quantised - "
+          f"original: loss {quantisation['delta_loss']:+.4f}, bits/byte {quantisation['delta_bits_per_byte']:+.4f}")
+    routed = quantisation["routing"]
+    if routed is not None:
+        print(f"{'MoE layer':<10} {'routing flips':>13} {'router KL':>10} {'max expert error':>17}")
+        for row, layer in enumerate(routed["layers"]):
+            errors = quantisation["weights"]["experts"][row]
+            print(f"{layer:<10} {routed['flips'][row]:>13.2%} {routed['kl'][row]:>10.3g} "
+                  f"{max(errors) if errors else 0.0:>17.4f}")
+    size = quantisation["bytes"]
+    if size is not None:
+        print(f"bytes {size['original']:,} -> {size['quantised']:,} ({size['ratio']:.3f}); "
+              f"{size['bits_per_weight'] or 0:.3f} bits per quantised weight")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What quantisation did to an MoE model, against the original on the same tokens.
 
 * ``evaluation``: loss (nats per token), perplexity and bits per byte of both models on evaluation batches
-  (``moejax.evaluate.Evaluator``: one compiled step for both, the same config) and their differences;
+  (``moejax.evaluator.Evaluator``: one compiled step for both, the same config) and their differences;
 * ``routing``: per MoE layer, over calibration batches, both models run end to end (so a layer's routing also moves
   with the quantisation of the layers before it):
   - ``flips``: the fraction of tokens whose set of selected experts changes (the top-k ids as a set; null experts,
@@ -145,20 +145,53 @@ def model_bytes(variables: Mapping[str, Any], tensors: Mapping[str, transform.Te
             "bits_per_weight": 8.0 * compact / weights if weights else None}
 
 
+EVALUATION_KEYS = ("loss", "perplexity", "bits_per_byte", "tokens")
+
+
+def _evaluate_both(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
+                   batches: Iterable[Any], bytes_table: np.ndarray | None, *, with_load: bool,
+                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``moejax.evaluator.Evaluator`` results of both models on the batches, through one compiled step."""
+    from moejax import evaluator as evaluator_lib
+
+    batches = list(batches)
+    evaluator = evaluator_lib.Evaluator(config, bytes_table=bytes_table)
+    base = evaluator(transform.on_device(original), batches, with_load=with_load)
+    new = evaluator(transform.on_device(quantised), batches, with_load=with_load, progress=progress)
+    return base, new
+
+
+def _differences(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    base, new = ({key: float(r[key]) for key in EVALUATION_KEYS} for r in (base, new))
+    return {"original": base, "quantised": new, "delta_loss": new["loss"] - base["loss"],
+            "delta_bits_per_byte": new["bits_per_byte"] - base["bits_per_byte"]}
+
+
 def evaluation(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
                batches: Iterable[Any], bytes_table: np.ndarray | None = None) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of both models on evaluation batches [B, S + 1] and their differences
-    (quantised - original), through one ``moejax.evaluate.Evaluator``."""
-    from moejax import evaluate
+    (quantised - original), through one ``moejax.evaluator.Evaluator``."""
+    return _differences(*_evaluate_both(config, original, quantised, batches, bytes_table, with_load=False))
 
-    batches = list(batches)
-    evaluator = evaluate.Evaluator(config, bytes_table=bytes_table)
-    keys = ("loss", "perplexity", "bits_per_byte", "tokens")
-    base = evaluator(transform.on_device(original), batches, with_load=False)  # one compiled step for both
-    new = evaluator(transform.on_device(quantised), batches, with_load=False)
-    base, new = ({key: float(r[key]) for key in keys} for r in (base, new))
-    return {"original": base, "quantised": new, "delta_loss": new["loss"] - base["loss"],
-            "delta_bits_per_byte": new["bits_per_byte"] - base["bits_per_byte"]}
+
+def against(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
+            tensors: Mapping[str, transform.Tensor] | None, batches: Iterable[Any], *,
+            bytes_table: np.ndarray | None = None, progress: Callable[[int], None] | None = None
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``moejax.evaluate`` reports for a quantised model against its original on evaluation windows [B, S + 1]:
+    (the quantised model's full evaluation, with the per-layer statistics and expert loads; the metrics above:
+    'original', 'quantised', 'delta_loss', 'delta_bits_per_byte' as ``evaluation``, 'routing' as ``routing`` on the
+    windows' input tokens (None for a model without MoE layers or with Chain-of-Experts), 'weights' as
+    ``weight_errors`` and 'bytes' as ``model_bytes`` (None without the compact form ``tensors``))."""
+    batches = [np.asarray(b) for b in batches]
+    base, new = _evaluate_both(config, original, quantised, batches, bytes_table, with_load=True, progress=progress)
+    out = _differences(base, new)
+    cfg = config.model
+    routed = bool(model_lib.moe_layers(cfg)) and cfg.moe.chain_iterations == 1
+    out["routing"] = routing(config, original, quantised, [b[:, :-1] for b in batches]) if routed else None
+    out["weights"] = weight_errors(config, original, quantised, tensors)
+    out["bytes"] = None if tensors is None else model_bytes(original, tensors)
+    return new, out
 
 
 def compare(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],

@@ -30,6 +30,7 @@ from moejax.quant import rules as rules_lib
 from moejax.quant.rules import Matrix, Rule
 
 METADATA_KEY = "moejax.quant"
+TENSORS_FILE = "quantised.safetensors"  # the compact form beside a quantised workdir (posthoc quantise)
 
 
 @dataclasses.dataclass
