@@ -109,7 +109,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.rope_theta = 10000.0
     model.norm_eps = 1e-6
     # The norm before attention, before the FFN and on the final output: 'rms' (RMSNorm, a scale) | 'layernorm'
-    # (LayerNorm, a scale and a bias: PhiMoE). The query/key norms and MLA's latent norms stay RMSNorm.
+    # (LayerNorm, a scale and a bias: PhiMoE) | 'rms_offset' (RMSNorm whose scale is stored as its offset from 1,
+    # x / rms(x) * (1 + scale): Qwen3-Next). The query/key norms stay RMSNorm (with 'rms_offset', offset too)
+    # and MLA's latent norms plain RMSNorm.
     model.norm = "rms"
     # Each block's norms: 'pre' (x + f(norm(x)): attn_norm, ffn_norm) | 'post' (OLMo 2, arXiv 2501.00656:
     # x + norm(f(x)), post_attn_norm / post_ffn_norm on the attention / FFN output; f reads the raw stream).
@@ -132,6 +134,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.attention = "gqa"
     # Learned per-head attention sink logits that join each softmax's denominator (GPT-OSS).
     model.attention_sinks = False
+    # A sigmoid output gate per head (Qwen3-Next): the q projection gives each head 2 * Dh values, its queries and
+    # the gate g; the head's output is multiplied by sigmoid(g) before the output projection. 'gqa' only.
+    model.attention_gate = False
     # Per-layer attention kind ('full' | 'sliding'), one entry per layer; () means every layer 'full'.
     # 'sliding' layers attend to the last sliding_window positions only, the query's own included: key j is seen
     # from query i when 0 <= i - j < sliding_window (GPT-OSS alternates them). With scan_layers, the scanned layers
@@ -186,6 +191,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mla.qk_rope_head_dim = 64
     mla.v_head_dim = 128
     model.mla = mla
+    linear = ml_collections.ConfigDict()
+    # The linear-attention layers (model.layer_types entry 'linear': the Gated DeltaNet of Qwen3-Next, arXiv
+    # 2412.06464; moejax/linear_attention.py): num_key_heads query/key heads of key_head_dim, num_value_heads (a
+    # multiple of them) value heads of value_head_dim, a causal depthwise convolution over conv_kernel positions.
+    linear.num_key_heads = 16
+    linear.num_value_heads = 32
+    linear.key_head_dim = 128
+    linear.value_head_dim = 128
+    linear.conv_kernel = 4
+    model.linear_attention = linear
     # Hidden width of the dense GLU FFN in layers that are not MoE.
     model.ffn_dim = 704
     # Layer i is MoE when i >= first_dense_layers and (i - first_dense_layers) % moe_every == 0;

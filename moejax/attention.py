@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax import checks, kv_cache
+from moejax import checks, kv_cache, linear_attention
 from moejax.adapters import lora
 from moejax.rotary import (  # noqa: F401  (attention.rope, attention.yarn_parameters, ... as before)
     ROPE_SCALINGS,
@@ -40,9 +40,13 @@ from moejax.rotary import (  # noqa: F401  (attention.rope, attention.yarn_param
 )
 
 ATTENTION_KINDS = ("gqa", "mla")
-LAYER_TYPES = ("full", "sliding")
+# Token-mixing layers other than softmax attention, by their model.layer_types entry: a module class built
+# like the attention modules, (cfg, dtype, kernel_init, window, name=...), with a validate(cfg) of its
+# config section. A new kind is its class and one line here.
+LAYER_KINDS = {"linear": linear_attention.GatedDeltaNet}  # Gated DeltaNet (Qwen3-Next)
+LAYER_TYPES = ("full", "sliding", *LAYER_KINDS)
 QK_NORM_SCOPES = ("head", "proj")
-NORM_KINDS = ("rms", "layernorm")
+NORM_KINDS = ("rms", "layernorm", "rms_offset")
 MLA_NORM_EPS = 1e-6  # the latent RMSNorms' epsilon (the released DeepSeek-V2/V3 code fixes it, whatever rms_norm_eps)
 
 
@@ -54,6 +58,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     checks.choice("model.attention", cfg.attention, ATTENTION_KINDS)
     checks.choice("model.qk_norm_scope", cfg.qk_norm_scope, QK_NORM_SCOPES)
     checks.choice("model.norm", cfg.norm, NORM_KINDS)
+    gate = cfg.get("attention_gate", False)
+    if not isinstance(gate, bool) or (gate and cfg.attention == "mla"):
+        checks.fail("model.attention_gate", gate, "must be True or False, and False with model.attention='mla'")
+    for kind, layer in LAYER_KINDS.items():
+        if kind in tuple(cfg.layer_types):
+            layer.validate(cfg)
     if cfg.lm_head_bias and cfg.tie_embeddings:
         checks.fail("model.lm_head_bias", cfg.lm_head_bias, "the output head tied to the embedding has no bias: "
                                                             "set model.tie_embeddings=False")
@@ -104,15 +114,20 @@ def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis, in float32. ``offset`` (model.norm='rms_offset', Qwen3-Next):
+    the scale is stored as its offset from 1 (initialised to zeros), x / rms(x) * (1 + scale)."""
+
     eps: float = 1e-6
     dtype: Any = jnp.float32
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale).astype(self.dtype)
+        return (normed * (1.0 + scale if self.offset else scale)).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -135,8 +150,15 @@ class LayerNorm(nn.Module):
 def norm(cfg: ml_collections.ConfigDict, dtype: Any, name: str) -> nn.Module:
     """The norm of ``model.norm`` ('rms': RMSNorm with a scale; 'layernorm': LayerNorm with a scale and a bias)
     before attention, before the FFN and on the final output; eps ``model.norm_eps``."""
+    if cfg.norm == "rms_offset":
+        return RMSNorm(cfg.norm_eps, dtype, True, name=name)
     cls = LayerNorm if cfg.norm == "layernorm" else RMSNorm
     return cls(cfg.norm_eps, dtype, name=name)
+
+
+def qk_rms_norm(cfg: ml_collections.ConfigDict, dtype: Any, name: str) -> nn.Module:
+    """The RMSNorm of queries or keys (qk_norm): its scale an offset from 1 with model.norm='rms_offset'."""
+    return RMSNorm(cfg.norm_eps, dtype, cfg.norm == "rms_offset", name=name)
 
 
 # ----------------------------------------------------------------------------------------------- rotary
@@ -234,17 +256,19 @@ class Attention(nn.Module):
         dense = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                      kernel_init=self.kernel_init, lora=lora.spec(cfg))
         qkv = dict(dense, use_bias=cfg.qkv_bias)
-        q = lora.DenseGeneral((cfg.num_heads, dh), name="q", **qkv)(x)
+        gated = cfg.get("attention_gate", False)  # Qwen3-Next: each head's q projection also gives its output gate
+        q = lora.DenseGeneral((cfg.num_heads, 2 * dh if gated else dh), name="q", **qkv)(x)
+        q, gate = (q[..., :dh], q[..., dh:]) if gated else (q, None)
         k = lora.DenseGeneral((kv_heads, dh), name="k", **qkv)(x)
         v = lora.DenseGeneral((kv_heads, dh), name="v", **qkv)(x)
         if cfg.qk_norm and cfg.qk_norm_scope == "proj":  # OLMoE: over the whole projection, then split into heads
-            q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
-            k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+            q = qk_rms_norm(cfg, self.dtype, "q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = qk_rms_norm(cfg, self.dtype, "k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
         if cfg.clip_qkv > 0:
             q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         if cfg.qk_norm and cfg.qk_norm_scope == "head":
-            q = RMSNorm(cfg.norm_eps, self.dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.norm_eps, self.dtype, name="k_norm")(k)
+            q = qk_rms_norm(cfg, self.dtype, "q_norm")(q)
+            k = qk_rms_norm(cfg, self.dtype, "k_norm")(k)
         positions = None if cache is None else cache.positions(x.shape[1])
         q, k = rope_heads(cfg, q, positions), rope_heads(cfg, k, positions)
         if cache is None:
@@ -253,6 +277,8 @@ class Attention(nn.Module):
             k, slots = kv_cache.Slots(self.window, name="cached_key")(k, cache)
             v, _ = kv_cache.Slots(self.window, name="cached_value")(v, cache)
             out = kv_cache.attend(q, k, v, cache.visible(x.shape[1], self.window, slots), sinks=_sinks(self, cfg))
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate)
         return lora.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dict(dense, use_bias=cfg.o_bias))(out)
 
 
@@ -345,7 +371,9 @@ class MLAttention(nn.Module):
 
 
 def make(cfg: ml_collections.ConfigDict, dtype: Any, kernel_init: nn.initializers.Initializer, window: int = 0,
-         name: str = "attn") -> nn.Module:
+         name: str = "attn", kind: str = "full") -> nn.Module:
     """The attention module of ``cfg.attention``."""
+    if kind in LAYER_KINDS:  # not softmax attention (the linear-attention layers)
+        return LAYER_KINDS[kind](cfg, dtype, kernel_init, window, name=name)
     cls = MLAttention if cfg.attention == "mla" else Attention
     return cls(cfg, dtype, kernel_init, window, name=name)

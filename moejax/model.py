@@ -159,6 +159,7 @@ class Block(nn.Module):
     use_moe: bool
     mesh: Mesh | None = None
     window: int = 0  # > 0: a sliding-window attention layer (model.attention_window)
+    kind: str = "full"  # its model.layer_types entry (attention.LAYER_KINDS: a layer other than attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
@@ -171,7 +172,7 @@ class Block(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
         adapters = lora.spec(cfg)
-        attn = attention.make(cfg, dtype, init, self.window, name="attn")
+        attn = attention.make(cfg, dtype, init, self.window, name="attn", kind=self.kind)
         post = cfg.get("norm_position", "pre") == "post"  # OLMo 2: x + norm(f(x)) (model.norm_position)
         if post:
             x = x + attention.norm(cfg, dtype, "post_attn_norm")(attn(x, cache))
@@ -280,6 +281,7 @@ class Transformer(nn.Module):
         else:
             for i in range(cfg.num_layers):
                 x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
+                          kind=layer_type(cfg, i),
                           name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention)
         hidden = x  # the last block's output: the first MTP module's input
         if not self.is_initializing():  # kept only when applied with mutable=[HIDDEN_COLLECTION]

@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import checks, kv_cache, model, sampling, speculative_mtp
+from moejax import checks, kv_cache, linear_attention, model, sampling, speculative_mtp
 from moejax import speculative_accept as accept
 from moejax.kv_cache import decode_config
 
 
 def _check(cfg: ml_collections.ConfigDict, length: int, field: str) -> None:
+    linear_attention.rewind_problem(cfg, field)
     windows = [model.attention_window(cfg, i) for i in range(cfg.num_layers)]
     if any(0 < w < length for w in windows):
         checks.fail(field, f"sliding windows {sorted(set(w for w in windows if w))}", f"speculative decoding rolls "

@@ -45,6 +45,7 @@ class Family:
 # field in Family.expresses to be given a model whose value differs (the others would drop it from their config.json
 # and write a model transformers computes differently).
 OPT_IN_FIELDS: dict[str, Any] = {"norm": "rms", "lm_head_bias": False, "partial_rotary_factor": 1.0,
+                                 "attention_gate": False,
                                  "norm_position": "pre", "mtp_depth": 0}
 
 

@@ -11,6 +11,7 @@ tensor name (``{i}`` the layer, ``{j}`` the expert of a per-expert tensor) and t
 * ``even``/``odd``  the gate / up halves of GPT-OSS's interleaved packed ``gate_up_proj`` [E, D, 2F] (and bias)
 * ``zeros``     no checkpoint tensor: the MoE layer's selection bias of a family without one (must stay 0 to save)
 * ``row``       a [1, ...] tensor <-> the array without its leading axis (ERNIE 4.5's selection bias [1, E])
+* ``conv``      a depthwise ``nn.Conv1d`` weight [C, 1, K] <-> a kernel [K, C] (Qwen3-Next's linear attention)
 
 A rule with ``fused`` reads its rows of a tensor several parameters share along its first axis (``fused_rules``:
 Phi-3's qkv_proj and gate_up_proj), split on load and concatenated on save.
@@ -53,6 +54,8 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (math.prod(shape),)
     if kind == "row":
         return (1, *shape)
+    if kind == "conv":
+        return (shape[1], 1, shape[0])
     if kind in ("linear", "linear2"):
         n_in = 1 if kind == "linear" else 2
         return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
@@ -67,6 +70,8 @@ def to_moejax(kind: str, array: Any, shape: tuple[int, ...]) -> Any:
         return array
     if kind in ("reshape", "row"):
         return array.reshape(shape)
+    if kind == "conv":
+        return array[:, 0, :].T
     if kind in ("linear", "linear2"):
         return array.T.reshape(shape)
     if kind == "even":
@@ -90,6 +95,8 @@ def to_hf(kind: str, arrays: list[Any]) -> Any:
         return array.reshape(-1)
     if kind == "row":
         return array[None]
+    if kind == "conv":
+        return array.T[:, None, :]
     if kind in ("linear", "linear2"):
         n_in = 1 if kind == "linear" else 2
         return array.reshape(math.prod(array.shape[:n_in]), -1).T
