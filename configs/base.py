@@ -190,6 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mla.qk_nope_head_dim = 128
     mla.qk_rope_head_dim = 64
     mla.v_head_dim = 128
+    # LongCat-Flash's LoRA-rank scalings (arXiv 2509.01322): the queries times sqrt(d_model / q_lora_rank) and the
+    # normalised latent c_kv times sqrt(d_model / kv_lora_rank); needs q_lora_rank > 0.
+    mla.lora_scaling = False
     model.mla = mla
     linear = ml_collections.ConfigDict()
     # The linear-attention layers (model.layer_types entry 'linear': the Gated DeltaNet of Qwen3-Next, arXiv
@@ -207,6 +210,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # moe_every = 0 makes every layer dense.
     model.first_dense_layers = 0
     model.moe_every = 1
+    # Shortcut-connected MoE (ScMoE, arXiv 2404.05019; LongCat-Flash, arXiv 2509.01322): a MoE layer also has a
+    # dense GLU FFN (ffn_dim) on the same normalised input; the MoE's output joins the residual stream after the
+    # next layer's FFN instead of its own. Every MoE layer must be followed by a dense one.
+    model.moe_shortcut = False
     model.tie_embeddings = False
     # DeepSeek-V3's multi-token prediction (arXiv 2412.19437, section 2.2): D sequential modules, depth k predicting
     # the token k + 1 ahead from the previous depth's hidden state and the embedding of the token k ahead, sharing

@@ -16,6 +16,10 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.num_shared = 0
     # AdaMoE null experts: m zero-compute experts in the router's top-k pool (needs router.kind='adamoe').
     moe.num_null_experts = 0
+    # Identity (zero-computation) experts: z experts in the router's pool that return their input, times their
+    # weight (LongCat-Flash, arXiv 2509.01322); router logits [T, E + z], ids E..E+z-1; needs a router kind that
+    # handles them ('topk' without groups); their selection-only bias is moe_state identity_bias [z].
+    moe.num_identity_experts = 0
     # Multiply the shared experts' output by sigmoid(x @ shared_gate) (Qwen2-MoE).
     moe.shared_gate = False
     # Expert nonlinearity: 'silu' | 'gelu' | 'relu'.

@@ -16,6 +16,7 @@ Parameter trees (under ``layers_{i}/attn``; Dh = cfg.head_dim or d_model // num_
             kv_a/kernel [D, rkv + Dr], kv_a_norm/scale [rkv], kv_b/kernel [rkv, H, Dn + Dv], o/kernel [H, Dv, D]
             o/bias [D] (o_bias), sinks [H] (attention_sinks)
             with Dn, Dr, Dv, rq, rkv = mla.qk_nope_head_dim, qk_rope_head_dim, v_head_dim, q_lora_rank, kv_lora_rank
+            (mla.lora_scaling: queries times sqrt(D / rq), c_kv times sqrt(D / rkv); LongCat-Flash)
 """
 from typing import Any
 
@@ -103,6 +104,12 @@ def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
     checks.positive_int("model.mla.qk_rope_head_dim", mla.qk_rope_head_dim, minimum=2)
     if mla.qk_rope_head_dim % 2:
         checks.fail("model.mla.qk_rope_head_dim", mla.qk_rope_head_dim, "must be even (rotary pairs)")
+    scaling = mla.get("lora_scaling", False)
+    if not isinstance(scaling, bool):
+        checks.fail("model.mla.lora_scaling", scaling, "must be True or False")
+    if scaling and not mla.q_lora_rank:
+        checks.fail("model.mla.lora_scaling", scaling, "scales the queries by sqrt(d_model / q_lora_rank): needs "
+                                                       "model.mla.q_lora_rank > 0")
     why = "not an option with model.attention='mla' (DeepSeek's latent attention)"
     for field, off in (("qkv_bias", False), ("qk_norm", False), ("clip_qkv", 0.0), ("head_dim", 0),
                        ("partial_rotary_factor", 1.0)):
@@ -285,6 +292,15 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------- MLA
 
 
+def mla_lora_scales(cfg: ml_collections.ConfigDict) -> tuple[float, float]:
+    """(query scale, latent scale): sqrt(D / rq) and sqrt(D / rkv) with ``mla.lora_scaling`` (LongCat-Flash's
+    mla_scale_q_lora / mla_scale_kv_lora, arXiv 2509.01322), else 1 and 1."""
+    mla = cfg.mla
+    if not mla.get("lora_scaling", False):
+        return 1.0, 1.0
+    return (cfg.d_model / mla.q_lora_rank) ** 0.5, (cfg.d_model / mla.kv_lora_rank) ** 0.5
+
+
 def mla_softmax_scale(cfg: ml_collections.ConfigDict) -> float:
     """(Dn + Dr)^-0.5, times mscale(factor, mscale_all_dim)^2 with YaRN and mscale_all_dim > 0 (DeepSeek)."""
     scale = (cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim) ** -0.5
@@ -330,15 +346,23 @@ class MLAttention(nn.Module):
         0..S-1)."""
         mla = self.cfg.mla
         q = self.q_b(self.q_a_norm(self.q_a(x))) if mla.q_lora_rank else self.q(x)
+        q_scale, _ = mla_lora_scales(self.cfg)
+        if q_scale != 1.0:
+            q = q * jnp.asarray(q_scale, q.dtype)
         q_nope, q_rot = q[..., :mla.qk_nope_head_dim], q[..., mla.qk_nope_head_dim:]
         return jnp.concatenate([q_nope, rope(self.cfg, q_rot, positions)], axis=-1)
 
     def latent(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """x [B, S, D] -> (c_kv [B, S, rkv] normalised, k_rot [B, S, Dr] rotated)."""
+        """x [B, S, D] -> (c_kv [B, S, rkv] normalised (times sqrt(D / rkv) with lora_scaling), k_rot [B, S, Dr]
+        rotated)."""
         mla = self.cfg.mla
         compressed = self.kv_a(x)
         c_kv, k_rot = compressed[..., :mla.kv_lora_rank], compressed[..., mla.kv_lora_rank:]
-        return self.kv_a_norm(c_kv), rope(self.cfg, k_rot[:, :, None, :], positions)[:, :, 0, :]
+        c_kv = self.kv_a_norm(c_kv)
+        _, kv_scale = mla_lora_scales(self.cfg)
+        if kv_scale != 1.0:
+            c_kv = c_kv * jnp.asarray(kv_scale, c_kv.dtype)
+        return c_kv, rope(self.cfg, k_rot[:, :, None, :], positions)[:, :, 0, :]
 
     def expand(self, c_kv: jax.Array, k_rot: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(c_kv [B, S, rkv], k_rot [B, S, Dr]) -> (k [B, S, H, Dn + Dr], v [B, S, H, Dv])."""

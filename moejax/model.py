@@ -11,6 +11,7 @@ Parameter tree (``config.model`` = cfg):
                                  trees are listed in moejax/attention.py)
     layers_{i}/ffn_norm/scale    [D]                 (norm_position='post': post_attn_norm / post_ffn_norm instead)
     layers_{i}/ffn/...           dense GLU {wi_0, wi_1, wo} or the MoE tree of moejax/moe/layer.py
+    layers_{i}/dense_ffn/...     moe_shortcut: the MoE layer's own dense GLU {wi_0, wi_1, wo} (ffn_dim wide)
     final_norm/scale             [D]
     lm_head/kernel               [D, V]              (absent with tie_embeddings; lm_head/bias [V] with lm_head_bias)
     .../<weight>_lora_a, _lora_b                     LoRA adapters beside the weights model.lora picks
@@ -111,6 +112,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     attention.validate(cfg)
     checks.choice("model.norm_position", cfg.get("norm_position", "pre"), NORM_POSITIONS)
     _validate_layer_lists(cfg)
+    _validate_shortcut(cfg)
     if cfg.scan_layers and cfg.moe_every > 1 and (cfg.num_layers - cfg.first_dense_layers) % cfg.moe_every:
         checks.fail("model.scan_layers", cfg.scan_layers,
                     "scanning needs (num_layers - first_dense_layers) divisible by moe_every")
@@ -151,9 +153,38 @@ def _validate_layer_lists(cfg: ml_collections.ConfigDict) -> None:
         checks.fail("model.dense_layers", dense, "must not repeat a layer index")
 
 
+def _validate_shortcut(cfg: ml_collections.ConfigDict) -> None:
+    """model.moe_shortcut: each MoE layer's output joins after the next layer, which must exist and be dense."""
+    shortcut = cfg.get("moe_shortcut", False)
+    if not isinstance(shortcut, bool):
+        checks.fail("model.moe_shortcut", shortcut, "must be True or False")
+    if not shortcut:
+        return
+    for i in moe_layers(cfg):
+        if i + 1 >= cfg.num_layers or is_moe_layer(cfg, i + 1):
+            checks.fail("model.moe_shortcut", shortcut, f"MoE layer {i}'s output joins after layer {i + 1}, which "
+                        f"must be a dense layer (e.g. model.moe_every=2 and an even model.num_layers)")
+    if cfg.get("mtp_depth", 0):
+        checks.fail("model.mtp_depth", cfg.mtp_depth, "multi-token-prediction blocks have no shortcut-connected "
+                                                      "layout: must be 0 with model.moe_shortcut=True")
+    if moe_layers(cfg) and cfg.moe.chain_residual == "inner":
+        checks.fail("model.moe.chain_residual", cfg.moe.chain_residual, "replaces the residual stream, which a "
+                                                                        "shortcut-connected MoE joins later: use "
+                                                                        "'outer' or 'inner_outer'")
+
+
+def shortcut_starts(cfg: ml_collections.ConfigDict, layer: int) -> bool:
+    """Whether layer i is a shortcut-connected MoE layer (model.moe_shortcut): its block returns (x, moe_out)."""
+    return bool(cfg.get("moe_shortcut", False)) and is_moe_layer(cfg, layer)
+
+
 class Block(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)); the FFN is the MoE layer when ``use_moe``. With
-    ``model.norm_position='post'``: x + post_attn_norm(attn(x)), then x + post_ffn_norm(ffn(x)) (OLMo 2)."""
+    ``model.norm_position='post'``: x + post_attn_norm(attn(x)), then x + post_ffn_norm(ffn(x)) (OLMo 2).
+
+    With ``model.moe_shortcut`` (ScMoE, arXiv 2404.05019; LongCat-Flash, arXiv 2509.01322) a MoE block adds its
+    dense GLU ``dense_ffn`` instead and returns (x, the MoE's output on the same normalised input); the next block
+    gets that output as ``shortcut`` and adds it after its own FFN: x + ffn(norm(x)) + shortcut."""
 
     cfg: ml_collections.ConfigDict
     use_moe: bool
@@ -164,10 +195,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
                  progress: jax.Array | None = None, layer: int | jax.Array = 0,
-                 cache: kv_cache.Cache | None = None, intervention: Intervention | None = None) -> jax.Array:
+                 cache: kv_cache.Cache | None = None, intervention: Intervention | None = None,
+                 shortcut: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
         """layer: this block's index in the model (an int32 scalar under nn.scan), for the MoE statistics and the
         intervention's row. cache: decoding with a KV cache (moejax/kv_cache.py). intervention: routing
-        interventions (moejax/moe/intervention.py)."""
+        interventions (moejax/moe/intervention.py). shortcut: the previous MoE block's output (moe_shortcut)."""
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
@@ -181,12 +213,19 @@ class Block(nn.Module):
         h = x if post else attention.norm(cfg, dtype, "ffn_norm")(x)
         if self.use_moe:
             ffn = moe_layer.MoE(cfg.moe, dtype, param_dtype, init, self.mesh, adapters, name="ffn")
-            h = ffn(h, train=train, token_ids=token_ids, progress=progress, layer=layer, intervention=intervention)
+            routed = ffn(h, train=train, token_ids=token_ids, progress=progress, layer=layer,
+                         intervention=intervention)
+            if cfg.get("moe_shortcut", False):  # the MoE's output joins after the next block's FFN
+                dense = moe_layer.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, adapters,
+                                      name="dense_ffn")(h)
+                return x + (attention.norm(cfg, dtype, "post_ffn_norm")(dense) if post else dense), routed
+            h = routed
             if cfg.moe.chain_residual == "inner":  # Chain-of-Experts as released: x_C replaces the stream
                 return h
         else:
             h = moe_layer.GLU(cfg.ffn_dim, cfg.moe.activation, dtype, param_dtype, init, adapters, name="ffn")(h)
-        return x + (attention.norm(cfg, dtype, "post_ffn_norm")(h) if post else h)
+        x = x + (attention.norm(cfg, dtype, "post_ffn_norm")(h) if post else h)
+        return x if shortcut is None else x + shortcut
 
 
 class Unit(nn.Module):
@@ -203,10 +242,12 @@ class Unit(nn.Module):
                  intervention: Intervention | None = None) -> tuple[tuple[jax.Array, jax.Array], None]:
         x, first_layer = carry
         width = max(self.cfg.moe_every, 1)
+        pending = None  # moe_shortcut: block_0's MoE output, added by block_1 (validate: moe_every >= 2)
         for j in range(width):
-            x = Block(self.cfg, use_moe=self.cfg.moe_every > 0 and j == 0, mesh=self.mesh, window=self.window,
-                      name=f"block_{j}")(
-                x, train, token_ids, progress, first_layer + j, cache, intervention)
+            use_moe = self.cfg.moe_every > 0 and j == 0
+            out = Block(self.cfg, use_moe=use_moe, mesh=self.mesh, window=self.window, name=f"block_{j}")(
+                x, train, token_ids, progress, first_layer + j, cache, intervention, pending)
+            x, pending = out if use_moe and self.cfg.get("moe_shortcut", False) else (out, None)
         return (x, first_layer + width), None
 
 
@@ -279,10 +320,12 @@ class Transformer(nn.Module):
             (x, _), _ = scanned(cfg, self.mesh, window, name="blocks")((x, first), train, tokens, progress, cache,
                                                                         intervention)
         else:
+            pending = None  # moe_shortcut: the previous MoE layer's output, added after the next layer's FFN
             for i in range(cfg.num_layers):
-                x = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
-                          kind=layer_type(cfg, i),
-                          name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention)
+                out = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
+                            kind=layer_type(cfg, i),
+                            name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention, pending)
+                x, pending = out if shortcut_starts(cfg, i) else (out, None)
         hidden = x  # the last block's output: the first MTP module's input
         if not self.is_initializing():  # kept only when applied with mutable=[HIDDEN_COLLECTION]
             self.sow(HIDDEN_COLLECTION, "last", hidden)

@@ -71,6 +71,7 @@ PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
     (moe.ROUTER, "bias"): ("router",),  # router.bias
     (moe.SHARED_GATE, "kernel"): ("embed", None),
     (moe.ROUTER_BIAS,): ("router",),
+    (moe.IDENTITY_BIAS,): ("router",),  # model.moe.num_identity_experts
     **{(moe.EXPERTS, name): axes
        for kind in moe_experts.EXPERT_KINDS.values() for name, axes in kind.param_axes.items()},
 }

@@ -46,13 +46,23 @@ class Family:
 # and write a model transformers computes differently).
 OPT_IN_FIELDS: dict[str, Any] = {"norm": "rms", "lm_head_bias": False, "partial_rotary_factor": 1.0,
                                  "attention_gate": False,
-                                 "norm_position": "pre", "mtp_depth": 0}
+                                 "norm_position": "pre", "mtp_depth": 0, "moe_shortcut": False,
+                                 "mla.lora_scaling": False, "moe.num_identity_experts": 0}
+
+
+def _field(m: ml_collections.ConfigDict, field: str, default: Any) -> Any:
+    """A (dotted) model field's value; ``default`` where the section lacks it (configs older than the field)."""
+    *sections, name = field.split(".")
+    for section in sections:
+        m = m[section]
+    return m.get(name, default)
 
 
 def _check_opt_in(fam: Family, m: ml_collections.ConfigDict, s: Saving) -> None:
     for field, default in OPT_IN_FIELDS.items():
         if field not in fam.expresses:
-            s.need(field, m[field] == default, f"{fam.model_type} has no such option (only {default!r})")
+            s.need(field, _field(m, field, default) == default, f"{fam.model_type} has no such option (only "
+                                                                f"{default!r})")
 
 
 FAMILIES: dict[str, Family] = {}  # by model_type, in order of registration

@@ -34,7 +34,7 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    hf: str  # checkpoint name; {i} = layer, {j} = expert (per-expert tensors)
+    hf: str  # checkpoint name; {i} = layer, {j} = expert (per-expert tensors); {pair}, {sub}: see ``name``
     kind: str = "copy"  # copy | reshape | linear | linear2 | even | odd | zeros | row
     # A checkpoint tensor several parameters share (Phi-3's qkv_proj, gate_up_proj): the moejax paths inside the
     # layer whose checkpoint tensors (each by its own rule's kind) are concatenated along the first axis, in this
@@ -44,6 +44,14 @@ class Rule:
     @property
     def per_expert(self) -> bool:
         return "{j}" in self.hf
+
+    def name(self, i: int | None, **more: Any) -> str:
+        """The checkpoint name of layer i (``more``: the expert ``j``). ``{pair}`` and ``{sub}`` stand for i // 2 and
+        i % 2: the decoder layer and sublayer of families whose checkpoint layer holds two moejax layers
+        (LongCat-Flash's two attention + FFN sublayers)."""
+        if i is None:
+            return self.hf.format(**more)
+        return self.hf.format(i=i, pair=i // 2, sub=i % 2, **more)
 
 
 def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -182,7 +182,7 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
         if rule.fused:
             blocks = _fused_blocks(rule, fam, {p: leaves.get((*keys[:2], *p.split("/"))) for p in rule.fused})
             own = rule.fused.index(keypath(keys[2:]))
-            name, offset = rule.hf.format(i=i), sum(b[0] for b in blocks[:own])
+            name, offset = rule.name(i), sum(b[0] for b in blocks[:own])
             if check(name, (sum(b[0] for b in blocks), *blocks[0][1:]), f"moejax parameters {', '.join(rule.fused)}"
                                                                         f" of layers_{i}"):
                 found_sources[keys] = Source(shape, dtype, _rows(tensors, name, rule.kind, shape, dtype,
@@ -192,12 +192,12 @@ def sources(config_model, tensors: Tensors, fam: Family, abstract: dict[str, Any
             found_sources[keys] = Source(shape, dtype, lambda index, shape=shape: np.zeros(shape)[index])
             continue
         if rule.per_expert:
-            names = [rule.hf.format(i=i, j=j) for j in range(num_experts)]
+            names = [rule.name(i, j=j) for j in range(num_experts)]
             one = rules.hf_shape(rule.kind, shape[1:])
             if all([check(name, one, what) for name in names]):
                 found_sources[keys] = Source(shape, dtype, _per_expert(tensors, names, rule.kind, shape[1:], dtype))
             continue
-        name = rule.hf.format(i=i)
+        name = rule.name(i)
         if check(name, rules.hf_shape(rule.kind, shape), what):
             stacked = len(keys) > 3 and keys[-2] == "experts"
             found_sources[keys] = Source(shape, dtype, _whole(tensors, name, rule.kind, shape, dtype, stacked))
@@ -335,21 +335,21 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | 
                                     f"bias: the saved model would route differently")
             continue
         if rule.fused:  # one checkpoint tensor of several parameters' rows, once all of them are seen
-            parts = packed.setdefault(rule.hf.format(i=i), {})
+            parts = packed.setdefault(rule.name(i), {})
             parts[keypath(keys[2:])] = keys
             if len(parts) == len(rule.fused):
                 ordered = [parts[path] for path in rule.fused]
                 kinds = [fam.layer_rules[path].kind for path in rule.fused]
                 blocks = [rules.hf_shape(k, tuple(flat[p].shape)) for k, p in zip(kinds, ordered, strict=True)]
-                out.append((rule.hf.format(i=i), (sum(b[0] for b in blocks), *blocks[0][1:]), dtype,
+                out.append((rule.name(i), (sum(b[0] for b in blocks), *blocks[0][1:]), dtype,
                             lambda ordered=ordered, kinds=kinds: np.concatenate(
                                 [rules.to_hf(k, [fetch(p)]) for k, p in zip(kinds, ordered, strict=True)], axis=0)))
             continue
         if rule.kind in ("even", "odd"):
-            parts = packed.setdefault(rule.hf.format(i=i), {})
+            parts = packed.setdefault(rule.name(i), {})
             parts[rule.kind] = keys
             if len(parts) == 2:
-                name, pair = rule.hf.format(i=i), (parts["even"], parts["odd"])
+                name, pair = rule.name(i), (parts["even"], parts["odd"])
                 shape = rules.hf_shape("even", tuple(leaf.shape))
                 add(pair[0], (name, shape, dtype, lambda pair=pair: rules.to_hf(
                     "even", [fetch(pair[0]), fetch(pair[1])])), "even")
@@ -357,10 +357,10 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | 
         if rule.per_expert:
             one = rules.hf_shape(rule.kind, tuple(leaf.shape[1:]))
             for j in range(leaf.shape[0]):
-                add(keys, (rule.hf.format(i=i, j=j), one, dtype, lambda keys=keys, j=j, kind=rule.kind:
+                add(keys, (rule.name(i, j=j), one, dtype, lambda keys=keys, j=j, kind=rule.kind:
                            rules.to_hf(kind, [fetch(keys)[j]])), rule.kind)
             continue
-        add(keys, (rule.hf.format(i=i), rules.hf_shape(rule.kind, tuple(leaf.shape)), dtype,
+        add(keys, (rule.name(i), rules.hf_shape(rule.kind, tuple(leaf.shape)), dtype,
                    lambda keys=keys, kind=rule.kind: rules.to_hf(kind, [fetch(keys)])), rule.kind)
     if depth:
         out.extend(mtp.copy_entries(flat, num_layers, depth, model.tie_embeddings, fetch))

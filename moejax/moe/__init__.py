@@ -11,6 +11,7 @@ EXPERTS = "experts"  # the routed experts' stacked parameters, experts/<name> [E
 SHARED = "shared"  # the fused shared-expert GLU
 SHARED_GATE = "shared_gate"  # Qwen2-MoE's sigmoid gate on the shared experts
 ROUTER_BIAS = "router_bias"  # 'moe_state': the selection-only bias [E]
+IDENTITY_BIAS = "identity_bias"  # 'moe_state': the identity experts' selection-only bias [z] (num_identity_experts)
 
 
 def is_router(name: str) -> bool:

@@ -5,8 +5,9 @@ routed pass.
 Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width; names in moejax/moe/__init__.py):
 
     params:
-      router/kernel        [D, E + m]             float32 always (the router runs in float32); m = num_null_experts
-      router/bias          [E + m]                float32, when router.bias (GPT-OSS: logits = x @ W + b)
+      router/kernel        [D, E + m + z]         float32 always (the router runs in float32); m = num_null_experts,
+                                                  z = num_identity_experts
+      router/bias          [E + m + z]            float32, when router.bias (GPT-OSS: logits = x @ W + b)
       router_{c}/kernel    [D, E + m]             Chain-of-Experts: the router of iteration c = 1..C-1
       experts/<name>       the expert kind's stacked parameters (model.moe.expert_kind; moejax/moe/experts.py):
                            'glu': wi_0, wi_1 [E, D, F], wo [E, F, D]
@@ -21,6 +22,12 @@ Parameter tree of ``MoE(cfg)`` (E = num_experts, F = expert_ffn, D = model width
     moe_state:
       router_bias          [E]                    selection-only bias (aux-loss-free balancing), zeros at init;
                                                   applying without a 'moe_state' collection uses zeros
+      identity_bias        [z]                    the identity experts' selection-only bias (not updated by the
+                                                  aux-loss-free hook), zeros at init
+
+Identity experts (``num_identity_experts`` z > 0; LongCat-Flash's zero-computation experts, arXiv 2509.01322):
+ids E..E+z-1 of the router's selection; each returns its input, so a token adds its input times the summed weight
+of its identity slots to the routed experts' output; dispatch skips them like null slots.
 
 Statistics: each routed pass sows one ``RoutedStats`` record (moejax/moe/stats.py) under ``'moe_aux'/.../stats``
 (C records with Chain-of-Experts): its layer index, tokens per expert, drops, overflow, router entropy, experts per
@@ -62,9 +69,14 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     checks.positive_int(f"{prefix}.num_experts", cfg.num_experts)
     checks.positive_int(f"{prefix}.top_k", cfg.top_k)
     checks.positive_int(f"{prefix}.num_null_experts", cfg.num_null_experts, minimum=0)
-    if cfg.top_k > cfg.num_experts + cfg.num_null_experts:
+    identity = cfg.get("num_identity_experts", 0)
+    checks.positive_int(f"{prefix}.num_identity_experts", identity, minimum=0)
+    if cfg.top_k > cfg.num_experts + cfg.num_null_experts + identity:
         checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be <= model.moe.num_experts={cfg.num_experts} "
-                                                  f"(+ model.moe.num_null_experts={cfg.num_null_experts})")
+                                                  f"(+ model.moe.num_null_experts={cfg.num_null_experts} + "
+                                                  f"model.moe.num_identity_experts={identity})")
+    if identity:
+        _validate_identity(cfg, prefix, identity)
     checks.positive_int(f"{prefix}.chain_iterations", cfg.chain_iterations)
     checks.choice(f"{prefix}.chain_residual", cfg.chain_residual, CHAIN_RESIDUALS)
     with_nulls = sorted(kind for kind, spec in routers.ROUTERS.items() if spec.null_experts)
@@ -104,6 +116,20 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
         checks.fail(f"{prefix}.device_groups", cfg.device_groups,
                     f"must divide model.moe.num_experts={cfg.num_experts}")
     routers.validate(cfg, prefix)
+
+
+def _validate_identity(cfg: ml_collections.ConfigDict, prefix: str, identity: int) -> None:
+    with_identity = sorted(kind for kind, spec in routers.ROUTERS.items() if spec.identity_experts)
+    if cfg.router.kind not in with_identity:
+        checks.fail(f"{prefix}.num_identity_experts", identity, f"identity experts need a model.moe.router.kind "
+                    f"that handles them, one of {with_identity} (got {cfg.router.kind!r}); 0 otherwise")
+    if cfg.num_null_experts:
+        checks.fail(f"{prefix}.num_identity_experts", identity, f"identity and null experts do not mix: needs "
+                                                                f"{prefix}.num_null_experts=0")
+    if cfg.router.get("num_groups", 1) > 1:
+        checks.fail(f"{prefix}.router.num_groups", cfg.router.num_groups, f"group-limited routing has no groups for "
+                                                                          f"the identity experts: must be 1 with "
+                                                                          f"{prefix}.num_identity_experts > 0")
 
 
 class GLU(nn.Module):
@@ -217,7 +243,11 @@ class MoE(nn.Module):
                  intervention: interventions.Intervention | None = None) -> jax.Array:
         """x [B, S, D] -> [B, S, D]; token_ids [B, S]: the input tokens, for routers that route by token id."""
         cfg = self.cfg
+        identity = cfg.get("num_identity_experts", 0)
         if intervention is not None:
+            if identity:
+                checks.fail("model.moe.num_identity_experts", identity, "routing interventions on layers with "
+                                                                       "identity experts are not supported")
             intervene.check_router(intervention, cfg, train)
             if isinstance(layer, int) and not 0 <= layer < intervention.num_layers:
                 interventions.fail("mask.shape", tuple(intervention.mask.shape),
@@ -237,6 +267,11 @@ class MoE(nn.Module):
             bias = self.variable("moe_state", moe.ROUTER_BIAS, jnp.zeros, (cfg.num_experts,), jnp.float32).value
         else:
             bias = jnp.zeros((cfg.num_experts,), jnp.float32)
+        identity_bias = None
+        if identity and (self.is_mutable_collection("moe_state") or self.has_variable("moe_state", moe.IDENTITY_BIAS)):
+            identity_bias = self.variable("moe_state", moe.IDENTITY_BIAS, jnp.zeros, (identity,), jnp.float32).value
+        elif identity:
+            identity_bias = jnp.zeros((identity,), jnp.float32)
         shared = shared_gate = None
         if cfg.num_shared > 0:
             shared = GLU(cfg.shared_ffn or cfg.num_shared * cfg.expert_ffn, cfg.activation, self.dtype,
@@ -244,7 +279,7 @@ class MoE(nn.Module):
             if cfg.shared_gate:
                 shared_gate = lora_lib.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
                                              kernel_init=self.kernel_init, lora=self.lora, name=moe.SHARED_GATE)
-        width = cfg.num_experts + cfg.num_null_experts
+        width = cfg.num_experts + cfg.num_null_experts + identity
         kernels = [RouterKernel(width, self.kernel_init, cfg.router.bias, self.lora, name=moe.ROUTER)]
         for c in range(1, cfg.chain_iterations):
             kernels.append(kernels[0] if cfg.chain_shared_router else
@@ -254,7 +289,8 @@ class MoE(nn.Module):
         state, update = tokens, jnp.zeros_like(tokens)
         for kernel in kernels:
             out = self._routed(state, kernel, expert, weights, bias, batch, layer, num_stored, train=train,
-                               token_ids=ids, progress=progress, intervention=intervention)
+                               token_ids=ids, progress=progress, intervention=intervention,
+                               identity_bias=identity_bias)
             if shared is not None:
                 extra = shared(state.reshape(batch, seq, d_model)).reshape(state.shape)  # [B, S, D]: per sequence
                 if shared_gate is not None:
@@ -271,10 +307,12 @@ class MoE(nn.Module):
     def _routed(self, tokens: jax.Array, kernel: RouterKernel, expert: experts.Experts,
                 weights: experts.Weights, bias: jax.Array, batch: int, layer: int | jax.Array, num_stored: int, *,
                 train: bool, token_ids: jax.Array | None, progress: jax.Array | None,
-                intervention: interventions.Intervention | None = None) -> jax.Array:
+                intervention: interventions.Intervention | None = None,
+                identity_bias: jax.Array | None = None) -> jax.Array:
         """One pass of tokens [T, D] through router and routed experts; sows this pass's statistics. The router
         works on the E logical experts; with an expert map (moejax/moe/expert_map.py) the removed ones are masked
-        and the selected ids become stored ids before dispatch. The statistics count logical experts."""
+        and the selected ids become stored ids before dispatch. The statistics count logical experts.
+        identity_bias [z]: the identity experts' selection bias (num_identity_experts), after the experts' own."""
         cfg = self.cfg
         num_experts = cfg.num_experts
         num_tokens = tokens.shape[0]
@@ -294,6 +332,8 @@ class MoE(nn.Module):
         if map_row is not None:
             logits, bias = expert_map.mask_removed(logits, ctx.bias, map_row, num_experts)
             ctx = dataclasses.replace(ctx, bias=bias)
+        if identity_bias is not None:
+            ctx = dataclasses.replace(ctx, bias=jnp.concatenate([ctx.bias, identity_bias.astype(jnp.float32)]))
         route = spec.fn(logits, cfg, ctx)
         if intervention is not None:
             route = intervene.apply(intervention, layer, route, cfg, bias=bias)
@@ -334,6 +374,10 @@ class MoE(nn.Module):
                                                    drop_policy=cfg.drop_policy, slot_inputs=slot_inputs)
             overflow = jnp.zeros((), jnp.int32)
         route = logical
+        if identity_bias is not None:  # each identity slot returns the token itself, times its weight
+            is_identity = (route.experts >= num_experts) & (route.experts < num_experts + identity_bias.shape[0])
+            gate = jnp.where(is_identity, route.weights, 0.0).sum(-1, keepdims=True)
+            out = out + (tokens.astype(jnp.float32) * gate).astype(out.dtype)
         valid = route.experts < num_experts
         balance, device_balance = losses.balance_losses(route, cfg, batch)
         self.sow("moe_aux", stats.STATS, stats.RoutedStats(
@@ -344,4 +388,3 @@ class MoE(nn.Module):
             router_entropy=losses.router_entropy(route.probs), balance_loss=balance,
             device_balance_loss=device_balance, z_loss=losses.z_loss(route.logits)))
         return out
-

@@ -91,14 +91,14 @@ def update_bias(bias: jax.Array, tokens_per_expert: jax.Array, rate: float) -> j
 def balance_losses(route: Routing, cfg: ml_collections.ConfigDict, batch: int) -> tuple[jax.Array, jax.Array]:
     """The unweighted (expert-level, device-level) balance losses of ``cfg.balance_loss`` over
     ``cfg.balance_scope``; route over B*S tokens, cfg the ``model.moe`` section. Expert level: ``expert_balance_loss``
-    (AdaMoE's ``null_pooled_balance_loss`` with null experts); device level: ``device_balance_loss`` for 'deepseek'
-    with a device coefficient. A loss the config does not use is 0."""
+    (AdaMoE's ``null_pooled_balance_loss`` with null or identity experts); device level: ``device_balance_loss``
+    for 'deepseek' with a device coefficient. A loss the config does not use is 0."""
     zero = jnp.zeros((), jnp.float32)
     if cfg.balance_loss == "none":
         return zero, zero
     probs = by_scope(route.probs, batch, cfg.balance_scope)
     chosen = by_scope(route.experts, batch, cfg.balance_scope)
-    if cfg.num_null_experts:
+    if cfg.num_null_experts or cfg.get("num_identity_experts", 0):  # identity experts pooled like null ones
         return null_pooled_balance_loss(probs, chosen, cfg.num_experts), zero
     device = zero
     if cfg.balance_loss == "deepseek" and cfg.device_balance_coef:

@@ -77,6 +77,8 @@ class RouterSpec:
     ids_depend_on_num_experts: its expert ids are computed from E (e.g. a hash of the token id modulo E), so
                       removing or merging experts would remap every token: expert pruning and merging refuse it.
     null_experts:     it handles null experts (``model.moe.num_null_experts`` > 0: logits [T, E + m]).
+    identity_experts: it handles identity experts (``model.moe.num_identity_experts`` z > 0: logits and
+                      ``RouterContext.bias`` [T, E + z] / [E + z], ids E..E+z-1 returned as selected).
     group_limited:    it selects among the experts of ``router.topk_groups`` of ``router.num_groups`` groups.
     validate:         ``validate(cfg, prefix)`` checks the kind's own config fields (cfg the ``model.moe`` section),
                       raising ConfigError naming the field, its value and what is allowed.
@@ -92,6 +94,7 @@ class RouterSpec:
     renormalises: bool | Callable[[ml_collections.ConfigDict], bool] = False
     ids_depend_on_num_experts: bool = False
     null_experts: bool = False
+    identity_experts: bool = False
     group_limited: bool = False
     validate: Validator | None = None
 
@@ -209,11 +212,14 @@ def _topk_renormalises(cfg: ml_collections.ConfigDict) -> bool:
     return bool(router.norm_topk_prob) or (router.score == "softmax" and not router.softmax_before_topk)
 
 
-@register("topk", ranks_by_score=True, renormalises=_topk_renormalises, group_limited=True, validate=_topk_fields)
+@register("topk", ranks_by_score=True, renormalises=_topk_renormalises, group_limited=True, identity_experts=True,
+          validate=_topk_fields)
 def topk(logits: jax.Array, cfg: ml_collections.ConfigDict, ctx: RouterContext) -> Routing:
     """Token-choice top-k with the knobs released checkpoints need (Mixtral, Qwen, DeepSeek-V2/V3, Megatron).
 
-    Selection uses ``scores + bias`` (group-limited when num_groups > 1); the weights use the scores alone.
+    Selection uses ``scores + bias`` (group-limited when num_groups > 1); the weights use the scores alone. With
+    identity experts the E + z logits are scored alike (LongCat-Flash: a softmax over all of them, the bias over
+    all of them, the selected probabilities scaled by routed_scaling_factor).
     """
     router = cfg.router
     if router.score == "softmax":
@@ -382,4 +388,3 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
     kind_checks = ROUTERS[router.kind].validate
     if kind_checks is not None:
         kind_checks(cfg, prefix)
-
