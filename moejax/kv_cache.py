@@ -9,6 +9,9 @@ A ``Cache`` record travels with the forward pass (``Transformer(...)(tokens, cac
     'mla':  cached_c_kv [B, L, rkv], cached_k_rot [B, L, Dr]     MLA's compressed latent and its one shared rotary
                                                    key: the cache holds rkv + Dr values per token and layer, not the
                                                    2 * H * Dh of the expanded keys and values
+    'linear': conv_state [B, K-1, C], recurrent_state [B, nv, dk, dv] float32   a linear-attention layer's state
+                                                   (moejax/linear_attention.py, under layers_{i}/attn): a fixed
+                                                   size whatever the context, continued by each call
 
 A call writes its S tokens into slots ``index .. index + S - 1`` and attends over the whole cache. Rows may be
 left-padded (ragged prompts): row b's real tokens start at slot ``start[b]``; slots before it are never read, and
