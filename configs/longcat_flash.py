@@ -25,8 +25,8 @@ Presets (``--config=configs/longcat_flash.py:<preset>``):
   vocabulary 131072, hidden_size 6144, num_layers 28 (56 moejax layers), 64 heads, q_lora_rank 1536, kv_lora_rank
   512, qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128, ffn_hidden_size 12288, 512 routed experts of
   expert_ffn_hidden_size 2048, zero_expert_num 256, moe_topk 12, routed_scaling_factor 6.0, rope_theta 1e7,
-  rms_norm_eps 1e-5, untied embeddings; bfloat16 (the dtype of the release, not in the class). 560.5B parameters
-  (published: 560B), 31.2B activated per token without the input embedding when all 12 slots are routed experts
+  rms_norm_eps 1e-5, untied embeddings; bfloat16 (the dtype of the release, not in the class). 560.7B parameters
+  (published: 560B), 31.4B activated per token without the input embedding when all 12 slots are routed experts
   (moejax.model.param_counts; published: 18.6B to 31.3B, 27B on average, as tokens pick identity experts). The
   released multi-token-prediction module (``model.mtp.*``) is not in the main model transformers loads.
 """

@@ -186,8 +186,8 @@ LONGCAT_FLASH_CHAT = {
 
 
 def test_released_preset_equals_read_config_and_the_published_size(tmp_path):
-    """560B parameters (published: 560B); 31.3B activated at most (all 12 slots routed experts; published: 18.6B to
-    31.3B as tokens pick identity experts), without the input embedding."""
+    """560.7B parameters (published: 560B); 31.4B activated without the input embedding when all 12 slots are routed
+    experts (published: 18.6B to 31.3B, as tokens pick identity experts)."""
     got = load("longcat_flash", "flash").model
     (tmp_path / "config.json").write_text(json.dumps(LONGCAT_FLASH_CHAT))
     assert got.to_dict() == hf.read_config(tmp_path).model.to_dict()
