@@ -121,7 +121,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # RMSNorm on each head's queries and keys before the rotary embedding (Qwen3, OLMoE).
     model.qk_norm = False
     # Where qk_norm normalises: 'head' (each head's Dh features: Qwen3) | 'proj' (the whole q and k projections
-    # before the split into heads: OLMoE).
+    # before the split into heads: OLMoE) | 'l2' (Llama 4: each head's Dh features by an RMSNorm without a scale,
+    # after the rotary embedding, on the layers that have one; no parameters).
     model.qk_norm_scope = "head"
     # Width of each attention head (even, for the rotary pairs); 0 means d_model // num_heads.
     model.head_dim = 0
@@ -137,12 +138,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A sigmoid output gate per head (Qwen3-Next): the q projection gives each head 2 * Dh values, its queries and
     # the gate g; the head's output is multiplied by sigmoid(g) before the output projection. 'gqa' only.
     model.attention_gate = False
-    # Per-layer attention kind ('full' | 'sliding'), one entry per layer; () means every layer 'full'.
+    # Per-layer attention kind ('full' | 'sliding' | 'chunked'), one entry per layer; () means every layer 'full'.
     # 'sliding' layers attend to the last sliding_window positions only, the query's own included: key j is seen
-    # from query i when 0 <= i - j < sliding_window (GPT-OSS alternates them). With scan_layers, the scanned layers
-    # (from first_dense_layers on) must share one kind.
+    # from query i when 0 <= i - j < sliding_window (GPT-OSS alternates them). 'chunked' layers attend within
+    # their chunk of attention_chunk_size positions only: key j is seen from query i when j <= i and
+    # i // attention_chunk_size == j // attention_chunk_size (Llama 4). With scan_layers, the scanned layers (from
+    # first_dense_layers on) must share one kind.
     model.layer_types = ()
     model.sliding_window = 0
+    model.attention_chunk_size = 0
+    # Layers without a rotary embedding (NoPE; Llama 4's no_rope_layers with 0): distinct indices in
+    # [0, num_layers); 'gqa' only, and empty with scan_layers.
+    model.nope_layers = ()
+    # Attention temperature tuning of the NoPE layers (Llama 4, after Scalable-Softmax, arXiv 2501.19399): the
+    # queries at position p are multiplied by 1 + attn_temperature_scale * log(1 + floor((p + 1) /
+    # attn_temperature_floor)). 0 disables it.
+    model.attn_temperature_scale = 0.0
+    model.attn_temperature_floor = 8192
     # Layers forced dense even where the MoE pattern would make them MoE (Qwen2-MoE's mlp_only_layers); distinct
     # indices in [0, num_layers). Must be empty with scan_layers.
     model.dense_layers = ()

@@ -22,6 +22,9 @@ def moe_config() -> ml_collections.ConfigDict:
     moe.num_identity_experts = 0
     # Multiply the shared experts' output by sigmoid(x @ shared_gate) (Qwen2-MoE).
     moe.shared_gate = False
+    # The routing weight multiplies each routed expert's input instead of its output: y = sum_j E_j(w_j * x)
+    # rather than sum_j w_j * E_j(x) (Llama 4).
+    moe.scale_expert_input = False
     # Expert nonlinearity: 'silu' | 'gelu' | 'relu'.
     moe.activation = "silu"
     # Routed expert kind (moejax/moe/experts.py EXPERT_KINDS): 'glu' = (act(x @ wi_0) * (x @ wi_1)) @ wo.

@@ -1,8 +1,8 @@
 """Attention variants and rotary embeddings of the decoder (``config.model`` = cfg): grouped-query attention
 (``Attention``, cfg.attention='gqa') and DeepSeek's Multi-head Latent Attention (``MLAttention``, 'mla'), the causal
-attention core they share (sliding window, attention sinks), the norms (RMSNorm; LayerNorm for ``model.norm``), and
-the rotary embedding (moejax/rotary.py, its names re-exported here) on every head dim or on the first
-``partial_rotary_factor`` of them.
+attention core they share (sliding window, chunks, attention sinks), the norms (RMSNorm; LayerNorm for
+``model.norm``), and the rotary embedding (moejax/rotary.py, its names re-exported here) on every head dim or on the
+first ``partial_rotary_factor`` of them.
 
 Parameter trees (under ``layers_{i}/attn``; Dh = cfg.head_dim or d_model // num_heads, KV = num_kv_heads or H):
 
@@ -10,6 +10,7 @@ Parameter trees (under ``layers_{i}/attn``; Dh = cfg.head_dim or d_model // num_
             {q,k,v}/bias [H, Dh] / [KV, Dh]     (qkv_bias)      o/bias [D]  (o_bias)
             q_norm/scale [Dh], k_norm/scale [Dh]                (qk_norm, qk_norm_scope='head')
             q_norm/scale [H * Dh], k_norm/scale [KV * Dh]       (qk_norm, qk_norm_scope='proj')
+            (no parameters with qk_norm_scope='l2': Llama 4's norm without a scale, after the rotary embedding)
             sinks [H] float32                                   (attention_sinks)
     'mla':  q/kernel [D, H, Dn + Dr]                            (mla.q_lora_rank = 0)
             q_a/kernel [D, rq], q_a_norm/scale [rq], q_b/kernel [rq, H, Dn + Dr]   (q_lora_rank = rq > 0)
@@ -45,8 +46,8 @@ ATTENTION_KINDS = ("gqa", "mla")
 # like the attention modules, (cfg, dtype, kernel_init, window, name=...), with a validate(cfg) of its
 # config section. A new kind is its class and one line here.
 LAYER_KINDS = {"linear": linear_attention.GatedDeltaNet}  # Gated DeltaNet (Qwen3-Next)
-LAYER_TYPES = ("full", "sliding", *LAYER_KINDS)
-QK_NORM_SCOPES = ("head", "proj")
+LAYER_TYPES = ("full", "sliding", "chunked", *LAYER_KINDS)
+QK_NORM_SCOPES = ("head", "proj", "l2")
 NORM_KINDS = ("rms", "layernorm", "rms_offset")
 MLA_NORM_EPS = 1e-6  # the latent RMSNorms' epsilon (the released DeepSeek-V2/V3 code fixes it, whatever rms_norm_eps)
 
@@ -74,6 +75,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
         checks.fail("model.partial_rotary_factor", factor, "must be a number in (0, 1]")
     validate_scaling(cfg.rope_scaling)
+    _validate_positions(cfg)
     if cfg.attention == "mla":
         _validate_mla(cfg)
     else:
@@ -94,6 +96,25 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                     isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
                 checks.fail(f"model.rope_scaling.{field}", value, f"must be {pairs} positive numbers (one per "
                                                                   f"rotary pair)")
+
+
+def _validate_positions(cfg: ml_collections.ConfigDict) -> None:
+    """attention_chunk_size, nope_layers and the attention temperature of the NoPE layers (Llama 4)."""
+    checks.positive_int("model.attention_chunk_size", cfg.get("attention_chunk_size", 0), minimum=0)
+    nope = cfg.get("nope_layers", ())
+    if not isinstance(nope, (tuple, list)) or len(set(nope)) != len(nope) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.num_layers for i in nope):
+        checks.fail("model.nope_layers", nope, f"must be distinct layer indices in [0, model.num_layers="
+                                               f"{cfg.num_layers})")
+    checks.number("model.attn_temperature_scale", cfg.get("attn_temperature_scale", 0.0))
+    checks.positive_int("model.attn_temperature_floor", cfg.get("attn_temperature_floor", 8192))
+    if cfg.attention != "mla":
+        return
+    why = "not an option with model.attention='mla' (DeepSeek's latent attention)"
+    if nope:
+        checks.fail("model.nope_layers", tuple(nope), f"{why}: must be ()")
+    if "chunked" in cfg.layer_types:
+        checks.fail("model.layer_types", tuple(cfg.layer_types), f"{why}: no 'chunked' layers")
 
 
 def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
@@ -189,10 +210,10 @@ def rope_heads(cfg: ml_collections.ConfigDict, x: jax.Array, positions: jax.Arra
 
 
 def attention_weights(q: jax.Array, k: jax.Array, *, scale: float | None = None, window: int = 0,
-                      sinks: jax.Array | None = None) -> jax.Array:
+                      sinks: jax.Array | None = None, chunk: int = 0) -> jax.Array:
     """The causal softmax weights ``attend`` applies to the values: q [B, T, N, Dk], k [B, T, K, Dk] -> [B, K, G, T,
     S] float32 (query head n = k * G + g, G = N / K; key position s). With sinks [N] the sink logit joins each row's
-    softmax and its column is dropped after it."""
+    softmax and its column is dropped after it; chunk > 0 keeps each query to the keys of its own chunk."""
     batch, seq, heads, dk = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
@@ -203,6 +224,8 @@ def attention_weights(q: jax.Array, k: jax.Array, *, scale: float | None = None,
     visible = j <= i
     if window:
         visible = visible & (i - j < window)
+    if chunk:
+        visible = visible & (i // chunk == j // chunk)
     logits = jnp.where(visible, logits, -0.7 * jnp.finfo(jnp.float32).max)
     if sinks is None:
         return jax.nn.softmax(logits, axis=-1)
@@ -211,19 +234,20 @@ def attention_weights(q: jax.Array, k: jax.Array, *, scale: float | None = None,
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None, window: int = 0,
-           sinks: jax.Array | None = None) -> jax.Array:
+           sinks: jax.Array | None = None, chunk: int = 0) -> jax.Array:
     """Causal attention: q [B, T, N, Dk], k [B, T, K, Dk], v [B, T, K, Dv] -> [B, T, N, Dv]; head n reads key/value
     head n // (N / K).
 
     scale: the logits' multiplier (None: Dk^-0.5). window > 0: a query at position i sees the keys at j with
     i - j < window (sliding-window layers). sinks [N]: one learned logit per head that joins the softmax's
-    denominator (its column is dropped after the softmax; GPT-OSS).
+    denominator (its column is dropped after the softmax; GPT-OSS). chunk > 0: a query at position i sees the keys
+    at j with i // chunk == j // chunk (chunked layers, Llama 4).
     """
-    if sinks is None and q.shape[-1] == v.shape[-1]:
+    if sinks is None and not chunk and q.shape[-1] == v.shape[-1]:
         local = (window - 1, 0) if window else None
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local)
     batch, seq, heads, _ = q.shape
-    probs = attention_weights(q, k, scale=scale, window=window, sinks=sinks)
+    probs = attention_weights(q, k, scale=scale, window=window, sinks=sinks, chunk=chunk)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
     return out.reshape(batch, seq, heads, v.shape[-1])
 
@@ -242,16 +266,35 @@ def head_dim(cfg: ml_collections.ConfigDict) -> int:
     return cfg.head_dim or cfg.d_model // cfg.num_heads
 
 
+def l2_norm(x: jax.Array, eps: float) -> jax.Array:
+    """Llama 4's query/key norm (qk_norm_scope='l2'): x * rsqrt(mean(x^2) + eps) over each head's dims in float32,
+    no scale."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def temperature(cfg: ml_collections.ConfigDict, q: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """Llama 4's attention temperature of the NoPE layers: the queries q [B, S, N, Dh] at position p (positions [B, S],
+    default 0..S-1) times 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor))."""
+    pos = jnp.arange(q.shape[1], dtype=jnp.float32)[None] if positions is None else positions.astype(jnp.float32)
+    scale = jnp.log1p(jnp.floor((pos + 1.0) / jnp.float32(cfg.attn_temperature_floor)))
+    scale = scale * jnp.float32(cfg.attn_temperature_scale) + 1.0
+    return (q * scale[:, :, None, None]).astype(q.dtype)
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings; grouped-query when num_kv_heads < num_heads. Optional: biases
     on the q/k/v and output projections, RMSNorm of queries and keys per head or over the whole projection,
     clamping of q/k/v, a rotary embedding on part of each head (``partial_rotary_factor``), attention sinks, a
-    sliding window (``window``)."""
+    sliding window (``window``), chunks (``chunk``), no rotary embedding (``use_rope`` False: a NoPE layer, whose
+    queries get the attention temperature of ``model.attn_temperature_scale``)."""
 
     cfg: ml_collections.ConfigDict
     dtype: Any
     kernel_init: nn.initializers.Initializer
     window: int = 0  # > 0: a sliding-window layer
+    chunk: int = 0  # > 0: a chunked layer (model.attention_chunk_size)
+    use_rope: bool = True  # False: a NoPE layer (model.nope_layers)
 
     @nn.compact
     def __call__(self, x: jax.Array, cache: kv_cache.Cache | None = None) -> jax.Array:
@@ -277,13 +320,20 @@ class Attention(nn.Module):
             q = qk_rms_norm(cfg, self.dtype, "q_norm")(q)
             k = qk_rms_norm(cfg, self.dtype, "k_norm")(k)
         positions = None if cache is None else cache.positions(x.shape[1])
-        q, k = rope_heads(cfg, q, positions), rope_heads(cfg, k, positions)
+        if self.use_rope:
+            q, k = rope_heads(cfg, q, positions), rope_heads(cfg, k, positions)
+            if cfg.qk_norm and cfg.qk_norm_scope == "l2":  # Llama 4: after the rotary embedding, rotary layers only
+                q, k = l2_norm(q, cfg.norm_eps), l2_norm(k, cfg.norm_eps)
+        elif cfg.get("attn_temperature_scale", 0.0):
+            q = temperature(cfg, q, positions)
         if cache is None:
-            out = attend(q, k, v, window=self.window, sinks=_sinks(self, cfg))
-        else:
-            k, slots = kv_cache.Slots(self.window, name="cached_key")(k, cache)
-            v, _ = kv_cache.Slots(self.window, name="cached_value")(v, cache)
-            out = kv_cache.attend(q, k, v, cache.visible(x.shape[1], self.window, slots), sinks=_sinks(self, cfg))
+            out = attend(q, k, v, window=self.window, sinks=_sinks(self, cfg), chunk=self.chunk)
+        else:  # a chunked layer keeps a ring of one chunk: no query reads a key of an earlier chunk
+            ring = self.window or self.chunk
+            k, slots = kv_cache.Slots(ring, name="cached_key")(k, cache)
+            v, _ = kv_cache.Slots(ring, name="cached_value")(v, cache)
+            out = kv_cache.attend(q, k, v, cache.visible(x.shape[1], self.window, slots, chunk=self.chunk),
+                                  sinks=_sinks(self, cfg))
         if gate is not None:
             out = out * jax.nn.sigmoid(gate)
         return lora.DenseGeneral(cfg.d_model, axis=(-2, -1), name="o", **dict(dense, use_bias=cfg.o_bias))(out)
@@ -395,9 +445,10 @@ class MLAttention(nn.Module):
 
 
 def make(cfg: ml_collections.ConfigDict, dtype: Any, kernel_init: nn.initializers.Initializer, window: int = 0,
-         name: str = "attn", kind: str = "full") -> nn.Module:
-    """The attention module of ``cfg.attention``."""
+         name: str = "attn", chunk: int = 0, use_rope: bool = True, kind: str = "full") -> nn.Module:
+    """The attention module of ``cfg.attention`` (chunked and NoPE layers are grouped-query: validate)."""
     if kind in LAYER_KINDS:  # not softmax attention (the linear-attention layers)
         return LAYER_KINDS[kind](cfg, dtype, kernel_init, window, name=name)
-    cls = MLAttention if cfg.attention == "mla" else Attention
-    return cls(cfg, dtype, kernel_init, window, name=name)
+    if cfg.attention == "mla":
+        return MLAttention(cfg, dtype, kernel_init, window, name=name)
+    return Attention(cfg, dtype, kernel_init, window, chunk, use_rope, name=name)

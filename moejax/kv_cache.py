@@ -16,14 +16,16 @@ A ``Cache`` record travels with the forward pass (``Transformer(...)(tokens, cac
 A call writes its S tokens into slots ``index .. index + S - 1`` and attends over the whole cache. Rows may be
 left-padded (ragged prompts): row b's real tokens start at slot ``start[b]``; slots before it are never read, and
 a token in slot s sits at position ``s - start[b]`` for the rotary embedding. A query in slot i reads the key in
-slot j iff ``start[b] <= j <= i`` and, in a sliding-window layer, ``i - j < window``; attention sinks join the
-softmax's denominator as in the full forward.
+slot j iff ``start[b] <= j <= i`` and, in a sliding-window layer, ``i - j < window``; in a chunked layer (Llama 4)
+iff also ``(i - start[b]) // chunk == (j - start[b]) // chunk`` (the chunks count from the row's first real token, as
+transformers' chunked mask does); attention sinks join the softmax's denominator as in the full forward.
 
 A sliding-window layer of window W < L keeps a ring of W arrays instead of L (``Cache.ring``): slot s lives in ring
 entry ``s mod W``, which is all a later query can read. A call attends over the ring as it was before the call
 followed by its own S new tokens (so a prefill longer than W still sees every key its queries need), then writes
-its last min(S, W) tokens into the ring. ``Slots`` returns the arrays it attends over with the slot each one holds
-(-1: empty), and ``Cache.visible`` masks by those slots, so full and ring layers share one attention core.
+its last min(S, W) tokens into the ring; a chunked layer keeps a ring of one chunk (W = chunk). ``Slots`` returns
+the arrays it attends over with the slot each one holds (-1: empty), and ``Cache.visible`` masks by those slots, so
+full and ring layers share one attention core.
 """
 from __future__ import annotations
 
@@ -56,14 +58,18 @@ class Cache:
         """The ring size of a layer with this sliding window: W when 0 < W < length, else 0 (all L slots)."""
         return window if 0 < window < self.length else 0
 
-    def visible(self, seq: int, window: int, slots: jax.Array) -> jax.Array:
+    def visible(self, seq: int, window: int, slots: jax.Array, chunk: int = 0) -> jax.Array:
         """[B, S, K] bool: query t of the call (slot index + t) may read key k, which holds cache slot slots[k]
-        (``Slots`` returns them; a negative slot is an empty ring entry)."""
+        (``Slots`` returns them; a negative slot is an empty ring entry). chunk > 0: only the keys of the query's
+        chunk of its row's positions."""
         slot = self.index + jnp.arange(seq, dtype=jnp.int32)[:, None]
         j = slots[None, :]
         ok = (j <= slot)[None] & (j[None] >= self.start[:, None, None])  # start >= 0 also excludes empty entries
         if window:
             ok = ok & ((slot - j) < window)[None]
+        if chunk:
+            start = self.start[:, None, None]
+            ok = ok & ((slot[None] - start) // chunk == (j[None] - start) // chunk)
         return ok
 
 

@@ -1,6 +1,6 @@
 """What each layer of the model is, from the ``model`` config section alone: MoE or dense (the layer pattern), and
-its attention kind and sliding window. Read by the model (moejax/model.py, which re-exports these) and by the
-modules the model imports (routing interventions), so it imports nothing from moejax."""
+its attention kind, sliding window or chunk and rotary embedding. Read by the model (moejax/model.py, which
+re-exports these) and by the modules the model imports (routing interventions), so it imports nothing from moejax."""
 import ml_collections
 
 
@@ -24,3 +24,13 @@ def layer_type(cfg: ml_collections.ConfigDict, layer: int) -> str:
 def attention_window(cfg: ml_collections.ConfigDict, layer: int) -> int:
     """The sliding window of layer i's attention (0: full causal attention)."""
     return cfg.sliding_window if layer_type(cfg, layer) == "sliding" else 0
+
+
+def attention_chunk(cfg: ml_collections.ConfigDict, layer: int) -> int:
+    """The chunk of layer i's attention (0: not a chunked layer): queries see the keys of their own chunk only."""
+    return cfg.get("attention_chunk_size", 0) if layer_type(cfg, layer) == "chunked" else 0
+
+
+def has_rope(cfg: ml_collections.ConfigDict, layer: int) -> bool:
+    """Whether layer i's attention has a rotary embedding (False for the NoPE layers, ``model.nope_layers``)."""
+    return layer not in cfg.get("nope_layers", ())

@@ -32,7 +32,14 @@ from jax.sharding import Mesh
 from moejax import attention, checks, kv_cache, moe
 from moejax.adapters import lora
 from moejax.attention import Attention, RMSNorm, rotary  # noqa: F401  (model.Attention, model.RMSNorm, ...)
-from moejax.layout import attention_window, is_moe_layer, layer_type, moe_layers  # model.moe_layers, ...
+from moejax.layout import (  # model.moe_layers, ...
+    attention_chunk,
+    attention_window,
+    has_rope,
+    is_moe_layer,
+    layer_type,
+    moe_layers,
+)
 from moejax.moe import expert_map, placement
 from moejax.moe import layer as moe_layer
 from moejax.moe.intervention import Intervention
@@ -134,13 +141,20 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _validate_layer_lists(cfg: ml_collections.ConfigDict) -> None:
-    """layer_types (one 'full' | 'sliding' per layer, or empty), sliding_window and dense_layers."""
+    """layer_types (one 'full' | 'sliding' | 'chunked' per layer, or empty), sliding_window,
+    attention_chunk_size, nope_layers and dense_layers."""
     if not isinstance(cfg.layer_types, (tuple, list)) or (cfg.layer_types and len(cfg.layer_types) != cfg.num_layers):
         checks.fail("model.layer_types", cfg.layer_types, f"must be empty or a sequence of model.num_layers="
                     f"{cfg.num_layers} entries, each one of {attention.LAYER_TYPES}")
     for i, kind in enumerate(cfg.layer_types):
         checks.choice(f"model.layer_types[{i}]", kind, attention.LAYER_TYPES)
     checks.positive_int("model.sliding_window", cfg.sliding_window, minimum=0)
+    if "chunked" in cfg.layer_types and cfg.get("attention_chunk_size", 0) < 1:
+        checks.fail("model.attention_chunk_size", cfg.get("attention_chunk_size", 0), "must be an integer >= 1 "
+                    "when some model.layer_types entry is 'chunked'")
+    if cfg.scan_layers and len(cfg.get("nope_layers", ())):
+        checks.fail("model.nope_layers", tuple(cfg.nope_layers), "must be empty with model.scan_layers=True "
+                    "(scanned layers repeat one pattern); set scan_layers=False")
     if "sliding" in cfg.layer_types and cfg.sliding_window < 1:
         checks.fail("model.sliding_window", cfg.sliding_window, "must be an integer >= 1 when some "
                                                                 "model.layer_types entry is 'sliding'")
@@ -191,6 +205,8 @@ class Block(nn.Module):
     mesh: Mesh | None = None
     window: int = 0  # > 0: a sliding-window attention layer (model.attention_window)
     kind: str = "full"  # its model.layer_types entry (attention.LAYER_KINDS: a layer other than attention)
+    chunk: int = 0  # > 0: a chunked attention layer (model.attention_chunk)
+    use_rope: bool = True  # False: a NoPE layer (model.has_rope)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, token_ids: jax.Array | None = None,
@@ -204,7 +220,8 @@ class Block(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(cfg.init_std)
         adapters = lora.spec(cfg)
-        attn = attention.make(cfg, dtype, init, self.window, name="attn", kind=self.kind)
+        attn = attention.make(cfg, dtype, init, self.window, name="attn", kind=self.kind, chunk=self.chunk,
+                              use_rope=self.use_rope)
         post = cfg.get("norm_position", "pre") == "post"  # OLMo 2: x + norm(f(x)) (model.norm_position)
         if post:
             x = x + attention.norm(cfg, dtype, "post_attn_norm")(attn(x, cache))
@@ -235,6 +252,7 @@ class Unit(nn.Module):
     cfg: ml_collections.ConfigDict
     mesh: Mesh | None = None
     window: int = 0  # every scanned layer has one attention kind (validate)
+    chunk: int = 0
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], train: bool, token_ids: jax.Array,
@@ -245,7 +263,8 @@ class Unit(nn.Module):
         pending = None  # moe_shortcut: block_0's MoE output, added by block_1 (validate: moe_every >= 2)
         for j in range(width):
             use_moe = self.cfg.moe_every > 0 and j == 0
-            out = Block(self.cfg, use_moe=use_moe, mesh=self.mesh, window=self.window, name=f"block_{j}")(
+            out = Block(self.cfg, use_moe=use_moe, mesh=self.mesh, window=self.window, chunk=self.chunk,
+                        name=f"block_{j}")(
                 x, train, token_ids, progress, first_layer + j, cache, intervention, pending)
             x, pending = out if use_moe and self.cfg.get("moe_shortcut", False) else (out, None)
         return (x, first_layer + width), None
@@ -308,7 +327,8 @@ class Transformer(nn.Module):
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
         if cfg.scan_layers:
             for i in range(cfg.first_dense_layers):
-                x = block(cfg, use_moe=False, mesh=self.mesh, window=attention_window(cfg, i), name=f"layers_{i}")(
+                x = block(cfg, use_moe=False, mesh=self.mesh, window=attention_window(cfg, i),
+                          chunk=attention_chunk(cfg, i), use_rope=has_rope(cfg, i), name=f"layers_{i}")(
                     x, train, tokens, progress, i, cache, intervention)
             unit = nn.remat(Unit, static_argnums=(2,)) if cfg.remat else Unit
             units = (cfg.num_layers - cfg.first_dense_layers) // max(cfg.moe_every, 1)
@@ -317,13 +337,15 @@ class Transformer(nn.Module):
                               in_axes=(nn.broadcast,) * 5, length=units)
             first = jnp.asarray(cfg.first_dense_layers, jnp.int32)
             window = attention_window(cfg, cfg.first_dense_layers) if units else 0
-            (x, _), _ = scanned(cfg, self.mesh, window, name="blocks")((x, first), train, tokens, progress, cache,
-                                                                        intervention)
+            chunk = attention_chunk(cfg, cfg.first_dense_layers) if units else 0
+            (x, _), _ = scanned(cfg, self.mesh, window, chunk, name="blocks")((x, first), train, tokens, progress,
+                                                                               cache, intervention)
         else:
             pending = None  # moe_shortcut: the previous MoE layer's output, added after the next layer's FFN
             for i in range(cfg.num_layers):
                 out = block(cfg, use_moe=is_moe_layer(cfg, i), mesh=self.mesh, window=attention_window(cfg, i),
                             kind=layer_type(cfg, i),
+                            chunk=attention_chunk(cfg, i), use_rope=has_rope(cfg, i),
                             name=f"layers_{i}")(x, train, tokens, progress, i, cache, intervention, pending)
                 x, pending = out if shortcut_starts(cfg, i) else (out, None)
         hidden = x  # the last block's output: the first MTP module's input

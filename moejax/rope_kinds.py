@@ -23,9 +23,9 @@ def validate(rs: ml_collections.ConfigDict) -> None:
     checks.positive_int("model.rope_scaling.original_max_position_embeddings", rs.original_max_position_embeddings)
     checks.number("model.rope_scaling.low_freq_factor", rs.low_freq_factor, strict=True)
     checks.number("model.rope_scaling.high_freq_factor", rs.high_freq_factor, strict=True)
-    if rs.high_freq_factor <= rs.low_freq_factor:
+    if rs.high_freq_factor < rs.low_freq_factor:  # equal: no smooth band (Llama 4 Scout's release)
         checks.fail("model.rope_scaling.high_freq_factor", rs.high_freq_factor,
-                    f"must exceed model.rope_scaling.low_freq_factor={rs.low_freq_factor}")
+                    f"must be at least model.rope_scaling.low_freq_factor={rs.low_freq_factor}")
 
 
 def _default(dim: int, theta: float) -> np.ndarray:
@@ -45,8 +45,9 @@ def inv_freq(dim: int, theta: float, rs: ml_collections.ConfigDict) -> np.ndarra
     low_wavelen, high_wavelen = old / rs.low_freq_factor, old / rs.high_freq_factor
     wavelen = np.float32(2 * math.pi) / base
     scaled = np.where(wavelen > low_wavelen, base / factor, base)
-    smooth = (np.float32(old) / wavelen - np.float32(rs.low_freq_factor)) / np.float32(
-        rs.high_freq_factor - rs.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    with np.errstate(divide="ignore", invalid="ignore"):  # equal band factors: no medium band reads it
+        smooth = (np.float32(old) / wavelen - np.float32(rs.low_freq_factor)) / np.float32(
+            rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -47,7 +47,9 @@ class Family:
 OPT_IN_FIELDS: dict[str, Any] = {"norm": "rms", "lm_head_bias": False, "partial_rotary_factor": 1.0,
                                  "attention_gate": False,
                                  "norm_position": "pre", "mtp_depth": 0, "moe_shortcut": False,
-                                 "mla.lora_scaling": False, "moe.num_identity_experts": 0}
+                                 "mla.lora_scaling": False, "moe.num_identity_experts": 0,
+                                 "nope_layers": (), "attention_chunk_size": 0, "attn_temperature_scale": 0.0,
+                                 "moe.scale_expert_input": False}
 
 
 def _field(m: ml_collections.ConfigDict, field: str, default: Any) -> Any:

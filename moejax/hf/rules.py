@@ -9,6 +9,7 @@ tensor name (``{i}`` the layer, ``{j}`` the expert of a per-expert tensor) and t
 * ``linear``    an ``nn.Linear`` weight [out, in] <-> a kernel [in, ...out] (transpose, then split the out axis)
 * ``linear2``   the same for kernels with two input axes (the attention output [H, Dh, D])
 * ``even``/``odd``  the gate / up halves of GPT-OSS's interleaved packed ``gate_up_proj`` [E, D, 2F] (and bias)
+* ``first``/``second``  the gate / up halves of Llama 4's ``gate_up_proj`` [E, D, 2F] (gate the first F columns)
 * ``zeros``     no checkpoint tensor: the MoE layer's selection bias of a family without one (must stay 0 to save)
 * ``row``       a [1, ...] tensor <-> the array without its leading axis (ERNIE 4.5's selection bias [1, E])
 * ``conv``      a depthwise ``nn.Conv1d`` weight [C, 1, K] <-> a kernel [K, C] (Qwen3-Next's linear attention)
@@ -32,10 +33,14 @@ import numpy as np
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+PAIRS = {"even": ("even", "odd"), "odd": ("even", "odd"), "first": ("first", "second"),
+         "second": ("first", "second")}  # the kinds whose two parameters make one tensor, in its order
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     hf: str  # checkpoint name; {i} = layer, {j} = expert (per-expert tensors); {pair}, {sub}: see ``name``
-    kind: str = "copy"  # copy | reshape | linear | linear2 | even | odd | zeros | row
+    kind: str = "copy"  # copy | reshape | linear | linear2 | even | odd | first | second | zeros | row
     # A checkpoint tensor several parameters share (Phi-3's qkv_proj, gate_up_proj): the moejax paths inside the
     # layer whose checkpoint tensors (each by its own rule's kind) are concatenated along the first axis, in this
     # order, this rule's among them; () = a tensor of its own.
@@ -67,7 +72,7 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if kind in ("linear", "linear2"):
         n_in = 1 if kind == "linear" else 2
         return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-    if kind in ("even", "odd"):
+    if kind in PAIRS:
         return (*shape[:-1], 2 * shape[-1])
     raise ValueError(f"unknown rule kind {kind!r}")
 
@@ -86,11 +91,16 @@ def to_moejax(kind: str, array: Any, shape: tuple[int, ...]) -> Any:
         return array[..., 0::2]
     if kind == "odd":
         return array[..., 1::2]
+    if kind in ("first", "second"):
+        half = array.shape[-1] // 2
+        return array[..., :half] if kind == "first" else array[..., half:]
     raise ValueError(f"rule kind {kind!r} has no checkpoint tensor")
 
 
 def to_hf(kind: str, arrays: list[Any]) -> Any:
-    """The checkpoint array of the moejax arrays of one tensor (two for the even/odd halves, in that order)."""
+    """The checkpoint array of the moejax arrays of one tensor (two for the PAIRS kinds, in their order)."""
+    if kind in ("first", "second"):
+        return np.concatenate(arrays, axis=-1)
     if kind in ("even", "odd"):
         even, odd = arrays
         packed = np.empty((*even.shape[:-1], 2 * even.shape[-1]), even.dtype)

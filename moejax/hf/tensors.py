@@ -345,14 +345,15 @@ def entries(flat: dict[tuple[str, ...], Any], fam: Family, quantise: Callable | 
                             lambda ordered=ordered, kinds=kinds: np.concatenate(
                                 [rules.to_hf(k, [fetch(p)]) for k, p in zip(kinds, ordered, strict=True)], axis=0)))
             continue
-        if rule.kind in ("even", "odd"):
+        if rule.kind in rules.PAIRS:  # GPT-OSS's interleaved / Llama 4's concatenated gate_up_proj
             parts = packed.setdefault(rule.name(i), {})
             parts[rule.kind] = keys
             if len(parts) == 2:
-                name, pair = rule.name(i), (parts["even"], parts["odd"])
-                shape = rules.hf_shape("even", tuple(leaf.shape))
-                add(pair[0], (name, shape, dtype, lambda pair=pair: rules.to_hf(
-                    "even", [fetch(pair[0]), fetch(pair[1])])), "even")
+                lead = rules.PAIRS[rule.kind][0]
+                name, pair = rule.name(i), tuple(parts[k] for k in rules.PAIRS[rule.kind])
+                shape = rules.hf_shape(lead, tuple(leaf.shape))
+                add(pair[0], (name, shape, dtype, lambda pair=pair, lead=lead: rules.to_hf(
+                    lead, [fetch(pair[0]), fetch(pair[1])])), lead)
             continue
         if rule.per_expert:
             one = rules.hf_shape(rule.kind, tuple(leaf.shape[1:]))

@@ -77,6 +77,12 @@ def validate(cfg: ml_collections.ConfigDict, prefix: str = "model.moe") -> None:
                                                   f"model.moe.num_identity_experts={identity})")
     if identity:
         _validate_identity(cfg, prefix, identity)
+    scale_input = cfg.get("scale_expert_input", False)
+    if not isinstance(scale_input, bool):
+        checks.fail(f"{prefix}.scale_expert_input", scale_input, "must be True or False")
+    if scale_input and cfg.top_k != 1:
+        checks.fail(f"{prefix}.top_k", cfg.top_k, f"must be 1 with {prefix}.scale_expert_input=True (the routing "
+                                                  f"weight scales the one routed expert's input, as in Llama 4)")
     checks.positive_int(f"{prefix}.chain_iterations", cfg.chain_iterations)
     checks.choice(f"{prefix}.chain_residual", cfg.chain_residual, CHAIN_RESIDUALS)
     with_nulls = sorted(kind for kind, spec in routers.ROUTERS.items() if spec.null_experts)
@@ -355,6 +361,10 @@ class MoE(nn.Module):
             cap = dispatch.capacity(num_tokens, cfg.top_k, num_stored, factor)  # per expert, not per replica
         expert, slot_inputs = expert_lora.slot_dropout(self, self.lora, expert, route.experts.size, tokens.shape[-1],
                                                        cfg.expert_ffn, self.dtype)
+        routed_in = tokens
+        if cfg.get("scale_expert_input", False):  # Llama 4: the weight scales the expert's input (top-1: validate)
+            routed_in = tokens * route.weights.astype(tokens.dtype)
+            route = dataclasses.replace(route, weights=jnp.ones_like(route.weights))
         if self.mesh is not None and self.mesh.size > 1:
             if slot_inputs is not None:
                 raise ValueError(f"model.lora.dropout={self.lora.dropout} on routed-expert adapters runs on one "
@@ -363,12 +373,12 @@ class MoE(nn.Module):
             if tensor > 1 and expert.after_contraction:  # the layer sums the tensor shards' partial outputs
                 weights = tuple(w / tensor if name in expert.after_contraction else w
                                 for name, w in zip(expert.param_names, weights, strict=True))
-            out, dropped, overflow = expert_parallel.moe_ep(tokens, route, expert, weights,
+            out, dropped, overflow = expert_parallel.moe_ep(routed_in, route, expert, weights,
                                                             expert_map.with_num_experts(cfg, num_weights), self.mesh,
                                                             capacity=cap, backend=backend, compute_dtype=self.dtype)
         else:
             tile = pipeline.tile_for(backend, cfg.gmm_tile, num_tokens * route.experts.shape[1], num_weights)
-            out, dropped = pipeline.routed_experts(tokens.astype(self.dtype), route, expert, weights,
+            out, dropped = pipeline.routed_experts(routed_in.astype(self.dtype), route, expert, weights,
                                                    num_experts=num_weights, backend=backend,
                                                    kernel=cfg.dispatch_kernel, tile=tile, capacity=cap,
                                                    drop_policy=cfg.drop_policy, slot_inputs=slot_inputs)

@@ -12,7 +12,7 @@ from moejax.hf.registry import FAMILIES, config_from_hf, config_to_hf, family
 __all__ = ["FAMILIES", "MODULES", "SUPPORTED", "config_from_hf", "config_to_hf", "family"]
 
 MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek", "gpt_oss", "phimoe", "glm4_moe", "dots1",
-           "ernie4_5_moe", "minimax_m2", "flex_olmo", "qwen3_next", "longcat_flash",
+           "ernie4_5_moe", "minimax_m2", "flex_olmo", "qwen3_next", "llama4", "longcat_flash",
            # the dense families, the most specific first: config_to_hf tries llama first for a dense moejax model
            "phi3", "olmo2", "qwen3", "qwen2", "mistral", "llama")
 for _module in MODULES:
