@@ -51,7 +51,8 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batch
     evaluation; keep an Evaluator to evaluate the same model again without compiling again.
 
     A quantised model against its original: ``quantise`` (rules ``TARGET=FORMAT[@LAYERS];...`` or a list of
-    ``moejax.quant.Rule``) evaluates ``variables`` rounded to nearest under the rules, against ``variables``;
+    ``moejax.quant.Rule``; ``TARGET=FORMAT,ACT`` also quantises the matrices' inputs in the forward pass,
+    moejax/quant/activation.py) evaluates ``variables`` rounded to nearest under the rules, against ``variables``;
     ``against`` (the original's variables) evaluates ``variables`` as the quantised model of that original
     (``tensors``: its compact form ``{matrix: moejax.quant.Tensor}``, for the bytes). The result is the quantised
     model's, with 'quantisation' holding the metrics of ``moejax.quant.metrics.against``: both models' loss and bits
@@ -71,15 +72,18 @@ def evaluate(config: ml_collections.ConfigDict, variables: dict[str, Any], batch
                          "against=); evaluate it without one")
     what: dict[str, Any] = {}
     if quantise is not None:
-        rule_list = rules_lib.parse(quantise, "quantise") if isinstance(quantise, str) else list(quantise)
+        rule_list = (rules_lib.parse(quantise, "quantise", activations=True) if isinstance(quantise, str)
+                     else list(quantise))
         original = variables
         variables, tensors = transform.quantize(config, original, rule_list)
-        what["rules"] = [{"target": r.target, "format": r.format, "layers": r.layers} for r in rule_list]
+        what["rules"] = [{"target": r.target, "format": r.format, "layers": r.layers, "act": r.act}
+                         for r in rule_list]
     else:
+        rule_list = []
         original = against
         _check_same_model(original["params"], variables["params"])
     result, comparison = metrics.against(config, original, variables, tensors, batches, bytes_table=bytes_table,
-                                         progress=progress)
+                                         progress=progress, activations=rule_list)
     result["quantisation"] = {**what, **comparison}
     return result
 
@@ -129,7 +133,7 @@ def _check_quantisation_flags(args: argparse.Namespace) -> None:
                                                       "give one of them")
     if args.quantise is not None:
         try:
-            rules_lib.parse(args.quantise, "quantise")
+            rules_lib.parse(args.quantise, "quantise", activations=True)
         except ValueError as e:
             raise cli.flag_error("quantise", args.quantise, str(e)) from e
     if args.against is not None:

@@ -7,7 +7,7 @@ quantisation metrics (moejax/quant/metrics.py) use it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ import numpy as np
 
 from moejax import checks, model
 from moejax.configs import base
+from moejax.quant import activation
 from moejax.training import metrics as metrics_lib
 from moejax.training.step import TrainState, eval_step
 
@@ -32,11 +33,13 @@ class Evaluator:
     (``FIELD=VALUE``, FIELD one of EVAL_FIELDS) applied to a copy of config. ``bytes_table``: text bytes per token id
     (``text_bytes_table``; None: one byte per token), which turns nats per token into bits per byte.
     ``mesh``: the model's device mesh (expert parallelism) and ``shardings``: the (variables, metrics, batch)
-    shardings on it with which the step is compiled (the training loop's); no intervention then."""
+    shardings on it with which the step is compiled (the training loop's); no intervention then. ``activations``:
+    quantisation rules (``moejax.quant.Rule``) whose activation formats fake-quantise the inputs of their matrices in
+    the forward pass (moejax/quant/activation.py; the weights are the variables as given)."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, overrides: Iterable[str] = (),
                  bytes_table: np.ndarray | None = None, mesh: Any = None,
-                 shardings: tuple[Any, Any, Any] | None = None):
+                 shardings: tuple[Any, Any, Any] | None = None, activations: Sequence[Any] = ()):
         overrides = list(overrides)
         if overrides:
             config = ml_collections.ConfigDict(config.to_dict())
@@ -47,14 +50,18 @@ class Evaluator:
         self.module = model.Transformer(cfg, mesh=mesh)
         self.empty = metrics_lib.metrics_collection(False, len(model.moe_layers(cfg)), cfg.moe.num_experts).empty()
 
+        activations = list(activations)
+
         def step(variables: dict[str, Any], values: Any, batch: jax.Array, intervention: Any) -> Any:
             state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], opt_state=None,
                                moe_state=variables.get("moe_state", {}))
-            return eval_step(state, values, batch, module=self.module, intervention=intervention)
+            with activation.context(config, variables["params"], activations):
+                return eval_step(state, values, batch, module=self.module, intervention=intervention)
 
         def token_losses(variables: dict[str, Any], batch: jax.Array, intervention: Any) -> jax.Array:
             extra = {} if intervention is None else {"intervention": intervention}
-            logits = self.module.apply(variables, batch[:, :-1], train=False, **extra).astype(jnp.float32)
+            with activation.context(config, variables["params"], activations):
+                logits = self.module.apply(variables, batch[:, :-1], train=False, **extra).astype(jnp.float32)
             log_probs = jax.nn.log_softmax(logits, axis=-1)
             return -jnp.take_along_axis(log_probs, batch[:, 1:, None], axis=-1)[..., 0]
 

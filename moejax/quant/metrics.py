@@ -14,6 +14,10 @@
   and per quantised matrix the same over the whole parameter;
 * ``model_bytes``: the parameters' bytes as stored originally, and with the quantised slices in their compact form
   (codes and scales, ``moejax.quant.transform.Tensor.nbytes``) and the rest as stored; bits per quantised weight.
+
+``compare`` gathers them for ``python -m moejax.posthoc quantise``, ``against`` for ``python -m moejax.evaluate
+--quantise / --against`` (with the quantised model's full evaluation; ``activations``: rules whose activation
+formats the quantised model's forward applies, moejax/quant/activation.py).
 """
 from __future__ import annotations
 
@@ -62,12 +66,14 @@ def _routing_arrays(c: Any) -> dict[str, jax.Array]:
 
 
 def routing(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
-            batches: Sequence[Any], progress: Callable[[int], None] | None = None, mesh: Any = None
-            ) -> dict[str, Any]:
+            batches: Sequence[Any], progress: Callable[[int], None] | None = None, mesh: Any = None,
+            activations: Sequence[Any] = ()) -> dict[str, Any]:
     """Per MoE layer (``moe_layers`` order) the routing flips, slot changes and router KL of quantised against
     original over batches (token ids [B, S]); see the module docstring. ``mesh``: both models run on this device
-    mesh (``moejax.posthoc.capture``'s placement: the routed experts split over 'expert')."""
+    mesh (``moejax.posthoc.capture``'s placement: the routed experts split over 'expert'). ``activations``: rules
+    whose activation formats the quantised model's forward applies (moejax/quant/activation.py)."""
     from moejax.posthoc import capture
+    from moejax.quant import activation
 
     layers = model_lib.moe_layers(config.model)
     num_experts = config.model.moe.num_experts
@@ -76,12 +82,18 @@ def routing(config: ml_collections.ConfigDict, original: Mapping[str, Any], quan
     kl = np.zeros(len(layers))
     tokens = 0
     step = jax.jit(lambda v, t: _routing_arrays(capture.forward(config, v, t, mesh=mesh)))  # one for both models
+
+    def quantised_forward(v: Any, t: Any) -> dict[str, jax.Array]:
+        with activation.context(config, v["params"], activations):
+            return _routing_arrays(capture.forward(config, v, t, mesh=mesh))
+
+    quantised_step = jax.jit(quantised_forward) if any(rule.act for rule in activations) else step
     place = transform.on_device if mesh is None else lambda v: capture.place_variables(v, mesh)
     original, quantised = place(original), place(quantised)
     for index, batch in enumerate(batches):
         tokens_in = (jnp.asarray(batch, jnp.int32) if mesh is None
                      else capture.place_batch(np.asarray(batch, np.int32), mesh, index))
-        a, b = (jax.device_get(step(v, tokens_in)) for v in (original, quantised))
+        a, b = jax.device_get(step(original, tokens_in)), jax.device_get(quantised_step(quantised, tokens_in))
         if progress is not None:
             progress(tokens + int(np.size(batch)))
         count = a["experts"].shape[1]
@@ -150,14 +162,19 @@ EVALUATION_KEYS = ("loss", "perplexity", "bits_per_byte", "tokens")
 
 def _evaluate_both(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
                    batches: Iterable[Any], bytes_table: np.ndarray | None, *, with_load: bool,
-                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``moejax.evaluator.Evaluator`` results of both models on the batches, through one compiled step."""
+                   progress: Callable[[int], None] | None = None, activations: Sequence[Any] = ()
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``moejax.evaluator.Evaluator`` results of both models on the batches, through one compiled step (two
+    when the quantised model's activations are quantised: another forward)."""
     from moejax import evaluator as evaluator_lib
 
     batches = list(batches)
     evaluator = evaluator_lib.Evaluator(config, bytes_table=bytes_table)
+    quantised_evaluator = evaluator
+    if any(rule.act for rule in activations):
+        quantised_evaluator = evaluator_lib.Evaluator(config, bytes_table=bytes_table, activations=activations)
     base = evaluator(transform.on_device(original), batches, with_load=with_load)
-    new = evaluator(transform.on_device(quantised), batches, with_load=with_load, progress=progress)
+    new = quantised_evaluator(transform.on_device(quantised), batches, with_load=with_load, progress=progress)
     return base, new
 
 
@@ -176,19 +193,22 @@ def evaluation(config: ml_collections.ConfigDict, original: Mapping[str, Any], q
 
 def against(config: ml_collections.ConfigDict, original: Mapping[str, Any], quantised: Mapping[str, Any],
             tensors: Mapping[str, transform.Tensor] | None, batches: Iterable[Any], *,
-            bytes_table: np.ndarray | None = None, progress: Callable[[int], None] | None = None
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
+            bytes_table: np.ndarray | None = None, progress: Callable[[int], None] | None = None,
+            activations: Sequence[Any] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """What ``moejax.evaluate`` reports for a quantised model against its original on evaluation windows [B, S + 1]:
     (the quantised model's full evaluation, with the per-layer statistics and expert loads; the metrics above:
     'original', 'quantised', 'delta_loss', 'delta_bits_per_byte' as ``evaluation``, 'routing' as ``routing`` on the
     windows' input tokens (None for a model without MoE layers or with Chain-of-Experts), 'weights' as
-    ``weight_errors`` and 'bytes' as ``model_bytes`` (None without the compact form ``tensors``))."""
+    ``weight_errors`` and 'bytes' as ``model_bytes`` (None without the compact form ``tensors``)). ``activations``:
+    rules whose activation formats the quantised model's forward applies (moejax/quant/activation.py)."""
     batches = [np.asarray(b) for b in batches]
-    base, new = _evaluate_both(config, original, quantised, batches, bytes_table, with_load=True, progress=progress)
+    base, new = _evaluate_both(config, original, quantised, batches, bytes_table, with_load=True, progress=progress,
+                               activations=activations)
     out = _differences(base, new)
     cfg = config.model
     routed = bool(model_lib.moe_layers(cfg)) and cfg.moe.chain_iterations == 1
-    out["routing"] = routing(config, original, quantised, [b[:, :-1] for b in batches]) if routed else None
+    out["routing"] = (routing(config, original, quantised, [b[:, :-1] for b in batches], activations=activations)
+                      if routed else None)
     out["weights"] = weight_errors(config, original, quantised, tensors)
     out["bytes"] = None if tensors is None else model_bytes(original, tensors)
     return new, out

@@ -19,9 +19,15 @@ The gradient (``ste``):
 
 The scales are treated as constants in the backward pass (as in BitNet's code, where they sit inside the detach).
 The checkpoint keeps the full-precision weights: the deployable model is the posthoc quantisation above.
+
+A rule's activation format (``TARGET=FORMAT,ACT``, e.g. ``experts=int4,a8``) also fake-quantises the inputs of its
+matrices per token in the training forward and the validation (``Quantiser.activations``: moejax/quant/activation.py,
+straight-through gradients).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax import checks
-from moejax.quant import formats, transform
+from moejax.quant import activation, formats, transform
 from moejax.quant import rules as rules_lib
 
 STE_MODES = ("identity", "clipped")
@@ -46,7 +52,7 @@ def parse(config: ml_collections.ConfigDict) -> list[rules_lib.Rule]:
         return []
     checks.choice("quant.ste", quant.ste, STE_MODES)
     try:
-        rules = rules_lib.parse(quant.rules, "quant.rules")
+        rules = rules_lib.parse(quant.rules, "quant.rules", activations=True)
     except ValueError as e:
         raise checks.ConfigError(f"config field quant.rules={quant.rules!r} is invalid: {e}") from e
     for rule in rules:
@@ -119,12 +125,37 @@ def quantize_params(config: ml_collections.ConfigDict, params: Mapping[str, Any]
     return transform.set_paths(params, new)
 
 
-def from_config(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
-    """``params -> fake-quantised params`` for the config's ``quant`` section, or None when QAT is off."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Quantiser:
+    """``params -> fake-quantised params`` (``quantize_params``) of a config's rules; ``activations(params)`` the
+    context in which the forward pass quantises the inputs of the rules' activation formats
+    (moejax/quant/activation.py; a null context without them)."""
+
+    config: ml_collections.ConfigDict
+    rules: tuple[rules_lib.Rule, ...]
+    ste: str = "identity"
+
+    def __call__(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return quantize_params(self.config, params, list(self.rules), self.ste)
+
+    def activations(self, params: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+        return activation.context(self.config, params, self.rules)
+
+
+def activations(quantise: Callable[[Any], Any] | None, params: Mapping[str, Any]
+                ) -> contextlib.AbstractContextManager:
+    """The activation context of a ``Quantiser`` (a null context for None or another params transform)."""
+    if isinstance(quantise, Quantiser):
+        return quantise.activations(params)
+    return contextlib.nullcontext()
+
+
+def from_config(config: ml_collections.ConfigDict) -> Quantiser | None:
+    """The ``Quantiser`` of the config's ``quant`` section, or None when QAT is off."""
     rules = parse(config)
     if not rules:
         return None
-    return functools.partial(quantize_params, config, rules=rules, ste=config.quant.ste)
+    return Quantiser(config, tuple(rules), config.quant.ste)
 
 
 class QuantisedEvaluator:
@@ -132,8 +163,11 @@ class QuantisedEvaluator:
     measures the model its training forward computes. ``shardings``: the params' shardings (kept)."""
 
     def __init__(self, evaluator: Any, quantise: Callable[[Any], Any], shardings: Any = None) -> None:
-        self.evaluator = evaluator
+        self.evaluator, self.quantiser = evaluator, quantise
         self.quantise = jax.jit(quantise, out_shardings=shardings)
 
     def __call__(self, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
-        return self.evaluator({**variables, "params": self.quantise(variables["params"])}, *args, **kwargs)
+        # the evaluator's step is traced here, so its forward runs the activation quantisers too (this evaluator is
+        # only ever called through this class)
+        with activations(self.quantiser, variables["params"]):
+            return self.evaluator({**variables, "params": self.quantise(variables["params"])}, *args, **kwargs)

@@ -16,9 +16,11 @@ lm_head     ``lm_head/kernel``
 Embeddings, norms, biases, attention sinks, the shared-expert gate and the router bias are never quantised.
 
 A ``Rule`` names a target (or ``re:<regex>``, matched in full against the slash-joined parameter path, e.g.
-``re:.*/attn/o/kernel``), a format (``moejax.quant.formats``; 'none' keeps the weights) and optionally the model
-layers it covers. For every matrix, and every layer a scanned stack holds, the first rule that matches decides; a
-matrix no rule matches is kept. ``parse`` reads the command line's ``TARGET=FORMAT[@LAYERS];...``.
+``re:.*/attn/o/kernel``), a format (``moejax.quant.formats``; 'none' keeps the weights), optionally an activation
+format (``act``: the matrix's inputs fake-quantised per token in the forward pass, moejax/quant/activation.py) and
+optionally the model layers it covers. For every matrix, and every layer a scanned stack holds, the first rule that
+matches decides (its weight and its activation format); a matrix no rule matches is kept. ``parse`` reads the
+command line's ``TARGET=FORMAT[,ACT][@LAYERS];...``.
 
 Every matrix is viewed as ``[B, K, N]`` (``Matrix.view``): B its leading stacked axes (the scanned layers' unit axis,
 the expert axis), K its input width (the leading axes after those; two for the attention output projection
@@ -139,14 +141,44 @@ def matrices(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> li
 # ------------------------------------------------------------------------------------------------ rules
 
 
+ACT_HELP = ("a<b> (int<b>, b in 2..8, one scale per token), a<b>/g<G> (per token and group of G inputs), afp8 (E4M3, "
+            "per token and 128 inputs), amxfp4 (E2M1 with an E8M0 scale per token and 32 inputs)")
+
+
+def activation_format(text: Any, field: str = "act") -> formats.Format:
+    """The activation format of ``ACT_HELP``'s names as a weight format of the inputs viewed as [1, K, T] (the K
+    inputs of T tokens: a scale tile of gk inputs by one token). ValueError naming ``field``."""
+    value = str(text).strip().lower() if isinstance(text, str) else ""
+    name = {"afp8": f"fp8/{formats.FP8_BLOCK}x1", "amxfp4": "mxfp4"}.get(value)
+    match = re.fullmatch(r"a(\d+)(/g\d+)?", value)
+    if name is None and match:
+        name = f"int{match.group(1)}{match.group(2) or ''}"
+    try:
+        if name is None:
+            raise ValueError(value)
+        fmt = formats.parse(name)
+    except ValueError:
+        raise ValueError(f"{field}={text!r} is not an activation format: allowed are {ACT_HELP}") from None
+    return fmt
+
+
+def activation_name(fmt: formats.Format | None) -> str:
+    """``activation_format``'s name back (``ACT_HELP``), 'none' for None."""
+    if fmt is None:
+        return "none"
+    return {"fp8": "afp8", "mxfp4": "amxfp4"}.get(fmt.kind) or "a" + fmt.name[len("int"):]
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """``target``: one of TARGETS, or 're:<regex>' over the parameter path; ``format``: a format name
-    (``formats.FORMAT_HELP``, 'none' keeps); ``layers``: the model layers it covers (None: every layer)."""
+    (``formats.FORMAT_HELP``, 'none' keeps); ``layers``: the model layers it covers (None: every layer); ``act``:
+    the activation format of the matrices' inputs (``ACT_HELP``; None: kept)."""
 
     target: str
     format: str
     layers: tuple[int, ...] | None = None
+    act: str | None = None
 
 
 def _check_rule(index: int, rule: Any) -> tuple[Any, formats.Format | None]:
@@ -164,6 +196,8 @@ def _check_rule(index: int, rule: Any) -> tuple[Any, formats.Format | None]:
         except re.error as e:
             raise ValueError(f"{field}.target={rule.target!r} is not a regular expression: {e}") from e
     fmt = formats.parse(rule.format, f"{field}.format")
+    if rule.act is not None:
+        activation_format(rule.act, f"{field}.act")
     if rule.layers is not None and (not isinstance(rule.layers, (tuple, list)) or not rule.layers or any(
             isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in rule.layers)):
         raise ValueError(f"{field}.layers={rule.layers!r} is invalid: None (every layer) or a non-empty sequence of "
@@ -175,27 +209,25 @@ def _matches(target: Any, matrix: Matrix) -> bool:
     return target == matrix.target if isinstance(target, str) else target.fullmatch(matrix.name) is not None
 
 
-def assign(config: ml_collections.ConfigDict, params: Mapping[str, Any], rules: Sequence[Rule]
-           ) -> dict[str, tuple[Matrix, list[formats.Format | None]]]:
-    """``{matrix name: (Matrix, the format of each stacked index, None where kept)}`` for every matrix some rule
-    quantises. ValueError naming the rule and field for a bad rule, a rule matching no quantisable matrix, or
-    layers the model does not have."""
+def _choices(config: ml_collections.ConfigDict, params: Mapping[str, Any], rules: Sequence[Rule]
+             ) -> list[tuple[Matrix, list[int | None], list[formats.Format | None]]]:
+    """Per quantisable matrix: (the Matrix, the deciding rule of each stacked index (None: no rule matches), the
+    rules' formats); ValueError for a bad rule or one that matches no matrix."""
     checked = [_check_rule(i, rule) for i, rule in enumerate(rules)]
     found = matrices(config, params)
-    out = {}
+    out = []
     used = [False] * len(rules)
     for matrix in found:
-        chosen: list[formats.Format | None] = []
+        chosen: list[int | None] = []
         for layer in matrix.layers:
-            fmt = None
-            for i, ((target, rule_fmt), rule) in enumerate(zip(checked, rules, strict=True)):
+            pick = None
+            for i, ((target, _), rule) in enumerate(zip(checked, rules, strict=True)):
                 if _matches(target, matrix) and (rule.layers is None or layer in rule.layers):
                     used[i] = True
-                    fmt = rule_fmt
+                    pick = i
                     break
-            chosen.append(fmt)
-        if any(fmt is not None for fmt in chosen):
-            out[matrix.name] = (matrix, chosen)
+            chosen.append(pick)
+        out.append((matrix, chosen, [fmt for _, fmt in checked]))
     for i, rule in enumerate(rules):
         if not used[i]:
             layers = sorted({layer for m in found for layer in m.layers if layer >= 0})
@@ -205,18 +237,50 @@ def assign(config: ml_collections.ConfigDict, params: Mapping[str, Any], rules: 
     return out
 
 
-def parse(text: str, field: str = "rules") -> list[Rule]:
-    """Rules from ``TARGET=FORMAT[@LAYERS];...`` (LAYERS: comma-separated model layers or ranges a-b), e.g.
-    ``experts=int4/g128;attention=int8@0-3;router=none``. ValueError naming ``field``."""
+def assign(config: ml_collections.ConfigDict, params: Mapping[str, Any], rules: Sequence[Rule]
+           ) -> dict[str, tuple[Matrix, list[formats.Format | None]]]:
+    """``{matrix name: (Matrix, the format of each stacked index, None where kept)}`` for every matrix some rule
+    quantises. ValueError naming the rule and field for a bad rule, a rule matching no quantisable matrix, or
+    layers the model does not have."""
+    out = {}
+    for matrix, chosen, fmts in _choices(config, params, rules):
+        picked = [None if i is None else fmts[i] for i in chosen]
+        if any(fmt is not None for fmt in picked):
+            out[matrix.name] = (matrix, picked)
+    return out
+
+
+def activations(config: ml_collections.ConfigDict, params: Mapping[str, Any], rules: Sequence[Rule]
+                ) -> dict[str, tuple[Matrix, list[formats.Format | None]]]:
+    """As ``assign`` for the rules' activation formats (``activation_format`` of ``Rule.act``): ``{matrix name:
+    (Matrix, the activation format of each stacked index, None where the inputs are kept)}``."""
+    out = {}
+    for matrix, chosen, _ in _choices(config, params, rules):
+        picked = [None if i is None or rules[i].act is None else activation_format(rules[i].act) for i in chosen]
+        if any(fmt is not None for fmt in picked):
+            out[matrix.name] = (matrix, picked)
+    return out
+
+
+def parse(text: str, field: str = "rules", activations: bool = False) -> list[Rule]:
+    """Rules from ``TARGET=FORMAT[,ACT][@LAYERS];...`` (ACT an activation format, ``ACT_HELP``; LAYERS:
+    comma-separated model layers or ranges a-b), e.g. ``experts=int4/g128;attention=int8,a8@0-3;router=none``.
+    ``activations``: whether ACT is allowed (where the forward pass is run: quantisation-aware training,
+    ``moejax.evaluate``; a checkpoint stores weights only). ValueError naming ``field``."""
     rules = []
     for i, item in enumerate(part.strip() for part in str(text).split(";")):
         if not item:
             continue
         target, sep, rest = item.rpartition("=")
         if not sep or not target:
-            raise ValueError(f"{field}: {item!r} is not TARGET=FORMAT[@LAYERS] (TARGET one of {', '.join(TARGETS)} "
-                             f"or re:<regex>; FORMAT {formats.FORMAT_HELP})")
+            raise ValueError(f"{field}: {item!r} is not TARGET=FORMAT[,ACT][@LAYERS] (TARGET one of "
+                             f"{', '.join(TARGETS)} or re:<regex>; FORMAT {formats.FORMAT_HELP}; ACT {ACT_HELP})")
         fmt, _, layer_text = rest.partition("@")
+        fmt, comma, act = fmt.partition(",")
+        if comma and not activations:
+            raise ValueError(f"{field}: {item!r} quantises activations ({act.strip()!r}), which a stored model "
+                             f"does not hold: activation formats are for quantisation-aware training "
+                             f"(config.quant.rules) and python -m moejax.evaluate --quantise")
         layers = None
         if layer_text:
             try:
@@ -224,9 +288,9 @@ def parse(text: str, field: str = "rules") -> list[Rule]:
             except ValueError as e:
                 raise ValueError(f"{field}: {item!r} has layers {layer_text!r}: expected comma-separated layer "
                                  f"indices or ranges a-b") from e
-        rules.append(Rule(target.strip(), fmt.strip(), layers))
+        rules.append(Rule(target.strip(), fmt.strip(), layers, act.strip() if comma else None))
     if not rules:
-        raise ValueError(f"{field}={text!r} holds no rule: expected TARGET=FORMAT[@LAYERS];...")
+        raise ValueError(f"{field}={text!r} holds no rule: expected TARGET=FORMAT[,ACT][@LAYERS];...")
     for i, rule in enumerate(rules):
         _check_rule(i, rule)
     return rules

@@ -165,7 +165,7 @@ class Objective:
     total_steps: int
     loss: Callable[..., tuple[jax.Array, Report]]
     teacher: model.Transformer | None = None  # distillation: the teacher's module (its variables are an argument)
-    quantise: Callable[[Any], Any] | None = None  # QAT: params -> fake-quantised params (moejax.quant.qat)
+    quantise: Callable[[Any], Any] | None = None  # QAT: params -> fake-quantised params (moejax.quant.qat.Quantiser)
 
     def __call__(self, params: Any, moe_state: Any, batch: jax.Array, step: jax.Array,
                  teacher: Any = None) -> tuple[jax.Array, Report]:
@@ -185,9 +185,10 @@ class Objective:
 
         def forward(key: jax.Array) -> tuple[jax.Array, dict]:
             jitter_key, routing_key = jax.random.split(key)
-            logits, aux = self.module.apply({"params": params, "moe_state": moe_state}, inputs, train=True,
-                                            progress=progress, mutable=["moe_aux", model.MTP_COLLECTION],
-                                            rngs={"jitter": jitter_key, "routing": routing_key})
+            with qat.activations(self.quantise, params):  # QAT's activation quantisers (none without them)
+                logits, aux = self.module.apply({"params": params, "moe_state": moe_state}, inputs, train=True,
+                                                progress=progress, mutable=["moe_aux", model.MTP_COLLECTION],
+                                                rngs={"jitter": jitter_key, "routing": routing_key})
             if depth and not mtp_logits:
                 mtp_logits.extend(aux[model.MTP_COLLECTION]["logits"])
             return logits, aux.get("moe_aux", {})
