@@ -12,9 +12,9 @@ per batch size, prefill and decode tokens/s of ``moejax.generate`` (greedy, ``--
 excluded by a warm-up call; prefill = until the first new tokens reach the host through ``stream``, decode = the
 rest of the call; the best of ``--repeats``). The ratios
 are against the unquantised row of the same run. The machine's load average is recorded before and after. Also
-XLA's memory plan of a one-token forward pass with the weights as held (``step_plan``): on CPU the dequantised
-weights of every layer are temporaries live at once, so the step's peak is not lower than with float weights; what
-is lower is what stays resident between steps.
+XLA's memory plan of a one-token forward pass with the weights as held (``step_plan``, dequantised as ``generate``
+does: the routed experts only where the token's slots select them, moejax/moe/quantised.py); on CPU the dequantised
+attention, shared-expert and dense weights of every layer are temporaries live at once.
 
 The figures end as one JSON object on stdout (and in --json PATH): {'machine', 'load', 'settings', 'rows':
 [{'scheme', 'param_bytes', 'memory_ratio', 'batch', 'prefill_tok_s', 'decode_tok_s', 'speed_ratio',
@@ -44,11 +44,11 @@ SMOKE = dict(model="tiny", schemes=["none", "int4/g32"], new_tokens=3, prompt=4,
 
 def step_plan(config, held) -> dict:
     """XLA's memory plan of one jitted one-token forward pass (no cache) with these weights, dequantisation
-    included: the arguments' bytes (the weights as held) and the temporaries' (None where the backend does not
-    report them)."""
+    included as in ``generate`` (the routed experts' codes gathered for the selected experts): the arguments' bytes
+    (the weights as held) and the temporaries' (None where the backend does not report them)."""
     module = model.Transformer(config.model)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    compiled = jax.jit(lambda v, t: module.apply(decode.materialise(v), t)).lower(held, tokens).compile()
+    compiled = jax.jit(lambda v, t: module.apply(decode.materialise(v, routed=False), t)).lower(held, tokens).compile()
     plan = compiled.memory_analysis()
     if plan is None:
         return {"argument_bytes": None, "temp_bytes": None}

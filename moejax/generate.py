@@ -264,7 +264,8 @@ def _build(cfg: ml_collections.ConfigDict, mesh: Mesh | None, s: _Settings) -> t
         def forward(cache_vars, tokens, index, routing):
             cache = kv_cache.Cache(length, jnp.asarray(index, jnp.int32), start)
             extra = {} if routing is None else {"intervention": routing}
-            weights = quant_decode.materialise(variables)  # int codes dequantised inside the step (if any)
+            weights = quant_decode.materialise(variables, routed=False)  # int codes dequantised in the step;
+            #                                     the routed experts' only for the experts the step selects
             logits, mutated = module.apply({**weights, **cache_vars}, tokens, cache=cache,
                                            mutable=[kv_cache.COLLECTION], **extra)
             return logits[:, -1], mutated

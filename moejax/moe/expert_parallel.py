@@ -21,6 +21,7 @@ global batch, and a slot's rank within its expert is global (``'position'``: the
 before it in batch order are added to its local rank; ``'probs'``: the routing of the whole batch is gathered and
 ranked). So the layer's output and gradients equal the single-device layer's on any mesh.
 """
+import dataclasses
 import math
 from typing import Any
 
@@ -31,7 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from moejax import checks, vma
-from moejax.moe import dispatch, experts, pipeline
+from moejax.moe import dispatch, experts, pipeline, quantised
 from moejax.moe.routers import Routing
 from moejax.parallel import TOKEN_AXES, mesh_shape
 
@@ -175,7 +176,8 @@ def moe_ep(tokens: jax.Array, route: Routing, expert: experts.GLUExperts, expert
             else:
                 recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
                 recv_ids = jax.lax.all_to_all(send_ids, "expert", 0, 0, tiled=True)
-            ones = vma.varying_like(jnp.ones((recv_ids.shape[0], 1), weights.dtype), recv_x, *local_weights)
+            ones = vma.varying_like(jnp.ones((recv_ids.shape[0], 1), weights.dtype), recv_x,
+                                   *jax.tree.leaves(local_weights))
             y = _local_experts(recv_x, recv_ids[:, None], ones, local_weights, **local_fn)
             y = jax.lax.psum(y, "tensor")
             if mode == "ragged_a2a":
@@ -189,13 +191,17 @@ def moe_ep(tokens: jax.Array, route: Routing, expert: experts.GLUExperts, expert
     token_spec = P(TOKEN_AXES, None)
     inside = {"expert": "expert", "mlp": "tensor"}  # the weights' split inside the layer; other axes whole
     weight_specs = tuple(P(*(inside.get(a) for a in expert.param_axes[name])) for name in expert.param_names)
+    # int codes and scales (quantised decoding, moejax/moe/quantised.py) split as the weight they stand for
+    weight_specs = tuple(dataclasses.replace(w, codes=spec, scales=spec) if quantised.is_weight(w) else spec
+                         for w, spec in zip(expert_weights, weight_specs, strict=True))
     # Interpreted Pallas kernels (CPU) evaluate their bodies op by op, which shard_map's varying-axes check rejects
     # (a block varies, a kernel constant does not); compiled kernels are opaque to it. So the check is off there.
     check_vma = not (cfg.dispatch_kernel == "pallas" and jax.default_backend() == "cpu")
     fn = jax.shard_map(body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, *weight_specs),
                        out_specs=(token_spec, P(), P()), check_vma=check_vma)
     pad = num_local * ep - num_experts
-    padded = (jnp.pad(w, ((0, pad),) + ((0, 0),) * (w.ndim - 1)) if pad else w for w in expert_weights)
+    padded = (w if not pad else w.pad(pad) if quantised.is_weight(w) else
+              jnp.pad(w, ((0, pad),) + ((0, 0),) * (w.ndim - 1)) for w in expert_weights)
     return fn(tokens.astype(compute_dtype), route.experts.astype(jnp.int32), route.weights, *padded)
 
 

@@ -17,8 +17,10 @@ Backends compute the GLU of every row of the expert buffer with the weights of t
   kernel per platform (Triton/Mosaic GPU, Mosaic TPU, XLA elsewhere).
 
 'auto' picks 'tiled' on CPU, 'megablox' on TPU, and on GPU 'tokamax' when it imports, else 'ragged_dot'. A Pallas
-grouped matmul of our own is not shipped: the design admits one only where it measures faster than these, and
-no accelerator has been available to measure it.
+grouped matmul of our own for float weights is not shipped: the design admits one only where it measures faster
+than these, and no accelerator has been available to measure it. Expert weights held as int codes (quantised
+decoding) go through moejax/moe/quantised.py, which dequantises the selected experts for these backends or runs
+moejax/kernels/quant_gmm.py's dequantising grouped matmul.
 """
 import dataclasses
 import functools

@@ -54,6 +54,7 @@ from moejax.moe import (
     losses,
     pipeline,
     placement,
+    quantised,
     routers,
     stats,
 )
@@ -185,12 +186,19 @@ class ExpertWeights(nn.Module):
     @nn.compact
     def __call__(self) -> experts.Weights:
         shapes = self.expert.param_shapes(self.num_experts, self.d_model, self.hidden)
-        weights = tuple(self.param(name, nn.initializers.zeros if name in self.expert.zero_init else self.kernel_init,
+        weights = tuple(self._held(name) or
+                        self.param(name, nn.initializers.zeros if name in self.expert.zero_init else self.kernel_init,
                                    shapes[name], self.param_dtype) for name in self.expert.param_names)
         if not self.adapted:
             return weights
         return weights + expert_lora.expert_adapters(self, self.lora, self.expert, self.adapted, self.num_experts,
                                                   shapes, self.param_dtype)
+
+    def _held(self, name: str) -> quantised.QuantisedWeight | None:
+        """The parameter when it is held as int codes (quantised decoding: moejax/moe/quantised.py), which the
+        grouped matmul reads as it is; None otherwise."""
+        value = self.get_variable("params", name) if self.has_variable("params", name) else None
+        return value if quantised.is_weight(value) else None
 
 
 class RouterKernel(nn.Module):
@@ -266,7 +274,8 @@ class MoE(nn.Module):
         adapted = expert_lora.expert_targets(self.lora, (*self.path, moe.EXPERTS), expert)
         weights = ExpertWeights(expert, num_weights, d_model, cfg.expert_ffn, self.param_dtype, self.kernel_init,
                                 self.lora, adapted, name=moe.EXPERTS)()
-        weights = tuple(jnp.asarray(w, self.dtype) for w in weights)  # numpy params (load_checkpoint) too
+        weights = tuple(w if quantised.is_weight(w) else jnp.asarray(w, self.dtype)  # numpy params too; int
+                        for w in weights)                                               # codes as they are
         if adapted:  # LoRA on the routed slots, inside the grouped matmul
             expert = expert_lora.AdaptedExperts(expert, adapted, self.lora.scaling)
         if self.is_mutable_collection("moe_state") or self.has_variable("moe_state", moe.ROUTER_BIAS):
@@ -398,3 +407,4 @@ class MoE(nn.Module):
             router_entropy=losses.router_entropy(route.probs), balance_loss=balance,
             device_balance_loss=device_balance, z_loss=losses.z_loss(route.logits)))
         return out
+

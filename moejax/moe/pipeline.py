@@ -3,7 +3,7 @@ and by each device of the expert-parallel layer (moejax/moe/expert_parallel.py).
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import dispatch, experts
+from moejax.moe import dispatch, experts, quantised
 from moejax.moe.routers import Routing
 
 KERNELS = ("jnp", "pallas")
@@ -12,7 +12,8 @@ KERNELS = ("jnp", "pallas")
 def kernel_ops(kernel: str):
     """(permute, unpermute_combine) of ``model.moe.dispatch_kernel``: 'jnp' (moejax.moe.dispatch's gathers) or
     'pallas' (moejax.kernels.dispatch: Triton on GPU, Mosaic on TPU, interpreted on CPU). Same signatures, same
-    results."""
+    results. With int expert weights (quantised decoding) 'pallas' also runs their grouped matmul in
+    moejax/kernels/quant_gmm.py (moejax/moe/quantised.py)."""
     if kernel == "jnp":
         return dispatch.permute, dispatch.unpermute_combine
     if kernel != "pallas":
@@ -41,7 +42,13 @@ def routed_experts(tokens: jax.Array, route: Routing, expert: experts.GLUExperts
     (``tile_for``). backend: a resolved gmm backend; kernel: ``model.moe.dispatch_kernel``. slot_inputs: [T*k, M]
     columns each routed slot's row carries after its token (the dropout masks of routed-expert adapters,
     moejax/adapters/expert_lora.py); the expert keeps the rows' width and only the first D columns are combined.
+    Expert weights held as int codes (``quantised.QuantisedWeight``, quantised decoding) take
+    moejax/moe/quantised.py's path: only the experts the slots select are read and dequantised.
     """
+    if quantised.any_quantised(weights):
+        return quantised.routed_experts(tokens, route, expert, weights, num_experts=num_experts, backend=backend,
+                                        kernel=kernel, tile=tile, capacity=capacity, drop_policy=drop_policy,
+                                        slot_inputs=slot_inputs)
     if capacity is not None:
         plan = dispatch.capacity_plan(route, num_experts, capacity, drop_policy)
     else:

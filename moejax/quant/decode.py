@@ -17,12 +17,15 @@ numpy, so the weights the model sees are exactly the fake-quantised ones and the
 with the fake-quantised model. The parameters held between steps are the codes and scales: about a quarter (int8) or
 an eighth (int4) of float32 weights for the quantised matrices. XLA does not hoist the dequantisation out of the
 decode loop (an int8 -> float conversion grows its operand, which its loop-invariant code motion leaves in place),
-so every step dequantises the weights it reads: decoding trades compute for memory (experiments/
-bench_quant_decode.py measures both).
+so every step dequantises the weights it reads. ``generate`` calls ``materialise(variables, routed=False)``: the
+routed experts' stacked codes stay codes and the MoE layer takes moejax/moe/quantised.py's path, which in a step
+with fewer routed slots than experts (decoding) gathers and dequantises only the experts the slots select
+(``model.moe.dispatch_kernel='pallas'``: in the tiles of moejax/kernels/quant_gmm.py's grouped matmul). On a mesh
+the codes and scales split over 'expert' as the float weights do (``check_mesh`` names what cannot run).
+experiments/bench_quant_decode.py measures memory and speed.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,51 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import moe
+from moejax.moe.quantised import QuantisedWeight
 from moejax.quant import formats, transform
 from moejax.quant import rules as rules_lib
 
 DEFAULT_TARGETS = ("attention", "experts", "shared", "dense")
 SPEC_HELP = "int<b> (b in 2..8, a scale per output channel) or int<b>/g<G> (a scale per G inputs), e.g. int8, int4/g32"
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantisedWeight:
-    """One parameter as int codes and float32 scales: ``codes`` int8 [B, K, N] (bits > 4) or uint8 [ceil(B K N /
-    2)] (bits <= 4, two codes per byte, the first in the low nibble), ``scales`` [B, ceil(K / G), N] (G = group, or
-    K per output channel); ``shape`` and ``dtype`` those of the parameter, [B, K, N] its ``Matrix`` view."""
-
-    codes: Any
-    scales: Any
-    bits: int
-    group: int
-    view: tuple[int, int, int]
-    shape: tuple[int, ...]
-    dtype: str
-
-    def dequantise(self) -> jax.Array:
-        """codes * scales in float32, cast to dtype, in the parameter's shape (jax.numpy)."""
-        b, k, n = self.view
-        if self.bits <= 4:
-            packed = jnp.asarray(self.codes)
-            nibbles = jnp.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[:b * k * n].astype(jnp.int8)
-            grid = jnp.where(nibbles >= 8, nibbles - 16, nibbles).reshape(b, k, n).astype(jnp.float32)
-        else:
-            grid = jnp.asarray(self.codes).astype(jnp.float32)
-        gk = min(self.group, k) if self.group else k
-        scales = jnp.asarray(self.scales, jnp.float32)
-        if k % gk == 0:  # each scale over its whole group, without repeating the scales
-            w = (grid.reshape(b, k // gk, gk, n) * scales[:, :, None, :]).reshape(b, k, n)
-        else:
-            w = grid * jnp.repeat(scales, gk, axis=1)[:, :k]
-        return w.astype(self.dtype).reshape(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.asarray(self.codes).nbytes + np.asarray(self.scales).nbytes)
-
-
-jax.tree_util.register_dataclass(QuantisedWeight, data_fields=["codes", "scales"],
-                                 meta_fields=["bits", "group", "view", "shape", "dtype"])
 
 
 def parse(spec: Any, field: str = "quantise") -> formats.Format:
@@ -97,9 +62,16 @@ def is_quantised(variables: Mapping[str, Any]) -> bool:
     return any(_is_weight(leaf) for leaf in jax.tree.leaves(variables.get("params", {}), is_leaf=_is_weight))
 
 
-def materialise(variables: Any) -> Any:
-    """variables with every QuantisedWeight dequantised (jax.numpy: call it inside the jitted computation)."""
-    return jax.tree.map(lambda x: x.dequantise() if _is_weight(x) else x, variables, is_leaf=_is_weight)
+def materialise(variables: Any, routed: bool = True) -> Any:
+    """variables with every QuantisedWeight dequantised (jax.numpy: call it inside the jitted computation).
+    routed=False keeps the routed experts' codes whose experts split apart (``QuantisedWeight.stacked``): the MoE
+    layer then reads and dequantises only the experts each step selects (moejax/moe/quantised.py)."""
+    def leaf(path, x):
+        keep = not routed and _is_weight(x) and x.stacked and any(getattr(p, "key", None) == moe.EXPERTS
+                                                                  for p in path)
+        return x.dequantise() if _is_weight(x) and not keep else x
+
+    return jax.tree_util.tree_map_with_path(leaf, variables, is_leaf=_is_weight)
 
 
 def _weight(tensor: transform.Tensor) -> QuantisedWeight | None:
@@ -110,6 +82,8 @@ def _weight(tensor: transform.Tensor) -> QuantisedWeight | None:
     part = tensor.parts[0]
     fmt = part.format
     codes = part.arrays["packed"] if fmt.bits <= 4 else part.arrays["codes"]
+    if fmt.bits <= 4 and matrix.n % 2 == 0:  # adjacent outputs share a byte: [B, K, N / 2], split per expert
+        codes = np.asarray(codes).reshape(matrix.batch, matrix.k, matrix.n // 2)
     return QuantisedWeight(jnp.asarray(codes), jnp.asarray(part.arrays["scales"]), fmt.bits, fmt.tile[0],
                            (matrix.batch, matrix.k, matrix.n), tuple(matrix.shape), tensor.dtype)
 
@@ -140,19 +114,29 @@ def quantise(config: Any, variables: Mapping[str, Any], spec: str = "int8",
     return {**variables, "params": from_tensors(variables["params"], tensors)}
 
 
+def check_mesh(config: Any, mesh: Any, spec: Any = "int8") -> None:
+    """ConfigError naming 'quantise' where quantised decoding cannot run on this mesh: the codes and scales split
+    over 'expert' as the float expert weights do, but not over 'tensor' (an int4 byte holds two outputs, a scale a
+    group of inputs, and the split would cut them)."""
+    from moejax import checks
+
+    if mesh is not None and mesh.shape.get("tensor", 1) > 1:
+        checks.fail("quantise", spec, f"quantised decoding splits the experts over mesh.expert only: needs "
+                                      f"mesh.tensor=1 (got {mesh.shape['tensor']})")
+
+
 def prepare(config: Any, variables: Mapping[str, Any], spec: str, mesh: Any = None) -> dict[str, Any]:
     """``moejax.generate``'s ``quantise=``: variables with the weights as int codes and scales (``quantise``, on the
-    default targets); ConfigError naming 'quantise' for a bad spec or a mesh."""
+    default targets); ConfigError naming 'quantise' for a bad spec or a mesh it cannot run on (``check_mesh``)."""
     import ml_collections
 
     from moejax import checks
 
-    if mesh is not None:
-        checks.fail("quantise", spec, "quantised decoding runs on one device (mesh=None)")
     try:
         parse(spec)
     except ValueError:
         checks.fail("quantise", spec, f"allowed are {SPEC_HELP}")
+    check_mesh(config, mesh, spec)
     whole = config if "model" in config else ml_collections.ConfigDict({"model": config})
     return quantise(whole, variables, spec)
 

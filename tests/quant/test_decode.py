@@ -1,14 +1,17 @@
 """Weight-only quantised decoding (moejax/quant/decode.py, ``generate(..., quantise=)``): the weights dequantised from
 int8 / packed int4 codes inside the step equal a numpy transcription of symmetric round-to-nearest; the tokens equal
-generating with the fake-quantised model; the parameters held are smaller; bad specs are named."""
+generating with the fake-quantised model (16 experts: a decoding step's slots select a few, whose codes alone are
+gathered and dequantised, moejax/moe/quantised.py), also on the 8 forced host devices with the codes and scales split
+over mesh.expert; the parameters held are smaller; bad specs and meshes are named."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from moejax.configs import base
 
-from moejax import cli, generate, model
+from moejax import cli, generate, model, parallel
 from moejax.checks import ConfigError
+from moejax.moe import quantised
 from moejax.quant import decode, rules, transform
 
 
@@ -17,8 +20,8 @@ def tiny():
     config = base.get_config()
     config.model.update(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
                         first_dense_layers=1)
-    config.model.moe.update(num_experts=4, top_k=2, expert_ffn=16, num_shared=1, dispatch="dropless")
-    variables = model.Transformer(config.model).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    config.model.moe.update(num_experts=16, top_k=2, expert_ffn=16, num_shared=1, dispatch="dropless")
+    variables = jax.jit(model.Transformer(config.model).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     return config, variables
 
 
@@ -44,8 +47,9 @@ def test_weights_dequantised_in_jax_equal_round_to_nearest(tiny, spec, bits, gro
     experts = held["params"]["layers_1"]["ffn"]["experts"]["wi_0"]
     assert isinstance(experts, decode.QuantisedWeight)
     assert experts.codes.dtype == (jnp.int8 if bits == 8 else jnp.uint8)
-    assert experts.codes.size == (4 * 32 * 16 if bits == 8 else 4 * 32 * 16 // 2)
-    seen = jax.jit(decode.materialise)(held)["params"]
+    assert experts.codes.size == (16 * 32 * 16 if bits == 8 else 16 * 32 * 16 // 2)
+    assert experts.stacked and experts.codes.shape[0] == 16  # split per expert: a step gathers its experts
+    seen = jax.jit(decode.materialise)(held)["params"]  # every weight, the routed experts' too
     original = variables["params"]
     for path in (("layers_1", "ffn", "experts", "wi_0"), ("layers_1", "ffn", "shared", "wo"),
                  ("layers_0", "ffn", "wi_1"), ("layers_0", "attn", "q", "kernel")):
@@ -78,6 +82,26 @@ def test_tokens_equal_the_fake_quantised_model_with_less_parameter_memory(tiny, 
     held = decode.quantise(config, variables, spec)
     assert decode.param_bytes(held) < ratio * decode.param_bytes(variables)
     assert decode.is_quantised(held) and not decode.is_quantised(variables)
+    routed = decode.materialise(held, routed=False)["params"]["layers_1"]["ffn"]["experts"]
+    # a decoding step's 2 tokens x top-2 slots gather at most 4 of the 16 experts; a prefill of 10 dequantises all
+    assert quantised.gathers(tuple(routed.values()), 2 * 2, 16)
+    assert not quantised.gathers(tuple(routed.values()), 2 * 5 * 2, 16)
+
+
+def test_quantised_decoding_on_the_mesh_gives_one_devices_tokens(tiny):
+    """data=4, expert=2: each device holds 8 experts' codes and scales and receives 4 routed slots per decoding
+    step, so it gathers the selected ones inside shard_map."""
+    config, variables = tiny
+    config = config.copy_and_resolve_references()
+    config.mesh.update(data=4, expert=2)
+    prompts = np.random.default_rng(0).integers(0, 61, (2, 5))
+    one = generate.generate(config, variables, prompts, max_new_tokens=10, quantise="int8")
+    np.testing.assert_array_equal(generate.generate(config, variables, prompts, max_new_tokens=10, quantise="int8",
+                                                    mesh=parallel.make_mesh(config)), one)
+    config.mesh.update(data=1, expert=4, tensor=2)
+    with pytest.raises(ConfigError, match=r"quantise='int8' is invalid: .*needs mesh.tensor=1 \(got 2\)"):
+        generate.generate(config, variables, prompts, max_new_tokens=2, quantise="int8",
+                          mesh=parallel.make_mesh(config))
 
 
 def test_bad_specs_are_named(tiny):
