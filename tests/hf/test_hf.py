@@ -389,7 +389,7 @@ def test_hub_layout_config(capsys):
     assert capsys.readouterr().err == ""  # every field is known
     assert (m.attention, m.num_layers, m.first_dense_layers, m.param_dtype) == ("mla", 61, 3, "bfloat16")
     assert m.mla.to_dict() == dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                                   v_head_dim=128)
+                                   v_head_dim=128, lora_scaling=False)
     r = m.moe.router
     assert (r.score, r.num_groups, r.topk_groups, r.group_score, r.group_mask_fill, r.routed_scaling_factor,
             r.norm_topk_prob) == ("sigmoid", 8, 4, "top2_sum", float("-inf"), 2.5, True)
