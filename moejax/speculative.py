@@ -21,8 +21,9 @@ distributed as the target's own sampling at those settings.
 Rows of a batch advance together by the fewest proposals any row kept (each row's next token is then its own kept
 proposal or its own correction: speculative_accept.next_tokens). The caches are written past the kept tokens by the
 proposals; the next round writes over those slots, and a query never reads a slot after its own (moejax/kv_cache.py),
-so nothing is rolled back. Sliding-window (ring) caches would lose the overwritten keys and are refused; prompts are
-full rows (no ragged batches), one device. ``acceptance_rate`` counts the proposals the batch kept over those made.
+so nothing is rolled back. Sliding-window and chunked (ring) caches would lose the overwritten keys and are refused;
+prompts are full rows (no ragged batches), one device. ``acceptance_rate`` counts the proposals the batch kept over
+those made.
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ from moejax.kv_cache import decode_config
 
 def _check(cfg: ml_collections.ConfigDict, length: int, field: str) -> None:
     linear_attention.rewind_problem(cfg, field)
-    windows = [model.attention_window(cfg, i) for i in range(cfg.num_layers)]
-    if any(0 < w < length for w in windows):
-        checks.fail(field, f"sliding windows {sorted(set(w for w in windows if w))}", f"speculative decoding rolls "
-                    f"its caches back by overwriting slots, which a sliding-window ring of fewer than {length} "
+    windows = [model.attention_window(cfg, i) or model.attention_chunk(cfg, i) for i in range(cfg.num_layers)]
+    if any(0 < w < length for w in windows):  # a chunked layer's cache is a ring of one chunk
+        checks.fail(field, f"sliding windows or chunks {sorted(set(w for w in windows if w))}", f"speculative "
+                    f"decoding rolls its caches back by overwriting slots, which a ring of fewer than {length} "
                     f"slots cannot: decode this model with moejax.generate")
 
 

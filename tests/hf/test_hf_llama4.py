@@ -43,6 +43,15 @@ def test_cached_decoding_gives_the_golden_greedy_tokens_in_a_ragged_batch():
     np.testing.assert_array_equal(got[1, 4:4 + steps], golden["greedy"][0])
 
 
+def test_speculative_decoding_refuses_the_chunk_ring():
+    """Speculative decoding overwrites rejected proposals' slots, which a ring of one chunk cannot give back."""
+    from moejax import checks, speculative
+
+    config, variables = hf.load(golden_dir("llama4_text_a"))
+    with pytest.raises(checks.ConfigError, match=r"config.model='sliding windows or chunks \[3\]'"):
+        speculative.generate(config, variables, config, variables, np.zeros((1, 4), np.int32), max_new_tokens=4)
+
+
 def test_sharded_load_matches_unsharded():
     """llama4_text_a on 8 devices, mesh expert=4 x tensor=2: the scaled expert inputs travel through the
     expert-parallel layer."""
