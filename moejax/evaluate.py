@@ -102,9 +102,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help=f"evaluate with a field changed (repeatable); FIELD one of {', '.join(EVAL_FIELDS)}")
     parser.add_argument("--quantise", default=None, metavar="RULES",
-                        help="evaluate the checkpoint rounded to nearest under RULES (TARGET=FORMAT[@LAYERS];..., "
-                             "docs/quantisation.md) against the checkpoint itself: loss and bits per byte change, "
-                             "routing flips and router KL per MoE layer, per-expert weight errors, bytes")
+                        help="evaluate the checkpoint rounded to nearest under RULES (TARGET=FORMAT[,ACT][@LAYERS];"
+                             "..., docs/quantisation.md; ACT quantises the matrices' inputs per token, e.g. "
+                             "experts=int4,a8) against the checkpoint itself: loss and bits per byte change, routing "
+                             "flips and router KL per MoE layer, per-expert weight errors, bytes")
     parser.add_argument("--against", default=None, metavar="DIR",
                         help="the original (a workdir or a transformers directory) of the quantised --checkpoint: "
                              "the same metrics, the checkpoint as the quantised model")
