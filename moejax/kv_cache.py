@@ -37,6 +37,8 @@ import ml_collections
 
 COLLECTION = "cache"
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The arrays of the fixed-size state of a layer (linear attention: moejax/linear_attention.py), not per token
+FIXED_STATE = ("conv_state", "recurrent_state")
 
 
 @flax.struct.dataclass
@@ -146,9 +148,11 @@ def attend_latent(q: jax.Array, c_kv: jax.Array, k_rot: jax.Array, kv_b: jax.Arr
 def bytes_per_token(cache_tree) -> int:
     """Cache bytes per token slot, summed over the layers: each array's bytes / (rows x its slots). A sliding
     layer's ring of W entries counts per entry, so this is the cost of one more token of context while it is
-    within every window."""
+    within every window. The fixed-size state of linear-attention layers (FIXED_STATE) is left out."""
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(cache_tree):
+        if getattr(path[-1], "key", None) in FIXED_STATE:
+            continue
         scanned = any(getattr(key, "key", None) == "blocks" for key in path)  # stacked layers: [n, B, L, ...]
         rows, slots = (leaf.shape[1], leaf.shape[2]) if scanned else (leaf.shape[0], leaf.shape[1])
         total += int(leaf.size) * leaf.dtype.itemsize // (rows * slots)

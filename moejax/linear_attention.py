@@ -37,7 +37,7 @@ from moejax import checks, kv_cache, parallel
 from moejax.adapters import lora
 
 L2_EPS = 1e-6  # the L2 norm of queries and keys (the FLA kernels' and transformers' epsilon)
-STATE_NAMES = ("conv_state", "recurrent_state")  # the layer's arrays in the 'cache' collection
+STATE_NAMES = kv_cache.FIXED_STATE  # the layer's arrays in the 'cache' collection
 
 parallel.PARAM_AXES.update({
     ("in_proj_qkvz", "kernel"): ("embed", "kv_heads", None),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import checks, generate, hf, linear_attention, model, parallel, speculative
+from moejax import checks, generate, hf, kv_cache, linear_attention, model, parallel, speculative
 from moejax.hf import rules
 from tests.helpers_configs import load
 from tests.helpers_hf import golden_dir
@@ -59,6 +59,21 @@ def test_cached_decoding_of_a_ragged_batch_gives_the_golden_greedy_tokens():
     prompts = np.stack([np.concatenate([prompt, [0, 0]]), np.arange(6) + 7])
     got = generate.generate(config, variables, prompts, prompt_lengths=[4, 6], max_new_tokens=golden["greedy"].shape[1])
     np.testing.assert_array_equal(got[0, 4:4 + golden["greedy"].shape[1]], golden["greedy"][0])
+
+
+def test_cache_holds_the_linear_layers_fixed_state():
+    """Traced only (jax.eval_shape): the linear layers' state in the cache, and bytes_per_token counting the full
+    layers' keys and values alone."""
+    config, variables = hf.load(golden_dir("qwen3_next_a"))
+    cache = kv_cache.Cache(10, jnp.int32(0), jnp.zeros((2,), jnp.int32))
+    module = model.Transformer(generate.decode_config(config))
+    _, mutated = jax.eval_shape(lambda: module.apply(variables, jnp.zeros((2, 4), jnp.int32), cache=cache,
+                                                     mutable=[kv_cache.COLLECTION]))
+    tree = mutated[kv_cache.COLLECTION]
+    state = tree["layers_0"]["attn"]
+    assert state["conv_state"].shape == (2, 3, 2 * 2 * 8 + 4 * 6) and state["recurrent_state"].shape == (2, 4, 8, 6)
+    assert set(tree["layers_1"]["attn"]) == {"cached_key", "cached_value"}
+    assert kv_cache.bytes_per_token(tree) == 2 * 2 * 2 * 8 * 4  # 2 full layers x (k, v) x 2 KV heads x 8 x float32
 
 
 def test_sharded_load_matches_unsharded():
