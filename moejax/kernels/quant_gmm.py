@@ -4,11 +4,12 @@ moejax/moe/quantised.py with ``model.moe.dispatch_kernel='pallas'``).
 ``tiled_matmul(tiles [T, m, K], tile_expert [T], codes, scales, bits, group, n)`` -> [T, m, N] float32: tile t's
 rows times the weights of expert ``tile_expert[t]``, w[e] = codes[e] * scales[e] (a scale per output and group of
 ``group`` inputs, or per output when group = K). ``codes``: int8 [G, K, N] (bits > 4), or for bits <= 4 uint8 [G,
-K, N / 2], two's-complement nibbles with output 2c in the low nibble of byte c and 2c + 1 in the high one
-(moejax.quant.formats.pack's order). The rows come in the tiled layout of ``moejax.moe.dispatch.dropless_plan`` /
-``capacity_plan`` (each tile one expert's); the float weights are never written out: each program loads an int
-block of one expert, converts and scales it, and multiplies. For int4 the even and odd outputs are two
-accumulators against the low and high nibbles (their scales split outside the kernel) and are interleaved after it.
+K, N / 2], two's-complement nibbles with output c in the low nibble of byte c and c + N / 2 in the high one
+(moejax.moe.quantised.QuantisedWeight's layout). The rows come in the tiled layout of
+``moejax.moe.dispatch.dropless_plan`` / ``capacity_plan`` (each tile one expert's); the float weights are never
+written out: each program loads an int block of one expert, converts and scales it, and multiplies. For int4 the
+two halves of the outputs are two accumulators against the low and high nibbles (their scales split outside the
+kernel), concatenated after it.
 
 Two lowerings, as in moejax/kernels/dispatch.py:
 * 'blocked' (GPU Triton, and ``interpret=True`` on CPU): a program per (tile, block of outputs) reads the tile's
@@ -59,7 +60,7 @@ DEFAULT = KernelOptions()
 
 def supports(k: int, n: int, bits: int, group: int) -> bool:
     """Whether the kernel takes a [K, N] weight: whole scale groups (K a multiple of the group) and, for int4, an
-    even N (byte c holds outputs 2c and 2c + 1)."""
+    even N (byte c holds outputs c and c + N / 2)."""
     return k % group == 0 and (bits > 4 or n % 2 == 0)
 
 
@@ -153,8 +154,9 @@ def tiled_matmul(tiles: jax.Array, tile_expert: jax.Array, codes: jax.Array, sca
     rows = max(TILE_ROWS, 1 << max(0, (m - 1).bit_length()))  # Triton: >= 16 rows, a power of two
     padded = jnp.pad(tiles, ((0, 0), (0, rows - m), (0, 0))) if rows != m else tiles
     scales = jnp.asarray(scales, jnp.float32)
-    scale_parts = (scales[..., 0::2], scales[..., 1::2]) if packed else (scales,)
+    half = n // 2
+    scale_parts = (scales[..., :half], scales[..., half:]) if packed else (scales,)
     fn = _tpu if impl == "tpu" else _blocked
     outs = fn(padded, tile_expert.astype(jnp.int32), codes, scale_parts, group, packed, opts, interpret)
-    out = jnp.stack(outs, axis=-1).reshape(t, rows, n) if packed else outs[0]
+    out = jnp.concatenate(outs, axis=-1) if packed else outs[0]
     return out[:, :m]

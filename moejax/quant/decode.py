@@ -82,8 +82,11 @@ def _weight(tensor: transform.Tensor) -> QuantisedWeight | None:
     part = tensor.parts[0]
     fmt = part.format
     codes = part.arrays["packed"] if fmt.bits <= 4 else part.arrays["codes"]
-    if fmt.bits <= 4 and matrix.n % 2 == 0:  # adjacent outputs share a byte: [B, K, N / 2], split per expert
-        codes = np.asarray(codes).reshape(matrix.batch, matrix.k, matrix.n // 2)
+    if fmt.bits <= 4 and matrix.n % 2 == 0:  # outputs c and c + N/2 share a byte: [B, K, N / 2] (QuantisedWeight)
+        grid, _ = formats.unpack(part.arrays, fmt, (matrix.batch, matrix.k, matrix.n))
+        nibbles = grid.astype(np.int8).view(np.uint8) & 0x0F
+        half = matrix.n // 2
+        codes = (nibbles[..., :half] | (nibbles[..., half:] << 4)).astype(np.uint8)
     return QuantisedWeight(jnp.asarray(codes), jnp.asarray(part.arrays["scales"]), fmt.bits, fmt.tile[0],
                            (matrix.batch, matrix.k, matrix.n), tuple(matrix.shape), tensor.dtype)
 

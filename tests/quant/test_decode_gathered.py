@@ -14,10 +14,11 @@ E, D, F = 8, 16, 8
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """int codes in [-8, 7] [..., N] (N even) -> uint8 [..., N / 2]: two's complement, the even output in the low
-    nibble."""
+    """int codes in [-8, 7] [..., N] (N even) -> uint8 [..., N / 2]: two's complement, output c in the low nibble
+    of byte c, output c + N / 2 in the high one."""
     u = (codes.astype(np.int16) & 0x0F).astype(np.uint8)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    half = codes.shape[-1] // 2
+    return (u[..., :half] | (u[..., half:] << 4)).astype(np.uint8)
 
 
 def random_weight(rng, k: int, n: int, bits: int, group: int):

@@ -19,8 +19,8 @@ def weights(rng, bits: int, group: int):
     dense = codes * np.repeat(scales, group, axis=1).astype(np.float64)
     if bits > 4:
         return codes.astype(np.int8), scales, dense
-    nibbles = (codes & 0x0F).astype(np.uint8)  # two's complement; output 2c low, 2c + 1 high
-    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8), scales, dense
+    nibbles = (codes & 0x0F).astype(np.uint8)  # two's complement; output c low, c + N / 2 high
+    return (nibbles[..., :N // 2] | (nibbles[..., N // 2:] << 4)).astype(np.uint8), scales, dense
 
 
 @pytest.mark.parametrize("impl", ["blocked", "tpu"])
