@@ -131,7 +131,8 @@ def _post_norm(cfg: ml_collections.ConfigDict) -> bool:
 
 
 def check_supported(config: ml_collections.ConfigDict) -> list[int]:
-    """The model's MoE layers; ValueError for a dense model, NotImplementedError for Chain-of-Experts."""
+    """The model's MoE layers; ValueError for a dense model, NotImplementedError for Chain-of-Experts and for a
+    shortcut-connected MoE."""
     cfg = config.model
     layers = model_lib.moe_layers(cfg)
     if not layers:
@@ -140,6 +141,9 @@ def check_supported(config: ml_collections.ConfigDict) -> list[int]:
         raise NotImplementedError(f"model.moe.chain_iterations={cfg.moe.chain_iterations}: Chain-of-Experts routes "
                                   "each token several times per layer from inputs that are not module outputs; "
                                   "post-hoc capture supports one routed pass per layer")
+    if cfg.get("moe_shortcut", False):
+        raise NotImplementedError("model.moe_shortcut=True: a shortcut-connected MoE's output joins the stream after "
+                                  "the next layer, so a MoE layer has no stream after it to capture (h_after)")
     return layers
 
 

@@ -20,6 +20,7 @@ import pytest
 from moejax import checks, generate, hf, model, parallel
 from moejax.hf import io
 from moejax.moe import intervention as iv_lib
+from moejax.posthoc import capture
 from tests.helpers_configs import load
 from tests.helpers_hf import golden_dir
 
@@ -163,8 +164,11 @@ def test_the_model_fields_are_checked():
             moe__router__kind="adamoe")
     refused("model.moe.router.num_groups=2", moe__router__num_groups=2)
     refused("model.mtp_depth=1", mtp_depth=1)
-    # routing interventions do not reach the identity experts: refused by name
+    # routing interventions do not reach the identity experts, and post-hoc capture has no stream after a shortcut
+    # MoE layer: both refused by name
     config, variables = hf.load(golden_dir(CASE))
+    with pytest.raises(NotImplementedError, match="model.moe_shortcut=True"):
+        capture.check_supported(config)
     with pytest.raises(checks.ConfigError, match="model.moe.num_identity_experts=4"):
         jax.eval_shape(lambda: model.Transformer(config.model).apply(
             variables, jnp.zeros((1, 4), jnp.int32), intervention=iv_lib.mask_experts(config.model, {0: [1]})))
