@@ -215,6 +215,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     linear.key_head_dim = 128
     linear.value_head_dim = 128
     linear.conv_kernel = 4
+    # Positions per chunk of the chunked form of the delta rule (sequences; a decoded token steps the
+    # recurrence); 0: the recurrence over every position.
+    linear.chunk_size = 64
     model.linear_attention = linear
     # Hidden width of the dense GLU FFN in layers that are not MoE.
     model.ffn_dim = 704

@@ -17,7 +17,9 @@ Parameter tree (under ``layers_{i}/attn``):
     in_proj_qkvz/kernel [D, nk, 2 dk + 2 r dv]   in_proj_ba/kernel [D, nk, 2 r]   conv1d/kernel [K, C]
     dt_bias [nv]   A_log [nv]   norm/scale [dv]   out_proj/kernel [nv, dv, D]
 
-The recurrence runs as a ``lax.scan`` over positions (the form the delta rule is defined in). Decoding (moejax/
+The recurrence runs as a ``lax.scan`` over chunks of la.chunk_size positions (``chunked_gated_delta_rule``, the
+chunked form transformers also runs) or, with chunk_size 0 and for single decoded tokens, over positions
+(``gated_delta_rule``, the form the delta rule is defined in). Decoding (moejax/
 generate.py) keeps the layer's state in the 'cache' collection instead of keys and values: ``conv_state`` [B, K-1, C]
 (the convolution's last inputs) and ``recurrent_state`` [B, nv, dk, dv] float32, the same size whatever the context.
 A call continues both from its tokens; left-padding slots (before ``cache.start``) enter as zeros, which leave a
@@ -54,6 +56,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     la = cfg.linear_attention
     for field in ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim", "conv_kernel"):
         checks.positive_int(f"model.linear_attention.{field}", la[field])
+    checks.positive_int("model.linear_attention.chunk_size", la.get("chunk_size", 64), minimum=0)
     if cfg.scan_layers:
         checks.fail("model.scan_layers", cfg.scan_layers, "'linear' layers are not scanned: set scan_layers=False")
     if la.num_value_heads % la.num_key_heads:
@@ -106,6 +109,56 @@ def gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, bet
 def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     """log A with A uniform in [0.01, 16] (transformers' initialisation: the decay rates exp(A_log))."""
     return jnp.log(jax.random.uniform(key, shape, dtype, 0.01, 16.0))
+
+
+def chunked_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
+                             state: jax.Array | None = None, chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+    """``gated_delta_rule`` computed chunk by chunk (the chunked form of the Gated DeltaNet paper and transformers'
+    torch_chunk_gated_delta_rule): within a chunk of C positions the delta-rule updates are folded by one unit
+    lower-triangular solve (the UT transform) into matrix products, and only the state passes from chunk to chunk
+    (a ``lax.scan`` over S / C chunks instead of S positions). Same arguments and results; the sequence is padded
+    to whole chunks with positions that change neither the state nor the outputs kept."""
+    repeat = v.shape[2] // k.shape[2]
+    f32 = jnp.float32
+    q, k = (jnp.repeat(l2norm(t.astype(f32)), repeat, axis=2) for t in (q, k))
+    q = q * f32(q.shape[-1] ** -0.5)
+    batch, seq, heads, dv = v.shape
+    dk = k.shape[-1]
+    if state is None:
+        state = jnp.zeros((batch, heads, dk, dv), f32)
+    pad = -seq % chunk
+    n = (seq + pad) // chunk
+
+    def chunks(t: jax.Array) -> jax.Array:  # [B, S, H, ...] -> [B, H, N, C, ...]
+        t = jnp.pad(t.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+        t = t.reshape(batch, n, chunk, heads, *t.shape[3:])
+        return jnp.moveaxis(t, 3, 1)
+
+    q, k, v, g, beta = (chunks(t) for t in (q, k, v, g, beta))
+    v_beta, k_beta = v * beta[..., None], k * beta[..., None]
+    decay = jnp.cumsum(g, axis=-1)  # [B, H, N, C]: log of the decay from the chunk's start
+    lower = jnp.tril(jnp.ones((chunk, chunk), bool))
+    pairwise = jnp.exp(jnp.where(lower, decay[..., :, None] - decay[..., None, :], -jnp.inf))
+    system = jnp.where(lower & ~jnp.eye(chunk, dtype=bool), (k_beta @ jnp.swapaxes(k, -1, -2)) * pairwise, 0.0)
+    unit = system + jnp.eye(chunk, dtype=f32)
+    new_values = jax.scipy.linalg.solve_triangular(unit, v_beta, lower=True, unit_diagonal=True)
+    k_cumdecay = jax.scipy.linalg.solve_triangular(unit, k_beta * jnp.exp(decay)[..., None], lower=True,
+                                                   unit_diagonal=True)
+    intra = (q @ jnp.swapaxes(k, -1, -2)) * pairwise
+    q = q * jnp.exp(decay)[..., None]
+    k = k * jnp.exp(decay[..., -1:] - decay)[..., None]
+    chunk_decay = jnp.exp(decay[..., -1])[..., None, None]
+
+    def step(s, inputs):
+        u, w, q_i, k_i, attn, d = inputs
+        v_new = u - w @ s
+        out = q_i @ s + attn @ v_new
+        return s * d + jnp.swapaxes(k_i, -1, -2) @ v_new, out
+
+    inputs = [jnp.moveaxis(t, 2, 0) for t in (new_values, k_cumdecay, q, k, intra, chunk_decay)]
+    state, out = jax.lax.scan(step, state.astype(f32), inputs)  # out [N, B, H, C, dv]
+    out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, n * chunk, dv)[:, :, :seq]
+    return jnp.moveaxis(out, 1, 2), state
 
 
 class DepthwiseConv(nn.Module):
@@ -189,7 +242,11 @@ class GatedDeltaNet(nn.Module):
         a_log = self.param("A_log", _a_log_init, (nv,), jnp.float32)
         beta = jax.nn.sigmoid(b)
         g = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(a.astype(jnp.float32) + dt_bias)
-        out, final = gated_delta_rule(q, k, v, g, beta, recurrent)
+        chunk = la.get("chunk_size", 64)
+        if chunk and seq > 1:  # as transformers: chunks for a sequence, the recurrence for one decoded token
+            out, final = chunked_gated_delta_rule(q, k, v, g, beta, recurrent, chunk)
+        else:
+            out, final = gated_delta_rule(q, k, v, g, beta, recurrent)
         if cache is not None:
             state_var.value = final
         out = GatedRMSNorm(cfg.norm_eps, self.dtype, name="norm")(out.astype(self.dtype), z.reshape(batch, seq, nv, dv))

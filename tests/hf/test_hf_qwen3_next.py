@@ -112,18 +112,21 @@ def numpy_gated_delta_rule(q, k, v, g, beta):
 
 
 def test_gated_delta_rule_is_transformers_recurrence_and_continues_from_its_state():
+    """The recurrence and the chunked form (a whole chunk of 4 and a padded one) against the numpy loop; the first
+    3 positions by the recurrence, the rest by the chunked form from its state (a prefill, then more tokens)."""
     rng = np.random.default_rng(0)
     q, k = rng.normal(size=(2, 2, 6, 2, 4))
     v = rng.normal(size=(2, 6, 4, 3))
     g, beta = -rng.uniform(0.01, 1.0, size=(2, 6, 4)), rng.uniform(size=(2, 6, 4))
     want, want_state = numpy_gated_delta_rule(q, k, v, g, beta)
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta)]
-    got, state = jax.jit(linear_attention.gated_delta_rule)(*f32)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    np.testing.assert_allclose(state, want_state, atol=1e-5)
-    rule = jax.jit(linear_attention.gated_delta_rule)
-    first, mid = rule(*(x[:, :3] for x in f32))  # decoding: the rest from the state
-    rest, end = rule(*(x[:, 3:] for x in f32), mid)
+    recurrent = jax.jit(linear_attention.gated_delta_rule)
+    chunked = jax.jit(linear_attention.chunked_gated_delta_rule, static_argnames="chunk")
+    for got, state in (recurrent(*f32), chunked(*f32, chunk=4)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(state, want_state, atol=1e-5)
+    first, mid = recurrent(*(x[:, :3] for x in f32))
+    rest, end = chunked(*(x[:, 3:] for x in f32), mid, chunk=2)
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), want, atol=1e-5)
     np.testing.assert_allclose(end, want_state, atol=1e-5)
 
@@ -139,6 +142,7 @@ def test_conv_rule_is_the_depthwise_conv1d_layout():
 @pytest.mark.parametrize("field,value,match", [
     ("linear_attention.num_value_heads", 3, "multiple of model.linear_attention.num_key_heads"),
     ("linear_attention.conv_kernel", 0, "model.linear_attention.conv_kernel=0"),
+    ("linear_attention.chunk_size", -1, "model.linear_attention.chunk_size=-1"),
     ("scan_layers", True, "'linear' layers are not scanned"),
     ("attention", "mla", "model.attention_gate=True is invalid: .*False with model.attention='mla'"),
     ("norm", "rms1p", "model.norm='rms1p'"),
@@ -170,7 +174,7 @@ def test_config_mapping_and_transformers_defaults():
     assert m.partial_rotary_factor == 0.25 and m.qk_norm and m.qk_norm_scope == "head"
     assert (m.moe.num_shared, m.moe.shared_gate, m.moe.shared_ffn) == (1, True, 24)
     assert dict(m.linear_attention) == dict(num_key_heads=2, num_value_heads=4, key_head_dim=8, value_head_dim=6,
-                                            conv_kernel=4)
+                                            conv_kernel=4, chunk_size=64)
     # without layer_types transformers takes every full_attention_interval-th layer (default 4) as full attention;
     # without a partial_rotary_factor, 0.25
     bare = {k: v for k, v in raw.items() if k not in ("layer_types", "rope_parameters")}
