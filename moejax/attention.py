@@ -126,11 +126,9 @@ def _validate_mla(cfg: ml_collections.ConfigDict) -> None:
     if mla.qk_rope_head_dim % 2:
         checks.fail("model.mla.qk_rope_head_dim", mla.qk_rope_head_dim, "must be even (rotary pairs)")
     scaling = mla.get("lora_scaling", False)
-    if not isinstance(scaling, bool):
-        checks.fail("model.mla.lora_scaling", scaling, "must be True or False")
-    if scaling and not mla.q_lora_rank:
-        checks.fail("model.mla.lora_scaling", scaling, "scales the queries by sqrt(d_model / q_lora_rank): needs "
-                                                       "model.mla.q_lora_rank > 0")
+    if not isinstance(scaling, bool) or (scaling and not mla.q_lora_rank):
+        checks.fail("model.mla.lora_scaling", scaling, "must be True or False; True scales the queries by "
+                                                       "sqrt(d_model / q_lora_rank): needs model.mla.q_lora_rank > 0")
     why = "not an option with model.attention='mla' (DeepSeek's latent attention)"
     for field, off in (("qkv_bias", False), ("qk_norm", False), ("clip_qkv", 0.0), ("head_dim", 0),
                        ("partial_rotary_factor", 1.0)):
@@ -343,12 +341,10 @@ class Attention(nn.Module):
 
 
 def mla_lora_scales(cfg: ml_collections.ConfigDict) -> tuple[float, float]:
-    """(query scale, latent scale): sqrt(D / rq) and sqrt(D / rkv) with ``mla.lora_scaling`` (LongCat-Flash's
-    mla_scale_q_lora / mla_scale_kv_lora, arXiv 2509.01322), else 1 and 1."""
+    """(query, latent) scales: sqrt(D / rq), sqrt(D / rkv) with ``mla.lora_scaling`` (LongCat-Flash), else 1, 1."""
     mla = cfg.mla
-    if not mla.get("lora_scaling", False):
-        return 1.0, 1.0
-    return (cfg.d_model / mla.q_lora_rank) ** 0.5, (cfg.d_model / mla.kv_lora_rank) ** 0.5
+    on = mla.get("lora_scaling", False)
+    return ((cfg.d_model / mla.q_lora_rank) ** 0.5, (cfg.d_model / mla.kv_lora_rank) ** 0.5) if on else (1.0, 1.0)
 
 
 def mla_softmax_scale(cfg: ml_collections.ConfigDict) -> float:
@@ -396,9 +392,7 @@ class MLAttention(nn.Module):
         0..S-1)."""
         mla = self.cfg.mla
         q = self.q_b(self.q_a_norm(self.q_a(x))) if mla.q_lora_rank else self.q(x)
-        q_scale, _ = mla_lora_scales(self.cfg)
-        if q_scale != 1.0:
-            q = q * jnp.asarray(q_scale, q.dtype)
+        q = q * jnp.asarray(mla_lora_scales(self.cfg)[0], q.dtype)  # 1 without mla.lora_scaling
         q_nope, q_rot = q[..., :mla.qk_nope_head_dim], q[..., mla.qk_nope_head_dim:]
         return jnp.concatenate([q_nope, rope(self.cfg, q_rot, positions)], axis=-1)
 
@@ -409,9 +403,7 @@ class MLAttention(nn.Module):
         compressed = self.kv_a(x)
         c_kv, k_rot = compressed[..., :mla.kv_lora_rank], compressed[..., mla.kv_lora_rank:]
         c_kv = self.kv_a_norm(c_kv)
-        _, kv_scale = mla_lora_scales(self.cfg)
-        if kv_scale != 1.0:
-            c_kv = c_kv * jnp.asarray(kv_scale, c_kv.dtype)
+        c_kv = c_kv * jnp.asarray(mla_lora_scales(self.cfg)[1], c_kv.dtype)  # 1 without mla.lora_scaling
         return c_kv, rope(self.cfg, k_rot[:, :, None, :], positions)[:, :, 0, :]
 
     def expand(self, c_kv: jax.Array, k_rot: jax.Array) -> tuple[jax.Array, jax.Array]:
