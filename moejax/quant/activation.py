@@ -199,7 +199,10 @@ def interceptor(found: Mapping[tuple[str, ...], formats.Format]) -> Any:
             acts = tuple((name, found[key]) for name in rules_lib.GLU_MATRICES
                          if (key := (*path, "experts", name)) in found)
             if acts:
-                at = next(i for i, a in enumerate(args) if isinstance(a, EXPERT_TYPES))
+                at = next((i for i, a in enumerate(args) if isinstance(a, (*EXPERT_TYPES, QuantisedInputs))), None)
+                if at is None:
+                    raise RuntimeError(f"activation quantisation of {'/'.join(path)}: the MoE layer's routed pass "
+                                       f"(MoE._routed) took no expert kind among its positional arguments")
                 args = (*args[:at], with_inputs_quantised(args[at], acts), *args[at + 1:])
             return next_fun(*args, **kwargs)
         if context.method_name != "__call__":

@@ -86,14 +86,14 @@ def test_quantise_reports_the_metrics_of_the_numpy_quantised_model():
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """(checkpoint dir, data flags, config, variables): a 2-layer Mixtral-layout release and a text corpus read in
+    """(checkpoint dir, data flags, config, variables): a 1-layer Mixtral-layout release and a text corpus read in
     one batch of 2 x 32 tokens."""
     root = tmp_path_factory.mktemp("evaluate_quantised")
     corpus = root / "corpus"
     corpus.mkdir()
     for i in range(3):
         (corpus / f"f{i}.py").write_text(TEXT.replace("add", f"add_{i}") * 8)
-    config, variables = helpers_hf.random_mixtral(vocab_size=256, num_layers=2)
+    config, variables = helpers_hf.random_mixtral(vocab_size=256, num_layers=1)
     directory = hf.save(config, variables, root / "release")
     flags = [f"--checkpoint={directory}", f"--data=text:{corpus}/*.py", f"--data_dir={root / 'data'}",
              "--batch_size=2", "--seq_len=32", "--max_tokens=64", "--compile_cache=off"]
