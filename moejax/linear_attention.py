@@ -126,6 +126,7 @@ def chunked_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
     dk = k.shape[-1]
     if state is None:
         state = jnp.zeros((batch, heads, dk, dv), f32)
+    chunk = min(chunk, seq)  # a shorter sequence is one chunk, unpadded
     pad = -seq % chunk
     n = (seq + pad) // chunk
 
