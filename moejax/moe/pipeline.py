@@ -46,9 +46,9 @@ def routed_experts(tokens: jax.Array, route: Routing, expert: experts.GLUExperts
     moejax/moe/quantised.py's path: only the experts the slots select are read and dequantised.
     """
     if quantised.any_quantised(weights):
-        return quantised.routed_experts(tokens, route, expert, weights, num_experts=num_experts, backend=backend,
-                                        kernel=kernel, tile=tile, capacity=capacity, drop_policy=drop_policy,
-                                        slot_inputs=slot_inputs)
+        return quantised.routed_experts(routed_experts, tokens, route, expert, weights, num_experts=num_experts,
+                                        backend=backend, kernel=kernel, tile=tile, capacity=capacity,
+                                        drop_policy=drop_policy, slot_inputs=slot_inputs)
     if capacity is not None:
         plan = dispatch.capacity_plan(route, num_experts, capacity, drop_policy)
     else:

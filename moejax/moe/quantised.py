@@ -139,24 +139,23 @@ def gathers(weights: tuple, num_slots: int, num_experts: int) -> bool:
     return num_slots < num_experts and all(w.stacked for w in weights if is_weight(w))
 
 
-def routed_experts(tokens: jax.Array, route: Routing, expert, weights: tuple, *, num_experts: int, backend: str,
-                   kernel: str, tile: int, capacity: int | None = None, drop_policy: str = "position",
+def routed_experts(run, tokens: jax.Array, route: Routing, expert, weights: tuple, *, num_experts: int,
+                   backend: str, kernel: str, tile: int, capacity: int | None = None, drop_policy: str = "position",
                    slot_inputs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """``moejax.moe.pipeline.routed_experts`` with QuantisedWeight expert weights (same arguments, same result as
-    the dequantised weights give): the selected experts only when ``gathers``, else all of them dequantised."""
-    from moejax.moe import pipeline
-
+    """``run`` (``moejax.moe.pipeline.routed_experts``, which calls this) with QuantisedWeight expert weights (same
+    arguments, same result as the dequantised weights give): the selected experts only when ``gathers``, else all
+    of them dequantised."""
     options = dict(backend=backend, kernel=kernel, tile=tile, capacity=capacity, drop_policy=drop_policy,
                    slot_inputs=slot_inputs)
     if not gathers(weights, route.experts.size, num_experts):
         full = dequantised(weights, tokens.dtype)
-        return pipeline.routed_experts(tokens, route, expert, full, num_experts=num_experts, **options)
+        return run(tokens, route, expert, full, num_experts=num_experts, **options)
     used, local = selected(route.experts, num_experts)
     picked = tuple(w.take(used) if is_weight(w) else jnp.asarray(w)[used] for w in weights)
     route = dataclasses.replace(route, experts=local)
     if kernel == "pallas" and slot_inputs is None and _kernel_takes(picked):
         return _pallas_experts(tokens, route, expert, picked, int(used.shape[0]), capacity, drop_policy)
-    return pipeline.routed_experts(tokens, route, expert, dequantised(picked, tokens.dtype),
+    return run(tokens, route, expert, dequantised(picked, tokens.dtype),
                                    num_experts=int(used.shape[0]), **options)
 
 

@@ -211,11 +211,11 @@ def profile(config: ml_collections.ConfigDict, variables: Mapping[str, Any], bat
 
 
 def _first_token_weight(q: jax.Array, k: jax.Array, *, scale: float | None = None, window: int = 0,
-                        sinks: jax.Array | None = None) -> jax.Array:
+                        sinks: jax.Array | None = None, chunk: int = 0) -> jax.Array:
     """[2]: the sum over rows, heads and query positions t >= 1 of the attention weight on key position 0, and the
     number of terms; ``moejax.attention.attend``'s softmax (q [B, T, N, Dk], k [B, T, K, Dk], the same scale,
-    causal mask, window and sink logits)."""
-    weights = attention_lib.attention_weights(q, k, scale=scale, window=window, sinks=sinks)
+    causal mask, window, sink logits and chunks)."""
+    weights = attention_lib.attention_weights(q, k, scale=scale, window=window, sinks=sinks, chunk=chunk)
     first = weights[..., 1:, 0]  # [B, K, G, T - 1]: queries t >= 1 on key 0
     return jnp.stack([first.sum(), jnp.asarray(first.size, jnp.float32)])
 

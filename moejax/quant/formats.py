@@ -98,8 +98,10 @@ class Format:
         x = xp.asarray(x, xp.float32)
         if self.kind in ("int", "ternary"):
             return xp.clip(xp.round(x), -self.qmax, self.qmax)
-        dtype = _fp8(xp) if self.kind == "fp8" else _fp4(xp)
-        return xp.clip(x, -self.qmax, self.qmax).astype(dtype).astype(xp.float32)
+        x = xp.clip(x, -self.qmax, self.qmax)
+        if self.kind == "mxfp4":  # rounded by hand: XLA:CPU's classic emitter converts to float4 by way of a wider
+            return _e2m1_round(x, xp)  # float, rounding twice (1.7499 -> 1.75 -> 2.0)
+        return x.astype(_fp8(xp)).astype(xp.float32)
 
     def bits_per_weight(self, k: int, n: int) -> float:
         """Stored bits per weight of a [K, N] matrix: the codes (int<b> with b <= 4 in a nibble, otherwise a byte)
@@ -112,6 +114,15 @@ class Format:
     def storage_bits(self) -> int:
         """Bits per stored code: 4 for codes of 4 bits or fewer (two per byte), else 8."""
         return 4 if self.bits <= 4 else 8
+
+
+def _e2m1_round(x: Any, xp: Any) -> Any:
+    """x (float32 in [-6, 6]) rounded to the nearest float4_e2m1fn value, ties to the even code, as float32: the
+    grid's spacing is 0.5 below 2, 1 in [2, 4) and 2 from 4, all powers of two, so x / spacing rounded half to even
+    and scaled back is exact."""
+    a = xp.abs(x)
+    spacing = xp.where(a < 2.0, xp.float32(0.5), xp.where(a < 4.0, xp.float32(1.0), xp.float32(2.0)))
+    return (xp.round(x / spacing) * spacing).astype(xp.float32)
 
 
 def _divide(a: Any, b: Any, xp: Any) -> Any:
@@ -129,10 +140,6 @@ def _ceil_log2(x: Any, xp: Any) -> Any:
 
 def _fp8(xp: Any) -> Any:
     return ml_dtypes.float8_e4m3fn if xp is np else xp.float8_e4m3fn
-
-
-def _fp4(xp: Any) -> Any:
-    return ml_dtypes.float4_e2m1fn if xp is np else xp.float4_e2m1fn
 
 
 def parse(text: Any, field: str = "format") -> Format | None:
