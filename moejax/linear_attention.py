@@ -111,13 +111,27 @@ def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
     return jnp.log(jax.random.uniform(key, shape, dtype, 0.01, 16.0))
 
 
+def unit_lower_inverse(strict: jax.Array) -> jax.Array:
+    """(I + L)^-1 of a strictly lower-triangular L [..., C, C]: the sum of (-L)^i for i < C (L is nilpotent), as the
+    product (I - L)(I + L^2)(I + L^4)... of ceil(log2 C) factors, all matrix products (XLA's batched triangular
+    solve, and its gradient, are slow on CPU)."""
+    size = strict.shape[-1]
+    power = -strict
+    inverse = jnp.eye(size, dtype=strict.dtype) + power
+    for _ in range(max(size - 1, 1).bit_length() - 1):
+        power = power @ power
+        inverse = inverse + inverse @ power
+    return inverse
+
+
 def chunked_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
                              state: jax.Array | None = None, chunk: int = 64) -> tuple[jax.Array, jax.Array]:
     """``gated_delta_rule`` computed chunk by chunk (the chunked form of the Gated DeltaNet paper and transformers'
-    torch_chunk_gated_delta_rule): within a chunk of C positions the delta-rule updates are folded by one unit
-    lower-triangular solve (the UT transform) into matrix products, and only the state passes from chunk to chunk
-    (a ``lax.scan`` over S / C chunks instead of S positions). Same arguments and results; the sequence is padded
-    to whole chunks with positions that change neither the state nor the outputs kept."""
+    torch_chunk_gated_delta_rule): within a chunk of C positions the delta-rule updates are folded by the inverse of
+    a unit lower-triangular matrix (the UT transform; ``unit_lower_inverse``) into matrix products, and only the
+    state passes from chunk to chunk (a ``lax.scan`` over S / C chunks instead of S positions). Same arguments and
+    results; the sequence is padded to whole chunks with positions that change neither the state nor the outputs
+    kept."""
     repeat = v.shape[2] // k.shape[2]
     f32 = jnp.float32
     q, k = (jnp.repeat(l2norm(t.astype(f32)), repeat, axis=2) for t in (q, k))
@@ -141,10 +155,8 @@ def chunked_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
     lower = jnp.tril(jnp.ones((chunk, chunk), bool))
     pairwise = jnp.exp(jnp.where(lower, decay[..., :, None] - decay[..., None, :], -jnp.inf))
     system = jnp.where(lower & ~jnp.eye(chunk, dtype=bool), (k_beta @ jnp.swapaxes(k, -1, -2)) * pairwise, 0.0)
-    unit = system + jnp.eye(chunk, dtype=f32)
-    new_values = jax.scipy.linalg.solve_triangular(unit, v_beta, lower=True, unit_diagonal=True)
-    k_cumdecay = jax.scipy.linalg.solve_triangular(unit, k_beta * jnp.exp(decay)[..., None], lower=True,
-                                                   unit_diagonal=True)
+    inverse = unit_lower_inverse(system)
+    new_values, k_cumdecay = inverse @ v_beta, inverse @ (k_beta * jnp.exp(decay)[..., None])
     intra = (q @ jnp.swapaxes(k, -1, -2)) * pairwise
     q = q * jnp.exp(decay)[..., None]
     k = k * jnp.exp(decay[..., -1:] - decay)[..., None]
