@@ -9,7 +9,8 @@ three expert-aware steps, what acts on the weights is computed here:
    a_e = max(max |x_j| over the tokens routed to e, 1e-5), w_e = max(max |W_j| over its wi_0 and wi_1 rows, 1e-5)
    (``get_scale``); the layer's scale is the largest over the experts, and over the shared experts' scale (from every
    token) where the layer has them (``merge_scale``; the router's own scale takes no part in 'max'). It is folded into
-   the norm before the MoE layer (scale, and bias for LayerNorm, divided by s) and into the router kernel and every
+   the norm before the MoE layer (scale, and bias for LayerNorm, divided by s; model.norm='rms_offset' stores the
+   scale as 1 + w, and 1 + w is what is divided) and into the router kernel and every
    expert's and the shared experts' wi_0 / wi_1 rows (multiplied by s): the same function in full precision.
 2. **Router alignment** (``per_channel_kl_top0`` for the router): one clipping ratio r for the whole router kernel,
    from r = 0.35 + 0.0065 i (i = 0..100, the authors' grid), scales r * amax / Q, the ratio minimising
@@ -227,7 +228,8 @@ def smooth(config: ml_collections.ConfigDict, variables: Mapping[str, Any], stat
             if leaf not in _at(params, (*norm, leaf), None)[0]:
                 continue
             holder, key = _at(params, (*norm, leaf), unit)
-            holder[key] = (holder[key] / s).astype(holder[key].dtype)
+            offset = 1.0 if leaf == "scale" and cfg.norm == "rms_offset" else 0.0  # its scale is 1 + w (Qwen3-Next)
+            holder[key] = ((holder[key].astype(np.float32) + offset) / s - offset).astype(holder[key].dtype)
         targets = [(moe.ROUTER, "kernel", 0), (moe.EXPERTS, "wi_0", 1), (moe.EXPERTS, "wi_1", 1)]
         if shared is not None:
             targets += [(moe.SHARED, "wi_0", 0), (moe.SHARED, "wi_1", 0)]

@@ -148,6 +148,23 @@ def test_smoothing_keeps_the_function_and_balance_caps_the_tokens(calibrated):
     assert not np.allclose(s, 1.0)
 
 
+def test_smoothing_folds_into_a_zero_centred_norm(calibrated):
+    """model.norm='rms_offset' (Qwen3-Next) stores the norm's scale as w in 1 + w: the fold divides 1 + w by s, and the
+    smoothed model computes the original's function."""
+    config, variables, batches = calibrated
+    config = config.copy_and_resolve_references()
+    config.model.norm = "rms_offset"
+    stats = eaquant.statistics(config, variables, batches, balance=0.5)
+    smoothed, scales = eaquant.smooth(config, variables, stats, 0.6)
+    tokens = jnp.asarray(batches[0], jnp.int32)
+    apply = jax.jit(model.Transformer(config.model).apply)
+    np.testing.assert_allclose(apply(jax.tree.map(jnp.asarray, smoothed), tokens), apply(variables, tokens),
+                               rtol=2e-4, atol=2e-4)
+    w = np.asarray(variables["params"]["layers_0"]["ffn_norm"]["scale"])
+    np.testing.assert_allclose(1 + smoothed["params"]["layers_0"]["ffn_norm"]["scale"], (1 + w) / scales[0],
+                               rtol=1e-5)
+
+
 def test_quantize_reports_and_keeps_the_function_at_8_bits(calibrated):
     config, variables, batches = calibrated
     from moejax.quant import rules
