@@ -95,3 +95,30 @@ def release_with_tokenizer(case: str, target: pathlib.Path, corpus: pathlib.Path
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     return directory
+
+
+def logits_of(config, variables, tokens, mesh=None):
+    """The model's logits for tokens [B, S], jitted, as numpy (on ``mesh`` when given)."""
+    import jax.numpy as jnp
+
+    from moejax import model
+
+    return np.asarray(jax.jit(model.Transformer(config.model, mesh).apply)(variables, jnp.asarray(tokens, jnp.int32)))
+
+
+def assert_sharded_load_matches(case: str, atol: float = 1e-5, **mesh_fields: int) -> None:
+    """A golden case loaded onto the 8 forced host devices (mesh expert=4 x tensor=2 unless ``mesh_fields`` say
+    otherwise) gives the unsharded load's logits (two copies of the golden tokens) within ``atol``."""
+    import jax.numpy as jnp
+
+    from moejax import hf, parallel
+
+    directory = golden_dir(case)
+    tokens = np.tile(np.load(directory / "golden.npz")["tokens"], (2, 1))
+    config, variables = hf.load(directory)
+    reference = logits_of(config, variables, tokens)
+    config.mesh.update(**(mesh_fields or {"data": 1, "expert": 4, "tensor": 2}))
+    mesh = parallel.make_mesh(config)
+    config, sharded = hf.load(directory, mesh=mesh)
+    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), parallel.batch_sharding(mesh))
+    np.testing.assert_allclose(logits_of(config, sharded, batch, mesh), reference, atol=atol, rtol=0)

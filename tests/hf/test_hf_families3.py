@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import generate, hf, model, parallel
+from moejax import generate, hf, model
 from moejax.hf import io
+from tests import helpers_hf
 from tests.helpers_configs import load
-from tests.helpers_hf import golden_dir
+from tests.helpers_hf import golden_dir, logits_of
 
 # one case per family (the full forward pass of every case is tests/hf/test_hf.py's): dots1_a has a sliding layer,
 # groups and a dense layer, ernie4_5_moe_a its layer range and shared experts, minimax_m2_a the partial rotary
@@ -38,10 +39,6 @@ def read(tmp_path, raw):
     return hf.read_config(tmp_path).model
 
 
-def logits_of(config, variables, tokens, mesh=None):
-    return np.asarray(jax.jit(model.Transformer(config.model, mesh).apply)(variables, jnp.asarray(tokens, jnp.int32)))
-
-
 @pytest.mark.parametrize("case", FAMILY_CASES)
 def test_cached_decoding_gives_the_golden_greedy_tokens(case):
     directory = golden_dir(case)
@@ -54,15 +51,7 @@ def test_cached_decoding_gives_the_golden_greedy_tokens(case):
 
 def test_sharded_load_matches_unsharded():
     """dots1_a on 8 devices, mesh expert=4 x tensor=2 (its sliding layer, groups and shared expert included)."""
-    directory = golden_dir("dots1_a")
-    tokens = np.tile(np.load(directory / "golden.npz")["tokens"], (2, 1))
-    config, variables = hf.load(directory)
-    reference = logits_of(config, variables, tokens)
-    config.mesh.update(data=1, expert=4, tensor=2)
-    mesh = parallel.make_mesh(config)
-    config, sharded = hf.load(directory, mesh=mesh)
-    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), parallel.batch_sharding(mesh))
-    np.testing.assert_allclose(logits_of(config, sharded, batch, mesh), reference, atol=1e-5, rtol=0)
+    helpers_hf.assert_sharded_load_matches("dots1_a", atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- dots.llm1

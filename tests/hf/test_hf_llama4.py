@@ -16,13 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import attention, generate, hf, kv_cache, model, parallel, rope_kinds
+from moejax import attention, generate, hf, kv_cache, model, rope_kinds
+from tests import helpers_hf
 from tests.helpers_configs import load
 from tests.helpers_hf import golden_dir
-
-
-def logits_of(config, variables, tokens, mesh=None):
-    return np.asarray(jax.jit(model.Transformer(config.model, mesh).apply)(variables, jnp.asarray(tokens, jnp.int32)))
 
 
 def raw_config(case="llama4_text_a"):
@@ -55,15 +52,7 @@ def test_speculative_decoding_refuses_the_chunk_ring():
 def test_sharded_load_matches_unsharded():
     """llama4_text_a on 8 devices, mesh expert=4 x tensor=2: the scaled expert inputs travel through the
     expert-parallel layer."""
-    directory = golden_dir("llama4_text_a")
-    tokens = np.tile(np.load(directory / "golden.npz")["tokens"], (2, 1))
-    config, variables = hf.load(directory)
-    reference = logits_of(config, variables, tokens)
-    config.mesh.update(data=1, expert=4, tensor=2)
-    mesh = parallel.make_mesh(config)
-    config, sharded = hf.load(directory, mesh=mesh)
-    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), parallel.batch_sharding(mesh))
-    np.testing.assert_allclose(logits_of(config, sharded, batch, mesh), reference, atol=1e-5, rtol=0)
+    helpers_hf.assert_sharded_load_matches("llama4_text_a", atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- the mapping

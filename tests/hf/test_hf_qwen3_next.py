@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import checks, generate, hf, kv_cache, linear_attention, model, parallel, speculative
+from moejax import checks, generate, hf, kv_cache, linear_attention, model, speculative
 from moejax.hf import rules
+from tests import helpers_hf
 from tests.helpers_configs import load
 from tests.helpers_hf import golden_dir
 
@@ -43,10 +44,6 @@ QWEN3_NEXT_80B_A3B = {
 
 def raw_of(case):
     return json.loads((golden_dir(case) / "config.json").read_text())
-
-
-def logits_of(config, variables, tokens, mesh=None):
-    return np.asarray(jax.jit(model.Transformer(config.model, mesh).apply)(variables, jnp.asarray(tokens, jnp.int32)))
 
 
 def test_cached_decoding_of_a_ragged_batch_gives_the_golden_greedy_tokens():
@@ -79,15 +76,7 @@ def test_cache_holds_the_linear_layers_fixed_state():
 def test_sharded_load_matches_unsharded():
     """qwen3_next_a on 8 devices, mesh expert=4 x tensor=2 (its linear layers' key heads split over tensor). The
     split sums differ in order: within the goldens' 1e-4 (measured: 2e-5)."""
-    directory = golden_dir("qwen3_next_a")
-    tokens = np.tile(np.load(directory / "golden.npz")["tokens"], (2, 1))
-    config, variables = hf.load(directory)
-    reference = logits_of(config, variables, tokens)
-    config.mesh.update(data=1, expert=4, tensor=2)
-    mesh = parallel.make_mesh(config)
-    config, sharded = hf.load(directory, mesh=mesh)
-    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), parallel.batch_sharding(mesh))
-    np.testing.assert_allclose(logits_of(config, sharded, batch, mesh), reference, atol=1e-4, rtol=0)
+    helpers_hf.assert_sharded_load_matches("qwen3_next_a", atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- the layer
