@@ -10,6 +10,10 @@ import pytest
 
 from experiments import quantisation_study as study
 
+# One worker runs the module, so that its tests share one run of the module fixture (split over the two pytest-xdist
+# workers, each would run the whole tiny study).
+pytestmark = pytest.mark.xdist_group("quantisation_study")
+
 TINY = "calib_tokens=64,eval_batches=1,qat_steps=1,qat_batch=8,qwen3_seeds=0,methods=rtn+eaquant,settings=int4+mixed"
 
 

@@ -28,6 +28,10 @@ from tests import helpers_train
 from tests.helpers_configs import REPO
 from tests.reference import cross_entropy
 
+# One worker runs the module: its tests share the module fixtures' trainings (split over the two pytest-xdist
+# workers, each would train them).
+pytestmark = pytest.mark.xdist_group("evaluate_trained")
+
 
 @pytest.fixture(scope="module")
 def trained(bpe_release, tmp_path_factory):

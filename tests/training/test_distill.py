@@ -28,6 +28,10 @@ from moejax.training import checkpoint, hooks, initialise, loop, metrics, object
 from tests import helpers_configs, helpers_steps
 from tests.helpers_configs import REPO
 
+# One worker runs the module: its tests share the module fixtures' trainings (split over the two pytest-xdist
+# workers, each would train them).
+pytestmark = pytest.mark.xdist_group("distill_sources")
+
 TRAIN_FLAGS = ["--config.train.batch_size=8", "--config.train.seq_len=32", "--config.train.log_every=2",
                "--config.train.eval_every=0", "--config.checkpoint.every_steps=2", "--config.data.eval_batches=2"]
 

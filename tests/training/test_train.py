@@ -34,6 +34,10 @@ from moejax.training import config as config_lib
 from tests import helpers_configs
 from tests.helpers_configs import REPO
 
+# One worker runs the module: its tests share the module fixtures' trainings (split over the two pytest-xdist
+# workers, each would train them).
+pytestmark = pytest.mark.xdist_group("train_runs")
+
 CACHE_OPTIONS = {"jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
 
 
