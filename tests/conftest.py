@@ -5,6 +5,8 @@ import fcntl
 import json
 import os
 import pathlib
+import signal
+import threading
 
 # The suite's programs are tiny and compile-bound: LLVM optimisation level 0 cuts their compile time by a quarter to a
 # half. XLA's HLO passes (fusion, SPMD partitioning) are unchanged; results may differ from the default level in the
@@ -87,6 +89,17 @@ def pytest_sessionfinish(session):
     if session.config.getoption("--record-durations") and not os.environ.get("PYTEST_XDIST_WORKER"):
         rounded = {test: round(seconds, 2) for test, seconds in sorted(_measured_now.items())}
         DURATIONS.write_text(json.dumps(rounded, indent=0) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Every test starts from Python's own SIGINT handler. A handler left ignored (SIG_IGN) by a library or an
+    earlier test in the same worker would also be inherited by the command subprocesses, whose Ctrl-C tests would
+    then wait on a process that cannot be interrupted."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(scope="session")
