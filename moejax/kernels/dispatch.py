@@ -42,6 +42,16 @@ from moejax.moe.routers import Routing
 IMPLS = ("auto", "blocked", "tpu")
 
 
+def resolve_impl(impl: str, interpret: bool | None) -> tuple[str, bool]:
+    """(the lowering, interpret or not) of a kernel's options on this backend: 'auto' is 'tpu' on TPU, else 'blocked'
+    (Triton); interpret defaults to True on CPU only."""
+    if impl not in IMPLS:
+        raise ValueError(f"kernel impl must be one of {IMPLS}, got {impl!r}")
+    platform = jax.default_backend()
+    impl = ("tpu" if platform == "tpu" else "blocked") if impl == "auto" else impl
+    return impl, platform == "cpu" if interpret is None else interpret
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """Static options of the dispatch kernels (hashable: a nondiff argument of the custom VJPs)."""
@@ -52,12 +62,7 @@ class KernelOptions:
     interpret: bool | None = None
 
     def resolved(self) -> tuple[str, bool]:
-        if self.impl not in IMPLS:
-            raise ValueError(f"kernel impl must be one of {IMPLS}, got {self.impl!r}")
-        platform = jax.default_backend()
-        impl = ("tpu" if platform == "tpu" else "blocked") if self.impl == "auto" else self.impl
-        interpret = platform == "cpu" if self.interpret is None else self.interpret
-        return impl, interpret
+        return resolve_impl(self.impl, self.interpret)
 
 
 DEFAULT = KernelOptions()

@@ -31,9 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from moejax import vma
-from moejax.kernels.dispatch import _block_cols, _triton_params
+from moejax.kernels.dispatch import _block_cols, _triton_params, resolve_impl
 
-IMPLS = ("auto", "blocked", "tpu")
 TILE_ROWS = 16  # rows per expert tile of the plans the quantised path builds for this kernel (Triton: >= 16)
 
 
@@ -47,12 +46,7 @@ class KernelOptions:
     interpret: bool | None = None
 
     def resolved(self) -> tuple[str, bool]:
-        if self.impl not in IMPLS:
-            raise ValueError(f"kernel impl must be one of {IMPLS}, got {self.impl!r}")
-        platform = jax.default_backend()
-        impl = ("tpu" if platform == "tpu" else "blocked") if self.impl == "auto" else self.impl
-        interpret = platform == "cpu" if self.interpret is None else self.interpret
-        return impl, interpret
+        return resolve_impl(self.impl, self.interpret)
 
 
 DEFAULT = KernelOptions()
