@@ -288,3 +288,21 @@ def write_all_moe(m: ml_collections.ConfigDict, s: Saving) -> None:
     s.need("first_dense_layers", m.first_dense_layers == 0, "every layer of this family is MoE")
     s.need("moe_every", m.moe_every == 1, "every layer of this family is MoE")
     s.need("dense_layers", not m.dense_layers, "every layer of this family is MoE")
+
+
+def take_partial_rotary(hf: HFConfig) -> float | None:
+    """partial_rotary_factor taken out of the HFConfig being read (the shared rotary reader refuses a partial rotary
+    embedding): the rope parameters' (rope_scaling or rope_parameters) first, else the top-level one, else None;
+    both places are marked read."""
+    key = "rope_scaling" if hf.raw.get("rope_scaling") else "rope_parameters"
+    params = hf.raw.get(key)
+    partial = None
+    if isinstance(params, dict) and "partial_rotary_factor" in params:
+        params = dict(params)
+        partial = params.pop("partial_rotary_factor")
+        hf.raw[key] = params
+    if partial is None:
+        partial = hf.raw.get("partial_rotary_factor")
+    hf.raw.pop("partial_rotary_factor", None)
+    hf.used.add("partial_rotary_factor")
+    return partial

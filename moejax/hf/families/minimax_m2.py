@@ -17,23 +17,13 @@ from moejax.hf.rules import GQA_RULES, NORM_RULES, Rule, moe_rules
 
 
 def _take_partial(hf: HFConfig, head_dim: int) -> float:
-    """The rotated fraction of each head, taken out of the HFConfig being read (the shared rotary reader refuses a
-    partial embedding): the rope parameters' partial_rotary_factor, else the top-level one, else rotary_dim /
-    head_dim (transformers' MiniMaxM2Config sets the factor from rotary_dim only when none is given), else 1."""
-    key = "rope_scaling" if hf.raw.get("rope_scaling") else "rope_parameters"
-    params = hf.raw.get(key)
-    partial = None
-    if isinstance(params, dict) and "partial_rotary_factor" in params:
-        params = dict(params)
-        partial = params.pop("partial_rotary_factor")
-        hf.raw[key] = params
-    if partial is None:
-        partial = hf.raw.get("partial_rotary_factor")
+    """The rotated fraction of each head, taken out of the HFConfig being read: the rope parameters'
+    partial_rotary_factor, else the top-level one, else rotary_dim / head_dim (transformers' MiniMaxM2Config sets the
+    factor from rotary_dim only when none is given), else 1."""
+    partial = config.take_partial_rotary(hf)
     rotary_dim = hf.get("rotary_dim")
     if partial is None and rotary_dim is not None:
         partial = rotary_dim / head_dim
-    hf.raw.pop("partial_rotary_factor", None)
-    hf.used.add("partial_rotary_factor")
     return float(1.0 if partial is None else partial)
 
 

@@ -27,19 +27,8 @@ LINEAR_FIELDS = {"linear_num_key_heads": "num_key_heads", "linear_num_value_head
 
 
 def _take_partial(hf: HFConfig) -> float:
-    """partial_rotary_factor (inside the rope parameters first, else top level, else 0.25), taken out of the
-    HFConfig being read: the shared rotary reader refuses a partial rotary embedding."""
-    key = "rope_scaling" if hf.raw.get("rope_scaling") else "rope_parameters"
-    params = hf.raw.get(key)
-    partial = None
-    if isinstance(params, dict) and "partial_rotary_factor" in params:
-        params = dict(params)
-        partial = params.pop("partial_rotary_factor")
-        hf.raw[key] = params
-    if partial is None:
-        partial = hf.raw.get("partial_rotary_factor")
-    hf.raw.pop("partial_rotary_factor", None)
-    hf.used.add("partial_rotary_factor")
+    """partial_rotary_factor (inside the rope parameters first, else top level, else 0.25)."""
+    partial = config.take_partial_rotary(hf)
     return float(DEFAULT_PARTIAL if partial is None else partial)
 
 
